@@ -1,0 +1,1 @@
+//! Decoding (helper in progress).

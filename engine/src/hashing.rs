@@ -1,0 +1,1 @@
+//! Token hashing (helper in progress).

@@ -1,0 +1,19 @@
+//! kvindex engine: a concurrent radix index of KV cache blocks held by inference workers.
+//!
+//! * [`protocol`]: Dynamo-compatible event and score types.
+//! * [`hashing`]: tokens → local block hashes and rolling sequence hashes (Dynamo-compatible).
+//! * [`codec`]: JSON / msgpack decoding with Dynamo's tolerance rules.
+//! * [`Engine`] / [`Namespace`]: the index itself: per-core event threads own the writes,
+//!   `find_matches` runs lock-free on the caller's thread.
+//! * [`reference`]: a small, obviously-correct single-threaded model used by tests and tools.
+
+pub mod codec;
+pub mod engine;
+pub mod error;
+pub mod hashing;
+pub mod protocol;
+pub mod reference;
+
+pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
+pub use error::{DecodeError, EngineError, KvCacheEventError};
+pub use protocol::*;

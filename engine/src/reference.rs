@@ -1,0 +1,1 @@
+//! Reference model (helper in progress).

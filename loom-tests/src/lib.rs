@@ -1,0 +1,1 @@
+//! loom models of kvindex lock-free protocols (see the loom issue). Not implemented yet.

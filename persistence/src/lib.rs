@@ -1,0 +1,1 @@
+//! Durable event log for kvindex (see the persistence issue). Not implemented yet.
