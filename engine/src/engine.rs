@@ -1,8 +1,19 @@
-//! The engine: namespaces, event threads and the lock-free query path. (Stub API; implementation
-//! in progress.)
+//! The engine: namespaces, event threads and the lock-free query path.
+//!
+//! An [`Engine`] owns the event threads shared by all namespaces; a [`Namespace`] is a handle on
+//! one (model, routing group) index with its own block size. Events are routed to the event
+//! thread that owns their stream (sticky, round-robin on first sight); queries run on the
+//! caller's thread and take no lock.
 
-use crate::error::EngineError;
+use crate::counters::{EventCounters, EventCountsSnapshot};
+use crate::error::{EngineError, KvCacheEventError};
+use crate::lanes::{Lanes, NsShared, StreamFilter, Task};
 use crate::protocol::{LocalBlockHash, OverlapScores, RouterEvent, WorkerId, WorkerWithDpRank};
+use crate::tree::{MemoryReport, Tree};
+use crossbeam_epoch::{self as epoch, Atomic, Owned};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
@@ -40,94 +51,371 @@ impl NamespaceKey {
     }
 }
 
-/// The index engine: owns the event threads shared by all namespaces.
+impl std::fmt::Display for NamespaceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.model_name, self.routing_group)
+    }
+}
+
+type Registry = HashMap<NamespaceKey, Namespace>;
+
+struct EngineInner {
+    lanes: Lanes,
+    /// Read lock-free by `Engine::namespace`; replaced whole under `registry_write`.
+    registry: Atomic<Registry>,
+    registry_write: Mutex<()>,
+    next_ns_id: AtomicU64,
+    next_lane: AtomicUsize,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.lanes.shutdown();
+        // SAFETY: `&mut self`: no other thread can hold a guard-protected reference into the
+        // registry of an engine being dropped (every Namespace handle holds an Arc to it).
+        unsafe {
+            let guard = epoch::unprotected();
+            let old = self
+                .registry
+                .swap(epoch::Shared::null(), Ordering::AcqRel, guard);
+            if !old.is_null() {
+                drop(old.into_owned());
+            }
+        }
+    }
+}
+
+/// The index engine: owns the event threads shared by all namespaces. Dropping the last handle
+/// (engine and namespaces) drains and stops the threads.
+#[derive(Clone)]
 pub struct Engine {
-    _cfg: EngineConfig,
+    inner: Arc<EngineInner>,
 }
 
 impl Engine {
+    /// Start the event threads.
     pub fn new(cfg: EngineConfig) -> Self {
-        Self { _cfg: cfg }
+        Self {
+            inner: Arc::new(EngineInner {
+                lanes: Lanes::start(cfg.event_threads.max(1), cfg.queue_capacity),
+                registry: Atomic::new(HashMap::new()),
+                registry_write: Mutex::new(()),
+                next_ns_id: AtomicU64::new(1),
+                next_lane: AtomicUsize::new(0),
+            }),
+        }
     }
 
-    /// Create (or get, if it exists with the same block size) a namespace.
+    /// Number of event threads.
+    pub fn event_threads(&self) -> usize {
+        self.inner.lanes.count()
+    }
+
+    /// Create a namespace, or return the existing one if it has the same block size.
     pub fn create_namespace(
         &self,
-        _key: NamespaceKey,
-        _block_size: u32,
+        key: NamespaceKey,
+        block_size: u32,
     ) -> Result<Namespace, EngineError> {
-        todo!()
+        if block_size == 0 {
+            return Err(EngineError::InvalidBlockSize);
+        }
+        if block_size == 1 {
+            tracing::warn!("block_size=1 is supported for KV indexers, but consider avoiding it because KV events may saturate network bandwidth");
+        }
+        let _w = self
+            .inner
+            .registry_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(ns) = self.namespace(&key) {
+            if ns.block_size() != block_size {
+                return Err(EngineError::BlockSizeMismatch {
+                    namespace: key.to_string(),
+                    existing: ns.block_size(),
+                    requested: block_size,
+                });
+            }
+            return Ok(ns);
+        }
+        let ns = Namespace {
+            shared: Arc::new(NsShared {
+                id: self.inner.next_ns_id.fetch_add(1, Ordering::Relaxed),
+                tree: Tree::new(),
+                counters: EventCounters::default(),
+            }),
+            meta: Arc::new(NsMeta {
+                key: key.clone(),
+                block_size,
+                routes: RwLock::new(HashMap::new()),
+            }),
+            engine: Arc::clone(&self.inner),
+        };
+        self.update_registry(|r| {
+            r.insert(key, ns.clone());
+        });
+        Ok(ns)
     }
 
-    pub fn namespace(&self, _key: &NamespaceKey) -> Option<Namespace> {
-        todo!()
+    fn update_registry(&self, f: impl FnOnce(&mut Registry)) {
+        let guard = epoch::pin();
+        let cur = self.inner.registry.load(Ordering::Acquire, &guard);
+        // SAFETY: `cur` is protected by `guard`; the registry is never null while the engine
+        // lives (it is replaced, never cleared, except in Drop).
+        let mut next = unsafe { cur.as_ref() }.cloned().unwrap_or_default();
+        f(&mut next);
+        // Release: the new map's contents are visible to readers that load it (Acquire).
+        let old = self
+            .inner
+            .registry
+            .swap(Owned::new(next), Ordering::AcqRel, &guard);
+        // SAFETY: `old` is unreachable from now on; readers pinned before the swap may still
+        // read it, and `defer_destroy` waits for them.
+        unsafe { guard.defer_destroy(old) };
     }
 
-    pub fn remove_namespace(&self, _key: &NamespaceKey) -> Result<(), EngineError> {
-        todo!()
+    /// Lock-free lookup of a namespace handle.
+    pub fn namespace(&self, key: &NamespaceKey) -> Option<Namespace> {
+        let guard = epoch::pin();
+        let cur = self.inner.registry.load(Ordering::Acquire, &guard);
+        // SAFETY: protected by `guard` (see `update_registry`).
+        unsafe { cur.as_ref() }.and_then(|r| r.get(key).cloned())
     }
 
+    /// Remove a namespace: its streams are dropped from every event thread.
+    pub fn remove_namespace(&self, key: &NamespaceKey) -> Result<(), EngineError> {
+        let _w = self
+            .inner
+            .registry_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(ns) = self.namespace(key) else {
+            return Ok(());
+        };
+        self.update_registry(|r| {
+            r.remove(key);
+        });
+        let id = ns.shared.id;
+        self.inner
+            .lanes
+            .broadcast(|done| Task::DropNamespace { ns_id: id, done })
+    }
+
+    /// Every namespace, sorted.
     pub fn namespaces(&self) -> Vec<NamespaceKey> {
-        todo!()
+        let guard = epoch::pin();
+        let cur = self.inner.registry.load(Ordering::Acquire, &guard);
+        // SAFETY: protected by `guard`.
+        let mut keys: Vec<_> = unsafe { cur.as_ref() }
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
     }
 
-    /// Stop the event threads after draining their queues.
-    pub fn shutdown(&self) {
-        todo!()
+    /// Barrier over every namespace: all events accepted before the call are applied.
+    pub fn flush(&self) -> Result<(), EngineError> {
+        self.inner.lanes.broadcast(Task::Barrier)
     }
+
+    /// Stop the event threads (after they drain what is queued). Later calls get `Offline`.
+    pub fn shutdown(&self) {
+        self.inner.lanes.shutdown();
+    }
+
+    /// Whether the event threads are gone (shut down or died).
+    pub fn is_offline(&self) -> bool {
+        self.inner.lanes.is_offline()
+    }
+
+    /// Tasks waiting in all event queues.
+    pub fn queued_tasks(&self) -> usize {
+        self.inner.lanes.queued()
+    }
+
+    /// Test hook: make event thread `lane` panic, to check that callers get errors, not panics.
+    #[doc(hidden)]
+    pub fn inject_event_thread_panic(&self, lane: usize) -> Result<(), EngineError> {
+        self.inner.lanes.inject_panic(lane)
+    }
+}
+
+struct NsMeta {
+    key: NamespaceKey,
+    block_size: u32,
+    /// Sticky stream -> event thread assignment; entries are never removed, so a stream's
+    /// removal and later return share one FIFO.
+    routes: RwLock<HashMap<WorkerWithDpRank, usize>>,
 }
 
 /// A handle to one namespace's index. Cheap to clone.
 #[derive(Clone)]
-pub struct Namespace {}
+pub struct Namespace {
+    shared: Arc<NsShared>,
+    meta: Arc<NsMeta>,
+    engine: Arc<EngineInner>,
+}
 
 impl Namespace {
+    /// The (model, routing group) of this index.
     pub fn key(&self) -> &NamespaceKey {
-        todo!()
+        &self.meta.key
     }
+
+    /// Tokens per block in this namespace.
     pub fn block_size(&self) -> u32 {
-        todo!()
+        self.meta.block_size
     }
+
+    fn lane_of(&self, stream: WorkerWithDpRank) -> usize {
+        if let Some(&l) = self
+            .meta
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stream)
+        {
+            return l;
+        }
+        let mut routes = self.meta.routes.write().unwrap_or_else(|e| e.into_inner());
+        let n = self.engine.lanes.count();
+        *routes
+            .entry(stream)
+            .or_insert_with(|| self.engine.next_lane.fetch_add(1, Ordering::Relaxed) % n)
+    }
+
+    fn event_task(
+        &self,
+        event: RouterEvent,
+        reply: Option<crossbeam_channel::Sender<Result<(), KvCacheEventError>>>,
+    ) -> Task {
+        Task::Event {
+            ns: Arc::clone(&self.shared),
+            event,
+            reply,
+        }
+    }
+
     /// Enqueue an event for its stream's event thread; blocks while that queue is full.
-    pub fn apply(&self, _event: RouterEvent) -> Result<(), EngineError> {
-        todo!()
+    pub fn apply(&self, event: RouterEvent) -> Result<(), EngineError> {
+        let lane = self.lane_of(event.stream());
+        self.engine.lanes.send(lane, self.event_task(event, None))
     }
+
     /// Enqueue without blocking: `QueueFull` when the owning queue is full.
-    pub fn try_apply(&self, _event: RouterEvent) -> Result<(), EngineError> {
-        todo!()
+    pub fn try_apply(&self, event: RouterEvent) -> Result<(), EngineError> {
+        let lane = self.lane_of(event.stream());
+        self.engine
+            .lanes
+            .try_send(lane, self.event_task(event, None))
     }
+
     /// Apply and wait for the outcome (`EngineError::Event` when it failed).
-    pub fn apply_and_wait(&self, _event: RouterEvent) -> Result<(), EngineError> {
-        todo!()
+    pub fn apply_and_wait(&self, event: RouterEvent) -> Result<(), EngineError> {
+        let lane = self.lane_of(event.stream());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.engine
+            .lanes
+            .send(lane, self.event_task(event, Some(tx)))?;
+        self.engine.lanes.wait(&rx)?.map_err(EngineError::Event)
     }
+
     /// Lock-free: scores of every (worker, dp_rank) holding a prefix of `sequence`.
-    pub fn find_matches(&self, _sequence: &[LocalBlockHash], _early_exit: bool) -> OverlapScores {
-        todo!()
+    ///
+    /// With `early_exit`, the walk stops once a single worker is left; that worker's score is
+    /// then a lower bound (at least the depth reached when it became the only one).
+    pub fn find_matches(&self, sequence: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
+        self.shared.tree.find_matches(sequence, early_exit)
     }
+
     /// Barrier: returns once every event accepted before the call is applied.
     pub fn flush(&self) -> Result<(), EngineError> {
-        todo!()
+        self.engine.lanes.broadcast(Task::Barrier)
     }
-    pub fn remove_worker(&self, _worker_id: WorkerId) -> Result<(), EngineError> {
-        todo!()
+
+    fn remove_streams(&self, filter: impl Fn() -> StreamFilter) -> Result<(), EngineError> {
+        self.engine.lanes.broadcast(|done| Task::RemoveStreams {
+            ns: Arc::clone(&self.shared),
+            filter: filter(),
+            done,
+        })
     }
-    pub fn remove_worker_dp_rank(&self, _worker_id: WorkerId, _dp_rank: u32) -> Result<(), EngineError> {
-        todo!()
+
+    /// Drop every rank of `worker_id` (a barrier across all event threads).
+    pub fn remove_worker(&self, worker_id: WorkerId) -> Result<(), EngineError> {
+        self.remove_streams(|| StreamFilter {
+            worker_id,
+            dp_rank: None,
+            forget: true,
+        })
     }
-    pub fn clear_all_blocks(&self, _worker_id: WorkerId) -> Result<(), EngineError> {
-        todo!()
+
+    /// Drop one rank of `worker_id` (a barrier across all event threads).
+    pub fn remove_worker_dp_rank(
+        &self,
+        worker_id: WorkerId,
+        dp_rank: u32,
+    ) -> Result<(), EngineError> {
+        self.remove_streams(|| StreamFilter {
+            worker_id,
+            dp_rank: Some(dp_rank),
+            forget: true,
+        })
     }
-    /// Dynamo-compatible dump (a barrier first): Stored RouterEvents, parents before children.
+
+    /// Drop every block of every rank of `worker_id`, keeping the worker listed.
+    pub fn clear_all_blocks(&self, worker_id: WorkerId) -> Result<(), EngineError> {
+        self.remove_streams(|| StreamFilter {
+            worker_id,
+            dp_rank: None,
+            forget: false,
+        })
+    }
+
+    /// Dynamo-compatible dump (a barrier first): Stored RouterEvents, parents before children,
+    /// reachable blocks only (INDEXER.md §3.6 and §3.8).
     pub fn dump(&self) -> Result<Vec<RouterEvent>, EngineError> {
-        todo!()
+        self.flush()?;
+        Ok(self.shared.tree.dump())
     }
+
+    /// Sorted, de-duplicated worker ids known to this namespace (possibly with no blocks).
     pub fn get_workers(&self) -> Vec<WorkerId> {
-        todo!()
+        let mut ids: Vec<_> = self
+            .shared
+            .tree
+            .slots
+            .streams()
+            .into_iter()
+            .map(|(s, _)| s.worker_id)
+            .collect();
+        ids.dedup();
+        ids
     }
+
+    /// Sum over streams of the blocks each holds.
     pub fn current_size(&self) -> usize {
-        todo!()
+        self.worker_block_counts().iter().map(|(_, n)| n).sum()
     }
+
+    /// Blocks held per (worker, dp_rank), sorted; streams holding nothing are omitted.
     pub fn worker_block_counts(&self) -> Vec<(WorkerWithDpRank, usize)> {
-        todo!()
+        let slots = &self.shared.tree.slots;
+        slots
+            .streams()
+            .into_iter()
+            .map(|(s, slot)| (s, slots.entry(slot).blocks.load(Ordering::Relaxed) as usize))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Outcome counters of the events applied so far.
+    pub fn event_counters(&self) -> EventCountsSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Memory used by this namespace's index.
+    pub fn memory(&self) -> MemoryReport {
+        self.shared.tree.memory()
     }
 }

@@ -60,7 +60,10 @@ pub enum EngineError {
     InvalidBlockSize,
     /// The namespace was removed while the call was in flight.
     #[error("no indexer for model={model} routing_group={routing_group}")]
-    NoSuchNamespace { model: String, routing_group: String },
+    NoSuchNamespace {
+        model: String,
+        routing_group: String,
+    },
 }
 
 /// Why bytes could not be decoded into an event.

@@ -7,13 +7,23 @@
 //!   `find_matches` runs lock-free on the caller's thread.
 //! * [`reference`]: a small, obviously-correct single-threaded model used by tests and tools.
 
+mod children;
 pub mod codec;
+mod counters;
 pub mod engine;
 pub mod error;
 pub mod hashing;
+mod lanes;
+mod members;
 pub mod protocol;
 pub mod reference;
+mod segmented;
+mod slots;
+mod sync;
+mod tree;
 
+pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
 pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
 pub use protocol::*;
+pub use tree::MemoryReport;

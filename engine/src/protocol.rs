@@ -8,13 +8,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Hash of the tokens inside one block (plus LoRA/namespace seed and multimodal hashes):
 /// the tree's navigation key. Serialised as a bare u64.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct LocalBlockHash(pub u64);
 
 /// The engine's own (rolling) hash of a block: the per-worker identity of a block, used to
 /// resolve `parent_hash` and removals. Opaque to the index. Serialised as a bare u64.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct ExternalSequenceBlockHash(pub u64);
 
@@ -37,7 +41,9 @@ pub type WorkerId = u64;
 pub type DpRank = u32;
 
 /// The unit that owns cache: every score, lookup and clear is keyed by this pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 pub struct WorkerWithDpRank {
     pub worker_id: WorkerId,
     #[serde(default)]

@@ -1,0 +1,316 @@
+//! Event threads ("lanes"): each owns a set of streams (worker, dp_rank) and is the only writer
+//! of their state, so a stream's events apply in the order they were accepted. Queues are
+//! bounded: a full queue blocks the producer (or fails `try_apply`), never grows memory.
+
+use crate::counters::EventCounters;
+use crate::error::KvCacheEventError;
+use crate::protocol::{
+    KvCacheEventData, ResidencyDomain, RouterEvent, StorageTier, WorkerWithDpRank,
+};
+use crate::tree::{StreamState, Tree};
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_epoch as epoch;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What a namespace shares with the lanes.
+pub(crate) struct NsShared {
+    pub(crate) id: u64,
+    pub(crate) tree: Arc<Tree>,
+    pub(crate) counters: EventCounters,
+}
+
+/// Which streams to drop, for `remove_worker*` and `clear_all_blocks`.
+pub(crate) struct StreamFilter {
+    pub(crate) worker_id: u64,
+    pub(crate) dp_rank: Option<u32>,
+    /// Forget the stream (remove_worker) or keep it listed with no blocks (clear_all_blocks).
+    pub(crate) forget: bool,
+}
+
+/// One unit of work for a lane.
+pub(crate) enum Task {
+    Event {
+        ns: Arc<NsShared>,
+        event: RouterEvent,
+        reply: Option<Sender<Result<(), KvCacheEventError>>>,
+    },
+    RemoveStreams {
+        ns: Arc<NsShared>,
+        filter: StreamFilter,
+        done: Sender<()>,
+    },
+    DropNamespace {
+        ns_id: u64,
+        done: Sender<()>,
+    },
+    Barrier(Sender<()>),
+    /// Test hook: make the lane panic, to exercise the offline path.
+    Panic,
+    Shutdown,
+}
+
+/// Accept a missing domain or `"worker"` on the device tier (INDEXER.md §1.2).
+fn check_domain(event: &RouterEvent) -> Result<(), KvCacheEventError> {
+    if event.storage_tier != StorageTier::Device {
+        return Err(KvCacheEventError::UnsupportedResidencyDomain);
+    }
+    match event.residency_domain {
+        None | Some(ResidencyDomain::Worker) => Ok(()),
+        _ => Err(KvCacheEventError::UnsupportedResidencyDomain),
+    }
+}
+
+struct Lane {
+    streams: HashMap<(u64, WorkerWithDpRank), StreamState>,
+}
+
+impl Lane {
+    fn apply(&mut self, ns: &Arc<NsShared>, event: &RouterEvent) -> Result<(), KvCacheEventError> {
+        let stream = event.stream();
+        let st = match self.streams.entry((ns.id, stream)) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let slot = ns.tree.slots.assign(stream)?;
+                v.insert(StreamState::new(slot))
+            }
+        };
+        check_domain(event)?;
+        let mut guard = epoch::pin();
+        let result = match &event.event.data {
+            KvCacheEventData::Stored(data) => ns.tree.store(st, data, &guard).map(|o| {
+                if o.duplicate {
+                    ns.counters.record_duplicate_store();
+                }
+            }),
+            KvCacheEventData::Removed(data) => ns.tree.remove(st, &data.block_hashes, &guard),
+            KvCacheEventData::Cleared => {
+                ns.tree.clear(st, &mut guard);
+                Ok(())
+            }
+        };
+        if let Err(KvCacheEventError::ParentBlockNotFound) = result {
+            tracing::warn!(
+                worker_id = stream.worker_id,
+                dp_rank = stream.dp_rank,
+                event_id = event.event.event_id,
+                "Failed to find parent block; skipping store operation"
+            );
+        }
+        ns.tree
+            .slots
+            .entry(st.slot)
+            .blocks
+            .store(st.blocks, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn remove_streams(&mut self, ns: &Arc<NsShared>, filter: &StreamFilter) {
+        let keys: Vec<_> = self
+            .streams
+            .keys()
+            .filter(|(id, s)| {
+                *id == ns.id
+                    && s.worker_id == filter.worker_id
+                    && filter.dp_rank.is_none_or(|d| d == s.dp_rank)
+            })
+            .copied()
+            .collect();
+        let mut guard = epoch::pin();
+        for key in keys {
+            let Some(st) = self.streams.get_mut(&key) else {
+                continue;
+            };
+            ns.tree.clear(st, &mut guard);
+            ns.tree
+                .slots
+                .entry(st.slot)
+                .blocks
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            if filter.forget {
+                let slot = st.slot;
+                self.streams.remove(&key);
+                ns.tree.slots.unregister(key.1);
+                let tree = Arc::clone(&ns.tree);
+                // The slot is out of every node now; reuse it only after pinned readers leave.
+                guard.defer(move || tree.slots.recycle(slot));
+            }
+        }
+    }
+}
+
+/// Handle to the running lanes.
+pub(crate) struct Lanes {
+    senders: Vec<Sender<Task>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    offline: Arc<AtomicBool>,
+}
+
+impl Lanes {
+    pub(crate) fn start(count: usize, capacity: usize) -> Lanes {
+        let offline = Arc::new(AtomicBool::new(false));
+        let mut senders = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count.max(1) {
+            let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+            senders.push(tx);
+            let lane_offline = Arc::clone(&offline);
+            let handle = std::thread::Builder::new()
+                .name(format!("kvindex-event-{i}"))
+                .spawn(move || run_lane(rx, lane_offline))
+                .ok();
+            match handle {
+                Some(h) => threads.push(h),
+                None => {
+                    tracing::error!("failed to spawn event thread {i}; indexer is offline");
+                    offline_flag_set(&offline);
+                }
+            }
+        }
+        Lanes {
+            senders,
+            threads: std::sync::Mutex::new(threads),
+            offline,
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub(crate) fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::Acquire)
+    }
+
+    /// Enqueue on one lane, blocking while its queue is full.
+    pub(crate) fn send(&self, lane: usize, task: Task) -> Result<(), crate::EngineError> {
+        if self.is_offline() {
+            return Err(crate::EngineError::Offline);
+        }
+        self.senders[lane % self.senders.len()]
+            .send(task)
+            .map_err(|_| crate::EngineError::Offline)
+    }
+
+    /// Enqueue without blocking.
+    pub(crate) fn try_send(&self, lane: usize, task: Task) -> Result<(), crate::EngineError> {
+        if self.is_offline() {
+            return Err(crate::EngineError::Offline);
+        }
+        self.senders[lane % self.senders.len()]
+            .try_send(task)
+            .map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(_) => crate::EngineError::QueueFull,
+                crossbeam_channel::TrySendError::Disconnected(_) => crate::EngineError::Offline,
+            })
+    }
+
+    /// Send a task built per lane to every lane and wait until all have run it.
+    pub(crate) fn broadcast(
+        &self,
+        mut make: impl FnMut(Sender<()>) -> Task,
+    ) -> Result<(), crate::EngineError> {
+        let (tx, rx) = crossbeam_channel::bounded(self.senders.len());
+        for lane in 0..self.senders.len() {
+            self.send(lane, make(tx.clone()))?;
+        }
+        drop(tx);
+        for _ in 0..self.senders.len() {
+            self.wait(&rx)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for a reply from a lane. A lane that died leaves its queued tasks (and their reply
+    /// senders) in a channel nobody drains, so waiters also watch the offline flag.
+    pub(crate) fn wait<T>(&self, rx: &Receiver<T>) -> Result<T, crate::EngineError> {
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(v) => return Ok(v),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(crate::EngineError::Offline)
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.is_offline() {
+                        // One last look: the reply may have raced with the flag.
+                        return rx.try_recv().map_err(|_| crate::EngineError::Offline);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Total tasks waiting in all queues.
+    pub(crate) fn queued(&self) -> usize {
+        self.senders.iter().map(|s| s.len()).sum()
+    }
+
+    pub(crate) fn shutdown(&self) {
+        for s in &self.senders {
+            let _ = s.send(Task::Shutdown);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        offline_flag_set(&self.offline);
+    }
+
+    pub(crate) fn inject_panic(&self, lane: usize) -> Result<(), crate::EngineError> {
+        self.send(lane, Task::Panic)
+    }
+}
+
+fn offline_flag_set(flag: &AtomicBool) {
+    // Release: callers that observe the flag also observe why (logged before).
+    flag.store(true, Ordering::Release);
+}
+
+fn run_lane(rx: Receiver<Task>, offline: Arc<AtomicBool>) {
+    let mut lane = Lane {
+        streams: HashMap::new(),
+    };
+    while let Ok(task) = rx.recv() {
+        if matches!(task, Task::Shutdown) {
+            return;
+        }
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_task(&mut lane, task)));
+        if outcome.is_err() {
+            tracing::error!(
+                "KV indexer event thread panicked; indexer is now offline and will not process events"
+            );
+            offline_flag_set(&offline);
+            return;
+        }
+    }
+}
+
+fn run_task(lane: &mut Lane, task: Task) {
+    match task {
+        Task::Event { ns, event, reply } => {
+            let result = lane.apply(&ns, &event);
+            ns.counters.record(event.event.data.kind_label(), &result);
+            if let Err(e) = &result {
+                tracing::debug!(worker_id = event.worker_id, error = %e, "Failed to apply event");
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        }
+        Task::RemoveStreams { ns, filter, done } => {
+            lane.remove_streams(&ns, &filter);
+            let _ = done.send(());
+        }
+        Task::DropNamespace { ns_id, done } => {
+            lane.streams.retain(|(id, _), _| *id != ns_id);
+            let _ = done.send(());
+        }
+        Task::Barrier(done) => {
+            let _ = done.send(());
+        }
+        Task::Panic => panic!("injected event-thread panic (test hook)"),
+        Task::Shutdown => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! An append-only vector whose elements never move: element `i` lives in chunk `k` of size
+//! `BASE << k`, so growing never relocates anything a lock-free reader may be looking at.
+//!
+//! Used for tree nodes (indexed by `u32`, which halves pointer size) and for worker slots.
+//! Elements are never dropped individually: callers recycle indices through their own free
+//! lists, after an epoch grace period (see `tree.rs`).
+
+use crate::sync::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::Mutex;
+
+const BASE_BITS: u32 = 10;
+const BASE: u32 = 1 << BASE_BITS;
+/// `BASE * (2^MAX_CHUNKS - 1)` elements in all: about 4.3 billion with 22 chunks.
+const MAX_CHUNKS: usize = 22;
+
+/// Fixed-address, grow-only storage for `T: Default` elements addressed by `u32`.
+pub(crate) struct SegmentedVec<T> {
+    chunks: [AtomicPtr<T>; MAX_CHUNKS],
+    /// Number of chunks allocated (for Drop; guarded by `grow`).
+    grow: Mutex<usize>,
+    /// High-water mark of handed-out indices.
+    len: AtomicU32,
+}
+
+#[inline]
+fn locate(index: u32) -> (usize, usize) {
+    let j = index as u64 + BASE as u64;
+    let k = (63 - j.leading_zeros()) - BASE_BITS;
+    let offset = j - ((BASE as u64) << k);
+    (k as usize, offset as usize)
+}
+
+#[inline]
+fn chunk_len(k: usize) -> usize {
+    (BASE as usize) << k
+}
+
+impl<T: Default> SegmentedVec<T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            grow: Mutex::new(0),
+            len: AtomicU32::new(0),
+        }
+    }
+
+    /// Hand out a never-used index, allocating its chunk if needed. `None` when exhausted.
+    pub(crate) fn push_index(&self) -> Option<u32> {
+        let index = self.len.fetch_add(1, Ordering::Relaxed);
+        if index == u32::MAX {
+            return None;
+        }
+        let (k, _) = locate(index);
+        if k >= MAX_CHUNKS {
+            return None;
+        }
+        // Acquire pairs with the Release below, so the chunk's initialised elements are visible.
+        if self.chunks[k].load(Ordering::Acquire).is_null() {
+            let mut allocated = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+            while *allocated <= k {
+                let chunk: Box<[T]> = (0..chunk_len(*allocated)).map(|_| T::default()).collect();
+                let ptr = Box::into_raw(chunk) as *mut T;
+                // Release: publishes the initialised chunk to every later Acquire load.
+                self.chunks[*allocated].store(ptr, Ordering::Release);
+                *allocated += 1;
+            }
+        }
+        Some(index)
+    }
+
+    /// Number of indices handed out so far (some may be free in a caller's free list).
+    pub(crate) fn high_water(&self) -> u32 {
+        self.len.load(Ordering::Acquire).min(self.capacity_limit())
+    }
+
+    fn capacity_limit(&self) -> u32 {
+        let allocated = self.grow.lock().map(|g| *g).unwrap_or(0);
+        let mut total: u64 = 0;
+        for k in 0..allocated {
+            total += chunk_len(k) as u64;
+        }
+        total.min(u32::MAX as u64) as u32
+    }
+
+    /// The element at `index`. The index must have come from `push_index` (directly or via a
+    /// published link); anything else is a caller bug and panics rather than reading wild memory.
+    #[inline]
+    pub(crate) fn get(&self, index: u32) -> &T {
+        let (k, offset) = locate(index);
+        // Acquire: pairs with the Release store that published the chunk.
+        let ptr = self.chunks[k].load(Ordering::Acquire);
+        assert!(
+            !ptr.is_null(),
+            "segmented index {index} was never allocated"
+        );
+        // SAFETY: chunk `k` was allocated with `chunk_len(k)` initialised elements, `offset` is
+        // below that length by construction of `locate`, and chunks are freed only in Drop,
+        // which needs `&mut self`, so no shared reference can outlive it.
+        unsafe { &*ptr.add(offset) }
+    }
+
+    /// Allocated chunk footprint in bytes (for memory reports).
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        let allocated = self.grow.lock().map(|g| *g).unwrap_or(0);
+        (0..allocated).map(chunk_len).sum::<usize>() * std::mem::size_of::<T>()
+    }
+}
+
+impl<T> Drop for SegmentedVec<T> {
+    fn drop(&mut self) {
+        let allocated = *self.grow.get_mut().unwrap_or_else(|e| e.into_inner());
+        for k in 0..allocated {
+            let ptr = self.chunks[k].load(Ordering::Relaxed);
+            if !ptr.is_null() {
+                let slice = std::ptr::slice_from_raw_parts_mut(ptr, chunk_len(k));
+                // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of exactly this length,
+                // and `&mut self` guarantees no reader holds a reference into it.
+                drop(unsafe { Box::from_raw(slice) });
+            }
+        }
+    }
+}
+
+// SAFETY: the chunks are owned heap allocations of `T`; sharing them is sound when `T` is.
+unsafe impl<T: Send + Sync> Send for SegmentedVec<T> {}
+// SAFETY: as above; all mutation of the chunk table goes through atomics or the mutex.
+unsafe impl<T: Send + Sync> Sync for SegmentedVec<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_maps_indices_to_chunks_without_gaps() {
+        assert_eq!(locate(0), (0, 0));
+        assert_eq!(locate(BASE - 1), (0, BASE as usize - 1));
+        assert_eq!(locate(BASE), (1, 0));
+        assert_eq!(locate(3 * BASE - 1), (1, 2 * BASE as usize - 1));
+        assert_eq!(locate(3 * BASE), (2, 0));
+    }
+
+    #[test]
+    fn elements_keep_their_address_across_growth() {
+        let v: SegmentedVec<AtomicU32> = SegmentedVec::new();
+        let first = v.push_index().unwrap();
+        v.get(first).store(7, Ordering::Relaxed);
+        let addr = v.get(first) as *const _;
+        for _ in 0..5000 {
+            v.push_index().unwrap();
+        }
+        assert_eq!(v.get(first) as *const _, addr);
+        assert_eq!(v.get(first).load(Ordering::Relaxed), 7);
+        assert_eq!(v.high_water(), 5001);
+    }
+}

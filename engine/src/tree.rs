@@ -1,0 +1,793 @@
+//! One namespace's radix tree of blocks: lock-free reads, per-node locks for writers.
+//!
+//! Shape: one node per block, keyed by its local hash under its parent; node `0` is the root.
+//! Nodes live in a [`SegmentedVec`] and link to each other by `u32` index (40 bytes a node).
+//!
+//! Concurrency protocol (see `docs/architecture.md`):
+//! * **Readers** pin an epoch and walk `children` words and `members` words with Acquire loads.
+//!   They never lock, never write, and never see a freed node or set: every unlink retires the
+//!   memory through crossbeam-epoch, and a node index is recycled only after the grace period.
+//! * **Writers** are the event threads. A stream (worker, dp_rank) is owned by one thread, so only
+//!   that thread ever adds or removes the stream's slot. A node's `members` and `children` words
+//!   are replaced only under the node's lock bit. Locks are taken parent before child, never the
+//!   other way, so writers cannot deadlock. A node is unlinked only while its parent and itself
+//!   are locked, and only if nobody holds it and it has no children: a writer that found the node
+//!   under the parent's lock and locked it before releasing the parent can therefore never add a
+//!   block to an unlinked node (the race that loses blocks in Dynamo 1.6.1's thread pool).
+//! * **External hashes** resolve through one shared map `ext -> node` per namespace (writers
+//!   only, sharded mutexes): engines use the same sequence hash for the same prefix, so one entry
+//!   serves every worker. A worker whose hash differs from the node's first hash keeps a private
+//!   exception in its stream state (INDEXER.md §0.1).
+
+use crate::children;
+use crate::error::KvCacheEventError;
+use crate::members::{self, Members};
+use crate::protocol::{
+    ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
+    KvCacheStoredBlockData, LocalBlockHash, OverlapScores, ResidencyDomain, RouterEvent,
+    StorageTier,
+};
+use crate::segmented::SegmentedVec;
+use crate::slots::Slots;
+use crate::sync::{spin_wait, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crossbeam_epoch::{self as epoch, Guard};
+use hashbrown::HashTable;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+pub(crate) const ROOT: u32 = 0;
+const LOCKED: u32 = 1;
+const LIVE: u32 = 2;
+/// The node is the entry of its `ext` in the shared external-hash map.
+const OWNS_EXT: u32 = 4;
+const EXT_SHARDS: usize = 64;
+
+/// One block of the tree. All fields are atomics so that a recycled slot can be re-initialised
+/// through a shared reference; `local`, `ext` and `parent` are written only before publication.
+#[derive(Default)]
+pub(crate) struct Node {
+    local: AtomicU64,
+    ext: AtomicU64,
+    members: AtomicU64,
+    children: AtomicU64,
+    parent: AtomicU32,
+    state: AtomicU32,
+}
+
+#[inline]
+fn mix(x: u64) -> u64 {
+    let x = (x ^ (x >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 29)
+}
+
+/// The per-stream state owned by the stream's event thread.
+pub(crate) struct StreamState {
+    pub(crate) slot: u32,
+    pub(crate) blocks: u64,
+    /// Private external hashes (those that differ from the node's shared one).
+    exc_by_ext: HashMap<u64, u32>,
+    exc_by_node: HashMap<u32, u64>,
+}
+
+impl StreamState {
+    pub(crate) fn new(slot: u32) -> Self {
+        Self {
+            slot,
+            blocks: 0,
+            exc_by_ext: HashMap::new(),
+            exc_by_node: HashMap::new(),
+        }
+    }
+}
+
+/// What a successful store did, for the duplicate_store warning.
+pub(crate) struct StoreOutcome {
+    pub(crate) duplicate: bool,
+}
+
+/// Bytes used by the index, for memory reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Node arena (allocated chunks, live or free).
+    pub node_bytes: usize,
+    /// Heap member sets and child tables reachable now.
+    pub heap_bytes: usize,
+    /// Live nodes (blocks), excluding the root.
+    pub live_nodes: usize,
+}
+
+/// The tree of one namespace.
+pub(crate) struct Tree {
+    nodes: SegmentedVec<Node>,
+    free_nodes: Mutex<Vec<u32>>,
+    ext_map: Box<[Mutex<HashTable<u32>>]>,
+    pub(crate) slots: Slots,
+    /// Mirror of every stream's exceptions, read by dumps: (slot, node) -> ext.
+    exceptions: Mutex<HashMap<(u32, u32), u64>>,
+    live_nodes: AtomicUsize,
+}
+
+impl Tree {
+    pub(crate) fn new() -> Arc<Tree> {
+        let t = Tree {
+            nodes: SegmentedVec::new(),
+            free_nodes: Mutex::new(Vec::new()),
+            ext_map: (0..EXT_SHARDS)
+                .map(|_| Mutex::new(HashTable::new()))
+                .collect(),
+            slots: Slots::new(),
+            exceptions: Mutex::new(HashMap::new()),
+            live_nodes: AtomicUsize::new(0),
+        };
+        let root = t.nodes.push_index();
+        debug_assert_eq!(root, Some(ROOT));
+        t.nodes.get(ROOT).state.store(LIVE, Ordering::Release);
+        Arc::new(t)
+    }
+
+    #[inline]
+    fn node(&self, i: u32) -> &Node {
+        self.nodes.get(i)
+    }
+
+    #[inline]
+    fn local_of(&self, i: u32) -> u64 {
+        // Relaxed: `i` was obtained through an Acquire load of a link published (Release) after
+        // the node was initialised.
+        self.node(i).local.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self, i: u32) {
+        let state = &self.node(i).state;
+        let mut spins = 0;
+        loop {
+            let s = state.load(Ordering::Relaxed);
+            // Acquire: everything the previous holder wrote before unlocking (Release) is visible.
+            if s & LOCKED == 0
+                && state
+                    .compare_exchange_weak(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return;
+            }
+            spin_wait(&mut spins);
+        }
+    }
+
+    fn unlock(&self, i: u32) {
+        // Release: publishes this holder's writes to the next holder.
+        self.node(i).state.fetch_and(!LOCKED, Ordering::Release);
+    }
+
+    fn ext_shard(&self, ext: u64) -> std::sync::MutexGuard<'_, HashTable<u32>> {
+        self.ext_map[(mix(ext) >> 58) as usize % EXT_SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ext_lookup(&self, ext: u64) -> Option<u32> {
+        let shard = self.ext_shard(ext);
+        shard
+            .find(mix(ext), |&n| {
+                self.node(n).ext.load(Ordering::Relaxed) == ext
+            })
+            .copied()
+    }
+
+    /// Allocate a node, initialised, LIVE and LOCKED, holding `slot`, not yet linked.
+    fn alloc_node(
+        &self,
+        local: u64,
+        ext: u64,
+        parent: u32,
+        slot: u32,
+    ) -> Result<u32, KvCacheEventError> {
+        let recycled = self
+            .free_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let i = match recycled {
+            Some(i) => i,
+            None => self
+                .nodes
+                .push_index()
+                .ok_or(KvCacheEventError::CapacityExhausted)?,
+        };
+        let n = self.node(i);
+        // Relaxed: nobody can reach `i` until it is linked with a Release store.
+        n.local.store(local, Ordering::Relaxed);
+        n.ext.store(ext, Ordering::Relaxed);
+        n.members.store(members::encode(&[slot]), Ordering::Relaxed);
+        n.children.store(0, Ordering::Relaxed);
+        n.parent.store(parent, Ordering::Relaxed);
+        let mut state = LIVE | LOCKED;
+        {
+            let mut shard = self.ext_shard(ext);
+            let h = mix(ext);
+            let taken = shard
+                .find(h, |&m| self.node(m).ext.load(Ordering::Relaxed) == ext)
+                .is_some();
+            if !taken {
+                shard.insert_unique(h, i, |&m| mix(self.node(m).ext.load(Ordering::Relaxed)));
+                state |= OWNS_EXT;
+            }
+        }
+        n.state.store(state, Ordering::Release);
+        self.live_nodes.fetch_add(1, Ordering::Relaxed);
+        Ok(i)
+    }
+
+    /// Return a node index to the free list after the epoch grace period.
+    fn retire_node(self: &Arc<Self>, i: u32, guard: &Guard) {
+        let tree = Arc::clone(self);
+        guard.defer(move || {
+            tree.free_nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(i)
+        });
+    }
+
+    /// Whether `st`'s external hash for node `n` is the node's shared one.
+    fn canonical_for(&self, n: u32, ext: u64) -> bool {
+        let node = self.node(n);
+        node.ext.load(Ordering::Relaxed) == ext
+            && node.state.load(Ordering::Relaxed) & OWNS_EXT != 0
+    }
+
+    fn set_exception(&self, st: &mut StreamState, n: u32, ext: u64) {
+        if let Some(old_node) = st.exc_by_ext.insert(ext, n) {
+            if old_node != n {
+                st.exc_by_node.remove(&old_node);
+            }
+        }
+        if let Some(old_ext) = st.exc_by_node.insert(n, ext) {
+            if old_ext != ext {
+                st.exc_by_ext.remove(&old_ext);
+            }
+        }
+        self.exceptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((st.slot, n), ext);
+    }
+
+    fn clear_exception(&self, st: &mut StreamState, n: u32) {
+        if let Some(ext) = st.exc_by_node.remove(&n) {
+            if st.exc_by_ext.get(&ext) == Some(&n) {
+                st.exc_by_ext.remove(&ext);
+            }
+            self.exceptions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(st.slot, n));
+        }
+    }
+
+    /// The node `st` holds under external hash `ext`, if any.
+    fn resolve(&self, st: &StreamState, ext: u64, guard: &Guard) -> Option<u32> {
+        if let Some(&n) = st.exc_by_ext.get(&ext) {
+            return Some(n);
+        }
+        let n = self.ext_lookup(ext)?;
+        let node = self.node(n);
+        // Only this thread adds or removes `st.slot`, so if the slot is in the node, the node
+        // is live and stays live until this thread removes it.
+        let held =
+            Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
+        (held && !st.exc_by_node.contains_key(&n) && node.ext.load(Ordering::Relaxed) == ext)
+            .then_some(n)
+    }
+
+    /// Apply a `stored` event of the stream `st`.
+    pub(crate) fn store(
+        &self,
+        st: &mut StreamState,
+        data: &KvCacheStoreData,
+        guard: &Guard,
+    ) -> Result<StoreOutcome, KvCacheEventError> {
+        let parent_ext = data.parent_hash.map(|h| h.0);
+        if let Some(p) = parent_ext {
+            if data.blocks.iter().any(|b| b.block_hash.0 == p) {
+                tracing::warn!(
+                    worker_slot = st.slot,
+                    "Detected self-referencing store event"
+                );
+                return Err(KvCacheEventError::InvalidBlockSequence);
+            }
+        }
+        let mut cur = match parent_ext {
+            None => ROOT,
+            Some(p) => self
+                .resolve(st, p, guard)
+                .ok_or(KvCacheEventError::ParentBlockNotFound)?,
+        };
+        if data.blocks.is_empty() {
+            return Ok(StoreOutcome { duplicate: false });
+        }
+        let slot = st.slot;
+        let mut duplicate = true;
+        self.lock(cur);
+        for b in &data.blocks {
+            let (local, ext) = (b.tokens_hash.0, b.block_hash.0);
+            let parent = self.node(cur);
+            let cw = parent.children.load(Ordering::Relaxed);
+            let found = children::find_child(cw, local, &|i| self.local_of(i), guard);
+            let child = match found {
+                Some(c) => {
+                    // Parent locked, so `c` is linked and live; lock it before letting go of the
+                    // parent so that nobody can unlink it in between.
+                    self.lock(c);
+                    c
+                }
+                None => {
+                    let c = match self.alloc_node(local, ext, cur, slot) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.unlock(cur);
+                            return Err(e);
+                        }
+                    };
+                    if let Some(nw) =
+                        children::insert_child(cw, local, c, &|i| self.local_of(i), guard)
+                    {
+                        // Release: the child's initialisation is visible to readers that see it.
+                        parent.children.store(nw, Ordering::Release);
+                    }
+                    self.unlock(cur);
+                    duplicate = false;
+                    st.blocks += 1;
+                    if !self.canonical_for(c, ext) {
+                        self.set_exception(st, c, ext);
+                    }
+                    cur = c;
+                    continue;
+                }
+            };
+            self.unlock(cur);
+            let node = self.node(child);
+            let mw = node.members.load(Ordering::Relaxed);
+            match members::with_added(mw, slot, guard) {
+                Some(nw) => {
+                    // Release: pairs with readers' Acquire; the slot's identity is visible first.
+                    node.members.store(nw, Ordering::Release);
+                    members::retire(mw, guard);
+                    duplicate = false;
+                    st.blocks += 1;
+                    if !self.canonical_for(child, ext) {
+                        self.set_exception(st, child, ext);
+                    }
+                }
+                None => {
+                    let held_ext = st
+                        .exc_by_node
+                        .get(&child)
+                        .copied()
+                        .unwrap_or_else(|| node.ext.load(Ordering::Relaxed));
+                    if held_ext != ext {
+                        // Same block re-stored under another hash: the newest hash wins.
+                        duplicate = false;
+                        self.clear_exception(st, child);
+                        if !self.canonical_for(child, ext) {
+                            self.set_exception(st, child, ext);
+                        }
+                    }
+                }
+            }
+            cur = child;
+        }
+        self.unlock(cur);
+        Ok(StoreOutcome { duplicate })
+    }
+
+    /// Apply a `removed` event: every hash is tried; the first failure is reported.
+    pub(crate) fn remove(
+        self: &Arc<Self>,
+        st: &mut StreamState,
+        hashes: &[ExternalSequenceBlockHash],
+        guard: &Guard,
+    ) -> Result<(), KvCacheEventError> {
+        let mut first_err = None;
+        for h in hashes {
+            match self.resolve(st, h.0, guard) {
+                Some(n) => self.drop_membership(st, n, guard),
+                None => {
+                    tracing::warn!(
+                        worker_slot = st.slot,
+                        block_hash = h.0,
+                        "Failed to find block to remove; skipping remove operation"
+                    );
+                    first_err.get_or_insert(KvCacheEventError::BlockNotFound);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn drop_membership(self: &Arc<Self>, st: &mut StreamState, n: u32, guard: &Guard) {
+        self.lock(n);
+        let node = self.node(n);
+        let mw = node.members.load(Ordering::Relaxed);
+        if let Some(nw) = members::with_removed(mw, st.slot, guard) {
+            node.members.store(nw, Ordering::Release);
+            members::retire(mw, guard);
+            st.blocks = st.blocks.saturating_sub(1);
+        }
+        self.unlock(n);
+        self.clear_exception(st, n);
+        self.try_unlink(n, guard);
+    }
+
+    /// Unlink `n` and then its ancestors while they hold nobody and have no children.
+    fn try_unlink(self: &Arc<Self>, mut n: u32, guard: &Guard) {
+        loop {
+            if n == ROOT {
+                return;
+            }
+            let node = self.node(n);
+            if node.members.load(Ordering::Acquire) != 0
+                || node.children.load(Ordering::Acquire) != 0
+            {
+                return;
+            }
+            let p = node.parent.load(Ordering::Relaxed);
+            self.lock(p);
+            self.lock(n);
+            let s = node.state.load(Ordering::Relaxed);
+            let still_empty = s & LIVE != 0
+                && node.parent.load(Ordering::Relaxed) == p
+                && node.members.load(Ordering::Relaxed) == 0
+                && node.children.load(Ordering::Relaxed) == 0;
+            if !still_empty {
+                self.unlock(n);
+                self.unlock(p);
+                return;
+            }
+            let parent = self.node(p);
+            let local = node.local.load(Ordering::Relaxed);
+            let pw = parent.children.load(Ordering::Relaxed);
+            if let Some(nw) = children::remove_child(pw, local, n, guard) {
+                // Release: readers that load the new word no longer reach `n`.
+                parent.children.store(nw, Ordering::Release);
+            }
+            if s & OWNS_EXT != 0 {
+                let ext = node.ext.load(Ordering::Relaxed);
+                let mut shard = self.ext_shard(ext);
+                if let Ok(entry) = shard.find_entry(mix(ext), |&m| m == n) {
+                    entry.remove();
+                }
+            }
+            // Not LIVE, unlocked. Readers that still hold `n` see no members.
+            node.state.store(0, Ordering::Release);
+            self.live_nodes.fetch_sub(1, Ordering::Relaxed);
+            self.retire_node(n, guard);
+            let parent_empty = p != ROOT
+                && parent.members.load(Ordering::Relaxed) == 0
+                && parent.children.load(Ordering::Relaxed) == 0;
+            self.unlock(p);
+            if !parent_empty {
+                return;
+            }
+            n = p;
+        }
+    }
+
+    /// Drop every block of the stream (a `cleared` event, or before removing the stream).
+    /// Cost: one sequential scan of the node arena.
+    pub(crate) fn clear(self: &Arc<Self>, st: &mut StreamState, guard: &mut Guard) {
+        let high = self.nodes.high_water();
+        for i in 1..high {
+            if i % 4096 == 0 {
+                // Do not hold back reclamation for the whole scan.
+                guard.repin();
+            }
+            let node = self.node(i);
+            if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                continue;
+            }
+            let held =
+                Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
+            if held {
+                self.drop_membership(st, i, guard);
+            }
+        }
+        st.blocks = 0;
+        let slot = st.slot;
+        st.exc_by_ext.clear();
+        st.exc_by_node.clear();
+        self.exceptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(s, _), _| *s != slot);
+    }
+
+    /// Lock-free longest-prefix scoring (INDEXER.md §3.5).
+    pub(crate) fn find_matches(&self, seq: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
+        let mut out = OverlapScores::default();
+        let Some(first_hash) = seq.first() else {
+            return out;
+        };
+        let guard = epoch::pin();
+        let local_of = |i: u32| self.local_of(i);
+        let root_children = self.node(ROOT).children.load(Ordering::Acquire);
+        let Some(first) = children::find_child(root_children, first_hash.0, &local_of, &guard)
+        else {
+            return out;
+        };
+        let first_members =
+            Members::from_word(self.node(first).members.load(Ordering::Acquire), &guard);
+        let mut active = ActiveSet::from_members(first_members);
+        let mut scored: Vec<(u32, u32)> = Vec::new();
+        let mut depth = 1u32;
+        let mut cur = first;
+        if !active.is_empty() {
+            for h in &seq[1..] {
+                if early_exit && active.len() == 1 {
+                    break;
+                }
+                let cw = self.node(cur).children.load(Ordering::Acquire);
+                let Some(c) = children::find_child(cw, h.0, &local_of, &guard) else {
+                    break;
+                };
+                let m = Members::from_word(self.node(c).members.load(Ordering::Acquire), &guard);
+                active.intersect(m, |slot| scored.push((slot, depth)));
+                if active.is_empty() {
+                    break;
+                }
+                depth += 1;
+                cur = c;
+            }
+            active.for_each(|slot| scored.push((slot, depth)));
+        }
+        out.scores.reserve(scored.len());
+        for (slot, score) in scored {
+            out.scores.insert(self.slots.stream_of(slot), score);
+        }
+        out
+    }
+
+    /// Dynamo-compatible dump: one Stored event per maximal chain a stream holds, reachable
+    /// blocks only, parents before children, event ids 0..n.
+    pub(crate) fn dump(&self) -> Vec<RouterEvent> {
+        struct Pending {
+            slot: u32,
+            parent: Option<u64>,
+            blocks: Vec<KvCacheStoredBlockData>,
+        }
+        let guard = epoch::pin();
+        let exceptions = self
+            .exceptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let ext_of = |slot: u32, n: u32| {
+            exceptions
+                .get(&(slot, n))
+                .copied()
+                .unwrap_or_else(|| self.node(n).ext.load(Ordering::Relaxed))
+        };
+        let mut pending: Vec<Pending> = Vec::new();
+        // slot -> (index in `pending`, node that event currently ends with)
+        let mut open: HashMap<u32, (usize, u32)> = HashMap::new();
+        let mut stack: Vec<(u32, Option<Rc<Vec<u32>>>)> = Vec::new();
+        children::for_each_child(
+            self.node(ROOT).children.load(Ordering::Acquire),
+            &guard,
+            |c| stack.push((c, None)),
+        );
+        while let Some((n, parent_reach)) = stack.pop() {
+            let node = self.node(n);
+            if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                continue;
+            }
+            let m = Members::from_word(node.members.load(Ordering::Acquire), &guard);
+            let reach: Vec<u32> = match &parent_reach {
+                None => m.to_vec(),
+                Some(pr) => pr.iter().copied().filter(|&s| m.contains(s)).collect(),
+            };
+            if reach.is_empty() {
+                continue;
+            }
+            let p = node.parent.load(Ordering::Relaxed);
+            let local = LocalBlockHash(node.local.load(Ordering::Relaxed));
+            for &s in &reach {
+                let block = KvCacheStoredBlockData {
+                    block_hash: ExternalSequenceBlockHash(ext_of(s, n)),
+                    tokens_hash: local,
+                    mm_extra_info: None,
+                };
+                match open.get_mut(&s) {
+                    Some((idx, tail)) if *tail == p && p != ROOT => {
+                        pending[*idx].blocks.push(block);
+                        *tail = n;
+                    }
+                    _ => {
+                        pending.push(Pending {
+                            slot: s,
+                            parent: (p != ROOT).then(|| ext_of(s, p)),
+                            blocks: vec![block],
+                        });
+                        open.insert(s, (pending.len() - 1, n));
+                    }
+                }
+            }
+            let reach = Rc::new(reach);
+            children::for_each_child(node.children.load(Ordering::Acquire), &guard, |c| {
+                stack.push((c, Some(Rc::clone(&reach))))
+            });
+        }
+        pending
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let stream = self.slots.stream_of(p.slot);
+                RouterEvent {
+                    worker_id: stream.worker_id,
+                    storage_tier: StorageTier::Device,
+                    residency_domain: Some(ResidencyDomain::Worker),
+                    event: KvCacheEvent {
+                        event_id: i as u64,
+                        data: KvCacheEventData::Stored(KvCacheStoreData {
+                            parent_hash: p.parent.map(ExternalSequenceBlockHash),
+                            start_position: None,
+                            blocks: p.blocks,
+                        }),
+                        dp_rank: stream.dp_rank,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Current memory use of this tree.
+    pub(crate) fn memory(&self) -> MemoryReport {
+        let guard = epoch::pin();
+        let mut heap = 0usize;
+        let high = self.nodes.high_water();
+        for i in 0..high {
+            let node = self.node(i);
+            if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                continue;
+            }
+            let mw = node.members.load(Ordering::Acquire);
+            if let Members::Bits(bits) = Members::from_word(mw, &guard) {
+                heap += (bits.len() + 2) * 8;
+            }
+            heap += children::heap_bytes(node.children.load(Ordering::Acquire), &guard);
+        }
+        let map_bytes: usize = self
+            .ext_map
+            .iter()
+            .map(|m| m.lock().map(|t| t.capacity() * 5).unwrap_or(0))
+            .sum();
+        MemoryReport {
+            node_bytes: self.nodes.allocated_bytes(),
+            heap_bytes: heap + map_bytes,
+            live_nodes: self.live_nodes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        // Exclusive access: free every live heap set and child table now.
+        let high = self.nodes.high_water();
+        for i in 0..high {
+            let node = self.nodes.get(i);
+            members::free_now(node.members.swap(0, Ordering::Relaxed));
+            children::free_now(node.children.swap(0, Ordering::Relaxed));
+        }
+    }
+}
+
+/// The workers still matching during a walk: a short list for the common case, a bitset copy
+/// when the first block is held by many.
+enum ActiveSet {
+    Few(Vec<u32>),
+    Many { bits: Vec<u64>, len: usize },
+}
+
+impl ActiveSet {
+    fn from_members(m: Members<'_>) -> ActiveSet {
+        match m {
+            Members::Bits(bits) => {
+                let len = bits.iter().map(|b| b.count_ones() as usize).sum();
+                ActiveSet::Many {
+                    bits: bits.to_vec(),
+                    len,
+                }
+            }
+            Members::Inline(_) => ActiveSet::Few(m.to_vec()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ActiveSet::Few(v) => v.len(),
+            ActiveSet::Many { len, .. } => *len,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only members of `m`; report every slot that drops out.
+    fn intersect(&mut self, m: Members<'_>, mut dropped: impl FnMut(u32)) {
+        match self {
+            ActiveSet::Few(v) => v.retain(|&s| {
+                let keep = m.contains(s);
+                if !keep {
+                    dropped(s);
+                }
+                keep
+            }),
+            ActiveSet::Many { bits, len } => {
+                match m {
+                    Members::Bits(other) => {
+                        for (i, w) in bits.iter_mut().enumerate() {
+                            let o = other.get(i).copied().unwrap_or(0);
+                            let mut gone = *w & !o;
+                            *len -= gone.count_ones() as usize;
+                            while gone != 0 {
+                                dropped(i as u32 * 64 + gone.trailing_zeros());
+                                gone &= gone - 1;
+                            }
+                            *w &= o;
+                        }
+                    }
+                    Members::Inline(_) => {
+                        let keep: Vec<u32> = m
+                            .to_vec()
+                            .into_iter()
+                            .filter(|&s| {
+                                bits.get((s / 64) as usize)
+                                    .is_some_and(|b| b & (1u64 << (s % 64)) != 0)
+                            })
+                            .collect();
+                        for (i, w) in bits.iter().enumerate() {
+                            let mut b = *w;
+                            while b != 0 {
+                                let s = i as u32 * 64 + b.trailing_zeros();
+                                if !keep.contains(&s) {
+                                    dropped(s);
+                                }
+                                b &= b - 1;
+                            }
+                        }
+                        *self = ActiveSet::Few(keep);
+                        return;
+                    }
+                }
+                if *len <= 2 {
+                    let mut v = Vec::with_capacity(2);
+                    for (i, w) in bits.iter().enumerate() {
+                        let mut b = *w;
+                        while b != 0 {
+                            v.push(i as u32 * 64 + b.trailing_zeros());
+                            b &= b - 1;
+                        }
+                    }
+                    *self = ActiveSet::Few(v);
+                }
+            }
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32)) {
+        match self {
+            ActiveSet::Few(v) => v.iter().for_each(|&s| f(s)),
+            ActiveSet::Many { bits, .. } => {
+                for (i, w) in bits.iter().enumerate() {
+                    let mut b = *w;
+                    while b != 0 {
+                        f(i as u32 * 64 + b.trailing_zeros());
+                        b &= b - 1;
+                    }
+                }
+            }
+        }
+    }
+}

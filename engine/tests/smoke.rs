@@ -1,0 +1,157 @@
+//! Fast end-to-end checks of the engine's core paths (the full suites live beside this file).
+
+use kvindex_engine::*;
+
+fn st(w: u64, dp: u32, blocks: &[(u64, u64)], parent: Option<u64>) -> RouterEvent {
+    RouterEvent::new(
+        w,
+        KvCacheEvent {
+            event_id: 0,
+            dp_rank: dp,
+            data: KvCacheEventData::Stored(KvCacheStoreData {
+                parent_hash: parent.map(ExternalSequenceBlockHash),
+                start_position: None,
+                blocks: blocks
+                    .iter()
+                    .map(|&(b, t)| KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(b),
+                        tokens_hash: LocalBlockHash(t),
+                        mm_extra_info: None,
+                    })
+                    .collect(),
+            }),
+        },
+    )
+}
+
+fn rm(w: u64, hashes: &[u64]) -> RouterEvent {
+    RouterEvent::new(
+        w,
+        KvCacheEvent {
+            event_id: 0,
+            dp_rank: 0,
+            data: KvCacheEventData::Removed(KvCacheRemoveData {
+                block_hashes: hashes
+                    .iter()
+                    .map(|&h| ExternalSequenceBlockHash(h))
+                    .collect(),
+            }),
+        },
+    )
+}
+
+fn q(ns: &Namespace, locals: &[u64]) -> Vec<(u64, u32, u32)> {
+    let seq: Vec<_> = locals.iter().map(|&l| LocalBlockHash(l)).collect();
+    ns.find_matches(&seq, false)
+        .sorted()
+        .into_iter()
+        .map(|(k, s)| (k.worker_id, k.dp_rank, s))
+        .collect()
+}
+
+fn engine() -> (Engine, Namespace) {
+    let e = Engine::new(EngineConfig {
+        event_threads: 2,
+        queue_capacity: 64,
+    });
+    let ns = e
+        .create_namespace(NamespaceKey::new("m", "default"), 16)
+        .unwrap();
+    (e, ns)
+}
+
+#[test]
+fn shared_prefix_scores_and_orphan_revival() {
+    let (_e, ns) = engine();
+    ns.apply_and_wait(st(1, 0, &[(11, 1), (12, 2), (13, 3), (14, 4)], None))
+        .unwrap();
+    ns.apply_and_wait(st(2, 0, &[(11, 1), (12, 2), (23, 30)], None))
+        .unwrap();
+    assert_eq!(q(&ns, &[1, 2, 3, 4]), vec![(1, 0, 4), (2, 0, 2)]);
+    assert_eq!(q(&ns, &[1, 2, 30]), vec![(1, 0, 2), (2, 0, 3)]);
+    assert_eq!(q(&ns, &[9, 1]), vec![]);
+    ns.apply_and_wait(rm(1, &[12])).unwrap();
+    assert_eq!(q(&ns, &[1, 2, 3, 4]), vec![(1, 0, 1), (2, 0, 2)]);
+    // The orphans 13, 14 count again once 12 is back.
+    ns.apply_and_wait(st(1, 0, &[(12, 2)], Some(11))).unwrap();
+    assert_eq!(q(&ns, &[1, 2, 3, 4]), vec![(1, 0, 4), (2, 0, 2)]);
+    assert_eq!(ns.current_size(), 7);
+}
+
+#[test]
+fn unknown_parent_and_unknown_block_errors() {
+    let (_e, ns) = engine();
+    assert_eq!(
+        ns.apply_and_wait(st(3, 0, &[(99, 9)], Some(12345))),
+        Err(EngineError::Event(KvCacheEventError::ParentBlockNotFound))
+    );
+    ns.apply_and_wait(st(1, 0, &[(11, 1), (12, 2), (13, 3)], None))
+        .unwrap();
+    assert_eq!(
+        ns.apply_and_wait(rm(1, &[999, 13])),
+        Err(EngineError::Event(KvCacheEventError::BlockNotFound))
+    );
+    assert_eq!(q(&ns, &[1, 2, 3]), vec![(1, 0, 2)]);
+    let c = ns.event_counters();
+    assert_eq!(c.get("stored", "parent_block_not_found"), 1);
+    assert_eq!(c.get("removed", "block_not_found"), 1);
+}
+
+#[test]
+fn many_workers_share_a_node_through_a_heap_member_set() {
+    let (_e, ns) = engine();
+    for w in 0..300u64 {
+        ns.apply(st(w, 0, &[(11, 1), (12, 2)], None)).unwrap();
+    }
+    ns.apply(st(7, 0, &[(13, 3)], Some(12))).unwrap();
+    ns.flush().unwrap();
+    let got = q(&ns, &[1, 2, 3]);
+    assert_eq!(got.len(), 300);
+    assert!(got.iter().all(|&(w, _, s)| s == if w == 7 { 3 } else { 2 }));
+    ns.remove_worker(7).unwrap();
+    for w in 0..298u64 {
+        ns.remove_worker(w).unwrap_or(());
+    }
+    assert_eq!(q(&ns, &[1, 2, 3]), vec![(298, 0, 2), (299, 0, 2)]);
+    assert_eq!(ns.get_workers(), vec![298, 299]);
+}
+
+#[test]
+fn dump_replays_into_an_equal_index() {
+    let (e, ns) = engine();
+    ns.apply(st(1, 0, &[(11, 1), (12, 2)], None)).unwrap();
+    ns.apply(st(1, 0, &[(13, 3)], Some(12))).unwrap();
+    ns.apply(st(1, 0, &[(15, 5)], Some(12))).unwrap();
+    ns.apply(st(2, 1, &[(11, 1), (22, 20)], None)).unwrap();
+    let dump = ns.dump().unwrap();
+    let ns2 = e
+        .create_namespace(NamespaceKey::new("m", "copy"), 16)
+        .unwrap();
+    for ev in dump.clone() {
+        ns2.apply_and_wait(ev).unwrap();
+    }
+    for query in [&[1u64, 2, 3][..], &[1, 2, 5], &[1, 20]] {
+        assert_eq!(q(&ns, query), q(&ns2, query));
+    }
+    assert_eq!(ns2.current_size(), ns.current_size());
+}
+
+#[test]
+fn dead_event_thread_gives_errors_not_panics() {
+    let (e, ns) = engine();
+    e.inject_event_thread_panic(0).unwrap();
+    // Wait until the lane is gone: a barrier fails once it is.
+    let mut failed = false;
+    for _ in 0..1000 {
+        if ns.flush().is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
+    assert_eq!(
+        ns.apply(st(1, 0, &[(1, 1)], None)),
+        Err(EngineError::Offline)
+    );
+    assert_eq!(q(&ns, &[1]), vec![]);
+}
