@@ -142,7 +142,9 @@ fn golden_vectors_cover_every_option() {
 /// §2.5 end-to-end confirmation (approximate-mode dump, block size 4).
 #[test]
 fn approximate_mode_dump_chains() {
-    let cases: [(Vec<u32>, Option<&str>, Vec<u64>, Vec<u64>); 3] = [
+    // (tokens, lora_name, expected local hashes, expected sequence hashes)
+    type DumpCase = (Vec<u32>, Option<&'static str>, Vec<u64>, Vec<u64>);
+    let cases: [DumpCase; 3] = [
         (
             (1..=12).collect(),
             None,
