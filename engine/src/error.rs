@@ -67,11 +67,30 @@ pub enum EngineError {
 }
 
 /// Why bytes could not be decoded into an event.
+///
+/// The payload is serde's own message (e.g. "invalid value: integer `-5`, expected u64",
+/// "missing field `event_id`"), so callers can surface it verbatim as Dynamo does. The JSON prefix
+/// is Dynamo's `apply_event` wording and is used for every JSON decoder (RouterEvent included).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    /// The bytes are not valid JSON of the expected shape (serde_json's message).
     #[error("Failed to deserialize KvCacheEvent: {0}")]
     Json(String),
+    /// The bytes are not valid msgpack of the expected shape (rmp_serde's message).
     #[error("Failed to deserialize msgpack event: {0}")]
+    Msgpack(String),
+}
+
+/// Why an event could not be encoded. Exists so that encoding never panics; with the crate's own
+/// types it does not happen in practice (every map key is a string, every length is known).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// serde_json refused the value.
+    #[error("Failed to serialize event as JSON: {0}")]
+    Json(String),
+    /// rmp_serde refused the value.
+    #[error("Failed to serialize event as msgpack: {0}")]
     Msgpack(String),
 }

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::error::KvCacheEventError;
+
 /// Hash of the tokens inside one block (plus LoRA/namespace seed and multimodal hashes):
 /// the tree's navigation key. Serialised as a bare u64.
 #[derive(
@@ -254,7 +256,11 @@ pub struct RouterEvent {
     #[serde(default)]
     pub storage_tier: StorageTier,
     /// `None` = field absent (legacy: the worker domain). An explicit null is `Some(Invalid)`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "deserialize_present_residency_domain",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub residency_domain: Option<ResidencyDomain>,
     pub event: KvCacheEvent,
 }
@@ -273,6 +279,43 @@ impl RouterEvent {
     pub fn stream(&self) -> WorkerWithDpRank {
         WorkerWithDpRank::new(self.worker_id, self.event.dp_rank)
     }
+
+    /// Whether the primary (GPU, worker-domain) index may consume this event (INDEXER.md §1.2).
+    ///
+    /// Exists because decoding is deliberately lenient about `storage_tier` and
+    /// `residency_domain` (so one odd event does not fail a whole batch); this is where such
+    /// events are turned away. Accepted: the `device` tier with a missing domain (legacy, meaning
+    /// the worker domain) or `"worker"`. Everything else — another tier, `"cache_owner"`, an
+    /// unknown string, or an invalid value such as `null` — gives
+    /// [`KvCacheEventError::UnsupportedResidencyDomain`], and the event must be skipped.
+    pub fn classify(&self) -> Result<(), KvCacheEventError> {
+        if self.storage_tier != StorageTier::Device {
+            return Err(KvCacheEventError::UnsupportedResidencyDomain);
+        }
+        match self.residency_domain {
+            None | Some(ResidencyDomain::Worker) => Ok(()),
+            Some(
+                ResidencyDomain::CacheOwner
+                | ResidencyDomain::Unknown(_)
+                | ResidencyDomain::Invalid,
+            ) => Err(KvCacheEventError::UnsupportedResidencyDomain),
+        }
+    }
+}
+
+/// Free-function form of [`RouterEvent::classify`], for call sites that filter with a fn pointer
+/// (e.g. `events.iter().filter(|e| check_device_worker_domain(e).is_ok())`).
+pub fn check_device_worker_domain(event: &RouterEvent) -> Result<(), KvCacheEventError> {
+    event.classify()
+}
+
+/// `deserialize_with` helper for `RouterEvent::residency_domain`: called only when the field is
+/// present, so any present value — including an explicit `null` / msgpack nil — becomes
+/// `Some(..)` (`null` → `Some(Invalid)`); an absent field falls back to `default` (`None`).
+fn deserialize_present_residency_domain<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ResidencyDomain>, D::Error> {
+    ResidencyDomain::deserialize(d).map(Some)
 }
 
 /// Result of `find_matches`: per (worker, dp_rank), the number of leading query blocks it holds.
