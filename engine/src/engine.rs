@@ -7,8 +7,10 @@
 
 use crate::counters::{EventCounters, EventCountsSnapshot};
 use crate::error::{EngineError, KvCacheEventError};
+use crate::hashing::{compute_block_hash_for_seq, HashOptions};
 use crate::lanes::{Lanes, NsShared, StreamFilter, Task};
 use crate::protocol::{LocalBlockHash, OverlapScores, RouterEvent, WorkerId, WorkerWithDpRank};
+use crate::snapshot::IndexSnapshot;
 use crate::tree::{MemoryReport, Tree};
 use crossbeam_epoch::{self as epoch, Atomic, Owned};
 use std::collections::HashMap;
@@ -328,6 +330,13 @@ impl Namespace {
         self.shared.tree.find_matches(sequence, early_exit)
     }
 
+    /// Hash `tokens` with this namespace's block size and `opts` (LoRA, cache namespace,
+    /// multimodal, eagle) and score them: the router's entry point (INDEXER.md §2, §3.5).
+    pub fn find_matches_for_tokens(&self, tokens: &[u32], opts: &HashOptions) -> OverlapScores {
+        let locals = compute_block_hash_for_seq(tokens, self.meta.block_size, opts);
+        self.find_matches(&locals, false)
+    }
+
     /// Barrier: returns once every event accepted before the call is applied.
     pub fn flush(&self) -> Result<(), EngineError> {
         self.engine.lanes.broadcast(Task::Barrier)
@@ -412,6 +421,45 @@ impl Namespace {
     /// Outcome counters of the events applied so far.
     pub fn event_counters(&self) -> EventCountsSnapshot {
         self.shared.counters.snapshot()
+    }
+
+    /// An exact image of the index, orphans included (a barrier first). For a consistent image
+    /// under load, stop intake before calling it.
+    pub fn snapshot(&self) -> Result<IndexSnapshot, EngineError> {
+        self.flush()?;
+        Ok(self.shared.tree.snapshot())
+    }
+
+    /// Load an image into this namespace, which must hold no block yet.
+    pub fn restore(&self, snapshot: &IndexSnapshot) -> Result<(), EngineError> {
+        self.flush()?;
+        if !self.shared.tree.is_empty() {
+            return Err(EngineError::NamespaceNotEmpty);
+        }
+        let states = self.shared.tree.restore(snapshot)?;
+        let mut per_lane: HashMap<usize, Vec<_>> = HashMap::new();
+        for (stream, st) in states {
+            per_lane
+                .entry(self.lane_of(stream))
+                .or_default()
+                .push((stream, st));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(per_lane.len().max(1));
+        let lanes = per_lane.len();
+        for (lane, states) in per_lane {
+            self.engine.lanes.send(
+                lane,
+                Task::AdoptStreams {
+                    ns: Arc::clone(&self.shared),
+                    states,
+                    done: tx.clone(),
+                },
+            )?;
+        }
+        for _ in 0..lanes {
+            self.engine.lanes.wait(&rx)?;
+        }
+        Ok(())
     }
 
     /// Memory used by this namespace's index.

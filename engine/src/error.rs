@@ -58,6 +58,9 @@ pub enum EngineError {
     /// Block size 0 is meaningless.
     #[error("block_size must be > 0")]
     InvalidBlockSize,
+    /// `restore` needs an empty namespace.
+    #[error("namespace is not empty; restore needs an empty namespace")]
+    NamespaceNotEmpty,
     /// The namespace was removed while the call was in flight.
     #[error("no indexer for model={model} routing_group={routing_group}")]
     NoSuchNamespace {

@@ -4,9 +4,7 @@
 
 use crate::counters::EventCounters;
 use crate::error::KvCacheEventError;
-use crate::protocol::{
-    KvCacheEventData, ResidencyDomain, RouterEvent, StorageTier, WorkerWithDpRank,
-};
+use crate::protocol::{KvCacheEventData, RouterEvent, WorkerWithDpRank};
 use crate::tree::{StreamState, Tree};
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_epoch as epoch;
@@ -45,21 +43,16 @@ pub(crate) enum Task {
         ns_id: u64,
         done: Sender<()>,
     },
+    /// Take ownership of restored stream states (snapshot load).
+    AdoptStreams {
+        ns: Arc<NsShared>,
+        states: Vec<(WorkerWithDpRank, StreamState)>,
+        done: Sender<()>,
+    },
     Barrier(Sender<()>),
     /// Test hook: make the lane panic, to exercise the offline path.
     Panic,
     Shutdown,
-}
-
-/// Accept a missing domain or `"worker"` on the device tier (INDEXER.md §1.2).
-fn check_domain(event: &RouterEvent) -> Result<(), KvCacheEventError> {
-    if event.storage_tier != StorageTier::Device {
-        return Err(KvCacheEventError::UnsupportedResidencyDomain);
-    }
-    match event.residency_domain {
-        None | Some(ResidencyDomain::Worker) => Ok(()),
-        _ => Err(KvCacheEventError::UnsupportedResidencyDomain),
-    }
 }
 
 struct Lane {
@@ -76,7 +69,7 @@ impl Lane {
                 v.insert(StreamState::new(slot))
             }
         };
-        check_domain(event)?;
+        event.classify()?;
         let mut guard = epoch::pin();
         let result = match &event.event.data {
             KvCacheEventData::Stored(data) => ns.tree.store(st, data, &guard).map(|o| {
@@ -305,6 +298,12 @@ fn run_task(lane: &mut Lane, task: Task) {
         }
         Task::DropNamespace { ns_id, done } => {
             lane.streams.retain(|(id, _), _| *id != ns_id);
+            let _ = done.send(());
+        }
+        Task::AdoptStreams { ns, states, done } => {
+            for (stream, st) in states {
+                lane.streams.insert((ns.id, stream), st);
+            }
             let _ = done.send(());
         }
         Task::Barrier(done) => {

@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod reference;
 mod segmented;
 mod slots;
+pub mod snapshot;
 mod sync;
 mod tree;
 
@@ -26,4 +27,5 @@ pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
 pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
 pub use protocol::*;
+pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
 pub use tree::MemoryReport;

@@ -25,10 +25,11 @@ use crate::members::{self, Members};
 use crate::protocol::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
     KvCacheStoredBlockData, LocalBlockHash, OverlapScores, ResidencyDomain, RouterEvent,
-    StorageTier,
+    StorageTier, WorkerWithDpRank,
 };
 use crate::segmented::SegmentedVec;
 use crate::slots::Slots;
+use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
 use crate::sync::{spin_wait, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use hashbrown::HashTable;
@@ -181,7 +182,7 @@ impl Tree {
         local: u64,
         ext: u64,
         parent: u32,
-        slot: u32,
+        members_word: u64,
     ) -> Result<u32, KvCacheEventError> {
         let recycled = self
             .free_nodes
@@ -199,7 +200,7 @@ impl Tree {
         // Relaxed: nobody can reach `i` until it is linked with a Release store.
         n.local.store(local, Ordering::Relaxed);
         n.ext.store(ext, Ordering::Relaxed);
-        n.members.store(members::encode(&[slot]), Ordering::Relaxed);
+        n.members.store(members_word, Ordering::Relaxed);
         n.children.store(0, Ordering::Relaxed);
         n.parent.store(parent, Ordering::Relaxed);
         let mut state = LIVE | LOCKED;
@@ -323,7 +324,7 @@ impl Tree {
                     c
                 }
                 None => {
-                    let c = match self.alloc_node(local, ext, cur, slot) {
+                    let c = match self.alloc_node(local, ext, cur, members::encode(&[slot])) {
                         Ok(c) => c,
                         Err(e) => {
                             self.unlock(cur);
@@ -639,6 +640,132 @@ impl Tree {
                 }
             })
             .collect()
+    }
+
+    /// Whether the tree holds no block at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.node(ROOT).children.load(Ordering::Acquire) == 0
+    }
+
+    /// An exact image of the tree (call at a barrier for a consistent one).
+    pub(crate) fn snapshot(&self) -> IndexSnapshot {
+        let guard = epoch::pin();
+        let streams = self.slots.streams();
+        let stream_index: HashMap<u32, u32> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, (_, slot))| (*slot, i as u32))
+            .collect();
+        let exceptions = self
+            .exceptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut nodes = Vec::new();
+        let mut stack: Vec<(u32, Option<u32>)> = Vec::new();
+        children::for_each_child(
+            self.node(ROOT).children.load(Ordering::Acquire),
+            &guard,
+            |c| stack.push((c, None)),
+        );
+        while let Some((n, parent)) = stack.pop() {
+            let node = self.node(n);
+            if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                continue;
+            }
+            let mut holders = Vec::new();
+            Members::from_word(node.members.load(Ordering::Acquire), &guard).for_each(|slot| {
+                if let Some(&stream) = stream_index.get(&slot) {
+                    holders.push(SnapshotHolder {
+                        stream,
+                        private_ext: exceptions
+                            .get(&(slot, n))
+                            .map(|&e| ExternalSequenceBlockHash(e)),
+                    });
+                }
+            });
+            let me = nodes.len() as u32;
+            nodes.push(SnapshotNode {
+                parent,
+                local: LocalBlockHash(node.local.load(Ordering::Relaxed)),
+                ext: ExternalSequenceBlockHash(node.ext.load(Ordering::Relaxed)),
+                holders,
+            });
+            children::for_each_child(node.children.load(Ordering::Acquire), &guard, |c| {
+                stack.push((c, Some(me)))
+            });
+        }
+        IndexSnapshot {
+            streams: streams.into_iter().map(|(s, _)| s).collect(),
+            nodes,
+        }
+    }
+
+    /// Rebuild an image into this (empty) tree. Returns the stream states, for the event
+    /// threads to adopt. Nodes must come parents first (as `snapshot` writes them).
+    pub(crate) fn restore(
+        &self,
+        snap: &IndexSnapshot,
+    ) -> Result<HashMap<WorkerWithDpRank, StreamState>, KvCacheEventError> {
+        let guard = epoch::pin();
+        let mut states: Vec<StreamState> = Vec::with_capacity(snap.streams.len());
+        for s in &snap.streams {
+            states.push(StreamState::new(self.slots.assign(*s)?));
+        }
+        let mut index: Vec<u32> = Vec::with_capacity(snap.nodes.len());
+        for n in &snap.nodes {
+            let parent = match n.parent {
+                None => ROOT,
+                Some(p) => *index
+                    .get(p as usize)
+                    .ok_or(KvCacheEventError::IndexerInvariantViolation)?,
+            };
+            let mut slots = Vec::with_capacity(n.holders.len());
+            for h in &n.holders {
+                let st = states
+                    .get(h.stream as usize)
+                    .ok_or(KvCacheEventError::IndexerInvariantViolation)?;
+                if !slots.contains(&st.slot) {
+                    slots.push(st.slot);
+                }
+            }
+            let (local, ext) = (n.local.0, n.ext.0);
+            self.lock(parent);
+            let pw = self.node(parent).children.load(Ordering::Relaxed);
+            if children::find_child(pw, local, &|i| self.local_of(i), &guard).is_some() {
+                self.unlock(parent);
+                return Err(KvCacheEventError::IndexerInvariantViolation);
+            }
+            let c = match self.alloc_node(local, ext, parent, members::encode(&slots)) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.unlock(parent);
+                    return Err(e);
+                }
+            };
+            if let Some(nw) = children::insert_child(pw, local, c, &|i| self.local_of(i), &guard) {
+                self.node(parent).children.store(nw, Ordering::Release);
+            }
+            self.unlock(c);
+            self.unlock(parent);
+            for h in &n.holders {
+                let st = &mut states[h.stream as usize];
+                st.blocks += 1;
+                match h.private_ext {
+                    Some(e) if !self.canonical_for(c, e.0) => self.set_exception(st, c, e.0),
+                    None if !self.canonical_for(c, ext) => self.set_exception(st, c, ext),
+                    _ => {}
+                }
+            }
+            index.push(c);
+        }
+        for st in &states {
+            self.slots
+                .entry(st.slot)
+                .blocks
+                .store(st.blocks, Ordering::Relaxed);
+        }
+        Ok(snap.streams.iter().copied().zip(states).collect())
     }
 
     /// Current memory use of this tree.

@@ -155,3 +155,35 @@ fn dead_event_thread_gives_errors_not_panics() {
     );
     assert_eq!(q(&ns, &[1]), vec![]);
 }
+
+#[test]
+fn snapshot_keeps_orphans_and_restores_exactly() {
+    let (e, ns) = engine();
+    ns.apply(st(1, 0, &[(11, 1), (12, 2), (13, 3)], None))
+        .unwrap();
+    ns.apply(st(2, 0, &[(21, 1), (22, 2)], None)).unwrap(); // private hashes on shared nodes
+    ns.apply(rm(1, &[12])).unwrap(); // 13 becomes an orphan of worker 1
+    ns.apply(RouterEvent::new(
+        3,
+        KvCacheEvent {
+            event_id: 0,
+            dp_rank: 0,
+            data: KvCacheEventData::Cleared,
+        },
+    ))
+    .unwrap();
+    let snap = ns.snapshot().unwrap();
+    assert_eq!(snap.pairs(), 4);
+    let copy = e
+        .create_namespace(NamespaceKey::new("m", "restored"), 16)
+        .unwrap();
+    copy.restore(&snap).unwrap();
+    assert_eq!(copy.snapshot().unwrap().canonical(), snap.canonical());
+    assert_eq!(copy.get_workers(), vec![1, 2, 3]);
+    // The orphan counts again once its parent is re-stored, and private hashes still remove.
+    copy.apply_and_wait(st(1, 0, &[(12, 2)], Some(11))).unwrap();
+    assert_eq!(q(&copy, &[1, 2, 3]), vec![(1, 0, 3), (2, 0, 2)]);
+    copy.apply_and_wait(rm(2, &[22])).unwrap();
+    assert_eq!(q(&copy, &[1, 2, 3]), vec![(1, 0, 3), (2, 0, 1)]);
+    assert_eq!(copy.restore(&snap), Err(EngineError::NamespaceNotEmpty));
+}
