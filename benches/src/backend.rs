@@ -2,7 +2,9 @@
 //!
 //! * [`DynamoBackend`]: NVIDIA Dynamo 1.6.1's `ThreadPoolIndexer` (crate `dynamo-kv-router`) around
 //!   `ConcurrentRadixTreeCompressed` (its default) or `PositionalIndexer`;
-//! * [`crate::backend_kvindex::KvindexBackend`]: our engine.
+//! * [`crate::backend_kvindex::KvindexBackend`]: our engine;
+//! * [`NullBackend`]: indexes nothing; calibrates the harness (dispatch cost, and the RSS that
+//!   freed event buffers leave behind in the memory measurement).
 //!
 //! Converting our protocol types to a backend's own (or cloning them) is not part of what is
 //! measured: the harness calls [`Backend::prepare`] / [`Backend::prepare_query`] before the timed
@@ -65,6 +67,8 @@ pub enum BackendKind {
     Kvindex,
     DynamoCrtc,
     DynamoPositional,
+    /// Calibration only: not part of `ALL`, ignored by the agreement check and the ratios.
+    Null,
 }
 
 impl BackendKind {
@@ -79,11 +83,15 @@ impl BackendKind {
             BackendKind::Kvindex => "kvindex",
             BackendKind::DynamoCrtc => "dynamo-crtc",
             BackendKind::DynamoPositional => "dynamo-positional",
+            BackendKind::Null => "null",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain([BackendKind::Null])
+            .find(|k| k.name() == s)
     }
 }
 
@@ -218,6 +226,92 @@ impl<T: SyncIndexer> Backend for DynamoBackend<T> {
             .iter()
             .map(|(w, s)| (w.worker_id, w.dp_rank, *s))
             .collect()
+    }
+}
+
+enum NullTask {
+    Event(RouterEvent),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Indexes nothing: events go through a channel to one thread that drops them (as an indexer's
+/// event thread would free them), queries return no scores.
+pub struct NullBackend {
+    tx: std::sync::mpsc::Sender<NullTask>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NullBackend {
+    pub fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<NullTask>();
+        let handle = std::thread::spawn(move || {
+            for task in rx {
+                match task {
+                    NullTask::Event(e) => drop(e),
+                    NullTask::Flush(ack) => {
+                        let _ = ack.send(());
+                    }
+                }
+            }
+        });
+        Self {
+            tx,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Default for NullBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NullBackend {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread.
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Backend for NullBackend {
+    type Event = RouterEvent;
+    type Query = Vec<LocalBlockHash>;
+
+    fn name(&self) -> &'static str {
+        BackendKind::Null.name()
+    }
+
+    fn prepare(&self, event: &RouterEvent) -> anyhow::Result<RouterEvent> {
+        Ok(event.clone())
+    }
+
+    fn apply_prepared(&self, event: RouterEvent) -> anyhow::Result<()> {
+        self.tx
+            .send(NullTask::Event(event))
+            .map_err(|_| anyhow::anyhow!("null backend thread is gone"))
+    }
+
+    fn flush(&self) -> anyhow::Result<()> {
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(NullTask::Flush(ack_tx))
+            .map_err(|_| anyhow::anyhow!("null backend thread is gone"))?;
+        ack_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("null backend thread is gone"))
+    }
+
+    fn prepare_query(&self, query: &[LocalBlockHash]) -> Vec<LocalBlockHash> {
+        query.to_vec()
+    }
+
+    fn find_prepared(&self, _query: &Vec<LocalBlockHash>) -> Vec<Score> {
+        Vec::new()
     }
 }
 

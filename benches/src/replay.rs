@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::Instant;
 
+use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -39,6 +40,8 @@ pub struct RunConfig {
     /// Threads issuing queries in the query phase (`Q`).
     pub query_threads: usize,
     pub phases: Phases,
+    /// Also compute [`exact_agreement`] (after the measurements).
+    pub check_exact: bool,
     /// Called before each RSS reading, to let the allocator return freed memory to the OS.
     pub trim: fn(),
 }
@@ -50,6 +53,7 @@ impl Default for RunConfig {
         Self {
             query_threads: 1,
             phases: Phases::default(),
+            check_exact: true,
             trim: no_trim,
         }
     }
@@ -120,6 +124,10 @@ pub struct RunResult {
     pub query: Option<QueryResult>,
     pub agreement: Option<Agreement>,
     pub mixed: Option<MixedResult>,
+    /// The digest exact scoring of the simulated caches' final state gives (when computed):
+    /// `agreement` must equal it.
+    #[serde(default)]
+    pub exact: Option<Agreement>,
 }
 
 /// Builds the agreement digest incrementally; feed queries in index order.
@@ -166,6 +174,62 @@ impl DigestBuilder {
             digest: format!("{:016x}", self.hasher.digest()),
         }
     }
+}
+
+/// The agreement digest of exact scoring against the workload's final simulated caches: per
+/// query and worker, the longest prefix (by sequence hash) the worker holds entirely.
+pub fn exact_agreement(workload: &Workload) -> Agreement {
+    // sequence hash → workers holding it, ascending.
+    let mut holders: HashMap<u64, Vec<u32>> = HashMap::new();
+    for (w, cache) in workload.final_caches.iter().enumerate() {
+        for h in cache {
+            holders.entry(h.0).or_default().push(w as u32);
+        }
+    }
+    let mut digest = DigestBuilder::new();
+    let mut scores: Vec<Score> = Vec::new();
+    let mut active: Vec<u32> = Vec::new();
+    let mut next: Vec<u32> = Vec::new();
+    for (qi, q) in workload.queries().into_iter().enumerate() {
+        scores.clear();
+        active.clear();
+        let mut seq = 0u64;
+        for (depth, local) in q.iter().enumerate() {
+            seq = if depth == 0 {
+                local.0
+            } else {
+                crate::workload::next_seq_hash(seq, local.0)
+            };
+            let held: &[u32] = holders.get(&seq).map_or(&[], Vec::as_slice);
+            if depth == 0 {
+                active.extend_from_slice(held);
+            } else {
+                // Merge: workers of `active` still holding this block continue, the others
+                // score `depth`.
+                next.clear();
+                let mut j = 0;
+                for &w in &active {
+                    while j < held.len() && held[j] < w {
+                        j += 1;
+                    }
+                    if j < held.len() && held[j] == w {
+                        next.push(w);
+                    } else {
+                        scores.push((u64::from(w), 0, depth as u32));
+                    }
+                }
+                std::mem::swap(&mut active, &mut next);
+            }
+            if active.is_empty() {
+                break;
+            }
+        }
+        for &w in &active {
+            scores.push((u64::from(w), 0, q.len() as u32));
+        }
+        digest.add(qi, &mut scores);
+    }
+    digest.finish()
 }
 
 /// Resident set size of this process: `/proc/self/statm` resident pages × page size.
@@ -241,6 +305,7 @@ pub fn run<B: Backend>(
         query: None,
         agreement: None,
         mixed: None,
+        exact: None,
     };
     let queries_raw = workload.queries();
 
@@ -411,6 +476,9 @@ pub fn run<B: Backend>(
             query_latency_us: latency_summary(latencies),
         });
         drop(backend);
+    }
+    if cfg.check_exact && result.agreement.is_some() {
+        result.exact = Some(exact_agreement(workload));
     }
     Ok(result)
 }

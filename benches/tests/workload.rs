@@ -4,6 +4,7 @@
 
 use hashbrown::{HashMap, HashSet};
 use kvindex_benches::backend::{Backend, DynamoBackend};
+use kvindex_benches::replay::{exact_agreement, DigestBuilder};
 use kvindex_benches::workload::{self, exact_scores, local_hash, Op, Workload, WorkloadConfig};
 use kvindex_engine::protocol::KvCacheEventData;
 
@@ -210,6 +211,7 @@ fn check_backend_against_exact<B: Backend>(backend: &B, w: &Workload) {
         .map(|c| c.iter().map(|h| h.0).collect())
         .collect();
     let mut nonzero = 0usize;
+    let mut digest = DigestBuilder::new();
     for (i, q) in w.queries().into_iter().enumerate() {
         let mut got = backend.find_matches(q);
         got.sort_unstable();
@@ -221,8 +223,11 @@ fn check_backend_against_exact<B: Backend>(backend: &B, w: &Workload) {
             "{}: query {i} differs from exact scoring",
             backend.name()
         );
+        digest.add(i, &mut got);
     }
     assert!(nonzero > 0, "some queries must match");
+    // The harness's exact digest (holder-set walk) agrees with the per-worker scoring.
+    assert_eq!(digest.finish(), exact_agreement(w));
 }
 
 #[test]

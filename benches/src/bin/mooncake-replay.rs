@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use kvindex_benches::backend::{BackendKind, DynamoBackend};
+use kvindex_benches::backend::{BackendKind, DynamoBackend, NullBackend};
 use kvindex_benches::backend_kvindex::KvindexBackend;
 use kvindex_benches::replay::{self, Phases, RunConfig, RunResult};
 use kvindex_benches::workload::{self, WorkloadConfig, WorkloadCounts};
@@ -41,6 +41,8 @@ enum BackendArg {
     Kvindex,
     DynamoCrtc,
     DynamoPositional,
+    /// Calibration: indexes nothing (harness overhead, RSS left by freed event buffers).
+    Null,
 }
 
 impl BackendArg {
@@ -49,6 +51,7 @@ impl BackendArg {
             BackendArg::Kvindex => BackendKind::Kvindex,
             BackendArg::DynamoCrtc => BackendKind::DynamoCrtc,
             BackendArg::DynamoPositional => BackendKind::DynamoPositional,
+            BackendArg::Null => BackendKind::Null,
         }
     }
 }
@@ -109,9 +112,15 @@ struct Cli {
     /// Seed of the splitmix64 worker assignment.
     #[arg(long, default_value_t = workload::DEFAULT_SEED)]
     seed: u64,
+    /// Skip the check of every answer against exact scoring of the simulated caches.
+    #[arg(long)]
+    skip_exact: bool,
     /// Print a JSON summary instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON summary to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Run in this process instead of fresh child processes (debugging only).
     #[arg(long)]
     in_process: bool,
@@ -195,6 +204,9 @@ impl Cli {
             self.seed.to_string(),
             "--phases".into(),
         ];
+        if self.skip_exact {
+            a.insert(0, "--skip-exact".into());
+        }
         let phases: Vec<&str> = self
             .phases
             .iter()
@@ -235,6 +247,7 @@ fn run_here(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
     let cfg = RunConfig {
         query_threads: cli.query_threads(),
         phases: cli.phases(),
+        check_exact: !cli.skip_exact && kind != BackendKind::Null,
         trim: mimalloc_collect,
     };
     let mut r = match kind {
@@ -251,6 +264,7 @@ fn run_here(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
             generate_secs,
             &cfg,
         )?,
+        BackendKind::Null => replay::run(&|| Ok(NullBackend::new()), &wl, et, generate_secs, &cfg)?,
     };
     r.backend = kind.name().to_string();
     Ok(r)
@@ -548,6 +562,23 @@ fn print_human(s: &Summary) {
                 a.score_sum, a.entries, a.digest
             );
         }
+        if let Some(x) = b.runs.iter().find_map(|r| r.exact.as_ref()) {
+            let all_match = b
+                .runs
+                .iter()
+                .all(|r| r.exact.is_none() || r.agreement == r.exact);
+            println!(
+                "  exact scoring: score_sum={} entries={} digest={} ({})",
+                x.score_sum,
+                x.entries,
+                x.digest,
+                if all_match {
+                    "all runs match"
+                } else {
+                    "MISMATCH"
+                }
+            );
+        }
     }
     if !s.ratios.is_empty() {
         println!();
@@ -571,8 +602,43 @@ fn print_human(s: &Summary) {
         println!("FAILED: {f}");
     }
     if !s.agreement_ok {
-        println!("AGREEMENT FAILED: the backends' query answers differ (see digests above)");
+        println!(
+            "AGREEMENT FAILED: query answers differ between backends or from exact scoring (see digests above)"
+        );
     }
+}
+
+/// Every run of every backend (except `null`) must give the same answers, and each run that also
+/// computed exact scoring must equal it. Returns one message per mismatch.
+fn agreement_mismatches(per_backend: &[(BackendKind, Vec<RunResult>)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut reference: Option<(&str, &replay::Agreement)> = None;
+    for (kind, results) in per_backend {
+        if *kind == BackendKind::Null {
+            continue;
+        }
+        for r in results {
+            if let (Some(a), Some(x)) = (&r.agreement, &r.exact) {
+                if a != x {
+                    out.push(format!(
+                        "EXACT-SCORING MISMATCH: {} answered {a:?}, exact scoring gives {x:?}",
+                        kind.name()
+                    ));
+                }
+            }
+            if let Some(a) = &r.agreement {
+                match reference {
+                    None => reference = Some((kind.name(), a)),
+                    Some((name, ra)) if ra != a => out.push(format!(
+                        "AGREEMENT MISMATCH: {name} {ra:?} vs {} {a:?}",
+                        kind.name()
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 fn main() -> std::process::ExitCode {
@@ -621,29 +687,11 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         }
     }
 
-    // Agreement: every run of every backend must produce the same digest.
-    let mut agreement_ok = true;
-    let mut reference: Option<(String, replay::Agreement)> = None;
-    for (kind, results) in &per_backend {
-        for r in results {
-            if let Some(a) = &r.agreement {
-                match &reference {
-                    None => reference = Some((kind.name().to_string(), a.clone())),
-                    Some((name, ra)) if ra != a => {
-                        agreement_ok = false;
-                        eprintln!(
-                            "AGREEMENT MISMATCH: {} {:?} vs {} {:?}",
-                            name,
-                            ra,
-                            kind.name(),
-                            a
-                        );
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
+    let mismatches = agreement_mismatches(&per_backend);
+    for m in &mismatches {
+        eprintln!("{m}");
     }
+    let agreement_ok = mismatches.is_empty();
 
     let backends: Vec<BackendSummary> = per_backend
         .iter()
@@ -663,7 +711,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
             .unwrap_or(0);
         let ours = &backends[ours_idx];
         for (i, theirs) in backends.iter().enumerate() {
-            if i == ours_idx {
+            if i == ours_idx || theirs.backend == BackendKind::Null.name() {
                 continue;
             }
             for so in &ours.stats {
@@ -698,6 +746,10 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         failures: failures.clone(),
         agreement_ok,
     };
+    if let Some(path) = &cli.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -712,4 +764,54 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         return Ok(std::process::ExitCode::FAILURE);
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvindex_benches::replay::Agreement;
+
+    fn result(digest: &str, exact: Option<&str>) -> RunResult {
+        let a = |d: &str| Agreement {
+            score_sum: 1,
+            entries: 1,
+            digest: d.to_string(),
+        };
+        RunResult {
+            backend: String::new(),
+            event_threads: 1,
+            query_threads: 1,
+            counts: WorkloadCounts::default(),
+            generate_secs: 0.0,
+            ingest: None,
+            memory: None,
+            query: None,
+            agreement: Some(a(digest)),
+            mixed: None,
+            exact: exact.map(a),
+        }
+    }
+
+    #[test]
+    fn agreement_check_catches_disagreement() {
+        let ok = vec![
+            (
+                BackendKind::DynamoCrtc,
+                vec![result("aa", Some("aa")), result("aa", None)],
+            ),
+            (
+                BackendKind::DynamoPositional,
+                vec![result("aa", Some("aa"))],
+            ),
+            (BackendKind::Null, vec![result("zz", None)]),
+        ];
+        assert!(agreement_mismatches(&ok).is_empty());
+        let between = vec![
+            (BackendKind::DynamoCrtc, vec![result("aa", None)]),
+            (BackendKind::Kvindex, vec![result("bb", None)]),
+        ];
+        assert_eq!(agreement_mismatches(&between).len(), 1);
+        let exact = vec![(BackendKind::Kvindex, vec![result("bb", Some("aa"))])];
+        assert_eq!(agreement_mismatches(&exact).len(), 1);
+    }
 }
