@@ -39,6 +39,8 @@ impl Default for Phases {
 pub struct RunConfig {
     /// Threads issuing queries in the query phase (`Q`).
     pub query_threads: usize,
+    /// Timed passes over all queries in the query phase (WORKLOAD.md: 1).
+    pub query_passes: usize,
     pub phases: Phases,
     /// Also compute [`exact_agreement`] (after the measurements).
     pub check_exact: bool,
@@ -52,6 +54,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             query_threads: 1,
+            query_passes: 1,
             phases: Phases::default(),
             check_exact: true,
             trim: no_trim,
@@ -293,6 +296,7 @@ pub fn run<B: Backend>(
     cfg: &RunConfig,
 ) -> anyhow::Result<RunResult> {
     anyhow::ensure!(cfg.query_threads > 0, "query threads must be >= 1");
+    anyhow::ensure!(cfg.query_passes > 0, "query passes must be >= 1");
     let counts = workload.counts.clone();
     let mut result = RunResult {
         backend: String::new(),
@@ -365,20 +369,23 @@ pub fn run<B: Backend>(
             let warmup_secs = start.elapsed().as_secs_f64();
             result.agreement = Some(digest.finish());
 
-            // 2. query: every query once, from Q threads (query i on thread i % Q).
+            // 2. query: every query once per pass, from Q threads (query i on thread i % Q).
             let qn = cfg.query_threads;
+            let passes = cfg.query_passes;
             let barrier = Barrier::new(qn + 1);
             let (secs, latencies) = std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..qn)
                     .map(|t| {
                         let (barrier, backend, queries) = (&barrier, &backend, &queries);
                         scope.spawn(move || {
-                            let mut lat = Vec::with_capacity(queries.len() / qn + 1);
+                            let mut lat = Vec::with_capacity(passes * (queries.len() / qn + 1));
                             barrier.wait();
-                            for q in queries.iter().skip(t).step_by(qn) {
-                                let t0 = Instant::now();
-                                black_box(backend.find_prepared(q));
-                                lat.push(t0.elapsed().as_nanos() as u64);
+                            for _ in 0..passes {
+                                for q in queries.iter().skip(t).step_by(qn) {
+                                    let t0 = Instant::now();
+                                    black_box(backend.find_prepared(q));
+                                    lat.push(t0.elapsed().as_nanos() as u64);
+                                }
                             }
                             lat
                         })
@@ -398,8 +405,8 @@ pub fn run<B: Backend>(
             result.query = Some(QueryResult {
                 warmup_secs,
                 secs,
-                queries_per_sec: counts.requests as f64 / secs,
-                query_blocks_per_sec: counts.query_blocks as f64 / secs,
+                queries_per_sec: (passes as u64 * counts.requests) as f64 / secs,
+                query_blocks_per_sec: (passes as u64 * counts.query_blocks) as f64 / secs,
                 latency_us: latency_summary(latencies),
             });
         }

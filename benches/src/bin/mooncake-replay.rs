@@ -85,6 +85,10 @@ struct Cli {
     /// Query threads `Q` of the query phase (default: all cores).
     #[arg(long)]
     query_threads: Option<usize>,
+    /// Timed passes over all queries in the query phase (WORKLOAD.md: 1; more for steadier
+    /// throughput numbers on a busy machine).
+    #[arg(long, default_value_t = 1)]
+    query_passes: usize,
     /// Runs per backend (medians, min–max).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -190,6 +194,8 @@ impl Cli {
             self.event_threads().to_string(),
             "--query-threads".into(),
             self.query_threads().to_string(),
+            "--query-passes".into(),
+            self.query_passes.to_string(),
             "--trace".into(),
             self.trace_path().display().to_string(),
             "--length-factor".into(),
@@ -246,6 +252,7 @@ fn run_here(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
     let et = cli.event_threads();
     let cfg = RunConfig {
         query_threads: cli.query_threads(),
+        query_passes: cli.query_passes,
         phases: cli.phases(),
         check_exact: !cli.skip_exact && kind != BackendKind::Null,
         trim: mimalloc_collect,
@@ -457,6 +464,7 @@ struct Summary {
     counts: Option<WorkloadCounts>,
     event_threads: usize,
     query_threads: usize,
+    query_passes: usize,
     backends: Vec<BackendSummary>,
     ratios: Vec<Ratio>,
     failures: Vec<String>,
@@ -518,7 +526,7 @@ fn print_human(s: &Summary) {
     println!("trace   : {}", s.trace);
     let w = &s.workload;
     println!(
-        "workload: F={} D={} W={} C={} limit={} seed={}  T={} Q={}",
+        "workload: F={} D={} W={} C={} limit={} seed={}  T={} Q={} query passes={}",
         w.length_factor,
         w.duplication,
         w.workers,
@@ -527,7 +535,8 @@ fn print_human(s: &Summary) {
             .map_or("none".to_string(), |n| n.to_string()),
         w.seed,
         s.event_threads,
-        s.query_threads
+        s.query_threads,
+        s.query_passes
     );
     if let Some(c) = &s.counts {
         println!(
@@ -741,6 +750,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         counts,
         event_threads: cli.event_threads(),
         query_threads: cli.query_threads(),
+        query_passes: cli.query_passes,
         backends,
         ratios,
         failures: failures.clone(),
