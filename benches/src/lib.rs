@@ -1,1 +1,7 @@
-//! Benchmark harness (in progress).
+//! Benchmark harness: the `mooncake-replay v1` workload (`shared/bench/WORKLOAD.md`), the
+//! backends it drives (our engine and NVIDIA Dynamo 1.6.1's indexers) and its measurements.
+
+pub mod backend;
+pub mod backend_kvindex;
+pub mod replay;
+pub mod workload;
