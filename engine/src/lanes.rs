@@ -83,6 +83,7 @@ impl Lane {
                 Ok(())
             }
         };
+        ns.tree.release_unlinked(st, &guard);
         if let Err(KvCacheEventError::ParentBlockNotFound) = result {
             tracing::warn!(
                 worker_id = stream.worker_id,
@@ -116,6 +117,7 @@ impl Lane {
                 continue;
             };
             ns.tree.clear(st, &mut guard);
+            ns.tree.release_unlinked(st, &guard);
             ns.tree
                 .slots
                 .entry(st.slot)

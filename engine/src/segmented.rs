@@ -13,7 +13,7 @@ const BASE: u32 = 1 << BASE_BITS;
 /// `BASE * (2^MAX_CHUNKS - 1)` elements in all: about 4.3 billion with 22 chunks.
 const MAX_CHUNKS: usize = 22;
 
-/// Fixed-address, grow-only storage for `T: Default` elements addressed by `u32`.
+/// Fixed-address, grow-only storage for zero-initialisable elements addressed by `u32`.
 pub(crate) struct SegmentedVec<T> {
     chunks: [AtomicPtr<T>; MAX_CHUNKS],
     /// Number of chunks allocated (for Drop; guarded by `grow`).
@@ -35,7 +35,15 @@ fn chunk_len(k: usize) -> usize {
     (BASE as usize) << k
 }
 
-impl<T: Default> SegmentedVec<T> {
+/// Marker for element types whose all-zero bit pattern is their valid default (atomics and
+/// structs of atomics), so chunks can come straight from `alloc_zeroed`: pages the index never
+/// touches are never faulted in.
+///
+/// # Safety
+/// Implement only for types for which all-zero bytes are a valid, initialised value.
+pub(crate) unsafe trait Zeroable {}
+
+impl<T: Zeroable> SegmentedVec<T> {
     pub(crate) fn new() -> Self {
         Self {
             chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
@@ -58,14 +66,25 @@ impl<T: Default> SegmentedVec<T> {
         if self.chunks[k].load(Ordering::Acquire).is_null() {
             let mut allocated = self.grow.lock().unwrap_or_else(|e| e.into_inner());
             while *allocated <= k {
-                let chunk: Box<[T]> = (0..chunk_len(*allocated)).map(|_| T::default()).collect();
-                let ptr = Box::into_raw(chunk) as *mut T;
+                let ptr = Self::alloc_chunk(chunk_len(*allocated));
+                if ptr.is_null() {
+                    return None;
+                }
                 // Release: publishes the initialised chunk to every later Acquire load.
                 self.chunks[*allocated].store(ptr, Ordering::Release);
                 *allocated += 1;
             }
         }
         Some(index)
+    }
+
+    fn alloc_chunk(len: usize) -> *mut T {
+        let Ok(layout) = std::alloc::Layout::array::<T>(len) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: `layout` has non-zero size (len >= BASE, T is not zero-sized in our uses), and
+        // `T: Zeroable` makes the zeroed memory a valid `[T; len]`.
+        unsafe { std::alloc::alloc_zeroed(layout) as *mut T }
     }
 
     /// Number of indices handed out so far (some may be free in a caller's free list).
@@ -111,15 +130,20 @@ impl<T> Drop for SegmentedVec<T> {
         let allocated = *self.grow.get_mut().unwrap_or_else(|e| e.into_inner());
         for k in 0..allocated {
             let ptr = self.chunks[k].load(Ordering::Relaxed);
-            if !ptr.is_null() {
-                let slice = std::ptr::slice_from_raw_parts_mut(ptr, chunk_len(k));
-                // SAFETY: `ptr` came from `Box::into_raw` of a boxed slice of exactly this length,
-                // and `&mut self` guarantees no reader holds a reference into it.
-                drop(unsafe { Box::from_raw(slice) });
+            if let (false, Ok(layout)) =
+                (ptr.is_null(), std::alloc::Layout::array::<T>(chunk_len(k)))
+            {
+                // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout, our element
+                // types own no heap memory (they are atomics), and `&mut self` guarantees no
+                // reader holds a reference into the chunk.
+                unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
             }
         }
     }
 }
+
+// SAFETY: an all-zero AtomicU32 is the valid value 0.
+unsafe impl Zeroable for AtomicU32 {}
 
 // SAFETY: the chunks are owned heap allocations of `T`; sharing them is sound when `T` is.
 unsafe impl<T: Send + Sync> Send for SegmentedVec<T> {}
@@ -142,6 +166,7 @@ mod tests {
     #[test]
     fn elements_keep_their_address_across_growth() {
         let v: SegmentedVec<AtomicU32> = SegmentedVec::new();
+        // (AtomicU32 is Zeroable: see below.)
         let first = v.push_index().unwrap();
         v.get(first).store(7, Ordering::Relaxed);
         let addr = v.get(first) as *const _;

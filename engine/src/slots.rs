@@ -23,6 +23,9 @@ pub(crate) struct SlotEntry {
     pub(crate) blocks: AtomicU64,
 }
 
+// SAFETY: SlotEntry is three atomics; all-zero is a valid value.
+unsafe impl crate::segmented::Zeroable for SlotEntry {}
+
 #[derive(Default)]
 struct Registry {
     by_stream: BTreeMap<WorkerWithDpRank, u32>,

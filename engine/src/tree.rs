@@ -56,6 +56,9 @@ pub(crate) struct Node {
     state: AtomicU32,
 }
 
+// SAFETY: Node is six atomics; all-zero is a valid (free, unlinked) node.
+unsafe impl crate::segmented::Zeroable for Node {}
+
 #[inline]
 fn mix(x: u64) -> u64 {
     let x = (x ^ (x >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -69,6 +72,8 @@ pub(crate) struct StreamState {
     /// Private external hashes (those that differ from the node's shared one).
     exc_by_ext: HashMap<u64, u32>,
     exc_by_node: HashMap<u32, u64>,
+    /// Nodes unlinked by the current event, freed together after the grace period.
+    unlinked: Vec<u32>,
 }
 
 impl StreamState {
@@ -78,6 +83,7 @@ impl StreamState {
             blocks: 0,
             exc_by_ext: HashMap::new(),
             exc_by_node: HashMap::new(),
+            unlinked: Vec::new(),
         }
     }
 }
@@ -162,7 +168,9 @@ impl Tree {
     }
 
     fn ext_shard(&self, ext: u64) -> std::sync::MutexGuard<'_, HashTable<u32>> {
-        self.ext_map[(mix(ext) >> 58) as usize % EXT_SHARDS]
+        // Middle bits: hashbrown uses the top 7 bits as its tag and the low bits as the bucket,
+        // so sharding on either would make every probe in a shard look like a match.
+        self.ext_map[(mix(ext) >> 32) as usize % EXT_SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -220,15 +228,23 @@ impl Tree {
         Ok(i)
     }
 
-    /// Return a node index to the free list after the epoch grace period.
-    fn retire_node(self: &Arc<Self>, i: u32, guard: &Guard) {
+    /// Return the nodes unlinked by the stream's last event to the free list after the epoch
+    /// grace period. One deferred closure per event, not per node: crossbeam collects a bounded
+    /// number of deferred functions per pin, and per-node deferral fell behind by millions.
+    pub(crate) fn release_unlinked(self: &Arc<Self>, st: &mut StreamState, guard: &Guard) {
+        if st.unlinked.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut st.unlinked);
         let tree = Arc::clone(self);
         guard.defer(move || {
             tree.free_nodes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(i)
+                .extend(batch)
         });
+        // Hand the bag to the global queue now so that other threads can collect it.
+        guard.flush();
     }
 
     /// Whether `st`'s external hash for node `n` is the node's shared one.
@@ -418,11 +434,11 @@ impl Tree {
         }
         self.unlock(n);
         self.clear_exception(st, n);
-        self.try_unlink(n, guard);
+        self.try_unlink(st, n, guard);
     }
 
     /// Unlink `n` and then its ancestors while they hold nobody and have no children.
-    fn try_unlink(self: &Arc<Self>, mut n: u32, guard: &Guard) {
+    fn try_unlink(&self, st: &mut StreamState, mut n: u32, guard: &Guard) {
         loop {
             if n == ROOT {
                 return;
@@ -463,7 +479,7 @@ impl Tree {
             // Not LIVE, unlocked. Readers that still hold `n` see no members.
             node.state.store(0, Ordering::Release);
             self.live_nodes.fetch_sub(1, Ordering::Relaxed);
-            self.retire_node(n, guard);
+            st.unlinked.push(n);
             let parent_empty = p != ROOT
                 && parent.members.load(Ordering::Relaxed) == 0
                 && parent.children.load(Ordering::Relaxed) == 0;

@@ -2,7 +2,9 @@
 //! user sees the index work end to end before the network service exists.
 
 use anyhow::{Context, Result};
-use kvindex_engine::hashing::{compute_block_hash_for_seq, compute_seq_hash_for_block, HashOptions};
+use kvindex_engine::hashing::{
+    compute_block_hash_for_seq, compute_seq_hash_for_block, HashOptions,
+};
 use kvindex_engine::{
     Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
     KvCacheStoreData, KvCacheStoredBlockData, NamespaceKey, RouterEvent,
@@ -85,7 +87,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let hashed: Vec<_> = requests
         .iter()
         .map(|ids| {
-            let locals = compute_block_hash_for_seq(&tokens_for(ids, &args), args.block_size, &opts);
+            let locals =
+                compute_block_hash_for_seq(&tokens_for(ids, &args), args.block_size, &opts);
             let seq = compute_seq_hash_for_block(&locals);
             (locals, seq)
         })
