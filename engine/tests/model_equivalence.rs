@@ -397,11 +397,10 @@ impl Case {
 
     /// Flush, then every read API must agree with the model in every namespace.
     fn compare(&mut self) {
-        for ns in 0..self.namespaces.len() {
+        for (ns, (name, _)) in NAMESPACES.iter().enumerate() {
             self.namespaces[ns].flush().expect("flush");
             let queries = self.queries(ns);
             let (engine, model) = (&self.namespaces[ns], &self.resolver.models[ns]);
-            let name = NAMESPACES[ns].0;
             for query in &queries {
                 assert_eq!(
                     engine.find_matches(&lh(query), false).sorted(),
