@@ -36,7 +36,7 @@
 //!   path is held by the stream), parents before children, event ids renumbered from 0. Orphans
 //!   cannot be expressed in a Dynamo-compatible dump and are omitted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::error::KvCacheEventError;
 use crate::protocol::{
@@ -86,9 +86,24 @@ impl StreamBlocks {
         self.hash_of.contains_key(path)
     }
 
-    /// A block is reachable when the stream holds every prefix of its path.
-    fn is_reachable(&self, path: &[LocalBlockHash]) -> bool {
-        (1..=path.len()).all(|len| self.holds_path(&path[..len]))
+    /// The reachable blocks: those whose every prefix path is held. Shortest paths first, so a
+    /// block is reachable exactly when it is a root block or its parent path is reachable.
+    fn reachable(&self) -> Vec<(&BlockPath, ExternalSequenceBlockHash)> {
+        let mut by_depth: Vec<(&BlockPath, ExternalSequenceBlockHash)> = self
+            .hash_of
+            .iter()
+            .map(|(path, hash)| (path, *hash))
+            .collect();
+        by_depth.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then_with(|| a.0.cmp(b.0)));
+        let mut reachable: HashSet<&[LocalBlockHash]> = HashSet::new();
+        by_depth.retain(|(path, _)| {
+            let ok = path.len() == 1 || reachable.contains(&path[..path.len() - 1]);
+            if ok {
+                reachable.insert(path.as_slice());
+            }
+            ok
+        });
+        by_depth
     }
 
     fn len(&self) -> usize {
@@ -231,13 +246,7 @@ impl ReferenceIndex {
     pub fn dump(&self) -> Vec<RouterEvent> {
         let mut events = Vec::new();
         for (stream, blocks) in &self.streams {
-            let mut reachable: Vec<(&BlockPath, ExternalSequenceBlockHash)> = blocks
-                .hash_of
-                .iter()
-                .filter(|(path, _)| blocks.is_reachable(path))
-                .map(|(path, hash)| (path, *hash))
-                .collect();
-            reachable.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then_with(|| a.0.cmp(b.0)));
+            let reachable = blocks.reachable();
             for (path, hash) in reachable {
                 let parent_hash = match path.len() {
                     1 => None,
@@ -326,10 +335,8 @@ impl ReferenceIndex {
     pub fn canonical(&self) -> BTreeSet<CanonicalBlock> {
         let mut out = BTreeSet::new();
         for (stream, blocks) in &self.streams {
-            for (path, hash) in &blocks.hash_of {
-                if blocks.is_reachable(path) {
-                    out.insert((*stream, path.clone(), *hash));
-                }
+            for (path, hash) in blocks.reachable() {
+                out.insert((*stream, path.clone(), hash));
             }
         }
         out

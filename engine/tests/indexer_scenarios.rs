@@ -426,52 +426,63 @@ fn remove_worker_dp_rank_clears_only_that_rank() {
     h.check_state();
 }
 
-/// §6 test 23.
+/// §6 test 23. Many cheap single-block stores are queued (fire and forget) right before the
+/// reset, so that a reset which overtook queued events would leave some of them applied after it.
 #[test]
 fn rank_reset_is_ordered_after_events_accepted_before_it() {
+    const QUEUED: u64 = 3_000;
+    const ROUNDS: u64 = 3;
     let (_engine, ns) = engine_and_namespace();
     let mut model = ReferenceIndex::new();
-    let path = run(1, 200);
-    let feed = |ns: &kvindex_engine::Namespace, model: &mut ReferenceIndex, rank: u32| {
-        for len in 1..=path.len() {
-            let ev = store_chain_after(1, rank, &path[..len - 1], &path[len - 1..len]);
-            model.apply(&ev).expect("model");
+    let rank1 = run(1, 10);
+    let ev = store_chain(1, 1, &rank1);
+    model.apply(&ev).expect("model");
+    ns.apply(ev).expect("apply");
+    for round in 0..ROUNDS {
+        // Built before sending, so the queue fills faster than it drains.
+        let events: Vec<_> = (0..QUEUED)
+            .map(|i| store(1, 0, None, &[(1_000_000 + i, 1_000_000 + i)]))
+            .collect();
+        for ev in &events {
+            model.apply(ev).expect("model");
+        }
+        for ev in events {
             ns.apply(ev).expect("apply");
         }
-    };
-    // A Cleared event applied and waited for lands after the rank's queued stores.
-    feed(&ns, &mut model, 0);
-    feed(&ns, &mut model, 1);
-    let clear = cleared(1, 0);
-    model.apply(&clear).expect("model");
-    assert_eq!(event_outcome(ns.apply_and_wait(clear)), Ok(()));
-    let scores = ns.find_matches(&lh(&path), false);
-    assert_eq!(
-        scores.scores.get(&wr(1, 0)),
-        None,
-        "rank 0 was cleared after its stores"
-    );
-    // remove_worker_dp_rank likewise lands after events accepted before it.
-    feed(&ns, &mut model, 0);
-    ns.remove_worker_dp_rank(1, 0)
-        .expect("remove_worker_dp_rank");
-    model.remove_worker_dp_rank(1, 0);
-    let scores = ns.find_matches(&lh(&path), false);
-    assert_eq!(
-        scores.scores.get(&wr(1, 0)),
-        None,
-        "rank 0 was removed after its stores"
-    );
-    ns.flush().expect("flush");
-    assert_eq!(
-        ns.find_matches(&lh(&path), false).sorted(),
-        expected(&[(1, 1, 200)])
-    );
-    assert_eq!(
-        ns.find_matches(&lh(&path), false).sorted(),
-        model.find_matches(&lh(&path), false).sorted()
-    );
-    assert_eq!(ns.worker_block_counts(), model.worker_block_counts());
+        if round % 2 == 0 {
+            // A Cleared event applied and waited for lands after the rank's queued stores.
+            let clear = cleared(1, 0);
+            model.apply(&clear).expect("model");
+            assert_eq!(event_outcome(ns.apply_and_wait(clear)), Ok(()));
+        } else {
+            // remove_worker_dp_rank likewise lands after everything accepted before it.
+            ns.remove_worker_dp_rank(1, 0)
+                .expect("remove_worker_dp_rank");
+            model.remove_worker_dp_rank(1, 0);
+        }
+        let held = |ns: &kvindex_engine::Namespace| {
+            ns.worker_block_counts()
+                .into_iter()
+                .find(|(stream, _)| *stream == wr(1, 0))
+        };
+        assert_eq!(
+            held(&ns),
+            None,
+            "round {round}: rank 0 right after its reset"
+        );
+        ns.flush().expect("flush");
+        assert_eq!(
+            held(&ns),
+            None,
+            "round {round}: a queued store was applied after the reset"
+        );
+        assert_eq!(ns.worker_block_counts(), model.worker_block_counts());
+        assert_eq!(ns.worker_block_counts(), vec![(wr(1, 1), 10)]);
+        assert_eq!(
+            ns.find_matches(&lh(&rank1), false).sorted(),
+            expected(&[(1, 1, 10)])
+        );
+    }
 }
 
 /// §6 test 24.
@@ -744,11 +755,22 @@ fn divergence_points_around_jump_boundaries_are_exact() {
     let base = run(1, 128);
     h.ok(store_chain(100, 0, &base));
     let points = [31usize, 32, 33, 63, 64, 65, 95, 96, 97];
+    let branch = |i: usize| {
+        let d = points[i];
+        concat(&base[..d], &run(10_000 * (i as u64 + 1), 128 - d))
+    };
+    for i in 0..points.len() {
+        h.ok(store_chain(i as u64 + 1, 0, &branch(i)));
+    }
+    // Each branch: its owner holds all of it, everyone else only the shared part of the base.
     for (i, &d) in points.iter().enumerate() {
-        let worker = i as u64 + 1;
-        let branch = concat(&base[..d], &run(10_000 * worker, 128 - d));
-        h.ok(store_chain(worker, 0, &branch));
-        h.expect(&branch, &[(100, 0, d as u32), (worker, 0, 128)]);
+        let want: Vec<(u64, u32, u32)> = points
+            .iter()
+            .enumerate()
+            .map(|(j, &dj)| (j as u64 + 1, 0, if j == i { 128 } else { dj.min(d) as u32 }))
+            .chain([(100, 0, d as u32)])
+            .collect();
+        h.expect(&branch(i), &want);
     }
     let want: Vec<(u64, u32, u32)> = points
         .iter()

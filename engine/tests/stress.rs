@@ -245,7 +245,8 @@ fn query_and_check(ns: &Namespace, submitted: &Submitted, rng: &mut SplitMix64) 
         assert!(
             score as usize <= bound,
             "over-report: {stream:?} scored {score} on chain {chain} (query owner {owner}, \
-             length {}), but only {issued} blocks of its path were ever submitted",
+             length {}), but its submitted stores back at most {bound} blocks of that query \
+             ({issued} blocks of its own path submitted)",
             query.len()
         );
     }

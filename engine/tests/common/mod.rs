@@ -268,6 +268,16 @@ pub fn assert_dump_well_formed(dump: &[RouterEvent]) -> BTreeSet<CanonicalBlock>
     dump_canonical(dump)
 }
 
+/// A short description of a query for assertion messages (long queries are elided).
+pub fn describe(query: &[LocalBlockHash]) -> String {
+    if query.len() <= 12 {
+        format!("{:?}", raw(query))
+    } else {
+        let (head, tail) = (raw(&query[..4]), raw(&query[query.len() - 4..]));
+        format!("{} blocks {head:?}..{tail:?}", query.len())
+    }
+}
+
 /// `(worker, dp_rank, score)` triples → the shape of `OverlapScores::sorted()`.
 pub fn expected(scores: &[(u64, u32, u32)]) -> Vec<(WorkerWithDpRank, u32)> {
     let mut v: Vec<_> = scores.iter().map(|&(w, r, s)| (wr(w, r), s)).collect();
@@ -365,7 +375,8 @@ impl Harness {
         assert_eq!(
             engine.sorted(),
             model.sorted(),
-            "engine (left) and reference (right) disagree on query {query:?}"
+            "engine (left) and reference (right) disagree on query {}",
+            describe(query)
         );
         engine.sorted()
     }
@@ -385,12 +396,14 @@ impl Harness {
         assert_eq!(
             self.ns.find_matches(query, false).sorted(),
             want,
-            "engine scores for {query:?}"
+            "engine scores for {}",
+            describe(query)
         );
         assert_eq!(
             self.model.find_matches(query, false).sorted(),
             want,
-            "reference scores for {query:?}"
+            "reference scores for {}",
+            describe(query)
         );
     }
 
