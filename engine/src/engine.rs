@@ -324,10 +324,12 @@ impl Namespace {
 
     /// Lock-free: scores of every (worker, dp_rank) holding a prefix of `sequence`.
     ///
-    /// With `early_exit`, the walk stops once a single worker is left; that worker's score is
-    /// then a lower bound (at least the depth reached when it became the only one).
+    /// `early_exit` is accepted for API compatibility with Dynamo, where it allows a lower-bound
+    /// score once one worker is left; kvindex always returns the exact score (which is such a
+    /// lower bound, and what Dynamo 1.6.1 returns in every measured case).
     pub fn find_matches(&self, sequence: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
-        self.shared.tree.find_matches(sequence, early_exit)
+        let _ = early_exit;
+        self.shared.tree.find_matches(sequence)
     }
 
     /// Hash `tokens` with this namespace's block size and `opts` (LoRA, cache namespace,

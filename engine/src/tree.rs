@@ -520,8 +520,10 @@ impl Tree {
             .retain(|(s, _), _| *s != slot);
     }
 
-    /// Lock-free longest-prefix scoring (INDEXER.md §3.5).
-    pub(crate) fn find_matches(&self, seq: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
+    /// Lock-free longest-prefix scoring (INDEXER.md §3.5). Always exact: `early_exit` may only
+    /// lower a score, and an exact score is a valid lower bound that also matches every value
+    /// Dynamo 1.6.1 was measured to return (S1, S7).
+    pub(crate) fn find_matches(&self, seq: &[LocalBlockHash]) -> OverlapScores {
         let mut out = OverlapScores::default();
         let Some(first_hash) = seq.first() else {
             return out;
@@ -541,9 +543,6 @@ impl Tree {
         let mut cur = first;
         if !active.is_empty() {
             for h in &seq[1..] {
-                if early_exit && active.len() == 1 {
-                    break;
-                }
                 let cw = self.node(cur).children.load(Ordering::Acquire);
                 let Some(c) = children::find_child(cw, h.0, &local_of, &guard) else {
                     break;

@@ -162,7 +162,7 @@ fn s08_storing_the_same_blocks_twice_is_accepted_and_changes_nothing() {
     h.expect(&[1, 2], &[(1, 0, 2)]);
     assert_eq!(h.current_size(), 2);
     assert_eq!(h.model.duplicate_store_warnings(), 1);
-    // TODO(metrics): assert the engine's duplicate_store warning counter is 1 as well.
+    assert_eq!(h.ns.event_counters().duplicate_store, 1);
     h.check_state();
 }
 

@@ -94,8 +94,12 @@ fn duplicate_store_replay_changes_nothing_and_counts_one_warning() {
     assert_eq!(h.dump(), before);
     assert_eq!(h.current_size(), 3);
     assert_eq!(h.model.duplicate_store_warnings(), 1);
-    // TODO(metrics): assert the engine's kv_cache_event_warnings{warning_kind="duplicate_store"}
-    // is exactly 1 and kv_cache_events_applied has no error status.
+    let counters = h.ns.event_counters();
+    assert_eq!(counters.duplicate_store, 1);
+    assert!(
+        counters.applied.iter().all(|(_, status, _)| *status == "ok"),
+        "no error status expected: {counters:?}"
+    );
 }
 
 /// §6 test 2.
@@ -106,7 +110,7 @@ fn continuation_store_under_the_tail_extends_the_match_without_warning() {
     h.ok(store_chain_after(1, 0, &[1, 2, 3], &[4, 5]));
     h.expect(&[1, 2, 3, 4, 5], &[(1, 0, 5)]);
     assert_eq!(h.model.duplicate_store_warnings(), 0);
-    // TODO(metrics): assert the engine counted no duplicate_store warning.
+    assert_eq!(h.ns.event_counters().duplicate_store, 0);
     h.check_state();
 }
 
