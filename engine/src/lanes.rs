@@ -124,6 +124,7 @@ impl Lane {
                 .blocks
                 .store(0, std::sync::atomic::Ordering::Relaxed);
             if filter.forget {
+                ns.tree.return_cache(st);
                 let slot = st.slot;
                 self.streams.remove(&key);
                 ns.tree.slots.unregister(key.1);

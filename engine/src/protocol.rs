@@ -318,11 +318,15 @@ fn deserialize_present_residency_domain<'de, D: Deserializer<'de>>(
     ResidencyDomain::deserialize(d).map(Some)
 }
 
+/// Per-worker scores. A std `HashMap` with a fast non-cryptographic hasher (foldhash): a query
+/// can score hundreds of workers, and SipHash dominated the query time.
+pub type ScoreMap = std::collections::HashMap<WorkerWithDpRank, u32, hashbrown::DefaultHashBuilder>;
+
 /// Result of `find_matches`: per (worker, dp_rank), the number of leading query blocks it holds.
 /// Workers scoring 0 are absent. `frequencies` is legacy and always empty.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OverlapScores {
-    pub scores: std::collections::HashMap<WorkerWithDpRank, u32>,
+    pub scores: ScoreMap,
     pub frequencies: Vec<usize>,
 }
 

@@ -203,7 +203,7 @@ impl ReferenceIndex {
     /// Exact overlap scores. `early_exit` is accepted for parity with the engine; the exact score
     /// is also a valid early-exit answer, so it is ignored.
     pub fn find_matches(&self, sequence: &[LocalBlockHash], _early_exit: bool) -> OverlapScores {
-        let mut scores = HashMap::new();
+        let mut scores = crate::protocol::ScoreMap::default();
         for (stream, blocks) in &self.streams {
             let depth = (1..=sequence.len())
                 .take_while(|&len| blocks.holds_path(&sequence[..len]))

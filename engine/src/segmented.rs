@@ -54,10 +54,14 @@ impl<T: Zeroable> SegmentedVec<T> {
 
     /// Hand out a never-used index, allocating its chunk if needed. `None` when exhausted.
     pub(crate) fn push_index(&self) -> Option<u32> {
-        let index = self.len.fetch_add(1, Ordering::Relaxed);
-        if index == u32::MAX {
-            return None;
-        }
+        self.push_indices(1)
+    }
+
+    /// Hand out `n` consecutive never-used indices (the first is returned), allocating chunks as
+    /// needed. `None` when exhausted.
+    pub(crate) fn push_indices(&self, n: u32) -> Option<u32> {
+        let first = self.len.fetch_add(n, Ordering::Relaxed);
+        let index = first.checked_add(n - 1)?;
         let (k, _) = locate(index);
         if k >= MAX_CHUNKS {
             return None;
@@ -75,7 +79,7 @@ impl<T: Zeroable> SegmentedVec<T> {
                 *allocated += 1;
             }
         }
-        Some(index)
+        Some(first)
     }
 
     fn alloc_chunk(len: usize) -> *mut T {

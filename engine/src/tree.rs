@@ -30,8 +30,9 @@ use crate::protocol::{
 use crate::segmented::SegmentedVec;
 use crate::slots::Slots;
 use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
-use crate::sync::{spin_wait, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{spin_wait, AtomicU32, AtomicU64, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
+use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -74,6 +75,8 @@ pub(crate) struct StreamState {
     exc_by_node: HashMap<u32, u64>,
     /// Nodes unlinked by the current event, freed together after the grace period.
     unlinked: Vec<u32>,
+    /// Free node indices reserved for this stream's next allocations.
+    node_cache: Vec<u32>,
 }
 
 impl StreamState {
@@ -84,6 +87,7 @@ impl StreamState {
             exc_by_ext: HashMap::new(),
             exc_by_node: HashMap::new(),
             unlinked: Vec::new(),
+            node_cache: Vec::new(),
         }
     }
 }
@@ -108,11 +112,10 @@ pub struct MemoryReport {
 pub(crate) struct Tree {
     nodes: SegmentedVec<Node>,
     free_nodes: Mutex<Vec<u32>>,
-    ext_map: Box<[Mutex<HashTable<u32>>]>,
+    ext_map: Box<[CachePadded<Mutex<HashTable<u32>>>]>,
     pub(crate) slots: Slots,
     /// Mirror of every stream's exceptions, read by dumps: (slot, node) -> ext.
     exceptions: Mutex<HashMap<(u32, u32), u64>>,
-    live_nodes: AtomicUsize,
 }
 
 impl Tree {
@@ -121,11 +124,10 @@ impl Tree {
             nodes: SegmentedVec::new(),
             free_nodes: Mutex::new(Vec::new()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| Mutex::new(HashTable::new()))
+                .map(|_| CachePadded::new(Mutex::new(HashTable::new())))
                 .collect(),
             slots: Slots::new(),
             exceptions: Mutex::new(HashMap::new()),
-            live_nodes: AtomicUsize::new(0),
         };
         let root = t.nodes.push_index();
         debug_assert_eq!(root, Some(ROOT));
@@ -187,23 +189,16 @@ impl Tree {
     /// Allocate a node, initialised, LIVE and LOCKED, holding `slot`, not yet linked.
     fn alloc_node(
         &self,
+        cache: &mut Vec<u32>,
         local: u64,
         ext: u64,
         parent: u32,
         members_word: u64,
     ) -> Result<u32, KvCacheEventError> {
-        let recycled = self
-            .free_nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let i = match recycled {
-            Some(i) => i,
-            None => self
-                .nodes
-                .push_index()
-                .ok_or(KvCacheEventError::CapacityExhausted)?,
-        };
+        if cache.is_empty() {
+            self.refill(cache);
+        }
+        let i = cache.pop().ok_or(KvCacheEventError::CapacityExhausted)?;
         let n = self.node(i);
         // Relaxed: nobody can reach `i` until it is linked with a Release store.
         n.local.store(local, Ordering::Relaxed);
@@ -224,8 +219,36 @@ impl Tree {
             }
         }
         n.state.store(state, Ordering::Release);
-        self.live_nodes.fetch_add(1, Ordering::Relaxed);
         Ok(i)
+    }
+
+    /// Take a batch of node indices for one stream's allocations: recycled ones first, else a
+    /// fresh range. Batching keeps the shared free list and the arena's counter off the per-block
+    /// path (they are shared cache lines between event threads).
+    fn refill(&self, cache: &mut Vec<u32>) {
+        const BATCH: usize = 64;
+        {
+            let mut free = self.free_nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let take = free.len().min(BATCH);
+            let at = free.len() - take;
+            // Reverse so that pops hand out ascending indices (better locality for chains).
+            cache.extend(free.drain(at..).rev());
+        }
+        if cache.is_empty() {
+            if let Some(first) = self.nodes.push_indices(BATCH as u32) {
+                cache.extend((first..first + BATCH as u32).rev());
+            }
+        }
+    }
+
+    /// Give a stream's unused cached indices back (the stream is going away).
+    pub(crate) fn return_cache(&self, st: &mut StreamState) {
+        if !st.node_cache.is_empty() {
+            self.free_nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut st.node_cache);
+        }
     }
 
     /// Return the nodes unlinked by the stream's last event to the free list after the epoch
@@ -283,10 +306,23 @@ impl Tree {
         }
     }
 
+    /// Whether `st` holds node `n` under its shared hash `ext` (and has no private hash for
+    /// `ext` elsewhere). Safe on a stale index: only this thread adds `st.slot` to nodes.
+    fn holds_canonically(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> bool {
+        let node = self.node(n);
+        node.ext.load(Ordering::Relaxed) == ext
+            && node.state.load(Ordering::Acquire) & (LIVE | OWNS_EXT) == LIVE | OWNS_EXT
+            && Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot)
+            && (st.exc_by_node.is_empty()
+                || (!st.exc_by_node.contains_key(&n) && !st.exc_by_ext.contains_key(&ext)))
+    }
+
     /// The node `st` holds under external hash `ext`, if any.
     fn resolve(&self, st: &StreamState, ext: u64, guard: &Guard) -> Option<u32> {
-        if let Some(&n) = st.exc_by_ext.get(&ext) {
-            return Some(n);
+        if !st.exc_by_ext.is_empty() {
+            if let Some(&n) = st.exc_by_ext.get(&ext) {
+                return Some(n);
+            }
         }
         let n = self.ext_lookup(ext)?;
         let node = self.node(n);
@@ -294,7 +330,9 @@ impl Tree {
         // is live and stays live until this thread removes it.
         let held =
             Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
-        (held && !st.exc_by_node.contains_key(&n) && node.ext.load(Ordering::Relaxed) == ext)
+        (held
+            && (st.exc_by_node.is_empty() || !st.exc_by_node.contains_key(&n))
+            && node.ext.load(Ordering::Relaxed) == ext)
             .then_some(n)
     }
 
@@ -340,7 +378,13 @@ impl Tree {
                     c
                 }
                 None => {
-                    let c = match self.alloc_node(local, ext, cur, members::encode(&[slot])) {
+                    let c = match self.alloc_node(
+                        &mut st.node_cache,
+                        local,
+                        ext,
+                        cur,
+                        members::encode(&[slot]),
+                    ) {
                         Ok(c) => c,
                         Err(e) => {
                             self.unlock(cur);
@@ -407,9 +451,18 @@ impl Tree {
         guard: &Guard,
     ) -> Result<(), KvCacheEventError> {
         let mut first_err = None;
+        // Engines evict leaf first, so the next hash is usually the parent of the block just
+        // removed: try that before the shared map (saves two cache misses per block).
+        let mut hint: Option<u32> = None;
         for h in hashes {
-            match self.resolve(st, h.0, guard) {
-                Some(n) => self.drop_membership(st, n, guard),
+            let found = hint
+                .filter(|&p| p != ROOT && self.holds_canonically(st, p, h.0, guard))
+                .or_else(|| self.resolve(st, h.0, guard));
+            match found {
+                Some(n) => {
+                    hint = Some(self.node(n).parent.load(Ordering::Relaxed));
+                    self.drop_membership(st, n, guard)
+                }
                 None => {
                     tracing::warn!(
                         worker_slot = st.slot,
@@ -478,7 +531,6 @@ impl Tree {
             }
             // Not LIVE, unlocked. Readers that still hold `n` see no members.
             node.state.store(0, Ordering::Release);
-            self.live_nodes.fetch_sub(1, Ordering::Relaxed);
             st.unlinked.push(n);
             let parent_empty = p != ROOT
                 && parent.members.load(Ordering::Relaxed) == 0
@@ -520,6 +572,18 @@ impl Tree {
             .retain(|(s, _), _| *s != slot);
     }
 
+    /// Lock-free: the child of `parent` whose local hash is `local`. The single-child case (most
+    /// nodes) decodes the index once and returns the node itself.
+    #[inline]
+    fn child_node<'a>(&'a self, parent: &Node, local: u64, guard: &Guard) -> Option<&'a Node> {
+        let word = parent.children.load(Ordering::Acquire);
+        if let Some(c) = children::single_child(word) {
+            let n = self.node(c);
+            return (n.local.load(Ordering::Relaxed) == local).then_some(n);
+        }
+        children::find_child(word, local, &|i| self.local_of(i), guard).map(|c| self.node(c))
+    }
+
     /// Lock-free longest-prefix scoring (INDEXER.md §3.5). Always exact: `early_exit` may only
     /// lower a score, and an exact score is a valid lower bound that also matches every value
     /// Dynamo 1.6.1 was measured to return (S1, S7).
@@ -529,34 +593,49 @@ impl Tree {
             return out;
         };
         let guard = epoch::pin();
-        let local_of = |i: u32| self.local_of(i);
-        let root_children = self.node(ROOT).children.load(Ordering::Acquire);
-        let Some(first) = children::find_child(root_children, first_hash.0, &local_of, &guard)
-        else {
+        let Some(first) = self.child_node(self.node(ROOT), first_hash.0, &guard) else {
             return out;
         };
-        let first_members =
-            Members::from_word(self.node(first).members.load(Ordering::Acquire), &guard);
+        let first_members = Members::from_word(first.members.load(Ordering::Acquire), &guard);
         let mut active = ActiveSet::from_members(first_members);
         let mut scored: Vec<(u32, u32)> = Vec::new();
         let mut depth = 1u32;
         let mut cur = first;
-        if !active.is_empty() {
-            for h in &seq[1..] {
-                let cw = self.node(cur).children.load(Ordering::Acquire);
-                let Some(c) = children::find_child(cw, h.0, &local_of, &guard) else {
-                    break;
-                };
-                let m = Members::from_word(self.node(c).members.load(Ordering::Acquire), &guard);
-                active.intersect(m, |slot| scored.push((slot, depth)));
-                if active.is_empty() {
+        let mut rest = seq[1..].iter();
+        while !active.is_empty() {
+            if let ActiveSet::Few(v) = &active {
+                if let [slot] = v[..] {
+                    // One worker left (the common tail of a long query): a tight loop with no
+                    // set bookkeeping.
+                    for h in rest.by_ref() {
+                        let Some(c) = self.child_node(cur, h.0, &guard) else {
+                            break;
+                        };
+                        let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
+                        if !m.contains(slot) {
+                            break;
+                        }
+                        depth += 1;
+                        cur = c;
+                    }
                     break;
                 }
-                depth += 1;
-                cur = c;
             }
-            active.for_each(|slot| scored.push((slot, depth)));
+            let Some(h) = rest.next() else {
+                break;
+            };
+            let Some(c) = self.child_node(cur, h.0, &guard) else {
+                break;
+            };
+            let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
+            active.intersect(m, |slot| scored.push((slot, depth)));
+            if active.is_empty() {
+                break;
+            }
+            depth += 1;
+            cur = c;
         }
+        active.for_each(|slot| scored.push((slot, depth)));
         out.scores.reserve(scored.len());
         for (slot, score) in scored {
             out.scores.insert(self.slots.stream_of(slot), score);
@@ -728,6 +807,7 @@ impl Tree {
             states.push(StreamState::new(self.slots.assign(*s)?));
         }
         let mut index: Vec<u32> = Vec::with_capacity(snap.nodes.len());
+        let mut cache = Vec::new();
         for n in &snap.nodes {
             let parent = match n.parent {
                 None => ROOT,
@@ -751,7 +831,7 @@ impl Tree {
                 self.unlock(parent);
                 return Err(KvCacheEventError::IndexerInvariantViolation);
             }
-            let c = match self.alloc_node(local, ext, parent, members::encode(&slots)) {
+            let c = match self.alloc_node(&mut cache, local, ext, parent, members::encode(&slots)) {
                 Ok(c) => c,
                 Err(e) => {
                     self.unlock(parent);
@@ -787,12 +867,14 @@ impl Tree {
     pub(crate) fn memory(&self) -> MemoryReport {
         let guard = epoch::pin();
         let mut heap = 0usize;
+        let mut live = 0usize;
         let high = self.nodes.high_water();
-        for i in 0..high {
+        for i in 1..high {
             let node = self.node(i);
             if node.state.load(Ordering::Acquire) & LIVE == 0 {
                 continue;
             }
+            live += 1;
             let mw = node.members.load(Ordering::Acquire);
             if let Members::Bits(bits) = Members::from_word(mw, &guard) {
                 heap += (bits.len() + 2) * 8;
@@ -807,7 +889,7 @@ impl Tree {
         MemoryReport {
             node_bytes: self.nodes.allocated_bytes(),
             heap_bytes: heap + map_bytes,
-            live_nodes: self.live_nodes.load(Ordering::Relaxed),
+            live_nodes: live,
         }
     }
 }

@@ -97,7 +97,10 @@ fn duplicate_store_replay_changes_nothing_and_counts_one_warning() {
     let counters = h.ns.event_counters();
     assert_eq!(counters.duplicate_store, 1);
     assert!(
-        counters.applied.iter().all(|(_, status, _)| *status == "ok"),
+        counters
+            .applied
+            .iter()
+            .all(|(_, status, _)| *status == "ok"),
         "no error status expected: {counters:?}"
     );
 }

@@ -30,15 +30,21 @@ fn stored(w: u64, blocks: &[(u64, u64)], parent: Option<u64>) -> RouterEvent {
 fn applied_and_warning_counters_carry_dynamo_names_and_labels() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    recorder.install().expect("no other recorder in this test binary");
+    recorder
+        .install()
+        .expect("no other recorder in this test binary");
 
     let engine = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 16,
     });
-    let ns = engine.create_namespace(NamespaceKey::new("m", "g"), 4).unwrap();
-    ns.apply_and_wait(stored(1, &[(11, 1), (12, 2)], None)).unwrap();
-    ns.apply_and_wait(stored(1, &[(11, 1), (12, 2)], None)).unwrap(); // duplicate
+    let ns = engine
+        .create_namespace(NamespaceKey::new("m", "g"), 4)
+        .unwrap();
+    ns.apply_and_wait(stored(1, &[(11, 1), (12, 2)], None))
+        .unwrap();
+    ns.apply_and_wait(stored(1, &[(11, 1), (12, 2)], None))
+        .unwrap(); // duplicate
     let _ = ns.apply_and_wait(stored(1, &[(13, 3)], Some(999))); // unknown parent
 
     let mut found = std::collections::HashMap::new();
