@@ -179,6 +179,11 @@ pub(crate) fn with_removed(word: u64, slot: u32, guard: &Guard) -> Option<u64> {
     if !m.contains(slot) {
         return None;
     }
+    if let Members::Inline(w) = m {
+        // No allocation on the common path: keep the other inline slot, if any.
+        let other = inline_slots(w).into_iter().flatten().find(|&s| s != slot);
+        return Some(other.map_or(0, |s| s as u64 + 1));
+    }
     let mut v = m.to_vec();
     v.retain(|&s| s != slot);
     Some(encode(&v))

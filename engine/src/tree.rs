@@ -71,8 +71,8 @@ pub(crate) struct StreamState {
     pub(crate) slot: u32,
     pub(crate) blocks: u64,
     /// Private external hashes (those that differ from the node's shared one).
-    exc_by_ext: HashMap<u64, u32>,
-    exc_by_node: HashMap<u32, u64>,
+    exc_by_ext: hashbrown::HashMap<u64, u32>,
+    exc_by_node: hashbrown::HashMap<u32, u64>,
     /// Nodes unlinked by the current event, freed together after the grace period.
     unlinked: Vec<u32>,
     /// Free node indices reserved for this stream's next allocations.
@@ -84,8 +84,8 @@ impl StreamState {
         Self {
             slot,
             blocks: 0,
-            exc_by_ext: HashMap::new(),
-            exc_by_node: HashMap::new(),
+            exc_by_ext: hashbrown::HashMap::new(),
+            exc_by_node: hashbrown::HashMap::new(),
             unlinked: Vec::new(),
             node_cache: Vec::new(),
         }
@@ -210,11 +210,13 @@ impl Tree {
         {
             let mut shard = self.ext_shard(ext);
             let h = mix(ext);
-            let taken = shard
-                .find(h, |&m| self.node(m).ext.load(Ordering::Relaxed) == ext)
-                .is_some();
-            if !taken {
-                shard.insert_unique(h, i, |&m| mix(self.node(m).ext.load(Ordering::Relaxed)));
+            // One probe: claim the entry if no live node owns this hash yet.
+            if let hashbrown::hash_table::Entry::Vacant(v) = shard.entry(
+                h,
+                |&m| self.node(m).ext.load(Ordering::Relaxed) == ext,
+                |&m| mix(self.node(m).ext.load(Ordering::Relaxed)),
+            ) {
+                v.insert(i);
                 state |= OWNS_EXT;
             }
         }
@@ -295,6 +297,9 @@ impl Tree {
     }
 
     fn clear_exception(&self, st: &mut StreamState, n: u32) {
+        if st.exc_by_node.is_empty() {
+            return;
+        }
         if let Some(ext) = st.exc_by_node.remove(&n) {
             if st.exc_by_ext.get(&ext) == Some(&n) {
                 st.exc_by_ext.remove(&ext);
