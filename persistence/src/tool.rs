@@ -1,0 +1,1 @@
+//! The logic of `kvindex replay` (in progress).
