@@ -34,6 +34,11 @@ impl std::fmt::Display for IoBackendKind {
     }
 }
 
+/// Whether io_uring can be used here (`Err` says why not): sandboxes often forbid it.
+pub fn io_uring_available() -> Result<(), String> {
+    SegmentIo::new(IoBackendChoice::IoUring, IoFaults::default()).map(|_| ())
+}
+
 /// Simulated device failures for tests (both backends honour them the same way).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IoFaults {

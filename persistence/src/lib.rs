@@ -38,7 +38,7 @@ pub use entry::{
     LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, StreamWatermark, FIRST_LSN,
 };
 pub use error::{Damage, PersistError, Result};
-pub use io::{IoBackendChoice, IoBackendKind, IoFaults};
+pub use io::{io_uring_available, IoBackendChoice, IoBackendKind, IoFaults};
 pub use log::{read_log, EventLog};
 pub use recovery::{
     CollectingSink, EntryView, NullSink, RecoveryReport, ReplaySink, SkippedRegion, TailCut,
