@@ -16,8 +16,8 @@ use crate::config::LogConfig;
 use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamWatermark};
 use crate::error::Result;
 use crate::log::EventLog;
-use crate::recovery::{EntryView, RecoveryReport, ReplaySink};
 use crate::record::ArchivedOpRecord;
+use crate::recovery::{EntryView, RecoveryReport, ReplaySink};
 use crate::snapshot::{LoadedSnapshot, SnapshotImage, SnapshotMeta, SnapshotStore};
 use crate::writer::AppendTicket;
 
@@ -169,8 +169,7 @@ impl DurableIndex {
         if report.skipped_anything() {
             inner.snapshot()?;
         }
-        let snapshotter = if inner.policy.every_entries.is_some() || inner.policy.every.is_some()
-        {
+        let snapshotter = if inner.policy.every_entries.is_some() || inner.policy.every.is_some() {
             let (tx, rx) = crossbeam_channel::bounded::<()>(1);
             let bg = Arc::clone(&inner);
             let handle = std::thread::Builder::new()
@@ -215,7 +214,11 @@ impl DurableIndex {
         source_seq: u64,
         event: RouterEvent,
     ) -> Result<AppendTicket> {
-        self.submit_batch(vec![LogEntry::event(Arc::clone(namespace), source_seq, event)])
+        self.submit_batch(vec![LogEntry::event(
+            Arc::clone(namespace),
+            source_seq,
+            event,
+        )])
     }
 
     /// Log `entries` as one record (all or nothing after a crash), then hand them to the engine.
@@ -234,7 +237,9 @@ impl DurableIndex {
                 match e.op {
                     LogOp::Event(ev) => ns.apply(ev)?,
                     LogOp::RemoveWorker => ns.remove_worker(e.worker_id)?,
-                    LogOp::RemoveWorkerDpRank => ns.remove_worker_dp_rank(e.worker_id, e.dp_rank)?,
+                    LogOp::RemoveWorkerDpRank => {
+                        ns.remove_worker_dp_rank(e.worker_id, e.dp_rank)?
+                    }
                     LogOp::ClearAllBlocks => ns.clear_all_blocks(e.worker_id)?,
                 }
             }

@@ -126,20 +126,26 @@ pub enum PersistError {
         advice: &'static str,
     },
     /// A snapshot file failed validation.
-    #[error("corrupt snapshot {path} at byte {offset}: {reason}. Delete it (an older snapshot \
-             and the log are used instead) or inspect it with `kvindex replay inspect`")]
+    #[error(
+        "corrupt snapshot {path} at byte {offset}: {reason}. Delete it (an older snapshot \
+             and the log are used instead) or inspect it with `kvindex replay inspect`"
+    )]
     CorruptSnapshot {
         path: PathBuf,
         offset: u64,
         reason: String,
     },
     /// Another process holds the data directory.
-    #[error("data directory {dir} is locked by another process (flock on LOCK); stop that \
-             process or use another data directory")]
+    #[error(
+        "data directory {dir} is locked by another process (flock on LOCK); stop that \
+             process or use another data directory"
+    )]
     Locked { dir: PathBuf },
     /// The writer stopped after an I/O error; appends fail until the process restarts.
-    #[error("the log writer stopped after an I/O error ({cause}); nothing more is appended. \
-             Free disk space / fix the device, then restart: recovery truncates the torn tail")]
+    #[error(
+        "the log writer stopped after an I/O error ({cause}); nothing more is appended. \
+             Free disk space / fix the device, then restart: recovery truncates the torn tail"
+    )]
     WriterFailed { cause: String },
     /// A batch too large for one record.
     #[error("a batch of {bytes} bytes exceeds the record limit of {max} bytes; split it")]

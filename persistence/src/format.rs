@@ -75,7 +75,9 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<Lsn, Damage> {
     }
     let h = &bytes[..SEGMENT_HEADER_LEN];
     if h[0..8] != SEGMENT_MAGIC {
-        return Err(Damage::BadHeader("wrong magic (not a kvindex segment)".into()));
+        return Err(Damage::BadHeader(
+            "wrong magic (not a kvindex segment)".into(),
+        ));
     }
     let stored = le_u32(h, 28);
     let computed = crc32c::crc32c(&h[0..28]);
@@ -90,8 +92,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<Lsn, Damage> {
             "format version {version}, this build reads {FORMAT_VERSION}"
         )));
     }
-    if le_u16(h, 10) as usize != SEGMENT_HEADER_LEN || le_u32(h, 12) != 0 || le_u32(h, 24) != 0
-    {
+    if le_u16(h, 10) as usize != SEGMENT_HEADER_LEN || le_u32(h, 12) != 0 || le_u32(h, 24) != 0 {
         return Err(Damage::BadHeader(
             "unknown header length, flags or reserved bits".into(),
         ));

@@ -197,7 +197,9 @@ mod uring {
             sync: bool,
         ) -> io::Result<()> {
             if self.poisoned {
-                return Err(io::Error::other("io_uring ring poisoned by an earlier failure"));
+                return Err(io::Error::other(
+                    "io_uring ring poisoned by an earlier failure",
+                ));
             }
             let fd = types::Fd(file.as_raw_fd());
             let mut need_sync = sync;
@@ -221,7 +223,8 @@ mod uring {
                             // The fsync runs only if the write completes in full.
                             w = w.flags(squeue::Flags::IO_LINK);
                         }
-                        sq.push(&w).map_err(|_| io::Error::other("io_uring queue full"))?;
+                        sq.push(&w)
+                            .map_err(|_| io::Error::other("io_uring queue full"))?;
                         expected += 1;
                     }
                     if need_sync {
@@ -229,7 +232,8 @@ mod uring {
                             .flags(types::FsyncFlags::DATASYNC)
                             .build()
                             .user_data(SYNC);
-                        sq.push(&s).map_err(|_| io::Error::other("io_uring queue full"))?;
+                        sq.push(&s)
+                            .map_err(|_| io::Error::other("io_uring queue full"))?;
                         expected += 1;
                     }
                 }

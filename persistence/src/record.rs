@@ -293,7 +293,10 @@ impl ArchivedEventRecord {
                                         .offsets
                                         .iter()
                                         .map(|r| {
-                                            (r.start.to_native() as usize, r.end.to_native() as usize)
+                                            (
+                                                r.start.to_native() as usize,
+                                                r.end.to_native() as usize,
+                                            )
                                         })
                                         .collect(),
                                 })

@@ -285,10 +285,7 @@ pub(crate) fn recover(
 
     // 2. Segments to scan: from the last one starting at or before `start_lsn`.
     let segs = listing.segments;
-    let first_idx = segs
-        .iter()
-        .rposition(|(l, _)| *l <= start_lsn)
-        .unwrap_or(0);
+    let first_idx = segs.iter().rposition(|(l, _)| *l <= start_lsn).unwrap_or(0);
     let mut progress = Progress {
         cfg,
         total: segs[first_idx.min(segs.len())..]
@@ -325,7 +322,9 @@ pub(crate) fn recover(
             Ok(l) if l == *name_lsn => None,
             Ok(l) => Some((
                 0,
-                Damage::BadHeader(format!("header says first LSN {l}, file name says {name_lsn}")),
+                Damage::BadHeader(format!(
+                    "header says first LSN {l}, file name says {name_lsn}"
+                )),
             )),
             // A file cut inside its header (or zero-filled) is a torn creation.
             Err(_) if bytes.len() < SEGMENT_HEADER_LEN => Some((
@@ -559,7 +558,11 @@ pub(crate) fn recover(
         }
     }
     if log_end < start_lsn && expected.is_some() {
-        tracing::info!(log_end, snapshot_next = start_lsn, "the log ends before the snapshot's position; new segment starts after the snapshot");
+        tracing::info!(
+            log_end,
+            snapshot_next = start_lsn,
+            "the log ends before the snapshot's position; new segment starts after the snapshot"
+        );
     }
     report.elapsed = started.elapsed();
     tracing::info!(
@@ -651,7 +654,8 @@ fn save_cut(path: &Path, offset: u64) -> Result<PathBuf> {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".cut-{offset}"));
     let out = PathBuf::from(name);
-    let mut f = std::fs::File::create(&out).map_err(|e| PersistError::io("create", &out, None, e))?;
+    let mut f =
+        std::fs::File::create(&out).map_err(|e| PersistError::io("create", &out, None, e))?;
     f.write_all(data.get(offset as usize..).unwrap_or(&[]))
         .and_then(|_| f.sync_all())
         .map_err(|e| PersistError::io("write", &out, None, e))?;

@@ -48,7 +48,8 @@ pub struct DirListing {
 /// List the data directory (which must exist).
 pub fn list_dir(dir: &Path) -> Result<DirListing> {
     let mut out = DirListing::default();
-    let rd = std::fs::read_dir(dir).map_err(|e| PersistError::io("read directory", dir, None, e))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| PersistError::io("read directory", dir, None, e))?;
     for ent in rd {
         let ent = ent.map_err(|e| PersistError::io("read directory", dir, None, e))?;
         let name = ent.file_name();
@@ -87,7 +88,8 @@ impl MappedFile {
         // during recovery, before maps are made, or after a write error, past the last
         // acknowledged byte. Readers in another process (`kvindex replay`) map only what existed
         // when they opened the file.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| PersistError::io("mmap", path, None, e))?;
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| PersistError::io("mmap", path, None, e))?;
         Ok(Self { map: Some(map) })
     }
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvindex_engine::{
-    Engine, ExternalSequenceBlockHash, IndexSnapshot, LocalBlockHash, NamespaceKey,
-    SnapshotHolder, SnapshotNode, WorkerWithDpRank,
+    Engine, ExternalSequenceBlockHash, IndexSnapshot, LocalBlockHash, NamespaceKey, SnapshotHolder,
+    SnapshotNode, WorkerWithDpRank,
 };
 use rkyv::{rancor, Archive, Deserialize, Serialize};
 
@@ -125,11 +125,7 @@ impl NamespaceImage {
 impl SnapshotImage {
     /// Capture every namespace of `engine` (each a barrier). The caller must have stopped intake
     /// so that the image matches `next_lsn` exactly.
-    pub fn capture(
-        engine: &Engine,
-        next_lsn: Lsn,
-        watermarks: &[StreamWatermark],
-    ) -> Result<Self> {
+    pub fn capture(engine: &Engine, next_lsn: Lsn, watermarks: &[StreamWatermark]) -> Result<Self> {
         let mut namespaces = Vec::new();
         let mut index_of: HashMap<NamespaceKey, u32> = HashMap::new();
         for key in engine.namespaces() {
@@ -285,7 +281,10 @@ pub fn validate_snapshot_bytes(
     bytes: &[u8],
 ) -> std::result::Result<(Lsn, &ArchivedSnapshotImage), SnapDamage> {
     if bytes.len() < SNAPSHOT_HEADER_LEN {
-        return Err((0, format!("file is {} bytes, shorter than the header", bytes.len())));
+        return Err((
+            0,
+            format!("file is {} bytes, shorter than the header", bytes.len()),
+        ));
     }
     let h = &bytes[..SNAPSHOT_HEADER_LEN];
     if h[0..8] != SNAPSHOT_MAGIC {
@@ -294,11 +293,17 @@ pub fn validate_snapshot_bytes(
     let stored = le_u32(h, 60);
     let computed = crc32c::crc32c(&h[0..60]);
     if stored != computed {
-        return Err((60, format!("header CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})")));
+        return Err((
+            60,
+            format!("header CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+        ));
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
     if version != FORMAT_VERSION {
-        return Err((8, format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        return Err((
+            8,
+            format!("format version {version}, this build reads {FORMAT_VERSION}"),
+        ));
     }
     if u16::from_le_bytes([h[10], h[11]]) as usize != SNAPSHOT_HEADER_LEN || le_u32(h, 12) != 0 {
         return Err((10, "unknown header length or flags".into()));
@@ -321,8 +326,12 @@ pub fn validate_snapshot_bytes(
             format!("payload CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"),
         ));
     }
-    let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(payload)
-        .map_err(|e| (SNAPSHOT_HEADER_LEN as u64, format!("payload fails validation: {e}")))?;
+    let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(payload).map_err(|e| {
+        (
+            SNAPSHOT_HEADER_LEN as u64,
+            format!("payload fails validation: {e}"),
+        )
+    })?;
     if image.next_lsn.to_native() != next_lsn {
         return Err((16, "header and payload disagree on next_lsn".into()));
     }
@@ -338,7 +347,9 @@ fn check_image(image: &ArchivedSnapshotImage) -> std::result::Result<(), String>
         for (j, n) in ns.nodes.iter().enumerate() {
             let p = n.parent.to_native();
             if p != NO_PARENT && p as usize >= j {
-                return Err(format!("namespace #{i} node #{j} has parent #{p} (not before it)"));
+                return Err(format!(
+                    "namespace #{i} node #{j} has parent #{p} (not before it)"
+                ));
             }
             for h in n.holders.iter() {
                 if h.stream.to_native() >= streams {
@@ -352,7 +363,10 @@ fn check_image(image: &ArchivedSnapshotImage) -> std::result::Result<(), String>
     }
     for w in image.watermarks.iter() {
         if w.namespace.to_native() >= nss {
-            return Err(format!("watermark names namespace #{}", w.namespace.to_native()));
+            return Err(format!(
+                "watermark names namespace #{}",
+                w.namespace.to_native()
+            ));
         }
     }
     Ok(())

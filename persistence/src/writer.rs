@@ -72,15 +72,17 @@ impl WatermarkTable {
             .map
             .iter()
             .flat_map(|(ns, m)| {
-                m.iter().map(|(&(worker_id, dp_rank), &(source_seq, lsn))| StreamWatermark {
-                    stream: StreamKey {
-                        namespace: ns.clone(),
-                        worker_id,
-                        dp_rank,
+                m.iter().map(
+                    |(&(worker_id, dp_rank), &(source_seq, lsn))| StreamWatermark {
+                        stream: StreamKey {
+                            namespace: ns.clone(),
+                            worker_id,
+                            dp_rank,
+                        },
+                        source_seq,
+                        lsn,
                     },
-                    source_seq,
-                    lsn,
-                })
+                )
             })
             .collect();
         v.sort();
@@ -211,8 +213,8 @@ pub(crate) struct WriterStart {
 
 impl LogWriter {
     pub(crate) fn start(start: WriterStart, cfg: &LogConfig) -> Result<Self> {
-        let mut io = SegmentIo::new(cfg.io, cfg.faults.clone())
-            .map_err(PersistError::IoUringUnavailable)?;
+        let mut io =
+            SegmentIo::new(cfg.io, cfg.faults.clone()).map_err(PersistError::IoUringUnavailable)?;
         let kind = io.kind();
         tracing::info!(backend = %kind, fsync = %cfg.fsync, "log writer starting");
         let (seg_first, path, file, offset) = match start.tail {
@@ -225,8 +227,7 @@ impl LogWriter {
                 (first, path, file, end)
             }
             None => {
-                let (path, file) =
-                    create_segment(&mut io, &start.dir, start.next_lsn, cfg.fsync)?;
+                let (path, file) = create_segment(&mut io, &start.dir, start.next_lsn, cfg.fsync)?;
                 (start.next_lsn, path, file, SEGMENT_HEADER_LEN as u64)
             }
         };
@@ -306,9 +307,12 @@ impl LogWriter {
         let first_lsn = intake.next_lsn;
         patch_first_lsn(&mut payload, first_lsn);
         let watermarks = watermark_moves(entries, first_lsn);
-        let tx = intake.tx.as_ref().ok_or_else(|| PersistError::WriterFailed {
-            cause: "the log is closed".into(),
-        })?;
+        let tx = intake
+            .tx
+            .as_ref()
+            .ok_or_else(|| PersistError::WriterFailed {
+                cause: "the log is closed".into(),
+            })?;
         // Sent while holding the intake lock: queue order is LSN order.
         tx.send(Msg::Append(Request {
             end_lsn: first_lsn + n,
@@ -339,9 +343,12 @@ impl LogWriter {
         let (tx, rx) = crossbeam_channel::bounded(1);
         {
             let intake = lock(&self.intake);
-            let sender = intake.tx.as_ref().ok_or_else(|| PersistError::WriterFailed {
-                cause: "the log is closed".into(),
-            })?;
+            let sender = intake
+                .tx
+                .as_ref()
+                .ok_or_else(|| PersistError::WriterFailed {
+                    cause: "the log is closed".into(),
+                })?;
             sender
                 .send(Msg::Sync(tx))
                 .map_err(|_| PersistError::WriterFailed {
@@ -503,19 +510,17 @@ impl WriterThread {
         let _guard = PanicGuard(Arc::clone(&self.shared));
         loop {
             let first = match (self.policy, self.dirty_since) {
-                (FsyncPolicy::Interval(d), Some(since)) => {
-                    match self.rx.recv_deadline(since + d) {
-                        Ok(m) => m,
-                        Err(RecvTimeoutError::Timeout) => {
-                            if let Err(e) = self.flush(true) {
-                                self.stop(e);
-                                return;
-                            }
-                            continue;
+                (FsyncPolicy::Interval(d), Some(since)) => match self.rx.recv_deadline(since + d) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = self.flush(true) {
+                            self.stop(e);
+                            return;
                         }
-                        Err(RecvTimeoutError::Disconnected) => break,
+                        continue;
                     }
-                }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
                 _ => match self.rx.recv() {
                     Ok(m) => m,
                     Err(_) => break,

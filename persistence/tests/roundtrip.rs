@@ -109,12 +109,8 @@ fn every_field_of_a_router_event_survives_the_log() {
 fn concurrent_appenders_get_dense_lsns_and_group_commit_acknowledges_all() {
     for io in backends() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = EventLog::open(
-            dir.path(),
-            cfg(io, FsyncPolicy::Always),
-            &mut NullSink,
-        )
-        .unwrap();
+        let (log, _) =
+            EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut NullSink).unwrap();
         let log = Arc::new(log);
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
@@ -230,7 +226,12 @@ fn replaying_the_log_rebuilds_an_index_equal_to_the_live_one() {
             mb.apply(ev)
         }
     }
-    ma.apply_op(&LogEntry::control(a.clone(), 1, 1, LogOp::RemoveWorkerDpRank));
+    ma.apply_op(&LogEntry::control(
+        a.clone(),
+        1,
+        1,
+        LogOp::RemoveWorkerDpRank,
+    ));
     assert_eq!(ma.canonical(), live_a);
     assert_eq!(mb.canonical(), live_b);
 }
@@ -348,12 +349,22 @@ fn watermarks_name_the_last_source_sequence_per_stream_and_survive_restart_and_c
     };
     {
         let (idx, _) = DurableIndex::open(dir.path(), config.clone(), small_engine()).unwrap();
-        let _ = idx.submit(&spec, 10, stored(1, 0, 1, None, &[(1, 1)])).unwrap();
-        let _ = idx.submit(&spec, 11, stored(1, 0, 2, Some(1), &[(2, 2)])).unwrap();
-        let _ = idx.submit(&spec, 500, stored(2, 3, 1, None, &[(3, 1)])).unwrap();
+        let _ = idx
+            .submit(&spec, 10, stored(1, 0, 1, None, &[(1, 1)]))
+            .unwrap();
+        let _ = idx
+            .submit(&spec, 11, stored(1, 0, 2, Some(1), &[(2, 2)]))
+            .unwrap();
+        let _ = idx
+            .submit(&spec, 500, stored(2, 3, 1, None, &[(3, 1)]))
+            .unwrap();
         idx.remove_worker(&spec, 1).unwrap().wait().unwrap();
         let wms = idx.watermarks();
-        assert_eq!(wm_of(&wms, 1, 0), Some(11), "control ops do not move watermarks");
+        assert_eq!(
+            wm_of(&wms, 1, 0),
+            Some(11),
+            "control ops do not move watermarks"
+        );
         assert_eq!(wm_of(&wms, 2, 3), Some(500));
         idx.snapshot_now().unwrap();
         idx.submit(&spec, 501, stored(2, 3, 2, Some(3), &[(4, 2)]))

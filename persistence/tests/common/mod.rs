@@ -60,7 +60,11 @@ pub fn removed(worker: u64, dp: u32, id: u64, hashes: &[u64]) -> RouterEvent {
         KvCacheEvent {
             event_id: id,
             data: KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: hashes.iter().copied().map(ExternalSequenceBlockHash).collect(),
+                block_hashes: hashes
+                    .iter()
+                    .copied()
+                    .map(ExternalSequenceBlockHash)
+                    .collect(),
             }),
             dp_rank: dp,
         },
