@@ -463,15 +463,35 @@ pub fn export(
     from: Lsn,
     to: Lsn,
     worker: Option<WorkerId>,
-) -> Result<impl Iterator<Item = Result<RouterEvent>>> {
-    let cursor = ReplayCursor::open(dir.as_ref(), from, to)?;
-    Ok(cursor.filter_map(move |r| match r {
-        Err(e) => Some(Err(e)),
-        Ok(l) => match l.entry.op {
-            LogOp::Event(ev) if worker.map_or(true, |w| w == ev.worker_id) => Some(Ok(ev)),
-            _ => None,
-        },
-    }))
+) -> Result<ExportIter> {
+    Ok(ExportIter {
+        cursor: ReplayCursor::open(dir.as_ref(), from, to)?,
+        worker,
+    })
+}
+
+/// Iterator returned by [`export`].
+pub struct ExportIter {
+    cursor: ReplayCursor,
+    worker: Option<WorkerId>,
+}
+
+impl Iterator for ExportIter {
+    type Item = Result<RouterEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.cursor.next()? {
+                Err(e) => return Some(Err(e)),
+                Ok(l) => match l.entry.op {
+                    LogOp::Event(ev) if self.worker.map_or(true, |w| w == ev.worker_id) => {
+                        return Some(Ok(ev))
+                    }
+                    _ => continue,
+                },
+            }
+        }
+    }
 }
 
 /// [`export`] written as JSON lines in Dynamo's RouterEvent shape; returns the number written.
@@ -587,7 +607,10 @@ pub enum StateSource {
     DataDir(PathBuf),
     /// A RouterEvent JSON-lines file applied to one namespace; position `n` means "after the
     /// first `n` events".
-    JsonLines { path: PathBuf, namespace: NamespaceSpec },
+    JsonLines {
+        path: PathBuf,
+        namespace: NamespaceSpec,
+    },
 }
 
 /// An index rebuilt as of a position.
@@ -651,7 +674,10 @@ pub fn state(source: &StateSource, at: Option<u64>) -> Result<RebuiltState> {
 fn check_reachable(dir: &Path, at: Lsn) -> Result<()> {
     let listing = list_dir(dir)?;
     let oldest_seg = listing.segments.first().map(|(l, _)| *l);
-    let snap_ok = listing.snapshots.iter().any(|(n, _)| *n <= at.saturating_add(1));
+    let snap_ok = listing
+        .snapshots
+        .iter()
+        .any(|(n, _)| *n <= at.saturating_add(1));
     if let Some(first) = oldest_seg {
         if first > FIRST_LSN && at + 1 < first && !snap_ok {
             let earliest = listing
