@@ -59,7 +59,7 @@ pub(crate) struct SegmentIo {
 enum Backend {
     Portable,
     #[cfg(target_os = "linux")]
-    Uring(uring::UringIo),
+    Uring(Box<uring::UringIo>),
 }
 
 impl SegmentIo {
@@ -85,7 +85,7 @@ impl SegmentIo {
 
     #[cfg(target_os = "linux")]
     fn uring() -> Result<Backend, String> {
-        uring::UringIo::new().map(Backend::Uring)
+        uring::UringIo::new().map(|u| Backend::Uring(Box::new(u)))
     }
 
     #[cfg(not(target_os = "linux"))]

@@ -484,7 +484,9 @@ impl Iterator for ExportIter {
             match self.cursor.next()? {
                 Err(e) => return Some(Err(e)),
                 Ok(l) => match l.entry.op {
-                    LogOp::Event(ev) if self.worker.map_or(true, |w| w == ev.worker_id) => {
+                    LogOp::Event(ev)
+                        if self.worker.is_none() || self.worker == Some(ev.worker_id) =>
+                    {
                         return Some(Ok(ev))
                     }
                     _ => continue,

@@ -23,10 +23,13 @@ use crate::record::{ArchivedLogBatch, LogBatch};
 use crate::segment::segment_file_name;
 use crate::snapshot::sync_dir;
 
+/// `(worker_id, dp_rank)` → `(source_seq, lsn)` of the stream's last event entry.
+type StreamMarks = HashMap<(u64, u32), (u64, Lsn)>;
+
 /// Per-stream `(source_seq, lsn)` of the last event entry, by namespace.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct WatermarkTable {
-    map: HashMap<NamespaceKey, HashMap<(u64, u32), (u64, Lsn)>>,
+    map: HashMap<NamespaceKey, StreamMarks>,
 }
 
 impl WatermarkTable {

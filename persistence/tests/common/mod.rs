@@ -172,8 +172,11 @@ impl EventGen {
 /// per stream, a bijection between external hashes and paths of local hashes.
 #[derive(Default, Debug, Clone)]
 pub struct Model {
-    streams: HashMap<WorkerWithDpRank, (HashMap<u64, Vec<u64>>, HashMap<Vec<u64>, u64>)>,
+    streams: HashMap<WorkerWithDpRank, StreamBlocks>,
 }
+
+/// One stream's blocks: external hash → path, and path → external hash.
+type StreamBlocks = (HashMap<u64, Vec<u64>>, HashMap<Vec<u64>, u64>);
 
 impl Model {
     pub fn apply(&mut self, ev: &RouterEvent) {
