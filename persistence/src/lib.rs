@@ -21,6 +21,8 @@ pub mod durable;
 pub mod entry;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod log;
 pub mod record;
