@@ -677,3 +677,37 @@ fn group_bytes(m: &Msg) -> usize {
         Msg::Sync(_) => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvindex_engine::{KvCacheEvent, KvCacheEventData, RouterEvent};
+
+    #[test]
+    fn patching_the_first_lsn_of_an_encoded_batch_changes_only_that_field() {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let entries: Vec<LogEntry> = (0..3)
+            .map(|i| {
+                LogEntry::event(
+                    spec.clone(),
+                    i,
+                    RouterEvent::new(
+                        i,
+                        KvCacheEvent {
+                            event_id: i,
+                            data: KvCacheEventData::Cleared,
+                            dp_rank: 0,
+                        },
+                    ),
+                )
+            })
+            .collect();
+        let mut payload =
+            rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0, &entries)).unwrap();
+        patch_first_lsn(&mut payload, 0xFEED_F00D);
+        let direct =
+            rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0xFEED_F00D, &entries))
+                .unwrap();
+        assert_eq!(payload.as_slice(), direct.as_slice());
+    }
+}
