@@ -21,7 +21,7 @@ use kvindex_persistence::{
 fn event(i: u64) -> RouterEvent {
     let worker = i % 16;
     // Stores of 4-block chains, and removals of the chain stored 8 events earlier (same worker).
-    let data = if i % 2 == 0 {
+    let data = if i & 1 == 0 {
         let base = i * 4;
         KvCacheEventData::Stored(KvCacheStoreData {
             parent_hash: None,
@@ -37,7 +37,9 @@ fn event(i: u64) -> RouterEvent {
     } else {
         let base = (i.saturating_sub(17)) * 4;
         KvCacheEventData::Removed(KvCacheRemoveData {
-            block_hashes: (0..4).map(|k| ExternalSequenceBlockHash(base + k)).collect(),
+            block_hashes: (0..4)
+                .map(|k| ExternalSequenceBlockHash(base + k))
+                .collect(),
         })
     };
     RouterEvent::new(
@@ -52,7 +54,10 @@ fn event(i: u64) -> RouterEvent {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10_000_000);
+    let n: u64 = args
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000_000);
     let batch: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(16);
     let dir = std::env::temp_dir().join(format!("kvindex-recovery-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

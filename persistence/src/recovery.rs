@@ -305,6 +305,7 @@ pub(crate) fn recover(
         .collect();
     let mut skipped_in_last = false;
     let mut done = false;
+    let mut last_key: Option<NamespaceKey> = None;
 
     for i in first_idx..segs.len() {
         if done {
@@ -464,13 +465,24 @@ pub(crate) fn recover(
                         record: e,
                     };
                     if e.op.is_event() {
-                        watermarks.set(
-                            &view.namespace_key(),
-                            view.worker_id(),
-                            view.dp_rank(),
-                            view.source_seq(),
-                            lsn,
-                        );
+                        // Consecutive entries nearly always share a namespace: build its key
+                        // only when it changes.
+                        let same = last_key.as_ref().is_some_and(|k: &NamespaceKey| {
+                            k.model_name == ns.model_name.as_str()
+                                && k.routing_group == ns.routing_group.as_str()
+                        });
+                        if !same {
+                            last_key = Some(view.namespace_key());
+                        }
+                        if let Some(key) = &last_key {
+                            watermarks.set(
+                                key,
+                                view.worker_id(),
+                                view.dp_rank(),
+                                view.source_seq(),
+                                lsn,
+                            );
+                        }
                     }
                     sink.apply(lsn, view)?;
                     report.entries_replayed += 1;
