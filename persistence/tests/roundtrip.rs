@@ -428,3 +428,33 @@ fn policies_parse_from_and_print_as_their_command_line_spelling() {
     }
     assert!("lenient".parse::<RecoveryPolicy>().is_err());
 }
+
+#[test]
+fn interval_policy_acknowledges_on_write_and_syncs_within_the_interval_when_idle() {
+    for io in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = EventLog::open(
+            dir.path(),
+            cfg(io, FsyncPolicy::Interval(Duration::from_millis(20))),
+            &mut NullSink,
+        )
+        .unwrap();
+        let t = log
+            .append(&[LogEntry::event(ns(), 5, stored(1, 0, 1, None, &[(1, 1)]))])
+            .unwrap();
+        assert_eq!(t.wait().unwrap(), 1);
+        // No further appends: the writer's timer must sync on its own (bounded wait).
+        let mut synced = false;
+        for _ in 0..500 {
+            if log.synced_lsn() == 2 {
+                synced = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(synced, "{io:?}: never synced");
+        let wms = log.durable_watermarks();
+        assert_eq!(wms.len(), 1);
+        assert_eq!((wms[0].source_seq, wms[0].lsn), (5, 1));
+    }
+}
