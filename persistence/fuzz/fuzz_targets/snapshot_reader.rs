@@ -1,0 +1,8 @@
+//! Arbitrary bytes as a snapshot file: validation must never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = kvindex_persistence::fuzzing::read_snapshot_bytes(data);
+});

@@ -1,0 +1,374 @@
+//! [`DurableIndex`]: an [`Engine`] whose every change is logged first, with periodic snapshots
+//! and compaction; opening it rebuilds the engine from disk. This is the piece the server wires
+//! between its event sources and the engine.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use kvindex_engine::{Engine, Namespace, NamespaceKey, RouterEvent, WorkerId};
+
+use crate::config::LogConfig;
+use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamWatermark};
+use crate::error::Result;
+use crate::log::EventLog;
+use crate::record::ArchivedOpRecord;
+use crate::recovery::{EntryView, RecoveryReport, ReplaySink};
+use crate::snapshot::{LoadedSnapshot, SnapshotImage, SnapshotMeta, SnapshotStore};
+use crate::writer::AppendTicket;
+
+/// When snapshots are taken, and how many are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Take one after this many entries since the last (None: never by count).
+    pub every_entries: Option<u64>,
+    /// Take one this long after the last, if anything was appended (None: never by time).
+    pub every: Option<Duration>,
+    /// Snapshots kept on disk (at least 1).
+    pub keep: usize,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self {
+            every_entries: Some(1_000_000),
+            every: Some(Duration::from_secs(600)),
+            keep: 2,
+        }
+    }
+}
+
+/// Configuration of a [`DurableIndex`].
+#[derive(Debug, Clone, Default)]
+pub struct DurableConfig {
+    pub log: LogConfig,
+    pub snapshots: SnapshotPolicy,
+}
+
+/// A [`ReplaySink`] that rebuilds an [`Engine`]: restores the snapshot, then applies entries
+/// through the same calls the live path uses (per-stream order is kept by the engine's sticky
+/// event threads).
+pub struct EngineSink {
+    engine: Engine,
+    /// The namespace of the previous entry: consecutive entries nearly always share it.
+    last: Option<(String, String, u32, Namespace)>,
+    namespaces: HashMap<NamespaceKey, Namespace>,
+    /// Entries applied.
+    pub applied: u64,
+}
+
+impl EngineSink {
+    /// A sink feeding `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            last: None,
+            namespaces: HashMap::new(),
+            applied: 0,
+        }
+    }
+
+    /// The engine being fed.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn namespace_for(&mut self, view: &EntryView<'_>) -> Result<Namespace> {
+        let model = view.namespace.model_name.as_str();
+        let group = view.namespace.routing_group.as_str();
+        let bs = view.namespace.block_size.to_native();
+        if let Some((m, g, b, ns)) = &self.last {
+            if m == model && g == group && *b == bs {
+                return Ok(ns.clone());
+            }
+        }
+        let key = NamespaceKey::new(model, group);
+        let ns = match self.namespaces.get(&key) {
+            Some(ns) if ns.block_size() == bs => ns.clone(),
+            _ => {
+                let ns = self.engine.create_namespace(key.clone(), bs)?;
+                self.namespaces.insert(key, ns.clone());
+                ns
+            }
+        };
+        self.last = Some((model.to_owned(), group.to_owned(), bs, ns.clone()));
+        Ok(ns)
+    }
+}
+
+impl ReplaySink for EngineSink {
+    fn restore_snapshot(&mut self, snapshot: &LoadedSnapshot) -> Result<()> {
+        snapshot.image()?.restore_into(&self.engine)
+    }
+
+    fn apply(&mut self, _lsn: Lsn, view: EntryView<'_>) -> Result<()> {
+        let ns = self.namespace_for(&view)?;
+        let (worker, dp) = (view.worker_id(), view.dp_rank());
+        match &view.record.op {
+            ArchivedOpRecord::Event(e) => ns.apply(e.to_router_event(worker, dp))?,
+            ArchivedOpRecord::RemoveWorker => ns.remove_worker(worker)?,
+            ArchivedOpRecord::RemoveWorkerDpRank => ns.remove_worker_dp_rank(worker, dp)?,
+            ArchivedOpRecord::ClearAllBlocks => ns.clear_all_blocks(worker)?,
+        }
+        self.applied += 1;
+        Ok(())
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    log: EventLog,
+    store: SnapshotStore,
+    /// Held while an entry is appended and handed to the engine, and while a snapshot is
+    /// captured: so queue order equals LSN order per stream, and a snapshot matches its LSN.
+    intake: Mutex<()>,
+    since_snapshot: AtomicU64,
+    last_snapshot: Mutex<Instant>,
+    policy: SnapshotPolicy,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An engine kept durable by an [`EventLog`] and a [`SnapshotStore`]; see the module docs.
+pub struct DurableIndex {
+    inner: Arc<Inner>,
+    snapshotter: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+impl DurableIndex {
+    /// Open `dir`: rebuild `engine` (which should be empty) from the newest valid snapshot and
+    /// the log, then start logging. After a recovery that skipped damage, a snapshot is taken at
+    /// once so the damage is never read again.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        config: DurableConfig,
+        engine: Engine,
+    ) -> Result<(Self, RecoveryReport)> {
+        let dir = dir.as_ref();
+        let mut sink = EngineSink::new(engine.clone());
+        let (log, report) = EventLog::open(dir, config.log.clone(), &mut sink)?;
+        engine.flush()?;
+        let inner = Arc::new(Inner {
+            engine,
+            log,
+            store: SnapshotStore::new(dir),
+            intake: Mutex::new(()),
+            since_snapshot: AtomicU64::new(report.entries_replayed),
+            last_snapshot: Mutex::new(Instant::now()),
+            policy: SnapshotPolicy {
+                keep: config.snapshots.keep.max(1),
+                ..config.snapshots
+            },
+        });
+        if report.skipped_anything() {
+            inner.snapshot()?;
+        }
+        let snapshotter = if inner.policy.every_entries.is_some() || inner.policy.every.is_some() {
+            let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+            let bg = Arc::clone(&inner);
+            let handle = std::thread::Builder::new()
+                .name("kvindex-snapshotter".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(Duration::from_millis(500)) {
+                        Ok(()) | Err(RecvTimeoutError::Timeout) => {
+                            if bg.snapshot_due() {
+                                if let Err(e) = bg.snapshot() {
+                                    tracing::error!(error = %e, "periodic snapshot failed");
+                                    metrics::counter!("kvindex_snapshot_failures_total")
+                                        .increment(1);
+                                }
+                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                })
+                .map_err(|e| crate::PersistError::io("spawn snapshot thread", dir, None, e))?;
+            Some((tx, handle))
+        } else {
+            None
+        };
+        Ok((Self { inner, snapshotter }, report))
+    }
+
+    /// The engine (for queries; do not apply events to it directly, or they are not logged).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The log.
+    pub fn log(&self) -> &EventLog {
+        &self.inner.log
+    }
+
+    /// Log and apply one event of `namespace`. Wait on the ticket before acknowledging the
+    /// producer.
+    pub fn submit(
+        &self,
+        namespace: &Arc<NamespaceSpec>,
+        source_seq: u64,
+        event: RouterEvent,
+    ) -> Result<AppendTicket> {
+        self.submit_batch(vec![LogEntry::event(
+            Arc::clone(namespace),
+            source_seq,
+            event,
+        )])
+    }
+
+    /// Log `entries` as one record (all or nothing after a crash), then hand them to the engine.
+    /// If the engine fails after the log accepted the batch, the error is returned and the
+    /// entries are applied on the next recovery.
+    pub fn submit_batch(&self, entries: Vec<LogEntry>) -> Result<AppendTicket> {
+        let n = entries.len() as u64;
+        let ticket = {
+            let _intake = lock(&self.inner.intake);
+            let ticket = self.inner.log.append(&entries)?;
+            for e in entries {
+                let ns = self
+                    .inner
+                    .engine
+                    .create_namespace(e.namespace.key.clone(), e.namespace.block_size)?;
+                match e.op {
+                    LogOp::Event(ev) => ns.apply(ev)?,
+                    LogOp::RemoveWorker => ns.remove_worker(e.worker_id)?,
+                    LogOp::RemoveWorkerDpRank => {
+                        ns.remove_worker_dp_rank(e.worker_id, e.dp_rank)?
+                    }
+                    LogOp::ClearAllBlocks => ns.clear_all_blocks(e.worker_id)?,
+                }
+            }
+            ticket
+        };
+        let since = self.inner.since_snapshot.fetch_add(n, Ordering::Relaxed) + n;
+        if let (Some(every), Some((tx, _))) = (self.inner.policy.every_entries, &self.snapshotter) {
+            if since >= every {
+                let _ = tx.try_send(());
+            }
+        }
+        Ok(ticket)
+    }
+
+    /// Log and apply `remove_worker(worker_id)`.
+    pub fn remove_worker(
+        &self,
+        namespace: &Arc<NamespaceSpec>,
+        worker_id: WorkerId,
+    ) -> Result<AppendTicket> {
+        self.submit_batch(vec![LogEntry::control(
+            Arc::clone(namespace),
+            worker_id,
+            0,
+            LogOp::RemoveWorker,
+        )])
+    }
+
+    /// Log and apply `remove_worker_dp_rank(worker_id, dp_rank)`.
+    pub fn remove_worker_dp_rank(
+        &self,
+        namespace: &Arc<NamespaceSpec>,
+        worker_id: WorkerId,
+        dp_rank: u32,
+    ) -> Result<AppendTicket> {
+        self.submit_batch(vec![LogEntry::control(
+            Arc::clone(namespace),
+            worker_id,
+            dp_rank,
+            LogOp::RemoveWorkerDpRank,
+        )])
+    }
+
+    /// Log and apply `clear_all_blocks(worker_id)`.
+    pub fn clear_all_blocks(
+        &self,
+        namespace: &Arc<NamespaceSpec>,
+        worker_id: WorkerId,
+    ) -> Result<AppendTicket> {
+        self.submit_batch(vec![LogEntry::control(
+            Arc::clone(namespace),
+            worker_id,
+            0,
+            LogOp::ClearAllBlocks,
+        )])
+    }
+
+    /// Take a snapshot now (intake pauses while the index is copied), prune old snapshots and
+    /// compact the log.
+    pub fn snapshot_now(&self) -> Result<SnapshotMeta> {
+        self.inner.snapshot()
+    }
+
+    /// Per-stream watermarks of what is on disk: what to ask producers to replay after.
+    pub fn watermarks(&self) -> Vec<StreamWatermark> {
+        self.inner.log.durable_watermarks()
+    }
+
+    /// Stop the snapshot thread, drain and sync the log.
+    pub fn close(mut self) -> Result<()> {
+        self.stop_snapshotter();
+        self.inner.log.sync().map(|_| ())
+    }
+
+    fn stop_snapshotter(&mut self) {
+        if let Some((tx, handle)) = self.snapshotter.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for DurableIndex {
+    fn drop(&mut self) {
+        self.stop_snapshotter();
+    }
+}
+
+impl Inner {
+    fn snapshot_due(&self) -> bool {
+        let since = self.since_snapshot.load(Ordering::Relaxed);
+        if since == 0 {
+            return false;
+        }
+        if self.policy.every_entries.is_some_and(|n| since >= n) {
+            return true;
+        }
+        self.policy
+            .every
+            .is_some_and(|d| lock(&self.last_snapshot).elapsed() >= d)
+    }
+
+    fn snapshot(&self) -> Result<SnapshotMeta> {
+        let started = Instant::now();
+        let image = {
+            let _intake = lock(&self.intake);
+            let next = self.log.next_lsn();
+            // The snapshot must never cover an LSN the log could still lose.
+            self.log.sync()?;
+            let wms = self.log.durable_watermarks();
+            let image = SnapshotImage::capture(&self.engine, next, &wms)?;
+            self.since_snapshot.store(0, Ordering::Relaxed);
+            *lock(&self.last_snapshot) = Instant::now();
+            image
+        };
+        // (Re)written even when a snapshot of this position exists: the rename is atomic and
+        // replaces a possibly damaged file.
+        let meta = self.store.write(&image)?;
+        self.store.prune(self.policy.keep)?;
+        if let Some(oldest) = self.store.list()?.first() {
+            self.log.compact(oldest.next_lsn)?;
+        }
+        tracing::info!(
+            path = %meta.path.display(),
+            next_lsn = meta.next_lsn,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        metrics::histogram!("kvindex_snapshot_seconds").record(started.elapsed().as_secs_f64());
+        Ok(meta)
+    }
+}

@@ -1,0 +1,197 @@
+//! Typed errors of the persistence layer. Every message about a file names the file, the byte
+//! offset and what to do next, because the reader is an operator looking at a server that will
+//! not start.
+
+use std::path::PathBuf;
+
+use kvindex_engine::EngineError;
+use thiserror::Error;
+
+use crate::entry::Lsn;
+
+/// What is wrong with a piece of a segment or snapshot. Used in errors, in the recovery report,
+/// in `inspect` findings and as the `reason` metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Damage {
+    /// The file ends inside a frame: what a crash during a write leaves behind.
+    IncompleteFrame { needed: u64, available: u64 },
+    /// The rest of the file is zero bytes (a file system that extended the file before the data
+    /// reached the disk).
+    ZeroFilledTail,
+    /// A frame length of 0 followed by non-zero bytes, or above the record limit.
+    BadLength { len: u32 },
+    /// The frame's CRC32C does not match its bytes.
+    ChecksumMismatch { stored: u32, computed: u32 },
+    /// The CRC matched but rkyv's checked access rejected the payload.
+    InvalidArchive(String),
+    /// An entry names a namespace index outside the batch's table.
+    BadNamespaceIndex { index: u32, namespaces: u32 },
+    /// A batch with no entries (never written by kvindex).
+    EmptyBatch,
+    /// A record's first LSN is not the one expected after the previous record.
+    LsnMismatch { expected: Lsn, found: Lsn },
+    /// A segment header that is too short, has the wrong magic, version or CRC, or disagrees
+    /// with the file name.
+    BadHeader(String),
+}
+
+impl Damage {
+    /// Short stable label (metrics, JSON reports).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Damage::IncompleteFrame { .. } => "incomplete_frame",
+            Damage::ZeroFilledTail => "zero_filled_tail",
+            Damage::BadLength { .. } => "bad_length",
+            Damage::ChecksumMismatch { .. } => "checksum_mismatch",
+            Damage::InvalidArchive(_) => "invalid_archive",
+            Damage::BadNamespaceIndex { .. } => "bad_namespace_index",
+            Damage::EmptyBatch => "empty_batch",
+            Damage::LsnMismatch { .. } => "lsn_mismatch",
+            Damage::BadHeader(_) => "bad_header",
+        }
+    }
+
+    /// Whether this is what an interrupted write looks like (tolerated by every policy when at
+    /// the tail), as opposed to bytes that changed after they were written.
+    pub fn is_torn_write(&self) -> bool {
+        matches!(
+            self,
+            Damage::IncompleteFrame { .. } | Damage::ZeroFilledTail
+        )
+    }
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::IncompleteFrame { needed, available } => write!(
+                f,
+                "incomplete record (needs {needed} bytes, {available} left in the file)"
+            ),
+            Damage::ZeroFilledTail => write!(f, "zero-filled tail"),
+            Damage::BadLength { len } => write!(f, "invalid record length {len}"),
+            Damage::ChecksumMismatch { stored, computed } => write!(
+                f,
+                "CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+            Damage::InvalidArchive(e) => write!(f, "payload fails validation: {e}"),
+            Damage::BadNamespaceIndex { index, namespaces } => write!(
+                f,
+                "entry names namespace #{index} but the batch has {namespaces}"
+            ),
+            Damage::EmptyBatch => write!(f, "batch with no entries"),
+            Damage::LsnMismatch { expected, found } => {
+                write!(f, "record starts at LSN {found}, expected {expected}")
+            }
+            Damage::BadHeader(why) => write!(f, "bad segment header: {why}"),
+        }
+    }
+}
+
+/// Advice printed with every refusal to start.
+pub(crate) const CORRUPT_ADVICE: &str = "Inspect it with `kvindex replay inspect <data-dir>`; \
+restore the file from a backup, or restart with `--recovery skip-corrupt` to skip the damage \
+and accept losing those events (producers can replay them from the per-stream watermarks)";
+
+/// Every way a persistence call can fail.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    /// An operating-system call failed.
+    #[error("{op} {path}{}: {source}", offset.map(|o| format!(" at byte {o}")).unwrap_or_default())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        offset: Option<u64>,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Recovery found damage its policy does not allow (nothing on disk was changed).
+    #[error("corrupt log segment {path} at byte {offset}: {damage} (recovery policy {policy}). {advice}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        damage: Damage,
+        policy: &'static str,
+        advice: &'static str,
+    },
+    /// LSNs are missing from the log (a segment was deleted or cut), and the policy refuses it.
+    #[error("the log is missing LSNs {first}..={last} (before {next_file}; recovery policy {policy}). {advice}")]
+    MissingRecords {
+        first: Lsn,
+        last: Lsn,
+        next_file: String,
+        policy: &'static str,
+        advice: &'static str,
+    },
+    /// A snapshot file failed validation.
+    #[error(
+        "corrupt snapshot {path} at byte {offset}: {reason}. Delete it (an older snapshot \
+             and the log are used instead) or inspect it with `kvindex replay inspect`"
+    )]
+    CorruptSnapshot {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {dir} is locked by another process (flock on LOCK); stop that \
+             process or use another data directory"
+    )]
+    Locked { dir: PathBuf },
+    /// The writer stopped after an I/O error; appends fail until the process restarts.
+    #[error(
+        "the log writer stopped after an I/O error ({cause}); nothing more is appended. \
+             Free disk space / fix the device, then restart: recovery truncates the torn tail"
+    )]
+    WriterFailed { cause: String },
+    /// A batch too large for one record.
+    #[error("a batch of {bytes} bytes exceeds the record limit of {max} bytes; split it")]
+    RecordTooLarge { bytes: u64, max: u64 },
+    /// An empty batch was appended.
+    #[error("cannot append an empty batch")]
+    EmptyBatch,
+    /// rkyv could not encode a value.
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    /// The engine refused a call during replay or intake.
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    /// `IoBackendChoice::IoUring` was forced but io_uring cannot be set up here.
+    #[error("io_uring was requested but is unavailable ({0}); use the portable writer")]
+    IoUringUnavailable(String),
+    /// A line of an input file could not be used.
+    #[error("{path} line {line}: {reason}")]
+    BadInput {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
+    /// The state asked for cannot be rebuilt from what is on disk.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl PersistError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        offset: Option<u64>,
+        source: std::io::Error,
+    ) -> Self {
+        PersistError::Io {
+            op,
+            path: path.into(),
+            offset,
+            source,
+        }
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = PersistError> = std::result::Result<T, E>;

@@ -1,0 +1,78 @@
+//! Entry points shared by the fuzz targets (`persistence/fuzz`) and the seed-corpus test, so
+//! that the code fuzzed is exactly the code tested. Each takes arbitrary bytes and must never
+//! panic; it returns a summary so tests can also check what a valid input yields.
+
+use rkyv::util::AlignedVec;
+
+use crate::format::{self, SEGMENT_HEADER_LEN};
+use crate::recovery::{resume_after, EntryView};
+use crate::snapshot::validate_snapshot_bytes;
+
+/// What reading a segment's bytes found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SegmentSummary {
+    pub header_ok: bool,
+    pub records: u64,
+    pub entries: u64,
+    pub damaged_regions: u64,
+}
+
+/// Read `data` as a whole segment file, the way recovery and `inspect` do: header, every
+/// record (checked access, conversion to owned entries), resuming after damage.
+pub fn read_segment_bytes(data: &[u8]) -> SegmentSummary {
+    // Copy into an aligned buffer, as a memory map would be.
+    let mut buf: AlignedVec = AlignedVec::with_capacity(data.len());
+    buf.extend_from_slice(data);
+    let bytes: &[u8] = &buf;
+    let mut out = SegmentSummary::default();
+    let mut damage = match format::decode_segment_header(bytes) {
+        Ok(_) => {
+            out.header_ok = true;
+            None
+        }
+        Err(d) => Some((0usize, d)),
+    };
+    let mut pos = SEGMENT_HEADER_LEN;
+    loop {
+        if let Some((at, d)) = damage.take() {
+            out.damaged_regions += 1;
+            match resume_after(bytes, at, &d) {
+                Some(o) if o > at => pos = o,
+                _ => break,
+            }
+        }
+        match format::read_record(bytes, pos) {
+            Ok(None) => break,
+            Err(d) => damage = Some((pos, d)),
+            Ok(Some(rec)) => {
+                out.records += 1;
+                for e in rec.batch.entries.iter() {
+                    if let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize) {
+                        let _ = EntryView {
+                            namespace: ns,
+                            record: e,
+                        }
+                        .to_entry();
+                        out.entries += 1;
+                    }
+                }
+                pos = rec.end;
+            }
+        }
+    }
+    out
+}
+
+/// What reading a snapshot's bytes found: `Ok((namespaces, (block, stream) pairs))`.
+pub fn read_snapshot_bytes(data: &[u8]) -> Result<(usize, usize), String> {
+    let mut buf: AlignedVec = AlignedVec::with_capacity(data.len());
+    buf.extend_from_slice(data);
+    let (_, image) = validate_snapshot_bytes(&buf).map_err(|(o, r)| format!("byte {o}: {r}"))?;
+    let mut pairs = 0;
+    for ns in image.namespaces.iter() {
+        pairs += ns.to_index_snapshot().pairs();
+        let _ = ns.spec();
+    }
+    let _ = image.watermarks();
+    Ok((image.namespaces.len(), pairs))
+}

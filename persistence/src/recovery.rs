@@ -1,0 +1,675 @@
+//! Crash recovery (docs/log-format.md §5): newest valid snapshot, then the log from its
+//! position, in LSN order, into a [`ReplaySink`]; damage handled by the [`RecoveryPolicy`].
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kvindex_engine::NamespaceKey;
+
+use crate::config::{LogConfig, RecoveryPolicy, RecoveryProgress};
+use crate::entry::{LogEntry, LoggedEntry, Lsn, NamespaceSpec, FIRST_LSN};
+use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
+use crate::format::{self, SEGMENT_HEADER_LEN};
+use crate::record::{ArchivedEntryRecord, ArchivedNamespaceRecord};
+use crate::segment::{list_dir, segment_file_name, SegmentReader};
+use crate::snapshot::{LoadedSnapshot, SnapshotFailure, SnapshotMeta, SnapshotStore};
+use crate::writer::{WatermarkTable, WriterStart};
+
+/// One entry as recovery hands it over: borrowed from the mapped segment.
+#[derive(Clone, Copy)]
+pub struct EntryView<'a> {
+    pub namespace: &'a ArchivedNamespaceRecord,
+    pub record: &'a ArchivedEntryRecord,
+}
+
+impl EntryView<'_> {
+    /// The entry's namespace.
+    pub fn namespace_spec(&self) -> NamespaceSpec {
+        self.namespace.to_spec()
+    }
+
+    /// The entry's namespace key (without the block size).
+    pub fn namespace_key(&self) -> NamespaceKey {
+        NamespaceKey::new(
+            self.namespace.model_name.as_str(),
+            self.namespace.routing_group.as_str(),
+        )
+    }
+
+    pub fn worker_id(&self) -> u64 {
+        self.record.worker_id.to_native()
+    }
+
+    pub fn dp_rank(&self) -> u32 {
+        self.record.dp_rank.to_native()
+    }
+
+    pub fn source_seq(&self) -> u64 {
+        self.record.source_seq.to_native()
+    }
+
+    /// An owned copy of the entry.
+    pub fn to_entry(&self) -> LogEntry {
+        LogEntry {
+            namespace: std::sync::Arc::new(self.namespace_spec()),
+            worker_id: self.worker_id(),
+            dp_rank: self.dp_rank(),
+            source_seq: self.source_seq(),
+            op: self.record.op.to_op(self.worker_id(), self.dp_rank()),
+        }
+    }
+}
+
+/// Where recovery delivers state: the snapshot first (if any), then every entry after it.
+pub trait ReplaySink {
+    /// Called at most once, before any entry, with the validated snapshot recovery starts from.
+    fn restore_snapshot(&mut self, snapshot: &LoadedSnapshot) -> Result<()>;
+    /// Called for every recovered entry with LSN at or after the snapshot's `next_lsn`, in LSN
+    /// order. An error aborts recovery.
+    fn apply(&mut self, lsn: Lsn, entry: EntryView<'_>) -> Result<()>;
+}
+
+/// A sink that keeps everything (tests, tools, small logs).
+#[derive(Debug, Default)]
+pub struct CollectingSink {
+    /// The snapshot recovery started from: `(path, next_lsn)`.
+    pub snapshot: Option<(PathBuf, Lsn)>,
+    pub entries: Vec<LoggedEntry>,
+}
+
+impl ReplaySink for CollectingSink {
+    fn restore_snapshot(&mut self, snapshot: &LoadedSnapshot) -> Result<()> {
+        self.snapshot = Some((snapshot.path().to_path_buf(), snapshot.next_lsn()));
+        Ok(())
+    }
+
+    fn apply(&mut self, lsn: Lsn, entry: EntryView<'_>) -> Result<()> {
+        self.entries.push(LoggedEntry {
+            lsn,
+            entry: entry.to_entry(),
+        });
+        Ok(())
+    }
+}
+
+/// A sink that ignores everything (used to open a log just to append).
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+impl ReplaySink for NullSink {
+    fn restore_snapshot(&mut self, _: &LoadedSnapshot) -> Result<()> {
+        Ok(())
+    }
+    fn apply(&mut self, _: Lsn, _: EntryView<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes cut off the end of a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailCut {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    pub damage: Damage,
+    /// Where the cut bytes were saved (only for damage other than a torn write).
+    pub saved_to: Option<PathBuf>,
+    /// Whether the whole file was removed (its header was incomplete or damaged).
+    pub file_removed: bool,
+}
+
+/// A damaged region recovery stepped over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRegion {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    pub damage: Damage,
+    /// True when every LSN in it was already covered by the snapshot (no loss, policy not
+    /// consulted).
+    pub covered_by_snapshot: bool,
+}
+
+/// What recovery found and did; logged, exported as metrics, returned to the caller.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    pub policy: RecoveryPolicy,
+    /// The snapshot recovery started from.
+    pub snapshot: Option<SnapshotMeta>,
+    /// Newer snapshots that failed validation.
+    pub snapshots_rejected: Vec<SnapshotFailure>,
+    pub segments_scanned: usize,
+    pub records_replayed: u64,
+    pub entries_replayed: u64,
+    pub bytes_scanned: u64,
+    pub truncated: Vec<TailCut>,
+    pub skipped: Vec<SkippedRegion>,
+    /// LSN ranges known to be lost (inclusive).
+    pub lost_lsns: Vec<(Lsn, Lsn)>,
+    /// The LSN the next append gets.
+    pub next_lsn: Lsn,
+    /// Whether files were left untouched (read-only tools).
+    pub read_only: bool,
+    pub elapsed: Duration,
+}
+
+impl RecoveryReport {
+    fn new(policy: RecoveryPolicy, read_only: bool) -> Self {
+        Self {
+            policy,
+            snapshot: None,
+            snapshots_rejected: Vec::new(),
+            segments_scanned: 0,
+            records_replayed: 0,
+            entries_replayed: 0,
+            bytes_scanned: 0,
+            truncated: Vec::new(),
+            skipped: Vec::new(),
+            lost_lsns: Vec::new(),
+            next_lsn: FIRST_LSN,
+            read_only,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Number of LSNs known lost.
+    pub fn lost_lsn_count(&self) -> u64 {
+        self.lost_lsns.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    /// Whether anything was skipped (not merely cut off a tail, nor covered by the snapshot).
+    pub fn skipped_anything(&self) -> bool {
+        self.skipped.iter().any(|s| !s.covered_by_snapshot) || !self.lost_lsns.is_empty()
+    }
+
+    /// True when nothing was cut, skipped, lost or rejected.
+    pub fn is_clean(&self) -> bool {
+        self.truncated.is_empty()
+            && self.skipped.is_empty()
+            && self.lost_lsns.is_empty()
+            && self.snapshots_rejected.is_empty()
+    }
+}
+
+/// Whether recovery may change files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    ReadWrite,
+    ReadOnly,
+}
+
+pub(crate) struct Recovered {
+    pub report: RecoveryReport,
+    pub start: WriterStart,
+}
+
+struct Progress<'a> {
+    cfg: &'a LogConfig,
+    total: u64,
+    done_before: u64,
+    last: Instant,
+    started: Instant,
+}
+
+impl Progress<'_> {
+    fn tick(&mut self, in_segment: u64, entries: u64, force: bool) {
+        if !force && self.last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last = Instant::now();
+        let scanned = self.done_before + in_segment;
+        let ratio = if self.total == 0 {
+            1.0
+        } else {
+            scanned as f64 / self.total as f64
+        };
+        metrics::gauge!("kvindex_recovery_progress_ratio").set(ratio);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        tracing::info!(
+            scanned_mib = scanned >> 20,
+            total_mib = self.total >> 20,
+            entries,
+            entries_per_sec = (entries as f64 / secs) as u64,
+            "recovering the event log"
+        );
+        if let Some(cb) = &self.cfg.progress {
+            cb(RecoveryProgress {
+                bytes_scanned: scanned,
+                bytes_total: self.total,
+                entries_replayed: entries,
+            });
+        }
+    }
+}
+
+/// Recover `dir`: replay into `sink`, fix the tail (ReadWrite), and say where the writer starts.
+/// With `upto`, only entries with LSN `<= upto` are replayed and only snapshots covering no more.
+pub(crate) fn recover(
+    dir: &Path,
+    cfg: &LogConfig,
+    mode: Mode,
+    upto: Option<Lsn>,
+    sink: &mut dyn ReplaySink,
+) -> Result<Recovered> {
+    let started = Instant::now();
+    let policy = cfg.recovery;
+    let mut report = RecoveryReport::new(policy, mode == Mode::ReadOnly);
+    let listing = list_dir(dir)?;
+    if mode == Mode::ReadWrite {
+        for t in &listing.temps {
+            tracing::info!(path = %t.display(), "removing an interrupted snapshot write");
+            std::fs::remove_file(t).map_err(|e| PersistError::io("delete", t, None, e))?;
+        }
+    }
+
+    // 1. Snapshot.
+    let store = SnapshotStore::new(dir);
+    let (snap, rejected) = store.load_newest_valid(upto.map(|u| u.saturating_add(1)))?;
+    report.snapshots_rejected = rejected;
+    let mut watermarks = WatermarkTable::default();
+    let start_lsn = match &snap {
+        Some(s) => {
+            sink.restore_snapshot(s)?;
+            watermarks.insert_all(&s.image()?.watermarks());
+            report.snapshot = Some(SnapshotMeta {
+                path: s.path().to_path_buf(),
+                next_lsn: s.next_lsn(),
+            });
+            s.next_lsn()
+        }
+        None => FIRST_LSN,
+    };
+    drop(snap);
+
+    // 2. Segments to scan: from the last one starting at or before `start_lsn`.
+    let segs = listing.segments;
+    let first_idx = segs.iter().rposition(|(l, _)| *l <= start_lsn).unwrap_or(0);
+    let mut progress = Progress {
+        cfg,
+        total: segs[first_idx.min(segs.len())..]
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum(),
+        done_before: 0,
+        last: Instant::now(),
+        started,
+    };
+
+    let mut expected: Option<Lsn> = None;
+    // Survivors, oldest first: `(first_lsn, path, valid_end, holds records)`.
+    let mut kept: Vec<(Lsn, PathBuf, u64, bool)> = segs[..first_idx]
+        .iter()
+        .map(|(l, p)| (*l, p.clone(), 0, true))
+        .collect();
+    let mut skipped_in_last = false;
+    let mut done = false;
+    let mut last_key: Option<NamespaceKey> = None;
+
+    for i in first_idx..segs.len() {
+        if done {
+            kept.push((segs[i].0, segs[i].1.clone(), 0, true));
+            continue;
+        }
+        let (name_lsn, path) = (&segs[i].0, &segs[i].1);
+        let is_last = i + 1 == segs.len();
+        let next_seg_lsn = segs.get(i + 1).map(|(l, _)| *l);
+        report.segments_scanned += 1;
+        let reader = SegmentReader::open(path)?;
+        let bytes = reader.bytes();
+        let mut pos: usize = SEGMENT_HEADER_LEN;
+        let mut damage_at: Option<(usize, Damage)> = match reader.first_lsn() {
+            Ok(l) if l == *name_lsn => None,
+            Ok(l) => Some((
+                0,
+                Damage::BadHeader(format!(
+                    "header says first LSN {l}, file name says {name_lsn}"
+                )),
+            )),
+            // A file cut inside its header (or zero-filled) is a torn creation.
+            Err(_) if bytes.len() < SEGMENT_HEADER_LEN => Some((
+                0,
+                Damage::IncompleteFrame {
+                    needed: SEGMENT_HEADER_LEN as u64,
+                    available: bytes.len() as u64,
+                },
+            )),
+            Err(_) if bytes.iter().all(|&b| b == 0) => Some((0, Damage::ZeroFilledTail)),
+            Err(d) => Some((0, d)),
+        };
+        let mut first_record = true;
+        let mut has_records = false;
+        let mut cut: Option<(u64, Damage, bool)> = None; // (offset, damage, remove file)
+
+        loop {
+            if let Some((at, damage)) = damage_at.take() {
+                // Where does valid data resume?
+                let resume = resume_after(bytes, at, &damage);
+                let next_known = resume
+                    .and_then(|o| format::read_record(bytes, o).ok().flatten())
+                    .map(|r| r.batch.first_lsn.to_native())
+                    .or(next_seg_lsn);
+                let is_tail = resume.is_none() && is_last;
+                let region_end = resume.unwrap_or(bytes.len());
+                if !is_tail && next_known.is_some_and(|l| l <= start_lsn) {
+                    // Everything in here is older than the snapshot: harmless.
+                    tracing::info!(path = %path.display(), offset = at, %damage, "damage in a region covered by the snapshot; ignored");
+                    report.skipped.push(SkippedRegion {
+                        path: path.clone(),
+                        offset: at as u64,
+                        bytes: (region_end - at) as u64,
+                        damage,
+                        covered_by_snapshot: true,
+                    });
+                } else if is_tail {
+                    if damage.is_torn_write() || policy != RecoveryPolicy::Absolute {
+                        cut = Some((at as u64, damage, at < SEGMENT_HEADER_LEN));
+                        break;
+                    }
+                    return Err(corrupt(path, at, damage, policy));
+                } else if policy == RecoveryPolicy::SkipCorrupt {
+                    tracing::warn!(path = %path.display(), offset = at, bytes = region_end - at, %damage, "skipping a damaged region of the log");
+                    metrics::counter!("kvindex_recovery_skipped_bytes_total")
+                        .increment((region_end - at) as u64);
+                    metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
+                        .increment(1);
+                    report.skipped.push(SkippedRegion {
+                        path: path.clone(),
+                        offset: at as u64,
+                        bytes: (region_end - at) as u64,
+                        damage,
+                        covered_by_snapshot: false,
+                    });
+                    if is_last {
+                        skipped_in_last = true;
+                    }
+                } else {
+                    return Err(corrupt(path, at, damage, policy));
+                }
+                match resume {
+                    Some(o) => pos = o,
+                    None => break,
+                }
+            }
+
+            let rec = match format::read_record(bytes, pos) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(d) => {
+                    damage_at = Some((pos, d));
+                    continue;
+                }
+            };
+            let first = rec.batch.first_lsn.to_native();
+            let n = format::batch_len(rec.batch);
+            if first_record {
+                first_record = false;
+                if let Ok(h) = reader.first_lsn() {
+                    if h != first && pos == SEGMENT_HEADER_LEN {
+                        damage_at = Some((
+                            pos,
+                            Damage::LsnMismatch {
+                                expected: h,
+                                found: first,
+                            },
+                        ));
+                        continue;
+                    }
+                }
+            }
+            let exp = expected.unwrap_or(start_lsn.min(first));
+            if first < exp {
+                damage_at = Some((
+                    pos,
+                    Damage::LsnMismatch {
+                        expected: exp,
+                        found: first,
+                    },
+                ));
+                continue;
+            }
+            if first > exp {
+                // LSNs exp..first are not in the log. Below the snapshot's position they do
+                // not matter.
+                let lost_from = exp.max(start_lsn);
+                if first > lost_from {
+                    let range = (lost_from, first - 1);
+                    if policy != RecoveryPolicy::SkipCorrupt {
+                        return Err(missing(range, path, policy));
+                    }
+                    tracing::warn!(first = range.0, last = range.1, before = %path.display(), "LSNs missing from the log; skipped");
+                    metrics::counter!("kvindex_recovery_lost_lsns_total")
+                        .increment(range.1 - range.0 + 1);
+                    report.lost_lsns.push(range);
+                }
+            }
+            // Deliver.
+            if first + n > start_lsn {
+                for (k, e) in rec.batch.entries.iter().enumerate() {
+                    let lsn = first + k as u64;
+                    if lsn < start_lsn {
+                        continue;
+                    }
+                    if upto.is_some_and(|u| lsn > u) {
+                        done = true;
+                        break;
+                    }
+                    // Index checked by `access_batch`.
+                    let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize)
+                    else {
+                        continue;
+                    };
+                    let view = EntryView {
+                        namespace: ns,
+                        record: e,
+                    };
+                    if e.op.is_event() {
+                        // Consecutive entries nearly always share a namespace: build its key
+                        // only when it changes.
+                        let same = last_key.as_ref().is_some_and(|k: &NamespaceKey| {
+                            k.model_name == ns.model_name.as_str()
+                                && k.routing_group == ns.routing_group.as_str()
+                        });
+                        if !same {
+                            last_key = Some(view.namespace_key());
+                        }
+                        if let Some(key) = &last_key {
+                            watermarks.set(
+                                key,
+                                view.worker_id(),
+                                view.dp_rank(),
+                                view.source_seq(),
+                                lsn,
+                            );
+                        }
+                    }
+                    sink.apply(lsn, view)?;
+                    report.entries_replayed += 1;
+                }
+                report.records_replayed += 1;
+            }
+            expected = Some(first + n);
+            has_records = true;
+            pos = rec.end;
+            if done {
+                break;
+            }
+            progress.tick(pos as u64, report.entries_replayed, false);
+        }
+
+        let file_len = bytes.len() as u64;
+        progress.done_before += file_len;
+        report.bytes_scanned += file_len;
+        drop(reader);
+
+        match cut {
+            Some((offset, damage, remove)) => {
+                let bytes_cut = file_len - offset;
+                let mut saved_to = None;
+                if mode == Mode::ReadWrite {
+                    if !damage.is_torn_write() {
+                        saved_to = Some(save_cut(path, offset)?);
+                    }
+                    if remove {
+                        std::fs::remove_file(path)
+                            .map_err(|e| PersistError::io("delete", path, None, e))?;
+                    } else {
+                        truncate(path, offset)?;
+                    }
+                }
+                tracing::warn!(path = %path.display(), offset, bytes = bytes_cut, %damage, removed = remove, "cut a damaged log tail");
+                metrics::counter!("kvindex_recovery_truncated_bytes_total").increment(bytes_cut);
+                metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
+                    .increment(1);
+                report.truncated.push(TailCut {
+                    path: path.clone(),
+                    offset,
+                    bytes: bytes_cut,
+                    damage,
+                    saved_to,
+                    file_removed: remove,
+                });
+                if !remove {
+                    kept.push((*name_lsn, path.clone(), offset, has_records));
+                }
+            }
+            None => kept.push((*name_lsn, path.clone(), file_len, has_records)),
+        }
+    }
+    progress.tick(0, report.entries_replayed, true);
+
+    let log_end = expected.unwrap_or(start_lsn);
+    let next_lsn = log_end.max(start_lsn);
+    report.next_lsn = next_lsn;
+    metrics::counter!("kvindex_recovery_replayed_entries_total").increment(report.entries_replayed);
+
+    // 3. Where the writer starts.
+    let mut tail = None;
+    if let Some((first, path, end, has_records)) = kept.last().cloned() {
+        let appendable = !skipped_in_last
+            && upto.is_none()
+            && if has_records {
+                log_end >= start_lsn
+            } else {
+                first == next_lsn
+            };
+        if appendable {
+            kept.pop();
+            tail = Some((first, path, end));
+        } else if first == next_lsn && end <= SEGMENT_HEADER_LEN as u64 {
+            // An empty segment already named for the next LSN: reuse it.
+            kept.pop();
+            tail = Some((first, path, SEGMENT_HEADER_LEN as u64));
+        } else if first == next_lsn {
+            return Err(PersistError::Unavailable(format!(
+                "cannot start a new segment {}: a damaged file with that name exists; move it \
+                 aside and restart",
+                dir.join(segment_file_name(next_lsn)).display()
+            )));
+        }
+    }
+    if log_end < start_lsn && expected.is_some() {
+        tracing::info!(
+            log_end,
+            snapshot_next = start_lsn,
+            "the log ends before the snapshot's position; new segment starts after the snapshot"
+        );
+    }
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        snapshot = ?report.snapshot.as_ref().map(|s| s.path.display().to_string()),
+        entries = report.entries_replayed,
+        next_lsn,
+        truncated = report.truncated.len(),
+        skipped = report.skipped.len(),
+        lost_lsns = report.lost_lsn_count(),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "recovery finished"
+    );
+    Ok(Recovered {
+        report,
+        start: WriterStart {
+            dir: dir.to_path_buf(),
+            tail,
+            next_lsn,
+            older_segments: kept.into_iter().map(|(l, p, _, _)| (l, p)).collect(),
+            watermarks,
+        },
+    })
+}
+
+/// The offset where valid data resumes after damage at `at`: first where the damaged frame's
+/// own length points (a bit flip inside a payload leaves the length intact), then a scan.
+pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<usize> {
+    if at < SEGMENT_HEADER_LEN {
+        // Header damage: records may still follow it.
+        return if matches!(format::read_record(bytes, SEGMENT_HEADER_LEN), Ok(Some(_))) {
+            Some(SEGMENT_HEADER_LEN)
+        } else {
+            format::find_next_record(bytes, SEGMENT_HEADER_LEN)
+        };
+    }
+    if let Damage::ChecksumMismatch { .. }
+    | Damage::InvalidArchive(_)
+    | Damage::EmptyBatch
+    | Damage::BadNamespaceIndex { .. }
+    | Damage::LsnMismatch { .. } = damage
+    {
+        if at + 4 <= bytes.len() {
+            let len = format::le_u32(bytes, at) as usize;
+            let next = at + format::frame_len(len);
+            if next <= bytes.len() && matches!(format::read_record(bytes, next), Ok(Some(_))) {
+                return Some(next);
+            }
+        }
+    }
+    format::find_next_record(bytes, at)
+}
+
+fn corrupt(path: &Path, at: usize, damage: Damage, policy: RecoveryPolicy) -> PersistError {
+    PersistError::Corrupt {
+        path: path.to_path_buf(),
+        offset: at as u64,
+        damage,
+        policy: policy.as_str(),
+        advice: CORRUPT_ADVICE,
+    }
+}
+
+fn missing(range: (Lsn, Lsn), path: &Path, policy: RecoveryPolicy) -> PersistError {
+    PersistError::MissingRecords {
+        first: range.0,
+        last: range.1,
+        next_file: path.display().to_string(),
+        policy: policy.as_str(),
+        advice: "a segment file is missing or was cut short (or every snapshot covering the \
+                 compacted log is gone). Restore it from a backup, or restart with \
+                 `--recovery skip-corrupt` to accept the loss",
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| PersistError::io("open", path, None, e))?;
+    f.set_len(len)
+        .map_err(|e| PersistError::io("truncate", path, Some(len), e))?;
+    f.sync_all()
+        .map_err(|e| PersistError::io("fsync", path, None, e))
+}
+
+/// Copy the bytes from `offset` to the end into `<path>.cut-<offset>`.
+fn save_cut(path: &Path, offset: u64) -> Result<PathBuf> {
+    let data = std::fs::read(path).map_err(|e| PersistError::io("read", path, None, e))?;
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".cut-{offset}"));
+    let out = PathBuf::from(name);
+    let mut f =
+        std::fs::File::create(&out).map_err(|e| PersistError::io("create", &out, None, e))?;
+    f.write_all(data.get(offset as usize..).unwrap_or(&[]))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| PersistError::io("write", &out, None, e))?;
+    Ok(out)
+}

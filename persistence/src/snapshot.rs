@@ -1,0 +1,550 @@
+//! Snapshots (docs/log-format.md §3): an rkyv image of every namespace's index plus the stream
+//! watermarks, as of a log position. Written atomically, loaded zero-copy from a map with
+//! checked access, retained N at a time.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kvindex_engine::{
+    Engine, ExternalSequenceBlockHash, IndexSnapshot, LocalBlockHash, NamespaceKey, SnapshotHolder,
+    SnapshotNode, WorkerWithDpRank,
+};
+use rkyv::{rancor, Archive, Deserialize, Serialize};
+
+use crate::entry::{Lsn, NamespaceSpec, StreamKey, StreamWatermark};
+use crate::error::{PersistError, Result};
+use crate::format::{le_u32, le_u64, FORMAT_VERSION, SNAPSHOT_MAGIC};
+use crate::segment::{list_dir, snapshot_file_name, MappedFile};
+
+/// Bytes before a snapshot's payload.
+pub const SNAPSHOT_HEADER_LEN: usize = 64;
+
+/// The archived content of a snapshot file.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug))]
+pub struct SnapshotImage {
+    /// First LSN not covered.
+    pub next_lsn: u64,
+    pub namespaces: Vec<NamespaceImage>,
+    pub watermarks: Vec<WatermarkRecord>,
+}
+
+/// One namespace's exact index (the engine's `IndexSnapshot`) and block size.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct NamespaceImage {
+    pub model_name: String,
+    pub routing_group: String,
+    pub block_size: u32,
+    pub streams: Vec<StreamRecord>,
+    pub nodes: Vec<NodeRecord>,
+}
+
+/// A `(worker_id, dp_rank)` stream.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct StreamRecord {
+    pub worker_id: u64,
+    pub dp_rank: u32,
+}
+
+/// Sentinel `NodeRecord::parent` of a first block.
+pub const NO_PARENT: u32 = u32::MAX;
+
+/// One block of the tree.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct NodeRecord {
+    /// Index of the parent node ([`NO_PARENT`] for a first block); always below the node's own.
+    pub parent: u32,
+    pub local: u64,
+    pub ext: u64,
+    pub holders: Vec<HolderRecord>,
+}
+
+/// A stream holding a node.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct HolderRecord {
+    /// Index into `NamespaceImage::streams`.
+    pub stream: u32,
+    pub private_ext: Option<u64>,
+}
+
+/// A stream watermark as stored in a snapshot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct WatermarkRecord {
+    /// Index into `SnapshotImage::namespaces`.
+    pub namespace: u32,
+    pub worker_id: u64,
+    pub dp_rank: u32,
+    pub source_seq: u64,
+    pub lsn: u64,
+}
+
+impl NamespaceImage {
+    /// The image of one engine namespace.
+    pub fn from_index(spec: &NamespaceSpec, snap: &IndexSnapshot) -> Self {
+        NamespaceImage {
+            model_name: spec.key.model_name.clone(),
+            routing_group: spec.key.routing_group.clone(),
+            block_size: spec.block_size,
+            streams: snap
+                .streams
+                .iter()
+                .map(|s| StreamRecord {
+                    worker_id: s.worker_id,
+                    dp_rank: s.dp_rank,
+                })
+                .collect(),
+            nodes: snap
+                .nodes
+                .iter()
+                .map(|n| NodeRecord {
+                    parent: n.parent.unwrap_or(NO_PARENT),
+                    local: n.local.0,
+                    ext: n.ext.0,
+                    holders: n
+                        .holders
+                        .iter()
+                        .map(|h| HolderRecord {
+                            stream: h.stream,
+                            private_ext: h.private_ext.map(|e| e.0),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl SnapshotImage {
+    /// Capture every namespace of `engine` (each a barrier). The caller must have stopped intake
+    /// so that the image matches `next_lsn` exactly.
+    pub fn capture(engine: &Engine, next_lsn: Lsn, watermarks: &[StreamWatermark]) -> Result<Self> {
+        let mut namespaces = Vec::new();
+        let mut index_of: HashMap<NamespaceKey, u32> = HashMap::new();
+        for key in engine.namespaces() {
+            let Some(ns) = engine.namespace(&key) else {
+                continue;
+            };
+            let snap = ns.snapshot()?;
+            let spec = NamespaceSpec {
+                key: key.clone(),
+                block_size: ns.block_size(),
+            };
+            index_of.insert(key, namespaces.len() as u32);
+            namespaces.push(NamespaceImage::from_index(&spec, &snap));
+        }
+        let mut wms = Vec::with_capacity(watermarks.len());
+        for w in watermarks {
+            // A watermark of a namespace that no longer exists is kept under a stub entry so the
+            // producer's position is not forgotten.
+            let idx = match index_of.get(&w.stream.namespace) {
+                Some(i) => *i,
+                None => {
+                    let i = namespaces.len() as u32;
+                    namespaces.push(NamespaceImage {
+                        model_name: w.stream.namespace.model_name.clone(),
+                        routing_group: w.stream.namespace.routing_group.clone(),
+                        block_size: 0,
+                        streams: Vec::new(),
+                        nodes: Vec::new(),
+                    });
+                    index_of.insert(w.stream.namespace.clone(), i);
+                    i
+                }
+            };
+            wms.push(WatermarkRecord {
+                namespace: idx,
+                worker_id: w.stream.worker_id,
+                dp_rank: w.stream.dp_rank,
+                source_seq: w.source_seq,
+                lsn: w.lsn,
+            });
+        }
+        Ok(SnapshotImage {
+            next_lsn,
+            namespaces,
+            watermarks: wms,
+        })
+    }
+}
+
+impl ArchivedNamespaceImage {
+    /// The namespace this image restores (block size 0 = a watermark-only stub, not restored).
+    pub fn spec(&self) -> NamespaceSpec {
+        NamespaceSpec::new(
+            self.model_name.as_str(),
+            self.routing_group.as_str(),
+            self.block_size.to_native(),
+        )
+    }
+
+    /// The engine's snapshot type, ready for `Namespace::restore`.
+    pub fn to_index_snapshot(&self) -> IndexSnapshot {
+        IndexSnapshot {
+            streams: self
+                .streams
+                .iter()
+                .map(|s| WorkerWithDpRank::new(s.worker_id.to_native(), s.dp_rank.to_native()))
+                .collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let p = n.parent.to_native();
+                    SnapshotNode {
+                        parent: (p != NO_PARENT).then_some(p),
+                        local: LocalBlockHash(n.local.to_native()),
+                        ext: ExternalSequenceBlockHash(n.ext.to_native()),
+                        holders: n
+                            .holders
+                            .iter()
+                            .map(|h| SnapshotHolder {
+                                stream: h.stream.to_native(),
+                                private_ext: h
+                                    .private_ext
+                                    .as_ref()
+                                    .map(|e| ExternalSequenceBlockHash(e.to_native())),
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl ArchivedSnapshotImage {
+    /// The watermarks stored in this image.
+    pub fn watermarks(&self) -> Vec<StreamWatermark> {
+        self.watermarks
+            .iter()
+            .filter_map(|w| {
+                let ns = self.namespaces.get(w.namespace.to_native() as usize)?;
+                Some(StreamWatermark {
+                    stream: StreamKey {
+                        namespace: NamespaceKey::new(
+                            ns.model_name.as_str(),
+                            ns.routing_group.as_str(),
+                        ),
+                        worker_id: w.worker_id.to_native(),
+                        dp_rank: w.dp_rank.to_native(),
+                    },
+                    source_seq: w.source_seq.to_native(),
+                    lsn: w.lsn.to_native(),
+                })
+            })
+            .collect()
+    }
+
+    /// Restore every namespace into `engine` (which must not hold them yet, or hold them empty).
+    pub fn restore_into(&self, engine: &Engine) -> Result<()> {
+        for ns in self.namespaces.iter() {
+            let spec = ns.spec();
+            if spec.block_size == 0 {
+                continue;
+            }
+            let handle = engine.create_namespace(spec.key, spec.block_size)?;
+            handle.restore(&ns.to_index_snapshot())?;
+        }
+        Ok(())
+    }
+}
+
+/// Encode the 64-byte snapshot header.
+fn encode_header(next_lsn: Lsn, payload: &[u8], created_ms: u64) -> [u8; SNAPSHOT_HEADER_LEN] {
+    let mut h = [0u8; SNAPSHOT_HEADER_LEN];
+    h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[10..12].copy_from_slice(&(SNAPSHOT_HEADER_LEN as u16).to_le_bytes());
+    h[16..24].copy_from_slice(&next_lsn.to_le_bytes());
+    h[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    h[32..36].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    h[40..48].copy_from_slice(&created_ms.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// What is wrong with snapshot bytes: `(offset, reason)`.
+type SnapDamage = (u64, String);
+
+/// Validate a whole snapshot file's bytes (must be 16-byte aligned, e.g. a map) and return the
+/// header's `next_lsn` and the archived image.
+pub fn validate_snapshot_bytes(
+    bytes: &[u8],
+) -> std::result::Result<(Lsn, &ArchivedSnapshotImage), SnapDamage> {
+    if bytes.len() < SNAPSHOT_HEADER_LEN {
+        return Err((
+            0,
+            format!("file is {} bytes, shorter than the header", bytes.len()),
+        ));
+    }
+    let h = &bytes[..SNAPSHOT_HEADER_LEN];
+    if h[0..8] != SNAPSHOT_MAGIC {
+        return Err((0, "wrong magic (not a kvindex snapshot)".into()));
+    }
+    let stored = le_u32(h, 60);
+    let computed = crc32c::crc32c(&h[0..60]);
+    if stored != computed {
+        return Err((
+            60,
+            format!("header CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+        ));
+    }
+    let version = u16::from_le_bytes([h[8], h[9]]);
+    if version != FORMAT_VERSION {
+        return Err((
+            8,
+            format!("format version {version}, this build reads {FORMAT_VERSION}"),
+        ));
+    }
+    if u16::from_le_bytes([h[10], h[11]]) as usize != SNAPSHOT_HEADER_LEN || le_u32(h, 12) != 0 {
+        return Err((10, "unknown header length or flags".into()));
+    }
+    let next_lsn = le_u64(h, 16);
+    let len = le_u64(h, 24);
+    let expected = SNAPSHOT_HEADER_LEN as u64 + len;
+    if bytes.len() as u64 != expected {
+        return Err((
+            24,
+            format!("file is {} bytes, header says {expected}", bytes.len()),
+        ));
+    }
+    let payload = &bytes[SNAPSHOT_HEADER_LEN..];
+    let stored = le_u32(h, 32);
+    let computed = crc32c::crc32c(payload);
+    if stored != computed {
+        return Err((
+            SNAPSHOT_HEADER_LEN as u64,
+            format!("payload CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+        ));
+    }
+    let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(payload).map_err(|e| {
+        (
+            SNAPSHOT_HEADER_LEN as u64,
+            format!("payload fails validation: {e}"),
+        )
+    })?;
+    if image.next_lsn.to_native() != next_lsn {
+        return Err((16, "header and payload disagree on next_lsn".into()));
+    }
+    check_image(image).map_err(|e| (SNAPSHOT_HEADER_LEN as u64, e))?;
+    Ok((next_lsn, image))
+}
+
+/// Index invariants rkyv cannot check: parents before children, indices in range.
+fn check_image(image: &ArchivedSnapshotImage) -> std::result::Result<(), String> {
+    let nss = image.namespaces.len() as u32;
+    for (i, ns) in image.namespaces.iter().enumerate() {
+        let streams = ns.streams.len() as u32;
+        for (j, n) in ns.nodes.iter().enumerate() {
+            let p = n.parent.to_native();
+            if p != NO_PARENT && p as usize >= j {
+                return Err(format!(
+                    "namespace #{i} node #{j} has parent #{p} (not before it)"
+                ));
+            }
+            for h in n.holders.iter() {
+                if h.stream.to_native() >= streams {
+                    return Err(format!(
+                        "namespace #{i} node #{j} names stream #{} of {streams}",
+                        h.stream.to_native()
+                    ));
+                }
+            }
+        }
+    }
+    for w in image.watermarks.iter() {
+        if w.namespace.to_native() >= nss {
+            return Err(format!(
+                "watermark names namespace #{}",
+                w.namespace.to_native()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A validated snapshot file, mapped. The archive is read in place from the map.
+pub struct LoadedSnapshot {
+    path: PathBuf,
+    next_lsn: Lsn,
+    file: MappedFile,
+}
+
+impl LoadedSnapshot {
+    /// Map and fully validate `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = MappedFile::open(path)?;
+        let next_lsn = validate_snapshot_bytes(file.bytes())
+            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
+                path: path.to_path_buf(),
+                offset,
+                reason,
+            })?
+            .0;
+        Ok(Self {
+            path: path.to_path_buf(),
+            next_lsn,
+            file,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// First LSN the snapshot does not cover.
+    pub fn next_lsn(&self) -> Lsn {
+        self.next_lsn
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file.bytes().len() as u64
+    }
+
+    /// The archived image, read in place. (Validated at load; checked again here, which costs
+    /// one linear pass and keeps this free of `unsafe`.)
+    pub fn image(&self) -> Result<&ArchivedSnapshotImage> {
+        validate_snapshot_bytes(self.file.bytes())
+            .map(|(_, img)| img)
+            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
+                path: self.path.clone(),
+                offset,
+                reason,
+            })
+    }
+}
+
+/// A snapshot file as listed (not yet validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub path: PathBuf,
+    pub next_lsn: Lsn,
+}
+
+/// A snapshot that failed to load during recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFailure {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+/// The snapshots of a data directory: write (atomically), list, load, prune.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    dir: PathBuf,
+}
+
+impl SnapshotStore {
+    /// The store of data directory `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Snapshots on disk, oldest first.
+    pub fn list(&self) -> Result<Vec<SnapshotMeta>> {
+        Ok(list_dir(&self.dir)?
+            .snapshots
+            .into_iter()
+            .map(|(next_lsn, path)| SnapshotMeta { path, next_lsn })
+            .collect())
+    }
+
+    /// Write `image` atomically: temp file, fsync, rename, fsync the directory.
+    pub fn write(&self, image: &SnapshotImage) -> Result<SnapshotMeta> {
+        let payload = rkyv::to_bytes::<rancor::Error>(image)
+            .map_err(|e| PersistError::Encode(e.to_string()))?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let header = encode_header(image.next_lsn, &payload, created);
+        let name = snapshot_file_name(image.next_lsn);
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| PersistError::io("create", &tmp, None, e))?;
+        f.write_all(&header)
+            .and_then(|_| f.write_all(&payload))
+            .map_err(|e| PersistError::io("write", &tmp, None, e))?;
+        f.sync_all()
+            .map_err(|e| PersistError::io("fsync", &tmp, None, e))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(|e| PersistError::io("rename", &tmp, None, e))?;
+        sync_dir(&self.dir)?;
+        metrics::counter!("kvindex_snapshots_written_total").increment(1);
+        metrics::gauge!("kvindex_snapshot_bytes").set((SNAPSHOT_HEADER_LEN + payload.len()) as f64);
+        Ok(SnapshotMeta {
+            path,
+            next_lsn: image.next_lsn,
+        })
+    }
+
+    /// Load and validate one snapshot.
+    pub fn load(&self, path: &Path) -> Result<LoadedSnapshot> {
+        LoadedSnapshot::load(path)
+    }
+
+    /// The newest snapshot that validates and whose `next_lsn <= max_next_lsn`, plus every newer
+    /// one that failed (each logged and counted).
+    pub fn load_newest_valid(
+        &self,
+        max_next_lsn: Option<Lsn>,
+    ) -> Result<(Option<LoadedSnapshot>, Vec<SnapshotFailure>)> {
+        let mut failures = Vec::new();
+        for meta in self.list()?.into_iter().rev() {
+            if max_next_lsn.is_some_and(|m| meta.next_lsn > m) {
+                continue;
+            }
+            match LoadedSnapshot::load(&meta.path) {
+                Ok(s) => return Ok((Some(s), failures)),
+                Err(e) => {
+                    tracing::warn!(path = %meta.path.display(), error = %e, "snapshot rejected; trying an older one");
+                    metrics::counter!("kvindex_snapshot_load_failures_total").increment(1);
+                    failures.push(SnapshotFailure {
+                        path: meta.path,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok((None, failures))
+    }
+
+    /// Delete all but the newest `keep` snapshots; returns the deleted paths.
+    pub fn prune(&self, keep: usize) -> Result<Vec<PathBuf>> {
+        let list = self.list()?;
+        let n = list.len().saturating_sub(keep);
+        let mut deleted = Vec::new();
+        for meta in list.into_iter().take(n) {
+            std::fs::remove_file(&meta.path)
+                .map_err(|e| PersistError::io("delete", &meta.path, None, e))?;
+            deleted.push(meta.path);
+        }
+        if !deleted.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// fsync a directory so that creations, renames and deletions in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PersistError::io("fsync directory", dir, None, e))
+}

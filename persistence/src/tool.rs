@@ -1,0 +1,765 @@
+//! The logic of `kvindex replay` (the server crate wires the command line): look inside a data
+//! directory, export its events as Dynamo RouterEvent JSON lines, import such lines into a new
+//! log, rebuild the index as of any LSN, and diff two points in time.
+//!
+//! Every function here is read-only on the data directory (except `import`, which writes the
+//! target), takes no lock, and may run against the directory of a live server.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvindex_engine::codec::{decode_router_event_json, encode_router_event_json};
+use kvindex_engine::{Engine, EngineConfig, NamespaceKey, RouterEvent, WorkerId, WorkerWithDpRank};
+
+use crate::config::{FsyncPolicy, LogConfig, RecoveryPolicy};
+use crate::durable::EngineSink;
+use crate::entry::{LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, FIRST_LSN};
+use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
+use crate::format::{self, SEGMENT_HEADER_LEN};
+use crate::log::{read_log, EventLog};
+use crate::recovery::{resume_after, NullSink, RecoveryReport};
+use crate::segment::{list_dir, SegmentReader};
+use crate::snapshot::LoadedSnapshot;
+
+// ---------------------------------------------------------------------------------------------
+// inspect
+
+/// What `inspect` found in one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// From the header (`None` if the header is damaged).
+    pub first_lsn: Option<Lsn>,
+    pub records: u64,
+    pub entries: u64,
+    /// First and last LSN of the valid records.
+    pub lsn_range: Option<(Lsn, Lsn)>,
+}
+
+/// What `inspect` found in one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// From the file name.
+    pub next_lsn: Lsn,
+    /// Per namespace: `(namespace, streams, nodes, (block, stream) pairs)`, or why the file is
+    /// invalid.
+    pub content: std::result::Result<Vec<(NamespaceSpec, usize, usize, usize)>, String>,
+}
+
+/// Per-stream summary of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub stream: StreamKey,
+    /// Entries (events and control operations) of this stream.
+    pub entries: u64,
+    pub first_lsn: Lsn,
+    pub last_lsn: Lsn,
+    /// Source sequence of the first and last event entries.
+    pub first_source_seq: Option<u64>,
+    pub last_source_seq: Option<u64>,
+}
+
+/// Damage or a gap found by `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// A damaged region: what recovery would cut (tail) or refuse / skip (inside the log).
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        bytes: u64,
+        damage: Damage,
+        at_tail: bool,
+    },
+    /// LSNs missing between two records (a deleted or cut segment, or skipped damage).
+    MissingLsns {
+        first: Lsn,
+        last: Lsn,
+        before: PathBuf,
+    },
+}
+
+/// Everything `kvindex replay inspect` shows.
+#[derive(Debug, Clone)]
+pub struct InspectReport {
+    pub dir: PathBuf,
+    pub segments: Vec<SegmentInfo>,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub streams: Vec<StreamInfo>,
+    pub findings: Vec<Finding>,
+    /// First and last LSN found in the log.
+    pub lsn_range: Option<(Lsn, Lsn)>,
+    pub total_entries: u64,
+}
+
+impl InspectReport {
+    /// Whether no damage and no gap was found.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty() && self.snapshots.iter().all(|s| s.content.is_ok())
+    }
+}
+
+/// Look at every segment and snapshot of `dir` without changing anything: sizes, LSN ranges,
+/// streams, and every damaged region or gap (the scan resumes after damage to find them all).
+pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
+    let dir = dir.as_ref();
+    let listing = list_dir(dir)?;
+    let mut report = InspectReport {
+        dir: dir.to_path_buf(),
+        segments: Vec::new(),
+        snapshots: Vec::new(),
+        streams: Vec::new(),
+        findings: Vec::new(),
+        lsn_range: None,
+        total_entries: 0,
+    };
+    let mut streams: BTreeMap<StreamKey, StreamInfo> = BTreeMap::new();
+    let mut expected: Option<Lsn> = None;
+    let n_segs = listing.segments.len();
+    for (i, (_, path)) in listing.segments.iter().enumerate() {
+        let reader = SegmentReader::open(path)?;
+        let bytes = reader.bytes();
+        let mut info = SegmentInfo {
+            path: path.clone(),
+            bytes: reader.len(),
+            first_lsn: reader.first_lsn().ok(),
+            records: 0,
+            entries: 0,
+            lsn_range: None,
+        };
+        let is_last = i + 1 == n_segs;
+        let mut pos = SEGMENT_HEADER_LEN;
+        let mut damage = reader.first_lsn().err().map(|d| (0usize, d));
+        loop {
+            if let Some((at, d)) = damage.take() {
+                let resume = resume_after(bytes, at, &d);
+                report.findings.push(Finding::Damaged {
+                    path: path.clone(),
+                    offset: at as u64,
+                    bytes: (resume.unwrap_or(bytes.len()) - at) as u64,
+                    damage: d,
+                    at_tail: resume.is_none() && is_last,
+                });
+                match resume {
+                    Some(o) => pos = o,
+                    None => break,
+                }
+            }
+            let rec = match format::read_record(bytes, pos) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(d) => {
+                    damage = Some((pos, d));
+                    continue;
+                }
+            };
+            let first = rec.batch.first_lsn.to_native();
+            let n = format::batch_len(rec.batch);
+            if let Some(exp) = expected {
+                if first > exp {
+                    report.findings.push(Finding::MissingLsns {
+                        first: exp,
+                        last: first - 1,
+                        before: path.clone(),
+                    });
+                } else if first < exp {
+                    damage = Some((
+                        pos,
+                        Damage::LsnMismatch {
+                            expected: exp,
+                            found: first,
+                        },
+                    ));
+                    continue;
+                }
+            }
+            for (k, e) in rec.batch.entries.iter().enumerate() {
+                let lsn = first + k as u64;
+                let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize) else {
+                    continue;
+                };
+                let key = StreamKey {
+                    namespace: NamespaceKey::new(ns.model_name.as_str(), ns.routing_group.as_str()),
+                    worker_id: e.worker_id.to_native(),
+                    dp_rank: e.dp_rank.to_native(),
+                };
+                let s = streams.entry(key.clone()).or_insert(StreamInfo {
+                    stream: key,
+                    entries: 0,
+                    first_lsn: lsn,
+                    last_lsn: lsn,
+                    first_source_seq: None,
+                    last_source_seq: None,
+                });
+                s.entries += 1;
+                s.last_lsn = lsn;
+                if e.op.is_event() {
+                    let seq = e.source_seq.to_native();
+                    s.first_source_seq.get_or_insert(seq);
+                    s.last_source_seq = Some(seq);
+                }
+            }
+            info.records += 1;
+            info.entries += n;
+            info.lsn_range = Some((info.lsn_range.map_or(first, |r| r.0), first + n - 1));
+            report.lsn_range = Some((report.lsn_range.map_or(first, |r| r.0), first + n - 1));
+            report.total_entries += n;
+            expected = Some(first + n);
+            pos = rec.end;
+        }
+        report.segments.push(info);
+    }
+    for (next_lsn, path) in &listing.snapshots {
+        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let content = LoadedSnapshot::load(path)
+            .and_then(|s| {
+                let img = s.image()?;
+                Ok(img
+                    .namespaces
+                    .iter()
+                    .map(|ns| {
+                        let pairs = ns.nodes.iter().map(|n| n.holders.len()).sum();
+                        (ns.spec(), ns.streams.len(), ns.nodes.len(), pairs)
+                    })
+                    .collect())
+            })
+            .map_err(|e| e.to_string());
+        report.snapshots.push(SnapshotInfo {
+            path: path.clone(),
+            bytes,
+            next_lsn: *next_lsn,
+            content,
+        });
+    }
+    report.streams = streams.into_values().collect();
+    Ok(report)
+}
+
+impl fmt::Display for InspectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "data directory {}", self.dir.display())?;
+        match self.lsn_range {
+            Some((a, b)) => writeln!(f, "log: LSN {a}..={b}, {} entries", self.total_entries)?,
+            None => writeln!(f, "log: empty")?,
+        }
+        writeln!(f, "segments ({}):", self.segments.len())?;
+        for s in &self.segments {
+            let range = s
+                .lsn_range
+                .map(|(a, b)| format!("LSN {a}..={b}"))
+                .unwrap_or_else(|| "no records".into());
+            writeln!(
+                f,
+                "  {}  {} bytes  {} records  {} entries  {range}",
+                s.path.display(),
+                s.bytes,
+                s.records,
+                s.entries
+            )?;
+        }
+        writeln!(f, "snapshots ({}):", self.snapshots.len())?;
+        for s in &self.snapshots {
+            match &s.content {
+                Ok(nss) => {
+                    writeln!(
+                        f,
+                        "  {}  {} bytes  covers LSN < {}  valid",
+                        s.path.display(),
+                        s.bytes,
+                        s.next_lsn
+                    )?;
+                    for (spec, streams, nodes, pairs) in nss {
+                        writeln!(
+                            f,
+                            "    {} (block_size {}): {streams} streams, {nodes} blocks, {pairs} (block, stream) pairs",
+                            spec.key, spec.block_size
+                        )?;
+                    }
+                }
+                Err(e) => writeln!(f, "  {}  INVALID: {e}", s.path.display())?,
+            }
+        }
+        writeln!(f, "streams ({}):", self.streams.len())?;
+        for s in &self.streams {
+            writeln!(
+                f,
+                "  {} worker {} dp_rank {}: {} entries, LSN {}..={}, source seq {}..={}",
+                s.stream.namespace,
+                s.stream.worker_id,
+                s.stream.dp_rank,
+                s.entries,
+                s.first_lsn,
+                s.last_lsn,
+                s.first_source_seq.map_or("-".into(), |v| v.to_string()),
+                s.last_source_seq.map_or("-".into(), |v| v.to_string()),
+            )?;
+        }
+        if self.findings.is_empty() {
+            writeln!(f, "no damage found")?;
+        } else {
+            writeln!(f, "damage ({}):", self.findings.len())?;
+            for d in &self.findings {
+                match d {
+                    Finding::Damaged {
+                        path,
+                        offset,
+                        bytes,
+                        damage,
+                        at_tail,
+                    } => writeln!(
+                        f,
+                        "  {} at byte {offset} ({bytes} bytes): {damage}{}",
+                        path.display(),
+                        if *at_tail {
+                            " [tail: cut by tolerate-tail; by absolute only if a torn write]"
+                        } else {
+                            " [inside the log: refused unless --recovery skip-corrupt]"
+                        }
+                    )?,
+                    Finding::MissingLsns {
+                        first,
+                        last,
+                        before,
+                    } => writeln!(
+                        f,
+                        "  LSNs {first}..={last} missing before {} [refused unless --recovery skip-corrupt]",
+                        before.display()
+                    )?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// export
+
+/// A lazy, in-order walk over the log's records (memory-mapped), yielding entries.
+pub struct ReplayCursor {
+    readers: Vec<SegmentReader>,
+    seg: usize,
+    offset: usize,
+    pending: std::collections::VecDeque<LoggedEntry>,
+    from: Lsn,
+    to: Lsn,
+    failed: bool,
+}
+
+impl ReplayCursor {
+    /// Entries with `from <= lsn <= to` from the segments of `dir`.
+    pub fn open(dir: &Path, from: Lsn, to: Lsn) -> Result<Self> {
+        let listing = list_dir(dir)?;
+        let first_idx = listing
+            .segments
+            .iter()
+            .rposition(|(l, _)| *l <= from)
+            .unwrap_or(0);
+        let readers = listing.segments[first_idx.min(listing.segments.len())..]
+            .iter()
+            .map(|(_, p)| SegmentReader::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(first) = readers.first().and_then(|r| r.first_lsn().ok()) {
+            if first > from && from >= FIRST_LSN && first > FIRST_LSN {
+                return Err(PersistError::Unavailable(format!(
+                    "LSNs {from}..{first} are no longer in the log of {} (compacted into a \
+                     snapshot); export from LSN {first}, or use `state` to see the index then",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(Self {
+            readers,
+            seg: 0,
+            offset: SEGMENT_HEADER_LEN,
+            pending: Default::default(),
+            from,
+            to,
+            failed: false,
+        })
+    }
+}
+
+impl Iterator for ReplayCursor {
+    type Item = Result<LoggedEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(Ok(e));
+            }
+            if self.failed {
+                return None;
+            }
+            let reader = self.readers.get(self.seg)?;
+            if let Err(d) = reader.first_lsn() {
+                self.failed = true;
+                return Some(Err(corrupt_for_tool(reader.path(), 0, d)));
+            }
+            match format::read_record(reader.bytes(), self.offset) {
+                Ok(None) => {
+                    self.seg += 1;
+                    self.offset = SEGMENT_HEADER_LEN;
+                }
+                Err(d) => {
+                    self.failed = true;
+                    // A torn tail of the last segment is the normal end of a crashed log.
+                    if self.seg + 1 == self.readers.len() && d.is_torn_write() {
+                        return None;
+                    }
+                    return Some(Err(corrupt_for_tool(reader.path(), self.offset, d)));
+                }
+                Ok(Some(rec)) => {
+                    self.offset = rec.end;
+                    let first = rec.batch.first_lsn.to_native();
+                    for (k, e) in rec.batch.entries.iter().enumerate() {
+                        let lsn = first + k as u64;
+                        if lsn < self.from {
+                            continue;
+                        }
+                        if lsn > self.to {
+                            self.failed = true; // done
+                            break;
+                        }
+                        let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize)
+                        else {
+                            continue;
+                        };
+                        let view = crate::recovery::EntryView {
+                            namespace: ns,
+                            record: e,
+                        };
+                        self.pending.push_back(LoggedEntry {
+                            lsn,
+                            entry: view.to_entry(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn corrupt_for_tool(path: &Path, offset: usize, damage: Damage) -> PersistError {
+    PersistError::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        damage,
+        policy: "export",
+        advice: CORRUPT_ADVICE,
+    }
+}
+
+/// The RouterEvents with `from <= LSN <= to` (of `worker`, if given) in LSN order, read lazily
+/// from the mapped segments. Control operations (worker removals) are not RouterEvents and are
+/// left out. Damage ends the iteration with an error naming the file and offset.
+pub fn export(
+    dir: impl AsRef<Path>,
+    from: Lsn,
+    to: Lsn,
+    worker: Option<WorkerId>,
+) -> Result<ExportIter> {
+    Ok(ExportIter {
+        cursor: ReplayCursor::open(dir.as_ref(), from, to)?,
+        worker,
+    })
+}
+
+/// Iterator returned by [`export`].
+pub struct ExportIter {
+    cursor: ReplayCursor,
+    worker: Option<WorkerId>,
+}
+
+impl Iterator for ExportIter {
+    type Item = Result<RouterEvent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.cursor.next()? {
+                Err(e) => return Some(Err(e)),
+                Ok(l) => match l.entry.op {
+                    LogOp::Event(ev)
+                        if self.worker.is_none() || self.worker == Some(ev.worker_id) =>
+                    {
+                        return Some(Ok(ev))
+                    }
+                    _ => continue,
+                },
+            }
+        }
+    }
+}
+
+/// [`export`] written as JSON lines in Dynamo's RouterEvent shape; returns the number written.
+pub fn export_jsonl(
+    dir: impl AsRef<Path>,
+    from: Lsn,
+    to: Lsn,
+    worker: Option<WorkerId>,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    let mut n = 0;
+    for ev in export(dir, from, to, worker)? {
+        let line =
+            encode_router_event_json(&ev?).map_err(|e| PersistError::Encode(e.to_string()))?;
+        writeln!(out, "{line}").map_err(|e| PersistError::io("write", "<output>", None, e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------------
+// import
+
+/// What `import` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    pub events: u64,
+    pub first_lsn: Lsn,
+    pub next_lsn: Lsn,
+}
+
+/// Append the RouterEvents of a JSON-lines file (one object per line, blank lines ignored) to
+/// the log in `to_dir` (created if needed), as namespace `(model, routing_group)` with
+/// `block_size`. Each event's `event_id` becomes its source sequence.
+pub fn import(
+    jsonl: impl AsRef<Path>,
+    to_dir: impl AsRef<Path>,
+    model: &str,
+    routing_group: &str,
+    block_size: u32,
+) -> Result<ImportReport> {
+    let path = jsonl.as_ref();
+    if block_size == 0 {
+        return Err(PersistError::Config("block_size must be > 0".into()));
+    }
+    let spec = Arc::new(NamespaceSpec::new(model, routing_group, block_size));
+    let config = LogConfig {
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    };
+    let (log, _) = EventLog::open(to_dir.as_ref(), config, &mut NullSink)?;
+    let first_lsn = log.next_lsn();
+    let mut batch = Vec::with_capacity(256);
+    let mut events = 0;
+    for_each_jsonl_event(path, |ev| {
+        batch.push(LogEntry::event(spec.clone(), ev.event.event_id, ev));
+        events += 1;
+        if batch.len() == 256 {
+            let _ = log.append(&batch)?;
+            batch.clear();
+        }
+        Ok(())
+    })?;
+    if !batch.is_empty() {
+        let _ = log.append(&batch)?;
+    }
+    log.sync()?;
+    let next_lsn = log.next_lsn();
+    log.close()?;
+    Ok(ImportReport {
+        events,
+        first_lsn,
+        next_lsn,
+    })
+}
+
+/// Call `f` with each RouterEvent of a JSON-lines file; errors name the line.
+fn for_each_jsonl_event(path: &Path, mut f: impl FnMut(RouterEvent) -> Result<()>) -> Result<u64> {
+    let file = std::fs::File::open(path).map_err(|e| PersistError::io("open", path, None, e))?;
+    let reader = std::io::BufReader::new(file);
+    let mut n = 0;
+    for (i, line) in reader.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.map_err(|e| PersistError::BadInput {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason: format!("cannot read: {e}"),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ev = decode_router_event_json(line.as_bytes()).map_err(|e| PersistError::BadInput {
+            path: path.to_path_buf(),
+            line: line_no,
+            reason: format!(
+                "{e}; each line must be one RouterEvent JSON object, as written by \
+                 `kvindex replay export` or a Dynamo dump"
+            ),
+        })?;
+        f(ev)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------------
+// state and diff
+
+/// Where `state` and `diff` read events from.
+#[derive(Debug, Clone)]
+pub enum StateSource {
+    /// A kvindex data directory (snapshots + log); positions are LSNs.
+    DataDir(PathBuf),
+    /// A RouterEvent JSON-lines file applied to one namespace; position `n` means "after the
+    /// first `n` events".
+    JsonLines {
+        path: PathBuf,
+        namespace: NamespaceSpec,
+    },
+}
+
+/// An index rebuilt as of a position.
+pub struct RebuiltState {
+    /// The engine holding the rebuilt namespaces (flushed).
+    pub engine: Engine,
+    /// Position reached: the last LSN (or event count) applied.
+    pub position: u64,
+    /// For a data directory, what the read found.
+    pub report: Option<RecoveryReport>,
+}
+
+fn tool_engine() -> Engine {
+    Engine::new(EngineConfig {
+        event_threads: 2,
+        queue_capacity: 4096,
+    })
+}
+
+/// Rebuild the index as of `at` (inclusive; `None` = everything), read-only.
+pub fn state(source: &StateSource, at: Option<u64>) -> Result<RebuiltState> {
+    let engine = tool_engine();
+    match source {
+        StateSource::DataDir(dir) => {
+            if let Some(at) = at {
+                check_reachable(dir, at)?;
+            }
+            let mut sink = EngineSink::new(engine.clone());
+            let report = read_log(dir, RecoveryPolicy::TolerateTail, at, &mut sink)?;
+            engine.flush()?;
+            let reached = report.next_lsn.saturating_sub(1);
+            Ok(RebuiltState {
+                engine,
+                position: at.map_or(reached, |a| a.min(reached)),
+                report: Some(report),
+            })
+        }
+        StateSource::JsonLines { path, namespace } => {
+            let ns = engine.create_namespace(namespace.key.clone(), namespace.block_size)?;
+            let mut applied = 0u64;
+            let limit = at.unwrap_or(u64::MAX);
+            for_each_jsonl_event(path, |ev| {
+                if applied < limit {
+                    ns.apply(ev)?;
+                    applied += 1;
+                }
+                Ok(())
+            })?;
+            engine.flush()?;
+            Ok(RebuiltState {
+                engine,
+                position: applied,
+                report: None,
+            })
+        }
+    }
+}
+
+/// Refuse early (with the earliest reachable position) when `at` predates both the oldest
+/// segment and every snapshot.
+fn check_reachable(dir: &Path, at: Lsn) -> Result<()> {
+    let listing = list_dir(dir)?;
+    let oldest_seg = listing.segments.first().map(|(l, _)| *l);
+    let snap_ok = listing
+        .snapshots
+        .iter()
+        .any(|(n, _)| *n <= at.saturating_add(1));
+    if let Some(first) = oldest_seg {
+        if first > FIRST_LSN && at + 1 < first && !snap_ok {
+            let earliest = listing
+                .snapshots
+                .first()
+                .map(|(n, _)| n.saturating_sub(1))
+                .unwrap_or(first - 1);
+            return Err(PersistError::Unavailable(format!(
+                "the state at LSN {at} cannot be rebuilt from {}: the log starts at LSN {first} \
+                 and no snapshot is that old; the earliest state available is at LSN {earliest}",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A block as `diff` reports it: its path of local hashes from the root and the stream's
+/// external hash.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockRef {
+    pub path: Vec<u64>,
+    pub ext: u64,
+}
+
+/// What one stream gained and lost between two positions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDiff {
+    pub namespace: NamespaceKey,
+    pub stream: WorkerWithDpRank,
+    pub gained: Vec<BlockRef>,
+    pub lost: Vec<BlockRef>,
+}
+
+type CanonicalSet = BTreeSet<(WorkerWithDpRank, Vec<u64>, u64)>;
+
+fn canonical_by_namespace(engine: &Engine) -> Result<HashMap<NamespaceKey, CanonicalSet>> {
+    let mut out = HashMap::new();
+    for key in engine.namespaces() {
+        if let Some(ns) = engine.namespace(&key) {
+            out.insert(key, ns.snapshot()?.canonical());
+        }
+    }
+    Ok(out)
+}
+
+/// Which (worker, dp_rank) gained or lost which blocks between positions `from` and `to`
+/// (sorted by namespace and stream; streams without change are left out).
+pub fn diff(source: &StateSource, from: u64, to: u64) -> Result<Vec<StreamDiff>> {
+    let a = canonical_by_namespace(&state(source, Some(from))?.engine)?;
+    let b = canonical_by_namespace(&state(source, Some(to))?.engine)?;
+    let keys: BTreeSet<&NamespaceKey> = a.keys().chain(b.keys()).collect();
+    let empty = CanonicalSet::new();
+    let mut out: BTreeMap<(NamespaceKey, WorkerWithDpRank), StreamDiff> = BTreeMap::new();
+    for key in keys {
+        let (sa, sb) = (a.get(key).unwrap_or(&empty), b.get(key).unwrap_or(&empty));
+        let new_diff = |s: WorkerWithDpRank| StreamDiff {
+            namespace: key.clone(),
+            stream: s,
+            gained: Vec::new(),
+            lost: Vec::new(),
+        };
+        for (s, path, ext) in sb.difference(sa) {
+            out.entry((key.clone(), *s))
+                .or_insert_with(|| new_diff(*s))
+                .gained
+                .push(BlockRef {
+                    path: path.clone(),
+                    ext: *ext,
+                });
+        }
+        for (s, path, ext) in sa.difference(sb) {
+            out.entry((key.clone(), *s))
+                .or_insert_with(|| new_diff(*s))
+                .lost
+                .push(BlockRef {
+                    path: path.clone(),
+                    ext: *ext,
+                });
+        }
+    }
+    Ok(out.into_values().collect())
+}

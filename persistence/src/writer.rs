@@ -1,0 +1,713 @@
+//! The append path: callers encode their batch, get LSNs under a short lock and queue it; one
+//! writer thread gathers whatever is queued into a single write (group commit), syncs it as the
+//! fsync policy says, and wakes the callers waiting on their [`AppendTicket`]s.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use kvindex_engine::NamespaceKey;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use crate::config::{FsyncPolicy, LogConfig};
+use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamKey, StreamWatermark};
+use crate::error::{PersistError, Result};
+use crate::format::{self, frame_len, MAX_RECORD_LEN, SEGMENT_HEADER_LEN};
+use crate::io::{IoBackendKind, SegmentIo};
+use crate::record::{ArchivedLogBatch, LogBatch};
+use crate::segment::segment_file_name;
+use crate::snapshot::sync_dir;
+
+/// `(worker_id, dp_rank)` → `(source_seq, lsn)` of the stream's last event entry.
+type StreamMarks = HashMap<(u64, u32), (u64, Lsn)>;
+
+/// Per-stream `(source_seq, lsn)` of the last event entry, by namespace.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct WatermarkTable {
+    map: HashMap<NamespaceKey, StreamMarks>,
+}
+
+impl WatermarkTable {
+    pub(crate) fn set(&mut self, ns: &NamespaceKey, worker: u64, dp: u32, seq: u64, lsn: Lsn) {
+        if let Some(m) = self.map.get_mut(ns) {
+            m.insert((worker, dp), (seq, lsn));
+        } else {
+            self.map
+                .entry(ns.clone())
+                .or_default()
+                .insert((worker, dp), (seq, lsn));
+        }
+    }
+
+    pub(crate) fn merge(&mut self, other: WatermarkTable) {
+        for (ns, m) in other.map {
+            let dst = self.map.entry(ns).or_default();
+            for (k, (seq, lsn)) in m {
+                match dst.get(&k) {
+                    Some(&(_, l)) if l > lsn => {}
+                    _ => {
+                        dst.insert(k, (seq, lsn));
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn insert_all(&mut self, wms: &[StreamWatermark]) {
+        for w in wms {
+            self.set(
+                &w.stream.namespace,
+                w.stream.worker_id,
+                w.stream.dp_rank,
+                w.source_seq,
+                w.lsn,
+            );
+        }
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<StreamWatermark> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .flat_map(|(ns, m)| {
+                m.iter().map(
+                    |(&(worker_id, dp_rank), &(source_seq, lsn))| StreamWatermark {
+                        stream: StreamKey {
+                            namespace: ns.clone(),
+                            worker_id,
+                            dp_rank,
+                        },
+                        source_seq,
+                        lsn,
+                    },
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Watermark moves carried by one request: `(namespace, worker, dp_rank, source_seq, lsn)`.
+type WatermarkMoves = Vec<(Arc<NamespaceSpec>, u64, u32, u64, Lsn)>;
+
+struct Request {
+    end_lsn: Lsn,
+    payload: AlignedVec,
+    watermarks: WatermarkMoves,
+}
+
+enum Msg {
+    Append(Request),
+    Sync(Sender<Result<Lsn>>),
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    /// Every LSN below this is written (handed to the kernel).
+    written: Lsn,
+    /// Every LSN below this is on disk.
+    synced: Lsn,
+    /// Why the writer stopped, once it has.
+    failed: Option<String>,
+}
+
+/// State shared between callers and the writer thread.
+pub(crate) struct Shared {
+    progress: Mutex<Progress>,
+    cond: Condvar,
+    durable: Mutex<WatermarkTable>,
+    /// Segments of the log, oldest first: `(first_lsn, path)`; the last is being written.
+    pub(crate) segments: Mutex<Vec<(Lsn, PathBuf)>>,
+    policy: FsyncPolicy,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn acked(&self, p: &Progress) -> Lsn {
+        match self.policy {
+            FsyncPolicy::Always => p.synced,
+            _ => p.written,
+        }
+    }
+
+    fn fail(&self, cause: String) {
+        let mut p = lock(&self.progress);
+        if p.failed.is_none() {
+            tracing::error!(%cause, "log writer stopped");
+            metrics::counter!("kvindex_log_writer_failures_total").increment(1);
+            p.failed = Some(cause);
+        }
+        self.cond.notify_all();
+    }
+}
+
+/// A pending append: which LSNs it got, and a way to wait until it is acknowledged.
+#[must_use = "an append is acknowledged only once `wait` returns Ok"]
+pub struct AppendTicket {
+    shared: Arc<Shared>,
+    first_lsn: Lsn,
+    end_lsn: Lsn,
+}
+
+impl AppendTicket {
+    /// LSN of the batch's first entry.
+    pub fn first_lsn(&self) -> Lsn {
+        self.first_lsn
+    }
+
+    /// LSN of the batch's last entry.
+    pub fn last_lsn(&self) -> Lsn {
+        self.end_lsn - 1
+    }
+
+    /// Block until the batch is acknowledged under the fsync policy (synced for `always`,
+    /// written otherwise); returns its last LSN. Fails if the writer stopped before that.
+    pub fn wait(&self) -> Result<Lsn> {
+        let mut p = lock(&self.shared.progress);
+        loop {
+            if self.shared.acked(&p) >= self.end_lsn {
+                return Ok(self.end_lsn - 1);
+            }
+            if let Some(cause) = &p.failed {
+                return Err(PersistError::WriterFailed {
+                    cause: cause.clone(),
+                });
+            }
+            p = self.shared.cond.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+struct Intake {
+    next_lsn: Lsn,
+    tx: Option<Sender<Msg>>,
+}
+
+/// The log's append handle: assigns LSNs, queues batches for the writer thread (bounded queue,
+/// so producers feel backpressure) and reports durable progress.
+pub struct LogWriter {
+    shared: Arc<Shared>,
+    intake: Mutex<Intake>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    kind: IoBackendKind,
+}
+
+/// Where the writer starts: the open segment and its valid end.
+pub(crate) struct WriterStart {
+    pub dir: PathBuf,
+    /// `Some((first_lsn, path, valid_end))` to append to an existing segment; `None` to start a
+    /// new segment at `next_lsn`.
+    pub tail: Option<(Lsn, PathBuf, u64)>,
+    pub next_lsn: Lsn,
+    /// Older segments (not written any more), oldest first.
+    pub older_segments: Vec<(Lsn, PathBuf)>,
+    pub watermarks: WatermarkTable,
+}
+
+impl LogWriter {
+    pub(crate) fn start(start: WriterStart, cfg: &LogConfig) -> Result<Self> {
+        let mut io =
+            SegmentIo::new(cfg.io, cfg.faults.clone()).map_err(PersistError::IoUringUnavailable)?;
+        let kind = io.kind();
+        tracing::info!(backend = %kind, fsync = %cfg.fsync, "log writer starting");
+        let (seg_first, path, file, offset) = match start.tail {
+            Some((first, path, end)) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| PersistError::io("open", &path, None, e))?;
+                (first, path, file, end)
+            }
+            None => {
+                let (path, file) = create_segment(&mut io, &start.dir, start.next_lsn, cfg.fsync)?;
+                (start.next_lsn, path, file, SEGMENT_HEADER_LEN as u64)
+            }
+        };
+        let mut segments = start.older_segments;
+        segments.push((seg_first, path.clone()));
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress {
+                written: start.next_lsn,
+                synced: start.next_lsn,
+                failed: None,
+            }),
+            cond: Condvar::new(),
+            durable: Mutex::new(start.watermarks),
+            segments: Mutex::new(segments),
+            policy: cfg.fsync,
+        });
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let mut thread = WriterThread {
+            dir: start.dir,
+            io,
+            policy: cfg.fsync,
+            segment_bytes: cfg.segment_bytes.max(SEGMENT_HEADER_LEN as u64 + 8),
+            max_group_bytes: cfg.max_group_bytes.max(1),
+            file,
+            path,
+            offset,
+            buf: Vec::with_capacity(1 << 16),
+            buf_end_lsn: start.next_lsn,
+            dirty_since: None,
+            pending: WatermarkTable::default(),
+            shared: Arc::clone(&shared),
+            rx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("kvindex-log-writer".into())
+            .spawn(move || thread.run())
+            .map_err(|e| PersistError::io("spawn writer thread", "", None, e))?;
+        Ok(Self {
+            shared,
+            intake: Mutex::new(Intake {
+                next_lsn: start.next_lsn,
+                tx: Some(tx),
+            }),
+            thread: Mutex::new(Some(handle)),
+            kind,
+        })
+    }
+
+    /// Which write path runs.
+    pub fn io_backend(&self) -> IoBackendKind {
+        self.kind
+    }
+
+    /// Append `entries` as one record (all or nothing after a crash). Returns once the batch is
+    /// queued; `wait()` on the ticket for the acknowledgement.
+    pub fn append(&self, entries: &[LogEntry]) -> Result<AppendTicket> {
+        if entries.is_empty() {
+            return Err(PersistError::EmptyBatch);
+        }
+        // Encode outside the lock; the LSN is patched in below.
+        let batch = LogBatch::from_entries(0, entries);
+        let mut payload = rkyv::to_bytes::<rancor::Error>(&batch)
+            .map_err(|e| PersistError::Encode(e.to_string()))?;
+        if payload.len() as u64 > MAX_RECORD_LEN as u64 {
+            return Err(PersistError::RecordTooLarge {
+                bytes: payload.len() as u64,
+                max: MAX_RECORD_LEN as u64,
+            });
+        }
+        let n = entries.len() as u64;
+        let mut intake = lock(&self.intake);
+        if let Some(cause) = &lock(&self.shared.progress).failed {
+            return Err(PersistError::WriterFailed {
+                cause: cause.clone(),
+            });
+        }
+        let first_lsn = intake.next_lsn;
+        patch_first_lsn(&mut payload, first_lsn);
+        let watermarks = watermark_moves(entries, first_lsn);
+        let tx = intake
+            .tx
+            .as_ref()
+            .ok_or_else(|| PersistError::WriterFailed {
+                cause: "the log is closed".into(),
+            })?;
+        // Sent while holding the intake lock: queue order is LSN order.
+        tx.send(Msg::Append(Request {
+            end_lsn: first_lsn + n,
+            payload,
+            watermarks,
+        }))
+        .map_err(|_| PersistError::WriterFailed {
+            cause: self.failure_cause(),
+        })?;
+        intake.next_lsn = first_lsn + n;
+        Ok(AppendTicket {
+            shared: Arc::clone(&self.shared),
+            first_lsn,
+            end_lsn: first_lsn + n,
+        })
+    }
+
+    fn failure_cause(&self) -> String {
+        lock(&self.shared.progress)
+            .failed
+            .clone()
+            .unwrap_or_else(|| "the writer thread is gone".into())
+    }
+
+    /// Force everything appended so far to disk (whatever the policy); returns the next LSN,
+    /// below which everything is durable.
+    pub fn sync(&self) -> Result<Lsn> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        {
+            let intake = lock(&self.intake);
+            let sender = intake
+                .tx
+                .as_ref()
+                .ok_or_else(|| PersistError::WriterFailed {
+                    cause: "the log is closed".into(),
+                })?;
+            sender
+                .send(Msg::Sync(tx))
+                .map_err(|_| PersistError::WriterFailed {
+                    cause: self.failure_cause(),
+                })?;
+        }
+        rx.recv().map_err(|_| PersistError::WriterFailed {
+            cause: self.failure_cause(),
+        })?
+    }
+
+    /// The LSN the next entry will get.
+    pub fn next_lsn(&self) -> Lsn {
+        lock(&self.intake).next_lsn
+    }
+
+    /// Every LSN below this is on disk.
+    pub fn synced_lsn(&self) -> Lsn {
+        lock(&self.shared.progress).synced
+    }
+
+    /// Per-stream watermarks of what is on disk (see docs/log-format.md §6).
+    pub fn durable_watermarks(&self) -> Vec<StreamWatermark> {
+        lock(&self.shared.durable).to_vec()
+    }
+
+    /// Why the writer stopped, if it has.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.progress).failed.clone()
+    }
+
+    pub(crate) fn segments(&self) -> Vec<(Lsn, PathBuf)> {
+        lock(&self.shared.segments).clone()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Drain the queue, sync (unless `never`) and stop the writer thread. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        let tx = lock(&self.intake).tx.take();
+        drop(tx);
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+        match self.failure() {
+            Some(cause) => Err(PersistError::WriterFailed { cause }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// Overwrite the root's `first_lsn` of an encoded batch. rkyv puts the root object at the end
+/// of the buffer, and archived structs are laid out in declaration order (`repr(C)`).
+fn patch_first_lsn(payload: &mut AlignedVec, lsn: Lsn) {
+    let root = payload.len() - std::mem::size_of::<ArchivedLogBatch>();
+    let at = root + std::mem::offset_of!(ArchivedLogBatch, first_lsn);
+    payload[at..at + 8].copy_from_slice(&lsn.to_le_bytes());
+    debug_assert_eq!(
+        format::access_batch(payload).map(|b| b.first_lsn.to_native()),
+        Ok(lsn)
+    );
+}
+
+/// The last event entry of each stream of a batch.
+fn watermark_moves(entries: &[LogEntry], first_lsn: Lsn) -> WatermarkMoves {
+    let mut out: WatermarkMoves = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if !matches!(e.op, LogOp::Event(_)) {
+            continue;
+        }
+        let lsn = first_lsn + i as u64;
+        match out
+            .iter_mut()
+            .find(|w| w.1 == e.worker_id && w.2 == e.dp_rank && w.0.key == e.namespace.key)
+        {
+            Some(w) => {
+                w.3 = e.source_seq;
+                w.4 = lsn;
+            }
+            None => out.push((
+                Arc::clone(&e.namespace),
+                e.worker_id,
+                e.dp_rank,
+                e.source_seq,
+                lsn,
+            )),
+        }
+    }
+    out
+}
+
+/// Create segment `first_lsn` in `dir` with its header (synced unless `never`).
+fn create_segment(
+    io: &mut SegmentIo,
+    dir: &Path,
+    first_lsn: Lsn,
+    policy: FsyncPolicy,
+) -> Result<(PathBuf, File)> {
+    let path = dir.join(segment_file_name(first_lsn));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| PersistError::io("create", &path, None, e))?;
+    let sync = policy != FsyncPolicy::Never;
+    io.write_at(&file, 0, &format::encode_segment_header(first_lsn), sync)
+        .map_err(|e| PersistError::io("write header of", &path, Some(0), e))?;
+    if sync {
+        sync_dir(dir)?;
+    }
+    metrics::counter!("kvindex_log_segments_created_total").increment(1);
+    Ok((path, file))
+}
+
+struct WriterThread {
+    dir: PathBuf,
+    io: SegmentIo,
+    policy: FsyncPolicy,
+    segment_bytes: u64,
+    max_group_bytes: usize,
+    file: File,
+    path: PathBuf,
+    /// End of the valid data in `file`.
+    offset: u64,
+    /// Frames gathered for the next write.
+    buf: Vec<u8>,
+    /// End LSN of the last request in `buf` (or of the last written one).
+    buf_end_lsn: Lsn,
+    /// When the oldest written but not yet synced data was written.
+    dirty_since: Option<Instant>,
+    /// Watermarks of written, not yet synced entries.
+    pending: WatermarkTable,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+}
+
+/// Marks the writer failed if its thread unwinds, so that waiters never hang.
+struct PanicGuard(Arc<Shared>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail("the writer thread panicked".into());
+        }
+    }
+}
+
+impl WriterThread {
+    fn run(&mut self) {
+        let _guard = PanicGuard(Arc::clone(&self.shared));
+        loop {
+            let first = match (self.policy, self.dirty_since) {
+                (FsyncPolicy::Interval(d), Some(since)) => match self.rx.recv_deadline(since + d) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = self.flush(true) {
+                            self.stop(e);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                _ => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            let mut group = vec![first];
+            let mut bytes = group_bytes(&group[0]);
+            while bytes < self.max_group_bytes {
+                match self.rx.try_recv() {
+                    Ok(m) => {
+                        bytes += group_bytes(&m);
+                        group.push(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.process(group) {
+                self.stop(e);
+                return;
+            }
+        }
+        // Clean shutdown: everything queued was processed.
+        if self.policy != FsyncPolicy::Never && self.dirty_since.is_some() {
+            if let Err(e) = self.flush(true) {
+                self.stop(e);
+            }
+        }
+    }
+
+    /// Fail for good: record the cause and answer every queued sync request.
+    fn stop(&mut self, e: PersistError) {
+        self.shared.fail(e.to_string());
+        while let Ok(m) = self.rx.try_recv() {
+            if let Msg::Sync(reply) = m {
+                let _ = reply.send(Err(PersistError::WriterFailed {
+                    cause: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn process(&mut self, group: Vec<Msg>) -> Result<()> {
+        let mut replies = Vec::new();
+        for m in group {
+            match m {
+                Msg::Append(r) => {
+                    let flen = frame_len(r.payload.len()) as u64;
+                    let used = self.offset + self.buf.len() as u64;
+                    if used + flen > self.segment_bytes && used > SEGMENT_HEADER_LEN as u64 {
+                        // A closed segment is always synced, whatever the policy: later syncs
+                        // only reach the new file.
+                        self.flush(true)?;
+                        self.roll()?;
+                    }
+                    format::append_frame(&mut self.buf, &r.payload);
+                    self.buf_end_lsn = r.end_lsn;
+                    for (ns, w, d, seq, lsn) in r.watermarks {
+                        self.pending.set(&ns.key, w, d, seq, lsn);
+                    }
+                }
+                Msg::Sync(reply) => replies.push(reply),
+            }
+        }
+        let due = match (self.policy, self.dirty_since) {
+            (FsyncPolicy::Interval(d), Some(since)) => since.elapsed() >= d,
+            _ => false,
+        };
+        let sync = self.policy == FsyncPolicy::Always || !replies.is_empty() || due;
+        let res = self.flush(sync);
+        let answer = || match &res {
+            Ok(()) => Ok(lock(&self.shared.progress).synced),
+            Err(e) => Err(PersistError::WriterFailed {
+                cause: e.to_string(),
+            }),
+        };
+        for r in replies {
+            let _ = r.send(answer());
+        }
+        res
+    }
+
+    /// Write the gathered frames (and `fdatasync` when `sync`), then publish progress.
+    fn flush(&mut self, sync: bool) -> Result<()> {
+        let has_data = !self.buf.is_empty();
+        let sync = sync && (has_data || self.dirty_since.is_some());
+        if !has_data && !sync {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if let Err(e) = self.io.write_at(&self.file, self.offset, &self.buf, sync) {
+            // Cut whatever part of this group reached the file: none of it was acknowledged.
+            if let Err(te) = self.file.set_len(self.offset) {
+                tracing::error!(path = %self.path.display(), error = %te, "could not truncate after a failed write");
+            }
+            return Err(PersistError::io(
+                if sync { "write+fdatasync" } else { "write" },
+                &self.path,
+                Some(self.offset),
+                e,
+            ));
+        }
+        if has_data {
+            metrics::counter!("kvindex_log_bytes_written_total").increment(self.buf.len() as u64);
+            metrics::counter!("kvindex_log_group_commits_total").increment(1);
+        }
+        if sync {
+            metrics::counter!("kvindex_log_fsyncs_total").increment(1);
+            metrics::histogram!("kvindex_log_sync_seconds").record(started.elapsed().as_secs_f64());
+        }
+        self.offset += self.buf.len() as u64;
+        self.buf.clear();
+        {
+            let mut p = lock(&self.shared.progress);
+            p.written = self.buf_end_lsn;
+            if sync {
+                p.synced = self.buf_end_lsn;
+            }
+        }
+        if sync {
+            self.dirty_since = None;
+            let moved = std::mem::take(&mut self.pending);
+            lock(&self.shared.durable).merge(moved);
+        } else if has_data {
+            self.dirty_since.get_or_insert_with(Instant::now);
+            if self.policy == FsyncPolicy::Never {
+                // `never` promises durability only against a process crash, which these
+                // written entries already survive.
+                let moved = std::mem::take(&mut self.pending);
+                lock(&self.shared.durable).merge(moved);
+            }
+        }
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Close the current segment (already flushed) and start one at `buf_end_lsn`.
+    fn roll(&mut self) -> Result<()> {
+        let first = self.buf_end_lsn;
+        let (path, file) = create_segment(&mut self.io, &self.dir, first, self.policy)?;
+        self.file = file;
+        self.path = path.clone();
+        self.offset = SEGMENT_HEADER_LEN as u64;
+        lock(&self.shared.segments).push((first, path));
+        Ok(())
+    }
+}
+
+fn group_bytes(m: &Msg) -> usize {
+    match m {
+        Msg::Append(r) => r.payload.len() + 8,
+        Msg::Sync(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvindex_engine::{KvCacheEvent, KvCacheEventData, RouterEvent};
+
+    #[test]
+    fn patching_the_first_lsn_of_an_encoded_batch_changes_only_that_field() {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let entries: Vec<LogEntry> = (0..3)
+            .map(|i| {
+                LogEntry::event(
+                    spec.clone(),
+                    i,
+                    RouterEvent::new(
+                        i,
+                        KvCacheEvent {
+                            event_id: i,
+                            data: KvCacheEventData::Cleared,
+                            dp_rank: 0,
+                        },
+                    ),
+                )
+            })
+            .collect();
+        let mut payload =
+            rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0, &entries)).unwrap();
+        patch_first_lsn(&mut payload, 0xFEED_F00D);
+        let direct =
+            rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0xFEED_F00D, &entries))
+                .unwrap();
+        assert_eq!(payload.as_slice(), direct.as_slice());
+    }
+}

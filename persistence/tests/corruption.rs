@@ -1,0 +1,559 @@
+//! Damage on disk gives the documented outcome (docs/log-format.md §5.2) under each recovery
+//! policy, never a panic: truncated tails, bit flips in records, headers and snapshots,
+//! missing segments, zero-filled and garbage tails, a full disk and a failing fsync.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kvindex_engine::WorkerWithDpRank;
+use kvindex_persistence::format::{frame_len, SEGMENT_HEADER_LEN};
+use kvindex_persistence::*;
+
+const POLICIES: [RecoveryPolicy; 3] = [
+    RecoveryPolicy::Absolute,
+    RecoveryPolicy::TolerateTail,
+    RecoveryPolicy::SkipCorrupt,
+];
+
+/// Writes `batches` batches of 1..=3 entries into `dir` with small segments; returns the batches.
+fn build_log(dir: &Path, batches: usize, segment_bytes: u64) -> Vec<Vec<LogEntry>> {
+    let config = LogConfig {
+        segment_bytes,
+        ..cfg(IoBackendChoice::Portable, FsyncPolicy::Never)
+    };
+    let (log, _) = EventLog::open(dir, config, &mut NullSink).unwrap();
+    let mut gen = EventGen::new(
+        42,
+        vec![WorkerWithDpRank::new(1, 0), WorkerWithDpRank::new(2, 0)],
+    );
+    let mut out = Vec::new();
+    for i in 0..batches {
+        let b: Vec<LogEntry> = (0..1 + i % 3)
+            .map(|k| LogEntry::event(ns(), (i * 10 + k) as u64, gen.next_event()))
+            .collect();
+        let _ = log.append(&b).unwrap();
+        out.push(b);
+    }
+    log.close().unwrap();
+    out
+}
+
+/// `(offset, end)` of every record of a segment file.
+fn record_spans(path: &Path) -> Vec<(usize, usize)> {
+    let r = SegmentReader::open(path).unwrap();
+    r.records()
+        .map(|x| x.map(|v| (v.offset, v.end)).unwrap())
+        .collect()
+}
+
+fn flip(path: &Path, offset: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[offset] ^= 0x10;
+    std::fs::write(path, b).unwrap();
+}
+
+fn open_with(dir: &Path, policy: RecoveryPolicy) -> Result<(Vec<LoggedEntry>, RecoveryReport)> {
+    let mut sink = CollectingSink::default();
+    let (log, report) = EventLog::open(dir, cfg_policy(policy), &mut sink)?;
+    log.close()?;
+    Ok((sink.entries, report))
+}
+
+fn flat(batches: &[Vec<LogEntry>]) -> Vec<LogEntry> {
+    batches.iter().flatten().cloned().collect()
+}
+
+fn dir_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.ends_with("LOCK"))
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_tail_cut_at_any_byte_of_the_last_record_is_truncated_under_every_policy() {
+    let probe = tempfile::tempdir().unwrap();
+    let batches = build_log(probe.path(), 6, 1 << 20);
+    let seg = segment_files(probe.path())[0].clone();
+    let (start, end) = *record_spans(&seg).last().unwrap();
+    for policy in POLICIES {
+        for cut in (start + 1..end).step_by(3) {
+            let dir = tempfile::tempdir().unwrap();
+            build_log(dir.path(), 6, 1 << 20);
+            let seg = segment_files(dir.path())[0].clone();
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.set_len(cut as u64).unwrap();
+            drop(f);
+            let (entries, report) = open_with(dir.path(), policy)
+                .unwrap_or_else(|e| panic!("{policy} cut at {cut}: {e}"));
+            assert_eq!(
+                entries_of(&entries),
+                flat(&batches[..5]),
+                "{policy} cut {cut}"
+            );
+            assert_eq!(report.truncated.len(), 1);
+            assert_eq!(report.truncated[0].offset, start as u64);
+            assert!(report.truncated[0].damage.is_torn_write());
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), start as u64);
+            // The log goes on where the cut left it.
+            let (log, _) = EventLog::open(dir.path(), cfg_policy(policy), &mut NullSink).unwrap();
+            assert_eq!(log.next_lsn(), flat(&batches[..5]).len() as u64 + 1);
+            log.append(&batches[5]).unwrap().wait().unwrap();
+            log.close().unwrap();
+            let (entries, report) = open_with(dir.path(), RecoveryPolicy::Absolute).unwrap();
+            assert!(report.is_clean());
+            assert_eq!(entries_of(&entries), flat(&batches));
+        }
+    }
+}
+
+#[test]
+fn a_segment_cut_inside_its_header_is_removed_under_every_policy() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 30, 1024);
+        let segs = segment_files(dir.path());
+        let last = segs.last().unwrap();
+        // Replace the last segment by a crash-during-creation stub.
+        let lost = record_spans(last).len();
+        std::fs::write(last, &std::fs::read(last).unwrap()[..10]).unwrap();
+        let (entries, report) = open_with(dir.path(), policy).unwrap();
+        assert!(report.truncated[0].file_removed);
+        let kept: usize = batches.len() - lost;
+        assert_eq!(entries_of(&entries), flat(&batches[..kept]));
+    }
+}
+
+#[test]
+fn zero_filled_tail_is_cut_under_every_policy() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 5, 1 << 20);
+        let seg = segment_files(dir.path())[0].clone();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len + 4096).unwrap();
+        drop(f);
+        let (entries, report) = open_with(dir.path(), policy).unwrap();
+        assert_eq!(entries_of(&entries), flat(&batches));
+        assert_eq!(report.truncated[0].damage, Damage::ZeroFilledTail);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+    }
+}
+
+#[test]
+fn bit_flip_in_the_last_record_refuses_under_absolute_and_is_cut_otherwise() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 6, 1 << 20);
+        let seg = segment_files(dir.path())[0].clone();
+        let (start, end) = *record_spans(&seg).last().unwrap();
+        flip(&seg, (start + end) / 2);
+        let before = dir_bytes(dir.path());
+        match (policy, open_with(dir.path(), policy)) {
+            (
+                RecoveryPolicy::Absolute,
+                Err(PersistError::Corrupt {
+                    path,
+                    offset,
+                    damage,
+                    ..
+                }),
+            ) => {
+                assert_eq!(path, seg);
+                assert_eq!(offset, start as u64);
+                assert!(matches!(damage, Damage::ChecksumMismatch { .. }));
+                let msg = open_with(dir.path(), policy).unwrap_err().to_string();
+                assert!(msg.contains(&seg.display().to_string()) && msg.contains("skip-corrupt"));
+                assert_eq!(dir_bytes(dir.path()), before, "nothing changed on refusal");
+            }
+            (RecoveryPolicy::Absolute, other) => panic!("absolute: {other:?}"),
+            (_, Ok((entries, report))) => {
+                assert_eq!(entries_of(&entries), flat(&batches[..5]));
+                let cut = &report.truncated[0];
+                assert_eq!(cut.offset, start as u64);
+                let saved = cut.saved_to.as_ref().expect("cut bytes saved");
+                assert_eq!(
+                    std::fs::metadata(saved).unwrap().len(),
+                    (end - start) as u64
+                );
+            }
+            (p, Err(e)) => panic!("{p}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn bit_flip_in_an_earlier_record_refuses_unless_skip_corrupt_which_skips_that_batch() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 8, 1 << 20);
+        let seg = segment_files(dir.path())[0].clone();
+        let spans = record_spans(&seg);
+        let (start, end) = spans[3];
+        flip(&seg, start + 12);
+        let before = dir_bytes(dir.path());
+        let res = open_with(dir.path(), policy);
+        match policy {
+            RecoveryPolicy::SkipCorrupt => {
+                let (entries, report) = res.unwrap();
+                let mut want = flat(&batches[..3]);
+                want.extend(flat(&batches[4..]));
+                assert_eq!(entries_of(&entries), want);
+                assert_eq!(report.skipped.len(), 1);
+                assert_eq!(report.skipped[0].offset, start as u64);
+                assert_eq!(report.skipped[0].bytes, (end - start) as u64);
+                let first_lost = flat(&batches[..3]).len() as u64 + 1;
+                assert_eq!(
+                    report.lost_lsns,
+                    vec![(first_lost, first_lost + batches[3].len() as u64 - 1)]
+                );
+            }
+            _ => {
+                match res {
+                    Err(PersistError::Corrupt { offset, .. }) => assert_eq!(offset, start as u64),
+                    other => panic!("{policy}: {other:?}"),
+                }
+                assert_eq!(dir_bytes(dir.path()), before);
+            }
+        }
+    }
+}
+
+#[test]
+fn after_a_skip_corrupt_recovery_the_index_snapshots_so_the_default_policy_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    build_log(dir.path(), 8, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let (start, _) = record_spans(&seg)[2];
+    flip(&seg, start + 12);
+    let skip = DurableConfig {
+        log: cfg_policy(RecoveryPolicy::SkipCorrupt),
+        ..DurableConfig::default()
+    };
+    let (idx, report) = DurableIndex::open(dir.path(), skip, small_engine()).unwrap();
+    assert!(report.skipped_anything());
+    assert_eq!(
+        snapshot_files(dir.path()).len(),
+        1,
+        "snapshot taken at once"
+    );
+    idx.close().unwrap();
+    let (_idx, report) =
+        DurableIndex::open(dir.path(), DurableConfig::default(), small_engine()).unwrap();
+    assert!(report.snapshot.is_some());
+}
+
+#[test]
+fn bit_flip_in_a_middle_segment_header_refuses_unless_skip_corrupt_which_loses_nothing() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 40, 1024);
+        let segs = segment_files(dir.path());
+        assert!(segs.len() >= 3);
+        flip(&segs[1], 3);
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::SkipCorrupt, Ok((entries, report))) => {
+                // The records after the header are intact and carry their own LSNs.
+                assert_eq!(entries_of(&entries), flat(&batches));
+                assert_eq!(report.skipped[0].offset, 0);
+                assert!(report.lost_lsns.is_empty());
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("{e}"),
+            (
+                _,
+                Err(PersistError::Corrupt {
+                    path,
+                    offset: 0,
+                    damage: Damage::BadHeader(_),
+                    ..
+                }),
+            ) => {
+                assert_eq!(path, segs[1]);
+            }
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_missing_segment_refuses_unless_skip_corrupt_which_counts_the_lost_lsns() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 40, 1024);
+        let segs = segment_files(dir.path());
+        let first_of = |p: &Path| SegmentReader::open(p).unwrap().first_lsn().unwrap();
+        let (gone_first, next_first) = (first_of(&segs[1]), first_of(&segs[2]));
+        std::fs::remove_file(&segs[1]).unwrap();
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::SkipCorrupt, Ok((entries, report))) => {
+                assert_eq!(report.lost_lsns, vec![(gone_first, next_first - 1)]);
+                let all = flat(&batches);
+                let mut want = all[..gone_first as usize - 1].to_vec();
+                want.extend_from_slice(&all[next_first as usize - 1..]);
+                assert_eq!(entries_of(&entries), want);
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("{e}"),
+            (_, Err(PersistError::MissingRecords { first, last, .. })) => {
+                assert_eq!((first, last), (gone_first, next_first - 1));
+            }
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn garbage_after_the_last_record_refuses_under_absolute_and_is_cut_otherwise() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 4, 1 << 20);
+        let seg = segment_files(dir.path())[0].clone();
+        let mut b = std::fs::read(&seg).unwrap();
+        let valid = b.len();
+        b.extend_from_slice(&[0x55; 100]);
+        std::fs::write(&seg, b).unwrap();
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::Absolute, Err(PersistError::Corrupt { offset, .. })) => {
+                assert_eq!(offset, valid as u64)
+            }
+            (RecoveryPolicy::Absolute, other) => panic!("{other:?}"),
+            (_, Ok((entries, _))) => assert_eq!(entries_of(&entries), flat(&batches)),
+            (p, Err(e)) => panic!("{p}: {e}"),
+        }
+    }
+}
+
+fn durable_with_snapshots(dir: &Path) -> Canonical {
+    let config = DurableConfig {
+        log: LogConfig {
+            segment_bytes: 2048,
+            ..LogConfig::default()
+        },
+        snapshots: SnapshotPolicy {
+            every_entries: None,
+            every: None,
+            keep: 2,
+        },
+    };
+    let (idx, _) = DurableIndex::open(dir, config, small_engine()).unwrap();
+    let mut gen = EventGen::new(
+        9,
+        vec![WorkerWithDpRank::new(4, 0), WorkerWithDpRank::new(5, 2)],
+    );
+    for round in 0..3 {
+        for i in 0..60 {
+            let _ = idx
+                .submit(&ns(), round * 100 + i, gen.next_event())
+                .unwrap();
+        }
+        idx.snapshot_now().unwrap();
+    }
+    for i in 0..20 {
+        let _ = idx.submit(&ns(), 1000 + i, gen.next_event()).unwrap();
+    }
+    let live = engine_canonical(idx.engine(), &ns().key);
+    idx.close().unwrap();
+    live
+}
+
+#[test]
+fn bit_flip_in_the_newest_snapshot_falls_back_to_the_older_one_with_nothing_lost() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        let live = durable_with_snapshots(dir.path());
+        let snaps = snapshot_files(dir.path());
+        assert_eq!(snaps.len(), 2);
+        let len = std::fs::metadata(&snaps[1]).unwrap().len() as usize;
+        flip(&snaps[1], len / 2);
+        let engine = small_engine();
+        let config = DurableConfig {
+            log: cfg_policy(policy),
+            ..DurableConfig::default()
+        };
+        let (_idx, report) = DurableIndex::open(dir.path(), config, engine.clone()).unwrap();
+        assert_eq!(report.snapshots_rejected.len(), 1);
+        assert_eq!(report.snapshot.as_ref().unwrap().path, snaps[0]);
+        assert_eq!(engine_canonical(&engine, &ns().key), live, "{policy}");
+    }
+}
+
+#[test]
+fn every_snapshot_corrupt_with_a_compacted_log_refuses_unless_skip_corrupt() {
+    for policy in POLICIES {
+        let dir = tempfile::tempdir().unwrap();
+        durable_with_snapshots(dir.path());
+        for s in snapshot_files(dir.path()) {
+            flip(&s, 5);
+        }
+        let res = open_with(dir.path(), policy);
+        match (policy, res) {
+            (RecoveryPolicy::SkipCorrupt, Ok((_, report))) => {
+                assert_eq!(report.snapshots_rejected.len(), 2);
+                assert_eq!(report.lost_lsns[0].0, 1);
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("{e}"),
+            (_, Err(PersistError::MissingRecords { first: 1, .. })) => {}
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_snapshot_corrupt_with_a_complete_log_replays_from_the_first_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = build_log(dir.path(), 10, 1 << 20);
+    let engine = small_engine();
+    let image = SnapshotImage::capture(&engine, 5, &[]).unwrap();
+    let meta = SnapshotStore::new(dir.path()).write(&image).unwrap();
+    flip(&meta.path, 20);
+    let (entries, report) = open_with(dir.path(), RecoveryPolicy::Absolute).unwrap();
+    assert!(report.snapshot.is_none());
+    assert_eq!(entries_of(&entries), flat(&batches));
+}
+
+#[test]
+fn a_bit_flip_anywhere_in_a_snapshot_is_rejected_by_load_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = small_engine();
+    let h = engine.create_namespace(ns().key.clone(), 16).unwrap();
+    let mut gen = EventGen::new(1, vec![WorkerWithDpRank::new(1, 0)]);
+    for _ in 0..5 {
+        h.apply(gen.next_event()).unwrap();
+    }
+    let image = SnapshotImage::capture(&engine, 6, &[]).unwrap();
+    let store = SnapshotStore::new(dir.path());
+    let meta = store.write(&image).unwrap();
+    let good = std::fs::read(&meta.path).unwrap();
+    for i in 0..good.len() {
+        let mut b = good.clone();
+        b[i] ^= 1 << (i % 8);
+        std::fs::write(&meta.path, &b).unwrap();
+        match store.load(&meta.path) {
+            Err(PersistError::CorruptSnapshot { path, .. }) => assert_eq!(path, meta.path),
+            Err(e) => panic!("byte {i}: {e}"),
+            Ok(_) => panic!("byte {i}: flipped snapshot accepted"),
+        }
+    }
+    // Truncations too.
+    for cut in [0, 10, 63, 64, good.len() - 1] {
+        std::fs::write(&meta.path, &good[..cut]).unwrap();
+        assert!(store.load(&meta.path).is_err());
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_append_stops_the_writer_and_restart_keeps_every_acknowledged_batch() {
+    for io in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            faults: IoFaults {
+                fail_writes_after_bytes: Some(3000),
+                fail_sync: false,
+            },
+            ..cfg(io, FsyncPolicy::Always)
+        };
+        let (log, _) = EventLog::open(dir.path(), config, &mut NullSink).unwrap();
+        let mut gen = EventGen::new(77, vec![WorkerWithDpRank::new(1, 0)]);
+        let mut acked = Vec::new();
+        let mut failed = false;
+        for i in 0..200 {
+            let e = LogEntry::event(ns(), i, gen.next_event());
+            match log.append(std::slice::from_ref(&e)).and_then(|t| t.wait()) {
+                Ok(_) => acked.push(e),
+                Err(PersistError::WriterFailed { cause }) => {
+                    assert!(
+                        cause.contains("No space left") || cause.contains("os error 28"),
+                        "{cause}"
+                    );
+                    failed = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(failed, "{io:?}: the simulated disk never filled");
+        assert!(log.writer_failure().is_some());
+        assert!(matches!(
+            log.append(&[LogEntry::event(ns(), 999, gen.next_event())]),
+            Err(PersistError::WriterFailed { .. })
+        ));
+        assert!(log.sync().is_err());
+        drop(log);
+        let mut sink = CollectingSink::default();
+        let (_log, report) =
+            EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut sink).unwrap();
+        // The writer cut its partial write itself: nothing torn is left.
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(entries_of(&sink.entries), acked, "{io:?}");
+    }
+}
+
+#[test]
+fn a_failing_fsync_fails_the_append_and_stops_the_writer() {
+    for io in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) =
+                EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut NullSink).unwrap();
+            drop(log);
+        }
+        let config = LogConfig {
+            faults: IoFaults {
+                fail_writes_after_bytes: None,
+                fail_sync: true,
+            },
+            ..cfg(io, FsyncPolicy::Always)
+        };
+        let (log, _) = EventLog::open(dir.path(), config, &mut NullSink).unwrap();
+        let t = log
+            .append(&[LogEntry::event(ns(), 1, stored(1, 0, 1, None, &[(1, 1)]))])
+            .unwrap();
+        assert!(matches!(t.wait(), Err(PersistError::WriterFailed { .. })));
+        drop(log);
+        let mut sink = CollectingSink::default();
+        let (_log, _) =
+            EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut sink).unwrap();
+        assert!(sink.entries.is_empty(), "the unacknowledged batch was cut");
+    }
+}
+
+#[test]
+fn skipped_damage_is_exported_as_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let dir = tempfile::tempdir().unwrap();
+    build_log(dir.path(), 8, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let (start, end) = record_spans(&seg)[2];
+    flip(&seg, start + 12);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
+    });
+    let snap = snapshotter.snapshot().into_vec();
+    let counter = |name: &str| {
+        snap.iter()
+            .filter(|(k, ..)| k.key().name() == name)
+            .map(|(_, _, _, v)| match v {
+                DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    assert_eq!(
+        counter("kvindex_recovery_skipped_bytes_total"),
+        (end - start) as u64
+    );
+    assert_eq!(counter("kvindex_recovery_skipped_regions_total"), 1);
+    assert!(counter("kvindex_recovery_lost_lsns_total") >= 1);
+    let _ = frame_len(0) + SEGMENT_HEADER_LEN;
+}
