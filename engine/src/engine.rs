@@ -235,11 +235,28 @@ impl Engine {
         self.inner.lanes.queued()
     }
 
+    /// Test hook: block every event thread until the returned guard is dropped, so that a test
+    /// can fill the bounded queues deterministically.
+    #[doc(hidden)]
+    pub fn pause_event_threads(&self) -> Result<PauseGuard, EngineError> {
+        let mut resume = Vec::new();
+        for lane in 0..self.inner.lanes.count() {
+            resume.push(self.inner.lanes.pause(lane)?);
+        }
+        Ok(PauseGuard { _resume: resume })
+    }
+
     /// Test hook: make event thread `lane` panic, to check that callers get errors, not panics.
     #[doc(hidden)]
     pub fn inject_event_thread_panic(&self, lane: usize) -> Result<(), EngineError> {
         self.inner.lanes.inject_panic(lane)
     }
+}
+
+/// Keeps the event threads paused (test hook); they resume when it is dropped.
+#[doc(hidden)]
+pub struct PauseGuard {
+    _resume: Vec<crossbeam_channel::Sender<()>>,
 }
 
 struct NsMeta {

@@ -52,6 +52,11 @@ pub(crate) enum Task {
     Barrier(Sender<()>),
     /// Test hook: make the lane panic, to exercise the offline path.
     Panic,
+    /// Test hook: block the lane until the sender side is dropped (to fill its queue).
+    Pause {
+        entered: Sender<()>,
+        resume: Receiver<()>,
+    },
     Shutdown,
 }
 
@@ -256,6 +261,21 @@ impl Lanes {
     pub(crate) fn inject_panic(&self, lane: usize) -> Result<(), crate::EngineError> {
         self.send(lane, Task::Panic)
     }
+
+    pub(crate) fn pause(&self, lane: usize) -> Result<Sender<()>, crate::EngineError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+        self.send(
+            lane,
+            Task::Pause {
+                entered: entered_tx,
+                resume: rx,
+            },
+        )?;
+        // Once the lane runs the pause, its queue is empty and stays so until the test fills it.
+        self.wait(&entered_rx)?;
+        Ok(tx)
+    }
 }
 
 fn offline_flag_set(flag: &AtomicBool) {
@@ -313,6 +333,11 @@ fn run_task(lane: &mut Lane, task: Task) {
             let _ = done.send(());
         }
         Task::Panic => panic!("injected event-thread panic (test hook)"),
+        Task::Pause { entered, resume } => {
+            let _ = entered.send(());
+            // Returns when the test drops its sender (or sends).
+            let _ = resume.recv();
+        }
         Task::Shutdown => {}
     }
 }

@@ -187,3 +187,75 @@ fn snapshot_keeps_orphans_and_restores_exactly() {
     assert_eq!(q(&copy, &[1, 2, 3]), vec![(1, 0, 3), (2, 0, 1)]);
     assert_eq!(copy.restore(&snap), Err(EngineError::NamespaceNotEmpty));
 }
+
+#[test]
+fn full_queue_pushes_back_instead_of_growing() {
+    let e = Engine::new(EngineConfig {
+        event_threads: 1,
+        queue_capacity: 2,
+    });
+    let ns = e.create_namespace(NamespaceKey::new("m", "g"), 16).unwrap();
+    let pause = e.pause_event_threads().unwrap();
+    // The paused lane holds the pause task; its queue takes exactly `queue_capacity` more.
+    let mut accepted = 0;
+    let mut full = false;
+    for i in 0..10u64 {
+        match ns.try_apply(st(1, 0, &[(100 + i, i)], None)) {
+            Ok(()) => accepted += 1,
+            Err(EngineError::QueueFull) => {
+                full = true;
+                break;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(full, "try_apply never reported QueueFull");
+    assert_eq!(accepted, 2);
+    drop(pause);
+    ns.flush().unwrap();
+    assert_eq!(
+        ns.current_size(),
+        2,
+        "accepted events are applied after the pause"
+    );
+}
+
+#[test]
+fn namespaces_keep_their_own_block_size_and_blocks() {
+    use kvindex_engine::hashing::{
+        compute_block_hash_for_seq, compute_seq_hash_for_block, HashOptions,
+    };
+    let (e, ns16) = engine();
+    let ns4 = e
+        .create_namespace(NamespaceKey::new("m", "small"), 4)
+        .unwrap();
+    assert_eq!(
+        e.create_namespace(NamespaceKey::new("m", "small"), 8).err(),
+        Some(EngineError::BlockSizeMismatch {
+            namespace: "m:small".into(),
+            existing: 4,
+            requested: 8
+        })
+    );
+    assert_eq!(
+        e.create_namespace(NamespaceKey::new("m", "zero"), 0).err(),
+        Some(EngineError::InvalidBlockSize)
+    );
+    let tokens: Vec<u32> = (0..32).collect();
+    for ns in [&ns16, &ns4] {
+        let locals = compute_block_hash_for_seq(&tokens, ns.block_size(), &HashOptions::default());
+        let seq = compute_seq_hash_for_block(&locals);
+        let blocks: Vec<(u64, u64)> = seq.iter().zip(&locals).map(|(s, l)| (*s, l.0)).collect();
+        ns.apply_and_wait(st(9, 0, &blocks, None)).unwrap();
+    }
+    let opts = HashOptions::default();
+    let got16 = ns16.find_matches_for_tokens(&tokens, &opts).sorted();
+    let got4 = ns4.find_matches_for_tokens(&tokens, &opts).sorted();
+    assert_eq!(got16, vec![(WorkerWithDpRank::new(9, 0), 2)]);
+    assert_eq!(got4, vec![(WorkerWithDpRank::new(9, 0), 8)]);
+    assert_eq!(e.namespaces().len(), 2);
+    e.remove_namespace(&NamespaceKey::new("m", "small"))
+        .unwrap();
+    assert!(e.namespace(&NamespaceKey::new("m", "small")).is_none());
+    assert_eq!(ns16.current_size(), 2, "other namespaces are untouched");
+}
