@@ -4,26 +4,10 @@
 use kvindex_engine::*;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
+mod common;
+
 fn stored(w: u64, blocks: &[(u64, u64)], parent: Option<u64>) -> RouterEvent {
-    RouterEvent::new(
-        w,
-        KvCacheEvent {
-            event_id: 0,
-            dp_rank: 0,
-            data: KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: parent.map(ExternalSequenceBlockHash),
-                start_position: None,
-                blocks: blocks
-                    .iter()
-                    .map(|&(b, t)| KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(b),
-                        tokens_hash: LocalBlockHash(t),
-                        mm_extra_info: None,
-                    })
-                    .collect(),
-            }),
-        },
-    )
+    common::store(w, 0, parent, blocks)
 }
 
 #[test]

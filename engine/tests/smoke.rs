@@ -2,42 +2,14 @@
 
 use kvindex_engine::*;
 
+mod common;
+
 fn st(w: u64, dp: u32, blocks: &[(u64, u64)], parent: Option<u64>) -> RouterEvent {
-    RouterEvent::new(
-        w,
-        KvCacheEvent {
-            event_id: 0,
-            dp_rank: dp,
-            data: KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: parent.map(ExternalSequenceBlockHash),
-                start_position: None,
-                blocks: blocks
-                    .iter()
-                    .map(|&(b, t)| KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(b),
-                        tokens_hash: LocalBlockHash(t),
-                        mm_extra_info: None,
-                    })
-                    .collect(),
-            }),
-        },
-    )
+    common::store(w, dp, parent, blocks)
 }
 
 fn rm(w: u64, hashes: &[u64]) -> RouterEvent {
-    RouterEvent::new(
-        w,
-        KvCacheEvent {
-            event_id: 0,
-            dp_rank: 0,
-            data: KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: hashes
-                    .iter()
-                    .map(|&h| ExternalSequenceBlockHash(h))
-                    .collect(),
-            }),
-        },
-    )
+    common::remove(w, 0, hashes)
 }
 
 fn q(ns: &Namespace, locals: &[u64]) -> Vec<(u64, u32, u32)> {
@@ -163,15 +135,7 @@ fn snapshot_keeps_orphans_and_restores_exactly() {
         .unwrap();
     ns.apply(st(2, 0, &[(21, 1), (22, 2)], None)).unwrap(); // private hashes on shared nodes
     ns.apply(rm(1, &[12])).unwrap(); // 13 becomes an orphan of worker 1
-    ns.apply(RouterEvent::new(
-        3,
-        KvCacheEvent {
-            event_id: 0,
-            dp_rank: 0,
-            data: KvCacheEventData::Cleared,
-        },
-    ))
-    .unwrap();
+    ns.apply(common::cleared(3, 0)).unwrap();
     let snap = ns.snapshot().unwrap();
     assert_eq!(snap.pairs(), 4);
     let copy = e
