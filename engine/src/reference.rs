@@ -331,6 +331,18 @@ impl ReferenceIndex {
         out
     }
 
+    /// Every held block, orphans included: what an exact snapshot (`IndexSnapshot::canonical`)
+    /// must contain, as opposed to `canonical`, which is what a dump can express.
+    pub fn held_blocks(&self) -> BTreeSet<CanonicalBlock> {
+        let mut out = BTreeSet::new();
+        for (stream, blocks) in &self.streams {
+            for (hash, path) in &blocks.path_of {
+                out.insert((*stream, path.clone(), *hash));
+            }
+        }
+        out
+    }
+
     /// The canonical form of this model's reachable state (what any correct dump expands to).
     pub fn canonical(&self) -> BTreeSet<CanonicalBlock> {
         let mut out = BTreeSet::new();

@@ -343,7 +343,7 @@ impl Tree {
 
     /// Apply a `stored` event of the stream `st`.
     pub(crate) fn store(
-        &self,
+        self: &Arc<Self>,
         st: &mut StreamState,
         data: &KvCacheStoreData,
         guard: &Guard,
@@ -369,9 +369,16 @@ impl Tree {
         }
         let slot = st.slot;
         let mut duplicate = true;
+        // Blocks this stream held under a hash it now reuses for another block: a worker's hash
+        // names one block, so the old one is gone. Dropped after the walk, with no lock held.
+        let mut displaced: Vec<(u32, u64)> = Vec::new();
         self.lock(cur);
         for b in &data.blocks {
             let (local, ext) = (b.tokens_hash.0, b.block_hash.0);
+            // Only the shard mutex (a leaf lock) is taken here, never a node lock.
+            if let Some(old) = self.resolve(st, ext, guard) {
+                displaced.push((old, ext));
+            }
             let parent = self.node(cur);
             let cw = parent.children.load(Ordering::Relaxed);
             let found = children::find_child(cw, local, &|i| self.local_of(i), guard);
@@ -445,6 +452,13 @@ impl Tree {
             cur = child;
         }
         self.unlock(cur);
+        for (old, ext) in displaced {
+            // Still held under `ext` means it is the block just stored (a re-store): keep it.
+            if self.resolve(st, ext, guard) != Some(old) {
+                duplicate = false;
+                self.drop_membership(st, old, guard);
+            }
+        }
         Ok(StoreOutcome { duplicate })
     }
 

@@ -415,6 +415,16 @@ impl Case {
                 "{name}: dump: engine (left), reference (right)"
             );
             assert_eq!(dump_canonical(&model.dump()), model.canonical());
+            let exact: std::collections::BTreeSet<_> = model
+                .held_blocks()
+                .into_iter()
+                .map(|(s, path, ext)| (s, path.iter().map(|l| l.0).collect::<Vec<_>>(), ext.0))
+                .collect();
+            assert_eq!(
+                engine.snapshot().expect("snapshot").canonical(),
+                exact,
+                "{name}: exact snapshot (orphans included): engine (left), reference (right)"
+            );
             assert_eq!(
                 engine.get_workers(),
                 model.get_workers(),

@@ -223,3 +223,19 @@ fn namespaces_keep_their_own_block_size_and_blocks() {
     assert!(e.namespace(&NamespaceKey::new("m", "small")).is_none());
     assert_eq!(ns16.current_size(), 2, "other namespaces are untouched");
 }
+
+#[test]
+fn reusing_a_hash_for_another_block_drops_the_old_block() {
+    let (_e, ns) = engine();
+    ns.apply_and_wait(st(1, 0, &[(11, 1), (12, 2)], None))
+        .unwrap();
+    // Worker 1 now names a different block (tokens 3 under 11) with hash 12.
+    ns.apply_and_wait(st(1, 0, &[(12, 3)], Some(11))).unwrap();
+    assert_eq!(q(&ns, &[1, 2]), vec![(1, 0, 1)], "the old block 12 is gone");
+    assert_eq!(q(&ns, &[1, 3]), vec![(1, 0, 2)]);
+    assert_eq!(ns.current_size(), 2);
+    // And hash 12 now removes the new block.
+    ns.apply_and_wait(rm(1, &[12])).unwrap();
+    assert_eq!(q(&ns, &[1, 3]), vec![(1, 0, 1)]);
+    assert_eq!(ns.current_size(), 1);
+}

@@ -481,6 +481,29 @@ impl Harness {
         self.current_size();
         self.worker_block_counts();
         self.dump();
+        self.exact_snapshot();
+    }
+
+    /// The engine's exact image (orphans and private hashes included) equals every block the
+    /// model holds.
+    pub fn exact_snapshot(&self) {
+        let engine: BTreeSet<_> = self
+            .ns
+            .snapshot()
+            .expect("snapshot")
+            .canonical()
+            .into_iter()
+            .collect();
+        let model: BTreeSet<_> = self
+            .model
+            .held_blocks()
+            .into_iter()
+            .map(|(s, path, ext)| (s, path.iter().map(|l| l.0).collect::<Vec<_>>(), ext.0))
+            .collect();
+        assert_eq!(
+            engine, model,
+            "engine snapshot (left) and model (right) differ"
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! reference model of index semantics, and log configurations for both write paths.
 #![allow(dead_code)]
 
+use kvindex_engine::reference::ReferenceIndex;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -168,97 +169,35 @@ impl EventGen {
     }
 }
 
-/// A small reference model of the index (the semantics in engine/src/reference.rs' docs):
-/// per stream, a bijection between external hashes and paths of local hashes.
+/// The engine's reference model (`kvindex_engine::reference`), driven by log entries.
 #[derive(Default, Debug, Clone)]
 pub struct Model {
-    streams: HashMap<WorkerWithDpRank, StreamBlocks>,
+    reference: ReferenceIndex,
 }
-
-/// One stream's blocks: external hash → path, and path → external hash.
-type StreamBlocks = (HashMap<u64, Vec<u64>>, HashMap<Vec<u64>, u64>);
 
 impl Model {
     pub fn apply(&mut self, ev: &RouterEvent) {
-        if ev.classify().is_err() {
-            return;
-        }
-        let st = self.streams.entry(ev.stream()).or_default();
-        match &ev.event.data {
-            KvCacheEventData::Stored(s) => {
-                if s.blocks.is_empty() {
-                    return;
-                }
-                if let Some(p) = s.parent_hash {
-                    if s.blocks.iter().any(|b| b.block_hash == p) {
-                        return;
-                    }
-                }
-                let mut path = match s.parent_hash {
-                    None => Vec::new(),
-                    Some(p) => match st.0.get(&p.0) {
-                        Some(path) => path.clone(),
-                        None => return,
-                    },
-                };
-                for b in &s.blocks {
-                    path.push(b.tokens_hash.0);
-                    let h = b.block_hash.0;
-                    if let Some(old) = st.0.remove(&h) {
-                        st.1.remove(&old);
-                    }
-                    if let Some(old) = st.1.remove(&path) {
-                        st.0.remove(&old);
-                    }
-                    st.0.insert(h, path.clone());
-                    st.1.insert(path.clone(), h);
-                }
-            }
-            KvCacheEventData::Removed(r) => {
-                for h in &r.block_hashes {
-                    if let Some(p) = st.0.remove(&h.0) {
-                        st.1.remove(&p);
-                    }
-                }
-            }
-            KvCacheEventData::Cleared => {
-                st.0.clear();
-                st.1.clear();
-            }
-        }
+        // Failing events change nothing in the model, exactly as in the engine.
+        let _ = self.reference.apply(ev);
     }
 
     pub fn apply_op(&mut self, e: &LogEntry) {
         match &e.op {
             LogOp::Event(ev) => self.apply(ev),
-            LogOp::RemoveWorker | LogOp::ClearAllBlocks => {
-                for (s, st) in self.streams.iter_mut() {
-                    if s.worker_id == e.worker_id {
-                        st.0.clear();
-                        st.1.clear();
-                    }
-                }
-            }
+            LogOp::RemoveWorker => self.reference.remove_worker(e.worker_id),
+            LogOp::ClearAllBlocks => self.reference.clear_all_blocks(e.worker_id),
             LogOp::RemoveWorkerDpRank => {
-                if let Some(st) = self
-                    .streams
-                    .get_mut(&WorkerWithDpRank::new(e.worker_id, e.dp_rank))
-                {
-                    st.0.clear();
-                    st.1.clear();
-                }
+                self.reference.remove_worker_dp_rank(e.worker_id, e.dp_rank)
             }
         }
     }
 
     pub fn canonical(&self) -> Canonical {
-        let mut out = BTreeSet::new();
-        for (s, st) in &self.streams {
-            for (h, p) in &st.0 {
-                out.insert((*s, p.clone(), *h));
-            }
-        }
-        out
+        self.reference
+            .held_blocks()
+            .into_iter()
+            .map(|(s, path, ext)| (s, path.iter().map(|l| l.0).collect(), ext.0))
+            .collect()
     }
 }
 
