@@ -311,6 +311,19 @@ impl Tree {
         }
     }
 
+    /// Another node `st` holds under `ext`, about to be named by `n` instead. When `n` owns
+    /// `ext` in the shared map, only a private exception can name another node, so the common
+    /// case costs no map probe. Takes no node lock (only, rarely, a shard mutex).
+    fn held_elsewhere(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> Option<u32> {
+        if self.canonical_for(n, ext) {
+            if st.exc_by_ext.is_empty() {
+                return None;
+            }
+            return st.exc_by_ext.get(&ext).copied().filter(|&o| o != n);
+        }
+        self.resolve(st, ext, guard).filter(|&o| o != n)
+    }
+
     /// Whether `st` holds node `n` under its shared hash `ext` (and has no private hash for
     /// `ext` elsewhere). Safe on a stale index: only this thread adds `st.slot` to nodes.
     fn holds_canonically(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> bool {
@@ -375,10 +388,6 @@ impl Tree {
         self.lock(cur);
         for b in &data.blocks {
             let (local, ext) = (b.tokens_hash.0, b.block_hash.0);
-            // Only the shard mutex (a leaf lock) is taken here, never a node lock.
-            if let Some(old) = self.resolve(st, ext, guard) {
-                displaced.push((old, ext));
-            }
             let parent = self.node(cur);
             let cw = parent.children.load(Ordering::Relaxed);
             let found = children::find_child(cw, local, &|i| self.local_of(i), guard);
@@ -412,6 +421,9 @@ impl Tree {
                     self.unlock(cur);
                     duplicate = false;
                     st.blocks += 1;
+                    if let Some(old) = self.held_elsewhere(st, c, ext, guard) {
+                        displaced.push((old, ext));
+                    }
                     if !self.canonical_for(c, ext) {
                         self.set_exception(st, c, ext);
                     }
@@ -420,6 +432,9 @@ impl Tree {
                 }
             };
             self.unlock(cur);
+            if let Some(old) = self.held_elsewhere(st, child, ext, guard) {
+                displaced.push((old, ext));
+            }
             let node = self.node(child);
             let mw = node.members.load(Ordering::Relaxed);
             match members::with_added(mw, slot, guard) {
