@@ -228,19 +228,22 @@ impl Tree {
     /// fresh range. Batching keeps the shared free list and the arena's counter off the per-block
     /// path (they are shared cache lines between event threads).
     fn refill(&self, cache: &mut Vec<u32>) {
-        const BATCH: usize = 64;
+        const BATCH: usize = 256;
         {
             let mut free = self.free_nodes.lock().unwrap_or_else(|e| e.into_inner());
             let take = free.len().min(BATCH);
             let at = free.len() - take;
-            // Reverse so that pops hand out ascending indices (better locality for chains).
-            cache.extend(free.drain(at..).rev());
+            cache.extend(free.drain(at..));
         }
         if cache.is_empty() {
             if let Some(first) = self.nodes.push_indices(BATCH as u32) {
-                cache.extend((first..first + BATCH as u32).rev());
+                cache.extend(first..first + BATCH as u32);
             }
         }
+        // Descending, so that pops hand out ascending indices: a chain stored by one event lands
+        // in (mostly) consecutive nodes, which a long query then walks with sequential loads.
+        // Recycled indices come back in per-event batches, so sorting regroups evicted runs.
+        cache.sort_unstable_by(|a, b| b.cmp(a));
     }
 
     /// Give a stream's unused cached indices back (the stream is going away).
