@@ -5,7 +5,7 @@
 //! Elements are never dropped individually: callers recycle indices through their own free
 //! lists, after an epoch grace period (see `tree.rs`).
 
-use crate::sync::{AtomicPtr, AtomicU32, Ordering};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const BASE_BITS: u32 = 10;
@@ -57,6 +57,34 @@ impl<T: Zeroable> SegmentedVec<T> {
         self.push_indices(1)
     }
 
+    /// Make sure `index` is addressable (for arrays kept parallel to another one, which hands
+    /// out the indices).
+    pub(crate) fn ensure(&self, index: u32) {
+        let (k, _) = locate(index);
+        if k < MAX_CHUNKS && self.allocate_through(k) {
+            self.len.fetch_max(index + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Allocate chunks up to and including `k`. False when memory ran out.
+    fn allocate_through(&self, k: usize) -> bool {
+        // Acquire: pairs with the Release below, so the chunk's initialised elements are visible.
+        if !self.chunks[k].load(Ordering::Acquire).is_null() {
+            return true;
+        }
+        let mut allocated = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        while *allocated <= k {
+            let ptr = Self::alloc_chunk(chunk_len(*allocated));
+            if ptr.is_null() {
+                return false;
+            }
+            // Release: publishes the initialised chunk to every later Acquire load.
+            self.chunks[*allocated].store(ptr, Ordering::Release);
+            *allocated += 1;
+        }
+        true
+    }
+
     /// Hand out `n` consecutive never-used indices (the first is returned), allocating chunks as
     /// needed. `None` when exhausted.
     pub(crate) fn push_indices(&self, n: u32) -> Option<u32> {
@@ -66,18 +94,8 @@ impl<T: Zeroable> SegmentedVec<T> {
         if k >= MAX_CHUNKS {
             return None;
         }
-        // Acquire pairs with the Release below, so the chunk's initialised elements are visible.
-        if self.chunks[k].load(Ordering::Acquire).is_null() {
-            let mut allocated = self.grow.lock().unwrap_or_else(|e| e.into_inner());
-            while *allocated <= k {
-                let ptr = Self::alloc_chunk(chunk_len(*allocated));
-                if ptr.is_null() {
-                    return None;
-                }
-                // Release: publishes the initialised chunk to every later Acquire load.
-                self.chunks[*allocated].store(ptr, Ordering::Release);
-                *allocated += 1;
-            }
+        if !self.allocate_through(k) {
+            return None;
         }
         Some(first)
     }
@@ -148,6 +166,8 @@ impl<T> Drop for SegmentedVec<T> {
 
 // SAFETY: an all-zero AtomicU32 is the valid value 0.
 unsafe impl Zeroable for AtomicU32 {}
+// SAFETY: an all-zero AtomicU64 is the valid value 0.
+unsafe impl Zeroable for AtomicU64 {}
 
 // SAFETY: the chunks are owned heap allocations of `T`; sharing them is sound when `T` is.
 unsafe impl<T: Send + Sync> Send for SegmentedVec<T> {}

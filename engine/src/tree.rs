@@ -45,19 +45,19 @@ const LIVE: u32 = 2;
 const OWNS_EXT: u32 = 4;
 const EXT_SHARDS: usize = 64;
 
-/// One block of the tree. All fields are atomics so that a recycled slot can be re-initialised
+/// One block of the tree: 32 bytes, so two share a cache line and none straddles one. All
+/// fields are atomics so that a recycled slot can be re-initialised
 /// through a shared reference; `local`, `ext` and `parent` are written only before publication.
 #[derive(Default)]
 pub(crate) struct Node {
     local: AtomicU64,
-    ext: AtomicU64,
     members: AtomicU64,
     children: AtomicU64,
     parent: AtomicU32,
     state: AtomicU32,
 }
 
-// SAFETY: Node is six atomics; all-zero is a valid (free, unlinked) node.
+// SAFETY: Node is five atomics; all-zero is a valid (free, unlinked) node.
 unsafe impl crate::segmented::Zeroable for Node {}
 
 #[inline]
@@ -100,7 +100,7 @@ pub(crate) struct StoreOutcome {
 /// Bytes used by the index, for memory reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryReport {
-    /// Node arena (allocated chunks, live or free).
+    /// Node arena and its parallel external-hash array (allocated chunks, live or free).
     pub node_bytes: usize,
     /// Heap member sets and child tables reachable now.
     pub heap_bytes: usize,
@@ -111,6 +111,9 @@ pub struct MemoryReport {
 /// The tree of one namespace.
 pub(crate) struct Tree {
     nodes: SegmentedVec<Node>,
+    /// `exts[i]` is node `i`'s shared external hash. Kept apart from the node because only
+    /// writers read it: the 32-byte node then never straddles a cache line on the query path.
+    exts: SegmentedVec<AtomicU64>,
     free_nodes: Mutex<Vec<u32>>,
     ext_map: Box<[CachePadded<Mutex<HashTable<u32>>>]>,
     pub(crate) slots: Slots,
@@ -122,6 +125,7 @@ impl Tree {
     pub(crate) fn new() -> Arc<Tree> {
         let t = Tree {
             nodes: SegmentedVec::new(),
+            exts: SegmentedVec::new(),
             free_nodes: Mutex::new(Vec::new()),
             ext_map: (0..EXT_SHARDS)
                 .map(|_| CachePadded::new(Mutex::new(HashTable::new())))
@@ -130,6 +134,7 @@ impl Tree {
             exceptions: Mutex::new(HashMap::new()),
         };
         let root = t.nodes.push_index();
+        t.exts.ensure(ROOT);
         debug_assert_eq!(root, Some(ROOT));
         t.nodes.get(ROOT).state.store(LIVE, Ordering::Release);
         Arc::new(t)
@@ -138,6 +143,12 @@ impl Tree {
     #[inline]
     fn node(&self, i: u32) -> &Node {
         self.nodes.get(i)
+    }
+
+    /// Node `i`'s shared external hash (writer-side data).
+    #[inline]
+    fn ext_of(&self, i: u32) -> u64 {
+        self.exts.get(i).load(Ordering::Relaxed)
     }
 
     #[inline]
@@ -179,11 +190,7 @@ impl Tree {
 
     fn ext_lookup(&self, ext: u64) -> Option<u32> {
         let shard = self.ext_shard(ext);
-        shard
-            .find(mix(ext), |&n| {
-                self.node(n).ext.load(Ordering::Relaxed) == ext
-            })
-            .copied()
+        shard.find(mix(ext), |&n| self.ext_of(n) == ext).copied()
     }
 
     /// Allocate a node, initialised, LIVE and LOCKED, holding `slot`, not yet linked.
@@ -202,7 +209,7 @@ impl Tree {
         let n = self.node(i);
         // Relaxed: nobody can reach `i` until it is linked with a Release store.
         n.local.store(local, Ordering::Relaxed);
-        n.ext.store(ext, Ordering::Relaxed);
+        self.exts.get(i).store(ext, Ordering::Relaxed);
         n.members.store(members_word, Ordering::Relaxed);
         n.children.store(0, Ordering::Relaxed);
         n.parent.store(parent, Ordering::Relaxed);
@@ -211,11 +218,9 @@ impl Tree {
             let mut shard = self.ext_shard(ext);
             let h = mix(ext);
             // One probe: claim the entry if no live node owns this hash yet.
-            if let hashbrown::hash_table::Entry::Vacant(v) = shard.entry(
-                h,
-                |&m| self.node(m).ext.load(Ordering::Relaxed) == ext,
-                |&m| mix(self.node(m).ext.load(Ordering::Relaxed)),
-            ) {
+            if let hashbrown::hash_table::Entry::Vacant(v) =
+                shard.entry(h, |&m| self.ext_of(m) == ext, |&m| mix(self.ext_of(m)))
+            {
                 v.insert(i);
                 state |= OWNS_EXT;
             }
@@ -237,6 +242,7 @@ impl Tree {
         }
         if cache.is_empty() {
             if let Some(first) = self.nodes.push_indices(BATCH as u32) {
+                self.exts.ensure(first + BATCH as u32 - 1);
                 cache.extend(first..first + BATCH as u32);
             }
         }
@@ -278,8 +284,7 @@ impl Tree {
     /// Whether `st`'s external hash for node `n` is the node's shared one.
     fn canonical_for(&self, n: u32, ext: u64) -> bool {
         let node = self.node(n);
-        node.ext.load(Ordering::Relaxed) == ext
-            && node.state.load(Ordering::Relaxed) & OWNS_EXT != 0
+        self.ext_of(n) == ext && node.state.load(Ordering::Relaxed) & OWNS_EXT != 0
     }
 
     fn set_exception(&self, st: &mut StreamState, n: u32, ext: u64) {
@@ -331,7 +336,7 @@ impl Tree {
     /// `ext` elsewhere). Safe on a stale index: only this thread adds `st.slot` to nodes.
     fn holds_canonically(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> bool {
         let node = self.node(n);
-        node.ext.load(Ordering::Relaxed) == ext
+        self.ext_of(n) == ext
             && node.state.load(Ordering::Acquire) & (LIVE | OWNS_EXT) == LIVE | OWNS_EXT
             && Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot)
             && (st.exc_by_node.is_empty()
@@ -353,7 +358,7 @@ impl Tree {
             Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
         (held
             && (st.exc_by_node.is_empty() || !st.exc_by_node.contains_key(&n))
-            && node.ext.load(Ordering::Relaxed) == ext)
+            && self.ext_of(n) == ext)
             .then_some(n)
     }
 
@@ -456,7 +461,7 @@ impl Tree {
                         .exc_by_node
                         .get(&child)
                         .copied()
-                        .unwrap_or_else(|| node.ext.load(Ordering::Relaxed));
+                        .unwrap_or_else(|| self.ext_of(child));
                     if held_ext != ext {
                         // Same block re-stored under another hash: the newest hash wins.
                         duplicate = false;
@@ -560,7 +565,7 @@ impl Tree {
                 parent.children.store(nw, Ordering::Release);
             }
             if s & OWNS_EXT != 0 {
-                let ext = node.ext.load(Ordering::Relaxed);
+                let ext = self.ext_of(n);
                 let mut shard = self.ext_shard(ext);
                 if let Ok(entry) = shard.find_entry(mix(ext), |&m| m == n) {
                     entry.remove();
@@ -698,7 +703,7 @@ impl Tree {
             exceptions
                 .get(&(slot, n))
                 .copied()
-                .unwrap_or_else(|| self.node(n).ext.load(Ordering::Relaxed))
+                .unwrap_or_else(|| self.ext_of(n))
         };
         let mut pending: Vec<Pending> = Vec::new();
         // slot -> (index in `pending`, node that event currently ends with)
@@ -819,7 +824,7 @@ impl Tree {
             nodes.push(SnapshotNode {
                 parent,
                 local: LocalBlockHash(node.local.load(Ordering::Relaxed)),
-                ext: ExternalSequenceBlockHash(node.ext.load(Ordering::Relaxed)),
+                ext: ExternalSequenceBlockHash(self.ext_of(n)),
                 holders,
             });
             children::for_each_child(node.children.load(Ordering::Acquire), &guard, |c| {
@@ -924,7 +929,7 @@ impl Tree {
             .map(|m| m.lock().map(|t| t.capacity() * 5).unwrap_or(0))
             .sum();
         MemoryReport {
-            node_bytes: self.nodes.allocated_bytes(),
+            node_bytes: self.nodes.allocated_bytes() + self.exts.allocated_bytes(),
             heap_bytes: heap + map_bytes,
             live_nodes: live,
         }
@@ -1050,5 +1055,14 @@ impl ActiveSet {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod layout_tests {
+    #[test]
+    fn a_node_is_32_bytes_so_none_straddles_a_cache_line() {
+        assert_eq!(std::mem::size_of::<super::Node>(), 32);
+        assert_eq!(64 % std::mem::size_of::<super::Node>(), 0);
     }
 }
