@@ -7,12 +7,13 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use super::errors::ApiError;
 use super::{ModelLabel, SharedState};
 use crate::endpoint::validate_endpoint;
+use crate::listeners::ListenerStatus;
 use crate::partitions::{Registration, Removal};
 
 /// `{"status":"ok"}` with `status`.
@@ -148,6 +149,28 @@ pub struct WorkersFilter {
     routing_group: Option<String>,
 }
 
+/// One listener in `/workers`.
+#[derive(Serialize)]
+struct ListenerInfo<'a> {
+    endpoint: &'a str,
+    status: ListenerStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+}
+
+/// One item of `/workers` (Dynamo's WorkerInfo, field order kept).
+#[derive(Serialize)]
+struct WorkerInfo<'a> {
+    instance_id: u64,
+    source: &'static str,
+    status: ListenerStatus,
+    model_name: &'a str,
+    routing_group: &'a str,
+    block_size: u32,
+    endpoints: BTreeMap<String, &'a str>,
+    listeners: BTreeMap<String, ListenerInfo<'a>>,
+}
+
 /// `GET /workers` → the registered instances (SERVICE.md §3.5).
 pub async fn workers(
     State(state): State<SharedState>,
@@ -171,35 +194,34 @@ pub async fn workers(
         })
         .collect();
     insts.sort_by_key(|i| i.instance_id);
-    let body: Vec<Value> = insts
+    let body: Vec<WorkerInfo<'_>> = insts
         .iter()
-        .map(|i| {
-            let endpoints: BTreeMap<String, &str> = i
+        .map(|i| WorkerInfo {
+            instance_id: i.instance_id,
+            source: "zmq",
+            status: i.status(),
+            model_name: &i.key.model_name,
+            routing_group: &i.key.routing_group,
+            block_size: i.block_size,
+            endpoints: i
                 .listeners
                 .iter()
                 .map(|(dp, l)| (dp.to_string(), l.endpoint.as_str()))
-                .collect();
-            let listeners: BTreeMap<String, Value> = i
+                .collect(),
+            listeners: i
                 .listeners
                 .iter()
                 .map(|(dp, l)| {
-                    let mut v = json!({"endpoint": l.endpoint, "status": l.state.status});
-                    if let Some(err) = &l.state.last_error {
-                        v["last_error"] = json!(err);
-                    }
-                    (dp.to_string(), v)
+                    (
+                        dp.to_string(),
+                        ListenerInfo {
+                            endpoint: &l.endpoint,
+                            status: l.state.status,
+                            last_error: l.state.last_error.as_deref(),
+                        },
+                    )
                 })
-                .collect();
-            json!({
-                "instance_id": i.instance_id,
-                "source": "zmq",
-                "status": i.status(),
-                "model_name": i.key.model_name,
-                "routing_group": i.key.routing_group,
-                "block_size": i.block_size,
-                "endpoints": endpoints,
-                "listeners": listeners,
-            })
+                .collect(),
         })
         .collect();
     let model = filter.model_name.as_deref().unwrap_or("-").to_owned();

@@ -9,8 +9,8 @@ use axum::response::Response;
 use axum::Json;
 use kvindex_engine::hashing::HashOptions;
 use kvindex_engine::{LocalBlockHash, OverlapScores};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::errors::ApiError;
 use super::handlers::with_model;
@@ -38,9 +38,30 @@ pub struct QueryByHashRequest {
 /// Message of the 400 for a `cache_salt` on `/query_by_hash` (Dynamo's wording).
 pub const CACHE_SALT_REFUSED: &str = "cache_salt is not accepted by /query_by_hash; block_hashes must already include the intended cache salt";
 
+/// One instance of `instances` (Mooncake RFC shape, lowercase as in Dynamo).
+#[derive(Serialize)]
+struct InstanceScore {
+    longest_matched: u64,
+    gpu: u64,
+    dp: BTreeMap<String, u64>,
+    cpu: u64,
+    disk: u64,
+}
+
+/// Dynamo's `ScoreResponse`, field order kept, plus kvindex's `log_lsn`.
+#[derive(Serialize)]
+pub struct ScoreResponse {
+    scores: BTreeMap<String, BTreeMap<String, u64>>,
+    frequencies: [u64; 0],
+    instances: BTreeMap<String, InstanceScore>,
+    /// The last LSN appended when the query started: every event acknowledged by `POST /events`
+    /// before the query has an LSN at or below it and is reflected in the answer.
+    log_lsn: u64,
+}
+
 /// Dynamo's response body for `scores` on a partition of `block_size`. The index holds the
 /// device tier only, so `cpu`, `disk` and `longest_matched` equal `gpu` (cumulative counts).
-pub fn score_body(scores: &OverlapScores, block_size: u32, log_lsn: u64) -> Value {
+pub fn score_body(scores: &OverlapScores, block_size: u32, log_lsn: u64) -> ScoreResponse {
     let bs = u64::from(block_size);
     let mut by_instance: BTreeMap<u64, BTreeMap<u32, u64>> = BTreeMap::new();
     for (w, blocks) in &scores.scores {
@@ -49,26 +70,29 @@ pub fn score_body(scores: &OverlapScores, block_size: u32, log_lsn: u64) -> Valu
             .or_default()
             .insert(w.dp_rank, u64::from(*blocks) * bs);
     }
-    let mut score_map = serde_json::Map::new();
-    let mut instances = serde_json::Map::new();
+    let mut score_map = BTreeMap::new();
+    let mut instances = BTreeMap::new();
     for (id, ranks) in &by_instance {
-        let dp: serde_json::Map<String, Value> = ranks
-            .iter()
-            .map(|(r, t)| (r.to_string(), json!(t)))
-            .collect();
+        let dp: BTreeMap<String, u64> = ranks.iter().map(|(r, t)| (r.to_string(), *t)).collect();
         let gpu = ranks.values().copied().max().unwrap_or(0);
-        score_map.insert(id.to_string(), Value::Object(dp.clone()));
+        score_map.insert(id.to_string(), dp.clone());
         instances.insert(
             id.to_string(),
-            json!({"longest_matched": gpu, "gpu": gpu, "dp": dp, "cpu": gpu, "disk": gpu}),
+            InstanceScore {
+                longest_matched: gpu,
+                gpu,
+                dp,
+                cpu: gpu,
+                disk: gpu,
+            },
         );
     }
-    json!({
-        "scores": score_map,
-        "frequencies": [],
-        "instances": instances,
-        "log_lsn": log_lsn,
-    })
+    ScoreResponse {
+        scores: score_map,
+        frequencies: [],
+        instances,
+        log_lsn,
+    }
 }
 
 fn last_lsn(state: &SharedState) -> u64 {
