@@ -43,7 +43,7 @@ pub trait IngestSink: Send + Sync {
         event: RouterEvent,
     ) -> Result<AppendTicket, IngestError> {
         self.submit_batch(namespace, worker_id, dp_rank, source_seq, vec![event])
-            .and_then(|t| t.ok_or_else(|| IngestError::Log(PersistError::EmptyBatch)))
+            .and_then(|t| t.ok_or(IngestError::Log(PersistError::EmptyBatch)))
     }
 
     /// Log (as one all-or-nothing record) and apply the events of one producer batch. Returns
