@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvindex_engine::codec;
 use kvindex_engine::{NamespaceKey, RouterEvent};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::errors::ApiError;
@@ -22,6 +22,16 @@ use super::handlers::with_model;
 use super::SharedState;
 use crate::metrics::REJECTED_TOTAL;
 use crate::partitions::RegistryError;
+
+/// The answer of `POST /events`.
+#[derive(Serialize)]
+struct EventsAck {
+    status: &'static str,
+    accepted: usize,
+    rejected: Vec<serde_json::Value>,
+    /// Last LSN of the accepted events (`null` when none).
+    last_lsn: Option<u64>,
+}
 
 /// Optional explicit partition of `POST /events`.
 #[derive(Deserialize, Default)]
@@ -112,7 +122,7 @@ fn ingest_events(
     state: &SharedState,
     target: EventsTarget,
     events: Vec<RouterEvent>,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<EventsAck, ApiError> {
     let total = events.len();
     let explicit = match &target.model_name {
         Some(model) => {
@@ -180,10 +190,10 @@ fn ingest_events(
             }
         })
         .collect();
-    Ok(json!({
-        "status": "ok",
-        "accepted": accepted,
-        "rejected": rejected_json,
-        "last_lsn": last_lsn,
-    }))
+    Ok(EventsAck {
+        status: "ok",
+        accepted,
+        rejected: rejected_json,
+        last_lsn,
+    })
 }
