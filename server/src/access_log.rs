@@ -131,4 +131,14 @@ mod tests {
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(format_timestamp(leap, false), "2000-02-29T00:00:00.000Z");
     }
+
+    #[test]
+    fn local_timestamps_carry_an_offset() {
+        let ts = format_timestamp(SystemTime::now(), true);
+        let (_, offset) = ts.split_at(23);
+        assert!(
+            offset.len() == 6 && (offset.starts_with('+') || offset.starts_with('-')),
+            "{ts}"
+        );
+    }
 }

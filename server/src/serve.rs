@@ -50,22 +50,25 @@ fn log_recovery(report: &RecoveryReport) {
     metrics::gauge!("kvindex_recovery_entries").set(report.entries_replayed as f64);
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Install the SIGINT / SIGTERM handlers now (so a signal during start-up is not fatal) and
+/// return a receiver that turns `true` when one arrives.
+fn shutdown_watch() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        _ = term => tracing::info!("SIGTERM received, shutting down"),
-    }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn shutdown_requested(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
 }
 
 /// Run the service until a shutdown signal.
@@ -167,6 +170,7 @@ async fn serve_http(
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
 ) -> Result<()> {
+    let shutdown = shutdown_watch()?;
     let start_up = async {
         if !cfg.peers.is_empty() {
             // ZMQ slow-joiner window, as in Dynamo.
@@ -194,7 +198,7 @@ async fn serve_http(
     };
     tokio::select! {
         _ = start_up => {}
-        _ = shutdown_signal() => return Ok(()),
+        _ = shutdown_requested(shutdown.clone()) => return Ok(()),
     }
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .await
@@ -202,7 +206,7 @@ async fn serve_http(
     let addr = listener.local_addr()?;
     tracing::info!("HTTP server listening on {addr}");
     axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown_requested(shutdown))
         .await
         .context("HTTP server")?;
     tracing::info!("HTTP server stopped");

@@ -145,3 +145,43 @@ fn bad_config_file_exits_1_naming_the_file() {
     assert_eq!(code, 1);
     assert!(err.contains("bad.toml"), "{err}");
 }
+
+#[test]
+fn min_initial_workers_without_workers_never_binds_and_sigterm_still_exits_0() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env("DYN_ROUTER_MIN_INITIAL_WORKERS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let waiting = line.contains("waiting for registered workers");
+        seen.push(line);
+        if waiting {
+            break;
+        }
+        assert!(seen.len() < 200, "{seen:?}");
+    }
+    assert!(
+        !seen.iter().any(|l| l.contains("HTTP server listening")),
+        "{seen:?}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        !rest.iter().any(|l| l.contains("HTTP server listening")),
+        "{rest:?}"
+    );
+}
