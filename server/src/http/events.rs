@@ -123,7 +123,6 @@ fn ingest_events(
     target: EventsTarget,
     events: Vec<RouterEvent>,
 ) -> Result<EventsAck, ApiError> {
-    let total = events.len();
     let explicit = match &target.model_name {
         Some(model) => {
             let group = target
@@ -140,7 +139,8 @@ fn ingest_events(
     };
     let view = state.partitions.view();
     let mut groups: BTreeMap<NamespaceKey, Vec<(u64, RouterEvent)>> = BTreeMap::new();
-    let mut rejected: Vec<(usize, ApiError)> = Vec::new();
+    // (index in the body, or None when a whole partition's events failed; the error)
+    let mut rejected: Vec<(Option<usize>, ApiError)> = Vec::new();
     for (i, ev) in events.into_iter().enumerate() {
         let key = match &explicit {
             Some(k) => k.clone(),
@@ -148,7 +148,10 @@ fn ingest_events(
                 Some(inst) => inst.key.clone(),
                 None => {
                     reject("unknown_worker");
-                    rejected.push((i, RegistryError::InstanceNotFound(ev.worker_id).into()));
+                    rejected.push((
+                        Some(i),
+                        RegistryError::InstanceNotFound(ev.worker_id).into(),
+                    ));
                     continue;
                 }
             },
@@ -163,8 +166,7 @@ fn ingest_events(
             Ok(t) => t,
             Err(e) => {
                 reject("partition");
-                // Every event of this partition failed the same way; report the first index.
-                rejected.push((total, e.into()));
+                rejected.push((None, e.into()));
                 continue;
             }
         };
@@ -182,12 +184,9 @@ fn ingest_events(
     }
     let rejected_json: Vec<_> = rejected
         .iter()
-        .map(|(i, e)| {
-            if *i == total {
-                json!({"error": e.to_string()})
-            } else {
-                json!({"index": i, "error": e.to_string()})
-            }
+        .map(|(i, e)| match i {
+            Some(i) => json!({"index": i, "error": e.to_string()}),
+            None => json!({"error": e.to_string()}),
         })
         .collect();
     Ok(EventsAck {

@@ -7,17 +7,19 @@
 //! directory (so partitions and registrations survive a restart) and publish it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use kvindex_engine::{Engine, Namespace, NamespaceKey, WorkerId};
 use kvindex_persistence::NamespaceSpec;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::listeners::{ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor};
+
+mod file;
+
+use file::{file_error, write_atomically, RegistryFile};
 
 /// File name of the registrations in the data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
@@ -103,7 +105,7 @@ impl Instance {
             .unwrap_or(ListenerStatus::Pending)
     }
 
-    fn listener_spec(&self, dp_rank: u32, l: &Listener) -> ListenerSpec {
+    pub(crate) fn listener_spec(&self, dp_rank: u32, l: &Listener) -> ListenerSpec {
         ListenerSpec {
             model_name: self.key.model_name.clone(),
             routing_group: self.key.routing_group.clone(),
@@ -182,106 +184,6 @@ pub struct Removal {
 pub struct UnregisterOutcome {
     /// Partitions dropped because their last worker left.
     pub dropped: Vec<NamespaceKey>,
-}
-
-// --- registry.json -------------------------------------------------------------------------------
-
-#[derive(Serialize, Deserialize)]
-struct FileListener {
-    dp_rank: u32,
-    endpoint: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    replay_endpoint: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct FileInstance {
-    instance_id: u64,
-    model_name: String,
-    routing_group: String,
-    block_size: u32,
-    listeners: Vec<FileListener>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct FilePartition {
-    model_name: String,
-    routing_group: String,
-    block_size: u32,
-}
-
-#[derive(Serialize, Deserialize)]
-struct RegistryFile {
-    version: u32,
-    partitions: Vec<FilePartition>,
-    instances: Vec<FileInstance>,
-    peers: Vec<String>,
-}
-
-impl RegistryFile {
-    fn from_view(v: &RegistryView) -> Self {
-        let mut partitions: Vec<_> = v
-            .partitions
-            .values()
-            .map(|p| FilePartition {
-                model_name: p.spec.key.model_name.clone(),
-                routing_group: p.spec.key.routing_group.clone(),
-                block_size: p.spec.block_size,
-            })
-            .collect();
-        partitions.sort_by(|a, b| {
-            (&a.model_name, &a.routing_group).cmp(&(&b.model_name, &b.routing_group))
-        });
-        let mut instances: Vec<_> = v
-            .instances
-            .values()
-            .map(|i| FileInstance {
-                instance_id: i.instance_id,
-                model_name: i.key.model_name.clone(),
-                routing_group: i.key.routing_group.clone(),
-                block_size: i.block_size,
-                listeners: i
-                    .listeners
-                    .iter()
-                    .map(|(dp, l)| FileListener {
-                        dp_rank: *dp,
-                        endpoint: l.endpoint.clone(),
-                        replay_endpoint: l.replay_endpoint.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        instances.sort_by_key(|i| i.instance_id);
-        Self {
-            version: 1,
-            partitions,
-            instances,
-            peers: v.peers.clone(),
-        }
-    }
-}
-
-fn file_error(path: &Path, reason: impl std::fmt::Display) -> RegistryError {
-    RegistryError::File {
-        path: path.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
-/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| file_error(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| file_error(&tmp, e))?;
-    f.sync_all().map_err(|e| file_error(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 // --- the registry ------------------------------------------------------------------------------
