@@ -169,3 +169,81 @@ impl IngestSink for Ingest {
             .map(|w| w.source_seq)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listeners::NoListeners;
+    use crate::partitions::Registration;
+    use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
+    use kvindex_engine::{
+        Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
+        KvCacheStoreData, KvCacheStoredBlockData,
+    };
+    use kvindex_persistence::DurableConfig;
+
+    /// The contract the ZMQ listener relies on: submit with the effective stream, the event is
+    /// applied under that stream, and its source sequence becomes the durable watermark.
+    #[test]
+    fn submit_applies_under_the_given_stream_and_moves_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+        });
+        let (durable, _) =
+            DurableIndex::open(dir.path(), DurableConfig::default(), engine.clone()).unwrap();
+        let durable = Arc::new(durable);
+        let partitions = Arc::new(Partitions::new(engine, None, Arc::new(NoListeners)));
+        partitions
+            .register(Registration {
+                instance_id: 7,
+                model_name: "m".into(),
+                routing_group: "default".into(),
+                block_size: 4,
+                dp_rank: 0,
+                endpoint: "tcp://127.0.0.1:1".into(),
+                replay_endpoint: None,
+            })
+            .unwrap();
+        let ingest = Ingest::new(Arc::clone(&durable), Arc::clone(&partitions));
+        let sink: &dyn IngestSink = &ingest;
+        let key = NamespaceKey::new("m", "default");
+        let tokens = [1, 2, 3, 4];
+        let local = compute_block_hash_for_seq(&tokens, 4, &HashOptions::default())[0];
+        // The event claims worker 99 / dp 0; the stream given (7, dp 3) wins.
+        let event = RouterEvent::new(
+            99,
+            KvCacheEvent {
+                event_id: 0,
+                data: KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: None,
+                    start_position: None,
+                    blocks: vec![KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(5),
+                        tokens_hash: local,
+                        mm_extra_info: None,
+                    }],
+                }),
+                dp_rank: 0,
+            },
+        );
+        let ticket = sink.submit(&key, 7, 3, 41, event).unwrap();
+        ticket.wait().unwrap();
+        ingest.flush(&key).unwrap();
+        let view = partitions.view();
+        let ns = view.partitions[&key].namespace.clone().unwrap();
+        let scores = ns.find_matches_for_tokens(&tokens, &HashOptions::default());
+        assert_eq!(
+            scores.sorted(),
+            vec![(kvindex_engine::WorkerWithDpRank::new(7, 3), 1)]
+        );
+        assert_eq!(sink.durable_watermark(&key, 7, 3), Some(41));
+        assert_eq!(sink.durable_watermark(&key, 7, 0), None);
+        let missing = NamespaceKey::new("x", "default");
+        assert!(matches!(
+            sink.submit_batch(&missing, 1, 0, 0, Vec::new()),
+            Ok(None) | Err(IngestError::NoIndexer { .. })
+        ));
+    }
+}
