@@ -81,6 +81,20 @@ fn sigterm_exits_0_after_syncing_the_log() {
 }
 
 #[test]
+fn sigint_is_a_graceful_shutdown_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = start(&data, &[], &[]);
+    let queries = populate(&s);
+    let before = answers(&s, &queries);
+    let (status, log) = s.signal(libc::SIGINT);
+    assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+    assert!(log.join("\n").contains("SIGINT received"));
+    let s = start(&data, &[], &[]);
+    assert_eq!(answers(&s, &queries), before);
+}
+
+#[test]
 fn restart_on_the_same_data_dir_gives_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

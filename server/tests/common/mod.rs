@@ -181,10 +181,15 @@ impl Server {
     }
 
     /// Send SIGTERM and wait (bounded) for the exit status.
-    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+    pub fn terminate(self) -> (ExitStatus, Vec<String>) {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Send `sig` and wait (bounded) for the exit status.
+    pub fn signal(mut self, sig: i32) -> (ExitStatus, Vec<String>) {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {
-            libc::kill(self.pid(), libc::SIGTERM);
+            libc::kill(self.pid(), sig);
         }
         self.wait_exit()
     }
