@@ -1,36 +1,72 @@
-//! The `kvindex` binary. Today: `kvindex demo` (the engine on the shared trace). The HTTP/ZMQ/NATS
-//! service (`kvindex serve`) and `kvindex replay` arrive with their issues.
+//! The `kvindex` binary: `kvindex serve` (the HTTP service, Dynamo-compatible), `kvindex replay`
+//! (tools over a data directory) and `kvindex demo` (the engine on the shared trace).
+//!
+//! Event path: source (`POST /events` today; ZMQ listeners through [`listeners`] and
+//! [`ingest::IngestSink`]) → [`ingest`] → the durable log and the engine. Query path:
+//! [`http`] → [`partitions`] (lock-free view) → the engine's lock-free walk.
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::process::ExitCode;
 
+use clap::Parser;
+
+mod access_log;
+mod cli;
+mod config;
 mod demo;
+mod endpoint;
+mod http;
+mod ingest;
+mod listeners;
+mod metrics;
+mod partitions;
+mod peers;
+mod replay_cmd;
+mod serve;
+
+use cli::{Cli, Command};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// kvindex: which worker already holds the longest prefix of this request's KV cache?
-#[derive(Parser, Debug)]
-#[command(name = "kvindex", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Replay the shared production trace into the index and query it.
-    Demo(demo::DemoArgs),
-}
-
-fn main() -> anyhow::Result<()> {
+fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Demo(args) => demo::run(args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing("info");
+            match serve::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // Dynamo reports start-up failures as `Exception: <message>`, exit 1.
+                    eprintln!("Exception: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Replay(args) => {
+            init_tracing("warn");
+            ExitCode::from(replay_cmd::run(args) as u8)
+        }
+        Command::Demo(args) => {
+            init_tracing("warn");
+            match demo::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }

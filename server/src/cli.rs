@@ -1,0 +1,90 @@
+//! The command line: `kvindex serve | replay | demo`. Parsing only; `config.rs` turns the `serve`
+//! flags (plus an optional TOML file) into a validated [`crate::config::ServeConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// kvindex: which worker already holds the longest prefix of this request's KV cache?
+#[derive(Parser, Debug)]
+#[command(name = "kvindex", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the indexer service (HTTP API; Dynamo `python -m dynamo.indexer` compatible).
+    Serve(Box<ServeArgs>),
+    /// Look into, export, import and rebuild a data directory's event log.
+    Replay(crate::replay_cmd::ReplayArgs),
+    /// Replay the shared production trace into the index and query it.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Flags of `kvindex serve`. Every flag is optional here so that `--config FILE` can supply it;
+/// defaults are applied in `config.rs` (flags > file > default).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys are the flag names with `_`); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// HTTP port [default: 8090]; 0 picks a free port (logged at start-up).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Address to bind [default: 0.0.0.0, like Dynamo].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Event threads of the index [default: 4]; 0 means one per core.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Initial ZMQ workers: "id[:dp]=endpoint,...". Needs --block-size.
+    #[arg(long)]
+    pub workers: Option<String>,
+    /// Tokens per block of the --workers partition (required with --workers).
+    #[arg(long)]
+    pub block_size: Option<u32>,
+    /// Model name of the --workers entries [default: default].
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Routing group of the --workers entries [default: default].
+    #[arg(long)]
+    pub routing_group: Option<String>,
+    /// Legacy alias accepted for compatibility; it has no effect.
+    #[arg(long, hide = true)]
+    pub tenant_id: Option<String>,
+    /// Peer indexer base URLs ("http://h:8090,...") to recover from at start-up.
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// Write a JSON-lines access log to this file (reopened by POST /reopen_logs).
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
+    /// Request header logged as `trace_id` [default: x-trace-id].
+    #[arg(long)]
+    pub trace_id_header: Option<String>,
+    /// Access-log timestamps in local time instead of UTC.
+    #[arg(long)]
+    pub access_log_local_time: bool,
+    /// Data directory: event log, snapshots, registrations [default: ./kvindex-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// When the log is forced to disk: always | interval:<ms> | never [default: always].
+    #[arg(long)]
+    pub fsync: Option<String>,
+    /// What recovery does with damage: absolute | tolerate-tail | skip-corrupt
+    /// [default: tolerate-tail].
+    #[arg(long)]
+    pub recovery: Option<String>,
+    /// Snapshot after this many logged entries [default: 1000000]; 0 disables.
+    #[arg(long)]
+    pub snapshot_every_entries: Option<u64>,
+    /// Snapshot this many seconds after the previous one if anything changed [default: 600];
+    /// 0 disables.
+    #[arg(long)]
+    pub snapshot_interval_secs: Option<u64>,
+    /// Snapshots kept on disk [default: 2].
+    #[arg(long)]
+    pub snapshot_keep: Option<usize>,
+}

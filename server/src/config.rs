@@ -1,0 +1,330 @@
+//! `kvindex serve` settings: flags, an optional TOML file and defaults merged (flags > file >
+//! default) and validated into one [`ServeConfig`]. Every error here ends the process with exit
+//! code 1 before anything is opened, like Dynamo's start-up exceptions.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kvindex_persistence::{
+    DurableConfig, FsyncPolicy, LogConfig, RecoveryPolicy, SnapshotPolicy, DEFAULT_DATA_DIR,
+};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::cli::ServeArgs;
+use crate::endpoint::{parse_workers, WorkerSpec, WorkersArgError};
+
+/// Dynamo's default HTTP port.
+pub const DEFAULT_PORT: u16 = 8090;
+/// Dynamo's default `--threads`.
+pub const DEFAULT_THREADS: usize = 4;
+/// Default partition names.
+pub const DEFAULT_GROUP: &str = "default";
+/// Environment variable gating start-up on a number of registered workers.
+pub const MIN_WORKERS_ENV: &str = "DYN_ROUTER_MIN_INITIAL_WORKERS";
+/// Environment variable mounting the test-only routes.
+pub const TEST_ENDPOINTS_ENV: &str = "DYN_KV_INDEXER_TEST_ENDPOINTS";
+
+/// Why the settings are unusable.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--block-size is required when --workers is specified")]
+    BlockSizeRequired,
+    #[error(transparent)]
+    Workers(#[from] WorkersArgError),
+    #[error("cannot read the config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason} (keys are the `kvindex serve` flag names with `_`, e.g. `data_dir = \"/var/lib/kvindex\"`)")]
+    ParseFile { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{MIN_WORKERS_ENV} must be a non-negative integer, got {value:?}: {reason}")]
+    MinWorkers { value: String, reason: String },
+}
+
+/// `peers` in the TOML file: a list or a comma-separated string.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum PeerList {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The TOML file: the same settings as the flags.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    port: Option<u16>,
+    host: Option<String>,
+    threads: Option<usize>,
+    workers: Option<String>,
+    block_size: Option<u32>,
+    model_name: Option<String>,
+    routing_group: Option<String>,
+    tenant_id: Option<String>,
+    peers: Option<PeerList>,
+    access_log: Option<PathBuf>,
+    trace_id_header: Option<String>,
+    access_log_local_time: Option<bool>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<String>,
+    recovery: Option<String>,
+    snapshot_every_entries: Option<u64>,
+    snapshot_interval_secs: Option<u64>,
+    snapshot_keep: Option<usize>,
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// Engine event threads (resolved: never 0).
+    pub event_threads: usize,
+    pub workers: Vec<WorkerSpec>,
+    pub block_size: Option<u32>,
+    pub model_name: String,
+    pub routing_group: String,
+    pub peers: Vec<String>,
+    pub access_log: Option<PathBuf>,
+    pub trace_id_header: String,
+    pub access_log_local_time: bool,
+    pub data_dir: PathBuf,
+    pub durable: DurableConfig,
+    /// `DYN_ROUTER_MIN_INITIAL_WORKERS` (0 = no wait).
+    pub min_initial_workers: usize,
+    /// `DYN_KV_INDEXER_TEST_ENDPOINTS` is set to a true value.
+    pub test_endpoints: bool,
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        reason: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether an environment flag value means "on" (`1`, `true`, `yes`, `on`).
+pub fn env_flag_on(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// Parse `DYN_ROUTER_MIN_INITIAL_WORKERS`.
+pub fn parse_min_workers(value: Option<&str>) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(0),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|e| ConfigError::MinWorkers {
+                value: v.to_owned(),
+                reason: e.to_string(),
+            }),
+    }
+}
+
+impl ServeConfig {
+    /// Merge flags, the `--config` file and defaults; read the environment variables.
+    pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let workers_spec = args.workers.clone().or(file.workers);
+        let block_size = args.block_size.or(file.block_size);
+        let workers = match &workers_spec {
+            Some(spec) => {
+                if block_size.is_none() {
+                    return Err(ConfigError::BlockSizeRequired);
+                }
+                parse_workers(spec)?
+            }
+            None => Vec::new(),
+        };
+        let threads = args.threads.or(file.threads).unwrap_or(DEFAULT_THREADS);
+        let event_threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let peers = match (&args.peers, file.peers) {
+            (Some(p), _) => split_list(p),
+            (None, Some(PeerList::One(p))) => split_list(&p),
+            (None, Some(PeerList::Many(v))) => v.into_iter().filter(|p| !p.is_empty()).collect(),
+            (None, None) => Vec::new(),
+        };
+        let fsync: FsyncPolicy = args
+            .fsync
+            .clone()
+            .or(file.fsync)
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e: kvindex_persistence::PersistError| ConfigError::Invalid(e.to_string()))?
+            .unwrap_or(FsyncPolicy::Always);
+        let recovery: RecoveryPolicy = args
+            .recovery
+            .clone()
+            .or(file.recovery)
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e: kvindex_persistence::PersistError| ConfigError::Invalid(e.to_string()))?
+            .unwrap_or_default();
+        let defaults = SnapshotPolicy::default();
+        let every_entries = match args.snapshot_every_entries.or(file.snapshot_every_entries) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => defaults.every_entries,
+        };
+        let every = match args.snapshot_interval_secs.or(file.snapshot_interval_secs) {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => defaults.every,
+        };
+        let keep = args
+            .snapshot_keep
+            .or(file.snapshot_keep)
+            .unwrap_or(defaults.keep);
+        if keep == 0 {
+            return Err(ConfigError::Invalid(
+                "--snapshot-keep must be at least 1".into(),
+            ));
+        }
+        let _ = (&args.tenant_id, &file.tenant_id); // accepted, no effect (Dynamo's legacy flag)
+        let test_endpoints = std::env::var(TEST_ENDPOINTS_ENV)
+            .map(|v| env_flag_on(&v))
+            .unwrap_or(false);
+        let min_initial_workers =
+            parse_min_workers(std::env::var(MIN_WORKERS_ENV).ok().as_deref())?;
+        Ok(Self {
+            host: args
+                .host
+                .clone()
+                .or(file.host)
+                .unwrap_or_else(|| "0.0.0.0".into()),
+            port: args.port.or(file.port).unwrap_or(DEFAULT_PORT),
+            event_threads,
+            workers,
+            block_size,
+            model_name: args
+                .model_name
+                .clone()
+                .or(file.model_name)
+                .unwrap_or_else(|| DEFAULT_GROUP.into()),
+            routing_group: args
+                .routing_group
+                .clone()
+                .or(file.routing_group)
+                .unwrap_or_else(|| DEFAULT_GROUP.into()),
+            peers,
+            access_log: args.access_log.clone().or(file.access_log),
+            trace_id_header: args
+                .trace_id_header
+                .clone()
+                .or(file.trace_id_header)
+                .unwrap_or_else(|| "x-trace-id".into())
+                .to_ascii_lowercase(),
+            access_log_local_time: args.access_log_local_time
+                || file.access_log_local_time.unwrap_or(false),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            durable: DurableConfig {
+                log: LogConfig {
+                    fsync,
+                    recovery,
+                    ..LogConfig::default()
+                },
+                snapshots: SnapshotPolicy {
+                    every_entries,
+                    every,
+                    keep,
+                },
+            },
+            min_initial_workers,
+            test_endpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "port = 9000\nfsync = \"never\"\npeers = [\"http://a:1\"]\nsnapshot_keep = 3\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            port: Some(9100),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(&args).unwrap();
+        assert_eq!(c.port, 9100);
+        assert_eq!(c.durable.log.fsync, FsyncPolicy::Never);
+        assert_eq!(c.peers, vec!["http://a:1".to_string()]);
+        assert_eq!(c.durable.snapshots.keep, 3);
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.model_name, "default");
+    }
+
+    #[test]
+    fn workers_without_block_size_is_refused_with_dynamos_message() {
+        let args = ServeArgs {
+            workers: Some("1=tcp://127.0.0.1:5557".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&args).unwrap_err().to_string(),
+            "--block-size is required when --workers is specified"
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let msg = ServeConfig::resolve(&args).unwrap_err().to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn min_workers_parsing() {
+        assert_eq!(parse_min_workers(None).unwrap(), 0);
+        assert_eq!(parse_min_workers(Some("2")).unwrap(), 2);
+        let e = parse_min_workers(Some("abc")).unwrap_err().to_string();
+        assert!(e.starts_with(
+            "DYN_ROUTER_MIN_INITIAL_WORKERS must be a non-negative integer, got \"abc\": "
+        ));
+    }
+}

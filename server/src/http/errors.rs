@@ -1,0 +1,77 @@
+//! Handler errors and their HTTP mapping, in one place: every typed error of the registry and the
+//! intake becomes a status code and Dynamo's `{"error": "<message>"}` body (SERVICE.md §3.1).
+//! Framework (extractor) errors never come here: axum answers them in plain text itself.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kvindex_persistence::PersistError;
+use thiserror::Error;
+
+use crate::ingest::IngestError;
+use crate::partitions::RegistryError;
+
+/// Everything a handler can fail with.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// A request that is well-formed JSON but unusable (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Something on our side failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The status code of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Registry(e) => match e {
+                RegistryError::AlreadyRegistered { .. }
+                | RegistryError::RegisteredForOther { .. }
+                | RegistryError::BlockSizeMismatch { .. }
+                | RegistryError::CannotPause { .. }
+                | RegistryError::CannotResume { .. } => StatusCode::CONFLICT,
+                RegistryError::InstanceNotFound(_)
+                | RegistryError::WrongPartition { .. }
+                | RegistryError::DpRankNotFound { .. }
+                | RegistryError::NoIndexer { .. }
+                | RegistryError::PeerNotFound => StatusCode::NOT_FOUND,
+                RegistryError::File { .. } | RegistryError::Index(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            ApiError::Ingest(e) => match e {
+                IngestError::NoIndexer { .. } => StatusCode::NOT_FOUND,
+                IngestError::ZeroBlockSize { .. } => StatusCode::CONFLICT,
+                IngestError::Log(PersistError::WriterFailed { .. }) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                IngestError::Log(PersistError::RecordTooLarge { .. }) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                IngestError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,198 @@
+//! `POST /events` (kvindex's own route): one Dynamo RouterEvent or an array of them, as JSON
+//! (`application/json`) or named-field msgpack (`application/msgpack`), for producers without
+//! ZMQ and for tests. Each event goes to the partition of its registered `worker_id`, or to
+//! `?model_name=&routing_group=` (created when `&block_size=` is given). The answer comes only
+//! after the events are durable under the `--fsync` policy and applied to the index, so a query
+//! sent after it sees them.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kvindex_engine::codec;
+use kvindex_engine::{NamespaceKey, RouterEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::errors::ApiError;
+use super::handlers::with_model;
+use super::SharedState;
+use crate::metrics::REJECTED_TOTAL;
+use crate::partitions::RegistryError;
+
+/// The answer of `POST /events`.
+#[derive(Serialize)]
+struct EventsAck {
+    status: &'static str,
+    accepted: usize,
+    rejected: Vec<serde_json::Value>,
+    /// Last LSN of the accepted events (`null` when none).
+    last_lsn: Option<u64>,
+}
+
+/// Optional explicit partition of `POST /events`.
+#[derive(Deserialize, Default)]
+pub struct EventsTarget {
+    model_name: Option<String>,
+    routing_group: Option<String>,
+    block_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Msgpack,
+}
+
+/// Message of the 415 of `POST /events`.
+pub const EVENTS_MEDIA_TYPE: &str =
+    "Expected request with `Content-Type: application/json` or `Content-Type: application/msgpack`";
+
+fn format_of(headers: &HeaderMap) -> Option<Format> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let mime = ct.split(';').next()?.trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Some(Format::Json),
+        m if m.starts_with("application/") && m.ends_with("+json") => Some(Format::Json),
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+            Some(Format::Msgpack)
+        }
+        _ => None,
+    }
+}
+
+fn decode(format: Format, body: &[u8]) -> Result<Vec<RouterEvent>, String> {
+    match format {
+        Format::Json => {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            if first == Some(&b'[') {
+                codec::decode_router_events_json(body)
+            } else {
+                codec::decode_router_event_json(body).map(|e| vec![e])
+            }
+        }
+        Format::Msgpack => {
+            // fixarray, array16, array32 markers: a batch; anything else: one event.
+            if matches!(body.first(), Some(0x90..=0x9f | 0xdc | 0xdd)) {
+                codec::decode_router_events_msgpack(body)
+            } else {
+                codec::decode_router_event_msgpack(body).map(|e| vec![e])
+            }
+        }
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn reject(reason: &'static str) {
+    metrics::counter!(REJECTED_TOTAL, "endpoint" => "/events", "reason" => reason).increment(1);
+}
+
+/// `POST /events`.
+pub async fn post_events(
+    State(state): State<SharedState>,
+    Query(target): Query<EventsTarget>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let model_label = target.model_name.clone().unwrap_or_else(|| "-".into());
+    let Some(format) = format_of(&headers) else {
+        reject("media_type");
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, EVENTS_MEDIA_TYPE).into_response();
+    };
+    let events = match decode(format, &body) {
+        Ok(evs) => evs,
+        Err(e) => {
+            reject("decode");
+            return with_model(&model_label, ApiError::BadRequest(e));
+        }
+    };
+    let st = state.clone();
+    let result = tokio::task::spawn_blocking(move || ingest_events(&st, target, events)).await;
+    match result {
+        Ok(Ok(body)) => with_model(&model_label, Json(body)),
+        Ok(Err(e)) => with_model(&model_label, e),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
+}
+
+fn ingest_events(
+    state: &SharedState,
+    target: EventsTarget,
+    events: Vec<RouterEvent>,
+) -> Result<EventsAck, ApiError> {
+    let explicit = match &target.model_name {
+        Some(model) => {
+            let group = target
+                .routing_group
+                .clone()
+                .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
+            if let Some(bs) = target.block_size {
+                state.partitions.ensure_partition(model, &group, bs)?;
+            }
+            state.partitions.view().partition(model, &group)?;
+            Some(NamespaceKey::new(model.clone(), group))
+        }
+        None => None,
+    };
+    let view = state.partitions.view();
+    let mut groups: BTreeMap<NamespaceKey, Vec<(u64, RouterEvent)>> = BTreeMap::new();
+    // (index in the body, or None when a whole partition's events failed; the error)
+    let mut rejected: Vec<(Option<usize>, ApiError)> = Vec::new();
+    for (i, ev) in events.into_iter().enumerate() {
+        let key = match &explicit {
+            Some(k) => k.clone(),
+            None => match view.instances.get(&ev.worker_id) {
+                Some(inst) => inst.key.clone(),
+                None => {
+                    reject("unknown_worker");
+                    rejected.push((
+                        Some(i),
+                        RegistryError::InstanceNotFound(ev.worker_id).into(),
+                    ));
+                    continue;
+                }
+            },
+        };
+        groups.entry(key).or_default().push((ev.event.event_id, ev));
+    }
+    let mut accepted = 0usize;
+    let mut last_lsn = None;
+    for (key, evs) in groups {
+        let n = evs.len();
+        let ticket = match state.ingest.submit_mixed(&key, evs) {
+            Ok(t) => t,
+            Err(e) => {
+                reject("partition");
+                rejected.push((None, e.into()));
+                continue;
+            }
+        };
+        if let Some(t) = ticket {
+            let lsn = t
+                .wait()
+                .map_err(|e| ApiError::Ingest(crate::ingest::IngestError::Log(e)))?;
+            last_lsn = Some(last_lsn.map_or(lsn, |l: u64| l.max(lsn)));
+        }
+        state.ingest.flush(&key)?;
+        accepted += n;
+    }
+    if accepted == 0 && !rejected.is_empty() {
+        return Err(rejected.swap_remove(0).1);
+    }
+    let rejected_json: Vec<_> = rejected
+        .iter()
+        .map(|(i, e)| match i {
+            Some(i) => json!({"index": i, "error": e.to_string()}),
+            None => json!({"error": e.to_string()}),
+        })
+        .collect();
+    Ok(EventsAck {
+        status: "ok",
+        accepted,
+        rejected: rejected_json,
+        last_lsn,
+    })
+}

@@ -1,0 +1,332 @@
+//! Registration, worker listing, peers, logs, health, metrics and the test-only listener routes
+//! (SERVICE.md §3.2–§3.5, §3.9–§3.12).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::errors::ApiError;
+use super::{ModelLabel, SharedState};
+use crate::endpoint::validate_endpoint;
+use crate::listeners::ListenerStatus;
+use crate::partitions::{Registration, Removal};
+
+/// `{"status":"ok"}` with `status`.
+pub fn ok(status: StatusCode) -> Response {
+    (status, Json(json!({"status": "ok"}))).into_response()
+}
+
+/// Tag a response with the model it concerned (access log).
+pub fn with_model(model: &str, r: impl IntoResponse) -> Response {
+    (Extension(ModelLabel(model.to_owned())), r).into_response()
+}
+
+fn default_group(g: Option<String>) -> String {
+    g.unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned())
+}
+
+/// `GET|HEAD /health`: 200, empty body, no content type.
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Body of `POST /register` (unknown fields such as `tenant_id`, `lora_name`, `type` ignored).
+#[derive(Deserialize)]
+pub struct RegisterRequest {
+    instance_id: u64,
+    endpoint: String,
+    model_name: String,
+    block_size: u32,
+    routing_group: Option<String>,
+    dp_rank: Option<u32>,
+    replay_endpoint: Option<String>,
+    /// Mooncake RFC field: accepted, not mixed into hashes (as in Dynamo).
+    #[serde(alias = "additionalsalt")]
+    #[allow(dead_code)]
+    additional_salt: Option<String>,
+}
+
+/// `POST /register` → 201.
+pub async fn register(
+    State(state): State<SharedState>,
+    Json(req): Json<RegisterRequest>,
+) -> Response {
+    let model = req.model_name.clone();
+    let result = async {
+        validate_endpoint(&req.endpoint).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if let Some(r) = &req.replay_endpoint {
+            validate_endpoint(r).map_err(|e| {
+                ApiError::BadRequest(format!("invalid replay endpoint `{r}`: {e}"))
+            })?;
+        }
+        let reg = Registration {
+            instance_id: req.instance_id,
+            model_name: req.model_name,
+            routing_group: default_group(req.routing_group),
+            block_size: req.block_size,
+            dp_rank: req.dp_rank.unwrap_or(0),
+            endpoint: req.endpoint,
+            replay_endpoint: req.replay_endpoint,
+        };
+        tracing::info!(instance_id = reg.instance_id, dp_rank = reg.dp_rank, model = %reg.model_name, routing_group = %reg.routing_group, endpoint = %reg.endpoint, "Registering worker");
+        let partitions = state.partitions.clone();
+        tokio::task::spawn_blocking(move || partitions.register(reg))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Ok::<_, ApiError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => with_model(&model, ok(StatusCode::CREATED)),
+        Err(e) => with_model(&model, e),
+    }
+}
+
+/// Body of `POST /unregister`.
+#[derive(Deserialize)]
+pub struct UnregisterRequest {
+    instance_id: u64,
+    model_name: String,
+    routing_group: Option<String>,
+    dp_rank: Option<u32>,
+}
+
+/// `POST /unregister` → 200; removes the worker's blocks (logged) before answering.
+pub async fn unregister(
+    State(state): State<SharedState>,
+    Json(req): Json<UnregisterRequest>,
+) -> Response {
+    let model = req.model_name.clone();
+    let st = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let durable = &st.durable;
+        let drop_blocks = |r: &Removal| -> Result<(), String> {
+            let ticket = match r.dp_rank {
+                None => durable.remove_worker(&r.spec, r.worker_id),
+                Some(dp) => durable.remove_worker_dp_rank(&r.spec, r.worker_id, dp),
+            }
+            .map_err(|e| e.to_string())?;
+            ticket.wait().map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        let outcome = st.partitions.unregister(
+            req.instance_id,
+            &req.model_name,
+            req.routing_group.as_deref(),
+            req.dp_rank,
+            &drop_blocks,
+        )?;
+        if !outcome.dropped.is_empty() {
+            for key in &outcome.dropped {
+                st.partitions.forget_engine_namespace(key)?;
+            }
+            // The log still holds the dropped partitions' entries; a snapshot without them
+            // keeps recovery from recreating them (possibly with an outdated block size).
+            st.durable
+                .snapshot_now()
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        Ok::<_, ApiError>(())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))
+    .and_then(|r| r);
+    match result {
+        Ok(()) => with_model(&model, ok(StatusCode::OK)),
+        Err(e) => with_model(&model, e),
+    }
+}
+
+/// Filters of `GET /workers` (`tenant_id` accepted and ignored).
+#[derive(Deserialize)]
+pub struct WorkersFilter {
+    model_name: Option<String>,
+    routing_group: Option<String>,
+}
+
+/// One listener in `/workers`.
+#[derive(Serialize)]
+struct ListenerInfo<'a> {
+    endpoint: &'a str,
+    status: ListenerStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+}
+
+/// One item of `/workers` (Dynamo's WorkerInfo, field order kept).
+#[derive(Serialize)]
+struct WorkerInfo<'a> {
+    instance_id: u64,
+    source: &'static str,
+    status: ListenerStatus,
+    model_name: &'a str,
+    routing_group: &'a str,
+    block_size: u32,
+    endpoints: BTreeMap<String, &'a str>,
+    listeners: BTreeMap<String, ListenerInfo<'a>>,
+}
+
+/// `GET /workers` → the registered instances (SERVICE.md §3.5).
+pub async fn workers(
+    State(state): State<SharedState>,
+    Query(filter): Query<WorkersFilter>,
+) -> Response {
+    let view = state.partitions.view();
+    let mut insts: Vec<_> = view
+        .instances
+        .values()
+        .filter(|i| {
+            filter
+                .model_name
+                .as_ref()
+                .is_none_or(|m| *m == i.key.model_name)
+        })
+        .filter(|i| {
+            filter
+                .routing_group
+                .as_ref()
+                .is_none_or(|g| *g == i.key.routing_group)
+        })
+        .collect();
+    insts.sort_by_key(|i| i.instance_id);
+    let body: Vec<WorkerInfo<'_>> = insts
+        .iter()
+        .map(|i| WorkerInfo {
+            instance_id: i.instance_id,
+            source: "zmq",
+            status: i.status(),
+            model_name: &i.key.model_name,
+            routing_group: &i.key.routing_group,
+            block_size: i.block_size,
+            endpoints: i
+                .listeners
+                .iter()
+                .map(|(dp, l)| (dp.to_string(), l.endpoint.as_str()))
+                .collect(),
+            listeners: i
+                .listeners
+                .iter()
+                .map(|(dp, l)| {
+                    (
+                        dp.to_string(),
+                        ListenerInfo {
+                            endpoint: &l.endpoint,
+                            status: l.state.status,
+                            last_error: l.state.last_error.as_deref(),
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    let model = filter.model_name.as_deref().unwrap_or("-").to_owned();
+    with_model(&model, Json(body))
+}
+
+/// Body of the peer routes.
+#[derive(Deserialize)]
+pub struct PeerRequest {
+    url: String,
+}
+
+/// `POST /register_peer` → 201 (idempotent, not validated).
+pub async fn register_peer(
+    State(state): State<SharedState>,
+    Json(req): Json<PeerRequest>,
+) -> Response {
+    let p = state.partitions.clone();
+    match tokio::task::spawn_blocking(move || p.add_peer(&req.url)).await {
+        Ok(Ok(())) => ok(StatusCode::CREATED),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
+}
+
+/// `POST /deregister_peer` → 200 or 404 `peer not found`.
+pub async fn deregister_peer(
+    State(state): State<SharedState>,
+    Json(req): Json<PeerRequest>,
+) -> Response {
+    let p = state.partitions.clone();
+    match tokio::task::spawn_blocking(move || p.remove_peer(&req.url)).await {
+        Ok(Ok(())) => ok(StatusCode::OK),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /peers` → array of URLs.
+pub async fn peers(State(state): State<SharedState>) -> Response {
+    Json(state.partitions.view().peers.clone()).into_response()
+}
+
+/// `POST /reopen_logs` → 200 (also without `--access-log`), 500 if the reopen fails.
+pub async fn reopen_logs(State(state): State<SharedState>) -> Response {
+    match &state.access_log {
+        None => ok(StatusCode::OK),
+        Some(log) => match log.reopen() {
+            Ok(()) => ok(StatusCode::OK),
+            Err(e) => {
+                ApiError::Internal(format!("failed to reopen access log: {e}")).into_response()
+            }
+        },
+    }
+}
+
+/// Body of the test-only listener routes.
+#[derive(Deserialize)]
+pub struct ListenerRequest {
+    instance_id: u64,
+    dp_rank: Option<u32>,
+}
+
+/// `POST /test/pause_listener` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`).
+pub async fn pause_listener(
+    State(state): State<SharedState>,
+    Json(req): Json<ListenerRequest>,
+) -> Response {
+    match state
+        .partitions
+        .pause_listener(req.instance_id, req.dp_rank.unwrap_or(0))
+    {
+        Ok(()) => ok(StatusCode::OK),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `POST /test/resume_listener` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`).
+pub async fn resume_listener(
+    State(state): State<SharedState>,
+    Json(req): Json<ListenerRequest>,
+) -> Response {
+    match state
+        .partitions
+        .resume_listener(req.instance_id, req.dp_rank.unwrap_or(0))
+    {
+        Ok(()) => ok(StatusCode::OK),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text, gauges refreshed first.
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    crate::metrics::refresh(
+        &state.partitions.view(),
+        state.durable.log(),
+        state.durable.engine().queued_tasks(),
+    );
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,43 @@
+//! The HTTP API (SERVICE.md §3): Dynamo's routes, status codes, bodies and limits, plus kvindex's
+//! `POST /events`. `routes.rs` assembles the router; one file per group of handlers.
+
+use std::sync::Arc;
+
+use axum::http::HeaderName;
+use kvindex_persistence::DurableIndex;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::access_log::AccessLog;
+use crate::ingest::Ingest;
+use crate::partitions::Partitions;
+
+mod dump;
+pub mod errors;
+mod events;
+mod handlers;
+mod observe;
+mod query;
+pub mod routes;
+
+/// Body limit of `/query`, `/query_by_hash` and `/events` (about a million tokens as JSON).
+pub const LARGE_BODY_LIMIT: usize = 8 << 20;
+/// Body limit of every other route (axum's default).
+pub const DEFAULT_BODY_LIMIT: usize = 2 << 20;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub partitions: Arc<Partitions>,
+    pub ingest: Arc<Ingest>,
+    pub durable: Arc<DurableIndex>,
+    pub metrics: Option<PrometheusHandle>,
+    pub access_log: Option<Arc<AccessLog>>,
+    pub trace_header: HeaderName,
+    pub test_endpoints: bool,
+}
+
+/// Shared state handle.
+pub type SharedState = Arc<AppState>;
+
+/// Response extension naming the model a request concerned (for the access log).
+#[derive(Clone, Debug)]
+pub struct ModelLabel(pub String);

@@ -1,0 +1,164 @@
+//! `POST /query` and `POST /query_by_hash` (SERVICE.md §3.6, §3.7): tokens (or local hashes) →
+//! a lock-free walk of the partition's index → Dynamo's `{scores, frequencies, instances}`, in
+//! tokens, plus `log_lsn` (ours, ignored by Dynamo clients).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::response::Response;
+use axum::Json;
+use kvindex_engine::hashing::HashOptions;
+use kvindex_engine::{LocalBlockHash, OverlapScores};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::errors::ApiError;
+use super::handlers::with_model;
+use super::SharedState;
+
+/// Body of `POST /query` (`tenant_id`, `medium`, `instance_id`, ... ignored).
+#[derive(Deserialize)]
+pub struct QueryRequest {
+    token_ids: Vec<u32>,
+    model_name: String,
+    routing_group: Option<String>,
+    lora_name: Option<String>,
+    cache_salt: Option<String>,
+}
+
+/// Body of `POST /query_by_hash`.
+#[derive(Deserialize)]
+pub struct QueryByHashRequest {
+    block_hashes: Vec<i64>,
+    model_name: String,
+    routing_group: Option<String>,
+    cache_salt: Option<Value>,
+}
+
+/// Message of the 400 for a `cache_salt` on `/query_by_hash` (Dynamo's wording).
+pub const CACHE_SALT_REFUSED: &str = "cache_salt is not accepted by /query_by_hash; block_hashes must already include the intended cache salt";
+
+/// One instance of `instances` (Mooncake RFC shape, lowercase as in Dynamo).
+#[derive(Serialize)]
+struct InstanceScore {
+    longest_matched: u64,
+    gpu: u64,
+    dp: BTreeMap<String, u64>,
+    cpu: u64,
+    disk: u64,
+}
+
+/// Dynamo's `ScoreResponse`, field order kept, plus kvindex's `log_lsn`.
+#[derive(Serialize)]
+pub struct ScoreResponse {
+    scores: BTreeMap<String, BTreeMap<String, u64>>,
+    frequencies: [u64; 0],
+    instances: BTreeMap<String, InstanceScore>,
+    /// The last LSN appended when the query started: every event acknowledged by `POST /events`
+    /// before the query has an LSN at or below it and is reflected in the answer.
+    log_lsn: u64,
+}
+
+/// Dynamo's response body for `scores` on a partition of `block_size`. The index holds the
+/// device tier only, so `cpu`, `disk` and `longest_matched` equal `gpu` (cumulative counts).
+pub fn score_body(scores: &OverlapScores, block_size: u32, log_lsn: u64) -> ScoreResponse {
+    let bs = u64::from(block_size);
+    let mut by_instance: BTreeMap<u64, BTreeMap<u32, u64>> = BTreeMap::new();
+    for (w, blocks) in &scores.scores {
+        by_instance
+            .entry(w.worker_id)
+            .or_default()
+            .insert(w.dp_rank, u64::from(*blocks) * bs);
+    }
+    let mut score_map = BTreeMap::new();
+    let mut instances = BTreeMap::new();
+    for (id, ranks) in &by_instance {
+        let dp: BTreeMap<String, u64> = ranks.iter().map(|(r, t)| (r.to_string(), *t)).collect();
+        let gpu = ranks.values().copied().max().unwrap_or(0);
+        score_map.insert(id.to_string(), dp.clone());
+        instances.insert(
+            id.to_string(),
+            InstanceScore {
+                longest_matched: gpu,
+                gpu,
+                dp,
+                cpu: gpu,
+                disk: gpu,
+            },
+        );
+    }
+    ScoreResponse {
+        scores: score_map,
+        frequencies: [],
+        instances,
+        log_lsn,
+    }
+}
+
+fn last_lsn(state: &SharedState) -> u64 {
+    state.durable.log().next_lsn().saturating_sub(1)
+}
+
+/// `POST /query`.
+pub async fn query(State(state): State<SharedState>, Json(req): Json<QueryRequest>) -> Response {
+    let group = req
+        .routing_group
+        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
+    let lsn = last_lsn(&state);
+    let view = state.partitions.view();
+    let part = match view.partition(&req.model_name, &group) {
+        Ok(p) => p,
+        Err(e) => return with_model(&req.model_name, ApiError::from(e)),
+    };
+    let scores = match &part.namespace {
+        Some(ns) => ns.find_matches_for_tokens(
+            &req.token_ids,
+            &HashOptions {
+                lora_name: req.lora_name.as_deref(),
+                cache_namespace: req.cache_salt.as_deref(),
+                ..HashOptions::default()
+            },
+        ),
+        None => OverlapScores::default(),
+    };
+    with_model(
+        &req.model_name,
+        Json(score_body(&scores, part.spec.block_size, lsn)),
+    )
+}
+
+/// `POST /query_by_hash`: the values are Dynamo local block hashes as i64, walked from the root.
+pub async fn query_by_hash(
+    State(state): State<SharedState>,
+    Json(req): Json<QueryByHashRequest>,
+) -> Response {
+    if req.cache_salt.as_ref().is_some_and(|v| !v.is_null()) {
+        return with_model(
+            &req.model_name,
+            ApiError::BadRequest(CACHE_SALT_REFUSED.into()),
+        );
+    }
+    let group = req
+        .routing_group
+        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
+    let lsn = last_lsn(&state);
+    let view = state.partitions.view();
+    let part = match view.partition(&req.model_name, &group) {
+        Ok(p) => p,
+        Err(e) => return with_model(&req.model_name, ApiError::from(e)),
+    };
+    let locals: Vec<LocalBlockHash> = req
+        .block_hashes
+        .iter()
+        .map(|&h| LocalBlockHash(h as u64))
+        .collect();
+    let scores = part
+        .namespace
+        .as_ref()
+        .map(|ns| ns.find_matches(&locals, false))
+        .unwrap_or_default();
+    with_model(
+        &req.model_name,
+        Json(score_body(&scores, part.spec.block_size, lsn)),
+    )
+}

@@ -1,0 +1,111 @@
+//! The hook between registrations and event sources. The registry ([`crate::partitions`]) asks a
+//! [`ListenerSupervisor`] to start, stop, pause and resume one listener per (instance, dp_rank);
+//! the ZMQ ingestion (written separately, in `src/zmq/`) implements it, reports status changes
+//! with [`crate::partitions::Partitions::set_listener_status`] and hands decoded events to
+//! [`crate::ingest::IngestSink`]. Until it is wired in, [`NoListeners`] keeps every listener
+//! `pending` and says so in `last_error`.
+
+use serde::Serialize;
+
+/// A listener's state, as `/workers` shows it (SERVICE.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerStatus {
+    Pending,
+    Active,
+    Paused,
+    Failed,
+}
+
+impl ListenerStatus {
+    /// Every status, in `/metrics` order.
+    pub const ALL: [ListenerStatus; 4] = [
+        ListenerStatus::Pending,
+        ListenerStatus::Active,
+        ListenerStatus::Paused,
+        ListenerStatus::Failed,
+    ];
+
+    /// Lowercase name (JSON and metric label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ListenerStatus::Pending => "pending",
+            ListenerStatus::Active => "active",
+            ListenerStatus::Paused => "paused",
+            ListenerStatus::Failed => "failed",
+        }
+    }
+
+    /// Aggregation priority of a worker's status: failed > pending > active > paused.
+    pub fn priority(&self) -> u8 {
+        match self {
+            ListenerStatus::Failed => 3,
+            ListenerStatus::Pending => 2,
+            ListenerStatus::Active => 1,
+            ListenerStatus::Paused => 0,
+        }
+    }
+}
+
+/// What a supervisor reports for a listener: its status and, if any, the last error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerState {
+    pub status: ListenerStatus,
+    pub last_error: Option<String>,
+}
+
+/// Everything a listener needs to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub model_name: String,
+    pub routing_group: String,
+    pub block_size: u32,
+    pub instance_id: u64,
+    pub dp_rank: u32,
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+}
+
+/// Starts and stops the per-(instance, dp_rank) event listeners. Implemented by the ZMQ
+/// ingestion; calls come from the registry while it holds its write lock, so they must not
+/// block for long (start the socket work on another thread and report back with
+/// `Partitions::set_listener_status`).
+pub trait ListenerSupervisor: Send + Sync {
+    /// A registration was accepted (or restored at start-up): start listening.
+    fn start(&self, spec: &ListenerSpec) -> ListenerState;
+    /// The registration is gone: stop and forget the listener (and its watermark).
+    fn stop(&self, instance_id: u64, dp_rank: u32);
+    /// Test route: stop receiving, keep the watermark.
+    fn pause(&self, instance_id: u64, dp_rank: u32) -> ListenerState;
+    /// Test route: receive again.
+    fn resume(&self, spec: &ListenerSpec) -> ListenerState;
+    /// Stop everything at shutdown.
+    fn shutdown(&self) {}
+}
+
+/// The supervisor used until ZMQ ingestion is wired in: registrations are stored and shown,
+/// nothing is received (events arrive through `POST /events`).
+pub struct NoListeners;
+
+/// `last_error` shown by [`NoListeners`].
+pub const NO_ZMQ_NOTE: &str =
+    "ZMQ ingestion is not wired into this build yet; send events with POST /events";
+
+impl ListenerSupervisor for NoListeners {
+    fn start(&self, _spec: &ListenerSpec) -> ListenerState {
+        ListenerState {
+            status: ListenerStatus::Pending,
+            last_error: Some(NO_ZMQ_NOTE.into()),
+        }
+    }
+    fn stop(&self, _instance_id: u64, _dp_rank: u32) {}
+    fn pause(&self, _instance_id: u64, _dp_rank: u32) -> ListenerState {
+        ListenerState {
+            status: ListenerStatus::Paused,
+            last_error: None,
+        }
+    }
+    fn resume(&self, spec: &ListenerSpec) -> ListenerState {
+        self.start(spec)
+    }
+}

@@ -1,0 +1,148 @@
+//! Prometheus metrics: Dynamo's `dynamo_kvindexer_*` families with Dynamo's names, labels and
+//! buckets (SERVICE.md §11), the engine's `dynamo_kvrouter_*` counters, and kvindex's own
+//! (`kvindex_*`: log, snapshots, recovery, queues). Everything goes through the `metrics` crate;
+//! the exporter renders on each scrape, after the gauges are refreshed.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::listeners::ListenerStatus;
+use crate::partitions::RegistryView;
+
+/// Request latency histogram (label `endpoint`).
+pub const REQUEST_DURATION: &str = "dynamo_kvindexer_request_duration_seconds";
+/// Request counter (labels `endpoint`, `method`).
+pub const REQUESTS_TOTAL: &str = "dynamo_kvindexer_requests_total";
+/// Error response counter (labels `endpoint`, `status_class`).
+pub const ERRORS_TOTAL: &str = "dynamo_kvindexer_errors_total";
+/// Partitions gauge.
+pub const MODELS: &str = "dynamo_kvindexer_models";
+/// Registered instances gauge.
+pub const WORKERS: &str = "dynamo_kvindexer_workers";
+/// Listeners per status gauge.
+pub const LISTENERS: &str = "dynamo_kvindexer_listeners";
+/// Requests rejected before reaching the index, by reason (ours).
+pub const REJECTED_TOTAL: &str = "kvindex_http_rejected_total";
+
+/// Dynamo's request-duration buckets: 0.0001 × 2^k seconds, k = 0..19.
+pub fn request_buckets() -> Vec<f64> {
+    (0..20).map(|k| 0.0001 * f64::from(1u32 << k)).collect()
+}
+
+/// Install the global recorder (before the log is opened, so recovery metrics are kept).
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &request_buckets())?
+        .set_buckets(&[
+            0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+        ])?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "HTTP request latency");
+    describe_counter!(REQUESTS_TOTAL, "Total HTTP requests");
+    describe_counter!(ERRORS_TOTAL, "HTTP error responses (4xx/5xx)");
+    describe_gauge!(MODELS, "Number of active model+routing-group indexers");
+    describe_gauge!(WORKERS, "Number of registered worker instances");
+    describe_gauge!(
+        LISTENERS,
+        "Number of ZMQ listeners by status (pending, active, paused, failed)"
+    );
+    describe_counter!(
+        kvindex_engine::EVENTS_APPLIED,
+        "KV cache events applied to the index, by event type and outcome"
+    );
+    describe_counter!(
+        kvindex_engine::EVENT_WARNINGS,
+        "Suspicious KV cache events (e.g. duplicate stores)"
+    );
+    describe_counter!(
+        REJECTED_TOTAL,
+        "Requests refused before reaching the index (bad body, unknown worker, ...), by reason"
+    );
+    describe_counter!(
+        "kvindex_events_logged_total",
+        "Events appended to the event log"
+    );
+    describe_gauge!("kvindex_log_next_lsn", "LSN the next appended entry gets");
+    describe_gauge!(
+        "kvindex_log_synced_lsn",
+        "Entries below this LSN are known to be on disk"
+    );
+    describe_gauge!(
+        "kvindex_log_segment_bytes",
+        Unit::Bytes,
+        "Bytes in the log's segment files"
+    );
+    describe_gauge!(
+        "kvindex_engine_queued_tasks",
+        "Events and operations waiting in the index's event-thread queues"
+    );
+    describe_gauge!(
+        "kvindex_recovery_seconds",
+        Unit::Seconds,
+        "Duration of the start-up recovery (snapshot load and log replay)"
+    );
+    describe_gauge!(
+        "kvindex_recovery_entries",
+        "Log entries replayed by the start-up recovery"
+    );
+    describe_gauge!(
+        "kvindex_index_blocks",
+        "(block, worker) pairs held in the index, per partition"
+    );
+}
+
+/// Refresh the gauges that are computed on scrape.
+pub fn refresh(view: &RegistryView, log: &kvindex_persistence::EventLog, engine_queued: usize) {
+    metrics::gauge!(MODELS).set(view.partitions.len() as f64);
+    metrics::gauge!(WORKERS).set(view.instances.len() as f64);
+    let counts = view.listener_counts();
+    for (status, n) in ListenerStatus::ALL.iter().zip(counts) {
+        metrics::gauge!(LISTENERS, "status" => status.as_str()).set(n as f64);
+    }
+    metrics::gauge!("kvindex_log_next_lsn").set(log.next_lsn() as f64);
+    metrics::gauge!("kvindex_log_synced_lsn").set(log.synced_lsn() as f64);
+    let bytes: u64 = log
+        .segments()
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    metrics::gauge!("kvindex_log_segment_bytes").set(bytes as f64);
+    metrics::gauge!("kvindex_engine_queued_tasks").set(engine_queued as f64);
+    for p in view.partitions.values() {
+        let blocks = p.namespace.as_ref().map_or(0, |ns| ns.current_size());
+        metrics::gauge!(
+            "kvindex_index_blocks",
+            "model_name" => p.spec.key.model_name.clone(),
+            "routing_group" => p.spec.key.routing_group.clone()
+        )
+        .set(blocks as f64);
+    }
+}
+
+/// `4xx` / `5xx` for an error status, `None` otherwise.
+pub fn status_class(status: u16) -> Option<&'static str> {
+    match status {
+        400..=499 => Some("4xx"),
+        500..=599 => Some("5xx"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_dynamos() {
+        let b = request_buckets();
+        assert_eq!(b.len(), 20);
+        assert!((b[0] - 0.0001).abs() < 1e-12);
+        assert!((b[19] - 52.4288).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,765 @@
+//! The registry: partitions `(model_name, routing_group)` with their block size, the registered
+//! instances and their per-dp_rank listeners, and the peer list — with Dynamo's rules and error
+//! wording (SERVICE.md §2, §3.3–§3.5, §3.9, §3.12, §8).
+//!
+//! Readers (`/query`, `/workers`, ingestion) load an immutable [`RegistryView`] without locking;
+//! writers serialise on one mutex, build the next view, write `registry.json` in the data
+//! directory (so partitions and registrations survive a restart) and publish it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use kvindex_engine::{Engine, Namespace, NamespaceKey, WorkerId};
+use kvindex_persistence::NamespaceSpec;
+use thiserror::Error;
+
+use crate::listeners::{ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor};
+
+mod file;
+
+use file::{file_error, write_atomically, RegistryFile};
+
+/// File name of the registrations in the data directory.
+pub const REGISTRY_FILE: &str = "registry.json";
+
+/// Registry failures. Display strings are Dynamo's where Dynamo has the case.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("instance {instance_id} dp_rank {dp_rank} already registered")]
+    AlreadyRegistered { instance_id: u64, dp_rank: u32 },
+    #[error(
+        "instance {instance_id} is already registered for model={model} routing_group={group}"
+    )]
+    RegisteredForOther {
+        instance_id: u64,
+        model: String,
+        group: String,
+    },
+    #[error("block_size mismatch for model={model} routing_group={group}: existing={existing}, requested={requested}")]
+    BlockSizeMismatch {
+        model: String,
+        group: String,
+        existing: u32,
+        requested: u32,
+    },
+    #[error("instance {0} not found")]
+    InstanceNotFound(u64),
+    #[error("instance {instance_id} is registered for model={model} routing_group={group}")]
+    WrongPartition {
+        instance_id: u64,
+        model: String,
+        group: String,
+    },
+    #[error("instance {instance_id} dp_rank {dp_rank} not found")]
+    DpRankNotFound { instance_id: u64, dp_rank: u32 },
+    #[error("no indexer for model={model} routing_group={group}")]
+    NoIndexer { model: String, group: String },
+    #[error("peer not found")]
+    PeerNotFound,
+    #[error("instance {instance_id} dp_rank {dp_rank} cannot be paused from status {status}")]
+    CannotPause {
+        instance_id: u64,
+        dp_rank: u32,
+        status: &'static str,
+    },
+    #[error("instance {instance_id} dp_rank {dp_rank} cannot be resumed from status {status}")]
+    CannotResume {
+        instance_id: u64,
+        dp_rank: u32,
+        status: &'static str,
+    },
+    /// `registry.json` could not be written or read.
+    #[error("registry file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    /// The event log or the engine refused a removal.
+    #[error("{0}")]
+    Index(String),
+}
+
+/// One listener of an instance.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+    pub state: ListenerState,
+}
+
+/// A registered instance: one partition, one listener per dp_rank.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub instance_id: u64,
+    pub key: NamespaceKey,
+    pub block_size: u32,
+    pub listeners: BTreeMap<u32, Listener>,
+}
+
+impl Instance {
+    /// The worker's status: its listeners' aggregated with failed > pending > active > paused.
+    pub fn status(&self) -> ListenerStatus {
+        self.listeners
+            .values()
+            .map(|l| l.state.status)
+            .max_by_key(|s| s.priority())
+            .unwrap_or(ListenerStatus::Pending)
+    }
+
+    pub(crate) fn listener_spec(&self, dp_rank: u32, l: &Listener) -> ListenerSpec {
+        ListenerSpec {
+            model_name: self.key.model_name.clone(),
+            routing_group: self.key.routing_group.clone(),
+            block_size: self.block_size,
+            instance_id: self.instance_id,
+            dp_rank,
+            endpoint: l.endpoint.clone(),
+            replay_endpoint: l.replay_endpoint.clone(),
+        }
+    }
+}
+
+/// A partition: its log namespace and, for a block size > 0, its engine index.
+#[derive(Clone)]
+pub struct Partition {
+    pub spec: Arc<NamespaceSpec>,
+    /// `None` for block size 0, which Dynamo accepts but which can index nothing.
+    pub namespace: Option<Namespace>,
+}
+
+/// An immutable picture of the registry.
+#[derive(Clone, Default)]
+pub struct RegistryView {
+    pub partitions: HashMap<NamespaceKey, Partition>,
+    pub instances: HashMap<u64, Instance>,
+    pub peers: Vec<String>,
+}
+
+impl RegistryView {
+    /// The partition of `(model, group)`, or Dynamo's 404 error.
+    pub fn partition(&self, model: &str, group: &str) -> Result<&Partition, RegistryError> {
+        self.partitions
+            .get(&NamespaceKey::new(model, group))
+            .ok_or_else(|| RegistryError::NoIndexer {
+                model: model.to_owned(),
+                group: group.to_owned(),
+            })
+    }
+
+    /// Number of listeners per status, in [`ListenerStatus::ALL`] order.
+    pub fn listener_counts(&self) -> [usize; 4] {
+        let mut counts = [0; 4];
+        for l in self.instances.values().flat_map(|i| i.listeners.values()) {
+            let idx = ListenerStatus::ALL
+                .iter()
+                .position(|s| *s == l.state.status)
+                .unwrap_or(0);
+            counts[idx] += 1;
+        }
+        counts
+    }
+}
+
+/// A registration request (already validated endpoints).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub instance_id: u64,
+    pub model_name: String,
+    pub routing_group: String,
+    pub block_size: u32,
+    pub dp_rank: u32,
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+}
+
+/// Blocks to drop because of an unregistration: every rank of the worker, or one rank.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    pub spec: Arc<NamespaceSpec>,
+    pub worker_id: WorkerId,
+    pub dp_rank: Option<u32>,
+}
+
+/// What an unregistration did.
+#[derive(Debug, Clone, Default)]
+pub struct UnregisterOutcome {
+    /// Partitions dropped because their last worker left.
+    pub dropped: Vec<NamespaceKey>,
+}
+
+// --- the registry ------------------------------------------------------------------------------
+
+/// The registry: lock-free reads, serialised writes, persisted to `registry.json`.
+pub struct Partitions {
+    view: ArcSwap<RegistryView>,
+    write: Mutex<()>,
+    engine: Engine,
+    file: Option<PathBuf>,
+    supervisor: std::sync::RwLock<Arc<dyn ListenerSupervisor>>,
+}
+
+impl Partitions {
+    /// An empty registry over `engine`, persisted in `data_dir` (None: not persisted).
+    pub fn new(
+        engine: Engine,
+        data_dir: Option<&Path>,
+        supervisor: Arc<dyn ListenerSupervisor>,
+    ) -> Self {
+        Self {
+            view: ArcSwap::from_pointee(RegistryView::default()),
+            write: Mutex::new(()),
+            engine,
+            file: data_dir.map(|d| d.join(REGISTRY_FILE)),
+            supervisor: std::sync::RwLock::new(supervisor),
+        }
+    }
+
+    /// Replace the listener supervisor (before [`Self::load`]; the ZMQ supervisor needs the
+    /// registry and the intake, so it is built after them).
+    pub fn set_supervisor(&self, supervisor: Arc<dyn ListenerSupervisor>) {
+        *self.supervisor.write().unwrap_or_else(|e| e.into_inner()) = supervisor;
+    }
+
+    fn supervisor(&self) -> Arc<dyn ListenerSupervisor> {
+        Arc::clone(&self.supervisor.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Load `registry.json` (if any), reconcile it with what recovery rebuilt in the engine,
+    /// and start a listener for every restored registration. Engine namespaces that the
+    /// registry does not list are adopted as partitions when they hold blocks (e.g. a data
+    /// directory written by `kvindex replay import`) and dropped otherwise (partitions whose
+    /// last worker left before the restart).
+    pub fn load(&self) -> Result<(), RegistryError> {
+        let _w = self.lock_write();
+        let mut next = RegistryView::default();
+        if let Some(path) = self.file.as_deref().filter(|p| p.exists()) {
+            let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+            let file: RegistryFile = serde_json::from_slice(&bytes).map_err(|e| {
+                file_error(
+                    path,
+                    format!("{e}; fix or delete the file (registrations are then lost, the index is kept)"),
+                )
+            })?;
+            for p in file.partitions {
+                let key = NamespaceKey::new(p.model_name, p.routing_group);
+                let part = self.make_partition(&key, p.block_size)?;
+                next.partitions.insert(key, part);
+            }
+            for fi in file.instances {
+                let key = NamespaceKey::new(fi.model_name, fi.routing_group);
+                if !next.partitions.contains_key(&key) {
+                    let part = self.make_partition(&key, fi.block_size)?;
+                    next.partitions.insert(key.clone(), part);
+                }
+                let mut inst = Instance {
+                    instance_id: fi.instance_id,
+                    key,
+                    block_size: fi.block_size,
+                    listeners: BTreeMap::new(),
+                };
+                for l in fi.listeners {
+                    let mut listener = Listener {
+                        endpoint: l.endpoint,
+                        replay_endpoint: l.replay_endpoint,
+                        state: ListenerState {
+                            status: ListenerStatus::Pending,
+                            last_error: None,
+                        },
+                    };
+                    listener.state = self
+                        .supervisor()
+                        .start(&inst.listener_spec(l.dp_rank, &listener));
+                    inst.listeners.insert(l.dp_rank, listener);
+                }
+                next.instances.insert(fi.instance_id, inst);
+            }
+            next.peers = file.peers;
+        }
+        for key in self.engine.namespaces() {
+            if next.partitions.contains_key(&key) {
+                continue;
+            }
+            let Some(ns) = self.engine.namespace(&key) else {
+                continue;
+            };
+            if ns.current_size() > 0 {
+                tracing::info!(partition = %key, block_size = ns.block_size(), "adopting a partition found in the log without registrations");
+                let spec = Arc::new(NamespaceSpec {
+                    key: key.clone(),
+                    block_size: ns.block_size(),
+                });
+                next.partitions.insert(
+                    key,
+                    Partition {
+                        spec,
+                        namespace: Some(ns),
+                    },
+                );
+            } else {
+                let _ = self.engine.remove_namespace(&key);
+            }
+        }
+        self.persist(&next)?;
+        self.view.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The current view (lock-free).
+    pub fn view(&self) -> Arc<RegistryView> {
+        self.view.load_full()
+    }
+
+    fn lock_write(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, v: &RegistryView) -> Result<(), RegistryError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec_pretty(&RegistryFile::from_view(v))
+            .map_err(|e| file_error(path, e))?;
+        write_atomically(path, &bytes)
+    }
+
+    fn make_partition(
+        &self,
+        key: &NamespaceKey,
+        block_size: u32,
+    ) -> Result<Partition, RegistryError> {
+        let namespace = if block_size == 0 {
+            None
+        } else {
+            Some(
+                self.engine
+                    .create_namespace(key.clone(), block_size)
+                    .map_err(|e| match e {
+                        kvindex_engine::EngineError::BlockSizeMismatch {
+                            existing,
+                            requested,
+                            ..
+                        } => RegistryError::BlockSizeMismatch {
+                            model: key.model_name.clone(),
+                            group: key.routing_group.clone(),
+                            existing,
+                            requested,
+                        },
+                        other => RegistryError::Index(other.to_string()),
+                    })?,
+            )
+        };
+        Ok(Partition {
+            spec: Arc::new(NamespaceSpec {
+                key: key.clone(),
+                block_size,
+            }),
+            namespace,
+        })
+    }
+
+    /// Run `f` on a copy of the view under the write lock; on success persist and publish it.
+    fn mutate<R>(
+        &self,
+        persist: bool,
+        f: impl FnOnce(&mut RegistryView) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        let _w = self.lock_write();
+        let mut next = (**self.view.load()).clone();
+        let r = f(&mut next)?;
+        if persist {
+            self.persist(&next)?;
+        }
+        self.view.store(Arc::new(next));
+        Ok(r)
+    }
+
+    /// `POST /register`: add a listener, creating the partition on first use.
+    pub fn register(&self, reg: Registration) -> Result<(), RegistryError> {
+        let key = NamespaceKey::new(&reg.model_name, &reg.routing_group);
+        self.mutate(true, |v| {
+            if let Some(p) = v.partitions.get(&key) {
+                if p.spec.block_size != reg.block_size {
+                    return Err(RegistryError::BlockSizeMismatch {
+                        model: reg.model_name.clone(),
+                        group: reg.routing_group.clone(),
+                        existing: p.spec.block_size,
+                        requested: reg.block_size,
+                    });
+                }
+            }
+            if let Some(inst) = v.instances.get(&reg.instance_id) {
+                if inst.key != key {
+                    return Err(RegistryError::RegisteredForOther {
+                        instance_id: reg.instance_id,
+                        model: inst.key.model_name.clone(),
+                        group: inst.key.routing_group.clone(),
+                    });
+                }
+                if inst.listeners.contains_key(&reg.dp_rank) {
+                    return Err(RegistryError::AlreadyRegistered {
+                        instance_id: reg.instance_id,
+                        dp_rank: reg.dp_rank,
+                    });
+                }
+            }
+            if !v.partitions.contains_key(&key) {
+                tracing::info!(partition = %key, block_size = reg.block_size, "Creating new indexer");
+                let part = self.make_partition(&key, reg.block_size)?;
+                v.partitions.insert(key.clone(), part);
+            }
+            let inst = v.instances.entry(reg.instance_id).or_insert_with(|| Instance {
+                instance_id: reg.instance_id,
+                key: key.clone(),
+                block_size: reg.block_size,
+                listeners: BTreeMap::new(),
+            });
+            let mut listener = Listener {
+                endpoint: reg.endpoint.clone(),
+                replay_endpoint: reg.replay_endpoint.clone(),
+                state: ListenerState {
+                    status: ListenerStatus::Pending,
+                    last_error: None,
+                },
+            };
+            listener.state = self
+                .supervisor()
+                .start(&inst.listener_spec(reg.dp_rank, &listener));
+            inst.listeners.insert(reg.dp_rank, listener);
+            Ok(())
+        })
+    }
+
+    /// Start-up registration from `--workers`: like [`Self::register`], but an identical
+    /// registration restored from `registry.json` is accepted (a restart with the same flags).
+    pub fn register_initial(&self, reg: Registration) -> Result<(), RegistryError> {
+        let view = self.view();
+        if let Some(inst) = view.instances.get(&reg.instance_id) {
+            let same_partition = inst.key == NamespaceKey::new(&reg.model_name, &reg.routing_group);
+            if same_partition
+                && inst.block_size == reg.block_size
+                && inst
+                    .listeners
+                    .get(&reg.dp_rank)
+                    .is_some_and(|l| l.endpoint == reg.endpoint)
+            {
+                return Ok(());
+            }
+        }
+        self.register(reg)
+    }
+
+    /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `drop_blocks` (which logs
+    /// it and waits) before the registry changes; a failure leaves the registry as it was.
+    pub fn unregister(
+        &self,
+        instance_id: u64,
+        model_name: &str,
+        routing_group: Option<&str>,
+        dp_rank: Option<u32>,
+        drop_blocks: &dyn Fn(&Removal) -> Result<(), String>,
+    ) -> Result<UnregisterOutcome, RegistryError> {
+        self.mutate(true, |v| {
+            let inst = v
+                .instances
+                .get(&instance_id)
+                .ok_or(RegistryError::InstanceNotFound(instance_id))?;
+            let wrong = || RegistryError::WrongPartition {
+                instance_id,
+                model: inst.key.model_name.clone(),
+                group: inst.key.routing_group.clone(),
+            };
+            if inst.key.model_name != model_name {
+                return Err(wrong());
+            }
+            // Without a routing group: every group of the model, dp_rank ignored (Dynamo).
+            let one_rank = match routing_group {
+                Some(g) if inst.key.routing_group != g => return Err(wrong()),
+                Some(_) => dp_rank,
+                None => None,
+            };
+            if let Some(dp) = one_rank {
+                if !inst.listeners.contains_key(&dp) {
+                    return Err(RegistryError::DpRankNotFound {
+                        instance_id,
+                        dp_rank: dp,
+                    });
+                }
+            }
+            let key = inst.key.clone();
+            let whole = match one_rank {
+                None => true,
+                Some(dp) => inst.listeners.len() == 1 && inst.listeners.contains_key(&dp),
+            };
+            let spec = v
+                .partitions
+                .get(&key)
+                .map(|p| Arc::clone(&p.spec))
+                .ok_or_else(|| RegistryError::NoIndexer {
+                    model: key.model_name.clone(),
+                    group: key.routing_group.clone(),
+                })?;
+            // The last rank going takes the instance (and ranks seen only in batches) with it.
+            let removal = Removal {
+                spec,
+                worker_id: instance_id,
+                dp_rank: if whole { None } else { one_rank },
+            };
+            if removal.spec.block_size > 0 {
+                drop_blocks(&removal).map_err(RegistryError::Index)?;
+            }
+            let inst = v
+                .instances
+                .get_mut(&instance_id)
+                .ok_or(RegistryError::InstanceNotFound(instance_id))?;
+            let ranks: Vec<u32> = match removal.dp_rank {
+                Some(dp) => vec![dp],
+                None => inst.listeners.keys().copied().collect(),
+            };
+            for dp in ranks {
+                inst.listeners.remove(&dp);
+                self.supervisor().stop(instance_id, dp);
+            }
+            if removal.dp_rank.is_none() {
+                v.instances.remove(&instance_id);
+            }
+            let mut outcome = UnregisterOutcome::default();
+            if !v.instances.values().any(|i| i.key == key) {
+                v.partitions.remove(&key);
+                tracing::info!(partition = %key, "last worker left; partition dropped");
+                outcome.dropped.push(key);
+            }
+            Ok(outcome)
+        })
+    }
+
+    /// Create a partition if it does not exist (peer recovery, `POST /events?block_size=`).
+    pub fn ensure_partition(
+        &self,
+        model: &str,
+        group: &str,
+        block_size: u32,
+    ) -> Result<Partition, RegistryError> {
+        let key = NamespaceKey::new(model, group);
+        if let Some(p) = self.view().partitions.get(&key) {
+            if p.spec.block_size == block_size {
+                return Ok(p.clone());
+            }
+        }
+        self.mutate(true, |v| {
+            if let Some(p) = v.partitions.get(&key) {
+                if p.spec.block_size != block_size {
+                    return Err(RegistryError::BlockSizeMismatch {
+                        model: model.to_owned(),
+                        group: group.to_owned(),
+                        existing: p.spec.block_size,
+                        requested: block_size,
+                    });
+                }
+                return Ok(p.clone());
+            }
+            tracing::info!(partition = %key, block_size, "Creating new indexer");
+            let p = self.make_partition(&key, block_size)?;
+            v.partitions.insert(key.clone(), p.clone());
+            Ok(p)
+        })
+    }
+
+    /// Remove a dropped partition's index from the engine.
+    pub fn forget_engine_namespace(&self, key: &NamespaceKey) -> Result<(), RegistryError> {
+        self.engine
+            .remove_namespace(key)
+            .map_err(|e| RegistryError::Index(e.to_string()))
+    }
+
+    /// Record a listener's new state (called by the ZMQ listeners). Unknown listeners are
+    /// ignored (the registration may have just gone).
+    #[allow(dead_code)] // called by the ZMQ listeners (src/zmq/, another branch)
+    pub fn set_listener_status(&self, instance_id: u64, dp_rank: u32, state: ListenerState) {
+        let _ = self.mutate(false, |v| {
+            if let Some(l) = v
+                .instances
+                .get_mut(&instance_id)
+                .and_then(|i| i.listeners.get_mut(&dp_rank))
+            {
+                l.state = state;
+            }
+            Ok(())
+        });
+    }
+
+    fn listener_op(
+        &self,
+        instance_id: u64,
+        dp_rank: u32,
+        pause: bool,
+    ) -> Result<(), RegistryError> {
+        self.mutate(false, |v| {
+            let inst = v
+                .instances
+                .get_mut(&instance_id)
+                .ok_or(RegistryError::InstanceNotFound(instance_id))?;
+            let spec_of = inst.clone();
+            let l = inst
+                .listeners
+                .get_mut(&dp_rank)
+                .ok_or(RegistryError::DpRankNotFound {
+                    instance_id,
+                    dp_rank,
+                })?;
+            let status = l.state.status.as_str();
+            if pause {
+                if l.state.status != ListenerStatus::Active {
+                    return Err(RegistryError::CannotPause {
+                        instance_id,
+                        dp_rank,
+                        status,
+                    });
+                }
+                l.state = self.supervisor().pause(instance_id, dp_rank);
+            } else {
+                if l.state.status != ListenerStatus::Paused {
+                    return Err(RegistryError::CannotResume {
+                        instance_id,
+                        dp_rank,
+                        status,
+                    });
+                }
+                l.state = self.supervisor().resume(&spec_of.listener_spec(dp_rank, l));
+            }
+            Ok(())
+        })
+    }
+
+    /// `POST /test/pause_listener`.
+    pub fn pause_listener(&self, instance_id: u64, dp_rank: u32) -> Result<(), RegistryError> {
+        self.listener_op(instance_id, dp_rank, true)
+    }
+
+    /// `POST /test/resume_listener`.
+    pub fn resume_listener(&self, instance_id: u64, dp_rank: u32) -> Result<(), RegistryError> {
+        self.listener_op(instance_id, dp_rank, false)
+    }
+
+    /// `POST /register_peer` (idempotent, not validated).
+    pub fn add_peer(&self, url: &str) -> Result<(), RegistryError> {
+        if self.view().peers.iter().any(|p| p == url) {
+            return Ok(());
+        }
+        self.mutate(true, |v| {
+            if !v.peers.iter().any(|p| p == url) {
+                v.peers.push(url.to_owned());
+            }
+            Ok(())
+        })
+    }
+
+    /// `POST /deregister_peer`.
+    pub fn remove_peer(&self, url: &str) -> Result<(), RegistryError> {
+        self.mutate(true, |v| {
+            let before = v.peers.len();
+            v.peers.retain(|p| p != url);
+            if v.peers.len() == before {
+                Err(RegistryError::PeerNotFound)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Stop every listener (shutdown).
+    pub fn shutdown_listeners(&self) {
+        self.supervisor().shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listeners::NoListeners;
+
+    fn reg(id: u64, model: &str, group: &str, bs: u32, dp: u32) -> Registration {
+        Registration {
+            instance_id: id,
+            model_name: model.into(),
+            routing_group: group.into(),
+            block_size: bs,
+            dp_rank: dp,
+            endpoint: "tcp://127.0.0.1:5557".into(),
+            replay_endpoint: None,
+        }
+    }
+
+    fn registry() -> Partitions {
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+        });
+        Partitions::new(engine, None, Arc::new(NoListeners))
+    }
+
+    #[test]
+    fn conflicts_use_dynamos_wording() {
+        let p = registry();
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        assert_eq!(
+            p.register(reg(10, "m", "default", 4, 0))
+                .unwrap_err()
+                .to_string(),
+            "instance 10 dp_rank 0 already registered"
+        );
+        assert_eq!(
+            p.register(reg(10, "m2", "default", 4, 0))
+                .unwrap_err()
+                .to_string(),
+            "instance 10 is already registered for model=m routing_group=default"
+        );
+        assert_eq!(
+            p.register(reg(11, "m", "default", 8, 0))
+                .unwrap_err()
+                .to_string(),
+            "block_size mismatch for model=m routing_group=default: existing=4, requested=8"
+        );
+    }
+
+    #[test]
+    fn unregister_without_group_ignores_dp_rank_and_drops_the_partition() {
+        let p = registry();
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        p.register(reg(10, "m", "default", 4, 1)).unwrap();
+        let calls = Mutex::new(Vec::new());
+        let out = p
+            .unregister(10, "m", None, Some(1), &|r| {
+                calls.lock().unwrap().push(r.dp_rank);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(calls.into_inner().unwrap(), vec![None]);
+        assert_eq!(out.dropped.len(), 1);
+        assert!(p.view().instances.is_empty());
+        assert!(p.view().partition("m", "default").is_err());
+    }
+
+    #[test]
+    fn unregister_errors() {
+        let p = registry();
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        let ok = |_: &Removal| Ok(());
+        assert_eq!(
+            p.unregister(5, "m", None, None, &ok)
+                .unwrap_err()
+                .to_string(),
+            "instance 5 not found"
+        );
+        assert_eq!(
+            p.unregister(10, "x", None, None, &ok)
+                .unwrap_err()
+                .to_string(),
+            "instance 10 is registered for model=m routing_group=default"
+        );
+        assert_eq!(
+            p.unregister(10, "m", Some("default"), Some(7), &ok)
+                .unwrap_err()
+                .to_string(),
+            "instance 10 dp_rank 7 not found"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! `kvindex serve`: the start-up sequence of SERVICE.md §1.3 with recovery in front of it, and
+//! the graceful shutdown.
+//!
+//! 1. settings (exit 1 on invalid ones); metrics recorder;
+//! 2. recovery: `DurableIndex::open` (snapshot + log) and `registry.json` (partitions,
+//!    registrations, peers);
+//! 3. `--workers` registrations; `--peers` recovery (after 1 s); the
+//!    `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
+//! 4. bind HTTP and serve until SIGINT / SIGTERM; then stop intake, stop the listeners, sync and
+//!    close the log, exit 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::http::HeaderName;
+use kvindex_engine::{Engine, EngineConfig};
+use kvindex_persistence::{DurableIndex, RecoveryReport};
+
+use crate::access_log::AccessLog;
+use crate::cli::ServeArgs;
+use crate::config::{ServeConfig, TEST_ENDPOINTS_ENV};
+use crate::http::{routes, AppState};
+use crate::ingest::Ingest;
+use crate::listeners::{ListenerSupervisor, NoListeners};
+use crate::partitions::{Partitions, Registration};
+
+/// The event-source hook: the ZMQ ingestion's supervisor replaces [`NoListeners`] here.
+fn listener_supervisor(
+    _partitions: &Arc<Partitions>,
+    _ingest: &Arc<Ingest>,
+) -> Arc<dyn ListenerSupervisor> {
+    Arc::new(NoListeners)
+}
+
+fn log_recovery(report: &RecoveryReport) {
+    tracing::info!(
+        snapshot = report
+            .snapshot
+            .as_ref()
+            .map(|s| s.path.display().to_string())
+            .unwrap_or_else(|| "none".into()),
+        entries_replayed = report.entries_replayed,
+        next_lsn = report.next_lsn,
+        ms = report.elapsed.as_millis() as u64,
+        clean = report.is_clean(),
+        "recovered the index from the data directory"
+    );
+    metrics::gauge!("kvindex_recovery_seconds").set(report.elapsed.as_secs_f64());
+    metrics::gauge!("kvindex_recovery_entries").set(report.entries_replayed as f64);
+}
+
+/// Install the SIGINT / SIGTERM handlers now (so a signal during start-up is not fatal) and
+/// return a receiver that turns `true` when one arrives.
+fn shutdown_watch() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn shutdown_requested(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Run the service until a shutdown signal.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let cfg = ServeConfig::resolve(args)?;
+    let prometheus = match crate::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics is disabled");
+            None
+        }
+    };
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            cfg.data_dir.display()
+        )
+    })?;
+    let engine = Engine::new(EngineConfig {
+        event_threads: cfg.event_threads,
+        ..EngineConfig::default()
+    });
+    let opened = Instant::now();
+    let (durable, report) = DurableIndex::open(&cfg.data_dir, cfg.durable.clone(), engine.clone())
+        .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
+    log_recovery(&report);
+    tracing::debug!(total_ms = opened.elapsed().as_millis() as u64, "index open");
+    let durable = Arc::new(durable);
+    let partitions = Arc::new(Partitions::new(
+        engine.clone(),
+        Some(&cfg.data_dir),
+        Arc::new(NoListeners),
+    ));
+    let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
+    partitions.set_supervisor(listener_supervisor(&partitions, &ingest));
+    partitions.load()?;
+    for w in &cfg.workers {
+        tracing::info!(instance_id = w.instance_id, dp_rank = w.dp_rank, endpoint = %w.endpoint, "Registering initial worker");
+        partitions.register_initial(Registration {
+            instance_id: w.instance_id,
+            model_name: cfg.model_name.clone(),
+            routing_group: cfg.routing_group.clone(),
+            block_size: cfg.block_size.unwrap_or(0),
+            dp_rank: w.dp_rank,
+            endpoint: w.endpoint.clone(),
+            replay_endpoint: None,
+        })?;
+    }
+    let access_log = match &cfg.access_log {
+        Some(p) => Some(Arc::new(
+            AccessLog::open(p, cfg.access_log_local_time)
+                .with_context(|| format!("cannot open the access log {}", p.display()))?,
+        )),
+        None => None,
+    };
+    if cfg.test_endpoints {
+        tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener and /test/resume_listener are mounted");
+    }
+    let trace_header = HeaderName::from_bytes(cfg.trace_id_header.as_bytes())
+        .with_context(|| format!("invalid --trace-id-header {:?}", cfg.trace_id_header))?;
+    let state = Arc::new(AppState {
+        partitions: Arc::clone(&partitions),
+        ingest: Arc::clone(&ingest),
+        durable: Arc::clone(&durable),
+        metrics: prometheus,
+        access_log,
+        trace_header,
+        test_endpoints: cfg.test_endpoints,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kvindex-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest));
+    partitions.shutdown_listeners();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    served?;
+
+    drop(ingest);
+    match Arc::try_unwrap(durable) {
+        Ok(d) => {
+            let lsn = d.log().next_lsn().saturating_sub(1);
+            d.close().context("closing the event log")?;
+            tracing::info!(last_lsn = lsn, "event log synced and closed");
+        }
+        Err(d) => {
+            let lsn = d.log().sync().context("syncing the event log")?;
+            tracing::info!(last_lsn = lsn, "event log synced");
+        }
+    }
+    Ok(())
+}
+
+async fn serve_http(
+    cfg: &ServeConfig,
+    state: Arc<AppState>,
+    partitions: &Arc<Partitions>,
+    ingest: &Arc<Ingest>,
+) -> Result<()> {
+    let shutdown = shutdown_watch()?;
+    let start_up = async {
+        if !cfg.peers.is_empty() {
+            // ZMQ slow-joiner window, as in Dynamo.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            crate::peers::recover_from_peers(
+                &cfg.peers,
+                Arc::clone(partitions),
+                Arc::clone(ingest),
+            )
+            .await;
+            for p in &cfg.peers {
+                let (parts, p) = (Arc::clone(partitions), p.clone());
+                let _ = tokio::task::spawn_blocking(move || parts.add_peer(&p)).await;
+            }
+        }
+        if cfg.min_initial_workers > 0 {
+            tracing::info!(
+                min = cfg.min_initial_workers,
+                "waiting for registered workers before serving"
+            );
+            while partitions.view().instances.len() < cfg.min_initial_workers {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = start_up => {}
+        _ = shutdown_requested(shutdown.clone()) => return Ok(()),
+    }
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("cannot bind {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!("HTTP server listening on {addr}");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown_requested(shutdown))
+        .await
+        .context("HTTP server")?;
+    tracing::info!("HTTP server stopped");
+    Ok(())
+}

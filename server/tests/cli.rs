@@ -1,0 +1,187 @@
+//! `kvindex serve` flags and environment (SERVICE.md §1, checklist §15.1–2).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn workers_without_block_size_exits_1_with_dynamos_message() {
+    let (code, _, err) = run(&["serve", "--workers", "1=tcp://127.0.0.1:5557"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("Exception: --block-size is required when --workers is specified"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_flag_exits_2() {
+    let (code, _, err) = run(&["serve", "--dynamo-runtime"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("unexpected argument '--dynamo-runtime' found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_workers_entries_exit_1_with_dynamos_messages() {
+    for (spec, msg) in [
+        (
+            "1",
+            "invalid worker entry `1`; expected worker_id[:dp_rank]=endpoint",
+        ),
+        (
+            "x=tcp://127.0.0.1:1",
+            "invalid worker id in `x=tcp://127.0.0.1:1`: invalid digit found in string",
+        ),
+        (
+            "1:y=tcp://127.0.0.1:1",
+            "invalid dp_rank in `1:y=tcp://127.0.0.1:1`",
+        ),
+        (
+            "1=udp://127.0.0.1:1",
+            "invalid ZMQ endpoint `udp://127.0.0.1:1`: unsupported scheme `udp`",
+        ),
+        (
+            "1=tcp://127.0.0.1",
+            "invalid ZMQ endpoint `tcp://127.0.0.1`: missing TCP port",
+        ),
+    ] {
+        let (code, _, err) = run(&["serve", "--workers", spec, "--block-size", "4"], &[]);
+        assert_eq!(code, 1, "{spec}");
+        assert!(err.contains(&format!("Exception: {msg}")), "{spec}: {err}");
+    }
+}
+
+#[test]
+fn invalid_min_initial_workers_exits_1() {
+    let (code, _, err) = run(&["serve"], &[("DYN_ROUTER_MIN_INITIAL_WORKERS", "abc")]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("DYN_ROUTER_MIN_INITIAL_WORKERS must be a non-negative integer, got \"abc\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_fsync_policy_exits_1() {
+    let (code, _, err) = run(&["serve", "--fsync", "sometimes"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--fsync"), "{err}");
+}
+
+#[test]
+fn initial_workers_are_registered_before_http_and_meet_the_min_workers_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let flags = [
+        "--workers",
+        "10=tcp://127.0.0.1:18101,10:1=tcp://127.0.0.1:18102,11=tcp://127.0.0.1:18103",
+        "--block-size",
+        "16",
+        "--model-name",
+        "llama",
+        "--routing-group",
+        "g",
+        "--tenant-id",
+        "acme",
+        "--threads",
+        "0",
+    ];
+    let s = start(&data, &flags, &[("DYN_ROUTER_MIN_INITIAL_WORKERS", "2")]);
+    let mut w: Vec<serde_json::Value> = serde_json::from_value(s.get("/workers").json()).unwrap();
+    w.sort_by_key(|v| v["instance_id"].as_u64());
+    assert_eq!(w.len(), 2);
+    assert_eq!(w[0]["model_name"], "llama");
+    assert_eq!(w[0]["routing_group"], "g");
+    assert_eq!(w[0]["block_size"], 16);
+    assert_eq!(
+        w[0]["endpoints"],
+        json!({"0": "tcp://127.0.0.1:18101", "1": "tcp://127.0.0.1:18102"})
+    );
+    assert!(s.stderr().contains("Registering initial worker"));
+    let (status, _) = s.terminate();
+    assert_eq!(status.code(), Some(0));
+    // Restarting with the same flags is fine (the registrations were restored).
+    let s = start(&data, &flags, &[]);
+    assert_eq!(s.get("/workers").json().as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn config_file_supplies_settings_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kvindex.toml");
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &cfg,
+        format!(
+            "access_log = {:?}\nfsync = \"interval:20\"\nworkers = \"5=tcp://127.0.0.1:1\"\nblock_size = 4\nmodel_name = \"fromfile\"\n",
+            log.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--model-name",
+            "fromflag",
+        ],
+        &[],
+    );
+    assert_eq!(s.get("/workers").json()[0]["model_name"], "fromflag");
+    assert!(log.exists());
+}
+
+#[test]
+fn bad_config_file_exits_1_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "no_such_key = 1\n").unwrap();
+    let (code, _, err) = run(&["serve", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn min_initial_workers_without_workers_never_binds_and_sigterm_still_exits_0() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env("DYN_ROUTER_MIN_INITIAL_WORKERS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let waiting = line.contains("waiting for registered workers");
+        seen.push(line);
+        if waiting {
+            break;
+        }
+        assert!(seen.len() < 200, "{seen:?}");
+    }
+    assert!(
+        !seen.iter().any(|l| l.contains("HTTP server listening")),
+        "{seen:?}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        !rest.iter().any(|l| l.contains("HTTP server listening")),
+        "{rest:?}"
+    );
+}

@@ -1,0 +1,222 @@
+//! `kvindex replay inspect|export|import|state|diff` on a data directory written by the real
+//! server, with the documented exit codes.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// A data directory with two workers' events (LSNs: 1 store w1, 2 store w2, 3 remove w1).
+fn populated() -> (tempfile::TempDir, std::path::PathBuf, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = start(&data, &[], &[]);
+    register(&s, 1, "m", 4);
+    register(&s, 2, "m", 4);
+    let t: Vec<u32> = (1..=12).collect();
+    let h = local_hashes(&t, 4);
+    let chain: Vec<(u64, u64)> = h
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (100 + i as u64, l))
+        .collect();
+    assert_eq!(
+        s.post_json("/events", &stored(1, 0, 7, None, &chain))
+            .status,
+        200
+    );
+    assert_eq!(
+        s.post_json("/events", &stored(2, 0, 8, None, &chain[..1]))
+            .status,
+        200
+    );
+    assert_eq!(
+        s.post_json("/events", &removed(1, 0, 9, &[102])).status,
+        200
+    );
+    let (status, _) = s.terminate();
+    assert_eq!(status.code(), Some(0));
+    (dir, data, h)
+}
+
+fn p(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn inspect_reports_a_clean_log_with_exit_0() {
+    let (_d, data, _) = populated();
+    let (code, out, err) = run(&["replay", "inspect", p(&data)], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no damage found"), "{out}");
+    assert!(out.contains("log: LSN 1..=3"), "{out}");
+}
+
+#[test]
+fn inspect_finds_damage_with_exit_3_and_rejects_a_non_directory_with_exit_1() {
+    let (_d, data, _) = populated();
+    let seg = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "kvlog"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[40] ^= 0xff;
+    std::fs::write(&seg, bytes).unwrap();
+    let (code, out, _) = run(&["replay", "inspect", p(&data)], &[]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains(seg.file_name().unwrap().to_str().unwrap()),
+        "{out}"
+    );
+    let (code, _, err) = run(&["replay", "inspect", p(&seg)], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a directory"), "{err}");
+    let (code, _, err) = run(&["replay", "export", p(&data)], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("byte"), "{err}");
+}
+
+#[test]
+fn export_writes_router_event_json_lines_with_filters() {
+    let (_d, data, _) = populated();
+    let (code, out, _) = run(&["replay", "export", p(&data)], &[]);
+    assert_eq!(code, 0);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["worker_id"], 1);
+    assert_eq!(lines[0]["event"]["event_id"], 7);
+    let (_, out, _) = run(&["replay", "export", p(&data), "--worker", "2"], &[]);
+    assert_eq!(out.lines().count(), 1);
+    let (_, out, _) = run(
+        &["replay", "export", p(&data), "--from", "2", "--to", "2"],
+        &[],
+    );
+    assert_eq!(out.lines().count(), 1);
+    assert!(out.contains("\"worker_id\":2"));
+}
+
+#[test]
+fn import_then_state_answers_queries_like_the_server() {
+    let (d, data, h) = populated();
+    let (_, exported, _) = run(&["replay", "export", p(&data)], &[]);
+    let jsonl = d.path().join("events.jsonl");
+    std::fs::write(&jsonl, exported).unwrap();
+    let target = d.path().join("imported");
+    let (code, out, err) = run(
+        &[
+            "replay",
+            "import",
+            p(&jsonl),
+            "--to",
+            p(&target),
+            "--model",
+            "m",
+            "--routing-group",
+            "default",
+            "--block-size",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported 3 events"), "{out}");
+    let queries = d.path().join("q.jsonl");
+    let t: Vec<u32> = (1..=12).collect();
+    std::fs::write(
+        &queries,
+        format!(
+            "{}\n{}\n\n{}\n",
+            json!({"block_hashes": h}),
+            json!({"token_ids": t, "block_size": 4}),
+            json!({"token_ids": t, "block_size": 4, "lora_name": "x"})
+        ),
+    )
+    .unwrap();
+    for dir in [&data, &target] {
+        let (code, out, err) = run(&["replay", "state", p(dir), "--queries", p(&queries)], &[]);
+        assert_eq!(code, 0, "{err}");
+        let answers: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let expected = json!({"matches": [{"worker_id": 1, "dp_rank": 0, "blocks": 2}, {"worker_id": 2, "dp_rank": 0, "blocks": 1}]});
+        assert_eq!(
+            answers,
+            vec![expected.clone(), expected, json!({"matches": []})]
+        );
+    }
+    // The server itself serves an imported directory (the partition is adopted from the log).
+    let s = start(&target, &[], &[]);
+    let v = s
+        .post_json("/query", &json!({"token_ids": t, "model_name": "m"}))
+        .json();
+    assert_eq!(v["scores"], json!({"1": {"0": 8}, "2": {"0": 4}}));
+}
+
+#[test]
+fn state_at_a_position_dump_and_stats() {
+    let (_d, data, _) = populated();
+    let (code, out, _) = run(&["replay", "state", p(&data), "--at", "1", "--dump"], &[]);
+    assert_eq!(code, 0);
+    let dump: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let events = dump["m:default"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0]["event"]["data"]["stored"]["blocks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let (code, out, _) = run(&["replay", "state", p(&data), "--stats"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("position 3"), "{out}");
+    assert!(out.contains("m:default block_size 4"), "{out}");
+}
+
+#[test]
+fn diff_lists_gained_and_lost_blocks_per_stream() {
+    let (_d, data, _) = populated();
+    let (code, out, err) = run(
+        &["replay", "diff", p(&data), "--from", "1", "--to", "3"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let w1 = lines.iter().find(|l| l["worker_id"] == 1).unwrap();
+    assert_eq!(w1["lost"].as_array().unwrap().len(), 1);
+    assert_eq!(w1["lost"][0]["ext"], 102);
+    let w2 = lines.iter().find(|l| l["worker_id"] == 2).unwrap();
+    assert_eq!(w2["gained"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn usage_errors_exit_2_and_bad_inputs_exit_1() {
+    let (code, _, _) = run(&["replay", "diff", "x"], &[]);
+    assert_eq!(code, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"nope\":1}\n").unwrap();
+    let (code, _, err) = run(
+        &[
+            "replay",
+            "import",
+            p(&bad),
+            "--to",
+            p(&dir.path().join("t")),
+            "--block-size",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.jsonl line 1"), "{err}");
+}
