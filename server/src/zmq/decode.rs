@@ -1054,3 +1054,850 @@ pub fn record_batch_metrics(batch: &ConvertedBatch) {
         metrics::counter!(METRIC_TRUNCATED_STORES).increment(batch.truncated_stores as u64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvindex_engine::hashing::compute_block_hash_for_seq;
+    use kvindex_engine::LocalBlockHash;
+    use proptest::prelude::*;
+
+    /// A hand-rolled msgpack builder: every byte of the test inputs is visible in the test.
+    #[derive(Default, Clone)]
+    struct Mp(Vec<u8>);
+
+    impl Mp {
+        fn arr(mut self, n: u32) -> Self {
+            rmp::encode::write_array_len(&mut self.0, n).unwrap();
+            self
+        }
+        fn map(mut self, n: u32) -> Self {
+            rmp::encode::write_map_len(&mut self.0, n).unwrap();
+            self
+        }
+        fn s(mut self, v: &str) -> Self {
+            rmp::encode::write_str(&mut self.0, v).unwrap();
+            self
+        }
+        fn u(mut self, v: u64) -> Self {
+            rmp::encode::write_uint(&mut self.0, v).unwrap();
+            self
+        }
+        fn i(mut self, v: i64) -> Self {
+            rmp::encode::write_sint(&mut self.0, v).unwrap();
+            self
+        }
+        fn nil(mut self) -> Self {
+            rmp::encode::write_nil(&mut self.0).unwrap();
+            self
+        }
+        fn bin(mut self, v: &[u8]) -> Self {
+            rmp::encode::write_bin(&mut self.0, v).unwrap();
+            self
+        }
+        fn f(mut self, v: f64) -> Self {
+            rmp::encode::write_f64(&mut self.0, v).unwrap();
+            self
+        }
+        fn raw(mut self, other: &Mp) -> Self {
+            self.0.extend_from_slice(&other.0);
+            self
+        }
+        fn uints(self, vs: &[u64]) -> Self {
+            let mut m = self.arr(vs.len() as u32);
+            for &v in vs {
+                m = m.u(v);
+            }
+            m
+        }
+    }
+
+    const BS: u32 = 4;
+    /// SERVICE.md §4 check value: tokens [1,2,3,4], block size 4.
+    const H1234: u64 = 14_643_705_804_678_351_452;
+
+    fn ctx() -> ConvertContext {
+        ConvertContext {
+            worker_id: 7,
+            dp_rank: 0,
+            block_size: BS,
+            seq: 42,
+        }
+    }
+
+    /// `[ts, events, dp]` around already-encoded events.
+    fn batch(events: &[Mp], dp: Option<u64>) -> Vec<u8> {
+        let mut m = Mp::default().arr(3).f(1.5).arr(events.len() as u32);
+        for e in events {
+            m = m.raw(e);
+        }
+        match dp {
+            Some(d) => m.u(d).0,
+            None => m.nil().0,
+        }
+    }
+
+    /// Positional BlockStored with the seven always-present fields.
+    fn stored_pos(hashes: &[u64], parent: Option<u64>, tokens: &[u64], medium: Option<&str>) -> Mp {
+        let m = Mp::default().arr(8).s("BlockStored").uints(hashes);
+        let m = match parent {
+            Some(p) => m.u(p),
+            None => m.nil(),
+        };
+        let m = m.uints(tokens).u(u64::from(BS)).nil();
+        let m = match medium {
+            Some(md) => m.s(md),
+            None => m.nil(),
+        };
+        m.nil()
+    }
+
+    fn convert(payload: &[u8]) -> ConvertedBatch {
+        decode_payload(payload, &ctx()).expect("batch decodes")
+    }
+
+    fn stored_blocks(ev: &RouterEvent) -> Vec<(u64, u64)> {
+        match &ev.event.data {
+            KvCacheEventData::Stored(s) => s
+                .blocks
+                .iter()
+                .map(|b| (b.block_hash.0, b.tokens_hash.0))
+                .collect(),
+            other => panic!("not a store: {other:?}"),
+        }
+    }
+
+    fn local(tokens: &[u32], lora: Option<&str>, salt: Option<&str>) -> Vec<LocalBlockHash> {
+        compute_block_hash_for_seq(
+            tokens,
+            BS,
+            &HashOptions {
+                lora_name: lora,
+                cache_namespace: salt,
+                ..HashOptions::default()
+            },
+        )
+    }
+
+    // -- frames ---------------------------------------------------------------------------
+
+    #[test]
+    fn three_frames_with_big_endian_seq_split() {
+        let frames: [&[u8]; 3] = [b"kv-events", &[0, 0, 0, 0, 0, 0, 1, 2], b"payload"];
+        let raw = split_live_message(&frames).unwrap();
+        assert_eq!(raw.seq, 258);
+        assert_eq!(raw.topic, b"kv-events");
+        assert_eq!(raw.payload, b"payload");
+    }
+
+    #[test]
+    fn wrong_frame_count_and_short_seq_are_frame_errors() {
+        let two: [&[u8]; 2] = [b"", &[0; 8]];
+        assert_eq!(split_live_message(&two), Err(FrameError::FrameCount(2)));
+        assert_eq!(
+            FrameError::FrameCount(2).to_string(),
+            "Unexpected ZMQ frame count: 2"
+        );
+        let short: [&[u8]; 3] = [b"", &[0; 4], b"x"];
+        assert_eq!(split_live_message(&short), Err(FrameError::SeqLength(4)));
+        assert_eq!(
+            FrameError::SeqLength(4).to_string(),
+            "Invalid sequence number length: 4"
+        );
+        let none: [&[u8]; 0] = [];
+        assert_eq!(split_live_message(&none), Err(FrameError::FrameCount(0)));
+    }
+
+    // -- stores ----------------------------------------------------------------------------
+
+    #[test]
+    fn positional_store_recomputes_local_hash_and_keeps_engine_hash() {
+        let out = convert(&batch(
+            &[stored_pos(&[11], None, &[1, 2, 3, 4], Some("GPU"))],
+            None,
+        ));
+        assert_eq!(out.events.len(), 1);
+        let ev = &out.events[0];
+        assert_eq!(ev.worker_id, 7);
+        assert_eq!(ev.storage_tier, StorageTier::Device);
+        assert_eq!(ev.event.event_id, 42, "event id is the batch sequence");
+        assert_eq!(ev.event.dp_rank, 0);
+        assert_eq!(stored_blocks(ev), vec![(11, H1234)]);
+        match &ev.event.data {
+            KvCacheEventData::Stored(s) => assert_eq!(s.parent_hash, None),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn map_store_in_any_field_order_with_unknown_keys_matches_positional() {
+        let map = Mp::default()
+            .map(7)
+            .s("token_ids")
+            .uints(&[1, 2, 3, 4, 5, 6, 7, 8])
+            .s("some_future_field")
+            .arr(1)
+            .map(0)
+            .s("block_size")
+            .u(4)
+            .s("type")
+            .s("BlockStored")
+            .s("parent_block_hash")
+            .u(10)
+            .s("block_hashes")
+            .uints(&[11, 12])
+            .s("medium")
+            .s("GPU");
+        let pos = stored_pos(&[11, 12], Some(10), &[1, 2, 3, 4, 5, 6, 7, 8], Some("GPU"));
+        let a = convert(&batch(&[map], None));
+        let b = convert(&batch(&[pos], None));
+        assert_eq!(a.events, b.events);
+        let want = local(&[1, 2, 3, 4, 5, 6, 7, 8], None, None);
+        assert_eq!(
+            stored_blocks(&a.events[0]),
+            vec![(11, want[0].0), (12, want[1].0)]
+        );
+    }
+
+    #[test]
+    fn positional_and_map_events_mix_in_one_batch() {
+        let map_removed = Mp::default()
+            .map(2)
+            .s("type")
+            .s("BlockRemoved")
+            .s("block_hashes")
+            .uints(&[11]);
+        let cleared = Mp::default().arr(1).s("AllBlocksCleared");
+        let out = convert(&batch(
+            &[
+                stored_pos(&[11], None, &[1, 2, 3, 4], None),
+                map_removed,
+                cleared,
+            ],
+            None,
+        ));
+        let kinds: Vec<_> = out
+            .events
+            .iter()
+            .map(|e| e.event.data.kind_label())
+            .collect();
+        assert_eq!(kinds, ["stored", "removed", "cleared"]);
+    }
+
+    #[test]
+    fn arrays_ending_early_and_extra_trailing_elements_are_accepted() {
+        // Only tag, hashes, parent, tokens, block_size: lora_id, medium, lora_name omitted.
+        let short = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .uints(&[11])
+            .nil()
+            .uints(&[1, 2, 3, 4])
+            .u(4);
+        // Every field plus a block_mm_infos, group_idx 0, kind, window and an unknown extra.
+        let long = stored_pos(&[21], None, &[1, 2, 3, 4], Some("GPU"));
+        let mut long_bytes = long.0.clone();
+        long_bytes[0] = 0x9e; // fixarray of 14 instead of 8
+        let long = Mp(long_bytes)
+            .nil() // extra_keys
+            .nil() // block_mm_infos
+            .u(0) // group_idx
+            .s("full_attention")
+            .u(128) // sliding window
+            .s("something newer");
+        let out = convert(&batch(&[short, long], None));
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(stored_blocks(&out.events[0]), vec![(11, H1234)]);
+        assert_eq!(stored_blocks(&out.events[1]), vec![(21, H1234)]);
+    }
+
+    #[test]
+    fn non_main_kv_groups_are_skipped() {
+        let with_tail = |tail: &dyn Fn(Mp) -> Mp, n: u8| {
+            let base = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+            let mut bytes = base.0;
+            bytes[0] = 0x90 + 9 + n; // 8 fields + extra_keys + n tail fields
+            tail(Mp(bytes).nil())
+        };
+        let group1 = with_tail(&|m| m.nil().u(1), 2);
+        let group2_full = with_tail(&|m| m.nil().u(2).s("full_attention"), 3);
+        let sliding = with_tail(&|m| m.nil().u(0).s("sliding_window"), 3);
+        let out = convert(&batch(&[group1, group2_full, sliding], None));
+        assert_eq!(out.events.len(), 1, "only group 2 + full_attention is kept");
+        assert_eq!(
+            out.skipped,
+            vec![
+                (0, SkipReason::NonMainKvGroup),
+                (2, SkipReason::NonMainKvGroup)
+            ]
+        );
+        // Map form: group_idx alone.
+        let map = Mp::default()
+            .map(3)
+            .s("type")
+            .s("BlockRemoved")
+            .s("block_hashes")
+            .uints(&[1])
+            .s("group_idx")
+            .u(3);
+        let out = convert(&batch(&[map], None));
+        assert_eq!(out.skipped, vec![(0, SkipReason::NonMainKvGroup)]);
+    }
+
+    #[test]
+    fn signed_and_bin_hashes_normalise_to_the_same_identity() {
+        let signed = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .arr(1)
+            .i(-5)
+            .i(-6)
+            .uints(&[1, 2, 3, 4])
+            .u(4);
+        let out = convert(&batch(&[signed], None));
+        assert_eq!(stored_blocks(&out.events[0]), vec![(u64::MAX - 4, H1234)]);
+        match &out.events[0].event.data {
+            KvCacheEventData::Stored(s) => {
+                assert_eq!(s.parent_hash, Some(ExternalSequenceBlockHash(u64::MAX - 5)))
+            }
+            _ => unreachable!(),
+        }
+        // vLLM with integer hashes off: 32-byte digests; the identity is the last 8 bytes BE,
+        // exactly what integer mode would have published.
+        let mut digest = [0x5au8; 32];
+        digest[24..].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        let bin = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .arr(1)
+            .bin(&digest)
+            .bin(&[1, 0])
+            .uints(&[1, 2, 3, 4])
+            .u(4);
+        let removed = Mp::default().arr(2).s("BlockRemoved").arr(1).bin(&digest);
+        let out = convert(&batch(&[bin, removed], None));
+        assert_eq!(
+            stored_blocks(&out.events[0]),
+            vec![(0x0102_0304_0506_0708, H1234)]
+        );
+        match &out.events[1].event.data {
+            KvCacheEventData::Removed(r) => assert_eq!(
+                r.block_hashes,
+                vec![ExternalSequenceBlockHash(0x0102_0304_0506_0708)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hash_from_bytes(&[1, 0]), 256);
+        assert_eq!(hash_from_bytes(&[]), 0);
+    }
+
+    #[test]
+    fn unknown_medium_rejects_only_that_event_with_its_label() {
+        let out = convert(&batch(
+            &[
+                stored_pos(&[11], None, &[1, 2, 3, 4], Some("FOO")),
+                stored_pos(&[12], None, &[1, 2, 3, 4], Some("GPU")),
+            ],
+            None,
+        ));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(stored_blocks(&out.events[0]), vec![(12, H1234)]);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].index, 0);
+        assert_eq!(
+            out.rejected[0].error,
+            EventError::UnknownMedium("FOO".into())
+        );
+        assert_eq!(out.rejected[0].error.label(), "unknown_medium");
+    }
+
+    #[test]
+    fn medium_maps_to_tiers() {
+        for (medium, tier) in [
+            (None, StorageTier::Device),
+            (Some("GPU"), StorageTier::Device),
+            (Some("device"), StorageTier::Device),
+            (Some("CPU"), StorageTier::HostPinned),
+            (Some("CPU_PINNED"), StorageTier::HostPinned),
+            (Some("CPU_TIER1"), StorageTier::HostPinned),
+            (Some("CPU_TIER2"), StorageTier::Disk),
+            (Some("DISK"), StorageTier::Disk),
+            (Some("NVME"), StorageTier::Disk),
+            (Some("STORAGE"), StorageTier::Disk),
+            (Some("EXTERNAL"), StorageTier::External),
+            (Some("REMOTE"), StorageTier::External),
+        ] {
+            assert_eq!(tier_for_medium(medium).unwrap(), tier, "{medium:?}");
+        }
+        let removed_cpu = Mp::default().arr(3).s("BlockRemoved").uints(&[11]).s("CPU");
+        let out = convert(&batch(&[removed_cpu], None));
+        assert_eq!(out.events[0].storage_tier, StorageTier::HostPinned);
+    }
+
+    #[test]
+    fn bad_events_are_rejected_and_their_neighbours_kept() {
+        let unknown_tag = Mp::default().arr(2).s("Bogus").u(1);
+        let empty = Mp::default().arr(0);
+        let not_event = Mp::default().u(5);
+        let map_without_type = Mp::default().map(1).s("block_hashes").uints(&[1]);
+        let bad_hash = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .arr(1)
+            .s("x")
+            .nil()
+            .uints(&[1, 2, 3, 4])
+            .u(4);
+        let missing_tokens = Mp::default().arr(2).s("BlockStored").uints(&[1]);
+        let token_too_big = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .uints(&[1])
+            .nil()
+            .uints(&[1, 2, 3, 1 << 40])
+            .u(4);
+        let good = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+        let out = convert(&batch(
+            &[
+                unknown_tag,
+                good.clone(),
+                empty,
+                not_event,
+                map_without_type,
+                bad_hash,
+                missing_tokens,
+                token_too_big,
+                good,
+            ],
+            None,
+        ));
+        assert_eq!(out.events.len(), 2);
+        let labels: Vec<_> = out
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.error.label()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                (0, "unknown_tag"),
+                (2, "unknown_tag"),
+                (3, "malformed"),
+                (4, "unknown_tag"),
+                (5, "invalid_field"),
+                (6, "missing_field"),
+                (7, "invalid_field"),
+            ]
+        );
+        assert_eq!(
+            out.rejected[0].error.to_string(),
+            "unknown event type `Bogus`"
+        );
+    }
+
+    #[test]
+    fn lora_name_seeds_the_local_hash() {
+        let m = Mp::default()
+            .arr(8)
+            .s("BlockStored")
+            .uints(&[11])
+            .nil()
+            .uints(&[1, 2, 3, 4])
+            .u(4)
+            .u(3) // lora_id: ignored
+            .s("GPU")
+            .s("my-lora");
+        let out = convert(&batch(&[m], None));
+        let want = local(&[1, 2, 3, 4], Some("my-lora"), None)[0].0;
+        assert_ne!(want, H1234);
+        assert_eq!(stored_blocks(&out.events[0]), vec![(11, want)]);
+    }
+
+    /// A vLLM-shaped store: lora_name at 7, extra_keys at 8 with `first` as block 0's entry.
+    fn vllm_store(lora: Option<&str>, first: Mp, first_len: u32) -> Mp {
+        let m = Mp::default()
+            .arr(9)
+            .s("BlockStored")
+            .uints(&[11, 12])
+            .nil()
+            .uints(&[1, 2, 3, 4, 5, 6, 7, 8])
+            .u(4)
+            .nil()
+            .s("GPU");
+        let m = match lora {
+            Some(l) => m.s(l),
+            None => m.nil(),
+        };
+        m.arr(2).arr(first_len).raw(&first).nil()
+    }
+
+    #[test]
+    fn vllm_cache_salt_in_first_block_extra_keys_is_honoured() {
+        let tokens = [1u32, 2, 3, 4, 5, 6, 7, 8];
+        let cases: Vec<(Option<&str>, Mp, u32, Option<&str>)> = vec![
+            // [salt]
+            (None, Mp::default().s("tenant-a"), 1, Some("tenant-a")),
+            // [lora, salt]
+            (
+                Some("my-lora"),
+                Mp::default().s("my-lora").s("tenant-a"),
+                2,
+                Some("tenant-a"),
+            ),
+            // [lora] only: no salt
+            (Some("my-lora"), Mp::default().s("my-lora"), 1, None),
+            // [lora, mm digest, salt]
+            (
+                Some("my-lora"),
+                Mp::default().s("my-lora").s(&"ab".repeat(32)).s("tenant-a"),
+                3,
+                Some("tenant-a"),
+            ),
+            // [[mm id, offset], salt, prompt-embeds bytes]
+            (
+                None,
+                Mp::default()
+                    .arr(2)
+                    .s("img-1")
+                    .u(0)
+                    .s("tenant-a")
+                    .bin(&[9; 32]),
+                3,
+                Some("tenant-a"),
+            ),
+            // old int LoRA id then salt
+            (None, Mp::default().u(3).s("tenant-a"), 2, Some("tenant-a")),
+            // Dynamo's tag wins
+            (
+                None,
+                Mp::default().s("x").s("dynamo-cache-salt:ns-1"),
+                2,
+                Some("ns-1"),
+            ),
+            // a salt equal to the LoRA name: only the leading LoRA key is skipped
+            (
+                Some("same"),
+                Mp::default().s("same").s("same"),
+                2,
+                Some("same"),
+            ),
+        ];
+        for (lora, first, len, salt) in cases {
+            let out = convert(&batch(&[vllm_store(lora, first, len)], None));
+            let want = local(&tokens, lora, salt);
+            assert_eq!(
+                stored_blocks(&out.events[0]),
+                vec![(11, want[0].0), (12, want[1].0)],
+                "lora {lora:?} salt {salt:?}"
+            );
+        }
+        // Salted differs from unsalted: a query without the salt cannot match.
+        assert_ne!(
+            local(&tokens, None, Some("tenant-a")),
+            local(&tokens, None, None)
+        );
+    }
+
+    #[test]
+    fn salt_only_counts_in_the_first_block_entry() {
+        let m = Mp::default()
+            .arr(9)
+            .s("BlockStored")
+            .uints(&[11])
+            .nil()
+            .uints(&[1, 2, 3, 4])
+            .u(4)
+            .nil()
+            .nil()
+            .nil()
+            .arr(2)
+            .nil()
+            .arr(1)
+            .s("later-block-key");
+        let out = convert(&batch(&[m], None));
+        assert_eq!(stored_blocks(&out.events[0]), vec![(11, H1234)]);
+    }
+
+    #[test]
+    fn sglang_metadata_map_cache_salt_is_honoured() {
+        let m = Mp::default()
+            .arr(8)
+            .s("BlockStored")
+            .uints(&[11])
+            .nil()
+            .uints(&[1, 2, 3, 4])
+            .u(4)
+            .nil()
+            .nil()
+            .map(2)
+            .s("session_id")
+            .s("abc")
+            .s("cache_salt")
+            .s("tenant-b");
+        let out = convert(&batch(&[m], None));
+        let want = local(&[1, 2, 3, 4], None, Some("tenant-b"))[0].0;
+        assert_eq!(stored_blocks(&out.events[0]), vec![(11, want)]);
+    }
+
+    #[test]
+    fn block_size_mismatch_short_tokens_and_duplicates() {
+        let mismatch = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .uints(&[11])
+            .nil()
+            .uints(&[1, 2, 3, 4, 5, 6, 7, 8])
+            .u(8);
+        let short = stored_pos(&[11, 12], None, &[1, 2, 3, 4, 5, 6], None);
+        let dup = stored_pos(&[11, 11], None, &[1, 2, 3, 4, 5, 6, 7, 8], None);
+        let dup_parent = stored_pos(&[11], Some(11), &[1, 2, 3, 4], None);
+        let too_short = stored_pos(&[11], None, &[1, 2, 3], None);
+        let out = convert(&batch(&[mismatch, short, dup, dup_parent, too_short], None));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(
+            stored_blocks(&out.events[0]),
+            vec![(11, H1234)],
+            "blocks up to the last complete one"
+        );
+        assert_eq!(out.truncated_stores, 1);
+        assert_eq!(
+            out.skipped,
+            vec![
+                (
+                    0,
+                    SkipReason::BlockSizeMismatch {
+                        event: 8,
+                        partition: 4
+                    }
+                ),
+                (2, SkipReason::DuplicateBlockHash),
+                (3, SkipReason::DuplicateBlockHash),
+                (4, SkipReason::NoCompleteBlock),
+            ]
+        );
+    }
+
+    #[test]
+    fn bigram_token_ids_hash_as_eagle_windows() {
+        // Pairs (t_i, t_{i+1}) over tokens 1..=9: two blocks of 4 bigrams.
+        let mut m = Mp::default()
+            .arr(5)
+            .s("BlockStored")
+            .uints(&[11, 12])
+            .nil()
+            .arr(8);
+        for t in 1..=8u64 {
+            m = m.arr(2).u(t).u(t + 1);
+        }
+        let out = convert(&batch(&[m.u(4)], None));
+        let flat: Vec<u32> = (1..=9).collect();
+        let want = compute_block_hash_for_seq(
+            &flat,
+            BS,
+            &HashOptions {
+                is_eagle: true,
+                ..HashOptions::default()
+            },
+        );
+        assert_eq!(want.len(), 2);
+        assert_eq!(
+            stored_blocks(&out.events[0]),
+            vec![(11, want[0].0), (12, want[1].0)]
+        );
+    }
+
+    #[test]
+    fn removes_and_clears_in_all_shapes() {
+        let old_sglang = Mp::default().arr(2).s("BlockRemoved").uints(&[1, 2]);
+        let with_tail = Mp::default()
+            .arr(5)
+            .s("BlockRemoved")
+            .uints(&[3])
+            .nil()
+            .u(0)
+            .s("full_attention");
+        let clear_with_str = Mp::default().arr(2).s("AllBlocksCleared").s("x");
+        let clear_with_int = Mp::default().arr(2).s("AllBlocksCleared").u(1);
+        let clear_map = Mp::default().map(1).s("type").s("AllBlocksCleared");
+        let ignored = Mp::default().arr(1).s("Ignored");
+        let out = convert(&batch(
+            &[
+                old_sglang,
+                with_tail,
+                clear_with_str,
+                clear_with_int,
+                clear_map,
+                ignored,
+            ],
+            None,
+        ));
+        assert!(out.rejected.is_empty());
+        assert_eq!(out.events.len(), 5);
+        assert_eq!(out.skipped, vec![(5, SkipReason::Ignored)]);
+        match &out.events[0].event.data {
+            KvCacheEventData::Removed(r) => assert_eq!(
+                r.block_hashes,
+                vec![ExternalSequenceBlockHash(1), ExternalSequenceBlockHash(2)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(out.events[2..]
+            .iter()
+            .all(|e| e.event.data == KvCacheEventData::Cleared));
+    }
+
+    // -- batches ---------------------------------------------------------------------------
+
+    #[test]
+    fn batch_dp_rank_overrides_the_registered_rank() {
+        let ev = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+        let out = convert(&batch(std::slice::from_ref(&ev), Some(3)));
+        assert_eq!(out.dp_rank, 3);
+        assert_eq!(out.events[0].event.dp_rank, 3);
+        let mut c = ctx();
+        c.dp_rank = 2;
+        let out = decode_payload(&batch(&[ev], None), &c).unwrap();
+        assert_eq!(out.events[0].event.dp_rank, 2);
+    }
+
+    #[test]
+    fn two_element_sglang_batch_extra_elements_and_map_batch_are_accepted() {
+        let ev = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+        let two = Mp::default().arr(2).f(1.0).arr(1).raw(&ev);
+        let four = Mp::default().arr(4).u(1).arr(1).raw(&ev).u(1).s("extra");
+        let map = Mp::default()
+            .map(3)
+            .s("attn_dp_rank")
+            .u(2)
+            .s("events")
+            .arr(1)
+            .raw(&ev)
+            .s("ts")
+            .f(3.0);
+        assert_eq!(convert(&two.0).events.len(), 1);
+        let out = convert(&four.0);
+        assert_eq!(out.events[0].event.dp_rank, 1);
+        let out = convert(&map.0);
+        assert_eq!(out.events[0].event.dp_rank, 2);
+        assert_eq!(decode_batch(&map.0).unwrap().ts, Some(3.0));
+    }
+
+    #[test]
+    fn structurally_broken_batches_fail_as_a_whole() {
+        let ev = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+        assert!(matches!(
+            decode_batch(&[0xc1]),
+            Err(BatchError::Msgpack(MsgpackError::Reserved(0)))
+        ));
+        assert_eq!(
+            decode_batch(&Mp::default().u(1).0),
+            Err(BatchError::NotABatch("int"))
+        );
+        assert_eq!(
+            decode_batch(&Mp::default().arr(1).f(1.0).0),
+            Err(BatchError::TooShort(1))
+        );
+        assert_eq!(
+            decode_batch(&Mp::default().arr(3).f(1.0).u(5).nil().0),
+            Err(BatchError::EventsNotArray("int"))
+        );
+        assert_eq!(
+            decode_batch(&Mp::default().map(1).s("ts").u(1).0),
+            Err(BatchError::MissingEvents)
+        );
+        assert!(matches!(
+            decode_batch(&Mp::default().arr(3).f(1.0).arr(0).i(-1).0),
+            Err(BatchError::InvalidDpRank(_))
+        ));
+        assert!(matches!(
+            decode_batch(&Mp::default().arr(3).f(1.0).arr(0).s("0").0),
+            Err(BatchError::InvalidDpRank(_))
+        ));
+        // An events array announcing more events than the payload holds.
+        let truncated = Mp::default().arr(3).f(1.0).arr(2).raw(&ev).0;
+        assert!(matches!(
+            decode_batch(&truncated),
+            Err(BatchError::Msgpack(MsgpackError::Truncated(_)))
+        ));
+    }
+
+    #[test]
+    fn rejected_and_skipped_events_are_counted_by_label() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let out = convert(&batch(
+                &[
+                    stored_pos(&[11], None, &[1, 2, 3, 4], Some("FOO")),
+                    Mp::default().arr(1).s("Ignored"),
+                    stored_pos(&[12], None, &[1, 2, 3, 4], None),
+                ],
+                None,
+            ));
+            record_batch_metrics(&out);
+        });
+        let counters: Vec<(String, Vec<String>, u64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(v) => Some((
+                    key.key().name().to_owned(),
+                    key.key()
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect(),
+                    v,
+                )),
+                _ => None,
+            })
+            .collect();
+        let get = |name: &str, label: &str| {
+            counters
+                .iter()
+                .find(|(n, l, _)| n == name && l.iter().any(|x| x == label))
+                .map(|c| c.2)
+        };
+        assert_eq!(
+            get(METRIC_EVENTS_REJECTED, "reason=unknown_medium"),
+            Some(1)
+        );
+        assert_eq!(get(METRIC_EVENTS_SKIPPED, "reason=ignored"), Some(1));
+        assert_eq!(get(METRIC_EVENTS_DECODED, "event_type=stored"), Some(1));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_payload(&bytes, &ctx());
+            let frames = [&bytes[..bytes.len() / 3], &bytes[bytes.len() / 3..], &bytes[..]];
+            let _ = split_live_message(&frames);
+            let _ = decode_event(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_batches_never_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = batch(
+                &[
+                    vllm_store(Some("l"), Mp::default().s("l").s("salt"), 2),
+                    Mp::default().arr(3).s("BlockRemoved").uints(&[1, 2]).s("CPU"),
+                    Mp::default().map(1).s("type").s("AllBlocksCleared"),
+                ],
+                Some(1),
+            );
+            for (at, b) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            let end = cut.index(bytes.len() + 1);
+            let _ = decode_payload(&bytes[..end], &ctx());
+        }
+    }
+}
