@@ -63,7 +63,7 @@ use zeromq::{
 
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
-    split_live_message, ConvertContext,
+    split_live_message, ConvertContext, ConvertedBatch,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -753,6 +753,12 @@ impl Listener {
             }
         };
         let seq = raw.seq;
+        // Decode before the sequence logic: a payload that does not decode must not move
+        // anything, not even restart detection (a corrupt message with a wild sequence number
+        // would otherwise look like a publisher restart).
+        let Some(batch) = self.decode(seq, raw.payload) else {
+            return;
+        };
         if self.last_live.is_some_and(|last| seq <= last) {
             tracing::warn!(
                 worker_id = self.spec.worker_id,
@@ -784,15 +790,14 @@ impl Listener {
             );
             metrics::counter!(METRIC_GAPS).increment(1);
             self.with_status(|s| s.counters.gaps += 1);
-            // The payload borrows `frames`; keep them alive across the replay.
             self.replay(expected, Some(seq), sub).await;
+            // Replay normally covers the live batch too; then it is stale.
             if self.watermark.is_some_and(|w| seq <= w) {
                 self.drop_stale(seq);
                 return;
             }
         }
-        let payload = frames.get(2).cloned().unwrap_or_default();
-        self.apply(seq, &payload);
+        self.submit(seq, batch);
     }
 
     fn drop_stale(&self, seq: u64) {
@@ -801,18 +806,35 @@ impl Listener {
         self.with_status(|s| s.counters.stale_dropped += 1);
     }
 
-    /// Decode batch `seq` and hand it to the sink; advances the watermark on success.
+    /// Decode batch `seq` and hand it to the sink.
     fn apply(&mut self, seq: u64, payload: &[u8]) {
+        if let Some(batch) = self.decode(seq, payload) {
+            self.submit(seq, batch);
+        }
+    }
+
+    /// Decode batch `seq`; a failure is logged and counted and leaves the watermark alone.
+    fn decode(&mut self, seq: u64, payload: &[u8]) -> Option<ConvertedBatch> {
         self.ctx.seq = seq;
-        let batch = match decode_payload(payload, &self.ctx) {
-            Ok(batch) => batch,
+        match decode_payload(payload, &self.ctx) {
+            Ok(batch) => Some(batch),
             Err(e) => {
-                tracing::warn!(worker_id = self.spec.worker_id, dp_rank = self.spec.dp_rank, seq, error = %e, "batch failed to decode");
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    seq,
+                    error = %e,
+                    "batch failed to decode"
+                );
                 record_batch_error(&e);
                 self.with_status(|s| s.counters.decode_failures += 1);
-                return;
+                None
             }
-        };
+        }
+    }
+
+    /// Hand a decoded batch to the sink; advances the watermark unless the sink is unavailable.
+    fn submit(&mut self, seq: u64, batch: ConvertedBatch) {
         record_batch_metrics(&batch);
         for rejected in &batch.rejected {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
