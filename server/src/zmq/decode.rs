@@ -336,7 +336,8 @@ pub fn decode_batch(payload: &[u8]) -> Result<EngineBatch, BatchError> {
     }
 
     let (events_bytes, count) = events_slice.ok_or(BatchError::MissingEvents)?;
-    let mut events = Vec::with_capacity(count);
+    // Each event takes at least one byte: never trust the header's count for allocation.
+    let mut events = Vec::with_capacity(count.min(events_bytes.len()));
     let mut rejected = Vec::new();
     let mut er = Reader::new(events_bytes);
     for index in 0..count {
@@ -1813,6 +1814,14 @@ mod tests {
         assert!(matches!(
             decode_batch(&Mp::default().arr(3).f(1.0).arr(0).s("0").0),
             Err(BatchError::InvalidDpRank(_))
+        ));
+        // A header announcing 2^32 - 1 events must fail cleanly, not allocate for them.
+        let mut huge = Mp::default().arr(3).f(1.0).0;
+        huge.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        huge.push(0xc0);
+        assert!(matches!(
+            decode_batch(&huge),
+            Err(BatchError::Msgpack(MsgpackError::Truncated(_)))
         ));
         // An events array announcing more events than the payload holds.
         let truncated = Mp::default().arr(3).f(1.0).arr(2).raw(&ev).0;
