@@ -260,7 +260,12 @@ pub enum EventError {
     MissingField(&'static str),
     /// A field has an unusable value.
     #[error("invalid field `{field}`: {reason}")]
-    InvalidField { field: &'static str, reason: String },
+    InvalidField {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// A `medium` outside the known tiers (SERVICE.md §0.4: counted, never silently dropped).
     #[error("unknown medium `{0}`")]
     UnknownMedium(String),
@@ -849,7 +854,12 @@ pub enum SkipReason {
     /// A non-main KV group (sliding window, mamba, `group_idx != 0`, ...).
     NonMainKvGroup,
     /// The event's block size differs from the partition's: nothing stored (SERVICE.md §4).
-    BlockSizeMismatch { event: u64, partition: u32 },
+    BlockSizeMismatch {
+        /// The event's `block_size`.
+        event: u64,
+        /// The partition's block size.
+        partition: u32,
+    },
     /// Not one complete block of tokens (or no hashes).
     NoCompleteBlock,
     /// The same engine hash twice in one store (parent included): the event is dropped.

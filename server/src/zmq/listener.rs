@@ -19,7 +19,9 @@
 //! **Publisher restarts.** A live publisher never repeats or rewinds sequence numbers, so a live
 //! `s` not above the previous *live* `s` means the engine restarted and counts from 0 again: the
 //! watermark is reset (counted as `publisher_restarts`) and the new incarnation is treated like a
-//! fresh registration. Without this, a restarted engine's batches would all be "stale" until it
+//! fresh registration. Only batches whose payload decodes take part (the payload is decoded
+//! before any sequence logic), so one corrupt message with a wild sequence number cannot fake a
+//! restart or a gap. Without this, a restarted engine's batches would all be "stale" until it
 //! passed the old watermark. (A restart that happens while kvindex itself is down is invisible
 //! to the protocol: the publisher sends no incarnation id.)
 //!
@@ -282,16 +284,30 @@ pub enum IngestError {
     InvalidReplayEndpoint(EndpointError),
     /// `(worker_id, dp_rank)` already has a listener.
     #[error("instance {worker_id} dp_rank {dp_rank} already registered")]
-    AlreadyRegistered { worker_id: u64, dp_rank: u32 },
+    AlreadyRegistered {
+        /// Worker id.
+        worker_id: u64,
+        /// Dp rank.
+        dp_rank: u32,
+    },
     /// No listener for `(worker_id, dp_rank)`.
     #[error("instance {worker_id} dp_rank {dp_rank} not found")]
-    NotFound { worker_id: u64, dp_rank: u32 },
+    NotFound {
+        /// Worker id.
+        worker_id: u64,
+        /// Dp rank.
+        dp_rank: u32,
+    },
     /// Pause from a non-active state, or resume from a non-paused one.
     #[error("instance {worker_id} dp_rank {dp_rank} cannot be {action} from status {from}")]
     InvalidTransition {
+        /// Worker id.
         worker_id: u64,
+        /// Dp rank.
         dp_rank: u32,
+        /// `paused` or `resumed`.
         action: &'static str,
+        /// The current state's name.
         from: &'static str,
     },
 }
@@ -1060,7 +1076,12 @@ pub struct ReplayFetch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayFrame {
     /// A buffered batch.
-    Batch { seq: u64, payload: Bytes },
+    Batch {
+        /// Its sequence number.
+        seq: u64,
+        /// Its msgpack payload.
+        payload: Bytes,
+    },
     /// End of the replay: empty payload, fewer than 3 frames, or a bad sequence frame.
     End,
 }

@@ -41,6 +41,8 @@
 //!
 //! It requires Rust ≥ 1.89 (the toolchain here is newer).
 
+#![warn(missing_docs)]
+
 pub mod decode;
 pub mod listener;
 mod msgpack;

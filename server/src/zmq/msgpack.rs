@@ -23,8 +23,11 @@ pub enum MsgpackError {
     /// A value of another type than the one the decoder needs.
     #[error("expected {expected}, found {found} at byte {at}")]
     Type {
+        /// The type the decoder needed.
         expected: &'static str,
+        /// The type it found.
         found: &'static str,
+        /// Byte offset of the value.
         at: usize,
     },
     /// A msgpack `str` whose bytes are not UTF-8.

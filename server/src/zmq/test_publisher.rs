@@ -73,18 +73,26 @@ pub enum ExtraKeyValue {
 pub enum PublishEvent {
     /// `BlockStored`.
     Stored {
+        /// Engine hashes, one per block.
         block_hashes: Vec<u64>,
+        /// Engine hash of the parent block (`None` = root).
         parent_block_hash: Option<u64>,
+        /// Token ids of all blocks, concatenated.
         token_ids: Vec<u32>,
+        /// Tokens per block.
         block_size: u32,
+        /// Tier name (`GPU`, `CPU`, ...), nil when `None`.
         medium: Option<String>,
+        /// LoRA adapter name, nil when `None`.
         lora_name: Option<String>,
         /// One entry per block; `None` = the field is omitted.
         extra_keys: Option<Vec<Option<Vec<ExtraKeyValue>>>>,
     },
     /// `BlockRemoved`.
     Removed {
+        /// Engine hashes of the removed blocks.
         block_hashes: Vec<u64>,
+        /// Tier name, nil when `None`.
         medium: Option<String>,
     },
     /// `AllBlocksCleared`.
