@@ -659,6 +659,10 @@ async fn a_restarted_publisher_is_followed_from_its_new_sequence() {
     })
     .await;
     drop(first);
+    wait_until("the listener to notice the disconnect", || {
+        !status(&ingest, 9, 0).connected
+    })
+    .await;
 
     // The engine restarts on the same port and counts from 0 again.
     let second = VllmPublisher::bind(PublisherConfig {
@@ -680,4 +684,68 @@ async fn a_restarted_publisher_is_followed_from_its_new_sequence() {
         }
         assert!(start.elapsed() < DEADLINE, "restart never detected: {st:?}");
     }
+    let st = status(&ingest, 9, 0);
+    assert!(st.connected, "reconnected by itself: {st:?}");
+    assert_eq!(st.state, ListenerState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_replies_without_topic_frame_are_accepted_too() {
+    // Older / hand-written publishers answer `[b"", seq, payload]` (SERVICE.md §7.2).
+    let publisher = VllmPublisher::bind(PublisherConfig {
+        replay_with_topic: false,
+        topic: b"kv-events".to_vec(),
+        ..PublisherConfig::loopback()
+    })
+    .await
+    .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 10, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 10, 0).await;
+    let missing = publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::Cleared]));
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+        .await
+        .unwrap();
+    wait_until("the live batch", || sink.has_seq(10, 0, live)).await;
+    assert_eq!(
+        sink.seqs(10, 0)
+            .into_iter()
+            .filter(|&s| s > warm)
+            .collect::<Vec<_>>(),
+        vec![missing, live]
+    );
+    assert_eq!(status(&ingest, 10, 0).counters.lost_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_endpoint_that_never_existed_degrades_but_live_batches_flow() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+        .await
+        .unwrap();
+    // A port nothing listens on: bind one, note it, close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_endpoint = format!("tcp://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(ListenerSpec::new(11, 0, publisher.endpoint(), BS).with_replay(dead_endpoint))
+        .unwrap();
+    wait_until("degraded after the start-up catch-up fails", || {
+        status(&ingest, 11, 0).degraded
+    })
+    .await;
+    let warm = sync_live(&publisher, &ingest, &sink, 11, 0).await;
+    publisher.skip_seqs(2);
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+        .await
+        .unwrap();
+    wait_until("a live batch after a gap", || sink.has_seq(11, 0, live)).await;
+    let st = status(&ingest, 11, 0);
+    assert!(st.degraded);
+    assert!(st.counters.lost_batches >= 2);
+    assert!(sink.seqs(11, 0).iter().all(|&s| s <= warm || s == live));
 }
