@@ -319,6 +319,7 @@ async fn gap_is_filled_by_replay_with_exactly_the_missing_batches() {
     assert!(st.counters.gaps >= 1);
     assert_eq!(st.counters.lost_batches, 0);
     assert!(!st.degraded);
+    assert!(!st.replaying);
     assert_eq!(st.watermark, Some(live));
 }
 

@@ -263,6 +263,8 @@ pub struct ListenerStatus {
     pub connected: bool,
     /// The replay endpoint failed its last request: gaps are not being filled.
     pub degraded: bool,
+    /// A replay is in progress: the index lags this stream until it ends (SERVICE.md §0.8).
+    pub replaying: bool,
     /// The last connect / replay problem, if any.
     pub last_error: Option<String>,
     /// Last sequence handed to the sink (`None` = unset).
@@ -458,6 +460,7 @@ impl ZmqIngest {
             state: ListenerState::Pending,
             connected: false,
             degraded: false,
+            replaying: false,
             last_error: None,
             watermark: spec.resume_after,
             last_live_seq: None,
@@ -538,6 +541,7 @@ impl ZmqIngest {
         }
         status.state = ListenerState::Paused;
         status.connected = false;
+        status.replaying = false;
         Ok(())
     }
 
@@ -591,6 +595,7 @@ impl ZmqIngest {
             let mut status = lock(&entry.status);
             status.state = ListenerState::Paused;
             status.connected = false;
+            status.replaying = false;
         }
     }
 }
@@ -607,6 +612,7 @@ fn stop_entry(mut entry: Entry) -> ListenerStatus {
     }
     let mut status = lock(&entry.status).clone();
     status.connected = false;
+    status.replaying = false;
     status
 }
 
@@ -921,6 +927,7 @@ impl Listener {
         };
         let degraded = self.with_status(|s| {
             s.counters.replay_requests += 1;
+            s.replaying = true;
             s.degraded
         });
         let attempts = if degraded {
@@ -969,7 +976,10 @@ impl Listener {
             self.apply(*seq, payload);
         }
         metrics::counter!(METRIC_REPLAYED_BATCHES).increment(count);
-        self.with_status(|s| s.counters.replayed_batches += count);
+        self.with_status(|s| {
+            s.counters.replayed_batches += count;
+            s.replaying = false;
+        });
 
         match &fetched.error {
             None => {
