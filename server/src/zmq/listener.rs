@@ -1,0 +1,1280 @@
+//! ZMQ listeners: one SUB socket per registered `(worker_id, dp_rank)`, per-stream sequencing,
+//! gap replay over the publisher's ROUTER socket, and the status `/workers` shows.
+//!
+//! # Sequencing (SERVICE.md §7.1, §7.4)
+//!
+//! Each listener keeps a watermark `w`, the last batch sequence handed to the sink (unset for a
+//! fresh registration, or the durable watermark the service passes in [`ListenerSpec::resume_after`]).
+//! For a live batch with sequence `s`:
+//!
+//! * `w` unset and `s == 0`, or `s == w + 1` → decode, submit, `w = s`;
+//! * `s <= w` → stale: dropped and counted (e.g. the live copy of a batch replay already applied);
+//! * `w` unset and `s > 0`, or `s > w + 1` → gap: replay `[w+1, s)` (or `[0, s)`), then the live
+//!   batch is checked again (normally stale by then) and applied if it is still ahead.
+//!
+//! A batch whose payload does not decode does not advance `w`, so the next batch shows a gap and
+//! the failed sequence is asked for again. Frames that are not `[topic, seq(8 bytes), payload]`
+//! are dropped without touching `w`.
+//!
+//! **Publisher restarts.** A live publisher never repeats or rewinds sequence numbers, so a live
+//! `s` not above the previous *live* `s` means the engine restarted and counts from 0 again: the
+//! watermark is reset (counted as `publisher_restarts`) and the new incarnation is treated like a
+//! fresh registration. Only batches whose payload decodes take part (the payload is decoded
+//! before any sequence logic), so one corrupt message with a wild sequence number cannot fake a
+//! restart or a gap. Without this, a restarted engine's batches would all be "stale" until it
+//! passed the old watermark. (A restart that happens while kvindex itself is down is invisible
+//! to the protocol: the publisher sends no incarnation id.)
+//!
+//! # Replay (SERVICE.md §0.2, §7.2, §7.3, §7.6)
+//!
+//! Wire format as vLLM / SGLang serve it: the DEALER sends `[b"", start_seq_be64]`; the ROUTER
+//! answers `[b"", topic, seq, payload]` (real engines) or `[b"", seq, payload]` (older
+//! publishers) for every buffered seq ≥ start, ending with an empty payload. Unlike Dynamo 1.6.1,
+//! kvindex bounds every wait: a connect or an idle gap longer than [`IngestConfig::replay_timeout`]
+//! fails the attempt, attempts are retried [`IngestConfig::replay_attempts`] times with
+//! exponential backoff (resuming after the last batch received), and a replay endpoint that
+//! stays dead marks the listener **degraded** — visible in [`ListenerStatus`] — instead of
+//! stalling it. While degraded, each later gap makes a single attempt; the first success clears
+//! the flag. Live batches arriving during a replay are held (up to
+//! [`IngestConfig::max_held_live_batches`]) and processed after it, in order, so nothing is
+//! applied twice or out of order. Sequences the watermark jumps over are counted as
+//! `lost_batches`. Without a replay endpoint the gap is logged and counted as lost (§7.3).
+//!
+//! On start with a replay endpoint, the listener asks for replay from `w + 1` (or 0) as soon as
+//! its SUB socket is connected, so a restart catches up even if the engine is idle.
+//!
+//! # Threading
+//!
+//! Listeners are tokio tasks on the runtime handed to [`ZmqIngest::new`]. [`EventSink::submit`]
+//! is called inline on that task, once per batch: it must enqueue and return quickly (e.g. append
+//! to the log's group-commit queue), not wait for an fsync.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kvindex_engine::RouterEvent;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use zeromq::{
+    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
+};
+
+use super::decode::{
+    decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
+    split_live_message, ConvertContext, ConvertedBatch,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Public API: sink, configuration, specs, status
+// ---------------------------------------------------------------------------------------------
+
+/// Where decoded batches go: the service logs them, then applies them to the index.
+///
+/// `worker_id` / `dp_rank` name the **listener** (the sequence stream); the events inside carry
+/// their effective dp_rank, which differs when the batch names its own rank (SERVICE.md §5.2).
+/// `source_seq` is the publisher's batch sequence number: the durable watermark to pass back in
+/// [`ListenerSpec::resume_after`] on restart. `events` may be empty (the batch decoded but
+/// nothing in it applies); the sequence number still counts.
+pub trait EventSink: Send + Sync + 'static {
+    /// Accept one batch. Called on the listener's task: enqueue and return, do not block on I/O.
+    fn submit(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        source_seq: u64,
+        events: Vec<RouterEvent>,
+    ) -> Result<(), SinkError>;
+}
+
+/// Why the sink did not take a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Transient: the watermark does not advance, so the batch is asked for again by the replay
+    /// that the next batch's gap triggers.
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
+    /// Permanent: the batch is skipped for good and the watermark advances past it.
+    #[error("batch rejected by sink: {0}")]
+    Rejected(String),
+}
+
+/// Tuning of every listener of a [`ZmqIngest`].
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Longest wait for the replay endpoint to accept a connection or to send the next frame.
+    pub replay_timeout: Duration,
+    /// Replay attempts per gap while the replay endpoint is healthy (≥ 1).
+    pub replay_attempts: u32,
+    /// Delay before the second attempt; doubles up to [`Self::replay_backoff_max`].
+    pub replay_backoff: Duration,
+    /// Cap of the retry delay.
+    pub replay_backoff_max: Duration,
+    /// Most batches accepted from one replay (vLLM buffers 10,000 by default).
+    pub replay_max_batches: usize,
+    /// Most live batches held while a replay runs; later ones are left to the socket (and, if the
+    /// publisher drops them, to the next replay).
+    pub max_held_live_batches: usize,
+    /// Longest single SUB connect attempt before it is retried.
+    pub connect_timeout: Duration,
+    /// Longest delay between SUB connect attempts (they start at 100 ms and double).
+    pub connect_backoff_max: Duration,
+    /// Whether listeners start draining at once; if false they stay `pending` until
+    /// [`ZmqIngest::open`] (the start-up "ready gate", SERVICE.md §1.3).
+    pub start_open: bool,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            replay_timeout: Duration::from_secs(3),
+            replay_attempts: 3,
+            replay_backoff: Duration::from_millis(100),
+            replay_backoff_max: Duration::from_secs(2),
+            replay_max_batches: 100_000,
+            max_held_live_batches: 100_000,
+            connect_timeout: Duration::from_secs(5),
+            connect_backoff_max: Duration::from_secs(5),
+            start_open: true,
+        }
+    }
+}
+
+/// One listener to start: a worker's dp rank and where its engine publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Worker (instance) id.
+    pub worker_id: u64,
+    /// Registered dp rank (used when a batch names none).
+    pub dp_rank: u32,
+    /// The engine's PUB endpoint; kvindex connects a SUB socket to it.
+    pub endpoint: String,
+    /// The engine's ROUTER replay endpoint, if any.
+    pub replay_endpoint: Option<String>,
+    /// The partition's block size (local hashes are computed with it).
+    pub block_size: u32,
+    /// Last sequence already durable for this stream (from the log), or `None` for a fresh
+    /// stream. The listener resumes after it and asks for replay from `resume_after + 1`.
+    pub resume_after: Option<u64>,
+}
+
+impl ListenerSpec {
+    /// A fresh listener without replay endpoint or resume point.
+    pub fn new(worker_id: u64, dp_rank: u32, endpoint: impl Into<String>, block_size: u32) -> Self {
+        Self {
+            worker_id,
+            dp_rank,
+            endpoint: endpoint.into(),
+            replay_endpoint: None,
+            block_size,
+            resume_after: None,
+        }
+    }
+
+    /// Set the replay endpoint.
+    pub fn with_replay(mut self, replay_endpoint: impl Into<String>) -> Self {
+        self.replay_endpoint = Some(replay_endpoint.into());
+        self
+    }
+
+    /// Resume after a durable sequence number.
+    pub fn resuming_after(mut self, seq: u64) -> Self {
+        self.resume_after = Some(seq);
+        self
+    }
+}
+
+/// Lifecycle of a listener, with Dynamo's names (SERVICE.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerState {
+    /// Registered, waiting for the ready gate.
+    Pending,
+    /// Running (connecting or connected: see [`ListenerStatus::connected`]).
+    Active,
+    /// Stopped by [`ZmqIngest::pause`]; the watermark is kept.
+    Paused,
+    /// The endpoint cannot be connected to (e.g. `tcp://*:N`, `inproc://`).
+    Failed,
+}
+
+impl ListenerState {
+    /// The lower-case name `/workers` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerState::Pending => "pending",
+            ListenerState::Active => "active",
+            ListenerState::Paused => "paused",
+            ListenerState::Failed => "failed",
+        }
+    }
+}
+
+/// Counters of one listener since it was registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerCounters {
+    /// Batches handed to the sink and accepted.
+    pub batches_applied: u64,
+    /// Events handed to the sink.
+    pub events_submitted: u64,
+    /// Events rejected by the decoder (their batches were kept).
+    pub events_rejected: u64,
+    /// Well-formed events that produced nothing (ignored, other KV group, block size, ...).
+    pub events_skipped: u64,
+    /// Live batches dropped as stale or duplicate.
+    pub stale_dropped: u64,
+    /// Messages dropped for a wrong frame count or sequence frame.
+    pub malformed_messages: u64,
+    /// Payloads that failed to decode as a whole.
+    pub decode_failures: u64,
+    /// Gaps detected.
+    pub gaps: u64,
+    /// Replay requests made (one per gap or start-up catch-up, retries included in one).
+    pub replay_requests: u64,
+    /// Replay requests that failed after all attempts (endpoint dead or silent).
+    pub replay_failures: u64,
+    /// Batches received through replay.
+    pub replayed_batches: u64,
+    /// Sequence numbers the watermark jumped over (events lost for good).
+    pub lost_batches: u64,
+    /// Times the publisher was seen restarting its sequence.
+    pub publisher_restarts: u64,
+    /// Batches the sink refused.
+    pub sink_errors: u64,
+}
+
+/// What `/workers` can show about one listener.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerStatus {
+    /// Worker (instance) id.
+    pub worker_id: u64,
+    /// Registered dp rank.
+    pub dp_rank: u32,
+    /// The PUB endpoint.
+    pub endpoint: String,
+    /// The ROUTER replay endpoint, if any (Dynamo does not show it in `/workers`).
+    pub replay_endpoint: Option<String>,
+    /// Lifecycle state.
+    pub state: ListenerState,
+    /// Whether the SUB socket currently has a connection to the publisher.
+    pub connected: bool,
+    /// The replay endpoint failed its last request: gaps are not being filled.
+    pub degraded: bool,
+    /// A replay is in progress: the index lags this stream until it ends (SERVICE.md §0.8).
+    pub replaying: bool,
+    /// The last connect / replay problem, if any.
+    pub last_error: Option<String>,
+    /// Last sequence handed to the sink (`None` = unset).
+    pub watermark: Option<u64>,
+    /// Last sequence seen on the live socket.
+    pub last_live_seq: Option<u64>,
+    /// Counters.
+    pub counters: ListenerCounters,
+}
+
+/// Why a registration or control call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// The PUB endpoint does not validate.
+    #[error(transparent)]
+    InvalidEndpoint(EndpointError),
+    /// The replay endpoint does not validate.
+    #[error("invalid replay endpoint `{}`: {}", .0.endpoint, .0)]
+    InvalidReplayEndpoint(EndpointError),
+    /// `(worker_id, dp_rank)` already has a listener.
+    #[error("instance {worker_id} dp_rank {dp_rank} already registered")]
+    AlreadyRegistered {
+        /// Worker id.
+        worker_id: u64,
+        /// Dp rank.
+        dp_rank: u32,
+    },
+    /// No listener for `(worker_id, dp_rank)`.
+    #[error("instance {worker_id} dp_rank {dp_rank} not found")]
+    NotFound {
+        /// Worker id.
+        worker_id: u64,
+        /// Dp rank.
+        dp_rank: u32,
+    },
+    /// Pause from a non-active state, or resume from a non-paused one.
+    #[error("instance {worker_id} dp_rank {dp_rank} cannot be {action} from status {from}")]
+    InvalidTransition {
+        /// Worker id.
+        worker_id: u64,
+        /// Dp rank.
+        dp_rank: u32,
+        /// `paused` or `resumed`.
+        action: &'static str,
+        /// The current state's name.
+        from: &'static str,
+    },
+}
+
+/// An endpoint that fails validation (SERVICE.md §3.3; Display is Dynamo's wording).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid ZMQ endpoint `{endpoint}`: {problem}")]
+pub struct EndpointError {
+    /// The endpoint as given.
+    pub endpoint: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Validate a ZMQ endpoint the way Dynamo does (SERVICE.md §3.3): scheme `tcp`, `ipc` or
+/// `inproc`; for `tcp` a non-empty host (IPv6 in brackets) and a u16 port. `tcp://*:N` passes
+/// (the listener then fails, as in Dynamo).
+pub fn validate_endpoint(endpoint: &str) -> Result<(), EndpointError> {
+    let fail = |problem: String| EndpointError {
+        endpoint: endpoint.to_owned(),
+        problem,
+    };
+    let Some((scheme, rest)) = endpoint.split_once("://") else {
+        return Err(fail("missing scheme".into()));
+    };
+    match scheme {
+        "tcp" => {
+            let (host, port) = if let Some(after) = rest.strip_prefix('[') {
+                let (host, tail) = after
+                    .split_once(']')
+                    .ok_or_else(|| fail("unterminated IPv6 host".into()))?;
+                (host, tail.strip_prefix(':'))
+            } else {
+                match rest.rsplit_once(':') {
+                    Some((h, _)) if h.contains(':') => {
+                        return Err(fail("IPv6 host must be enclosed in brackets".into()))
+                    }
+                    Some((h, p)) => (h, Some(p)),
+                    None => (rest, None),
+                }
+            };
+            if host.is_empty() {
+                return Err(fail("missing TCP host".into()));
+            }
+            match port {
+                None | Some("") => Err(fail("missing TCP port".into())),
+                Some(p) => p
+                    .parse::<u16>()
+                    .map(|_| ())
+                    .map_err(|_| fail(format!("invalid TCP port `{p}`"))),
+            }
+        }
+        "ipc" | "inproc" if rest.is_empty() => Err(fail(format!("missing {scheme} address"))),
+        "ipc" | "inproc" => Ok(()),
+        other => Err(fail(format!("unsupported scheme `{other}`"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+/// Counter: live batches by `outcome` (`applied`, `stale`, `sink_rejected`, `sink_unavailable`).
+pub const METRIC_BATCHES: &str = "kvindex_zmq_batches_total";
+/// Counter: sequence gaps detected.
+pub const METRIC_GAPS: &str = "kvindex_zmq_gaps_total";
+/// Counter: replay requests by `outcome` (`complete`, `incomplete`, `failed`, `not_configured`).
+pub const METRIC_REPLAYS: &str = "kvindex_zmq_replay_requests_total";
+/// Counter: batches received through replay.
+pub const METRIC_REPLAYED_BATCHES: &str = "kvindex_zmq_replayed_batches_total";
+/// Counter: sequence numbers skipped for good.
+pub const METRIC_LOST_BATCHES: &str = "kvindex_zmq_lost_batches_total";
+/// Counter: publisher sequence restarts seen.
+pub const METRIC_PUBLISHER_RESTARTS: &str = "kvindex_zmq_publisher_restarts_total";
+
+// ---------------------------------------------------------------------------------------------
+// The set of listeners
+// ---------------------------------------------------------------------------------------------
+
+type StreamKey = (u64, u32);
+
+struct Entry {
+    spec: ListenerSpec,
+    status: Arc<Mutex<ListenerStatus>>,
+    task: Option<JoinHandle<()>>,
+}
+
+struct Inner {
+    runtime: Handle,
+    sink: Arc<dyn EventSink>,
+    config: IngestConfig,
+    gate: watch::Sender<bool>,
+    listeners: Mutex<BTreeMap<StreamKey, Entry>>,
+}
+
+/// The ZMQ listeners of one kvindex process: register, pause, resume, unregister, inspect.
+///
+/// Dropping it (or [`ZmqIngest::shutdown`]) stops every listener.
+pub struct ZmqIngest {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these plain-data structures half-updated in a
+    // way that matters more than losing the whole status; keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ZmqIngest {
+    /// Listeners run on `runtime` and hand batches to `sink`.
+    pub fn new(runtime: Handle, sink: Arc<dyn EventSink>, config: IngestConfig) -> Self {
+        let (gate, _) = watch::channel(config.start_open);
+        Self {
+            inner: Arc::new(Inner {
+                runtime,
+                sink,
+                config,
+                gate,
+                listeners: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// Open the ready gate: `pending` listeners start draining (SERVICE.md §1.3 step 4).
+    pub fn open(&self) {
+        self.inner.gate.send_replace(true);
+    }
+
+    /// Start a listener. Validates both endpoints; `(worker_id, dp_rank)` must be new.
+    pub fn register(&self, spec: ListenerSpec) -> Result<(), IngestError> {
+        validate_endpoint(&spec.endpoint).map_err(IngestError::InvalidEndpoint)?;
+        if let Some(replay) = &spec.replay_endpoint {
+            validate_endpoint(replay).map_err(IngestError::InvalidReplayEndpoint)?;
+        }
+        let key = (spec.worker_id, spec.dp_rank);
+        let mut listeners = lock(&self.inner.listeners);
+        if listeners.contains_key(&key) {
+            return Err(IngestError::AlreadyRegistered {
+                worker_id: spec.worker_id,
+                dp_rank: spec.dp_rank,
+            });
+        }
+        let status = Arc::new(Mutex::new(ListenerStatus {
+            worker_id: spec.worker_id,
+            dp_rank: spec.dp_rank,
+            endpoint: spec.endpoint.clone(),
+            replay_endpoint: spec.replay_endpoint.clone(),
+            state: ListenerState::Pending,
+            connected: false,
+            degraded: false,
+            replaying: false,
+            last_error: None,
+            watermark: spec.resume_after,
+            last_live_seq: None,
+            counters: ListenerCounters::default(),
+        }));
+        let task = self.spawn(spec.clone(), status.clone());
+        listeners.insert(
+            key,
+            Entry {
+                spec,
+                status,
+                task: Some(task),
+            },
+        );
+        Ok(())
+    }
+
+    fn spawn(&self, spec: ListenerSpec, status: Arc<Mutex<ListenerStatus>>) -> JoinHandle<()> {
+        let listener = Listener {
+            ctx: ConvertContext {
+                worker_id: spec.worker_id,
+                dp_rank: spec.dp_rank,
+                block_size: spec.block_size,
+                seq: 0,
+            },
+            watermark: spec.resume_after,
+            last_live: None,
+            spec,
+            status,
+            sink: self.inner.sink.clone(),
+            config: self.inner.config.clone(),
+            held: VecDeque::new(),
+        };
+        let gate = self.inner.gate.subscribe();
+        self.inner.runtime.spawn(listener.run(gate))
+    }
+
+    /// Stop and forget one listener; its watermark is dropped (SERVICE.md §7.5). Returns its
+    /// last status.
+    pub fn unregister(&self, worker_id: u64, dp_rank: u32) -> Result<ListenerStatus, IngestError> {
+        let entry = lock(&self.inner.listeners)
+            .remove(&(worker_id, dp_rank))
+            .ok_or(IngestError::NotFound { worker_id, dp_rank })?;
+        Ok(stop_entry(entry))
+    }
+
+    /// Stop and forget every listener of a worker; returns their last statuses.
+    pub fn unregister_worker(&self, worker_id: u64) -> Vec<ListenerStatus> {
+        let removed: Vec<Entry> = {
+            let mut listeners = lock(&self.inner.listeners);
+            let keys: Vec<StreamKey> = listeners
+                .range((worker_id, 0)..=(worker_id, u32::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| listeners.remove(k)).collect()
+        };
+        removed.into_iter().map(stop_entry).collect()
+    }
+
+    /// Stop a listener but keep its watermark: events published meanwhile are lost unless the
+    /// replay on resume recovers them (SERVICE.md §3.12).
+    pub fn pause(&self, worker_id: u64, dp_rank: u32) -> Result<(), IngestError> {
+        let mut listeners = lock(&self.inner.listeners);
+        let entry = listeners
+            .get_mut(&(worker_id, dp_rank))
+            .ok_or(IngestError::NotFound { worker_id, dp_rank })?;
+        let mut status = lock(&entry.status);
+        if status.state == ListenerState::Paused {
+            return Err(IngestError::InvalidTransition {
+                worker_id,
+                dp_rank,
+                action: "paused",
+                from: status.state.as_str(),
+            });
+        }
+        if let Some(task) = entry.task.take() {
+            task.abort();
+        }
+        status.state = ListenerState::Paused;
+        status.connected = false;
+        status.replaying = false;
+        Ok(())
+    }
+
+    /// Restart a paused listener from its kept watermark.
+    pub fn resume(&self, worker_id: u64, dp_rank: u32) -> Result<(), IngestError> {
+        let mut listeners = lock(&self.inner.listeners);
+        let entry = listeners
+            .get_mut(&(worker_id, dp_rank))
+            .ok_or(IngestError::NotFound { worker_id, dp_rank })?;
+        let watermark = {
+            let mut status = lock(&entry.status);
+            if status.state != ListenerState::Paused {
+                return Err(IngestError::InvalidTransition {
+                    worker_id,
+                    dp_rank,
+                    action: "resumed",
+                    from: status.state.as_str(),
+                });
+            }
+            status.state = ListenerState::Pending;
+            status.last_live_seq = None;
+            status.watermark
+        };
+        let mut spec = entry.spec.clone();
+        spec.resume_after = watermark;
+        entry.task = Some(self.spawn(spec, entry.status.clone()));
+        Ok(())
+    }
+
+    /// Status of one listener.
+    pub fn status(&self, worker_id: u64, dp_rank: u32) -> Option<ListenerStatus> {
+        lock(&self.inner.listeners)
+            .get(&(worker_id, dp_rank))
+            .map(|e| lock(&e.status).clone())
+    }
+
+    /// Status of every listener, ordered by (worker_id, dp_rank).
+    pub fn statuses(&self) -> Vec<ListenerStatus> {
+        lock(&self.inner.listeners)
+            .values()
+            .map(|e| lock(&e.status).clone())
+            .collect()
+    }
+
+    /// Stop every listener (they stay listed as paused, watermarks kept).
+    pub fn shutdown(&self) {
+        for entry in lock(&self.inner.listeners).values_mut() {
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+            let mut status = lock(&entry.status);
+            status.state = ListenerState::Paused;
+            status.connected = false;
+            status.replaying = false;
+        }
+    }
+}
+
+impl Drop for ZmqIngest {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn stop_entry(mut entry: Entry) -> ListenerStatus {
+    if let Some(task) = entry.task.take() {
+        task.abort();
+    }
+    let mut status = lock(&entry.status).clone();
+    status.connected = false;
+    status.replaying = false;
+    status
+}
+
+// ---------------------------------------------------------------------------------------------
+// One listener task
+// ---------------------------------------------------------------------------------------------
+
+struct Listener {
+    spec: ListenerSpec,
+    status: Arc<Mutex<ListenerStatus>>,
+    sink: Arc<dyn EventSink>,
+    config: IngestConfig,
+    ctx: ConvertContext,
+    /// Last sequence handed to the sink.
+    watermark: Option<u64>,
+    /// Last sequence seen on the live socket (restart detection).
+    last_live: Option<u64>,
+    /// Live messages received during a replay, processed after it.
+    held: VecDeque<ZmqMessage>,
+}
+
+/// Why a SUB endpoint can never be connected to (the listener is `failed`, SERVICE.md §2).
+fn unconnectable(endpoint: &str) -> Option<String> {
+    let reason = if endpoint.starts_with("inproc://") {
+        "inproc transport is not available across processes"
+    } else if endpoint
+        .strip_prefix("tcp://")
+        .is_some_and(|rest| rest.starts_with("*:"))
+    {
+        "Invalid argument"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "failed to connect ZMQ SUB socket to {endpoint}: {reason}"
+    ))
+}
+
+impl Listener {
+    fn with_status<R>(&self, f: impl FnOnce(&mut ListenerStatus) -> R) -> R {
+        f(&mut lock(&self.status))
+    }
+
+    async fn run(mut self, mut gate: watch::Receiver<bool>) {
+        // Ready gate (SERVICE.md §1.3): stay pending until the service opens it.
+        while !*gate.borrow_and_update() {
+            if gate.changed().await.is_err() {
+                return;
+            }
+        }
+        if let Some(error) = unconnectable(&self.spec.endpoint) {
+            tracing::warn!(worker_id = self.spec.worker_id, dp_rank = self.spec.dp_rank, %error, "listener failed");
+            self.with_status(|s| {
+                s.state = ListenerState::Failed;
+                s.last_error = Some(error);
+            });
+            return;
+        }
+        self.with_status(|s| s.state = ListenerState::Active);
+
+        let mut sub = self.connect().await;
+        let mut monitor = Some(sub.monitor());
+        tracing::info!(
+            worker_id = self.spec.worker_id,
+            dp_rank = self.spec.dp_rank,
+            endpoint = %self.spec.endpoint,
+            "ZMQ listener connected"
+        );
+
+        // Catch up at once (restart, resume, or a publisher that was already running).
+        if self.spec.replay_endpoint.is_some() {
+            let from = self.watermark.map_or(0, |w| w.saturating_add(1));
+            self.replay(from, None, &mut sub).await;
+        }
+
+        loop {
+            let msg = match self.held.pop_front() {
+                Some(m) => m,
+                None => self.next_live(&mut sub, &mut monitor).await,
+            };
+            self.on_live(msg, &mut sub).await;
+        }
+    }
+
+    /// Connect the SUB socket, retrying with backoff until it succeeds.
+    async fn connect(&self) -> SubSocket {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut options = SocketOptions::default();
+            options.connect_timeout(self.config.connect_timeout);
+            let mut sub = SubSocket::with_options(options);
+            let result = async {
+                // The empty prefix: every topic is accepted (SERVICE.md §5.1). Remembered by the
+                // socket and re-sent on every (re)connection.
+                sub.subscribe("").await?;
+                sub.connect(&self.spec.endpoint).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    self.with_status(|s| {
+                        s.connected = true;
+                        s.last_error = None;
+                    });
+                    return sub;
+                }
+                Err(e) => {
+                    let error = format!(
+                        "failed to connect ZMQ SUB socket to {}: {e}",
+                        self.spec.endpoint
+                    );
+                    tracing::debug!(worker_id = self.spec.worker_id, %error, "retrying");
+                    self.with_status(|s| s.last_error = Some(error));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.config.connect_backoff_max);
+                }
+            }
+        }
+    }
+
+    /// The next live message, keeping `connected` up to date meanwhile.
+    async fn next_live(
+        &self,
+        sub: &mut SubSocket,
+        monitor: &mut Option<futures::channel::mpsc::Receiver<SocketEvent>>,
+    ) -> ZmqMessage {
+        loop {
+            tokio::select! {
+                received = sub.recv() => match received {
+                    Ok(msg) => return msg,
+                    Err(e) => {
+                        // The peer went away or sent bad ZMTP; the socket reconnects by itself.
+                        tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                event = next_event(monitor), if monitor.is_some() => match event {
+                    Some(SocketEvent::Connected(..)) => self.with_status(|s| s.connected = true),
+                    Some(SocketEvent::Disconnected(..)) => self.with_status(|s| s.connected = false),
+                    Some(_) => {}
+                    None => *monitor = None,
+                },
+            }
+        }
+    }
+
+    async fn on_live(&mut self, msg: ZmqMessage, sub: &mut SubSocket) {
+        let frames = msg.into_vec();
+        let raw = match split_live_message(&frames) {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    "{e}"
+                );
+                record_frame_error(&e);
+                self.with_status(|s| s.counters.malformed_messages += 1);
+                return;
+            }
+        };
+        let seq = raw.seq;
+        // Decode before the sequence logic: a payload that does not decode must not move
+        // anything, not even restart detection (a corrupt message with a wild sequence number
+        // would otherwise look like a publisher restart).
+        let Some(batch) = self.decode(seq, raw.payload) else {
+            return;
+        };
+        if self.last_live.is_some_and(|last| seq <= last) {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                seq,
+                last = self.last_live,
+                "publisher sequence went backwards: treating it as a restarted publisher"
+            );
+            metrics::counter!(METRIC_PUBLISHER_RESTARTS).increment(1);
+            self.watermark = None;
+            self.with_status(|s| {
+                s.counters.publisher_restarts += 1;
+                s.watermark = None;
+            });
+        }
+        self.last_live = Some(seq);
+        self.with_status(|s| s.last_live_seq = Some(seq));
+
+        let expected = self.watermark.map_or(0, |w| w.saturating_add(1));
+        if self.watermark.is_some_and(|w| seq <= w) {
+            self.drop_stale(seq);
+            return;
+        }
+        if seq > expected {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                "Gap detected: expected seq {expected}, got {seq}"
+            );
+            metrics::counter!(METRIC_GAPS).increment(1);
+            self.with_status(|s| s.counters.gaps += 1);
+            self.replay(expected, Some(seq), sub).await;
+            // Replay normally covers the live batch too; then it is stale.
+            if self.watermark.is_some_and(|w| seq <= w) {
+                self.drop_stale(seq);
+                return;
+            }
+        }
+        self.submit(seq, batch);
+    }
+
+    fn drop_stale(&self, seq: u64) {
+        tracing::debug!(worker_id = self.spec.worker_id, seq, "stale batch dropped");
+        metrics::counter!(METRIC_BATCHES, "outcome" => "stale").increment(1);
+        self.with_status(|s| s.counters.stale_dropped += 1);
+    }
+
+    /// Decode batch `seq` and hand it to the sink.
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        if let Some(batch) = self.decode(seq, payload) {
+            self.submit(seq, batch);
+        }
+    }
+
+    /// Decode batch `seq`; a failure is logged and counted and leaves the watermark alone.
+    fn decode(&mut self, seq: u64, payload: &[u8]) -> Option<ConvertedBatch> {
+        self.ctx.seq = seq;
+        match decode_payload(payload, &self.ctx) {
+            Ok(batch) => Some(batch),
+            Err(e) => {
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    seq,
+                    error = %e,
+                    "batch failed to decode"
+                );
+                record_batch_error(&e);
+                self.with_status(|s| s.counters.decode_failures += 1);
+                None
+            }
+        }
+    }
+
+    /// Hand a decoded batch to the sink; advances the watermark unless the sink is unavailable.
+    fn submit(&mut self, seq: u64, batch: ConvertedBatch) {
+        record_batch_metrics(&batch);
+        for rejected in &batch.rejected {
+            tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
+        }
+        let rejected = batch.rejected.len() as u64;
+        let skipped = batch.skipped.len() as u64;
+        let submitted = batch.events.len() as u64;
+        let result = self
+            .sink
+            .submit(self.spec.worker_id, self.spec.dp_rank, seq, batch.events);
+        let advance = match &result {
+            Ok(()) => {
+                metrics::counter!(METRIC_BATCHES, "outcome" => "applied").increment(1);
+                true
+            }
+            Err(SinkError::Rejected(reason)) => {
+                tracing::warn!(worker_id = self.spec.worker_id, seq, %reason, "sink rejected batch");
+                metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
+                true
+            }
+            Err(SinkError::Unavailable(reason)) => {
+                tracing::warn!(worker_id = self.spec.worker_id, seq, %reason, "sink unavailable");
+                metrics::counter!(METRIC_BATCHES, "outcome" => "sink_unavailable").increment(1);
+                false
+            }
+        };
+        let lost = if advance {
+            let expected = self.watermark.map_or(0, |w| w.saturating_add(1));
+            self.watermark = Some(seq);
+            seq.saturating_sub(expected)
+        } else {
+            0
+        };
+        if lost > 0 {
+            metrics::counter!(METRIC_LOST_BATCHES).increment(lost);
+        }
+        self.with_status(|s| {
+            let c = &mut s.counters;
+            c.events_rejected += rejected;
+            c.events_skipped += skipped;
+            c.lost_batches += lost;
+            if result.is_ok() {
+                c.batches_applied += 1;
+                c.events_submitted += submitted;
+            } else {
+                c.sink_errors += 1;
+            }
+            if advance {
+                s.watermark = Some(seq);
+            }
+        });
+    }
+
+    /// Ask the replay endpoint for every batch from `from` on and apply what comes back; live
+    /// messages arriving meanwhile are held. `target` is the live seq that revealed the gap.
+    async fn replay(&mut self, from: u64, target: Option<u64>, sub: &mut SubSocket) {
+        let Some(endpoint) = self.spec.replay_endpoint.clone() else {
+            if let Some(target) = target {
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    gap_size = target - from,
+                    "No replay endpoint configured; batches lost"
+                );
+                metrics::counter!(METRIC_REPLAYS, "outcome" => "not_configured").increment(1);
+            }
+            return;
+        };
+        let degraded = self.with_status(|s| {
+            s.counters.replay_requests += 1;
+            s.replaying = true;
+            s.degraded
+        });
+        let attempts = if degraded {
+            1
+        } else {
+            self.config.replay_attempts.max(1)
+        };
+        tracing::info!(
+            worker_id = self.spec.worker_id,
+            dp_rank = self.spec.dp_rank,
+            from,
+            ?target,
+            "Requesting replay"
+        );
+
+        let config = self.config.clone();
+        let fetched = {
+            let fetch = fetch_replay(&endpoint, from, attempts, &config);
+            tokio::pin!(fetch);
+            loop {
+                let room = self.held.len() < config.max_held_live_batches;
+                tokio::select! {
+                    fetched = &mut fetch => break fetched,
+                    received = sub.recv(), if room => {
+                        if let Ok(msg) = received {
+                            self.held.push_back(msg);
+                        }
+                    }
+                }
+            }
+        };
+
+        let count = fetched.batches.len() as u64;
+        let first = fetched.batches.first().map(|b| b.0);
+        let last = fetched.batches.last().map(|b| b.0);
+        let mut contiguous = true;
+        let mut prev: Option<u64> = None;
+        for (seq, payload) in &fetched.batches {
+            if prev.is_some_and(|p| *seq != p.saturating_add(1)) {
+                contiguous = false;
+            }
+            prev = Some(*seq);
+            if self.watermark.is_some_and(|w| *seq <= w) {
+                continue;
+            }
+            self.apply(*seq, payload);
+        }
+        metrics::counter!(METRIC_REPLAYED_BATCHES).increment(count);
+        self.with_status(|s| {
+            s.counters.replayed_batches += count;
+            s.replaying = false;
+        });
+
+        match &fetched.error {
+            None => {
+                self.with_status(|s| {
+                    s.degraded = false;
+                    if s.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("replay"))
+                    {
+                        s.last_error = None;
+                    }
+                });
+                let reason = if count == 0 && target.is_some() {
+                    Some("empty")
+                } else if first.is_some_and(|f| f > from) {
+                    Some("started_after_requested")
+                } else if !contiguous {
+                    Some("non_contiguous")
+                } else if let (Some(t), Some(l)) = (target, last) {
+                    (l.saturating_add(1) < t).then_some("ended_before_target")
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        tracing::warn!(
+                            worker_id = self.spec.worker_id,
+                            dp_rank = self.spec.dp_rank,
+                            "Replay incomplete: requested=[{from},{}), first={first:?}, last={last:?}, replayed={count}, reason={reason}",
+                            target.map_or("..".to_owned(), |t| t.to_string()),
+                        );
+                        metrics::counter!(METRIC_REPLAYS, "outcome" => "incomplete").increment(1);
+                    }
+                    None => metrics::counter!(METRIC_REPLAYS, "outcome" => "complete").increment(1),
+                }
+            }
+            Some(error) => {
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    %endpoint,
+                    %error,
+                    attempts,
+                    replayed = count,
+                    "replay failed; listener degraded"
+                );
+                metrics::counter!(METRIC_REPLAYS, "outcome" => "failed").increment(1);
+                self.with_status(|s| {
+                    s.degraded = true;
+                    s.counters.replay_failures += 1;
+                    s.last_error = Some(format!("replay from {endpoint} failed: {error}"));
+                });
+            }
+        }
+    }
+}
+
+async fn next_event(
+    monitor: &mut Option<futures::channel::mpsc::Receiver<SocketEvent>>,
+) -> Option<SocketEvent> {
+    match monitor {
+        Some(m) => m.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replay client
+// ---------------------------------------------------------------------------------------------
+
+/// Why one replay attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// No connection within the timeout.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The connection attempt failed.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The request could not be sent.
+    #[error("request failed: {0}")]
+    Send(String),
+    /// No frame within the timeout before the end-of-replay marker.
+    #[error("no reply within {0:?}")]
+    Idle(Duration),
+    /// The socket failed while receiving.
+    #[error("receive failed: {0}")]
+    Receive(String),
+    /// More batches than [`IngestConfig::replay_max_batches`].
+    #[error("replay exceeded {0} batches")]
+    TooLong(usize),
+}
+
+/// What a replay request brought back.
+#[derive(Debug, Default)]
+pub struct ReplayFetch {
+    /// Replayed batches `(seq, payload)` in the order received.
+    pub batches: Vec<(u64, Bytes)>,
+    /// `None` when the end-of-replay marker arrived; the last attempt's error otherwise.
+    pub error: Option<ReplayError>,
+}
+
+/// One frame sequence received by the DEALER during a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayFrame {
+    /// A buffered batch.
+    Batch {
+        /// Its sequence number.
+        seq: u64,
+        /// Its msgpack payload.
+        payload: Bytes,
+    },
+    /// End of the replay: empty payload, fewer than 3 frames, or a bad sequence frame.
+    End,
+}
+
+/// Interpret what the DEALER received: `[b"", topic, seq, payload]` (vLLM / SGLang) or
+/// `[b"", seq, payload]` (older publishers); the seq frame is the one before the payload
+/// (SERVICE.md §7.2).
+pub fn parse_replay_frames(frames: &[Bytes]) -> ReplayFrame {
+    if frames.len() < 3 {
+        return ReplayFrame::End;
+    }
+    let payload = &frames[frames.len() - 1];
+    if payload.is_empty() {
+        return ReplayFrame::End;
+    }
+    match parse_seq(&frames[frames.len() - 2]) {
+        Ok(seq) => ReplayFrame::Batch {
+            seq,
+            payload: payload.clone(),
+        },
+        Err(_) => ReplayFrame::End,
+    }
+}
+
+/// Request replay from `from` with up to `attempts` attempts and exponential backoff; each
+/// retry resumes after the last batch received.
+pub async fn fetch_replay(
+    endpoint: &str,
+    from: u64,
+    attempts: u32,
+    config: &IngestConfig,
+) -> ReplayFetch {
+    let mut fetched = ReplayFetch::default();
+    let mut delay = config.replay_backoff;
+    let mut next = from;
+    for attempt in 0..attempts.max(1) {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(config.replay_backoff_max);
+        }
+        match replay_once(endpoint, next, config, &mut fetched.batches).await {
+            Ok(()) => {
+                fetched.error = None;
+                return fetched;
+            }
+            Err(e) => {
+                tracing::debug!(%endpoint, attempt, error = %e, "replay attempt failed");
+                fetched.error = Some(e);
+                if let Some((seq, _)) = fetched.batches.last() {
+                    next = seq.saturating_add(1);
+                }
+            }
+        }
+    }
+    fetched
+}
+
+async fn replay_once(
+    endpoint: &str,
+    start: u64,
+    config: &IngestConfig,
+    out: &mut Vec<(u64, Bytes)>,
+) -> Result<(), ReplayError> {
+    let timeout = config.replay_timeout;
+    let mut options = SocketOptions::default();
+    options.connect_timeout(timeout);
+    let mut dealer = DealerSocket::with_options(options);
+    match tokio::time::timeout(timeout, dealer.connect(endpoint)).await {
+        Err(_) | Ok(Err(zeromq::ZmqError::ConnectTimeout(_))) => {
+            return Err(ReplayError::ConnectTimeout(timeout))
+        }
+        Ok(Err(e)) => return Err(ReplayError::Connect(e.to_string())),
+        Ok(Ok(())) => {}
+    }
+    let request = ZmqMessage::try_from(vec![
+        Bytes::new(),
+        Bytes::copy_from_slice(&start.to_be_bytes()),
+    ])
+    .map_err(|e| ReplayError::Send(e.to_string()))?;
+    match tokio::time::timeout(timeout, dealer.send(request)).await {
+        Err(_) => return Err(ReplayError::Send(format!("timed out after {timeout:?}"))),
+        Ok(Err(e)) => return Err(ReplayError::Send(e.to_string())),
+        Ok(Ok(())) => {}
+    }
+    loop {
+        let msg = match tokio::time::timeout(timeout, dealer.recv()).await {
+            Err(_) => return Err(ReplayError::Idle(timeout)),
+            Ok(Err(e)) => return Err(ReplayError::Receive(e.to_string())),
+            Ok(Ok(msg)) => msg,
+        };
+        match parse_replay_frames(&msg.into_vec()) {
+            ReplayFrame::End => return Ok(()),
+            ReplayFrame::Batch { seq, payload } => {
+                if out.len() >= config.replay_max_batches {
+                    return Err(ReplayError::TooLong(config.replay_max_batches));
+                }
+                out.push((seq, payload));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_validation_matches_dynamo_wording() {
+        for ok in [
+            "tcp://127.0.0.1:5557",
+            "tcp://localhost:1",
+            "tcp://*:5558",
+            "tcp://[::1]:5557",
+            "ipc:///tmp/x.sock",
+            "inproc://events",
+        ] {
+            assert_eq!(validate_endpoint(ok), Ok(()), "{ok}");
+        }
+        let msg = |e: &str| validate_endpoint(e).unwrap_err().to_string();
+        assert_eq!(
+            msg("tcp://127.0.0.1"),
+            "invalid ZMQ endpoint `tcp://127.0.0.1`: missing TCP port"
+        );
+        assert_eq!(
+            msg("udp://127.0.0.1:5"),
+            "invalid ZMQ endpoint `udp://127.0.0.1:5`: unsupported scheme `udp`"
+        );
+        assert_eq!(msg("nope"), "invalid ZMQ endpoint `nope`: missing scheme");
+        assert!(msg("tcp://h:70000").contains("invalid TCP port"));
+        assert!(msg("tcp://::1:5").contains("brackets"));
+        assert!(msg("tcp://:5").contains("missing TCP host"));
+        let replay = IngestError::InvalidReplayEndpoint(validate_endpoint("nope").unwrap_err());
+        assert_eq!(
+            replay.to_string(),
+            "invalid replay endpoint `nope`: invalid ZMQ endpoint `nope`: missing scheme"
+        );
+    }
+
+    #[test]
+    fn replay_frames_with_and_without_topic() {
+        let seq = |s: i64| Bytes::copy_from_slice(&s.to_be_bytes());
+        let p = Bytes::from_static(b"\x93\x00\x90\xc0");
+        assert_eq!(
+            parse_replay_frames(&[Bytes::new(), Bytes::from_static(b"kv"), seq(7), p.clone()]),
+            ReplayFrame::Batch {
+                seq: 7,
+                payload: p.clone()
+            }
+        );
+        assert_eq!(
+            parse_replay_frames(&[Bytes::new(), seq(8), p.clone()]),
+            ReplayFrame::Batch { seq: 8, payload: p }
+        );
+        // Terminator of real engines and of older publishers.
+        assert_eq!(
+            parse_replay_frames(&[Bytes::new(), Bytes::new(), seq(-1), Bytes::new()]),
+            ReplayFrame::End
+        );
+        assert_eq!(
+            parse_replay_frames(&[Bytes::new(), seq(-1), Bytes::new()]),
+            ReplayFrame::End
+        );
+        assert_eq!(
+            parse_replay_frames(&[Bytes::new(), seq(1)]),
+            ReplayFrame::End
+        );
+        assert_eq!(
+            parse_replay_frames(&[
+                Bytes::new(),
+                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"x")
+            ]),
+            ReplayFrame::End
+        );
+    }
+
+    #[test]
+    fn unconnectable_endpoints_fail_with_dynamo_text() {
+        assert_eq!(
+            unconnectable("tcp://*:5558").as_deref(),
+            Some("failed to connect ZMQ SUB socket to tcp://*:5558: Invalid argument")
+        );
+        assert!(unconnectable("inproc://x").is_some());
+        assert!(unconnectable("tcp://127.0.0.1:5").is_none());
+    }
+}

@@ -1,0 +1,56 @@
+//! ZMQ ingestion of KV-cache events from vLLM / SGLang publishers (SERVICE.md §5, §7).
+//!
+//! ```text
+//! engine PUB ──[topic, seq_be64, msgpack KVEventBatch]──▶ SUB (one per (worker, dp_rank))
+//!                                                           │ listener: frames → seq check
+//!                                                           │   in order  → decode → EventSink
+//!                                                           │   stale     → drop, count
+//!                                                           │   gap       → DEALER ──▶ engine ROUTER
+//!                                                           │               replay [w+1, s), timeout,
+//!                                                           │               bounded retries, backoff
+//!                                                           ▼
+//!                                                 EventSink::submit(worker, dp, seq, events)
+//! ```
+//!
+//! * [`decode`]: frames and msgpack payloads → typed engine events → kvindex
+//!   [`RouterEvent`](kvindex_engine::RouterEvent)s (local hashes recomputed from token ids).
+//! * [`listener`]: [`ZmqIngest`], the set of listeners: registration, per-stream sequencing,
+//!   replay, pause / resume, status for `/workers`, the [`EventSink`] the service implements.
+//! * [`test_publisher`]: a publisher speaking vLLM's wire protocol (PUB + ROUTER replay ring),
+//!   with knobs for gaps, a dead replay endpoint and garbage; used by tests and
+//!   `examples/vllm_publisher.rs`.
+//!
+//! # Why the pure-Rust `zeromq` crate
+//!
+//! kvindex must build on a fresh Debian machine with only the Rust toolchain. The `zmq` crate
+//! binds libzmq: it needs the system library (`libzmq3-dev`) or, with its `vendored` feature, a
+//! C++ toolchain to compile libzmq from source. `zeromq` (zmq.rs, 0.7) is a native
+//! implementation of ZMTP 3.x on tokio: no system library, no build script, and it interoperates
+//! on the wire with libzmq peers such as pyzmq inside vLLM and SGLang. It has every socket type
+//! this protocol uses — SUB (with automatic reconnection and subscription resync), PUB, DEALER,
+//! ROUTER — over tcp and ipc. What it lacks, and how this module copes:
+//!
+//! * no `inproc` transport (meaningless across processes anyway): such endpoints validate, as in
+//!   Dynamo, but the listener reports `failed`;
+//! * `connect` waits for the peer instead of returning at once like libzmq: the listener connects
+//!   in its own task and reports `connected` separately from its state;
+//! * no per-socket receive timeout or heartbeat options: every wait is wrapped in a tokio timeout;
+//! * a DEALER does not reconnect by itself: each replay request uses a fresh DEALER (connect
+//!   timeout, request, stream, drop), which is indistinguishable on the wire for the publisher's
+//!   ROUTER and cannot get stuck on a dead connection.
+//!
+//! It requires Rust ≥ 1.89 (the toolchain here is newer).
+
+#![warn(missing_docs)]
+
+pub mod decode;
+pub mod listener;
+mod msgpack;
+pub mod test_publisher;
+
+pub use decode::{BatchError, ConvertContext, EventError, FrameError, SkipReason};
+pub use listener::{
+    validate_endpoint, EndpointError, EventSink, IngestConfig, IngestError, ListenerSpec,
+    ListenerState, ListenerStatus, SinkError, ZmqIngest,
+};
+pub use msgpack::MsgpackError;

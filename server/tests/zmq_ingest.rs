@@ -1,0 +1,752 @@
+//! ZMQ ingestion end to end on loopback: a Rust publisher speaking vLLM's wire protocol
+//! (`kvindex_server::zmq::test_publisher`) → `ZmqIngest` listeners → a collecting sink.
+//!
+//! No timing assertions: every wait is bounded polling for a condition, with a generous
+//! deadline that only matters when something is broken.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
+use kvindex_engine::{KvCacheEventData, RouterEvent};
+use kvindex_server::zmq::test_publisher::{
+    EventEncoding, PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
+};
+use kvindex_server::zmq::{
+    EventSink, IngestConfig, ListenerSpec, ListenerState, ListenerStatus, SinkError, ZmqIngest,
+};
+
+const BS: u32 = 4;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One `submit` call as the sink saw it.
+#[derive(Debug, Clone)]
+struct Submitted {
+    worker_id: u64,
+    dp_rank: u32,
+    seq: u64,
+    events: Vec<RouterEvent>,
+}
+
+#[derive(Default)]
+struct CollectingSink {
+    batches: Mutex<Vec<Submitted>>,
+}
+
+impl EventSink for CollectingSink {
+    fn submit(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        source_seq: u64,
+        events: Vec<RouterEvent>,
+    ) -> Result<(), SinkError> {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Submitted {
+                worker_id,
+                dp_rank,
+                seq: source_seq,
+                events,
+            });
+        Ok(())
+    }
+}
+
+impl CollectingSink {
+    fn of(&self, worker_id: u64, dp_rank: u32) -> Vec<Submitted> {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|b| b.worker_id == worker_id && b.dp_rank == dp_rank)
+            .cloned()
+            .collect()
+    }
+
+    fn seqs(&self, worker_id: u64, dp_rank: u32) -> Vec<u64> {
+        self.of(worker_id, dp_rank).iter().map(|b| b.seq).collect()
+    }
+
+    fn has_seq(&self, worker_id: u64, dp_rank: u32, seq: u64) -> bool {
+        self.seqs(worker_id, dp_rank).contains(&seq)
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn fast_config() -> IngestConfig {
+    IngestConfig {
+        replay_timeout: Duration::from_millis(500),
+        replay_attempts: 2,
+        replay_backoff: Duration::from_millis(50),
+        replay_backoff_max: Duration::from_millis(200),
+        ..IngestConfig::default()
+    }
+}
+
+fn ingest(sink: &Arc<CollectingSink>, config: IngestConfig) -> ZmqIngest {
+    ZmqIngest::new(tokio::runtime::Handle::current(), sink.clone(), config)
+}
+
+fn status(ingest: &ZmqIngest, worker_id: u64, dp_rank: u32) -> ListenerStatus {
+    ingest
+        .status(worker_id, dp_rank)
+        .expect("listener is registered")
+}
+
+fn spec_for(publisher: &VllmPublisher, worker_id: u64, dp_rank: u32) -> ListenerSpec {
+    let spec = ListenerSpec::new(worker_id, dp_rank, publisher.endpoint(), BS);
+    match publisher.replay_endpoint() {
+        Some(replay) => spec.with_replay(replay),
+        None => spec,
+    }
+}
+
+/// Publish empty batches until one reaches the listener *live* (not through replay): from
+/// then on the SUB socket is subscribed and live batches flow (ZMQ's slow-joiner window is
+/// over). Returns the last seq.
+async fn sync_live(
+    publisher: &VllmPublisher,
+    ingest: &ZmqIngest,
+    sink: &CollectingSink,
+    worker_id: u64,
+    dp: u32,
+) -> u64 {
+    let start = Instant::now();
+    loop {
+        let seq = publisher
+            .publish(&PublishBatch::new(Vec::new()))
+            .await
+            .expect("publish");
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            let live = ingest
+                .status(worker_id, dp)
+                .and_then(|s| s.last_live_seq)
+                .is_some_and(|l| l >= seq);
+            if live && sink.has_seq(worker_id, dp, seq) {
+                return seq;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "listener never received a live batch"
+        );
+    }
+}
+
+fn tokens(range: std::ops::Range<u32>) -> Vec<u32> {
+    range.collect()
+}
+
+fn local_hashes(tokens: &[u32]) -> Vec<u64> {
+    compute_block_hash_for_seq(tokens, BS, &HashOptions::default())
+        .into_iter()
+        .map(|h| h.0)
+        .collect()
+}
+
+fn kinds(events: &[RouterEvent]) -> Vec<&'static str> {
+    events.iter().map(|e| e.event.data.kind_label()).collect()
+}
+
+fn stored(ev: &RouterEvent) -> Vec<(u64, u64)> {
+    match &ev.event.data {
+        KvCacheEventData::Stored(s) => s
+            .blocks
+            .iter()
+            .map(|b| (b.block_hash.0, b.tokens_hash.0))
+            .collect(),
+        other => panic!("not a store: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_listener_delivers_stores_removes_and_clears_in_order() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 1, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 1, 0).await;
+
+    let t = tokens(1..13);
+    let batches = [
+        PublishBatch::new(vec![PublishEvent::stored(
+            vec![101, 102],
+            None,
+            t[..8].to_vec(),
+            BS,
+        )]),
+        PublishBatch::new(vec![PublishEvent::stored(
+            vec![103],
+            Some(102),
+            t[8..].to_vec(),
+            BS,
+        )])
+        .with_encoding(EventEncoding::Map),
+        PublishBatch::new(vec![PublishEvent::removed(vec![103])]),
+        PublishBatch::new(vec![PublishEvent::Cleared]).with_encoding(EventEncoding::Map),
+    ];
+    for b in &batches {
+        publisher.publish(b).await.unwrap();
+    }
+    let last = warm + batches.len() as u64;
+    wait_until("all four batches", || sink.has_seq(1, 0, last)).await;
+
+    let got: Vec<Submitted> = sink.of(1, 0).into_iter().filter(|b| b.seq > warm).collect();
+    assert_eq!(
+        got.iter().map(|b| b.seq).collect::<Vec<_>>(),
+        (warm + 1..=last).collect::<Vec<_>>(),
+        "in order, each once"
+    );
+    let all: Vec<RouterEvent> = got.iter().flat_map(|b| b.events.clone()).collect();
+    assert_eq!(kinds(&all), ["stored", "stored", "removed", "cleared"]);
+    let want = local_hashes(&t);
+    assert_eq!(stored(&all[0]), vec![(101, want[0]), (102, want[1])]);
+    assert_eq!(stored(&all[1]), vec![(103, want[2])]);
+    assert!(all.iter().all(|e| e.worker_id == 1 && e.event.dp_rank == 0));
+
+    let st = status(&ingest, 1, 0);
+    assert_eq!(st.state, ListenerState::Active);
+    assert_eq!(st.watermark, Some(last));
+    assert!(!st.degraded);
+    assert_eq!(st.counters.lost_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_ranks_get_their_own_listeners_and_batch_ranks_override() {
+    let rank0 = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let rank1 = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&rank0, 5, 0)).unwrap();
+    ingest.register(spec_for(&rank1, 5, 1)).unwrap();
+    let w0 = sync_live(&rank0, &ingest, &sink, 5, 0).await;
+    let w1 = sync_live(&rank1, &ingest, &sink, 5, 1).await;
+
+    let store = |h: u64| PublishEvent::stored(vec![h], None, tokens(1..5), BS);
+    // vLLM fills data_parallel_rank; a nil rank falls back to the registered one; a foreign
+    // rank on the dp0 stream is honoured for the events (SERVICE.md §5.2).
+    rank0
+        .publish(&PublishBatch::new(vec![store(10)]))
+        .await
+        .unwrap();
+    rank1
+        .publish(&PublishBatch::new(vec![store(11)]).with_dp_rank(1))
+        .await
+        .unwrap();
+    rank0
+        .publish(&PublishBatch::new(vec![store(12)]).with_dp_rank(3))
+        .await
+        .unwrap();
+    wait_until("dp0 batches", || sink.has_seq(5, 0, w0 + 2)).await;
+    wait_until("dp1 batch", || sink.has_seq(5, 1, w1 + 1)).await;
+
+    let dp0: Vec<RouterEvent> = sink
+        .of(5, 0)
+        .into_iter()
+        .filter(|b| b.seq > w0)
+        .flat_map(|b| b.events)
+        .collect();
+    let dp1: Vec<RouterEvent> = sink
+        .of(5, 1)
+        .into_iter()
+        .filter(|b| b.seq > w1)
+        .flat_map(|b| b.events)
+        .collect();
+    let ranks = |evs: &[RouterEvent]| evs.iter().map(|e| e.event.dp_rank).collect::<Vec<_>>();
+    assert_eq!(ranks(&dp0), [0, 3]);
+    assert_eq!(ranks(&dp1), [1]);
+    assert_eq!(ingest.statuses().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_is_filled_by_replay_with_exactly_the_missing_batches() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 2, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 2, 0).await;
+
+    // Three batches the subscriber never sees live, then a live one: a gap of three.
+    let mut missing = Vec::new();
+    for h in [21u64, 22, 23] {
+        missing.push(
+            publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::removed(vec![h])])),
+        );
+    }
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![24])]))
+        .await
+        .unwrap();
+    wait_until("the live batch", || sink.has_seq(2, 0, live)).await;
+
+    let after: Vec<Submitted> = sink.of(2, 0).into_iter().filter(|b| b.seq > warm).collect();
+    assert_eq!(
+        after.iter().map(|b| b.seq).collect::<Vec<_>>(),
+        vec![missing[0], missing[1], missing[2], live],
+        "exactly the missing batches, once each, then the live one"
+    );
+    let removed: Vec<u64> = after
+        .iter()
+        .flat_map(|b| b.events.iter())
+        .map(|e| match &e.event.data {
+            KvCacheEventData::Removed(r) => r.block_hashes[0].0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(removed, [21, 22, 23, 24]);
+    assert!(publisher.replay_requests().contains(&missing[0]));
+
+    let st = status(&ingest, 2, 0);
+    assert!(st.counters.gaps >= 1);
+    assert_eq!(st.counters.lost_batches, 0);
+    assert!(!st.degraded);
+    assert!(!st.replaying);
+    assert_eq!(st.watermark, Some(live));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 3, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 3, 0).await;
+
+    publisher.kill_replay();
+    publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::Cleared]));
+    publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::Cleared]));
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![31])]))
+        .await
+        .unwrap();
+    wait_until("the live batch after the failed replay", || {
+        sink.has_seq(3, 0, live)
+    })
+    .await;
+    let st = status(&ingest, 3, 0);
+    assert!(st.degraded, "{st:?}");
+    assert_eq!(st.state, ListenerState::Active);
+    assert_eq!(st.counters.lost_batches, 2);
+    assert!(st.counters.replay_failures >= 1);
+    assert!(st.last_error.as_deref().unwrap_or("").contains("replay"));
+
+    // Later events keep flowing, in order; a second gap while degraded also passes.
+    let next = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![32])]))
+        .await
+        .unwrap();
+    publisher.skip_seqs(1);
+    let after_gap = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![33])]))
+        .await
+        .unwrap();
+    wait_until("batches after the degraded gap", || {
+        sink.has_seq(3, 0, after_gap)
+    })
+    .await;
+    let seqs: Vec<u64> = sink.seqs(3, 0).into_iter().filter(|&s| s > warm).collect();
+    assert_eq!(seqs, vec![live, next, after_gap]);
+    let st = status(&ingest, 3, 0);
+    assert!(st.degraded);
+    assert_eq!(st.counters.lost_batches, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_are_counted_and_never_crash_the_listener() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 4, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 4, 0).await;
+
+    let next = publisher.next_seq().to_be_bytes().to_vec();
+    let garbage: Vec<Vec<Vec<u8>>> = vec![
+        vec![b"topic".to_vec()],                                        // 1 frame
+        vec![b"".to_vec(), next.clone()],                               // 2 frames
+        vec![b"".to_vec(), vec![0, 0, 0, 1], b"x".to_vec()],            // 4-byte seq
+        vec![b"".to_vec(), next.clone(), b"x".to_vec(), b"y".to_vec()], // 4 frames
+        vec![b"".to_vec(), next.clone(), vec![0xc1, 0xff, 0x00]],       // not msgpack
+        vec![
+            b"".to_vec(),
+            u64::MAX.to_be_bytes().to_vec(),
+            vec![0x92, 0x01],
+        ], // wild seq, bad batch
+    ];
+    for frames in garbage {
+        publisher.send_raw(frames).await.unwrap();
+    }
+    // A good batch with one bad event in it: the good events survive.
+    publisher
+        .send_raw(vec![b"kv".to_vec(), next.clone(), {
+            let mut b = Vec::new();
+            rmp::encode::write_array_len(&mut b, 3).unwrap();
+            rmp::encode::write_f64(&mut b, 0.0).unwrap();
+            rmp::encode::write_array_len(&mut b, 3).unwrap();
+            rmp::encode::write_array_len(&mut b, 2).unwrap();
+            rmp::encode::write_str(&mut b, "BlockRemoved").unwrap();
+            rmp::encode::write_array_len(&mut b, 1).unwrap();
+            rmp::encode::write_uint(&mut b, 41).unwrap();
+            rmp::encode::write_array_len(&mut b, 2).unwrap();
+            rmp::encode::write_str(&mut b, "Bogus").unwrap();
+            rmp::encode::write_uint(&mut b, 1).unwrap();
+            rmp::encode::write_array_len(&mut b, 1).unwrap();
+            rmp::encode::write_str(&mut b, "AllBlocksCleared").unwrap();
+            rmp::encode::write_nil(&mut b).unwrap();
+            b
+        }])
+        .await
+        .unwrap();
+    let good_seq = u64::from_be_bytes(next.as_slice().try_into().unwrap());
+    wait_until("the mixed batch", || sink.has_seq(4, 0, good_seq)).await;
+
+    let st = status(&ingest, 4, 0);
+    assert_eq!(st.counters.malformed_messages, 4, "{st:?}");
+    assert_eq!(st.counters.decode_failures, 2);
+    assert_eq!(st.counters.events_rejected, 1);
+    assert_eq!(
+        st.counters.publisher_restarts, 0,
+        "a corrupt seq is not a restart"
+    );
+    assert_eq!(st.counters.lost_batches, 0);
+    assert_eq!(st.state, ListenerState::Active);
+    let batch = sink
+        .of(4, 0)
+        .into_iter()
+        .find(|b| b.seq == good_seq)
+        .unwrap();
+    assert_eq!(kinds(&batch.events), ["removed", "cleared"]);
+    assert!(good_seq > warm);
+
+    // The injected batch used the publisher's next seq; consume it, then traffic flows on.
+    publisher.skip_seqs(1);
+    let after = publisher
+        .publish(&PublishBatch::new(Vec::new()))
+        .await
+        .unwrap();
+    wait_until("a batch after the garbage", || sink.has_seq(4, 0, after)).await;
+    let st = status(&ingest, 4, 0);
+    assert_eq!(st.counters.publisher_restarts, 0);
+    assert_eq!(st.counters.lost_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_from_a_durable_watermark_replays_from_the_next_sequence() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    // Ten batches published while kvindex was down: buffered in the replay ring only.
+    for h in 0..10u64 {
+        publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::removed(vec![h])]));
+    }
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(spec_for(&publisher, 6, 0).resuming_after(4))
+        .unwrap();
+    wait_until("batches 5..=9", || sink.has_seq(6, 0, 9)).await;
+    assert_eq!(sink.seqs(6, 0)[..5], [5, 6, 7, 8, 9]);
+    assert_eq!(publisher.replay_requests().first(), Some(&5));
+
+    let live = sync_live(&publisher, &ingest, &sink, 6, 0).await;
+    let seqs = sink.seqs(6, 0);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(status(&ingest, 6, 0).watermark, Some(live));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_publishers_storing_the_same_prefix_at_once_all_reach_the_sink() {
+    const WORKERS: u64 = 6;
+    const BLOCKS: u64 = 25;
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    let mut publishers = Vec::new();
+    for w in 0..WORKERS {
+        let p = Arc::new(
+            VllmPublisher::bind(PublisherConfig::loopback())
+                .await
+                .unwrap(),
+        );
+        ingest.register(spec_for(&p, 100 + w, 0)).unwrap();
+        publishers.push(p);
+    }
+    let mut warm = Vec::new();
+    for (w, p) in publishers.iter().enumerate() {
+        warm.push(sync_live(p, &ingest, &sink, 100 + w as u64, 0).await);
+    }
+
+    // Every worker stores the same chain, one block per batch, all at the same time.
+    let all_tokens = tokens(1..(BLOCKS as u32 * BS + 1));
+    let mut tasks = Vec::new();
+    for p in &publishers {
+        let p = p.clone();
+        let all_tokens = all_tokens.clone();
+        tasks.push(tokio::spawn(async move {
+            for b in 0..BLOCKS {
+                let start = (b * u64::from(BS)) as usize;
+                let block = all_tokens[start..start + BS as usize].to_vec();
+                let parent = b.checked_sub(1).map(|x| 1000 + x);
+                p.publish(&PublishBatch::new(vec![PublishEvent::stored(
+                    vec![1000 + b],
+                    parent,
+                    block,
+                    BS,
+                )]))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let want = local_hashes(&all_tokens);
+    for w in 0..WORKERS {
+        let last = warm[w as usize] + BLOCKS;
+        wait_until("every worker's last store", || {
+            sink.has_seq(100 + w, 0, last)
+        })
+        .await;
+        let blocks: Vec<(u64, u64)> = sink
+            .of(100 + w, 0)
+            .into_iter()
+            .filter(|b| b.seq > warm[w as usize])
+            .flat_map(|b| b.events)
+            .flat_map(|e| stored(&e))
+            .collect();
+        let expected: Vec<(u64, u64)> = (0..BLOCKS).map(|b| (1000 + b, want[b as usize])).collect();
+        assert_eq!(blocks, expected, "worker {w}: every store, in order, once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_keeps_the_watermark_and_resume_catches_up_by_replay() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 7, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 7, 0).await;
+
+    ingest.pause(7, 0).unwrap();
+    assert_eq!(status(&ingest, 7, 0).state, ListenerState::Paused);
+    assert!(ingest.pause(7, 0).is_err());
+    let during = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+        .await
+        .unwrap();
+    ingest.resume(7, 0).unwrap();
+    assert!(ingest.resume(7, 0).is_err());
+    wait_until("the batch published while paused", || {
+        sink.has_seq(7, 0, during)
+    })
+    .await;
+    assert_eq!(
+        sink.seqs(7, 0)
+            .into_iter()
+            .filter(|&s| s > warm)
+            .collect::<Vec<_>>(),
+        vec![during]
+    );
+    assert!(publisher.replay_requests().contains(&(warm + 1)));
+
+    let last = ingest.unregister(7, 0).unwrap();
+    assert_eq!(last.watermark, Some(during));
+    assert!(ingest.status(7, 0).is_none());
+    assert!(ingest.unregister(7, 0).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_validates_endpoints_and_unusable_ones_fail() {
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    let err = ingest
+        .register(ListenerSpec::new(1, 0, "tcp://127.0.0.1", BS))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid ZMQ endpoint `tcp://127.0.0.1`: missing TCP port"
+    );
+    let err = ingest
+        .register(ListenerSpec::new(1, 0, "tcp://127.0.0.1:5", BS).with_replay("nope"))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid replay endpoint `nope`: invalid ZMQ endpoint `nope`: missing scheme"
+    );
+    ingest
+        .register(ListenerSpec::new(1, 0, "tcp://*:5558", BS))
+        .unwrap();
+    assert!(ingest
+        .register(ListenerSpec::new(1, 0, "tcp://*:5558", BS))
+        .is_err());
+    wait_until("failed status", || {
+        status(&ingest, 1, 0).state == ListenerState::Failed
+    })
+    .await;
+    assert_eq!(
+        status(&ingest, 1, 0).last_error.as_deref(),
+        Some("failed to connect ZMQ SUB socket to tcp://*:5558: Invalid argument")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_stay_pending_until_the_gate_opens() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::Cleared]));
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(
+        &sink,
+        IngestConfig {
+            start_open: false,
+            ..fast_config()
+        },
+    );
+    ingest.register(spec_for(&publisher, 8, 0)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status(&ingest, 8, 0).state, ListenerState::Pending);
+    assert!(sink.seqs(8, 0).is_empty());
+    ingest.open();
+    wait_until("the buffered batch after the gate opens", || {
+        sink.has_seq(8, 0, 0)
+    })
+    .await;
+    assert_eq!(status(&ingest, 8, 0).state, ListenerState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_publisher_is_followed_from_its_new_sequence() {
+    let first = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+        .await
+        .unwrap();
+    let endpoint = first.endpoint().to_owned();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(ListenerSpec::new(9, 0, endpoint.clone(), BS))
+        .unwrap();
+    sync_live(&first, &ingest, &sink, 9, 0).await;
+    for _ in 0..100 {
+        first.publish(&PublishBatch::new(Vec::new())).await.unwrap();
+    }
+    let old = first.next_seq() - 1;
+    wait_until("the first publisher's last batch", || {
+        sink.has_seq(9, 0, old)
+    })
+    .await;
+    drop(first);
+    wait_until("the listener to notice the disconnect", || {
+        !status(&ingest, 9, 0).connected
+    })
+    .await;
+
+    // The engine restarts on the same port and counts from 0 again.
+    let second = VllmPublisher::bind(PublisherConfig {
+        endpoint: endpoint.clone(),
+        ..PublisherConfig::loopback_without_replay()
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        second
+            .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let st = status(&ingest, 9, 0);
+        if st.counters.publisher_restarts >= 1 && st.watermark < Some(old) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "restart never detected: {st:?}");
+    }
+    let st = status(&ingest, 9, 0);
+    assert!(st.connected, "reconnected by itself: {st:?}");
+    assert_eq!(st.state, ListenerState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_replies_without_topic_frame_are_accepted_too() {
+    // Older / hand-written publishers answer `[b"", seq, payload]` (SERVICE.md §7.2).
+    let publisher = VllmPublisher::bind(PublisherConfig {
+        replay_with_topic: false,
+        topic: b"kv-events".to_vec(),
+        ..PublisherConfig::loopback()
+    })
+    .await
+    .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 10, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 10, 0).await;
+    let missing = publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::Cleared]));
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+        .await
+        .unwrap();
+    wait_until("the live batch", || sink.has_seq(10, 0, live)).await;
+    assert_eq!(
+        sink.seqs(10, 0)
+            .into_iter()
+            .filter(|&s| s > warm)
+            .collect::<Vec<_>>(),
+        vec![missing, live]
+    );
+    assert_eq!(status(&ingest, 10, 0).counters.lost_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_endpoint_that_never_existed_degrades_but_live_batches_flow() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+        .await
+        .unwrap();
+    // A port nothing listens on: bind one, note it, close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_endpoint = format!("tcp://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(ListenerSpec::new(11, 0, publisher.endpoint(), BS).with_replay(dead_endpoint))
+        .unwrap();
+    wait_until("degraded after the start-up catch-up fails", || {
+        status(&ingest, 11, 0).degraded
+    })
+    .await;
+    let warm = sync_live(&publisher, &ingest, &sink, 11, 0).await;
+    publisher.skip_seqs(2);
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+        .await
+        .unwrap();
+    wait_until("a live batch after a gap", || sink.has_seq(11, 0, live)).await;
+    let st = status(&ingest, 11, 0);
+    assert!(st.degraded);
+    assert!(st.counters.lost_batches >= 2);
+    assert!(sink.seqs(11, 0).iter().all(|&s| s <= warm || s == live));
+}
