@@ -685,6 +685,15 @@ impl Tree {
         out
     }
 
+    /// A node's children, largest local hash first, so that a LIFO walk visits them in ascending
+    /// order: dumps come out the same whatever the insertion history.
+    fn sorted_children(&self, node: &Node, guard: &Guard) -> Vec<u32> {
+        let mut v = Vec::new();
+        children::for_each_child(node.children.load(Ordering::Acquire), guard, |c| v.push(c));
+        v.sort_unstable_by_key(|&c| std::cmp::Reverse(self.local_of(c)));
+        v
+    }
+
     /// Dynamo-compatible dump: one Stored event per maximal chain a stream holds, reachable
     /// blocks only, parents before children, event ids 0..n.
     pub(crate) fn dump(&self) -> Vec<RouterEvent> {
@@ -709,24 +718,24 @@ impl Tree {
         // slot -> (index in `pending`, node that event currently ends with)
         let mut open: HashMap<u32, (usize, u32)> = HashMap::new();
         let mut stack: Vec<(u32, Option<Rc<Vec<u32>>>)> = Vec::new();
-        children::for_each_child(
-            self.node(ROOT).children.load(Ordering::Acquire),
-            &guard,
-            |c| stack.push((c, None)),
-        );
+        for c in self.sorted_children(self.node(ROOT), &guard) {
+            stack.push((c, None));
+        }
         while let Some((n, parent_reach)) = stack.pop() {
             let node = self.node(n);
             if node.state.load(Ordering::Acquire) & LIVE == 0 {
                 continue;
             }
             let m = Members::from_word(node.members.load(Ordering::Acquire), &guard);
-            let reach: Vec<u32> = match &parent_reach {
+            let mut reach: Vec<u32> = match &parent_reach {
                 None => m.to_vec(),
                 Some(pr) => pr.iter().copied().filter(|&s| m.contains(s)).collect(),
             };
             if reach.is_empty() {
                 continue;
             }
+            // Deterministic output: streams by identity (slot numbers depend on arrival order).
+            reach.sort_unstable_by_key(|&s| self.slots.stream_of(s));
             let p = node.parent.load(Ordering::Relaxed);
             let local = LocalBlockHash(node.local.load(Ordering::Relaxed));
             for &s in &reach {
@@ -751,9 +760,9 @@ impl Tree {
                 }
             }
             let reach = Rc::new(reach);
-            children::for_each_child(node.children.load(Ordering::Acquire), &guard, |c| {
-                stack.push((c, Some(Rc::clone(&reach))))
-            });
+            for c in self.sorted_children(node, &guard) {
+                stack.push((c, Some(Rc::clone(&reach))));
+            }
         }
         pending
             .into_iter()

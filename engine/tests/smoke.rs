@@ -239,3 +239,22 @@ fn reusing_a_hash_for_another_block_drops_the_old_block() {
     assert_eq!(q(&ns, &[1, 3]), vec![(1, 0, 1)]);
     assert_eq!(ns.current_size(), 1);
 }
+
+#[test]
+fn dump_order_does_not_depend_on_arrival_order() {
+    let events = [
+        st(2, 0, &[(11, 1), (12, 2), (13, 3)], None),
+        st(1, 0, &[(11, 1), (12, 2)], None),
+        st(1, 1, &[(11, 1), (15, 5)], None),
+        st(3, 0, &[(21, 7)], None),
+    ];
+    let (_a, first) = engine();
+    for ev in events.iter().cloned() {
+        first.apply_and_wait(ev).unwrap();
+    }
+    let (_b, second) = engine();
+    for ev in events.iter().rev().cloned() {
+        second.apply_and_wait(ev).unwrap();
+    }
+    assert_eq!(first.dump().unwrap(), second.dump().unwrap());
+}
