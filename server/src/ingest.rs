@@ -121,6 +121,20 @@ impl Ingest {
         Ok(Some(ticket))
     }
 
+    /// Durable watermarks of every stream of `worker_id` in `namespace`: `(dp_rank, source_seq)`.
+    pub fn worker_watermarks(
+        &self,
+        namespace: &NamespaceKey,
+        worker_id: WorkerId,
+    ) -> Vec<(DpRank, u64)> {
+        self.durable
+            .watermarks()
+            .into_iter()
+            .filter(|w| w.stream.namespace == *namespace && w.stream.worker_id == worker_id)
+            .map(|w| (w.stream.dp_rank, w.source_seq))
+            .collect()
+    }
+
     /// Barrier: every event submitted to the partition so far is applied to its index.
     pub fn flush(&self, namespace: &NamespaceKey) -> Result<(), IngestError> {
         let p = self.partition(namespace)?;
