@@ -29,7 +29,7 @@ pub enum IngestError {
 /// Where event sources submit events. Implemented by [`Ingest`]; the ZMQ listener calls it
 /// once per decoded batch (one `source_seq` per vLLM batch) and must wait on the returned
 /// ticket only if it needs durability before going on (it does not, for live traffic).
-#[allow(dead_code)] // the ZMQ listeners (src/zmq/, another branch) are its callers
+#[allow(dead_code)] // `submit` and `durable_watermark` serve tests and future sources (NATS)
 pub trait IngestSink: Send + Sync {
     /// Log and apply one event of stream `(namespace, worker_id, dp_rank)`. The event's
     /// `worker_id` and `dp_rank` are overwritten with the stream's, so the log and the index

@@ -25,7 +25,7 @@ use kvindex_engine::{NamespaceKey, RouterEvent};
 use kvindex_server::zmq::{self, EventSink, IngestConfig, SinkError, ZmqIngest};
 use tokio::runtime::Handle;
 
-use crate::ingest::{Ingest, IngestError};
+use crate::ingest::{Ingest, IngestError, IngestSink};
 use crate::listeners::{
     ListenerDetails, ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor,
 };
@@ -111,16 +111,25 @@ impl EventSink for ServiceSink {
                 "instance {worker_id} is not registered"
             )));
         };
-        let events = events
-            .into_iter()
-            .map(|mut ev| {
-                ev.worker_id = worker_id;
-                (source_seq, ev)
-            })
-            .collect();
+        // The effective rank: the batch's `data_parallel_rank` when it named one (the decoder
+        // put it on every event), the listener's otherwise. One rank per batch, so one stream
+        // and one all-or-nothing record.
+        let effective = events.first().map_or(dp_rank, |ev| ev.event.dp_rank);
+        let result = if events.iter().all(|ev| ev.event.dp_rank == effective) {
+            ingest.submit_batch(&inst.key, worker_id, effective, source_seq, events)
+        } else {
+            let mixed = events
+                .into_iter()
+                .map(|mut ev| {
+                    ev.worker_id = worker_id;
+                    (source_seq, ev)
+                })
+                .collect();
+            ingest.submit_mixed(&inst.key, mixed)
+        };
         // Not waiting for the ticket: the log orders the record before anything later, and a
         // crash before it is durable leaves the watermark behind, so replay asks again.
-        match ingest.submit_mixed(&inst.key, events) {
+        match result {
             Ok(_ticket) => Ok(()),
             Err(e @ IngestError::ZeroBlockSize { .. }) => Err(SinkError::Rejected(e.to_string())),
             Err(e) => Err(SinkError::Unavailable(e.to_string())),
