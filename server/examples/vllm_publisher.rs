@@ -118,6 +118,10 @@ async fn main() -> anyhow::Result<()> {
         let token_ids: Vec<u32> = (0..tokens_per_chain)
             .map(|_| (rng.next() % 32_000) as u32)
             .collect();
+        if i == 0 {
+            // Something to query: `/query` with these token ids finds this worker.
+            eprintln!("seq 0 stores token_ids {token_ids:?}");
+        }
         let block_hashes: Vec<u64> = (0..args.blocks_per_store).map(|_| rng.next()).collect();
         let extra_keys = args.cache_salt.as_ref().map(|salt| {
             let mut first = Vec::new();

@@ -29,7 +29,7 @@ pub enum IngestError {
 /// Where event sources submit events. Implemented by [`Ingest`]; the ZMQ listener calls it
 /// once per decoded batch (one `source_seq` per vLLM batch) and must wait on the returned
 /// ticket only if it needs durability before going on (it does not, for live traffic).
-#[allow(dead_code)] // the ZMQ listeners (src/zmq/, another branch) are its callers
+#[allow(dead_code)] // `submit` and `durable_watermark` serve tests and future sources (NATS)
 pub trait IngestSink: Send + Sync {
     /// Log and apply one event of stream `(namespace, worker_id, dp_rank)`. The event's
     /// `worker_id` and `dp_rank` are overwritten with the stream's, so the log and the index
@@ -119,6 +119,20 @@ impl Ingest {
         let ticket = self.durable.submit_batch(entries)?;
         metrics::counter!("kvindex_events_logged_total").increment(n);
         Ok(Some(ticket))
+    }
+
+    /// Durable watermarks of every stream of `worker_id` in `namespace`: `(dp_rank, source_seq)`.
+    pub fn worker_watermarks(
+        &self,
+        namespace: &NamespaceKey,
+        worker_id: WorkerId,
+    ) -> Vec<(DpRank, u64)> {
+        self.durable
+            .watermarks()
+            .into_iter()
+            .filter(|w| w.stream.namespace == *namespace && w.stream.worker_id == worker_id)
+            .map(|w| (w.stream.dp_rank, w.source_seq))
+            .collect()
     }
 
     /// Barrier: every event submitted to the partition so far is applied to its index.

@@ -54,6 +54,28 @@ pub struct ListenerState {
     pub last_error: Option<String>,
 }
 
+/// Live details of a running listener, shown in `/workers` next to Dynamo's fields (our
+/// extras: a client that ignores unknown keys sees Dynamo's shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerDetails {
+    /// The replay endpoint failed its last request: gaps are not being filled.
+    pub degraded: bool,
+    /// A replay is in progress.
+    pub replaying: bool,
+    /// Whether the SUB socket currently has a connection to the publisher.
+    pub connected: bool,
+    /// Last sequence number handed to the index (`null` = unset).
+    pub watermark: Option<u64>,
+    /// Sequence gaps detected.
+    pub gaps: u64,
+    /// Replay requests made.
+    pub replays: u64,
+    /// Batches received through replay.
+    pub replayed_batches: u64,
+    /// Sequence numbers skipped for good (events lost).
+    pub lost_batches: u64,
+}
+
 /// Everything a listener needs to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerSpec {
@@ -81,6 +103,11 @@ pub trait ListenerSupervisor: Send + Sync {
     fn resume(&self, spec: &ListenerSpec) -> ListenerState;
     /// Stop everything at shutdown.
     fn shutdown(&self) {}
+    /// The listener's live state and details, when the supervisor tracks it (`None`: the
+    /// registry's stored state is authoritative).
+    fn live(&self, _instance_id: u64, _dp_rank: u32) -> Option<(ListenerState, ListenerDetails)> {
+        None
+    }
 }
 
 /// The supervisor used until ZMQ ingestion is wired in: registrations are stored and shown,

@@ -1,8 +1,8 @@
 //! The `kvindex` binary: `kvindex serve` (the HTTP service, Dynamo-compatible), `kvindex replay`
 //! (tools over a data directory) and `kvindex demo` (the engine on the shared trace).
 //!
-//! Event path: source (`POST /events` today; ZMQ listeners through [`listeners`] and
-//! [`ingest::IngestSink`]) → [`ingest`] → the durable log and the engine. Query path:
+//! Event path: source (ZMQ listeners through [`listeners`] and [`zmq_source`], `POST /events`,
+//! peer recovery) → [`ingest`] → the durable log and the engine. Query path:
 //! [`http`] → [`partitions`] (lock-free view) → the engine's lock-free walk.
 
 use std::io::IsTerminal;
@@ -23,6 +23,7 @@ mod partitions;
 mod peers;
 mod replay_cmd;
 mod serve;
+mod zmq_source;
 
 use cli::{Cli, Command};
 

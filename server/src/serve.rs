@@ -24,13 +24,16 @@ use crate::http::{routes, AppState};
 use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::partitions::{Partitions, Registration};
+use crate::zmq_source::ZmqSupervisor;
+use kvindex_server::zmq::IngestConfig;
 
-/// The event-source hook: the ZMQ ingestion's supervisor replaces [`NoListeners`] here.
+/// The event-source hook: the ZMQ listeners (one per registration), feeding `ingest`.
 fn listener_supervisor(
-    _partitions: &Arc<Partitions>,
-    _ingest: &Arc<Ingest>,
-) -> Arc<dyn ListenerSupervisor> {
-    Arc::new(NoListeners)
+    partitions: &Arc<Partitions>,
+    ingest: &Arc<Ingest>,
+    runtime: tokio::runtime::Handle,
+) -> Arc<ZmqSupervisor> {
+    ZmqSupervisor::new(runtime, partitions, ingest, IngestConfig::default())
 }
 
 fn log_recovery(report: &RecoveryReport) {
@@ -103,7 +106,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         Arc::new(NoListeners),
     ));
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
-    partitions.set_supervisor(listener_supervisor(&partitions, &ingest));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kvindex-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    let supervisor = listener_supervisor(&partitions, &ingest, runtime.handle().clone());
+    partitions.set_supervisor(Arc::clone(&supervisor) as Arc<dyn ListenerSupervisor>);
     partitions.load()?;
     for w in &cfg.workers {
         tracing::info!(instance_id = w.instance_id, dp_rank = w.dp_rank, endpoint = %w.endpoint, "Registering initial worker");
@@ -117,6 +126,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             replay_endpoint: None,
         })?;
     }
+    // Restored and `--workers` listeners start now, after their durable watermarks.
+    supervisor.open(&partitions, &ingest, runtime.handle());
     let access_log = match &cfg.access_log {
         Some(p) => Some(Arc::new(
             AccessLog::open(p, cfg.access_log_local_time)
@@ -139,16 +150,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         test_endpoints: cfg.test_endpoints,
     });
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("kvindex-http")
-        .build()
-        .context("cannot start the async runtime")?;
     let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest));
     partitions.shutdown_listeners();
     runtime.shutdown_timeout(Duration::from_secs(5));
     served?;
 
+    drop(supervisor);
     drop(ingest);
     match Arc::try_unwrap(durable) {
         Ok(d) => {

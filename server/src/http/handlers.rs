@@ -13,7 +13,7 @@ use serde_json::json;
 use super::errors::ApiError;
 use super::{ModelLabel, SharedState};
 use crate::endpoint::validate_endpoint;
-use crate::listeners::ListenerStatus;
+use crate::listeners::{ListenerDetails, ListenerState, ListenerStatus};
 use crate::partitions::{Registration, Removal};
 
 /// `{"status":"ok"}` with `status`.
@@ -149,13 +149,15 @@ pub struct WorkersFilter {
     routing_group: Option<String>,
 }
 
-/// One listener in `/workers`.
+/// One listener in `/workers`: Dynamo's fields, then ours (live ZMQ details).
 #[derive(Serialize)]
 struct ListenerInfo<'a> {
     endpoint: &'a str,
     status: ListenerStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<&'a str>,
+    last_error: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    details: Option<ListenerDetails>,
 }
 
 /// One item of `/workers` (Dynamo's WorkerInfo, field order kept).
@@ -196,10 +198,32 @@ pub async fn workers(
     insts.sort_by_key(|i| i.instance_id);
     let body: Vec<WorkerInfo<'_>> = insts
         .iter()
-        .map(|i| WorkerInfo {
+        .map(|i| {
+            // Live states where the supervisor tracks them; the stored ones otherwise.
+            let live: BTreeMap<u32, (ListenerState, Option<ListenerDetails>)> = i
+                .listeners
+                .iter()
+                .map(|(dp, l)| {
+                    let (state, details) = match state.partitions.live_listener(i.instance_id, *dp)
+                    {
+                        Some((st, d)) => (st, Some(d)),
+                        None => (l.state.clone(), None),
+                    };
+                    (*dp, (state, details))
+                })
+                .collect();
+            // failed > pending > active > paused (SERVICE.md §3.5).
+            let status = live
+                .values()
+                .map(|(st, _)| st.status)
+                .max_by_key(|s| s.priority())
+                .unwrap_or(ListenerStatus::Pending);
+            (i, live, status)
+        })
+        .map(|(i, mut live, status)| WorkerInfo {
             instance_id: i.instance_id,
             source: "zmq",
-            status: i.status(),
+            status,
             model_name: &i.key.model_name,
             routing_group: &i.key.routing_group,
             block_size: i.block_size,
@@ -212,12 +236,14 @@ pub async fn workers(
                 .listeners
                 .iter()
                 .map(|(dp, l)| {
+                    let (st, details) = live.remove(dp).unwrap_or((l.state.clone(), None));
                     (
                         dp.to_string(),
                         ListenerInfo {
                             endpoint: &l.endpoint,
-                            status: l.state.status,
-                            last_error: l.state.last_error.as_deref(),
+                            status: st.status,
+                            last_error: st.last_error,
+                            details,
                         },
                     )
                 })

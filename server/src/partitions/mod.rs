@@ -96,15 +96,6 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// The worker's status: its listeners' aggregated with failed > pending > active > paused.
-    pub fn status(&self) -> ListenerStatus {
-        self.listeners
-            .values()
-            .map(|l| l.state.status)
-            .max_by_key(|s| s.priority())
-            .unwrap_or(ListenerStatus::Pending)
-    }
-
     pub(crate) fn listener_spec(&self, dp_rank: u32, l: &Listener) -> ListenerSpec {
         ListenerSpec {
             model_name: self.key.model_name.clone(),
@@ -503,20 +494,32 @@ impl Partitions {
                 worker_id: instance_id,
                 dp_rank: if whole { None } else { one_rank },
             };
-            if removal.spec.block_size > 0 {
-                drop_blocks(&removal).map_err(RegistryError::Index)?;
+            let ranks: Vec<u32> = match removal.dp_rank {
+                Some(dp) => vec![dp],
+                None => inst.listeners.keys().copied().collect(),
+            };
+            // Stop the listeners first: nothing of theirs reaches the index after the removal.
+            for dp in &ranks {
+                self.supervisor().stop(instance_id, *dp);
             }
             let inst = v
                 .instances
                 .get_mut(&instance_id)
                 .ok_or(RegistryError::InstanceNotFound(instance_id))?;
-            let ranks: Vec<u32> = match removal.dp_rank {
-                Some(dp) => vec![dp],
-                None => inst.listeners.keys().copied().collect(),
-            };
+            if removal.spec.block_size > 0 {
+                if let Err(e) = drop_blocks(&removal) {
+                    // The registration stays: restart its listeners.
+                    let spec_of = inst.clone();
+                    for dp in &ranks {
+                        if let Some(l) = inst.listeners.get_mut(dp) {
+                            l.state = self.supervisor().start(&spec_of.listener_spec(*dp, l));
+                        }
+                    }
+                    return Err(RegistryError::Index(e));
+                }
+            }
             for dp in ranks {
                 inst.listeners.remove(&dp);
-                self.supervisor().stop(instance_id, dp);
             }
             if removal.dp_rank.is_none() {
                 v.instances.remove(&instance_id);
@@ -572,7 +575,6 @@ impl Partitions {
 
     /// Record a listener's new state (called by the ZMQ listeners). Unknown listeners are
     /// ignored (the registration may have just gone).
-    #[allow(dead_code)] // called by the ZMQ listeners (src/zmq/, another branch)
     pub fn set_listener_status(&self, instance_id: u64, dp_rank: u32, state: ListenerState) {
         let _ = self.mutate(false, |v| {
             if let Some(l) = v
@@ -605,6 +607,10 @@ impl Partitions {
                     instance_id,
                     dp_rank,
                 })?;
+            // The supervisor's live state when it tracks one (the stored one may lag).
+            if let Some((live, _)) = self.supervisor().live(instance_id, dp_rank) {
+                l.state = live;
+            }
             let status = l.state.status.as_str();
             if pause {
                 if l.state.status != ListenerStatus::Active {
@@ -663,6 +669,15 @@ impl Partitions {
                 Ok(())
             }
         })
+    }
+
+    /// A listener's live state and details from the supervisor, if it tracks them.
+    pub fn live_listener(
+        &self,
+        instance_id: u64,
+        dp_rank: u32,
+    ) -> Option<(ListenerState, crate::listeners::ListenerDetails)> {
+        self.supervisor().live(instance_id, dp_rank)
     }
 
     /// Stop every listener (shutdown).

@@ -1,0 +1,360 @@
+//! The ZMQ event source wired into the service: [`ZmqSupervisor`] implements the registry's
+//! [`ListenerSupervisor`] with [`kvindex_server::zmq::ZmqIngest`], and [`ServiceSink`] feeds
+//! the decoded batches into the durable intake ([`Ingest`]): log, then apply.
+//!
+//! * **Streams and watermarks.** A listener is one sequence stream `(instance, registered
+//!   dp_rank)`; the events of a batch carry their effective dp_rank (the batch's
+//!   `data_parallel_rank` if any, SERVICE.md §5.2) and are logged under it, with the batch's
+//!   sequence number as `source_seq`. The log therefore keeps a durable watermark per
+//!   `(namespace, instance, dp_rank)` stream.
+//! * **Restart.** Registrations restored from `registry.json` (and `--workers`) are held until
+//!   [`ZmqSupervisor::open`], which starts each listener *after* its durable watermark: the
+//!   listener asks the publisher's replay endpoint for everything the log is missing. When an
+//!   instance has one listener, batches it received under another rank (override) count for it
+//!   too; with several listeners only the listener's own rank counts.
+//! * **New registrations** (`POST /register`) start with an unset watermark (SERVICE.md §7.5).
+//! * **Stopping** a listener fences its stream first: no batch of it reaches the log after
+//!   [`ListenerSupervisor::stop`] returns, so the removal logged by `/unregister` is final.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::Duration;
+
+use kvindex_engine::{NamespaceKey, RouterEvent};
+use kvindex_server::zmq::{self, EventSink, IngestConfig, SinkError, ZmqIngest};
+use tokio::runtime::Handle;
+
+use crate::ingest::{Ingest, IngestError, IngestSink};
+use crate::listeners::{
+    ListenerDetails, ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor,
+};
+use crate::partitions::{Partitions, RegistryView};
+
+type StreamId = (u64, u32);
+
+/// How often the registry's stored listener states (metrics, worker status) are refreshed.
+const STATUS_SYNC_PERIOD: Duration = Duration::from_millis(200);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps stopped streams out of the log: submits hold the read side, `stop` takes the write
+/// side once after marking the stream stopped.
+#[derive(Default)]
+struct Fence {
+    inflight: RwLock<()>,
+    stopped: Mutex<HashSet<StreamId>>,
+    closed: AtomicBool,
+}
+
+impl Fence {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        drop(self.inflight.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn stop(&self, id: StreamId) {
+        lock(&self.stopped).insert(id);
+        // Wait for submits already past the check.
+        drop(self.inflight.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn start(&self, id: StreamId) {
+        lock(&self.stopped).remove(&id);
+    }
+}
+
+/// The [`EventSink`] of the service: every batch is logged (one record) and applied.
+pub struct ServiceSink {
+    ingest: Weak<Ingest>,
+    partitions: Weak<Partitions>,
+    fence: Arc<Fence>,
+}
+
+impl EventSink for ServiceSink {
+    fn submit(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        source_seq: u64,
+        events: Vec<RouterEvent>,
+    ) -> Result<(), SinkError> {
+        let _inflight = self
+            .fence
+            .inflight
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.fence.closed.load(Ordering::SeqCst) {
+            return Err(SinkError::Unavailable(
+                "the service is shutting down".into(),
+            ));
+        }
+        if lock(&self.fence.stopped).contains(&(worker_id, dp_rank)) {
+            return Err(SinkError::Rejected(format!(
+                "listener of instance {worker_id} dp_rank {dp_rank} is stopped"
+            )));
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (Some(ingest), Some(partitions)) = (self.ingest.upgrade(), self.partitions.upgrade())
+        else {
+            return Err(SinkError::Unavailable(
+                "the service is shutting down".into(),
+            ));
+        };
+        let view = partitions.view();
+        let Some(inst) = view.instances.get(&worker_id) else {
+            return Err(SinkError::Unavailable(format!(
+                "instance {worker_id} is not registered"
+            )));
+        };
+        // The effective rank: the batch's `data_parallel_rank` when it named one (the decoder
+        // put it on every event), the listener's otherwise. One rank per batch, so one stream
+        // and one all-or-nothing record.
+        let effective = events.first().map_or(dp_rank, |ev| ev.event.dp_rank);
+        let result = if events.iter().all(|ev| ev.event.dp_rank == effective) {
+            ingest.submit_batch(&inst.key, worker_id, effective, source_seq, events)
+        } else {
+            let mixed = events
+                .into_iter()
+                .map(|mut ev| {
+                    ev.worker_id = worker_id;
+                    (source_seq, ev)
+                })
+                .collect();
+            ingest.submit_mixed(&inst.key, mixed)
+        };
+        // Not waiting for the ticket: the log orders the record before anything later, and a
+        // crash before it is durable leaves the watermark behind, so replay asks again.
+        match result {
+            Ok(_ticket) => Ok(()),
+            Err(e @ IngestError::ZeroBlockSize { .. }) => Err(SinkError::Rejected(e.to_string())),
+            Err(e) => Err(SinkError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// Turn a ZMQ listener status into the registry's state and `/workers` details.
+fn convert(s: &zmq::listener::ListenerStatus) -> (ListenerState, ListenerDetails) {
+    let status = match s.state {
+        zmq::ListenerState::Pending => ListenerStatus::Pending,
+        zmq::ListenerState::Active => ListenerStatus::Active,
+        zmq::ListenerState::Paused => ListenerStatus::Paused,
+        zmq::ListenerState::Failed => ListenerStatus::Failed,
+    };
+    (
+        ListenerState {
+            status,
+            last_error: s.last_error.clone(),
+        },
+        ListenerDetails {
+            degraded: s.degraded,
+            replaying: s.replaying,
+            connected: s.connected,
+            watermark: s.watermark,
+            gaps: s.counters.gaps,
+            replays: s.counters.replay_requests,
+            replayed_batches: s.counters.replayed_batches,
+            lost_batches: s.counters.lost_batches,
+        },
+    )
+}
+
+fn pending() -> ListenerState {
+    ListenerState {
+        status: ListenerStatus::Pending,
+        last_error: None,
+    }
+}
+
+/// The [`ListenerSupervisor`] of `kvindex serve`: one ZMQ listener per registration.
+pub struct ZmqSupervisor {
+    zmq: ZmqIngest,
+    fence: Arc<Fence>,
+    /// Registrations started before [`Self::open`] (restored or `--workers`); `None` once open.
+    deferred: Mutex<Option<Vec<ListenerSpec>>>,
+}
+
+impl ZmqSupervisor {
+    /// A supervisor whose listeners run on `runtime` and feed `ingest`.
+    pub fn new(
+        runtime: Handle,
+        partitions: &Arc<Partitions>,
+        ingest: &Arc<Ingest>,
+        config: IngestConfig,
+    ) -> Arc<Self> {
+        let fence = Arc::new(Fence::default());
+        let sink = Arc::new(ServiceSink {
+            ingest: Arc::downgrade(ingest),
+            partitions: Arc::downgrade(partitions),
+            fence: Arc::clone(&fence),
+        });
+        Arc::new(Self {
+            zmq: ZmqIngest::new(runtime, sink, config),
+            fence,
+            deferred: Mutex::new(Some(Vec::new())),
+        })
+    }
+
+    /// Start the listeners registered so far, each after its durable watermark, and every later
+    /// one at once. Also starts the task that mirrors listener states into the registry.
+    pub fn open(self: &Arc<Self>, partitions: &Arc<Partitions>, ingest: &Ingest, runtime: &Handle) {
+        let deferred = lock(&self.deferred).take().unwrap_or_default();
+        let view = partitions.view();
+        for spec in deferred {
+            let resume = resume_point(&view, ingest, &spec);
+            tracing::info!(
+                instance_id = spec.instance_id,
+                dp_rank = spec.dp_rank,
+                endpoint = %spec.endpoint,
+                resume_after = ?resume,
+                "starting restored ZMQ listener"
+            );
+            let state = self.register(&spec, resume);
+            partitions.set_listener_status(spec.instance_id, spec.dp_rank, state);
+        }
+        let (me, parts) = (Arc::downgrade(self), Arc::downgrade(partitions));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(STATUS_SYNC_PERIOD).await;
+                let (Some(me), Some(parts)) = (me.upgrade(), parts.upgrade()) else {
+                    return;
+                };
+                me.sync_states(&parts);
+            }
+        });
+    }
+
+    /// Copy changed listener states into the registry view (worker status, metrics).
+    fn sync_states(&self, partitions: &Partitions) {
+        let view = partitions.view();
+        for st in self.zmq.statuses() {
+            let (state, _) = convert(&st);
+            let stored = view
+                .instances
+                .get(&st.worker_id)
+                .and_then(|i| i.listeners.get(&st.dp_rank));
+            if stored.is_some_and(|l| l.state != state) {
+                partitions.set_listener_status(st.worker_id, st.dp_rank, state);
+            }
+        }
+    }
+
+    fn register(&self, spec: &ListenerSpec, resume: Option<u64>) -> ListenerState {
+        let id = (spec.instance_id, spec.dp_rank);
+        // A leftover listener of the same stream (not expected: the registry refuses duplicates).
+        if self.zmq.status(id.0, id.1).is_some() {
+            self.fence.stop(id);
+            let _ = self.zmq.unregister(id.0, id.1);
+        }
+        self.fence.start(id);
+        let mut zs = zmq::ListenerSpec::new(
+            spec.instance_id,
+            spec.dp_rank,
+            spec.endpoint.clone(),
+            spec.block_size,
+        );
+        if let Some(replay) = &spec.replay_endpoint {
+            zs = zs.with_replay(replay.clone());
+        }
+        if let Some(seq) = resume {
+            zs = zs.resuming_after(seq);
+        }
+        match self.zmq.register(zs) {
+            Ok(()) => self
+                .zmq
+                .status(id.0, id.1)
+                .map(|s| convert(&s).0)
+                .unwrap_or_else(pending),
+            Err(e) => {
+                tracing::warn!(instance_id = id.0, dp_rank = id.1, error = %e, "listener not started");
+                ListenerState {
+                    status: ListenerStatus::Failed,
+                    last_error: Some(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// Where a restored listener resumes: the durable watermark of its stream, or — for an
+/// instance with a single listener — the highest watermark of any of the instance's streams
+/// that no other listener owns (batches that named their own dp_rank).
+fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Option<u64> {
+    let key = NamespaceKey::new(&spec.model_name, &spec.routing_group);
+    let marks = ingest.worker_watermarks(&key, spec.instance_id);
+    let single = view
+        .instances
+        .get(&spec.instance_id)
+        .is_some_and(|i| i.listeners.len() == 1);
+    marks
+        .into_iter()
+        .filter(|(dp, _)| *dp == spec.dp_rank || single)
+        .map(|(_, seq)| seq)
+        .max()
+}
+
+impl ListenerSupervisor for ZmqSupervisor {
+    fn start(&self, spec: &ListenerSpec) -> ListenerState {
+        {
+            let mut deferred = lock(&self.deferred);
+            if let Some(list) = deferred.as_mut() {
+                list.retain(|s| (s.instance_id, s.dp_rank) != (spec.instance_id, spec.dp_rank));
+                list.push(spec.clone());
+                return pending();
+            }
+        }
+        self.register(spec, None)
+    }
+
+    fn stop(&self, instance_id: u64, dp_rank: u32) {
+        if let Some(list) = lock(&self.deferred).as_mut() {
+            list.retain(|s| (s.instance_id, s.dp_rank) != (instance_id, dp_rank));
+        }
+        self.fence.stop((instance_id, dp_rank));
+        let _ = self.zmq.unregister(instance_id, dp_rank);
+    }
+
+    fn pause(&self, instance_id: u64, dp_rank: u32) -> ListenerState {
+        if let Err(e) = self.zmq.pause(instance_id, dp_rank) {
+            tracing::warn!(instance_id, dp_rank, error = %e, "pause");
+        }
+        self.zmq
+            .status(instance_id, dp_rank)
+            .map(|s| convert(&s).0)
+            .unwrap_or(ListenerState {
+                status: ListenerStatus::Paused,
+                last_error: None,
+            })
+    }
+
+    fn resume(&self, spec: &ListenerSpec) -> ListenerState {
+        match self.zmq.resume(spec.instance_id, spec.dp_rank) {
+            Ok(()) => self
+                .zmq
+                .status(spec.instance_id, spec.dp_rank)
+                .map(|s| convert(&s).0)
+                .unwrap_or_else(pending),
+            Err(zmq::IngestError::NotFound { .. }) => self.register(spec, None),
+            Err(e) => {
+                tracing::warn!(instance_id = spec.instance_id, dp_rank = spec.dp_rank, error = %e, "resume");
+                self.zmq
+                    .status(spec.instance_id, spec.dp_rank)
+                    .map(|s| convert(&s).0)
+                    .unwrap_or_else(pending)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.zmq.shutdown();
+        self.fence.close();
+    }
+
+    fn live(&self, instance_id: u64, dp_rank: u32) -> Option<(ListenerState, ListenerDetails)> {
+        self.zmq.status(instance_id, dp_rank).map(|s| convert(&s))
+    }
+}

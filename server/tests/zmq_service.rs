@@ -1,0 +1,535 @@
+//! ZMQ ingestion end to end: the real `kvindex` binary, and vLLM-protocol publishers
+//! ([`VllmPublisher`]) on loopback. Every wait is a bounded poll on an observable condition; a
+//! wait that may have lost a live batch to ZMQ's slow-joiner window re-publishes an idempotent
+//! batch (a "nudge"), which either is applied itself or reveals a gap that replay fills.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{local_hashes, start, Server};
+use kvindex_server::zmq::test_publisher::{
+    PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
+};
+use serde_json::{json, Value};
+
+const BS: u32 = 4;
+const TOKENS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A publisher with its runtime handle, so tests can stay synchronous.
+struct Pub {
+    rt: tokio::runtime::Handle,
+    p: VllmPublisher,
+}
+
+impl Pub {
+    fn bind(rt: &tokio::runtime::Runtime, replay: bool) -> Pub {
+        let cfg = if replay {
+            PublisherConfig::loopback()
+        } else {
+            PublisherConfig::loopback_without_replay()
+        };
+        let p = rt
+            .block_on(VllmPublisher::bind(cfg))
+            .expect("bind publisher");
+        Pub {
+            rt: rt.handle().clone(),
+            p,
+        }
+    }
+
+    fn publish(&self, batch: &PublishBatch) -> u64 {
+        self.rt.block_on(self.p.publish(batch)).expect("publish")
+    }
+
+    fn endpoint(&self) -> String {
+        self.p.endpoint().to_owned()
+    }
+
+    fn replay_endpoint(&self) -> Option<String> {
+        self.p.replay_endpoint().map(str::to_owned)
+    }
+}
+
+/// A store of `tokens` (block size [`BS`]) with engine hashes `base+1, base+2, ...`.
+fn store(base: u64, tokens: &[u32]) -> PublishEvent {
+    let n = tokens.len() as u64 / BS as u64;
+    PublishEvent::stored(
+        (1..=n).map(|i| base + i).collect(),
+        None,
+        tokens.to_vec(),
+        BS,
+    )
+}
+
+fn batch(events: Vec<PublishEvent>) -> PublishBatch {
+    PublishBatch::new(events)
+}
+
+fn register(s: &Server, instance: u64, dp: u32, p: &Pub) {
+    let mut body = json!({"instance_id": instance, "dp_rank": dp, "endpoint": p.endpoint(),
+        "model_name": "m", "block_size": BS});
+    if let Some(r) = p.replay_endpoint() {
+        body["replay_endpoint"] = json!(r);
+    }
+    let r = s.post_json("/register", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// `/query`'s answer without `log_lsn` (which moves with every logged entry).
+fn query(s: &Server, tokens: &[u32]) -> Value {
+    let r = s.post_json("/query", &json!({"token_ids": tokens, "model_name": "m"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut v = r.json();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("log_lsn");
+    }
+    v
+}
+
+fn scores(s: &Server, tokens: &[u32]) -> Value {
+    query(s, tokens)["scores"].clone()
+}
+
+fn listener(s: &Server, instance: u64, dp: u32) -> Value {
+    let workers = s.get("/workers").json();
+    workers
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["instance_id"] == json!(instance)))
+        .map(|w| w["listeners"][dp.to_string()].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Poll `cond` until it holds (bounded); every second without success, run `nudge`.
+fn wait_for(what: &str, s: &Server, mut nudge: impl FnMut(), mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let mut last_nudge = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if cond() {
+            return;
+        }
+        if last_nudge.elapsed() > Duration::from_secs(1) {
+            nudge();
+            last_nudge = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "timed out waiting for {what}; /workers: {}\nstderr:\n{}",
+        s.get("/workers").text(),
+        s.stderr()
+    );
+}
+
+/// Wait until the listener has connected and finished its start-up catch-up.
+fn wait_ready(s: &Server, instance: u64, dp: u32) {
+    wait_for(
+        "listener ready",
+        s,
+        || {},
+        || {
+            let l = listener(s, instance, dp);
+            l["status"] == "active" && l["connected"] == true && l["replaying"] == false
+        },
+    );
+}
+
+fn data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path().join("data");
+    (d, p)
+}
+
+#[test]
+fn registered_worker_stores_are_queryable_and_workers_shows_live_status() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let b = batch(vec![store(100, &TOKENS)]);
+    p.publish(&b);
+    wait_for(
+        "stored blocks",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    let l = listener(&s, 1, 0);
+    assert_eq!(l["endpoint"], json!(p.endpoint()));
+    assert_eq!(l["status"], "active");
+    assert_eq!(l["degraded"], false);
+    assert!(l["watermark"].as_u64().is_some(), "{l}");
+    assert!(l["gaps"].is_u64() && l["replays"].is_u64(), "{l}");
+    let w = &s.get("/workers").json()[0];
+    assert_eq!(w["status"], "active");
+    assert_eq!(w["source"], "zmq");
+    assert_eq!(w["endpoints"]["0"], json!(p.endpoint()));
+}
+
+#[test]
+fn removes_and_clears_reach_the_index() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    p.publish(&batch(vec![store(100, &TOKENS)]));
+    let nudge = || {
+        p.publish(&batch(Vec::new()));
+    };
+    wait_for("store", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
+    // Remove the second block: one block left.
+    p.publish(&batch(vec![PublishEvent::removed(vec![102])]));
+    wait_for("remove", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 4}})
+    });
+    // Store another chain, then clear everything.
+    let other = [9, 10, 11, 12];
+    p.publish(&batch(vec![store(200, &other)]));
+    wait_for("second store", &s, nudge, || {
+        scores(&s, &other) == json!({"1": {"0": 4}})
+    });
+    p.publish(&batch(vec![PublishEvent::Cleared]));
+    wait_for("clear", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({}) && scores(&s, &other) == json!({})
+    });
+}
+
+#[test]
+fn dp_ranks_are_separate_streams_and_batch_rank_overrides() {
+    let rt = runtime();
+    let p0 = Pub::bind(&rt, true);
+    let p1 = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 5, 0, &p0);
+    register(&s, 5, 1, &p1);
+    wait_ready(&s, 5, 0);
+    wait_ready(&s, 5, 1);
+    p0.publish(&batch(vec![store(100, &TOKENS)]).with_dp_rank(0));
+    p1.publish(&batch(vec![store(100, &TOKENS[..4])]).with_dp_rank(1));
+    let nudge = || {
+        p0.publish(&batch(Vec::new()).with_dp_rank(0));
+        p1.publish(&batch(Vec::new()).with_dp_rank(1));
+    };
+    wait_for("both ranks", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"5": {"0": 8, "1": 4}})
+    });
+    // A batch naming dp 3 on the dp0 listener is indexed under dp 3 (SERVICE.md §5.2).
+    let other = [21, 22, 23, 24];
+    p0.publish(&batch(vec![store(300, &other)]).with_dp_rank(3));
+    wait_for("override", &s, nudge, || {
+        scores(&s, &other) == json!({"5": {"3": 4}})
+    });
+    let w = &s.get("/workers").json()[0];
+    assert_eq!(w["listeners"]["1"]["endpoint"], json!(p1.endpoint()));
+    // Unregister dp 1 only: its blocks go, dp 0 stays.
+    let r = s.post_json(
+        "/unregister",
+        &json!({"instance_id": 5, "model_name": "m", "routing_group": "default", "dp_rank": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(scores(&s, &TOKENS), json!({"5": {"0": 8}}));
+    assert!(listener(&s, 5, 1).is_null());
+}
+
+#[test]
+fn unregister_stops_the_listener_and_removes_its_blocks() {
+    let rt = runtime();
+    let p1 = Pub::bind(&rt, true);
+    let p2 = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p1);
+    register(&s, 2, 0, &p2);
+    wait_ready(&s, 1, 0);
+    wait_ready(&s, 2, 0);
+    p1.publish(&batch(vec![store(100, &TOKENS)]));
+    p2.publish(&batch(vec![store(100, &TOKENS)]));
+    let nudge = || {
+        p1.publish(&batch(Vec::new()));
+        p2.publish(&batch(Vec::new()));
+    };
+    wait_for("both workers", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}, "2": {"0": 8}})
+    });
+    let r = s.post_json("/unregister", &json!({"instance_id": 1, "model_name": "m"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(scores(&s, &TOKENS), json!({"2": {"0": 8}}));
+    // Worker 1 keeps publishing; worker 2's later store is the marker that time has passed.
+    let other = [31, 32, 33, 34];
+    p1.publish(&batch(vec![store(400, &other)]));
+    p2.publish(&batch(vec![store(400, &other)]));
+    wait_for(
+        "worker 2's marker",
+        &s,
+        || {
+            p2.publish(&batch(Vec::new()));
+        },
+        || scores(&s, &other) == json!({"2": {"0": 4}}),
+    );
+    assert_eq!(scores(&s, &TOKENS), json!({"2": {"0": 8}}));
+    assert_eq!(s.get("/workers").json().as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn a_gap_is_filled_by_replay() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    p.publish(&batch(vec![store(100, &TOKENS[..4])]));
+    // The continuation is only in the replay buffer: the next live batch reveals the gap.
+    p.p.publish_unsent(&batch(vec![PublishEvent::stored(
+        vec![102],
+        Some(101),
+        TOKENS[4..].to_vec(),
+        BS,
+    )]));
+    let other = [41, 42, 43, 44];
+    p.publish(&batch(vec![store(500, &other)]));
+    wait_for(
+        "gap filled",
+        &s,
+        || {
+            p.publish(&batch(Vec::new()));
+        },
+        || {
+            scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+                && scores(&s, &other) == json!({"1": {"0": 4}})
+        },
+    );
+    let l = listener(&s, 1, 0);
+    assert!(l["gaps"].as_u64().unwrap_or(0) >= 1, "{l}");
+    assert!(l["replays"].as_u64().unwrap_or(0) >= 1, "{l}");
+    assert_eq!(l["degraded"], false);
+}
+
+#[test]
+fn a_dead_replay_endpoint_degrades_but_live_events_are_still_indexed() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, false);
+    // A replay endpoint nobody serves: bind a port, then free it.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("tcp://{}", l.local_addr().expect("addr"))
+    };
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    let r = s.post_json(
+        "/register",
+        &json!({"instance_id": 1, "endpoint": p.endpoint(), "replay_endpoint": dead,
+            "model_name": "m", "block_size": BS}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The start-up catch-up fails: degraded.
+    wait_for(
+        "degraded",
+        &s,
+        || {},
+        || listener(&s, 1, 0)["degraded"] == true,
+    );
+    // A gap cannot be filled; later events are indexed anyway (no stall, SERVICE.md §7.6).
+    p.p.skip_seqs(3);
+    let b = batch(vec![store(100, &TOKENS)]);
+    p.publish(&b);
+    wait_for(
+        "live store despite the dead replay endpoint",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    let w = &s.get("/workers").json()[0];
+    assert_eq!(w["listeners"]["0"]["status"], "active");
+    assert_eq!(w["listeners"]["0"]["degraded"], true);
+    assert!(w["listeners"]["0"]["last_error"].is_string(), "{w}");
+}
+
+#[test]
+fn pause_and_resume_routes_drive_the_listener() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let r = s.post_json("/test/pause_listener", &json!({"instance_id": 1}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(listener(&s, 1, 0)["status"], "paused");
+    let r = s.post_json("/test/pause_listener", &json!({"instance_id": 1}));
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            409,
+            json!({"error": "instance 1 dp_rank 0 cannot be paused from status paused"})
+        )
+    );
+    // Published while paused: lost live, but in the replay buffer.
+    p.publish(&batch(vec![store(100, &TOKENS)]));
+    let r = s.post_json("/test/resume_listener", &json!({"instance_id": 1}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for(
+        "replayed after resume",
+        &s,
+        || {
+            p.publish(&batch(Vec::new()));
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    assert_eq!(listener(&s, 1, 0)["status"], "active");
+}
+
+#[test]
+fn workers_flag_starts_listeners_at_start_up() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, false);
+    let (_d, dir) = data_dir();
+    let workers = format!("7={}", p.endpoint());
+    let s = start(
+        &dir,
+        &[
+            "--workers",
+            &workers,
+            "--block-size",
+            "4",
+            "--model-name",
+            "m",
+        ],
+        &[],
+    );
+    let b = batch(vec![store(100, &TOKENS)]);
+    wait_for(
+        "store from a --workers listener",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || {
+            let r = s.post_json("/query", &json!({"token_ids": TOKENS, "model_name": "m"}));
+            r.status == 200 && r.json()["scores"] == json!({"7": {"0": 8}})
+        },
+    );
+}
+
+/// Restart: events published while the server is down are replayed from the publisher's
+/// buffer, after the durable watermark.
+fn restart_replays_what_the_log_is_missing(sig: i32) {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    // The only non-empty batch: the durable watermark is its sequence number.
+    let stored_seq = p.publish(&batch(vec![store(100, &TOKENS)]));
+    let nudge = || {
+        p.publish(&batch(Vec::new()));
+    };
+    wait_for("first store", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
+    let before = query(&s, &TOKENS);
+    let (_status, _log) = s.signal(sig);
+
+    // While the server is down.
+    let missed = [51, 52, 53, 54, 55, 56, 57, 58];
+    p.publish(&batch(vec![store(600, &missed)]));
+    p.publish(&batch(vec![PublishEvent::removed(vec![602])]));
+    let requests_before = p.p.replay_requests().len();
+
+    let s = start(&dir, &[], &[]);
+    wait_for(
+        "missed events replayed",
+        &s,
+        || {},
+        || scores(&s, &missed) == json!({"1": {"0": 4}}),
+    );
+    assert_eq!(query(&s, &TOKENS), before);
+    let asked: Vec<u64> = p.p.replay_requests()[requests_before..].to_vec();
+    let first = *asked.first().expect("a replay request after restart");
+    // Resumed after the durable watermark (SIGKILL may lose an unsynced tail, never more).
+    if sig == libc::SIGTERM {
+        assert_eq!(first, stored_seq + 1, "{asked:?}");
+    } else {
+        assert!(first <= stored_seq + 1, "{asked:?}");
+    }
+    let l = listener(&s, 1, 0);
+    assert_eq!(l["status"], "active");
+    assert_eq!(l["watermark"], json!(p.p.next_seq() - 1), "{l}");
+}
+
+#[test]
+fn restart_after_sigkill_replays_missed_events() {
+    restart_replays_what_the_log_is_missing(libc::SIGKILL);
+}
+
+#[test]
+fn restart_after_sigterm_replays_missed_events() {
+    restart_replays_what_the_log_is_missing(libc::SIGTERM);
+}
+
+#[test]
+fn many_publishers_storing_the_same_prefix_are_all_indexed() {
+    const N: u64 = 8;
+    let rt = runtime();
+    let pubs: Vec<Pub> = (0..N).map(|_| Pub::bind(&rt, true)).collect();
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    for (i, p) in pubs.iter().enumerate() {
+        register(&s, i as u64 + 1, 0, p);
+    }
+    for i in 0..N {
+        wait_ready(&s, i + 1, 0);
+    }
+    let tokens: Vec<u32> = (1..=32).collect();
+    // All at once, from one task per publisher.
+    rt.block_on(async {
+        let sends = pubs.iter().map(|p| {
+            let b = batch(vec![store(1000, &tokens)]);
+            async move { p.p.publish(&b).await.expect("publish") }
+        });
+        futures::future::join_all(sends).await;
+    });
+    let expected: serde_json::Map<String, Value> =
+        (1..=N).map(|i| (i.to_string(), json!({"0": 32}))).collect();
+    wait_for(
+        "every publisher's blocks",
+        &s,
+        || {
+            for p in &pubs {
+                p.publish(&batch(Vec::new()));
+            }
+        },
+        || scores(&s, &tokens) == Value::Object(expected.clone()),
+    );
+    // `/query_by_hash` takes i64 JSON values (the same 64 bits).
+    let hashes: Vec<i64> = local_hashes(&tokens, BS as usize)
+        .into_iter()
+        .map(|h| h as i64)
+        .collect();
+    let r = s.post_json(
+        "/query_by_hash",
+        &json!({"block_hashes": hashes, "model_name": "m"}),
+    );
+    assert_eq!(r.json()["scores"], Value::Object(expected));
+}
