@@ -71,7 +71,9 @@ fn workers(s: &Server) -> serde_json::Value {
         if let Some(listeners) = worker["listeners"].as_object_mut() {
             for l in listeners.values_mut() {
                 if let Some(l) = l.as_object_mut() {
-                    l.retain(|k, _| ["endpoint", "status", "last_error"].contains(&k.as_str()));
+                    // `last_error` depends on when the listener last tried to connect (the test's
+                    // endpoints do not exist), so it is not part of the state compared here.
+                    l.retain(|k, _| ["endpoint", "status"].contains(&k.as_str()));
                 }
             }
         }
