@@ -39,11 +39,8 @@ fn hashing(c: &mut Criterion) {
     for bs in BLOCK_SIZES {
         // Both must produce the same hashes, or the comparison is meaningless.
         let ours = compute_block_hash_for_seq(&tokens, bs, &HashOptions::default());
-        let theirs = dynamo_kv_router::compute_block_hash_for_seq(
-            &tokens,
-            bs,
-            BlockHashOptions::default(),
-        );
+        let theirs =
+            dynamo_kv_router::compute_block_hash_for_seq(&tokens, bs, BlockHashOptions::default());
         assert_eq!(ours.len(), TOKENS / bs as usize);
         assert!(
             ours.iter().zip(&theirs).all(|(a, b)| a.0 == b.0) && ours.len() == theirs.len(),
@@ -51,9 +48,7 @@ fn hashing(c: &mut Criterion) {
         );
 
         group.bench_with_input(BenchmarkId::new("kvindex", bs), &bs, |b, &bs| {
-            b.iter(|| {
-                compute_block_hash_for_seq(black_box(&tokens), bs, &HashOptions::default())
-            })
+            b.iter(|| compute_block_hash_for_seq(black_box(&tokens), bs, &HashOptions::default()))
         });
         group.bench_with_input(BenchmarkId::new("dynamo", bs), &bs, |b, &bs| {
             b.iter(|| {

@@ -6,6 +6,8 @@
 //!   up to half (`partial`: the second half is unknown), and a full match with `early_exit = true`
 //!   (`hit_early_exit`);
 //! * `find_workers/<case>/<backend>/<workers>`: the same 64-block chain held by every worker;
+//! * `find_100k/{hit,partial}/<backend>`: in the 100k-block index, a 96-block sequence of worker 0
+//!   (its 32-block prefix is held by all 8 workers), fully and up to the prefix;
 //! * `store_remove/<backend>`: on top of the 100k-block index, store a fresh 64-block chain, remove
 //!   it, flush (so the index is the same before and after every iteration);
 //! * `dump/<backend>`: Dynamo-compatible dump of the 100k-block index (kvindex `Namespace::dump`,
@@ -27,11 +29,11 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkGroup, BenchmarkId, Criterion,
     SamplingMode,
 };
-use criterion::measurement::WallTime;
 use dynamo_kv_router::indexer::{KvIndexerInterface, SyncIndexer};
 use dynamo_kv_router::protocols as dy;
 use dynamo_kv_router::ConcurrentRadixTreeCompressed;
@@ -39,8 +41,8 @@ use kvindex_benches::backend::{block_on, Backend, DynamoBackend};
 use kvindex_benches::backend_kvindex::KvindexBackend;
 use kvindex_benches::workload::{local_hash, seq_hashes};
 use kvindex_engine::protocol::{
-    ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData,
-    KvCacheStoreData, KvCacheStoredBlockData, LocalBlockHash, RouterEvent,
+    ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
+    KvCacheStoredBlockData, LocalBlockHash, RouterEvent,
 };
 
 type Crtc = DynamoBackend<ConcurrentRadixTreeCompressed>;
@@ -174,7 +176,9 @@ fn chain_queries(chain: &[u64]) -> Vec<(&'static str, Vec<LocalBlockHash>, u32, 
     if depth >= 2 {
         let half = depth / 2;
         let mut partial = chain[..half].to_vec();
-        partial.extend(locals(UNKNOWN_BASE + 1..UNKNOWN_BASE + 1 + (depth - half) as u64));
+        partial.extend(locals(
+            UNKNOWN_BASE + 1..UNKNOWN_BASE + 1 + (depth - half) as u64,
+        ));
         out.push(("partial", hashes(&partial), half as u32, false));
     }
     out
@@ -270,8 +274,12 @@ where
     let b: B = loaded(events);
     let churn = locals(CHURN_BASE..CHURN_BASE + CHURN_DEPTH as u64);
     let probe = hashes(&churn);
-    let store = b.prepare(&store_event(CHURN_WORKER, &churn)).expect("store");
-    let remove = b.prepare(&remove_event(CHURN_WORKER, &churn)).expect("remove");
+    let store = b
+        .prepare(&store_event(CHURN_WORKER, &churn))
+        .expect("store");
+    let remove = b
+        .prepare(&remove_event(CHURN_WORKER, &churn))
+        .expect("remove");
     // The pair leaves the index as it was.
     b.apply_prepared(store.clone()).expect("apply");
     b.flush().expect("flush");
@@ -279,6 +287,32 @@ where
     b.apply_prepared(remove.clone()).expect("apply");
     b.flush().expect("flush");
     assert!(scores(&b, &probe).is_empty());
+
+    // A 96-block sequence of the 100k-block index (32-block prefix held by 8 workers, own
+    // 64 blocks by worker 0), fully matched, and diverging after the shared prefix.
+    let own0 = match &events[0].event.data {
+        KvCacheEventData::Stored(s) => s.blocks.iter().map(|b| b.tokens_hash.0).collect::<Vec<_>>(),
+        _ => unreachable!("the 100k-block index is made of stored events"),
+    };
+    let mut diverging = own0[..32].to_vec();
+    diverging.extend(locals(UNKNOWN_BASE + 1..UNKNOWN_BASE + 65));
+    let mut group = c.benchmark_group("find_100k");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500));
+    for (case, query) in [("hit", hashes(&own0)), ("partial", hashes(&diverging))] {
+        let got = scores(&b, &query);
+        assert_eq!(got.len(), 8, "{case}: every worker holds the group prefix");
+        assert!(got
+            .iter()
+            .all(|&(w, s)| s == if w == 0 && case == "hit" { 96 } else { 32 }));
+        let q = b.prepare_query(&query);
+        group.bench_function(format!("{case}/{}", b.name()), |bench| {
+            bench.iter(|| b.find(&q, false))
+        });
+    }
+    group.finish();
 
     let mut group = c.benchmark_group("store_remove");
     group
@@ -305,7 +339,9 @@ where
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    group.bench_function(b.name(), |bench| bench.iter_with_large_drop(|| b.dump_native()));
+    group.bench_function(b.name(), |bench| {
+        bench.iter_with_large_drop(|| b.dump_native())
+    });
     group.finish();
 
     let dump = b.dump_native();
