@@ -110,6 +110,13 @@ pub struct DynamoBackend<T: SyncIndexer> {
     name: &'static str,
 }
 
+impl<T: SyncIndexer> DynamoBackend<T> {
+    /// The wrapped `ThreadPoolIndexer` (micro-benchmarks call its own API directly).
+    pub fn indexer(&self) -> &ThreadPoolIndexer<T> {
+        &self.indexer
+    }
+}
+
 impl DynamoBackend<ConcurrentRadixTreeCompressed> {
     /// `ThreadPoolIndexer<ConcurrentRadixTreeCompressed>` (Dynamo's default).
     pub fn crtc(event_threads: usize) -> anyhow::Result<Self> {

@@ -33,6 +33,11 @@ impl KvindexBackend {
             .map_err(|e| anyhow::anyhow!("kvindex create_namespace: {e}"))?;
         Ok(Self { engine, namespace })
     }
+
+    /// The namespace every event and query goes to (micro-benchmarks call its own API directly).
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
 }
 
 impl Drop for KvindexBackend {
