@@ -100,6 +100,15 @@ pub fn compute_block_hash_for_seq(
         let start = block * stride;
         let chunk = &tokens[start..start + window];
 
+        let has_mm = matches!(mm_infos.get(block), Some(Some(_)));
+        #[cfg(target_endian = "little")]
+        if !has_mm {
+            // The common case: hash the tokens in place (they already are u32 little-endian),
+            // no copy.
+            out.push(LocalBlockHash(xxh3_64_with_seed(le_bytes(chunk), seed)));
+            continue;
+        }
+
         // Token bytes always occupy buf[..token_bytes]; multimodal bytes (if any) follow.
         buf.truncate(token_bytes);
         for (dst, tok) in buf.chunks_exact_mut(4).zip(chunk) {
@@ -118,6 +127,18 @@ pub fn compute_block_hash_for_seq(
         out.push(LocalBlockHash(xxh3_64_with_seed(&buf, seed)));
     }
     out
+}
+
+/// The bytes of `tokens` as stored: on a little-endian machine exactly the u32-LE encoding the
+/// hash is defined over.
+#[cfg(target_endian = "little")]
+#[inline]
+fn le_bytes(tokens: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8; the length in bytes is
+    // exactly 4 × len, alignment of u8 is 1, and the lifetime is tied to `tokens`.
+    unsafe {
+        std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens))
+    }
 }
 
 /// One step of the rolling sequence hash: `xxh3_64_with_seed(le(parent) ‖ le(local), 1337)`.
