@@ -138,3 +138,15 @@ pub fn advance_epoch() {
 pub fn plant_weak_publication(on: bool) {
     crate::sync::loom_support::plant_weak_publication(on);
 }
+
+/// Plant a bug on this test thread: unlinked nodes are recycled without waiting for the epoch
+/// grace period (see `Tree::release_unlinked`).
+pub fn plant_eager_reclamation(on: bool) {
+    crate::sync::loom_support::plant_eager_reclamation(on);
+}
+
+/// The first memory-safety violation the loom heap tracker recorded on this test thread since
+/// the last call: a reader dereferencing a freed member set or child table, or a double free.
+pub fn take_violation() -> Option<String> {
+    crate::sync::loom_support::take_violation()
+}

@@ -247,10 +247,12 @@ pub(crate) mod loom_support {
     // `loom::model`, so std thread-locals are per test and shared by the model's threads.
     std::thread_local! {
         static WEAK_PUBLICATION: Cell<bool> = const { Cell::new(false) };
+        static EAGER_RECLAMATION: Cell<bool> = const { Cell::new(false) };
         static LIVE_HEAP: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
+        static VIOLATION: RefCell<Option<String>> = const { RefCell::new(None) };
     }
 
-    /// Plant the bug: link publication uses `Relaxed` instead of `Release` (this test thread).
+    /// Plant a bug: link publication uses `Relaxed` instead of `Release` (this test thread).
     pub(crate) fn plant_weak_publication(on: bool) {
         WEAK_PUBLICATION.with(|w| w.set(on));
     }
@@ -259,20 +261,43 @@ pub(crate) mod loom_support {
         WEAK_PUBLICATION.with(|w| w.get())
     }
 
+    /// Plant a bug: unlinked nodes go back to the free list at once, not after the grace period.
+    pub(crate) fn plant_eager_reclamation(on: bool) {
+        EAGER_RECLAMATION.with(|w| w.set(on));
+    }
+
+    pub(crate) fn eager_reclamation() -> bool {
+        EAGER_RECLAMATION.with(|w| w.get())
+    }
+
+    /// The first memory-safety violation seen by the heap tracker since the last call.
+    /// (Recorded, not panicked: loom cannot unwind a model cleanly.)
+    pub(crate) fn take_violation() -> Option<String> {
+        VIOLATION.with(|v| v.borrow_mut().take())
+    }
+
+    fn violation(msg: String) {
+        VIOLATION.with(|v| {
+            v.borrow_mut().get_or_insert(msg);
+        });
+    }
+
     pub(crate) fn heap_allocated(addr: usize) {
         LIVE_HEAP.with(|l| l.borrow_mut().insert(addr));
     }
 
     pub(crate) fn heap_freed(addr: usize) {
-        let was_live = LIVE_HEAP.with(|l| l.borrow_mut().remove(&addr));
-        assert!(was_live, "heap object at {addr:#x} freed twice");
+        if !LIVE_HEAP.with(|l| l.borrow_mut().remove(&addr)) {
+            violation(format!("heap object at {addr:#x} freed twice"));
+        }
     }
 
     pub(crate) fn heap_read(addr: usize) {
-        let live = LIVE_HEAP.with(|l| l.borrow().contains(&addr));
-        assert!(
-            live,
-            "a reader dereferenced a freed heap object at {addr:#x}"
-        );
+        // The memory is quarantined, so reading it stays memory-safe; the model fails.
+        if !LIVE_HEAP.with(|l| l.borrow().contains(&addr)) {
+            violation(format!(
+                "a reader dereferenced a freed heap object at {addr:#x}"
+            ));
+        }
     }
 }

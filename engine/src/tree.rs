@@ -270,6 +270,12 @@ impl Tree {
             return;
         }
         let batch = std::mem::take(&mut st.unlinked);
+        #[cfg(loom)]
+        if crate::sync::loom_support::eager_reclamation() {
+            // Planted bug (loom-tests/tests/reclaim.rs): no grace period.
+            self.free_nodes.lock().unwrap().extend(batch);
+            return;
+        }
         let tree = Arc::clone(self);
         guard.defer(move || {
             tree.free_nodes

@@ -76,7 +76,11 @@ where
         let executions = Arc::clone(&executions);
         b.check(move || {
             executions.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = f() {
+            let outcome = f().and_then(|()| match kvindex_engine::loom_hooks::take_violation() {
+                Some(v) => Err(v),
+                None => Ok(()),
+            });
+            if let Err(e) = outcome {
                 first.lock().unwrap().get_or_insert(e);
             }
         });

@@ -11,7 +11,7 @@
 //! also checks that it is not vacuous: in some executions the index *is* recycled.
 #![cfg(loom)]
 
-use kvindex_engine::loom_hooks::{advance_epoch, Index, Lane};
+use kvindex_engine::loom_hooks::{advance_epoch, plant_eager_reclamation, Index, Lane};
 use kvindex_loom_tests::invariant;
 use kvindex_loom_tests::support::{model, removed, stored};
 use loom::thread;
@@ -21,11 +21,8 @@ use std::sync::Arc;
 const OLD: u64 = 11;
 const NEW: u64 = 12;
 
-static RECYCLED: AtomicUsize = AtomicUsize::new(0);
-
-#[test]
-fn a_pinned_reader_never_sees_its_node_recycled() {
-    model(|| {
+fn pinned_reader_and_recycling_writer(recycled: &'static AtomicUsize) {
+    model(move || {
         let idx = Arc::new(Index::new());
         let mut lane = Lane::new();
         lane.apply(&idx, &stored(1, None, &[OLD])).unwrap();
@@ -64,7 +61,7 @@ fn a_pinned_reader_never_sees_its_node_recycled() {
         let new_index = idx.pin().walk(&[NEW]);
         invariant!(new_index.is_some(), "the new block is not reachable");
         if new_index == Some(old_index) {
-            RECYCLED.fetch_add(1, Ordering::Relaxed);
+            recycled.fetch_add(1, Ordering::Relaxed);
         }
         invariant!(
             idx.find_matches(&[OLD]).is_empty() && idx.find_matches(&[NEW]) == [(1, 1)],
@@ -72,8 +69,24 @@ fn a_pinned_reader_never_sees_its_node_recycled() {
         );
         Ok(())
     });
+}
+
+#[test]
+fn a_pinned_reader_never_sees_its_node_recycled() {
+    static RECYCLED: AtomicUsize = AtomicUsize::new(0);
+    pinned_reader_and_recycling_writer(&RECYCLED);
     assert!(
         RECYCLED.load(Ordering::Relaxed) > 0,
         "vacuous model: the node was never recycled"
     );
+}
+
+/// The planted bug: unlinked nodes go back to the free list without a grace period. loom must
+/// find a pinned reader that sees its node re-initialised as the new block.
+#[test]
+#[should_panic(expected = "recycled")]
+fn planted_bug_reclaiming_without_a_grace_period_is_caught() {
+    static RECYCLED: AtomicUsize = AtomicUsize::new(0);
+    plant_eager_reclamation(true);
+    pinned_reader_and_recycling_writer(&RECYCLED);
 }
