@@ -51,6 +51,9 @@ fn chunk_len(k: usize) -> usize {
 pub(crate) unsafe trait Zeroable {}
 /// Under loom, atomics are handles into the model's state, not plain integers, so chunks are
 /// built element by element from `Default` instead of zeroed memory.
+///
+/// # Safety
+/// As above (the same impls serve both builds).
 #[cfg(loom)]
 pub(crate) unsafe trait Zeroable: Default {}
 
