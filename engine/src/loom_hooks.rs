@@ -125,6 +125,14 @@ impl Lane {
     }
 }
 
+/// Pin and unpin once on this thread. A thread's first pin also tries to advance the epoch,
+/// which runs a SeqCst fence; an event thread of a running engine pins thousands of times and
+/// collects only every 128th, so a model thread calls this first to get the common path (a
+/// pin with no fence), where only the protocol's own orderings publish its writes.
+pub fn warm_up() {
+    drop(epoch::pin());
+}
+
 /// Let the epoch advance far enough for garbage deferred before this call to be collected, if
 /// no reader pinned earlier is still pinned (as later events on an event thread would).
 pub fn advance_epoch() {

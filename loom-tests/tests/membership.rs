@@ -17,7 +17,7 @@
 //! * After the writer finishes, the holders are exactly {1, 3} plus the joiner.
 #![cfg(loom)]
 
-use kvindex_engine::loom_hooks::{Index, Lane};
+use kvindex_engine::loom_hooks::{warm_up, Index, Lane};
 use kvindex_loom_tests::invariant;
 use kvindex_loom_tests::support::{model, removed, stored};
 use loom::thread;
@@ -59,6 +59,7 @@ fn holder_changes_while_a_reader_scores(mover: u64, joins: bool) {
         let writer = {
             let idx = Arc::clone(&idx);
             thread::spawn(move || {
+                warm_up();
                 let event = if joins {
                     stored(mover, None, &[BLOCK])
                 } else {
