@@ -25,3 +25,11 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
+echo "== loom models (loom-tests/, bounded: LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-2})"
+# The production code under loom's model checker: the engine's and the log's sync shims swap in
+# loom's primitives under --cfg loom, crossbeam-epoch under --cfg crossbeam_loom. Its own target
+# directory, so the normal build's artefacts are not rebuilt; release, because loom explores
+# hundreds of thousands of executions. About a minute of models plus the build on 2 cores.
+RUSTFLAGS="--cfg loom --cfg crossbeam_loom" CARGO_TARGET_DIR=target/loom \
+  LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" \
+  cargo test --release --locked -p kvindex-loom-tests

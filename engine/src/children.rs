@@ -72,7 +72,7 @@ impl ChildTable {
                 self.live.fetch_add(1, Ordering::Relaxed);
                 // Release: the child node's initialisation happens-before any reader that
                 // observes this entry.
-                self.entries[i].store(child + 1, Ordering::Release);
+                self.entries[i].store(child + 1, crate::sync::publish_link());
                 return;
             }
             i = (i + 1) & self.mask;
@@ -113,6 +113,7 @@ impl ChildTable {
 
 #[inline]
 fn table(word: u64, _guard: &Guard) -> &ChildTable {
+    crate::sync::heap_read((word & !TABLE_TAG) as usize);
     // SAFETY: a tagged word is only built by `publish_table` from `Box::into_raw`, and a table is
     // freed only by `retire_table`, deferred past every guard pinned while it was published.
     unsafe { &*((word & !TABLE_TAG) as *const ChildTable) }
@@ -166,6 +167,7 @@ pub(crate) fn heap_bytes(word: u64, guard: &Guard) -> usize {
 fn publish_table(t: Box<ChildTable>) -> u64 {
     let p = Box::into_raw(t) as u64;
     debug_assert_eq!(p & TABLE_TAG, 0);
+    crate::sync::heap_allocated(p as usize);
     p | TABLE_TAG
 }
 
@@ -177,15 +179,20 @@ fn retire_table(word: u64, guard: &Guard) {
     // SAFETY: the table was unpublished by the caller (its node's word now points elsewhere),
     // so only readers pinned before that can reach it; the free is deferred past them.
     unsafe {
-        guard.defer_unchecked(move || drop(Box::from_raw(addr as *mut ChildTable)));
+        guard.defer_unchecked(move || {
+            crate::sync::heap_free(addr, || drop(Box::from_raw(addr as *mut ChildTable)))
+        });
     }
 }
 
 /// Free a children word's table immediately (exclusive access: teardown).
 pub(crate) fn free_now(word: u64) {
     if word & TABLE_TAG != 0 {
+        let addr = (word & !TABLE_TAG) as usize;
         // SAFETY: exclusive access guaranteed by the caller; the pointer came from Box::into_raw.
-        drop(unsafe { Box::from_raw((word & !TABLE_TAG) as *mut ChildTable) });
+        crate::sync::heap_free(addr, || {
+            drop(unsafe { Box::from_raw(addr as *mut ChildTable) })
+        });
     }
 }
 

@@ -256,7 +256,7 @@ impl Engine {
 /// Keeps the event threads paused (test hook); they resume when it is dropped.
 #[doc(hidden)]
 pub struct PauseGuard {
-    _resume: Vec<crossbeam_channel::Sender<()>>,
+    _resume: Vec<crate::sync::channel::Sender<()>>,
 }
 
 struct NsMeta {
@@ -306,7 +306,7 @@ impl Namespace {
     fn event_task(
         &self,
         event: RouterEvent,
-        reply: Option<crossbeam_channel::Sender<Result<(), KvCacheEventError>>>,
+        reply: Option<crate::sync::channel::Sender<Result<(), KvCacheEventError>>>,
     ) -> Task {
         Task::Event {
             ns: Arc::clone(&self.shared),
@@ -332,7 +332,7 @@ impl Namespace {
     /// Apply and wait for the outcome (`EngineError::Event` when it failed).
     pub fn apply_and_wait(&self, event: RouterEvent) -> Result<(), EngineError> {
         let lane = self.lane_of(event.stream());
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = crate::sync::channel::bounded(1);
         self.engine
             .lanes
             .send(lane, self.event_task(event, Some(tx)))?;
@@ -463,7 +463,7 @@ impl Namespace {
                 .or_default()
                 .push((stream, st));
         }
-        let (tx, rx) = crossbeam_channel::bounded(per_lane.len().max(1));
+        let (tx, rx) = crate::sync::channel::bounded(per_lane.len().max(1));
         let lanes = per_lane.len();
         for (lane, states) in per_lane {
             self.engine.lanes.send(

@@ -5,11 +5,12 @@
 use crate::counters::EventCounters;
 use crate::error::KvCacheEventError;
 use crate::protocol::{KvCacheEventData, RouterEvent, WorkerWithDpRank};
+use crate::sync::channel::{self, Receiver, Sender};
+use crate::sync::AtomicBool;
 use crate::tree::{StreamState, Tree};
-use crossbeam_channel::{Receiver, Sender};
 use crossbeam_epoch as epoch;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What a namespace shares with the lanes.
@@ -144,7 +145,7 @@ impl Lane {
 /// Handle to the running lanes.
 pub(crate) struct Lanes {
     senders: Vec<Sender<Task>>,
-    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    threads: std::sync::Mutex<Vec<crate::sync::thread::JoinHandle<()>>>,
     offline: Arc<AtomicBool>,
 }
 
@@ -154,10 +155,10 @@ impl Lanes {
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for i in 0..count.max(1) {
-            let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+            let (tx, rx) = channel::bounded(capacity.max(1));
             senders.push(tx);
             let lane_offline = Arc::clone(&offline);
-            let handle = std::thread::Builder::new()
+            let handle = crate::sync::thread::Builder::new()
                 .name(format!("kvindex-event-{i}"))
                 .spawn(move || run_lane(rx, lane_offline))
                 .ok();
@@ -202,8 +203,8 @@ impl Lanes {
         self.senders[lane % self.senders.len()]
             .try_send(task)
             .map_err(|e| match e {
-                crossbeam_channel::TrySendError::Full(_) => crate::EngineError::QueueFull,
-                crossbeam_channel::TrySendError::Disconnected(_) => crate::EngineError::Offline,
+                channel::TrySendError::Full(_) => crate::EngineError::QueueFull,
+                channel::TrySendError::Disconnected(_) => crate::EngineError::Offline,
             })
     }
 
@@ -212,7 +213,7 @@ impl Lanes {
         &self,
         mut make: impl FnMut(Sender<()>) -> Task,
     ) -> Result<(), crate::EngineError> {
-        let (tx, rx) = crossbeam_channel::bounded(self.senders.len());
+        let (tx, rx) = channel::bounded(self.senders.len());
         for lane in 0..self.senders.len() {
             self.send(lane, make(tx.clone()))?;
         }
@@ -229,10 +230,10 @@ impl Lanes {
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(50)) {
                 Ok(v) => return Ok(v),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(channel::RecvTimeoutError::Disconnected) => {
                     return Err(crate::EngineError::Offline)
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                Err(channel::RecvTimeoutError::Timeout) => {
                     if self.is_offline() {
                         // One last look: the reply may have raced with the flag.
                         return rx.try_recv().map_err(|_| crate::EngineError::Offline);
@@ -263,8 +264,8 @@ impl Lanes {
     }
 
     pub(crate) fn pause(&self, lane: usize) -> Result<Sender<()>, crate::EngineError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = channel::bounded(1);
+        let (entered_tx, entered_rx) = channel::bounded(1);
         self.send(
             lane,
             Task::Pause {
@@ -339,5 +340,27 @@ fn run_task(lane: &mut Lane, task: Task) {
             let _ = resume.recv();
         }
         Task::Shutdown => {}
+    }
+}
+
+/// The production event-thread code on a model's tiny state (loom-tests/ only): one lane's
+/// private stream table, applying events exactly as `run_lane` does.
+#[cfg(loom)]
+pub(crate) struct LoomLane(Lane);
+
+#[cfg(loom)]
+impl LoomLane {
+    pub(crate) fn new() -> Self {
+        LoomLane(Lane {
+            streams: HashMap::new(),
+        })
+    }
+
+    pub(crate) fn apply(
+        &mut self,
+        ns: &Arc<NsShared>,
+        event: &RouterEvent,
+    ) -> Result<(), KvCacheEventError> {
+        self.0.apply(ns, event)
     }
 }

@@ -14,6 +14,9 @@ pub mod engine;
 pub mod error;
 pub mod hashing;
 mod lanes;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_hooks;
 mod members;
 pub mod protocol;
 pub mod reference;

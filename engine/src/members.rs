@@ -32,6 +32,7 @@ fn inline_slots(word: u64) -> [Option<u32>; 2] {
 #[inline]
 fn heap_words<'g>(word: u64) -> &'g [u64] {
     let ptr = (word & !HEAP_TAG) as *const u64;
+    crate::sync::heap_read(ptr as usize);
     // SAFETY: a tagged word is only ever built by `encode_heap` from a leaked `Box<[u64]>` whose
     // first element is the number of bitset words `n` (so the allocation has `n + 2` words). It
     // is freed only through `retire`, which defers the free until every guard pinned before the
@@ -112,6 +113,7 @@ fn encode_heap(slots: &[u32]) -> u64 {
     }
     let ptr = Box::into_raw(words) as *mut u64 as u64;
     debug_assert_eq!(ptr & HEAP_TAG, 0);
+    crate::sync::heap_allocated(ptr as usize);
     ptr | HEAP_TAG
 }
 
@@ -126,14 +128,7 @@ pub(crate) fn retire(word: u64, guard: &Guard) {
     // replaced in its node, so only readers pinned before the replacement can still see it, and
     // `defer_unchecked` runs the closure only after all of them are unpinned.
     unsafe {
-        guard.defer_unchecked(move || {
-            let ptr = addr as *mut u64;
-            let n = *ptr as usize;
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                ptr,
-                n + 2,
-            )));
-        });
+        guard.defer_unchecked(move || crate::sync::heap_free(addr, || free_heap(addr)));
     }
 }
 
@@ -142,15 +137,22 @@ pub(crate) fn free_now(word: u64) {
     if word & HEAP_TAG == 0 {
         return;
     }
-    let ptr = (word & !HEAP_TAG) as *mut u64;
+    let addr = (word & !HEAP_TAG) as usize;
     // SAFETY: as in `retire`, but the caller guarantees exclusive access (no reader exists).
-    unsafe {
-        let n = *ptr as usize;
-        drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-            ptr,
-            n + 2,
-        )));
-    }
+    crate::sync::heap_free(addr, || unsafe { free_heap(addr) });
+}
+
+/// Drop the heap set at `addr`.
+///
+/// # Safety
+/// `addr` must come from `encode_heap`, be unreachable by any reader, and be freed only once.
+unsafe fn free_heap(addr: usize) {
+    let ptr = addr as *mut u64;
+    let n = *ptr as usize;
+    drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+        ptr,
+        n + 2,
+    )));
 }
 
 /// The word after adding `slot` to `word`'s set (`None` if already present).

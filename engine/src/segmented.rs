@@ -5,13 +5,19 @@
 //! Elements are never dropped individually: callers recycle indices through their own free
 //! lists, after an epoch grace period (see `tree.rs`).
 
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, Mutex, Ordering};
 
+#[cfg(not(loom))]
 const BASE_BITS: u32 = 10;
+/// loom models hold a handful of nodes: tiny chunks keep every model's state small.
+#[cfg(loom)]
+const BASE_BITS: u32 = 1;
 const BASE: u32 = 1 << BASE_BITS;
 /// `BASE * (2^MAX_CHUNKS - 1)` elements in all: about 4.3 billion with 22 chunks.
+#[cfg(not(loom))]
 const MAX_CHUNKS: usize = 22;
+#[cfg(loom)]
+const MAX_CHUNKS: usize = 6;
 
 /// Fixed-address, grow-only storage for zero-initialisable elements addressed by `u32`.
 pub(crate) struct SegmentedVec<T> {
@@ -41,7 +47,15 @@ fn chunk_len(k: usize) -> usize {
 ///
 /// # Safety
 /// Implement only for types for which all-zero bytes are a valid, initialised value.
+#[cfg(not(loom))]
 pub(crate) unsafe trait Zeroable {}
+/// Under loom, atomics are handles into the model's state, not plain integers, so chunks are
+/// built element by element from `Default` instead of zeroed memory.
+///
+/// # Safety
+/// As above (the same impls serve both builds).
+#[cfg(loom)]
+pub(crate) unsafe trait Zeroable: Default {}
 
 impl<T: Zeroable> SegmentedVec<T> {
     pub(crate) fn new() -> Self {
@@ -100,6 +114,13 @@ impl<T: Zeroable> SegmentedVec<T> {
         Some(first)
     }
 
+    #[cfg(loom)]
+    fn alloc_chunk(len: usize) -> *mut T {
+        let chunk: Box<[T]> = (0..len).map(|_| T::default()).collect();
+        Box::into_raw(chunk) as *mut T
+    }
+
+    #[cfg(not(loom))]
     fn alloc_chunk(len: usize) -> *mut T {
         let Ok(layout) = std::alloc::Layout::array::<T>(len) else {
             return std::ptr::null_mut();
@@ -152,6 +173,10 @@ impl<T> Drop for SegmentedVec<T> {
         let allocated = *self.grow.get_mut().unwrap_or_else(|e| e.into_inner());
         for k in 0..allocated {
             let ptr = self.chunks[k].load(Ordering::Relaxed);
+            #[cfg(loom)]
+            // SAFETY: built by the loom `alloc_chunk` as a `Box<[T]>` of exactly this length.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, chunk_len(k))) });
+            #[cfg(not(loom))]
             if let (false, Ok(layout)) =
                 (ptr.is_null(), std::alloc::Layout::array::<T>(chunk_len(k)))
             {

@@ -10,9 +10,8 @@ use crate::error::KvCacheEventError;
 use crate::members::MAX_SLOT;
 use crate::protocol::WorkerWithDpRank;
 use crate::segmented::SegmentedVec;
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 /// What a slot means, readable lock-free.
 #[derive(Default)]
@@ -46,7 +45,7 @@ impl Slots {
         }
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 

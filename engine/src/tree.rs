@@ -30,20 +30,24 @@ use crate::protocol::{
 use crate::segmented::SegmentedVec;
 use crate::slots::Slots;
 use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
-use crate::sync::{spin_wait, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub(crate) const ROOT: u32 = 0;
 const LOCKED: u32 = 1;
 const LIVE: u32 = 2;
 /// The node is the entry of its `ext` in the shared external-hash map.
 const OWNS_EXT: u32 = 4;
+#[cfg(not(loom))]
 const EXT_SHARDS: usize = 64;
+/// loom models hold a few blocks: two shards still exercise the sharding.
+#[cfg(loom)]
+const EXT_SHARDS: usize = 2;
 
 /// One block of the tree: 32 bytes, so two share a cache line and none straddles one. All
 /// fields are atomics so that a recycled slot can be re-initialised
@@ -180,7 +184,7 @@ impl Tree {
         self.node(i).state.fetch_and(!LOCKED, Ordering::Release);
     }
 
-    fn ext_shard(&self, ext: u64) -> std::sync::MutexGuard<'_, HashTable<u32>> {
+    fn ext_shard(&self, ext: u64) -> MutexGuard<'_, HashTable<u32>> {
         // Middle bits: hashbrown uses the top 7 bits as its tag and the low bits as the bucket,
         // so sharding on either would make every probe in a shard look like a match.
         self.ext_map[(mix(ext) >> 32) as usize % EXT_SHARDS]
@@ -233,7 +237,12 @@ impl Tree {
     /// fresh range. Batching keeps the shared free list and the arena's counter off the per-block
     /// path (they are shared cache lines between event threads).
     fn refill(&self, cache: &mut Vec<u32>) {
+        #[cfg(not(loom))]
         const BATCH: usize = 256;
+        // One index at a time under loom, so that a model's second allocation can already
+        // take a recycled node.
+        #[cfg(loom)]
+        const BATCH: usize = 1;
         {
             let mut free = self.free_nodes.lock().unwrap_or_else(|e| e.into_inner());
             let take = free.len().min(BATCH);
@@ -270,6 +279,12 @@ impl Tree {
             return;
         }
         let batch = std::mem::take(&mut st.unlinked);
+        #[cfg(loom)]
+        if crate::sync::loom_support::eager_reclamation() {
+            // Planted bug (loom-tests/tests/reclaim.rs): no grace period.
+            self.free_nodes.lock().unwrap().extend(batch);
+            return;
+        }
         let tree = Arc::clone(self);
         guard.defer(move || {
             tree.free_nodes
@@ -424,7 +439,7 @@ impl Tree {
                         children::insert_child(cw, local, c, &|i| self.local_of(i), guard)
                     {
                         // Release: the child's initialisation is visible to readers that see it.
-                        parent.children.store(nw, Ordering::Release);
+                        parent.children.store(nw, crate::sync::publish_link());
                     }
                     self.unlock(cur);
                     duplicate = false;
@@ -1073,5 +1088,36 @@ mod layout_tests {
     fn a_node_is_32_bytes_so_none_straddles_a_cache_line() {
         assert_eq!(std::mem::size_of::<super::Node>(), 32);
         assert_eq!(64 % std::mem::size_of::<super::Node>(), 0);
+    }
+}
+
+/// Reader-side probes for the loom models (loom-tests/): the same loads, in the same order and
+/// with the same orderings, as `find_matches`, but reporting what they saw instead of scoring.
+#[cfg(loom)]
+impl Tree {
+    /// The node a lock-free reader reaches from the root by following local hashes `path`.
+    pub(crate) fn loom_walk(&self, path: &[u64], guard: &Guard) -> Option<u32> {
+        let mut cur = ROOT;
+        for &h in path {
+            let word = self.node(cur).children.load(Ordering::Acquire);
+            cur = children::find_child(word, h, &|i| self.local_of(i), guard)?;
+        }
+        Some(cur)
+    }
+
+    /// The children of node `i` as a reader sees them (whatever their keys).
+    pub(crate) fn loom_children(&self, i: u32, guard: &Guard) -> Vec<u32> {
+        let mut out = Vec::new();
+        children::for_each_child(self.node(i).children.load(Ordering::Acquire), guard, |c| {
+            out.push(c)
+        });
+        out
+    }
+
+    /// Node `i` as a reader sees it: its local hash and its holders' slots.
+    pub(crate) fn loom_read(&self, i: u32, guard: &Guard) -> (u64, Vec<u32>) {
+        let node = self.node(i);
+        let holders = Members::from_word(node.members.load(Ordering::Acquire), guard).to_vec();
+        (self.local_of(i), holders)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crate::sync::channel::{self, RecvTimeoutError, Sender};
 use kvindex_engine::{Engine, Namespace, NamespaceKey, RouterEvent, WorkerId};
 
 use crate::config::LogConfig;
@@ -170,7 +170,7 @@ impl DurableIndex {
             inner.snapshot()?;
         }
         let snapshotter = if inner.policy.every_entries.is_some() || inner.policy.every.is_some() {
-            let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+            let (tx, rx) = channel::bounded::<()>(1);
             let bg = Arc::clone(&inner);
             let handle = std::thread::Builder::new()
                 .name("kvindex-snapshotter".into())

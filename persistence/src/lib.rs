@@ -25,10 +25,14 @@ pub mod format;
 pub mod fuzzing;
 pub mod io;
 pub mod log;
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_hooks;
 pub mod record;
 pub mod recovery;
 pub mod segment;
 pub mod snapshot;
+mod sync;
 pub mod tool;
 pub mod writer;
 

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crate::sync::channel::{self, Receiver, RecvTimeoutError, Sender};
+use crate::sync::{Condvar, Mutex, MutexGuard};
 use kvindex_engine::NamespaceKey;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -140,6 +141,17 @@ impl Shared {
         }
     }
 
+    /// Publish that every LSN below `end` is written (and on disk when `synced`). Called after
+    /// the bytes were handed to the kernel: a waiter that sees the new value (under the progress
+    /// lock) can map the file and find every record below `end` complete.
+    fn set_progress(&self, end: Lsn, synced: bool) {
+        let mut p = lock(&self.progress);
+        p.written = end;
+        if synced {
+            p.synced = end;
+        }
+    }
+
     fn fail(&self, cause: String) {
         let mut p = lock(&self.progress);
         if p.failed.is_none() {
@@ -247,7 +259,7 @@ impl LogWriter {
             segments: Mutex::new(segments),
             policy: cfg.fsync,
         });
-        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let (tx, rx) = channel::bounded(cfg.queue_capacity.max(1));
         let mut thread = WriterThread {
             dir: start.dir,
             io,
@@ -343,7 +355,7 @@ impl LogWriter {
     /// Force everything appended so far to disk (whatever the policy); returns the next LSN,
     /// below which everything is durable.
     pub fn sync(&self) -> Result<Lsn> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = channel::bounded(1);
         {
             let intake = lock(&self.intake);
             let sender = intake
@@ -635,13 +647,7 @@ impl WriterThread {
         }
         self.offset += self.buf.len() as u64;
         self.buf.clear();
-        {
-            let mut p = lock(&self.shared.progress);
-            p.written = self.buf_end_lsn;
-            if sync {
-                p.synced = self.buf_end_lsn;
-            }
-        }
+        self.shared.set_progress(self.buf_end_lsn, sync);
         if sync {
             self.dirty_since = None;
             let moved = std::mem::take(&mut self.pending);
@@ -675,6 +681,48 @@ fn group_bytes(m: &Msg) -> usize {
     match m {
         Msg::Append(r) => r.payload.len() + 8,
         Msg::Sync(_) => 0,
+    }
+}
+
+/// The tail publication on a model's state, for the loom models (loom-tests/): the production
+/// `Shared`, `set_progress` + `notify_all` (as `WriterThread::flush` does them) and
+/// `AppendTicket::wait`.
+#[cfg(loom)]
+impl Shared {
+    pub(crate) fn for_loom(next_lsn: Lsn, policy: FsyncPolicy) -> Arc<Shared> {
+        Arc::new(Shared {
+            progress: Mutex::new(Progress {
+                written: next_lsn,
+                synced: next_lsn,
+                failed: None,
+            }),
+            cond: Condvar::new(),
+            durable: Mutex::new(WatermarkTable::default()),
+            segments: Mutex::new(Vec::new()),
+            policy,
+        })
+    }
+
+    /// What `WriterThread::flush` does once its write returned.
+    pub(crate) fn loom_publish(&self, end: Lsn, synced: bool) {
+        self.set_progress(end, synced);
+        self.cond.notify_all();
+    }
+
+    /// What `WriterThread::stop` does.
+    pub(crate) fn loom_fail(&self, cause: &str) {
+        self.fail(cause.to_string());
+    }
+}
+
+#[cfg(loom)]
+impl AppendTicket {
+    pub(crate) fn for_loom(shared: &Arc<Shared>, first_lsn: Lsn, end_lsn: Lsn) -> AppendTicket {
+        AppendTicket {
+            shared: Arc::clone(shared),
+            first_lsn,
+            end_lsn,
+        }
     }
 }
 
