@@ -59,7 +59,16 @@ impl std::fmt::Display for NamespaceKey {
     }
 }
 
-type Registry = HashMap<NamespaceKey, Namespace>;
+/// What the registry keeps of a namespace: its parts, not a `Namespace` handle, because a handle
+/// holds the engine and the engine holds the registry (a cycle that would keep the event threads
+/// alive after the last outside handle is dropped).
+#[derive(Clone)]
+struct NsParts {
+    shared: Arc<NsShared>,
+    meta: Arc<NsMeta>,
+}
+
+type Registry = HashMap<NamespaceKey, NsParts>;
 
 struct EngineInner {
     lanes: Lanes,
@@ -154,7 +163,13 @@ impl Engine {
             engine: Arc::clone(&self.inner),
         };
         self.update_registry(|r| {
-            r.insert(key, ns.clone());
+            r.insert(
+                key,
+                NsParts {
+                    shared: Arc::clone(&ns.shared),
+                    meta: Arc::clone(&ns.meta),
+                },
+            );
         });
         Ok(ns)
     }
@@ -181,7 +196,13 @@ impl Engine {
         let guard = epoch::pin();
         let cur = self.inner.registry.load(Ordering::Acquire, &guard);
         // SAFETY: protected by `guard` (see `update_registry`).
-        unsafe { cur.as_ref() }.and_then(|r| r.get(key).cloned())
+        unsafe { cur.as_ref() }
+            .and_then(|r| r.get(key))
+            .map(|p| Namespace {
+                shared: Arc::clone(&p.shared),
+                meta: Arc::clone(&p.meta),
+                engine: Arc::clone(&self.inner),
+            })
     }
 
     /// Remove a namespace: its streams are dropped from every event thread.
@@ -233,6 +254,13 @@ impl Engine {
     /// Tasks waiting in all event queues.
     pub fn queued_tasks(&self) -> usize {
         self.inner.lanes.queued()
+    }
+
+    /// Number of live handles on this engine's shared state (engines and namespaces), for tests
+    /// that check nothing keeps the engine alive after its last handle is gone.
+    #[doc(hidden)]
+    pub fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     /// Test hook: block every event thread until the returned guard is dropped, so that a test

@@ -258,3 +258,20 @@ fn dump_order_does_not_depend_on_arrival_order() {
     }
     assert_eq!(first.dump().unwrap(), second.dump().unwrap());
 }
+
+#[test]
+fn dropping_every_handle_stops_the_engine() {
+    let (e, ns) = engine();
+    ns.apply_and_wait(st(1, 0, &[(11, 1)], None)).unwrap();
+    let looked_up = e.namespace(&NamespaceKey::new("m", "default")).unwrap();
+    assert_eq!(
+        e.handle_count(),
+        3,
+        "the engine, `ns` and `looked_up`; the registry holds none"
+    );
+    drop(looked_up);
+    drop(ns);
+    assert_eq!(e.handle_count(), 1);
+    // The last handle's drop joins the event threads (EngineInner::drop); it must not hang.
+    drop(e);
+}
