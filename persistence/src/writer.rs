@@ -370,9 +370,26 @@ impl LogWriter {
                     cause: self.failure_cause(),
                 })?;
         }
-        rx.recv().map_err(|_| PersistError::WriterFailed {
-            cause: self.failure_cause(),
-        })?
+        // A writer that fails drains its queue once and exits; a request sent between that drain
+        // and the exit is never answered (and its reply sender never dropped), so watch the
+        // failure flag instead of blocking forever.
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(reply) => return reply,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(PersistError::WriterFailed {
+                        cause: self.failure_cause(),
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(cause) = self.failure() {
+                        return rx
+                            .try_recv()
+                            .unwrap_or(Err(PersistError::WriterFailed { cause }));
+                    }
+                }
+            }
+        }
     }
 
     /// The LSN the next entry will get.
