@@ -8,10 +8,11 @@ use std::time::Duration;
 use kvindex_persistence::{
     DurableConfig, FsyncPolicy, LogConfig, RecoveryPolicy, SnapshotPolicy, DEFAULT_DATA_DIR,
 };
+use kvindex_server::zmq::IngestConfig;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cli::ServeArgs;
+use crate::cli::{ReplayTuningArgs, ServeArgs};
 use crate::endpoint::{parse_workers, WorkerSpec, WorkersArgError};
 
 /// Dynamo's default HTTP port.
@@ -75,6 +76,102 @@ struct FileConfig {
     snapshot_every_entries: Option<u64>,
     snapshot_interval_secs: Option<u64>,
     snapshot_keep: Option<usize>,
+    replay_timeout_ms: Option<u64>,
+    replay_attempts: Option<u32>,
+    replay_backoff_ms: Option<u64>,
+    replay_backoff_max_ms: Option<u64>,
+}
+
+/// Most replay attempts per gap accepted by `--replay-attempts`.
+pub const MAX_REPLAY_ATTEMPTS: u32 = 100;
+/// Longest `--replay-timeout-ms`, `--replay-backoff-ms` and `--replay-backoff-max-ms` (1 hour).
+pub const MAX_REPLAY_MS: u64 = 3_600_000;
+
+/// The validated replay settings of the ZMQ listeners (SERVICE.md §0.2): how long a replay
+/// request may stay silent and how often it is retried before the listener turns `degraded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayTuning {
+    pub timeout: Duration,
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ReplayTuning {
+    fn default() -> Self {
+        let d = IngestConfig::default();
+        Self {
+            timeout: d.replay_timeout,
+            attempts: d.replay_attempts,
+            backoff: d.replay_backoff,
+            backoff_max: d.replay_backoff_max,
+        }
+    }
+}
+
+impl ReplayTuning {
+    /// Merge `flags` over `file` over the defaults and validate the result.
+    pub fn resolve(flags: &ReplayTuningArgs, file: &ReplayTuningArgs) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let ms = |flag: &str, v: Option<u64>, default: Duration, min: u64| match v {
+            None => Ok(default),
+            Some(v) if (min..=MAX_REPLAY_MS).contains(&v) => Ok(Duration::from_millis(v)),
+            Some(v) => Err(ConfigError::Invalid(format!(
+                "--{flag} must be between {min} and {MAX_REPLAY_MS} ms, got {v}"
+            ))),
+        };
+        let timeout = ms(
+            "replay-timeout-ms",
+            flags.replay_timeout_ms.or(file.replay_timeout_ms),
+            d.timeout,
+            1,
+        )?;
+        let backoff = ms(
+            "replay-backoff-ms",
+            flags.replay_backoff_ms.or(file.replay_backoff_ms),
+            d.backoff,
+            0,
+        )?;
+        let backoff_max = ms(
+            "replay-backoff-max-ms",
+            flags.replay_backoff_max_ms.or(file.replay_backoff_max_ms),
+            d.backoff_max.max(backoff),
+            0,
+        )?;
+        if backoff_max < backoff {
+            return Err(ConfigError::Invalid(format!(
+                "--replay-backoff-max-ms ({}) must not be below --replay-backoff-ms ({})",
+                backoff_max.as_millis(),
+                backoff.as_millis()
+            )));
+        }
+        let attempts = match flags.replay_attempts.or(file.replay_attempts) {
+            None => d.attempts,
+            Some(n) if (1..=MAX_REPLAY_ATTEMPTS).contains(&n) => n,
+            Some(n) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--replay-attempts must be between 1 and {MAX_REPLAY_ATTEMPTS}, got {n}"
+                )))
+            }
+        };
+        Ok(Self {
+            timeout,
+            attempts,
+            backoff,
+            backoff_max,
+        })
+    }
+
+    /// The listener configuration with these replay settings.
+    pub fn ingest_config(&self) -> IngestConfig {
+        IngestConfig {
+            replay_timeout: self.timeout,
+            replay_attempts: self.attempts,
+            replay_backoff: self.backoff,
+            replay_backoff_max: self.backoff_max,
+            ..IngestConfig::default()
+        }
+    }
 }
 
 /// Everything `serve` needs, validated.
@@ -98,6 +195,8 @@ pub struct ServeConfig {
     pub min_initial_workers: usize,
     /// `DYN_KV_INDEXER_TEST_ENDPOINTS` is set to a true value.
     pub test_endpoints: bool,
+    /// Replay timeout and retries of the ZMQ listeners.
+    pub replay: ReplayTuning,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -207,6 +306,15 @@ impl ServeConfig {
                 "--snapshot-keep must be at least 1".into(),
             ));
         }
+        let replay = ReplayTuning::resolve(
+            &args.replay,
+            &ReplayTuningArgs {
+                replay_timeout_ms: file.replay_timeout_ms,
+                replay_attempts: file.replay_attempts,
+                replay_backoff_ms: file.replay_backoff_ms,
+                replay_backoff_max_ms: file.replay_backoff_max_ms,
+            },
+        )?;
         let _ = (&args.tenant_id, &file.tenant_id); // accepted, no effect (Dynamo's legacy flag)
         let test_endpoints = std::env::var(TEST_ENDPOINTS_ENV)
             .map(|v| env_flag_on(&v))
@@ -262,6 +370,7 @@ impl ServeConfig {
             },
             min_initial_workers,
             test_endpoints,
+            replay,
         })
     }
 }
@@ -316,6 +425,61 @@ mod tests {
         };
         let msg = ServeConfig::resolve(&args).unwrap_err().to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn replay_tuning_defaults_file_flags_and_validation() {
+        let d = ReplayTuning::resolve(&Default::default(), &Default::default()).unwrap();
+        assert_eq!(d, ReplayTuning::default());
+        assert_eq!(d.timeout, Duration::from_secs(3));
+        assert_eq!(d.attempts, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "replay_attempts = 7\nreplay_timeout_ms = 250\n").unwrap();
+        let mut args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        args.replay.replay_attempts = Some(5);
+        let c = ServeConfig::resolve(&args).unwrap();
+        assert_eq!(c.replay.attempts, 5);
+        assert_eq!(c.replay.timeout, Duration::from_millis(250));
+        assert_eq!(c.replay.ingest_config().replay_attempts, 5);
+        let bad = |a: ReplayTuningArgs| {
+            ReplayTuning::resolve(&a, &Default::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            bad(ReplayTuningArgs {
+                replay_attempts: Some(0),
+                ..Default::default()
+            }),
+            "--replay-attempts must be between 1 and 100, got 0"
+        );
+        assert_eq!(
+            bad(ReplayTuningArgs {
+                replay_timeout_ms: Some(0),
+                ..Default::default()
+            }),
+            "--replay-timeout-ms must be between 1 and 3600000 ms, got 0"
+        );
+        assert!(bad(ReplayTuningArgs {
+            replay_backoff_ms: Some(500),
+            replay_backoff_max_ms: Some(100),
+            ..Default::default()
+        })
+        .contains("must not be below"));
+        // A backoff above the default cap raises the cap with it.
+        let t = ReplayTuning::resolve(
+            &ReplayTuningArgs {
+                replay_backoff_ms: Some(5000),
+                ..Default::default()
+            },
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(t.backoff_max, Duration::from_secs(5));
     }
 
     #[test]

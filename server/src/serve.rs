@@ -32,8 +32,9 @@ fn listener_supervisor(
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
     runtime: tokio::runtime::Handle,
+    config: IngestConfig,
 ) -> Arc<ZmqSupervisor> {
-    ZmqSupervisor::new(runtime, partitions, ingest, IngestConfig::default())
+    ZmqSupervisor::new(runtime, partitions, ingest, config)
 }
 
 fn log_recovery(report: &RecoveryReport) {
@@ -111,7 +112,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .thread_name("kvindex-http")
         .build()
         .context("cannot start the async runtime")?;
-    let supervisor = listener_supervisor(&partitions, &ingest, runtime.handle().clone());
+    let supervisor = listener_supervisor(
+        &partitions,
+        &ingest,
+        runtime.handle().clone(),
+        cfg.replay.ingest_config(),
+    );
     partitions.set_supervisor(Arc::clone(&supervisor) as Arc<dyn ListenerSupervisor>);
     partitions.load()?;
     for w in &cfg.workers {
