@@ -107,6 +107,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         Arc::new(NoListeners),
     ));
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
+    {
+        let durable = Arc::downgrade(&durable);
+        partitions.set_lsn_clock(Arc::new(move || {
+            durable.upgrade().map_or(0, |d| d.log().next_lsn())
+        }));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kvindex-http")
