@@ -310,26 +310,6 @@ fn pick_resume_point(
         .max()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::pick_resume_point;
-
-    #[test]
-    fn resume_point_ignores_watermarks_of_an_earlier_registration() {
-        // (dp_rank, source_seq, lsn)
-        let marks = [(0, 40, 10), (1, 7, 12)];
-        assert_eq!(pick_resume_point(&marks, 0, false, 0), Some(40));
-        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(40));
-        // Re-registered at LSN 11: dp 0's watermark is the old registration's.
-        assert_eq!(pick_resume_point(&marks, 0, false, 11), None);
-        // A single listener counts its other-rank batches, if they are its own.
-        assert_eq!(pick_resume_point(&marks, 0, true, 11), Some(7));
-        assert_eq!(pick_resume_point(&marks, 0, true, 13), None);
-        // The registration's own first batch sits exactly at its LSN.
-        assert_eq!(pick_resume_point(&marks, 0, false, 10), Some(40));
-    }
-}
-
 impl ListenerSupervisor for ZmqSupervisor {
     fn start(&self, spec: &ListenerSpec) -> ListenerState {
         {
@@ -389,5 +369,25 @@ impl ListenerSupervisor for ZmqSupervisor {
 
     fn live(&self, instance_id: u64, dp_rank: u32) -> Option<(ListenerState, ListenerDetails)> {
         self.zmq.status(instance_id, dp_rank).map(|s| convert(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_resume_point;
+
+    #[test]
+    fn resume_point_ignores_watermarks_of_an_earlier_registration() {
+        // (dp_rank, source_seq, lsn)
+        let marks = [(0, 40, 10), (1, 7, 12)];
+        assert_eq!(pick_resume_point(&marks, 0, false, 0), Some(40));
+        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(40));
+        // Re-registered at LSN 11: dp 0's watermark is the old registration's.
+        assert_eq!(pick_resume_point(&marks, 0, false, 11), None);
+        // A single listener counts its other-rank batches, if they are its own.
+        assert_eq!(pick_resume_point(&marks, 0, true, 11), Some(7));
+        assert_eq!(pick_resume_point(&marks, 0, true, 13), None);
+        // The registration's own first batch sits exactly at its LSN.
+        assert_eq!(pick_resume_point(&marks, 0, false, 10), Some(40));
     }
 }
