@@ -492,11 +492,13 @@ fn restart_after_sigterm_replays_missed_events() {
 /// starts at 0 again), then restart kvindex before the new registration logged anything: the
 /// listener must start from scratch (replay from 0), not after the old registration's
 /// watermark — which would skip, then call stale, every batch of the new engine up to it.
-fn reregister_then_restart_resumes_from_scratch(sig: i32) {
+/// `flags` go to every start (e.g. snapshots after each entry: watermarks then come back from
+/// a snapshot, with their LSNs).
+fn reregister_then_restart_resumes_from_scratch(sig: i32, flags: &[&str]) {
     let rt = runtime();
     let old = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
+    let s = start(&dir, flags, &[]);
     register(&s, 1, 0, &old);
     wait_ready(&s, 1, 0);
     // Several stores: the old registration's durable watermark ends well above 0.
@@ -530,7 +532,7 @@ fn reregister_then_restart_resumes_from_scratch(sig: i32) {
     new.publish(&batch(vec![store(700, &c)]));
     let requests_before = new.p.replay_requests().len();
 
-    let s = start(&dir, &[], &[]);
+    let s = start(&dir, flags, &[]);
     wait_for(
         "the new engine's batches",
         &s,
@@ -542,12 +544,24 @@ fn reregister_then_restart_resumes_from_scratch(sig: i32) {
     assert_eq!(listener(&s, 1, 0)["watermark"], json!(1));
     // The old registration's blocks stayed removed.
     assert_eq!(scores(&s, &TOKENS), json!({}));
+    if !flags.is_empty() {
+        wait_for(
+            "a snapshot",
+            &s,
+            || {},
+            || {
+                std::fs::read_dir(&dir).is_ok_and(|mut d| {
+                    d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("snap-")))
+                })
+            },
+        );
+    }
     // A second restart resumes after the new registration's own watermark.
     let (_status, _log) = s.signal(libc::SIGTERM);
     let d = [81, 82, 83, 84];
     new.publish(&batch(vec![store(900, &d)]));
     let requests_before = new.p.replay_requests().len();
-    let s = start(&dir, &[], &[]);
+    let s = start(&dir, flags, &[]);
     wait_for(
         "the batch published during the second restart",
         &s,
@@ -559,12 +573,12 @@ fn reregister_then_restart_resumes_from_scratch(sig: i32) {
 
 #[test]
 fn reregister_then_sigkill_restart_resumes_the_new_registration_from_scratch() {
-    reregister_then_restart_resumes_from_scratch(libc::SIGKILL);
+    reregister_then_restart_resumes_from_scratch(libc::SIGKILL, &[]);
 }
 
 #[test]
 fn reregister_then_sigterm_restart_resumes_the_new_registration_from_scratch() {
-    reregister_then_restart_resumes_from_scratch(libc::SIGTERM);
+    reregister_then_restart_resumes_from_scratch(libc::SIGTERM, &["--snapshot-every-entries", "1"]);
 }
 
 #[test]
