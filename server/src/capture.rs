@@ -383,7 +383,11 @@ fn capture(args: &CaptureArgs) -> Result<CaptureSummary> {
     let status = zmq.status(args.worker_id, args.dp_rank);
     drop(zmq);
     runtime.shutdown_timeout(Duration::from_secs(2));
-    let last_lsn = log.sync().context("syncing the event log")?;
+    // `sync` answers the next LSN, below which everything is durable.
+    let last_lsn = log
+        .sync()
+        .context("syncing the event log")?
+        .saturating_sub(1);
     if let Some(failure) = log.writer_failure() {
         bail!("the event log failed: {failure}");
     }

@@ -247,6 +247,7 @@ fn a_captured_stream_reads_back_with_replay_state_export_and_serve() {
     assert_eq!(summary["listener"]["lost_batches"], 0, "{summary}");
     assert_eq!(summary["errors"], 0, "{summary}");
     assert_eq!(summary["first_seq"], 0, "{summary}");
+    assert_eq!(summary["last_lsn"], 3, "{summary}");
 
     // The log holds the three events of worker 7, in order.
     let events = exported(&dir);
