@@ -19,6 +19,7 @@ mod http;
 mod ingest;
 mod listeners;
 mod metrics;
+mod nats;
 mod partitions;
 mod peers;
 mod replay_cmd;
