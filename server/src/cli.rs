@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Durable consumer name; one per kvindex process [default: kvindex].
     #[arg(long, value_name = "NAME")]
     pub nats_jetstream_consumer: Option<String>,
+    /// Seconds JetStream waits for kvindex's ack before redelivering a message [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub nats_jetstream_ack_wait_secs: Option<u64>,
     /// Answer queries on `<prefix>.query.*.*` and `<prefix>.query_by_hash.*.*` [default: true].
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]

@@ -80,6 +80,7 @@ struct FileConfig {
     nats_events: Option<bool>,
     nats_jetstream_stream: Option<String>,
     nats_jetstream_consumer: Option<String>,
+    nats_jetstream_ack_wait_secs: Option<u64>,
     nats_queries: Option<bool>,
     nats_query_group: Option<String>,
 }
@@ -134,7 +135,13 @@ pub struct NatsConfig {
 pub struct JetStreamConfig {
     pub stream: String,
     pub consumer: String,
+    /// How long the server waits for an ack before redelivering (set when the consumer is
+    /// created; an existing durable consumer keeps its own).
+    pub ack_wait: Duration,
 }
+
+/// Default JetStream ack wait.
+pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
 
 /// A stream, consumer or queue-group name: one subject token, no wildcards or whitespace.
 fn check_nats_name(flag: &str, value: &str) -> Result<(), ConfigError> {
@@ -227,7 +234,20 @@ fn resolve_nats(args: &ServeArgs, file: &FileConfig) -> Result<Option<NatsConfig
             let consumer = consumer.unwrap_or_else(|| DEFAULT_NATS_NAME.into());
             check_nats_name("--nats-jetstream-stream", &stream)?;
             check_nats_name("--nats-jetstream-consumer", &consumer)?;
-            Some(JetStreamConfig { stream, consumer })
+            let secs = args
+                .nats_jetstream_ack_wait_secs
+                .or(file.nats_jetstream_ack_wait_secs)
+                .unwrap_or(DEFAULT_ACK_WAIT_SECS);
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "--nats-jetstream-ack-wait-secs must be at least 1".into(),
+                ));
+            }
+            Some(JetStreamConfig {
+                stream,
+                consumer,
+                ack_wait: Duration::from_secs(secs),
+            })
         }
         (None, Some(_)) => {
             return Err(ConfigError::Invalid(
@@ -514,7 +534,8 @@ mod tests {
             n.jetstream,
             Some(JetStreamConfig {
                 stream: "KV".into(),
-                consumer: "kvindex".into()
+                consumer: "kvindex".into(),
+                ack_wait: Duration::from_secs(30),
             })
         );
         assert_eq!(n.query_group, None);

@@ -51,6 +51,8 @@ pub async fn run(
     let Some(sub) = subscribe(&client, &subjects, &mut shutdown).await else {
         return;
     };
+    // Once the server has answered a ping, it has the subscription.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await;
     tracing::info!(subject = %subjects.events_wildcard(), "NATS event subscription started");
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "events").set(1.0);
     let mut chunks = sub.ready_chunks(BATCH);

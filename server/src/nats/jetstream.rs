@@ -21,8 +21,6 @@ use kvindex_server::nats_subjects::Subjects;
 
 /// Messages handled per log group commit, at most.
 const BATCH: usize = 256;
-/// How long JetStream waits for an ack before redelivering.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Delay before a `nak`ed message (log failure) is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(5);
 
@@ -48,7 +46,7 @@ async fn setup(
                 ack_policy: consumer::AckPolicy::Explicit,
                 deliver_policy: consumer::DeliverPolicy::All,
                 filter_subject: subjects.events_wildcard(),
-                ack_wait: ACK_WAIT,
+                ack_wait: cfg.ack_wait,
                 ..Default::default()
             },
         )

@@ -217,6 +217,8 @@ pub async fn run(
     let Some(mut sub) = subscribe(&client, &subject, &group, &mut shutdown).await else {
         return;
     };
+    // Once the server has answered a ping, it has the subscription.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await;
     tracing::info!(%subject, queue_group = %group, "NATS query subscription started");
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => kind.as_str()).set(1.0);
     let mut draining = false;
