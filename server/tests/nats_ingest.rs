@@ -368,6 +368,22 @@ fn an_unreachable_server_does_not_hold_start_up_and_is_joined_later() {
 }
 
 #[test]
+fn sigterm_while_nats_is_unreachable_still_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let s = start(
+        dir.path(),
+        &["--nats-url", &url, "--nats-jetstream-stream", "S"],
+        &[],
+    );
+    let (status, log) = s.terminate();
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("NATS is not connected at shutdown"), "{log}");
+    assert!(log.contains("event log synced and closed"), "{log}");
+}
+
+#[test]
 fn sigterm_drains_the_nats_subscriptions_and_exits_zero() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();

@@ -59,8 +59,11 @@ fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> S
 }
 
 fn scores(s: &Server, n: u32) -> serde_json::Value {
-    s.post_json("/query", &json!({"token_ids": tokens(n), "model_name": "m"}))
-        .json()["scores"]
+    s.post_json(
+        "/query",
+        &json!({"token_ids": tokens(n), "model_name": "m"}),
+    )
+    .json()["scores"]
         .clone()
 }
 
@@ -94,9 +97,10 @@ fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
     c.js_publish(
         "kvindex.events.m.default",
         None,
-        rmp_serde::to_vec_named(&json!([
-            serde_json::from_slice::<serde_json::Value>(&event(2, 2, 200)).unwrap()
-        ]))
+        rmp_serde::to_vec_named(&json!([serde_json::from_slice::<serde_json::Value>(
+            &event(2, 2, 200)
+        )
+        .unwrap()]))
         .unwrap(),
     );
     wait_until("both workers indexed", || {
@@ -123,7 +127,11 @@ fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
     // With JetStream configured, the core subscription is off: the stream's messages are
     // ingested once.
     assert_eq!(
-        metric_sum(&m, "kvindex_nats_events_accepted_total", &[("source", "core")]),
+        metric_sum(
+            &m,
+            "kvindex_nats_events_accepted_total",
+            &[("source", "core")]
+        ),
         0.0
     );
     assert_eq!(
@@ -142,7 +150,11 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
     // First run: partition created, then the consumer stops right after delivery.
-    let s = start_js(&nats, dir.path(), &[("KVINDEX_TEST_NATS_HOLD", "before_log")]);
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
+    );
     c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
     wait_until("the consumer holds the delivered message", || {
         s.stderr().contains("test hold before_log")
@@ -175,7 +187,11 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
-    let s = start_js(&nats, dir.path(), &[("KVINDEX_TEST_NATS_HOLD", "before_ack")]);
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_ack")],
+    );
     c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
     wait_until("the consumer holds the logged message", || {
         s.stderr().contains("test hold before_ack")
@@ -192,7 +208,11 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     let m = metrics(&s);
     // The redelivery was recognised as already durable: acknowledged, not logged again.
     assert_eq!(
-        metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", "duplicate")]),
+        metric_sum(
+            &m,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
         1.0
     );
     assert_eq!(metric_sum(&m, "kvindex_events_logged_total", &[]), 0.0);

@@ -23,7 +23,12 @@ fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn two_processes_in_one_queue_group_share_the_queries() {
     let nats = NatsServer::start();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let args = ["--nats-url", nats.url.as_str(), "--nats-query-group", "routers"];
+    let args = [
+        "--nats-url",
+        nats.url.as_str(),
+        "--nats-query-group",
+        "routers",
+    ];
     let a = start(da.path(), &args, &[]);
     let b = start(db.path(), &args, &[]);
     for s in [&a, &b] {
@@ -44,8 +49,11 @@ fn two_processes_in_one_queue_group_share_the_queries() {
     let expected = json!({"7": {"0": 16}});
     for s in [&a, &b] {
         wait_until("both processes indexed the event", || {
-            s.post_json("/query", &json!({"token_ids": tokens(16), "model_name": "m"}))
-                .json()["scores"]
+            s.post_json(
+                "/query",
+                &json!({"token_ids": tokens(16), "model_name": "m"}),
+            )
+            .json()["scores"]
                 == expected
         });
     }
@@ -66,5 +74,8 @@ fn two_processes_in_one_queue_group_share_the_queries() {
     };
     let (sa, sb) = (served(&a), served(&b));
     assert_eq!(sa + sb, REQUESTS as f64, "each request answered once");
-    assert!(sa >= 1.0 && sb >= 1.0, "both processes served: {sa} and {sb}");
+    assert!(
+        sa >= 1.0 && sb >= 1.0,
+        "both processes served: {sa} and {sb}"
+    );
 }

@@ -2,6 +2,8 @@
 //! background with the client's exponential backoff; every state change is logged and shown in
 //! `kvindex_nats_connected` / `kvindex_nats_connection_events_total`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectError, ConnectOptions, Event};
@@ -31,6 +33,8 @@ pub async fn connect(cfg: &NatsConfig) -> Result<Client, ConnectError> {
     let addrs: Vec<async_nats::ServerAddr> =
         cfg.urls.iter().filter_map(|u| u.parse().ok()).collect();
     tracing::info!(urls = %urls, "connecting to NATS (in the background)");
+    // Consecutive connection failures since the last success (logged at 1, 2, 4, 8, ...).
+    let failures = Arc::new(AtomicU64::new(0));
     ConnectOptions::new()
         .name("kvindex")
         .retry_on_initial_connect()
@@ -38,10 +42,12 @@ pub async fn connect(cfg: &NatsConfig) -> Result<Client, ConnectError> {
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let shown = shown.clone();
+            let failures = Arc::clone(&failures);
             async move {
                 metrics::counter!(CONNECTION_EVENTS, "event" => event_label(&event)).increment(1);
                 match &event {
                     Event::Connected => {
+                        failures.store(0, Ordering::Relaxed);
                         metrics::gauge!(CONNECTED).set(1.0);
                         tracing::info!(urls = %shown, "NATS connected");
                     }
@@ -52,6 +58,14 @@ pub async fn connect(cfg: &NatsConfig) -> Result<Client, ConnectError> {
                     Event::Closed => {
                         metrics::gauge!(CONNECTED).set(0.0);
                         tracing::info!("NATS connection closed");
+                    }
+                    Event::ClientError(e) => {
+                        let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(urls = %shown, attempts = n, error = %e, "NATS server unreachable; retrying with backoff");
+                        } else {
+                            tracing::debug!(urls = %shown, attempts = n, error = %e, "NATS server unreachable");
+                        }
                     }
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::intake::{self, Incoming, Source};
 use super::metrics::SUBSCRIPTION_UP;
-use super::{backoff, stopped};
+use super::{backoff, connected, stopped};
 use crate::http::SharedState;
 use kvindex_server::nats_subjects::Subjects;
 
@@ -52,7 +52,10 @@ pub async fn run(
         return;
     };
     // Once the server has answered a ping, it has the subscription.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await;
+    tokio::select! {
+        _ = stopped(&mut shutdown) => {}
+        _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()) => {}
+    }
     tracing::info!(subject = %subjects.events_wildcard(), "NATS event subscription started");
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "events").set(1.0);
     let mut chunks = sub.ready_chunks(BATCH);
@@ -68,6 +71,10 @@ pub async fn run(
             match next {
                 Some(c) => c,
                 None => {
+                    if !connected(&client) {
+                        // Nothing can arrive, and a drain would wait for the server.
+                        break;
+                    }
                     draining = true;
                     if let Err(e) = chunks.get_mut().drain().await {
                         tracing::warn!(error = %e, "draining the NATS event subscription");

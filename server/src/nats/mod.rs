@@ -23,6 +23,9 @@ use crate::config::NatsConfig;
 use crate::http::SharedState;
 use kvindex_server::nats_subjects::{QueryKind, Subjects};
 
+/// How long shutdown waits for the subscriptions to drain and the consumer to finish.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Environment variable of the test-only JetStream hold (`before_log` or `before_ack`).
 pub const TEST_HOLD_ENV: &str = "KVINDEX_TEST_NATS_HOLD";
 
@@ -60,6 +63,10 @@ fn backoff(attempt: u32) -> Duration {
 
 fn stopping(rx: &watch::Receiver<bool>) -> bool {
     *rx.borrow()
+}
+
+fn connected(client: &Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
 }
 
 /// Resolves once shutdown is requested (holds no borrow of the channel across awaits).
@@ -127,16 +134,20 @@ impl NatsTransport {
         Ok(Self { client, tasks })
     }
 
-    /// After the shutdown signal: wait (bounded) for the subscriptions to drain and the consumer
-    /// to finish its batch, then flush what is still buffered to the server.
+    /// After the shutdown signal: wait (at most 5 s) for the subscriptions to drain and the
+    /// consumer to finish its batch, then flush what is still buffered to the server. While
+    /// disconnected there is nothing to drain: the tasks end at once.
     pub async fn stop(self) {
-        for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a NATS task did not stop within 10 s");
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!("a NATS task did not stop in time; aborted");
+                t.abort();
             }
+        }
+        if !connected(&self.client) {
+            tracing::warn!("NATS is not connected at shutdown; nothing to flush");
+            return;
         }
         match tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await {
             Ok(Ok(())) => tracing::info!("NATS subscriptions drained and flushed"),

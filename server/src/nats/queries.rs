@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::metrics::{QUERIES, SUBSCRIPTION_UP};
-use super::{backoff, stopped};
+use super::{backoff, connected, stopped};
 use crate::http::errors::ApiError;
 use crate::http::query::{answer_hashes, answer_tokens, CACHE_SALT_REFUSED};
 use crate::http::{AppState, SharedState};
@@ -218,7 +218,10 @@ pub async fn run(
         return;
     };
     // Once the server has answered a ping, it has the subscription.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await;
+    tokio::select! {
+        _ = stopped(&mut shutdown) => {}
+        _ = tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()) => {}
+    }
     tracing::info!(%subject, queue_group = %group, "NATS query subscription started");
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => kind.as_str()).set(1.0);
     let mut draining = false;
@@ -233,6 +236,10 @@ pub async fn run(
             match next {
                 Some(m) => m,
                 None => {
+                    if !connected(&client) {
+                        // Nothing can arrive, and a drain would wait for the server.
+                        break;
+                    }
                     draining = true;
                     if let Err(e) = sub.drain().await {
                         tracing::warn!(error = %e, "draining the NATS query subscription");
