@@ -4,7 +4,7 @@
 //! partition; `model_name` / `routing_group` in the body are optional and, when present, must
 //! match it. The reply is the JSON body the HTTP route answers (the same `ScoreResponse`, or
 //! `{"error": ...}` with the same text), with a `Kvindex-Status` header holding the HTTP status
-//! the route would have used. The answers come from the HTTP handlers' own core
+//! the route would have used. Requests are answered concurrently. The answers come from the HTTP handlers' own core
 //! ([`answer_tokens`], [`answer_hashes`]).
 
 use std::sync::Arc;
@@ -225,6 +225,7 @@ pub async fn run(
     tracing::info!(%subject, queue_group = %group, "NATS query subscription started");
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => kind.as_str()).set(1.0);
     let mut draining = false;
+    let mut inflight = tokio::task::JoinSet::new();
     loop {
         let next = if draining {
             sub.next().await
@@ -250,8 +251,12 @@ pub async fn run(
             }
         };
         let Some(m) = next else { break };
-        reply(&client, &state, &subjects, kind, m).await;
+        // Requests are answered concurrently (each walk is lock-free); finished ones reaped.
+        while inflight.try_join_next().is_some() {}
+        let (client, state, subjects) = (client.clone(), Arc::clone(&state), Arc::clone(&subjects));
+        inflight.spawn(async move { reply(&client, &state, &subjects, kind, m).await });
     }
+    while inflight.join_next().await.is_some() {}
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => kind.as_str()).set(0.0);
     tracing::info!(%subject, "NATS query subscription stopped");
 }
