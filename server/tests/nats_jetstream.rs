@@ -107,11 +107,16 @@ fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
         scores(&s, 16) == json!({"1": {"0": 16}, "2": {"0": 8}})
     });
     wait_all_acked(&c);
+    // Counted just after each ack is sent.
+    wait_until("two acks and two terms counted", || {
+        let m = metrics(&s);
+        let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
+        acks("ack") == 2.0 && acks("term") == 2.0
+    });
     let m = metrics(&s);
     let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
-    assert_eq!(acks("ack"), 2.0);
-    assert_eq!(acks("term"), 2.0);
     assert_eq!(acks("duplicate"), 0.0);
+    assert_eq!(acks("nak"), 0.0);
     let rejected = |reason| {
         metric_sum(
             &m,
@@ -171,10 +176,9 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
         scores(&s, 16) == json!({"1": {"0": 16}})
     });
     wait_all_acked(&c);
-    assert_eq!(
-        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
-        1.0
-    );
+    wait_until("the ack is counted", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 1.0
+    });
     let (status, _) = s.terminate();
     assert_eq!(status.code(), Some(0));
     // And it is durable: a restart without NATS still has it.
@@ -205,17 +209,20 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
 
     let s = start_js(&nats, dir.path(), &[]);
     wait_all_acked(&c);
-    let m = metrics(&s);
     // The redelivery was recognised as already durable: acknowledged, not logged again.
-    assert_eq!(
-        metric_sum(
-            &m,
+    wait_until("the duplicate ack is counted", || {
+        metric(
+            &s,
             "kvindex_nats_jetstream_acks_total",
-            &[("kind", "duplicate")]
-        ),
-        1.0
-    );
+            &[("kind", "duplicate")],
+        ) == 1.0
+    });
+    let m = metrics(&s);
     assert_eq!(metric_sum(&m, "kvindex_events_logged_total", &[]), 0.0);
+    assert_eq!(
+        metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
+        0.0
+    );
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
     // A later message of the same worker is a first delivery: applied normally.
     c.js_publish("kvindex.events.m.default", None, event(1, 1, 100));
@@ -228,8 +235,8 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
         scores(&s, 16) == json!({"1": {"0": 12}})
     });
     wait_all_acked(&c);
-    assert_eq!(
-        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
-        2.0
-    );
+    wait_until("both acks counted", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
+    });
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
 }
