@@ -16,7 +16,7 @@ use async_nats::HeaderMap;
 /// Where `nats-server` is: `$NATS_SERVER_BIN`, then `$PATH`, then the Debian locations.
 pub fn nats_server_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var("PATH").unwrap_or_default();
     std::env::split_paths(&path)
