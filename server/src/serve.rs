@@ -6,7 +6,7 @@
 //!    registrations, peers);
 //! 3. `--workers` registrations; `--peers` recovery (after 1 s); the
 //!    `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
-//! 4. start the NATS transport (with `--nats-url`; connects in the background), bind HTTP and
+//! 4. bind HTTP, start the NATS transport (with `--nats-url`; connects in the background) and
 //!    serve until SIGINT / SIGTERM; then stop HTTP, drain the NATS subscriptions, stop the
 //!    listeners, sync and close the log, exit 0.
 
@@ -209,6 +209,10 @@ async fn serve_http(
         _ = start_up => {}
         _ = shutdown_requested(shutdown.clone()) => return Ok(()),
     }
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("cannot bind {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
     // The NATS transport opens with HTTP; its connection is made in the background.
     let nats = match &cfg.nats {
         Some(n) => Some(
@@ -218,10 +222,6 @@ async fn serve_http(
         ),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
-        .await
-        .with_context(|| format!("cannot bind {}:{}", cfg.host, cfg.port))?;
-    let addr = listener.local_addr()?;
     tracing::info!("HTTP server listening on {addr}");
     let served = axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown_requested(shutdown))
