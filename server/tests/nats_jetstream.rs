@@ -240,3 +240,32 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     });
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
 }
+
+#[test]
+fn the_consumer_comes_back_after_the_nats_server_restarts() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_js(&nats, dir.path(), &[]);
+    let c = Client::connect(&nats.url);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100));
+    wait_until("first event indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    drop(c);
+    let nats = nats.restart();
+    wait_until("reconnected", || {
+        metric(
+            &s,
+            "kvindex_nats_connection_events_total",
+            &[("event", "disconnected")],
+        ) >= 1.0
+            && metric(&s, "kvindex_nats_connected", &[]) == 1.0
+    });
+    let c = Client::connect(&nats.url);
+    // The stream survived (same store); a message published now reaches the index.
+    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
+    wait_until("event after the restart indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
+    });
+    wait_all_acked(&c);
+}

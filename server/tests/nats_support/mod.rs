@@ -49,6 +49,20 @@ impl NatsServer {
 
     /// Start on `port` and wait (bounded) until it accepts connections.
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// Kill the server and start it again on the same port with the same JetStream store.
+    pub fn restart(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        let store = std::mem::replace(&mut self._store, tempfile::tempdir().expect("temp dir"));
+        drop(self);
+        Self::start_with(port, store)
+    }
+
+    fn start_with(port: u16, store: tempfile::TempDir) -> Self {
         let bin = nats_server_bin().unwrap_or_else(|| {
             panic!(
                 "nats-server is not installed, and the NATS tests need a real server: run \
@@ -56,7 +70,6 @@ impl NatsServer {
                  `apt-get install -y nats-server`, or set NATS_SERVER_BIN"
             )
         });
-        let store = tempfile::tempdir().expect("temp dir");
         let child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(store.path())
