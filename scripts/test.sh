@@ -13,6 +13,16 @@ if ! command -v cc >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential >/dev/null
 fi
 
+# The NATS tests (server/tests/nats_*.rs) start their own `nats-server` on a free loopback port;
+# Debian's package installs it as /usr/sbin/nats-server. Its systemd unit is not wanted.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  echo "installing nats-server (needed by the NATS tests)" >&2
+  apt-get update -qq && apt-get install -y -qq nats-server >/dev/null
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now nats-server.service >/dev/null 2>&1 || true
+  fi
+fi
+
 # The shared trace and golden vectors live beside the repository (../shared).
 if [ ! -d ../shared/spec ]; then
   echo "warning: ../shared not found beside the repository; tests that read it will fail" >&2

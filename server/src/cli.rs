@@ -92,6 +92,36 @@ pub struct ServeArgs {
     /// Snapshots kept on disk [default: 2].
     #[arg(long)]
     pub snapshot_keep: Option<usize>,
+    /// NATS server URL(s), comma-separated ("nats://127.0.0.1:4222"); enables the NATS
+    /// transport (events and queries, docs/api.md). Off by default.
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// First subject token(s) of every NATS subject [default: kvindex].
+    #[arg(long, value_name = "PREFIX")]
+    pub nats_subject_prefix: Option<String>,
+    /// Core NATS subscription to `<prefix>.events.>` [default: true, false when
+    /// --nats-jetstream-stream is set].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_events: Option<bool>,
+    /// JetStream stream to consume events from with a durable pull consumer (created with
+    /// subjects `<prefix>.events.>` when missing).
+    #[arg(long, value_name = "STREAM")]
+    pub nats_jetstream_stream: Option<String>,
+    /// Durable consumer name; one per kvindex process [default: kvindex].
+    #[arg(long, value_name = "NAME")]
+    pub nats_jetstream_consumer: Option<String>,
+    /// Seconds JetStream waits for kvindex's ack before redelivering a message [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub nats_jetstream_ack_wait_secs: Option<u64>,
+    /// Answer queries on `<prefix>.query.*.*` and `<prefix>.query_by_hash.*.*` [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_queries: Option<bool>,
+    /// Queue group of the query subscriptions: processes in one group share the requests
+    /// [default: kvindex].
+    #[arg(long, value_name = "NAME")]
+    pub nats_query_group: Option<String>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

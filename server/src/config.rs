@@ -80,6 +80,14 @@ struct FileConfig {
     replay_attempts: Option<u32>,
     replay_backoff_ms: Option<u64>,
     replay_backoff_max_ms: Option<u64>,
+    nats_url: Option<String>,
+    nats_subject_prefix: Option<String>,
+    nats_events: Option<bool>,
+    nats_jetstream_stream: Option<String>,
+    nats_jetstream_consumer: Option<String>,
+    nats_jetstream_ack_wait_secs: Option<u64>,
+    nats_queries: Option<bool>,
+    nats_query_group: Option<String>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -197,6 +205,174 @@ pub struct ServeConfig {
     pub test_endpoints: bool,
     /// Replay timeout and retries of the ZMQ listeners.
     pub replay: ReplayTuning,
+    /// The NATS transport (`None` without `--nats-url`).
+    pub nats: Option<NatsConfig>,
+}
+
+/// Default first token of the NATS subjects.
+pub const DEFAULT_NATS_PREFIX: &str = "kvindex";
+/// Default durable consumer name and query queue group.
+pub const DEFAULT_NATS_NAME: &str = "kvindex";
+
+/// The NATS transport settings, validated: where to connect and which subscriptions to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Server URLs (at least one; each parses as a NATS server address).
+    pub urls: Vec<String>,
+    /// Subject prefix (`kvindex` → `kvindex.events.<model>.<group>`).
+    pub subject_prefix: String,
+    /// Core NATS subscription to the event subjects.
+    pub core_events: bool,
+    /// The durable JetStream consumer, when a stream is configured.
+    pub jetstream: Option<JetStreamConfig>,
+    /// The queue group answering queries (`None`: no query subscriptions).
+    pub query_group: Option<String>,
+}
+
+/// The durable JetStream consumer of the NATS transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    pub stream: String,
+    pub consumer: String,
+    /// How long the server waits for an ack before redelivering (set when the consumer is
+    /// created; an existing durable consumer keeps its own).
+    pub ack_wait: Duration,
+}
+
+/// Default JetStream ack wait.
+pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
+
+/// A stream, consumer or queue-group name: one subject token, no wildcards or whitespace.
+fn check_nats_name(flag: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>'))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "invalid {flag} {value:?}: must be non-empty, without whitespace, `.`, `*` or `>`"
+        )));
+    }
+    Ok(())
+}
+
+fn check_nats_prefix(value: &str) -> Result<(), ConfigError> {
+    let bad_token = |t: &str| {
+        t.is_empty()
+            || t == "*"
+            || t == ">"
+            || t.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if value.split('.').any(bad_token) {
+        return Err(ConfigError::Invalid(format!(
+            "invalid --nats-subject-prefix {value:?}: must be dot-separated non-empty tokens without wildcards or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Merge the `--nats-*` flags and file keys; `None` when NATS is off.
+fn resolve_nats(args: &ServeArgs, file: &FileConfig) -> Result<Option<NatsConfig>, ConfigError> {
+    let url = args.nats_url.clone().or(file.nats_url.clone());
+    let Some(url) = url else {
+        let given = [
+            (
+                "--nats-subject-prefix",
+                args.nats_subject_prefix.is_some() || file.nats_subject_prefix.is_some(),
+            ),
+            (
+                "--nats-events",
+                args.nats_events.is_some() || file.nats_events.is_some(),
+            ),
+            (
+                "--nats-jetstream-stream",
+                args.nats_jetstream_stream.is_some() || file.nats_jetstream_stream.is_some(),
+            ),
+            (
+                "--nats-jetstream-consumer",
+                args.nats_jetstream_consumer.is_some() || file.nats_jetstream_consumer.is_some(),
+            ),
+            (
+                "--nats-queries",
+                args.nats_queries.is_some() || file.nats_queries.is_some(),
+            ),
+            (
+                "--nats-query-group",
+                args.nats_query_group.is_some() || file.nats_query_group.is_some(),
+            ),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::Invalid(format!("{flag} needs --nats-url")));
+        }
+        return Ok(None);
+    };
+    let urls = split_list(&url);
+    if urls.is_empty() {
+        return Err(ConfigError::Invalid("--nats-url is empty".into()));
+    }
+    for u in &urls {
+        u.parse::<async_nats::ServerAddr>()
+            .map_err(|e| ConfigError::Invalid(format!("invalid --nats-url `{u}`: {e}")))?;
+    }
+    let subject_prefix = args
+        .nats_subject_prefix
+        .clone()
+        .or(file.nats_subject_prefix.clone())
+        .unwrap_or_else(|| DEFAULT_NATS_PREFIX.into());
+    check_nats_prefix(&subject_prefix)?;
+    let stream = args
+        .nats_jetstream_stream
+        .clone()
+        .or(file.nats_jetstream_stream.clone());
+    let consumer = args
+        .nats_jetstream_consumer
+        .clone()
+        .or(file.nats_jetstream_consumer.clone());
+    let jetstream = match (stream, consumer) {
+        (Some(stream), consumer) => {
+            let consumer = consumer.unwrap_or_else(|| DEFAULT_NATS_NAME.into());
+            check_nats_name("--nats-jetstream-stream", &stream)?;
+            check_nats_name("--nats-jetstream-consumer", &consumer)?;
+            let secs = args
+                .nats_jetstream_ack_wait_secs
+                .or(file.nats_jetstream_ack_wait_secs)
+                .unwrap_or(DEFAULT_ACK_WAIT_SECS);
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "--nats-jetstream-ack-wait-secs must be at least 1".into(),
+                ));
+            }
+            Some(JetStreamConfig {
+                stream,
+                consumer,
+                ack_wait: Duration::from_secs(secs),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--nats-jetstream-consumer needs --nats-jetstream-stream".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let core_events = args
+        .nats_events
+        .or(file.nats_events)
+        .unwrap_or(jetstream.is_none());
+    let queries = args.nats_queries.or(file.nats_queries).unwrap_or(true);
+    let group = args
+        .nats_query_group
+        .clone()
+        .or(file.nats_query_group.clone())
+        .unwrap_or_else(|| DEFAULT_NATS_NAME.into());
+    check_nats_name("--nats-query-group", &group)?;
+    Ok(Some(NatsConfig {
+        urls,
+        subject_prefix,
+        core_events,
+        jetstream,
+        query_group: queries.then_some(group),
+    }))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -247,6 +423,7 @@ impl ServeConfig {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        let nats = resolve_nats(args, &file)?;
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -371,6 +548,7 @@ impl ServeConfig {
             min_initial_workers,
             test_endpoints,
             replay,
+            nats,
         })
     }
 }
@@ -480,6 +658,108 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.backoff_max, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nats_is_off_by_default_and_its_flags_need_a_url() {
+        let c = ServeConfig::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.nats, None);
+        let args = ServeArgs {
+            nats_jetstream_stream: Some("EV".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&args).unwrap_err().to_string(),
+            "--nats-jetstream-stream needs --nats-url"
+        );
+    }
+
+    #[test]
+    fn nats_defaults_and_jetstream_turns_core_events_off() {
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert_eq!(n.urls, vec!["nats://127.0.0.1:4222".to_string()]);
+        assert_eq!(n.subject_prefix, "kvindex");
+        assert!(n.core_events);
+        assert_eq!(n.jetstream, None);
+        assert_eq!(n.query_group.as_deref(), Some("kvindex"));
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            nats_jetstream_stream: Some("KV".into()),
+            nats_queries: Some(false),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert!(!n.core_events);
+        assert_eq!(
+            n.jetstream,
+            Some(JetStreamConfig {
+                stream: "KV".into(),
+                consumer: "kvindex".into(),
+                ack_wait: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(n.query_group, None);
+    }
+
+    #[test]
+    fn nats_settings_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "nats_url = \"127.0.0.1:4222\"\nnats_subject_prefix = \"a.b\"\nnats_events = true\nnats_jetstream_stream = \"S\"\nnats_jetstream_consumer = \"c1\"\nnats_query_group = \"g\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert_eq!(n.subject_prefix, "a.b");
+        assert!(n.core_events);
+        assert_eq!(n.jetstream.unwrap().consumer, "c1");
+        assert_eq!(n.query_group.as_deref(), Some("g"));
+    }
+
+    #[test]
+    fn bad_nats_settings_are_refused_clearly() {
+        let base = || ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..Default::default()
+        };
+        let url = ServeArgs {
+            nats_url: Some("nats://host:notaport".into()),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(&url).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid --nats-url `nats://host:notaport`: "),
+            "{e}"
+        );
+        let prefix = ServeArgs {
+            nats_subject_prefix: Some("a..b".into()),
+            ..base()
+        };
+        let e = ServeConfig::resolve(&prefix).unwrap_err().to_string();
+        assert!(e.starts_with("invalid --nats-subject-prefix"), "{e}");
+        let stream = ServeArgs {
+            nats_jetstream_stream: Some("a.b".into()),
+            ..base()
+        };
+        let e = ServeConfig::resolve(&stream).unwrap_err().to_string();
+        assert!(e.starts_with("invalid --nats-jetstream-stream"), "{e}");
+        let consumer = ServeArgs {
+            nats_jetstream_consumer: Some("c".into()),
+            ..base()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&consumer).unwrap_err().to_string(),
+            "--nats-jetstream-consumer needs --nats-jetstream-stream"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod http;
 mod ingest;
 mod listeners;
 mod metrics;
+mod nats;
 mod partitions;
 mod peers;
 mod replay_cmd;

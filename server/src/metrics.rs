@@ -94,6 +94,7 @@ fn describe() {
         "kvindex_index_blocks",
         "(block, worker) pairs held in the index, per partition"
     );
+    crate::nats::metrics::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.
