@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod hashing;
 mod lanes;
+pub mod lower_tiers;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_hooks;
@@ -30,5 +31,6 @@ pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
 pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
 pub use protocol::*;
-pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
+pub use lower_tiers::{InstanceTiers, TierDepths, TieredScores};
+pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotLowerBlock, SnapshotNode};
 pub use tree::MemoryReport;
