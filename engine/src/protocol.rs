@@ -60,7 +60,9 @@ impl WorkerWithDpRank {
 
 /// Memory tier an event concerns: `device` goes to the radix tree, the others to the
 /// lower-tier maps (engine/src/lower_tiers.rs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageTier {
     #[default]
