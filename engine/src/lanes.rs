@@ -192,7 +192,11 @@ impl Lane {
             if filter.forget {
                 self.lower.remove(&key);
                 ns.lower.forget(key.1);
-            } else if let Some(lt) = self.lower.get(&key).cloned().or_else(|| ns.lower.get(key.1))
+            } else if let Some(lt) = self
+                .lower
+                .get(&key)
+                .cloned()
+                .or_else(|| ns.lower.get(key.1))
             {
                 ns.lower.clear(&lt);
             }

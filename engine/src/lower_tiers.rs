@@ -384,10 +384,12 @@ impl LowerTiers {
         };
         let mut blocks = st.write(t);
         let result = match data {
-            KvCacheEventData::Stored(s) => blocks.store(s).map(|duplicate| LowerOutcome { duplicate }),
-            KvCacheEventData::Removed(r) => blocks.remove(&r.block_hashes).map(|()| LowerOutcome {
-                duplicate: false,
-            }),
+            KvCacheEventData::Stored(s) => {
+                blocks.store(s).map(|duplicate| LowerOutcome { duplicate })
+            }
+            KvCacheEventData::Removed(r) => blocks
+                .remove(&r.block_hashes)
+                .map(|()| LowerOutcome { duplicate: false }),
             KvCacheEventData::Cleared => {
                 blocks.clear();
                 Ok(LowerOutcome { duplicate: false })
@@ -487,11 +489,8 @@ impl LowerTiers {
             .filter(|(_, d)| *d > 0)
             .collect();
         let exts = device_ext(&wanted);
-        let start_of: HashMap<WorkerWithDpRank, Option<u64>> = wanted
-            .iter()
-            .zip(exts)
-            .map(|((s, _), e)| (*s, e))
-            .collect();
+        let start_of: HashMap<WorkerWithDpRank, Option<u64>> =
+            wanted.iter().zip(exts).map(|((s, _), e)| (*s, e)).collect();
         for (stream, st) in populated {
             let d = device.get(&stream).copied().unwrap_or(0);
             let prev = if d == 0 {

@@ -893,7 +893,8 @@ mod tests {
         let mut cpu = st(1, 0, Some(21), &[(22, 2)]);
         cpu.storage_tier = StorageTier::HostPinned;
         r.apply(&cpu).unwrap();
-        let depths = r.find_matches_tiered(&[LocalBlockHash(1), LocalBlockHash(2), LocalBlockHash(3)]);
+        let depths =
+            r.find_matches_tiered(&[LocalBlockHash(1), LocalBlockHash(2), LocalBlockHash(3)]);
         let d = depths[&w(1, 0)];
         assert_eq!((d.device, d.host, d.disk), (1, 2, 2));
         assert_eq!(r.lower_blocks().len(), 3);

@@ -1154,7 +1154,8 @@ impl Tree {
             .iter()
             .map(|(stream, d)| {
                 let n = *path.get((*d as usize).checked_sub(1)?)?;
-                let members = Members::from_word(self.node(n).members.load(Ordering::Acquire), &guard);
+                let members =
+                    Members::from_word(self.node(n).members.load(Ordering::Acquire), &guard);
                 let mut slot = None;
                 members.for_each(|s| {
                     if slot.is_none() && self.slots.stream_of(s) == *stream {

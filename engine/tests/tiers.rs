@@ -57,11 +57,10 @@ fn response_of(ns: &Namespace, blocks: &[u64], block_size: u32) -> (Value, Value
     }
     let mut instances = serde_json::Map::new();
     for (id, i) in t.by_instance() {
-        let dp: BTreeMap<String, u64> = i
-            .dp
-            .iter()
-            .map(|(r, d)| (r.to_string(), u64::from(*d) * bs))
-            .collect();
+        let dp: BTreeMap<String, u64> =
+            i.dp.iter()
+                .map(|(r, d)| (r.to_string(), u64::from(*d) * bs))
+                .collect();
         instances.insert(
             id.to_string(),
             json!({"cpu": u64::from(i.cpu) * bs, "disk": u64::from(i.disk) * bs, "dp": dp,
@@ -76,7 +75,11 @@ fn dynamo_1_6_1_tier_vectors() {
     let fixture: Value = serde_json::from_str(FIXTURE).expect("fixture JSON");
     let bs = fixture["block_size"].as_u64().expect("block_size") as u32;
     let scenarios = fixture["scenarios"].as_object().expect("scenarios");
-    assert!(scenarios.len() >= 15, "fixture has {} scenarios", scenarios.len());
+    assert!(
+        scenarios.len() >= 15,
+        "fixture has {} scenarios",
+        scenarios.len()
+    );
     let mut checked = 0;
     for (name, sc) in scenarios {
         let engine = new_engine();
@@ -92,7 +95,12 @@ fn dynamo_1_6_1_tier_vectors() {
                         .as_array()
                         .expect("blocks")
                         .iter()
-                        .map(|b| (b[0].as_u64().unwrap(), block_local(b[1].as_u64().unwrap(), bs)))
+                        .map(|b| {
+                            (
+                                b[0].as_u64().unwrap(),
+                                block_local(b[1].as_u64().unwrap(), bs),
+                            )
+                        })
                         .collect();
                     Some(on_tier(
                         store(w(1), w(2) as u32, s[5].as_u64(), &blocks),
@@ -177,12 +185,16 @@ fn service_6_4_examples() {
     let (_e, ns) = engine_and_namespace();
     // A CPU continuation whose parent is a GPU block works.
     ns.apply(store(1, 0, None, &[(21, 1)])).unwrap();
-    ns.apply(at(CPU, store(1, 0, Some(21), &[(22, 2)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(21), &[(22, 2)])))
+        .unwrap();
     assert_eq!(depths(&ns, &[1, 2, 3]), vec![(wr(1, 0), (1, 2, 2))]);
     // GPU block 1 (external 21) and a DISK chain whose block 2 has parent 11: disk = 1 block.
     ns.apply(store(2, 0, None, &[(21, 1)])).unwrap();
-    ns.apply(at(DISK, store(2, 0, Some(11), &[(12, 2), (13, 3), (14, 4)])))
-        .unwrap();
+    ns.apply(at(
+        DISK,
+        store(2, 0, Some(11), &[(12, 2), (13, 3), (14, 4)]),
+    ))
+    .unwrap();
     assert_eq!(depths(&ns, &[1, 2, 3, 4])[1], (wr(2, 0), (1, 1, 1)));
     // The device match alone leaves cpu = disk = gpu; the device scores are unchanged.
     assert_eq!(
@@ -195,14 +207,19 @@ fn service_6_4_examples() {
 fn tiers_continue_in_order_and_counts_are_cumulative() {
     let (_e, ns) = engine_and_namespace();
     ns.apply(store(1, 0, None, &[(11, 1)])).unwrap();
-    ns.apply(at(CPU, store(1, 0, Some(11), &[(12, 2)]))).unwrap();
-    ns.apply(at(DISK, store(1, 0, Some(12), &[(13, 3)]))).unwrap();
-    ns.apply(at(EXT, store(1, 0, Some(13), &[(14, 4)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(11), &[(12, 2)])))
+        .unwrap();
+    ns.apply(at(DISK, store(1, 0, Some(12), &[(13, 3)])))
+        .unwrap();
+    ns.apply(at(EXT, store(1, 0, Some(13), &[(14, 4)])))
+        .unwrap();
     // A CPU block after the disk one is not reached: host_pinned is walked before disk.
-    ns.apply(at(CPU, store(1, 0, Some(14), &[(15, 5)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(14), &[(15, 5)])))
+        .unwrap();
     assert_eq!(depths(&ns, &[1, 2, 3, 4, 5]), vec![(wr(1, 0), (1, 2, 4))]);
     // Lower tiers alone, from the root.
-    ns.apply(at(EXT, store(2, 0, None, &[(11, 1), (12, 2)]))).unwrap();
+    ns.apply(at(EXT, store(2, 0, None, &[(11, 1), (12, 2)])))
+        .unwrap();
     assert_eq!(depths(&ns, &[1, 2])[1], (wr(2, 0), (0, 0, 2)));
     // Not from the middle of a query.
     assert_eq!(depths(&ns, &[2]), vec![]);
@@ -226,14 +243,12 @@ fn removes_are_per_tier_and_do_not_cascade() {
     // A CPU remove of the middle block cuts the walk; re-storing it revives block 3.
     ns.apply(at(CPU, remove(1, 0, &[12]))).unwrap();
     assert_eq!(depths(&ns, &[1, 2, 3]), vec![(wr(1, 0), (1, 1, 1))]);
-    ns.apply(at(CPU, store(1, 0, Some(11), &[(12, 2)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(11), &[(12, 2)])))
+        .unwrap();
     assert_eq!(depths(&ns, &[1, 2, 3]), vec![(wr(1, 0), (1, 3, 3))]);
     assert_eq!(ns.current_size(), 1);
     assert_eq!(ns.lower_tier_size(), 3);
-    assert_eq!(
-        ns.lower_tier_block_counts(),
-        vec![(wr(1, 0), CPU, 3)]
-    );
+    assert_eq!(ns.lower_tier_block_counts(), vec![(wr(1, 0), CPU, 3)]);
 }
 
 #[test]
@@ -241,8 +256,10 @@ fn clear_covers_every_tier_of_its_rank_only() {
     let (_e, ns) = engine_and_namespace();
     for dp in [0, 1] {
         ns.apply(store(1, dp, None, &[(11, 1)])).unwrap();
-        ns.apply(at(CPU, store(1, dp, None, &[(11, 1), (12, 2)]))).unwrap();
-        ns.apply(at(DISK, store(1, dp, Some(12), &[(13, 3)]))).unwrap();
+        ns.apply(at(CPU, store(1, dp, None, &[(11, 1), (12, 2)])))
+            .unwrap();
+        ns.apply(at(DISK, store(1, dp, Some(12), &[(13, 3)])))
+            .unwrap();
     }
     // Whatever tier the clear event names, it clears them all (SERVICE.md §5.3).
     ns.apply(at(DISK, cleared(1, 0))).unwrap();
@@ -259,7 +276,8 @@ fn worker_removal_covers_every_tier() {
     let (_e, ns) = engine_and_namespace();
     for (w, dp) in [(1, 0), (1, 1), (2, 0)] {
         ns.apply(at(CPU, store(w, dp, None, &[(11, 1)]))).unwrap();
-        ns.apply(at(EXT, store(w, dp, Some(11), &[(12, 2)]))).unwrap();
+        ns.apply(at(EXT, store(w, dp, Some(11), &[(12, 2)])))
+            .unwrap();
     }
     ns.remove_worker_dp_rank(1, 1).unwrap();
     assert_eq!(
@@ -278,9 +296,11 @@ fn worker_removal_covers_every_tier() {
 fn dp_ranks_continue_independently() {
     let (_e, ns) = engine_and_namespace();
     ns.apply(store(5, 0, None, &[(51, 1), (52, 2)])).unwrap();
-    ns.apply(at(CPU, store(5, 1, Some(52), &[(53, 3)]))).unwrap();
+    ns.apply(at(CPU, store(5, 1, Some(52), &[(53, 3)])))
+        .unwrap();
     ns.apply(store(5, 1, None, &[(51, 1)])).unwrap();
-    ns.apply(at(CPU, store(5, 1, Some(51), &[(52, 2)]))).unwrap();
+    ns.apply(at(CPU, store(5, 1, Some(51), &[(52, 2)])))
+        .unwrap();
     let d = depths(&ns, &[1, 2, 3]);
     // dp1: device 1, CPU 52 under 51, then 53 under 52 (its own CPU block) → 3.
     assert_eq!(d, vec![(wr(5, 0), (2, 2, 2)), (wr(5, 1), (1, 3, 3))]);
@@ -296,8 +316,10 @@ fn continuation_uses_the_streams_own_external_hash() {
     // Worker 2 holds the same device block as worker 1 under a different (private) hash.
     ns.apply(store(1, 0, None, &[(11, 1)])).unwrap();
     ns.apply(store(2, 0, None, &[(99, 1)])).unwrap();
-    ns.apply(at(CPU, store(2, 0, Some(99), &[(100, 2)]))).unwrap();
-    ns.apply(at(CPU, store(1, 0, Some(99), &[(100, 2)]))).unwrap();
+    ns.apply(at(CPU, store(2, 0, Some(99), &[(100, 2)])))
+        .unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(99), &[(100, 2)])))
+        .unwrap();
     assert_eq!(
         depths(&ns, &[1, 2]),
         vec![(wr(1, 0), (1, 1, 1)), (wr(2, 0), (1, 2, 2))]
@@ -317,8 +339,10 @@ fn lower_tier_events_are_validated_and_counted() {
         event_outcome(ns.apply_and_wait(owner)),
         Err(KvCacheEventError::UnsupportedResidencyDomain)
     );
-    ns.apply_and_wait(at(DISK, store(1, 0, None, &[(5, 1)]))).unwrap();
-    ns.apply_and_wait(at(DISK, store(1, 0, None, &[(5, 1)]))).unwrap();
+    ns.apply_and_wait(at(DISK, store(1, 0, None, &[(5, 1)])))
+        .unwrap();
+    ns.apply_and_wait(at(DISK, store(1, 0, None, &[(5, 1)])))
+        .unwrap();
     let c = ns.event_counters();
     assert_eq!(c.duplicate_store, 1, "{c:?}");
     assert_eq!(ns.lower_tier_size(), 1);
@@ -329,9 +353,11 @@ fn lower_tier_events_are_validated_and_counted() {
 fn dump_writes_lower_tiers_per_block_with_parents_and_per_tier_ids() {
     let (_e, ns) = engine_and_namespace();
     ns.apply(store(1, 0, None, &[(11, 1), (12, 2)])).unwrap();
-    ns.apply(at(CPU, store(1, 0, Some(12), &[(13, 3), (14, 4)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(12), &[(13, 3), (14, 4)])))
+        .unwrap();
     ns.apply(at(DISK, store(2, 1, None, &[(11, 1)]))).unwrap();
-    ns.apply(at(EXT, store(2, 1, Some(77), &[(15, 5)]))).unwrap();
+    ns.apply(at(EXT, store(2, 1, Some(77), &[(15, 5)])))
+        .unwrap();
     let dump = ns.dump().expect("dump");
     let lower: Vec<_> = dump
         .iter()
@@ -369,12 +395,15 @@ fn dump_writes_lower_tiers_per_block_with_parents_and_per_tier_ids() {
 fn snapshot_round_trip_is_exact_on_every_tier() {
     let (_e, ns) = engine_and_namespace();
     ns.apply(store(1, 0, None, &[(11, 1), (12, 2)])).unwrap();
-    ns.apply(at(CPU, store(1, 0, Some(12), &[(13, 3)]))).unwrap();
+    ns.apply(at(CPU, store(1, 0, Some(12), &[(13, 3)])))
+        .unwrap();
     // Two blocks on one (parent, local) link: the walk follows the first; a restore keeps that.
     ns.apply(at(DISK, store(3, 0, None, &[(31, 1)]))).unwrap();
     ns.apply(at(DISK, store(3, 0, None, &[(41, 1)]))).unwrap();
-    ns.apply(at(DISK, store(3, 0, Some(41), &[(42, 2)]))).unwrap();
-    ns.apply(at(EXT, store(4, 2, Some(999), &[(5, 5)]))).unwrap();
+    ns.apply(at(DISK, store(3, 0, Some(41), &[(42, 2)])))
+        .unwrap();
+    ns.apply(at(EXT, store(4, 2, Some(999), &[(5, 5)])))
+        .unwrap();
     let snap = ns.snapshot().expect("snapshot");
     assert_eq!(snap.lower.len(), 5);
     let (_e2, copy) = engine_and_namespace();
@@ -405,8 +434,22 @@ fn tiered_depths_equal_device_scores_without_lower_tiers() {
     assert_eq!(
         t.sorted(),
         vec![
-            (wr(1, 0), TierDepths { device: 2, host: 2, disk: 2 }),
-            (wr(2, 3), TierDepths { device: 1, host: 1, disk: 1 }),
+            (
+                wr(1, 0),
+                TierDepths {
+                    device: 2,
+                    host: 2,
+                    disk: 2
+                }
+            ),
+            (
+                wr(2, 3),
+                TierDepths {
+                    device: 1,
+                    host: 1,
+                    disk: 1
+                }
+            ),
         ]
     );
 }

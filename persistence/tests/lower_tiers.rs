@@ -17,8 +17,14 @@ fn on(tier: StorageTier, mut ev: RouterEvent) -> RouterEvent {
 fn tiered_events() -> Vec<RouterEvent> {
     vec![
         stored(1, 0, 1, None, &[(11, 1)]),
-        on(StorageTier::HostPinned, stored(1, 0, 2, Some(11), &[(12, 2)])),
-        on(StorageTier::Disk, stored(1, 0, 3, Some(12), &[(13, 3), (14, 4)])),
+        on(
+            StorageTier::HostPinned,
+            stored(1, 0, 2, Some(11), &[(12, 2)]),
+        ),
+        on(
+            StorageTier::Disk,
+            stored(1, 0, 3, Some(12), &[(13, 3), (14, 4)]),
+        ),
         on(StorageTier::Disk, removed(1, 0, 4, &[14])),
         on(StorageTier::External, stored(2, 1, 1, None, &[(21, 1)])),
     ]
@@ -122,7 +128,10 @@ fn a_version_1_snapshot_is_refused_clearly_and_recovery_uses_the_log() {
         .err()
         .expect("a v1 snapshot must be refused")
         .to_string();
-    assert!(err.contains("version 1 predates lower-tier indexing"), "{err}");
+    assert!(
+        err.contains("version 1 predates lower-tier indexing"),
+        "{err}"
+    );
     let engine = small_engine();
     let (_idx, report) = DurableIndex::open(dir.path(), no_snapshots(), engine.clone()).unwrap();
     assert!(report.snapshot.is_none());

@@ -139,7 +139,10 @@ pub fn refresh(view: &RegistryView, log: &kvindex_persistence::EventLog, engine_
                 per_tier[i] += n;
             }
         }
-        for (name, n) in ["host_pinned", "disk", "external"].into_iter().zip(per_tier) {
+        for (name, n) in ["host_pinned", "disk", "external"]
+            .into_iter()
+            .zip(per_tier)
+        {
             metrics::gauge!(
                 "kvindex_index_lower_tier_blocks",
                 "model_name" => p.spec.key.model_name.clone(),

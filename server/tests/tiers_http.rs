@@ -34,7 +34,10 @@ fn populate(s: &Server) {
         on("external", stored(1, 0, 4, Some(103), &[(104, h[3])])),
         on("disk", stored(2, 1, 1, None, &[(201, h[0]), (202, h[1])])),
         stored(3, 0, 1, None, &[(301, h[0])]),
-        on("disk", stored(3, 0, 2, Some(999), &[(302, h[1]), (303, h[2])])),
+        on(
+            "disk",
+            stored(3, 0, 2, Some(999), &[(302, h[1]), (303, h[2])]),
+        ),
     ];
     for ev in events {
         let r = s.post_json("/events", &ev);
@@ -139,7 +142,10 @@ fn dump_writes_lower_tiers_one_block_per_event_with_per_tier_ids() {
 
 #[test]
 fn lower_tiers_survive_a_restart_from_the_log_and_from_a_snapshot() {
-    for flags in [&[][..], &["--snapshot-every-entries", "2", "--snapshot-keep", "1"][..]] {
+    for flags in [
+        &[][..],
+        &["--snapshot-every-entries", "2", "--snapshot-keep", "1"][..],
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let s = start(&data, flags, &[]);
