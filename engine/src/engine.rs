@@ -547,6 +547,16 @@ impl Namespace {
         if !self.shared.tree.is_empty() || !self.shared.lower.is_empty() {
             return Err(EngineError::NamespaceNotEmpty);
         }
+        // Check the lower tiers before touching anything, so a bad image restores nothing.
+        if snapshot
+            .lower
+            .iter()
+            .any(|b| b.tier == StorageTier::Device || b.stream as usize >= snapshot.streams.len())
+        {
+            return Err(EngineError::Event(
+                crate::error::KvCacheEventError::IndexerInvariantViolation,
+            ));
+        }
         let states = self.shared.tree.restore(snapshot)?;
         self.shared
             .lower

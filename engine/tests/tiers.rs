@@ -422,6 +422,15 @@ fn snapshot_round_trip_is_exact_on_every_tier() {
     assert_eq!(depths(&copy, &[1, 2])[1], (wr(3, 0), (0, 0, 2)));
     // A namespace with lower-tier blocks is not empty.
     assert!(copy.restore(&snap).is_err());
+    // An image whose lower tiers name a missing stream restores nothing.
+    let mut bad = snap.clone();
+    bad.lower[0].stream = 99;
+    let (_e3, empty) = engine_and_namespace();
+    assert!(empty.restore(&bad).is_err());
+    assert_eq!(
+        empty.snapshot().unwrap(),
+        kvindex_engine::IndexSnapshot::default()
+    );
 }
 
 #[test]

@@ -410,6 +410,19 @@ fn check_image(image: &ArchivedSnapshotImage) -> std::result::Result<(), String>
                 }
             }
         }
+        for (j, b) in ns.lower.iter().enumerate() {
+            if b.stream.to_native() >= streams {
+                return Err(format!(
+                    "namespace #{i} lower-tier block #{j} names stream #{} of {streams}",
+                    b.stream.to_native()
+                ));
+            }
+            if matches!(b.tier, crate::record::ArchivedTierRecord::Device) {
+                return Err(format!(
+                    "namespace #{i} lower-tier block #{j} is on the device tier"
+                ));
+            }
+        }
     }
     for w in image.watermarks.iter() {
         if w.namespace.to_native() >= nss {
