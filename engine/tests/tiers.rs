@@ -1,6 +1,6 @@
 //! Lower storage tiers (host_pinned, disk, external): the continuation walk of SERVICE.md §6.4
-//! checked against Dynamo 1.6.1's own answers (`fixtures/tier_vectors.json`, produced by
-//! `fixtures/tier_oracle.py`), and the engine's tier-specific behaviour: per-tier removes,
+//! checked against Dynamo 1.6.1's own answers and dumps (`fixtures/tier_vectors.json`, produced
+//! by `fixtures/tier_oracle.py`), and the engine's tier-specific behaviour: per-tier removes,
 //! clears and worker removal across tiers, dp ranks, private external hashes, dumps, snapshots
 //! and the reference model.
 
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
-use kvindex_engine::reference::{dump_lower_canonical, ReferenceIndex};
+use kvindex_engine::reference::{dump_canonical, dump_lower_canonical, ReferenceIndex};
 use kvindex_engine::{
     KvCacheEventData, KvCacheEventError, LocalBlockHash, Namespace, ResidencyDomain, RouterEvent,
     StorageTier, TierDepths, WorkerWithDpRank,
@@ -80,7 +80,7 @@ fn dynamo_1_6_1_tier_vectors() {
         "fixture has {} scenarios",
         scenarios.len()
     );
-    let mut checked = 0;
+    let (mut checked, mut dumps_loaded) = (0, 0);
     for (name, sc) in scenarios {
         let engine = new_engine();
         let ns = create_namespace(&engine, ns_key(), bs);
@@ -159,8 +159,50 @@ fn dynamo_1_6_1_tier_vectors() {
                 ns.apply(ev).expect("apply");
             }
         }
+        // Dynamo's /dump after the last step: same blocks as ours on every tier ...
+        let theirs: Vec<RouterEvent> = serde_json::from_value(sc["dump"].clone()).expect("dump");
+        let ours = ns.dump().expect("dump");
+        assert_eq!(
+            dump_lower_canonical(&ours),
+            dump_lower_canonical(&theirs),
+            "{name}: lower tiers of the dump"
+        );
+        assert_eq!(
+            dump_canonical(&ours),
+            dump_canonical(&theirs),
+            "{name}: device tier of the dump"
+        );
+        // ... and loading Dynamo's dump (peer recovery) answers the last query as Dynamo did.
+        let last = sc["steps"]
+            .as_array()
+            .and_then(|s| s.last())
+            .expect("steps");
+        if last[0] == "query" {
+            let copy = create_namespace(&engine, ns_key_named(&format!("copy-{name}")), bs);
+            for e in theirs {
+                copy.apply(e).expect("apply");
+            }
+            copy.flush().expect("flush");
+            let blocks: Vec<u64> = serde_json::from_value(last[1].clone()).expect("query");
+            let answer = sc["answers"]
+                .as_array()
+                .and_then(|a| a.last())
+                .expect("answer");
+            let (scores, instances) = response_of(&copy, &blocks, bs);
+            assert_eq!(scores, answer["response"]["scores"], "{name}: from dump");
+            assert_eq!(
+                instances, answer["response"]["instances"],
+                "{name}: from dump"
+            );
+            dumps_loaded += 1;
+        }
     }
     assert!(checked >= 30, "only {checked} answers checked");
+    assert!(dumps_loaded >= 12, "only {dumps_loaded} dumps loaded");
+}
+
+fn ns_key_named(group: &str) -> kvindex_engine::NamespaceKey {
+    kvindex_engine::NamespaceKey::new("m", group)
 }
 
 fn depths(ns: &Namespace, q: &[u64]) -> Vec<(WorkerWithDpRank, (u32, u32, u32))> {
