@@ -1,5 +1,7 @@
-//! The command line: `kvindex serve | replay | demo`. Parsing only; `config.rs` turns the `serve`
-//! flags (plus an optional TOML file) into a validated [`crate::config::ServeConfig`].
+//! The command line: `kvindex serve | capture | replay | demo`. Parsing only; `config.rs` turns
+//! the `serve` flags (plus an optional TOML file) into a validated [`crate::config::ServeConfig`]
+//! and the replay tuning flags (shared by `serve` and `capture`) into
+//! [`crate::config::ReplayTuning`].
 
 use std::path::PathBuf;
 
@@ -18,6 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the indexer service (HTTP API; Dynamo `python -m dynamo.indexer` compatible).
     Serve(Box<ServeArgs>),
+    /// Record a live vLLM / SGLang ZMQ event stream into an event log (a data directory that
+    /// `kvindex replay` and `kvindex serve --data-dir` read).
+    Capture(Box<crate::capture::CaptureArgs>),
     /// Look into, export, import and rebuild a data directory's event log.
     Replay(crate::replay_cmd::ReplayArgs),
     /// Replay the shared production trace into the index and query it.
@@ -87,4 +92,55 @@ pub struct ServeArgs {
     /// Snapshots kept on disk [default: 2].
     #[arg(long)]
     pub snapshot_keep: Option<usize>,
+    /// NATS server URL(s), comma-separated ("nats://127.0.0.1:4222"); enables the NATS
+    /// transport (events and queries, docs/api.md). Off by default.
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// First subject token(s) of every NATS subject [default: kvindex].
+    #[arg(long, value_name = "PREFIX")]
+    pub nats_subject_prefix: Option<String>,
+    /// Core NATS subscription to `<prefix>.events.>` [default: true, false when
+    /// --nats-jetstream-stream is set].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_events: Option<bool>,
+    /// JetStream stream to consume events from with a durable pull consumer (created with
+    /// subjects `<prefix>.events.>` when missing).
+    #[arg(long, value_name = "STREAM")]
+    pub nats_jetstream_stream: Option<String>,
+    /// Durable consumer name; one per kvindex process [default: kvindex].
+    #[arg(long, value_name = "NAME")]
+    pub nats_jetstream_consumer: Option<String>,
+    /// Seconds JetStream waits for kvindex's ack before redelivering a message [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub nats_jetstream_ack_wait_secs: Option<u64>,
+    /// Answer queries on `<prefix>.query.*.*` and `<prefix>.query_by_hash.*.*` [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_queries: Option<bool>,
+    /// Queue group of the query subscriptions: processes in one group share the requests
+    /// [default: kvindex].
+    #[arg(long, value_name = "NAME")]
+    pub nats_query_group: Option<String>,
+    #[command(flatten)]
+    pub replay: ReplayTuningArgs,
+}
+
+/// How ZMQ listeners ask a publisher's replay endpoint for missed batches; shared by `serve`
+/// and `capture`. Every flag is optional so the `serve` config file can supply it.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ReplayTuningArgs {
+    /// Longest wait for the replay endpoint to accept a connection or send the next frame, in
+    /// ms [default: 3000].
+    #[arg(long, value_name = "MS")]
+    pub replay_timeout_ms: Option<u64>,
+    /// Replay attempts per gap: the first request plus its retries [default: 3].
+    #[arg(long, value_name = "N")]
+    pub replay_attempts: Option<u32>,
+    /// Delay before the first retry, in ms; doubles up to --replay-backoff-max-ms [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub replay_backoff_ms: Option<u64>,
+    /// Longest delay between retries, in ms [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub replay_backoff_max_ms: Option<u64>,
 }

@@ -8,10 +8,11 @@ use std::time::Duration;
 use kvindex_persistence::{
     DurableConfig, FsyncPolicy, LogConfig, RecoveryPolicy, SnapshotPolicy, DEFAULT_DATA_DIR,
 };
+use kvindex_server::zmq::IngestConfig;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cli::ServeArgs;
+use crate::cli::{ReplayTuningArgs, ServeArgs};
 use crate::endpoint::{parse_workers, WorkerSpec, WorkersArgError};
 
 /// Dynamo's default HTTP port.
@@ -75,6 +76,110 @@ struct FileConfig {
     snapshot_every_entries: Option<u64>,
     snapshot_interval_secs: Option<u64>,
     snapshot_keep: Option<usize>,
+    replay_timeout_ms: Option<u64>,
+    replay_attempts: Option<u32>,
+    replay_backoff_ms: Option<u64>,
+    replay_backoff_max_ms: Option<u64>,
+    nats_url: Option<String>,
+    nats_subject_prefix: Option<String>,
+    nats_events: Option<bool>,
+    nats_jetstream_stream: Option<String>,
+    nats_jetstream_consumer: Option<String>,
+    nats_jetstream_ack_wait_secs: Option<u64>,
+    nats_queries: Option<bool>,
+    nats_query_group: Option<String>,
+}
+
+/// Most replay attempts per gap accepted by `--replay-attempts`.
+pub const MAX_REPLAY_ATTEMPTS: u32 = 100;
+/// Longest `--replay-timeout-ms`, `--replay-backoff-ms` and `--replay-backoff-max-ms` (1 hour).
+pub const MAX_REPLAY_MS: u64 = 3_600_000;
+
+/// The validated replay settings of the ZMQ listeners (SERVICE.md §0.2): how long a replay
+/// request may stay silent and how often it is retried before the listener turns `degraded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayTuning {
+    pub timeout: Duration,
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for ReplayTuning {
+    fn default() -> Self {
+        let d = IngestConfig::default();
+        Self {
+            timeout: d.replay_timeout,
+            attempts: d.replay_attempts,
+            backoff: d.replay_backoff,
+            backoff_max: d.replay_backoff_max,
+        }
+    }
+}
+
+impl ReplayTuning {
+    /// Merge `flags` over `file` over the defaults and validate the result.
+    pub fn resolve(flags: &ReplayTuningArgs, file: &ReplayTuningArgs) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let ms = |flag: &str, v: Option<u64>, default: Duration, min: u64| match v {
+            None => Ok(default),
+            Some(v) if (min..=MAX_REPLAY_MS).contains(&v) => Ok(Duration::from_millis(v)),
+            Some(v) => Err(ConfigError::Invalid(format!(
+                "--{flag} must be between {min} and {MAX_REPLAY_MS} ms, got {v}"
+            ))),
+        };
+        let timeout = ms(
+            "replay-timeout-ms",
+            flags.replay_timeout_ms.or(file.replay_timeout_ms),
+            d.timeout,
+            1,
+        )?;
+        let backoff = ms(
+            "replay-backoff-ms",
+            flags.replay_backoff_ms.or(file.replay_backoff_ms),
+            d.backoff,
+            0,
+        )?;
+        let backoff_max = ms(
+            "replay-backoff-max-ms",
+            flags.replay_backoff_max_ms.or(file.replay_backoff_max_ms),
+            d.backoff_max.max(backoff),
+            0,
+        )?;
+        if backoff_max < backoff {
+            return Err(ConfigError::Invalid(format!(
+                "--replay-backoff-max-ms ({}) must not be below --replay-backoff-ms ({})",
+                backoff_max.as_millis(),
+                backoff.as_millis()
+            )));
+        }
+        let attempts = match flags.replay_attempts.or(file.replay_attempts) {
+            None => d.attempts,
+            Some(n) if (1..=MAX_REPLAY_ATTEMPTS).contains(&n) => n,
+            Some(n) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--replay-attempts must be between 1 and {MAX_REPLAY_ATTEMPTS}, got {n}"
+                )))
+            }
+        };
+        Ok(Self {
+            timeout,
+            attempts,
+            backoff,
+            backoff_max,
+        })
+    }
+
+    /// The listener configuration with these replay settings.
+    pub fn ingest_config(&self) -> IngestConfig {
+        IngestConfig {
+            replay_timeout: self.timeout,
+            replay_attempts: self.attempts,
+            replay_backoff: self.backoff,
+            replay_backoff_max: self.backoff_max,
+            ..IngestConfig::default()
+        }
+    }
 }
 
 /// Everything `serve` needs, validated.
@@ -98,6 +203,176 @@ pub struct ServeConfig {
     pub min_initial_workers: usize,
     /// `DYN_KV_INDEXER_TEST_ENDPOINTS` is set to a true value.
     pub test_endpoints: bool,
+    /// Replay timeout and retries of the ZMQ listeners.
+    pub replay: ReplayTuning,
+    /// The NATS transport (`None` without `--nats-url`).
+    pub nats: Option<NatsConfig>,
+}
+
+/// Default first token of the NATS subjects.
+pub const DEFAULT_NATS_PREFIX: &str = "kvindex";
+/// Default durable consumer name and query queue group.
+pub const DEFAULT_NATS_NAME: &str = "kvindex";
+
+/// The NATS transport settings, validated: where to connect and which subscriptions to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// Server URLs (at least one; each parses as a NATS server address).
+    pub urls: Vec<String>,
+    /// Subject prefix (`kvindex` → `kvindex.events.<model>.<group>`).
+    pub subject_prefix: String,
+    /// Core NATS subscription to the event subjects.
+    pub core_events: bool,
+    /// The durable JetStream consumer, when a stream is configured.
+    pub jetstream: Option<JetStreamConfig>,
+    /// The queue group answering queries (`None`: no query subscriptions).
+    pub query_group: Option<String>,
+}
+
+/// The durable JetStream consumer of the NATS transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    pub stream: String,
+    pub consumer: String,
+    /// How long the server waits for an ack before redelivering (set when the consumer is
+    /// created; an existing durable consumer keeps its own).
+    pub ack_wait: Duration,
+}
+
+/// Default JetStream ack wait.
+pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
+
+/// A stream, consumer or queue-group name: one subject token, no wildcards or whitespace.
+fn check_nats_name(flag: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>'))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "invalid {flag} {value:?}: must be non-empty, without whitespace, `.`, `*` or `>`"
+        )));
+    }
+    Ok(())
+}
+
+fn check_nats_prefix(value: &str) -> Result<(), ConfigError> {
+    let bad_token = |t: &str| {
+        t.is_empty()
+            || t == "*"
+            || t == ">"
+            || t.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if value.split('.').any(bad_token) {
+        return Err(ConfigError::Invalid(format!(
+            "invalid --nats-subject-prefix {value:?}: must be dot-separated non-empty tokens without wildcards or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Merge the `--nats-*` flags and file keys; `None` when NATS is off.
+fn resolve_nats(args: &ServeArgs, file: &FileConfig) -> Result<Option<NatsConfig>, ConfigError> {
+    let url = args.nats_url.clone().or(file.nats_url.clone());
+    let Some(url) = url else {
+        let given = [
+            (
+                "--nats-subject-prefix",
+                args.nats_subject_prefix.is_some() || file.nats_subject_prefix.is_some(),
+            ),
+            (
+                "--nats-events",
+                args.nats_events.is_some() || file.nats_events.is_some(),
+            ),
+            (
+                "--nats-jetstream-stream",
+                args.nats_jetstream_stream.is_some() || file.nats_jetstream_stream.is_some(),
+            ),
+            (
+                "--nats-jetstream-consumer",
+                args.nats_jetstream_consumer.is_some() || file.nats_jetstream_consumer.is_some(),
+            ),
+            (
+                "--nats-queries",
+                args.nats_queries.is_some() || file.nats_queries.is_some(),
+            ),
+            (
+                "--nats-query-group",
+                args.nats_query_group.is_some() || file.nats_query_group.is_some(),
+            ),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::Invalid(format!("{flag} needs --nats-url")));
+        }
+        return Ok(None);
+    };
+    let urls = split_list(&url);
+    if urls.is_empty() {
+        return Err(ConfigError::Invalid("--nats-url is empty".into()));
+    }
+    for u in &urls {
+        u.parse::<async_nats::ServerAddr>()
+            .map_err(|e| ConfigError::Invalid(format!("invalid --nats-url `{u}`: {e}")))?;
+    }
+    let subject_prefix = args
+        .nats_subject_prefix
+        .clone()
+        .or(file.nats_subject_prefix.clone())
+        .unwrap_or_else(|| DEFAULT_NATS_PREFIX.into());
+    check_nats_prefix(&subject_prefix)?;
+    let stream = args
+        .nats_jetstream_stream
+        .clone()
+        .or(file.nats_jetstream_stream.clone());
+    let consumer = args
+        .nats_jetstream_consumer
+        .clone()
+        .or(file.nats_jetstream_consumer.clone());
+    let jetstream = match (stream, consumer) {
+        (Some(stream), consumer) => {
+            let consumer = consumer.unwrap_or_else(|| DEFAULT_NATS_NAME.into());
+            check_nats_name("--nats-jetstream-stream", &stream)?;
+            check_nats_name("--nats-jetstream-consumer", &consumer)?;
+            let secs = args
+                .nats_jetstream_ack_wait_secs
+                .or(file.nats_jetstream_ack_wait_secs)
+                .unwrap_or(DEFAULT_ACK_WAIT_SECS);
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "--nats-jetstream-ack-wait-secs must be at least 1".into(),
+                ));
+            }
+            Some(JetStreamConfig {
+                stream,
+                consumer,
+                ack_wait: Duration::from_secs(secs),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--nats-jetstream-consumer needs --nats-jetstream-stream".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let core_events = args
+        .nats_events
+        .or(file.nats_events)
+        .unwrap_or(jetstream.is_none());
+    let queries = args.nats_queries.or(file.nats_queries).unwrap_or(true);
+    let group = args
+        .nats_query_group
+        .clone()
+        .or(file.nats_query_group.clone())
+        .unwrap_or_else(|| DEFAULT_NATS_NAME.into());
+    check_nats_name("--nats-query-group", &group)?;
+    Ok(Some(NatsConfig {
+        urls,
+        subject_prefix,
+        core_events,
+        jetstream,
+        query_group: queries.then_some(group),
+    }))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -148,6 +423,7 @@ impl ServeConfig {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        let nats = resolve_nats(args, &file)?;
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -207,6 +483,15 @@ impl ServeConfig {
                 "--snapshot-keep must be at least 1".into(),
             ));
         }
+        let replay = ReplayTuning::resolve(
+            &args.replay,
+            &ReplayTuningArgs {
+                replay_timeout_ms: file.replay_timeout_ms,
+                replay_attempts: file.replay_attempts,
+                replay_backoff_ms: file.replay_backoff_ms,
+                replay_backoff_max_ms: file.replay_backoff_max_ms,
+            },
+        )?;
         let _ = (&args.tenant_id, &file.tenant_id); // accepted, no effect (Dynamo's legacy flag)
         let test_endpoints = std::env::var(TEST_ENDPOINTS_ENV)
             .map(|v| env_flag_on(&v))
@@ -262,6 +547,8 @@ impl ServeConfig {
             },
             min_initial_workers,
             test_endpoints,
+            replay,
+            nats,
         })
     }
 }
@@ -316,6 +603,163 @@ mod tests {
         };
         let msg = ServeConfig::resolve(&args).unwrap_err().to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn replay_tuning_defaults_file_flags_and_validation() {
+        let d = ReplayTuning::resolve(&Default::default(), &Default::default()).unwrap();
+        assert_eq!(d, ReplayTuning::default());
+        assert_eq!(d.timeout, Duration::from_secs(3));
+        assert_eq!(d.attempts, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "replay_attempts = 7\nreplay_timeout_ms = 250\n").unwrap();
+        let mut args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        args.replay.replay_attempts = Some(5);
+        let c = ServeConfig::resolve(&args).unwrap();
+        assert_eq!(c.replay.attempts, 5);
+        assert_eq!(c.replay.timeout, Duration::from_millis(250));
+        assert_eq!(c.replay.ingest_config().replay_attempts, 5);
+        let bad = |a: ReplayTuningArgs| {
+            ReplayTuning::resolve(&a, &Default::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            bad(ReplayTuningArgs {
+                replay_attempts: Some(0),
+                ..Default::default()
+            }),
+            "--replay-attempts must be between 1 and 100, got 0"
+        );
+        assert_eq!(
+            bad(ReplayTuningArgs {
+                replay_timeout_ms: Some(0),
+                ..Default::default()
+            }),
+            "--replay-timeout-ms must be between 1 and 3600000 ms, got 0"
+        );
+        assert!(bad(ReplayTuningArgs {
+            replay_backoff_ms: Some(500),
+            replay_backoff_max_ms: Some(100),
+            ..Default::default()
+        })
+        .contains("must not be below"));
+        // A backoff above the default cap raises the cap with it.
+        let t = ReplayTuning::resolve(
+            &ReplayTuningArgs {
+                replay_backoff_ms: Some(5000),
+                ..Default::default()
+            },
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(t.backoff_max, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nats_is_off_by_default_and_its_flags_need_a_url() {
+        let c = ServeConfig::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.nats, None);
+        let args = ServeArgs {
+            nats_jetstream_stream: Some("EV".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&args).unwrap_err().to_string(),
+            "--nats-jetstream-stream needs --nats-url"
+        );
+    }
+
+    #[test]
+    fn nats_defaults_and_jetstream_turns_core_events_off() {
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert_eq!(n.urls, vec!["nats://127.0.0.1:4222".to_string()]);
+        assert_eq!(n.subject_prefix, "kvindex");
+        assert!(n.core_events);
+        assert_eq!(n.jetstream, None);
+        assert_eq!(n.query_group.as_deref(), Some("kvindex"));
+        let args = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            nats_jetstream_stream: Some("KV".into()),
+            nats_queries: Some(false),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert!(!n.core_events);
+        assert_eq!(
+            n.jetstream,
+            Some(JetStreamConfig {
+                stream: "KV".into(),
+                consumer: "kvindex".into(),
+                ack_wait: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(n.query_group, None);
+    }
+
+    #[test]
+    fn nats_settings_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "nats_url = \"127.0.0.1:4222\"\nnats_subject_prefix = \"a.b\"\nnats_events = true\nnats_jetstream_stream = \"S\"\nnats_jetstream_consumer = \"c1\"\nnats_query_group = \"g\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let n = ServeConfig::resolve(&args).unwrap().nats.unwrap();
+        assert_eq!(n.subject_prefix, "a.b");
+        assert!(n.core_events);
+        assert_eq!(n.jetstream.unwrap().consumer, "c1");
+        assert_eq!(n.query_group.as_deref(), Some("g"));
+    }
+
+    #[test]
+    fn bad_nats_settings_are_refused_clearly() {
+        let base = || ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..Default::default()
+        };
+        let url = ServeArgs {
+            nats_url: Some("nats://host:notaport".into()),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(&url).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid --nats-url `nats://host:notaport`: "),
+            "{e}"
+        );
+        let prefix = ServeArgs {
+            nats_subject_prefix: Some("a..b".into()),
+            ..base()
+        };
+        let e = ServeConfig::resolve(&prefix).unwrap_err().to_string();
+        assert!(e.starts_with("invalid --nats-subject-prefix"), "{e}");
+        let stream = ServeArgs {
+            nats_jetstream_stream: Some("a.b".into()),
+            ..base()
+        };
+        let e = ServeConfig::resolve(&stream).unwrap_err().to_string();
+        assert!(e.starts_with("invalid --nats-jetstream-stream"), "{e}");
+        let consumer = ServeArgs {
+            nats_jetstream_consumer: Some("c".into()),
+            ..base()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&consumer).unwrap_err().to_string(),
+            "--nats-jetstream-consumer needs --nats-jetstream-stream"
+        );
     }
 
     #[test]

@@ -121,17 +121,18 @@ impl Ingest {
         Ok(Some(ticket))
     }
 
-    /// Durable watermarks of every stream of `worker_id` in `namespace`: `(dp_rank, source_seq)`.
+    /// Durable watermarks of every stream of `worker_id` in `namespace`:
+    /// `(dp_rank, source_seq, lsn of the entry that set it)`.
     pub fn worker_watermarks(
         &self,
         namespace: &NamespaceKey,
         worker_id: WorkerId,
-    ) -> Vec<(DpRank, u64)> {
+    ) -> Vec<(DpRank, u64, u64)> {
         self.durable
             .watermarks()
             .into_iter()
             .filter(|w| w.stream.namespace == *namespace && w.stream.worker_id == worker_id)
-            .map(|w| (w.stream.dp_rank, w.source_seq))
+            .map(|w| (w.stream.dp_rank, w.source_seq, w.lsn))
             .collect()
     }
 

@@ -86,6 +86,10 @@ pub struct ListenerSpec {
     pub dp_rank: u32,
     pub endpoint: String,
     pub replay_endpoint: Option<String>,
+    /// The log's next LSN when this registration was made: every batch of this registration is
+    /// logged at or after it, so a durable watermark below it belongs to an earlier
+    /// registration of the same stream (unregistered since) and must not be resumed from.
+    pub registered_at_lsn: u64,
 }
 
 /// Starts and stops the per-(instance, dp_rank) event listeners. Implemented by the ZMQ

@@ -1,5 +1,6 @@
-//! The `kvindex` binary: `kvindex serve` (the HTTP service, Dynamo-compatible), `kvindex replay`
-//! (tools over a data directory) and `kvindex demo` (the engine on the shared trace).
+//! The `kvindex` binary: `kvindex serve` (the HTTP service, Dynamo-compatible), `kvindex capture`
+//! (record a live ZMQ stream into an event log), `kvindex replay` (tools over a data directory)
+//! and `kvindex demo` (the engine on the shared trace).
 //!
 //! Event path: source (ZMQ listeners through [`listeners`] and [`zmq_source`], `POST /events`,
 //! peer recovery) → [`ingest`] → the durable log and the engine. Query path:
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod access_log;
+mod capture;
 mod cli;
 mod config;
 mod demo;
@@ -19,6 +21,7 @@ mod http;
 mod ingest;
 mod listeners;
 mod metrics;
+mod nats;
 mod partitions;
 mod peers;
 mod replay_cmd;
@@ -54,6 +57,10 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Capture(args) => {
+            init_tracing("info");
+            ExitCode::from(capture::run(&args) as u8)
         }
         Command::Replay(args) => {
             init_tracing("warn");

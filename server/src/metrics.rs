@@ -100,6 +100,7 @@ fn describe() {
         "kvindex_index_lower_tier_blocks",
         "(block, worker) pairs held in a lower tier (host_pinned, disk, external), per partition"
     );
+    crate::nats::metrics::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.

@@ -1,7 +1,7 @@
 //! Start-up recovery from peer indexers (SERVICE.md §9): `GET {peer}/dump` for each `--peers`
 //! URL in order, 10 s timeout each; the first success wins; its partitions are created when
-//! missing and its events go through the normal intake (so they are logged too). Start-up never
-//! fails because of recovery.
+//! missing and its events go through the normal intake (so they are logged too, with source
+//! sequence 0). Start-up never fails because of recovery.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -122,7 +122,12 @@ pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: Dump) -> usize 
             let chunk: Vec<_> = events
                 .by_ref()
                 .take(CHUNK)
-                .map(|e| (e.event.event_id, e))
+                // Source sequence 0, not the dump's `event_id` (renumbered from 0 per tier, it
+                // has nothing to do with the engine's batch sequence): a restart whose last
+                // logged entry of a stream is a recovered one then resumes after 0, re-applying
+                // what the engine still buffers, instead of skipping batches up to an arbitrary
+                // number as stale.
+                .map(|e| (0, e))
                 .collect();
             let n = chunk.len();
             match ingest.submit_mixed(&key, chunk) {

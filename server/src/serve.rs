@@ -6,8 +6,9 @@
 //!    registrations, peers);
 //! 3. `--workers` registrations; `--peers` recovery (after 1 s); the
 //!    `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
-//! 4. bind HTTP and serve until SIGINT / SIGTERM; then stop intake, stop the listeners, sync and
-//!    close the log, exit 0.
+//! 4. bind HTTP, start the NATS transport (with `--nats-url`; connects in the background) and
+//!    serve until SIGINT / SIGTERM; then stop HTTP, drain the NATS subscriptions, stop the
+//!    listeners, sync and close the log, exit 0.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use crate::config::{ServeConfig, TEST_ENDPOINTS_ENV};
 use crate::http::{routes, AppState};
 use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
+use crate::nats::NatsTransport;
 use crate::partitions::{Partitions, Registration};
 use crate::zmq_source::ZmqSupervisor;
 use kvindex_server::zmq::IngestConfig;
@@ -32,8 +34,9 @@ fn listener_supervisor(
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
     runtime: tokio::runtime::Handle,
+    config: IngestConfig,
 ) -> Arc<ZmqSupervisor> {
-    ZmqSupervisor::new(runtime, partitions, ingest, IngestConfig::default())
+    ZmqSupervisor::new(runtime, partitions, ingest, config)
 }
 
 fn log_recovery(report: &RecoveryReport) {
@@ -106,12 +109,23 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         Arc::new(NoListeners),
     ));
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
+    {
+        let durable = Arc::downgrade(&durable);
+        partitions.set_lsn_clock(Arc::new(move || {
+            durable.upgrade().map_or(0, |d| d.log().next_lsn())
+        }));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kvindex-http")
         .build()
         .context("cannot start the async runtime")?;
-    let supervisor = listener_supervisor(&partitions, &ingest, runtime.handle().clone());
+    let supervisor = listener_supervisor(
+        &partitions,
+        &ingest,
+        runtime.handle().clone(),
+        cfg.replay.ingest_config(),
+    );
     partitions.set_supervisor(Arc::clone(&supervisor) as Arc<dyn ListenerSupervisor>);
     partitions.load()?;
     for w in &cfg.workers {
@@ -211,11 +225,23 @@ async fn serve_http(
         .await
         .with_context(|| format!("cannot bind {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
+    // The NATS transport opens with HTTP; its connection is made in the background.
+    let nats = match &cfg.nats {
+        Some(n) => Some(
+            NatsTransport::start(n, Arc::clone(&state), shutdown.clone())
+                .await
+                .context("NATS")?,
+        ),
+        None => None,
+    };
     tracing::info!("HTTP server listening on {addr}");
-    axum::serve(listener, routes::router(state))
+    let served = axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown_requested(shutdown))
         .await
-        .context("HTTP server")?;
+        .context("HTTP server");
     tracing::info!("HTTP server stopped");
-    Ok(())
+    if let Some(n) = nats {
+        n.stop().await;
+    }
+    served
 }

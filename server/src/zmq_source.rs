@@ -282,7 +282,10 @@ impl ZmqSupervisor {
 
 /// Where a restored listener resumes: the durable watermark of its stream, or — for an
 /// instance with a single listener — the highest watermark of any of the instance's streams
-/// that no other listener owns (batches that named their own dp_rank).
+/// that no other listener owns (batches that named their own dp_rank). Only watermarks this
+/// registration wrote count (logged at or after its `registered_at_lsn`): after an unregister
+/// and a re-register of the same stream, the old registration's watermark says nothing about
+/// the new one (SERVICE.md §7.5), which starts from scratch like any new registration.
 fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Option<u64> {
     let key = NamespaceKey::new(&spec.model_name, &spec.routing_group);
     let marks = ingest.worker_watermarks(&key, spec.instance_id);
@@ -290,10 +293,20 @@ fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Op
         .instances
         .get(&spec.instance_id)
         .is_some_and(|i| i.listeners.len() == 1);
+    pick_resume_point(&marks, spec.dp_rank, single, spec.registered_at_lsn)
+}
+
+/// [`resume_point`] over `(dp_rank, source_seq, lsn)` watermarks.
+fn pick_resume_point(
+    marks: &[(u32, u64, u64)],
+    dp_rank: u32,
+    single: bool,
+    registered_at_lsn: u64,
+) -> Option<u64> {
     marks
-        .into_iter()
-        .filter(|(dp, _)| *dp == spec.dp_rank || single)
-        .map(|(_, seq)| seq)
+        .iter()
+        .filter(|(dp, _, lsn)| (*dp == dp_rank || single) && *lsn >= registered_at_lsn)
+        .map(|(_, seq, _)| *seq)
         .max()
 }
 
@@ -356,5 +369,25 @@ impl ListenerSupervisor for ZmqSupervisor {
 
     fn live(&self, instance_id: u64, dp_rank: u32) -> Option<(ListenerState, ListenerDetails)> {
         self.zmq.status(instance_id, dp_rank).map(|s| convert(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_resume_point;
+
+    #[test]
+    fn resume_point_ignores_watermarks_of_an_earlier_registration() {
+        // (dp_rank, source_seq, lsn)
+        let marks = [(0, 40, 10), (1, 7, 12)];
+        assert_eq!(pick_resume_point(&marks, 0, false, 0), Some(40));
+        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(40));
+        // Re-registered at LSN 11: dp 0's watermark is the old registration's.
+        assert_eq!(pick_resume_point(&marks, 0, false, 11), None);
+        // A single listener counts its other-rank batches, if they are its own.
+        assert_eq!(pick_resume_point(&marks, 0, true, 11), Some(7));
+        assert_eq!(pick_resume_point(&marks, 0, true, 13), None);
+        // The registration's own first batch sits exactly at its LSN.
+        assert_eq!(pick_resume_point(&marks, 0, false, 10), Some(40));
     }
 }

@@ -70,3 +70,60 @@ fn no_reachable_peer_still_starts() {
         .stderr()
         .contains("no reachable peers, starting with empty state"));
 }
+
+/// Recovered events are logged with source sequence 0: a restored ZMQ listener of the same
+/// stream resumes after 0, not after the dump's renumbered `event_id` (which would call the
+/// engine's batches up to that number stale).
+#[test]
+fn recovered_events_do_not_move_a_listeners_resume_point_past_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), &[], &[]);
+    register(&a, 1, "m", 4);
+    for i in 0..30u32 {
+        let t = [1000 + 4 * i, 1001 + 4 * i, 1002 + 4 * i, 1003 + 4 * i];
+        let h = local_hashes(&t, 4);
+        let r = a.post_json(
+            "/events",
+            &stored(
+                1,
+                0,
+                7_000 + u64::from(i),
+                None,
+                &[(u64::from(i) + 1, h[0])],
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let dump = a.get("/dump").json();
+    let ids: Vec<u64> = dump["m:default"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["event_id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.iter().max().is_some_and(|m| *m >= 29), "{ids:?}");
+    // B: the same worker over ZMQ (its engine is not up), and A's state.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("1=tcp://{}", l.local_addr().unwrap())
+    };
+    let flags = ["--workers", &dead, "--block-size", "4", "--model-name", "m"];
+    let peers = format!("http://{}", a.addr);
+    let mut with_peers = flags.to_vec();
+    with_peers.extend(["--peers", &peers]);
+    let bdir = dir.path().join("b");
+    let b = start(&bdir, &with_peers, &[]);
+    assert!(b.stderr().contains("recovered from peer"), "{}", b.stderr());
+    let (status, _) = b.terminate();
+    assert!(status.success());
+    let b = start(&bdir, &flags, &[]);
+    let workers = b.get("/workers").json();
+    assert_eq!(
+        workers[0]["listeners"]["0"]["watermark"],
+        json!(0),
+        "{workers}"
+    );
+    let t = [1000, 1001, 1002, 1003];
+    let r = b.post_json("/query", &json!({"token_ids": t, "model_name": "m"}));
+    assert_eq!(r.json()["scores"], json!({"1": {"0": 4}}));
+}

@@ -488,6 +488,99 @@ fn restart_after_sigterm_replays_missed_events() {
     restart_replays_what_the_log_is_missing(libc::SIGTERM);
 }
 
+/// Unregister, re-register the same `(instance, dp_rank)` with a restarted engine (its sequence
+/// starts at 0 again), then restart kvindex before the new registration logged anything: the
+/// listener must start from scratch (replay from 0), not after the old registration's
+/// watermark — which would skip, then call stale, every batch of the new engine up to it.
+/// `flags` go to every start (e.g. snapshots after each entry: watermarks then come back from
+/// a snapshot, with their LSNs).
+fn reregister_then_restart_resumes_from_scratch(sig: i32, flags: &[&str]) {
+    let rt = runtime();
+    let old = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, flags, &[]);
+    register(&s, 1, 0, &old);
+    wait_ready(&s, 1, 0);
+    // Several stores: the old registration's durable watermark ends well above 0.
+    for _ in 0..6 {
+        old.publish(&batch(vec![store(100, &TOKENS)]));
+    }
+    wait_for(
+        "the old registration's watermark",
+        &s,
+        || {
+            old.publish(&batch(vec![store(100, &TOKENS)]));
+        },
+        || {
+            listener(&s, 1, 0)["watermark"]
+                .as_u64()
+                .is_some_and(|w| w >= 5)
+        },
+    );
+    let r = s.post_json("/unregister", &json!({"instance_id": 1, "model_name": "m"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The engine restarted: a new publisher counting from 0.
+    let new = Pub::bind(&rt, true);
+    register(&s, 1, 0, &new);
+    wait_ready(&s, 1, 0);
+    let (_status, _log) = s.signal(sig);
+
+    // While kvindex is down the new engine publishes its first batches.
+    let b = [41, 42, 43, 44, 45, 46, 47, 48];
+    let c = [61, 62, 63, 64];
+    new.publish(&batch(vec![store(500, &b)]));
+    new.publish(&batch(vec![store(700, &c)]));
+    let requests_before = new.p.replay_requests().len();
+
+    let s = start(&dir, flags, &[]);
+    wait_for(
+        "the new engine's batches",
+        &s,
+        || {},
+        || scores(&s, &b) == json!({"1": {"0": 8}}) && scores(&s, &c) == json!({"1": {"0": 4}}),
+    );
+    let asked: Vec<u64> = new.p.replay_requests()[requests_before..].to_vec();
+    assert_eq!(asked.first(), Some(&0), "{asked:?}");
+    assert_eq!(listener(&s, 1, 0)["watermark"], json!(1));
+    // The old registration's blocks stayed removed.
+    assert_eq!(scores(&s, &TOKENS), json!({}));
+    if !flags.is_empty() {
+        wait_for(
+            "a snapshot",
+            &s,
+            || {},
+            || {
+                std::fs::read_dir(&dir).is_ok_and(|mut d| {
+                    d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("snap-")))
+                })
+            },
+        );
+    }
+    // A second restart resumes after the new registration's own watermark.
+    let (_status, _log) = s.signal(libc::SIGTERM);
+    let d = [81, 82, 83, 84];
+    new.publish(&batch(vec![store(900, &d)]));
+    let requests_before = new.p.replay_requests().len();
+    let s = start(&dir, flags, &[]);
+    wait_for(
+        "the batch published during the second restart",
+        &s,
+        || {},
+        || scores(&s, &d) == json!({"1": {"0": 4}}),
+    );
+    assert_eq!(new.p.replay_requests().get(requests_before), Some(&2));
+}
+
+#[test]
+fn reregister_then_sigkill_restart_resumes_the_new_registration_from_scratch() {
+    reregister_then_restart_resumes_from_scratch(libc::SIGKILL, &[]);
+}
+
+#[test]
+fn reregister_then_sigterm_restart_resumes_the_new_registration_from_scratch() {
+    reregister_then_restart_resumes_from_scratch(libc::SIGTERM, &["--snapshot-every-entries", "1"]);
+}
+
 #[test]
 fn many_publishers_storing_the_same_prefix_are_all_indexed() {
     const N: u64 = 8;

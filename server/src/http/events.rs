@@ -14,35 +14,46 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvindex_engine::codec;
 use kvindex_engine::{NamespaceKey, RouterEvent};
+use kvindex_persistence::AppendTicket;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::errors::ApiError;
 use super::handlers::with_model;
-use super::SharedState;
+use super::{AppState, SharedState};
 use crate::metrics::REJECTED_TOTAL;
 use crate::partitions::RegistryError;
 
-/// The answer of `POST /events`.
-#[derive(Serialize)]
-struct EventsAck {
+/// The answer of `POST /events` (and of an event request over NATS).
+#[derive(Serialize, Debug)]
+pub struct EventsAck {
     status: &'static str,
-    accepted: usize,
+    pub accepted: usize,
     rejected: Vec<serde_json::Value>,
     /// Last LSN of the accepted events (`null` when none).
     last_lsn: Option<u64>,
 }
 
 /// Optional explicit partition of `POST /events`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, Clone)]
 pub struct EventsTarget {
-    model_name: Option<String>,
-    routing_group: Option<String>,
-    block_size: Option<u32>,
+    pub model_name: Option<String>,
+    pub routing_group: Option<String>,
+    pub block_size: Option<u32>,
 }
 
+/// Which source sequence the logged events carry (it moves the stream watermarks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub enum SourceSeq {
+    /// Each event's own `event_id` (`POST /events`, core NATS).
+    EventId,
+    /// One value for every event of the request (a JetStream message's tagged sequence).
+    Fixed(u64),
+}
+
+/// How an events payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
     Json,
     Msgpack,
 }
@@ -52,7 +63,11 @@ pub const EVENTS_MEDIA_TYPE: &str =
     "Expected request with `Content-Type: application/json` or `Content-Type: application/msgpack`";
 
 fn format_of(headers: &HeaderMap) -> Option<Format> {
-    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    format_of_media_type(headers.get(header::CONTENT_TYPE)?.to_str().ok()?)
+}
+
+/// The format named by a media type (`Content-Type` value), if it is one we decode.
+pub fn format_of_media_type(ct: &str) -> Option<Format> {
     let mime = ct.split(';').next()?.trim().to_ascii_lowercase();
     match mime.as_str() {
         "application/json" => Some(Format::Json),
@@ -64,7 +79,8 @@ fn format_of(headers: &HeaderMap) -> Option<Format> {
     }
 }
 
-fn decode(format: Format, body: &[u8]) -> Result<Vec<RouterEvent>, String> {
+/// Decode one RouterEvent or an array of them.
+pub fn decode(format: Format, body: &[u8]) -> Result<Vec<RouterEvent>, String> {
     match format {
         Format::Json => {
             let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -87,7 +103,13 @@ fn decode(format: Format, body: &[u8]) -> Result<Vec<RouterEvent>, String> {
 }
 
 fn reject(reason: &'static str) {
-    metrics::counter!(REJECTED_TOTAL, "endpoint" => "/events", "reason" => reason).increment(1);
+    count_reject(Some("/events"), reason);
+}
+
+fn count_reject(endpoint: Option<&'static str>, reason: &'static str) {
+    if let Some(endpoint) = endpoint {
+        metrics::counter!(REJECTED_TOTAL, "endpoint" => endpoint, "reason" => reason).increment(1);
+    }
 }
 
 /// `POST /events`.
@@ -110,7 +132,11 @@ pub async fn post_events(
         }
     };
     let st = state.clone();
-    let result = tokio::task::spawn_blocking(move || ingest_events(&st, target, events)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        submit_events(&st, &target, events, SourceSeq::EventId, Some("/events"))
+            .and_then(|s| s.finish(&st))
+    })
+    .await;
     match result {
         Ok(Ok(body)) => with_model(&model_label, Json(body)),
         Ok(Err(e)) => with_model(&model_label, e),
@@ -118,11 +144,24 @@ pub async fn post_events(
     }
 }
 
-fn ingest_events(
-    state: &SharedState,
-    target: EventsTarget,
+/// Events submitted to the log, not yet known durable: [`Submitted::finish`] waits.
+pub struct Submitted {
+    groups: Vec<(NamespaceKey, usize, Option<AppendTicket>)>,
+    /// (index in the body, or None when a whole partition's events failed; the error)
+    rejected: Vec<(Option<usize>, ApiError)>,
+}
+
+/// Resolve the events' partitions (the explicit `target`, or each event's registered worker),
+/// and submit each partition's events to the log as one record, in order. Returns without
+/// waiting for durability. An error here means nothing was submitted. Per-event rejections are
+/// counted in `kvindex_http_rejected_total{endpoint}` when `endpoint` is given (HTTP).
+pub fn submit_events(
+    state: &AppState,
+    target: &EventsTarget,
     events: Vec<RouterEvent>,
-) -> Result<EventsAck, ApiError> {
+    seq: SourceSeq,
+    endpoint: Option<&'static str>,
+) -> Result<Submitted, ApiError> {
     let explicit = match &target.model_name {
         Some(model) => {
             let group = target
@@ -139,7 +178,6 @@ fn ingest_events(
     };
     let view = state.partitions.view();
     let mut groups: BTreeMap<NamespaceKey, Vec<(u64, RouterEvent)>> = BTreeMap::new();
-    // (index in the body, or None when a whole partition's events failed; the error)
     let mut rejected: Vec<(Option<usize>, ApiError)> = Vec::new();
     for (i, ev) in events.into_iter().enumerate() {
         let key = match &explicit {
@@ -147,7 +185,7 @@ fn ingest_events(
             None => match view.instances.get(&ev.worker_id) {
                 Some(inst) => inst.key.clone(),
                 None => {
-                    reject("unknown_worker");
+                    count_reject(endpoint, "unknown_worker");
                     rejected.push((
                         Some(i),
                         RegistryError::InstanceNotFound(ev.worker_id).into(),
@@ -156,43 +194,64 @@ fn ingest_events(
                 }
             },
         };
-        groups.entry(key).or_default().push((ev.event.event_id, ev));
+        let source_seq = match seq {
+            SourceSeq::EventId => ev.event.event_id,
+            SourceSeq::Fixed(s) => s,
+        };
+        groups.entry(key).or_default().push((source_seq, ev));
     }
-    let mut accepted = 0usize;
-    let mut last_lsn = None;
+    let mut submitted = Vec::with_capacity(groups.len());
     for (key, evs) in groups {
         let n = evs.len();
-        let ticket = match state.ingest.submit_mixed(&key, evs) {
-            Ok(t) => t,
+        match state.ingest.submit_mixed(&key, evs) {
+            Ok(t) => submitted.push((key, n, t)),
             Err(e) => {
-                reject("partition");
+                count_reject(endpoint, "partition");
                 rejected.push((None, e.into()));
-                continue;
             }
-        };
-        if let Some(t) = ticket {
-            let lsn = t
-                .wait()
-                .map_err(|e| ApiError::Ingest(crate::ingest::IngestError::Log(e)))?;
-            last_lsn = Some(last_lsn.map_or(lsn, |l: u64| l.max(lsn)));
         }
-        state.ingest.flush(&key)?;
-        accepted += n;
     }
-    if accepted == 0 && !rejected.is_empty() {
-        return Err(rejected.swap_remove(0).1);
-    }
-    let rejected_json: Vec<_> = rejected
-        .iter()
-        .map(|(i, e)| match i {
-            Some(i) => json!({"index": i, "error": e.to_string()}),
-            None => json!({"error": e.to_string()}),
-        })
-        .collect();
-    Ok(EventsAck {
-        status: "ok",
-        accepted,
-        rejected: rejected_json,
-        last_lsn,
+    Ok(Submitted {
+        groups: submitted,
+        rejected,
     })
+}
+
+impl Submitted {
+    /// Wait until every submitted event is durable under the `--fsync` policy and applied to
+    /// its partition's index; the answer of `POST /events`.
+    pub fn finish(self, state: &AppState) -> Result<EventsAck, ApiError> {
+        let Submitted {
+            groups,
+            mut rejected,
+        } = self;
+        let mut accepted = 0usize;
+        let mut last_lsn = None;
+        for (key, n, ticket) in groups {
+            if let Some(t) = ticket {
+                let lsn = t
+                    .wait()
+                    .map_err(|e| ApiError::Ingest(crate::ingest::IngestError::Log(e)))?;
+                last_lsn = Some(last_lsn.map_or(lsn, |l: u64| l.max(lsn)));
+            }
+            state.ingest.flush(&key)?;
+            accepted += n;
+        }
+        if accepted == 0 && !rejected.is_empty() {
+            return Err(rejected.swap_remove(0).1);
+        }
+        let rejected_json: Vec<_> = rejected
+            .iter()
+            .map(|(i, e)| match i {
+                Some(i) => json!({"index": i, "error": e.to_string()}),
+                None => json!({"error": e.to_string()}),
+            })
+            .collect();
+        Ok(EventsAck {
+            status: "ok",
+            accepted,
+            rejected: rejected_json,
+            last_lsn,
+        })
+    }
 }

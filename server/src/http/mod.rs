@@ -13,10 +13,10 @@ use crate::partitions::Partitions;
 
 mod dump;
 pub mod errors;
-mod events;
+pub mod events;
 mod handlers;
 mod observe;
-mod query;
+pub mod query;
 pub mod routes;
 
 /// Body limit of `/query`, `/query_by_hash` and `/events` (about a million tokens as JSON).

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::errors::ApiError;
 use super::handlers::with_model;
-use super::SharedState;
+use super::{AppState, SharedState};
 
 /// Body of `POST /query` (`tenant_id`, `medium`, `instance_id`, ... ignored).
 #[derive(Deserialize)]
@@ -102,60 +102,54 @@ pub fn score_body(scores: &TieredScores, block_size: u32, log_lsn: u64) -> Score
     }
 }
 
-fn last_lsn(state: &SharedState) -> u64 {
+fn last_lsn(state: &AppState) -> u64 {
     state.durable.log().next_lsn().saturating_sub(1)
 }
 
-/// `POST /query`.
-pub async fn query(State(state): State<SharedState>, Json(req): Json<QueryRequest>) -> Response {
-    let group = req
-        .routing_group
-        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
-    let lsn = last_lsn(&state);
+/// The answer to a token query on partition `(model, group)`: the core of `POST /query`,
+/// shared with the NATS request/reply transport.
+pub fn answer_tokens(
+    state: &AppState,
+    model: &str,
+    group: &str,
+    token_ids: &[u32],
+    lora_name: Option<&str>,
+    cache_salt: Option<&str>,
+) -> Result<ScoreResponse, ApiError> {
+    let lsn = last_lsn(state);
     let view = state.partitions.view();
-    let part = match view.partition(&req.model_name, &group) {
-        Ok(p) => p,
-        Err(e) => return with_model(&req.model_name, ApiError::from(e)),
-    };
+    let part = view.partition(model, group)?;
     let scores = match &part.namespace {
         Some(ns) => ns.find_matches_tiered_for_tokens(
-            &req.token_ids,
+            token_ids,
             &HashOptions {
-                lora_name: req.lora_name.as_deref(),
-                cache_namespace: req.cache_salt.as_deref(),
+                lora_name,
+                cache_namespace: cache_salt,
                 ..HashOptions::default()
             },
         ),
         None => TieredScores::default(),
     };
-    with_model(
-        &req.model_name,
-        Json(score_body(&scores, part.spec.block_size, lsn)),
-    )
+    Ok(score_body(&scores, part.spec.block_size, lsn))
 }
 
-/// `POST /query_by_hash`: the values are Dynamo local block hashes as i64, walked from the root.
-pub async fn query_by_hash(
-    State(state): State<SharedState>,
-    Json(req): Json<QueryByHashRequest>,
-) -> Response {
-    if req.cache_salt.as_ref().is_some_and(|v| !v.is_null()) {
-        return with_model(
-            &req.model_name,
-            ApiError::BadRequest(CACHE_SALT_REFUSED.into()),
-        );
+/// The answer to a local-hash query on partition `(model, group)`: the core of
+/// `POST /query_by_hash`, shared with the NATS transport. A non-null `cache_salt` is refused
+/// before the partition lookup, as in Dynamo.
+pub fn answer_hashes(
+    state: &AppState,
+    model: &str,
+    group: &str,
+    block_hashes: &[i64],
+    cache_salt: Option<&Value>,
+) -> Result<ScoreResponse, ApiError> {
+    if cache_salt.is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::BadRequest(CACHE_SALT_REFUSED.into()));
     }
-    let group = req
-        .routing_group
-        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
-    let lsn = last_lsn(&state);
+    let lsn = last_lsn(state);
     let view = state.partitions.view();
-    let part = match view.partition(&req.model_name, &group) {
-        Ok(p) => p,
-        Err(e) => return with_model(&req.model_name, ApiError::from(e)),
-    };
-    let locals: Vec<LocalBlockHash> = req
-        .block_hashes
+    let part = view.partition(model, group)?;
+    let locals: Vec<LocalBlockHash> = block_hashes
         .iter()
         .map(|&h| LocalBlockHash(h as u64))
         .collect();
@@ -164,8 +158,46 @@ pub async fn query_by_hash(
         .as_ref()
         .map(|ns| ns.find_matches_tiered(&locals))
         .unwrap_or_default();
-    with_model(
+    Ok(score_body(&scores, part.spec.block_size, lsn))
+}
+
+fn respond(model: &str, answer: Result<ScoreResponse, ApiError>) -> Response {
+    match answer {
+        Ok(body) => with_model(model, Json(body)),
+        Err(e) => with_model(model, e),
+    }
+}
+
+/// `POST /query`.
+pub async fn query(State(state): State<SharedState>, Json(req): Json<QueryRequest>) -> Response {
+    let group = req
+        .routing_group
+        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
+    let answer = answer_tokens(
+        &state,
         &req.model_name,
-        Json(score_body(&scores, part.spec.block_size, lsn)),
-    )
+        &group,
+        &req.token_ids,
+        req.lora_name.as_deref(),
+        req.cache_salt.as_deref(),
+    );
+    respond(&req.model_name, answer)
+}
+
+/// `POST /query_by_hash`: the values are Dynamo local block hashes as i64, walked from the root.
+pub async fn query_by_hash(
+    State(state): State<SharedState>,
+    Json(req): Json<QueryByHashRequest>,
+) -> Response {
+    let group = req
+        .routing_group
+        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
+    let answer = answer_hashes(
+        &state,
+        &req.model_name,
+        &group,
+        &req.block_hashes,
+        req.cache_salt.as_ref(),
+    );
+    respond(&req.model_name, answer)
 }

@@ -14,6 +14,10 @@ pub(super) struct FileListener {
     pub endpoint: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_endpoint: Option<String>,
+    /// The log's next LSN when the registration was made (0 in files written before it was
+    /// recorded: every watermark of the stream is then trusted, as before).
+    #[serde(default)]
+    pub registered_at_lsn: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +73,7 @@ impl RegistryFile {
                         dp_rank: *dp,
                         endpoint: l.endpoint.clone(),
                         replay_endpoint: l.replay_endpoint.clone(),
+                        registered_at_lsn: l.registered_at_lsn,
                     })
                     .collect(),
             })

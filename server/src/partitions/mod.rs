@@ -84,6 +84,9 @@ pub struct Listener {
     pub endpoint: String,
     pub replay_endpoint: Option<String>,
     pub state: ListenerState,
+    /// The log's next LSN when the registration was made (see
+    /// [`ListenerSpec::registered_at_lsn`]).
+    pub registered_at_lsn: u64,
 }
 
 /// A registered instance: one partition, one listener per dp_rank.
@@ -105,6 +108,7 @@ impl Instance {
             dp_rank,
             endpoint: l.endpoint.clone(),
             replay_endpoint: l.replay_endpoint.clone(),
+            registered_at_lsn: l.registered_at_lsn,
         }
     }
 }
@@ -186,7 +190,12 @@ pub struct Partitions {
     engine: Engine,
     file: Option<PathBuf>,
     supervisor: std::sync::RwLock<Arc<dyn ListenerSupervisor>>,
+    lsn_clock: std::sync::RwLock<Option<LsnClock>>,
 }
+
+/// Reads the event log's next LSN (registrations record it; see
+/// [`ListenerSpec::registered_at_lsn`]).
+pub type LsnClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 impl Partitions {
     /// An empty registry over `engine`, persisted in `data_dir` (None: not persisted).
@@ -201,7 +210,22 @@ impl Partitions {
             engine,
             file: data_dir.map(|d| d.join(REGISTRY_FILE)),
             supervisor: std::sync::RwLock::new(supervisor),
+            lsn_clock: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Where registrations read the log's next LSN (without one they record 0: every durable
+    /// watermark of their stream is trusted).
+    pub fn set_lsn_clock(&self, clock: LsnClock) {
+        *self.lsn_clock.write().unwrap_or_else(|e| e.into_inner()) = Some(clock);
+    }
+
+    fn lsn_clock(&self) -> u64 {
+        self.lsn_clock
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |c| c())
     }
 
     /// Replace the listener supervisor (before [`Self::load`]; the ZMQ supervisor needs the
@@ -251,6 +275,7 @@ impl Partitions {
                     let mut listener = Listener {
                         endpoint: l.endpoint,
                         replay_endpoint: l.replay_endpoint,
+                        registered_at_lsn: l.registered_at_lsn,
                         state: ListenerState {
                             status: ListenerStatus::Pending,
                             last_error: None,
@@ -406,6 +431,8 @@ impl Partitions {
             let mut listener = Listener {
                 endpoint: reg.endpoint.clone(),
                 replay_endpoint: reg.replay_endpoint.clone(),
+                // Read before the listener starts: all of its batches get later LSNs.
+                registered_at_lsn: self.lsn_clock(),
                 state: ListenerState {
                     status: ListenerStatus::Pending,
                     last_error: None,

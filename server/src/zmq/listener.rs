@@ -236,6 +236,8 @@ pub struct ListenerCounters {
     pub replay_requests: u64,
     /// Replay requests that failed after all attempts (endpoint dead or silent).
     pub replay_failures: u64,
+    /// Replay attempts made (each request makes one, plus one per retry).
+    pub replay_attempts: u64,
     /// Batches received through replay.
     pub replayed_batches: u64,
     /// Sequence numbers the watermark jumped over (events lost for good).
@@ -378,6 +380,8 @@ pub const METRIC_BATCHES: &str = "kvindex_zmq_batches_total";
 pub const METRIC_GAPS: &str = "kvindex_zmq_gaps_total";
 /// Counter: replay requests by `outcome` (`complete`, `incomplete`, `failed`, `not_configured`).
 pub const METRIC_REPLAYS: &str = "kvindex_zmq_replay_requests_total";
+/// Counter: replay attempts (a request's first try and each retry).
+pub const METRIC_REPLAY_ATTEMPTS: &str = "kvindex_zmq_replay_attempts_total";
 /// Counter: batches received through replay.
 pub const METRIC_REPLAYED_BATCHES: &str = "kvindex_zmq_replayed_batches_total";
 /// Counter: sequence numbers skipped for good.
@@ -597,6 +601,25 @@ impl ZmqIngest {
             status.connected = false;
             status.replaying = false;
         }
+    }
+}
+
+impl ZmqIngest {
+    /// Like [`Self::shutdown`], then wait until every listener task has ended: once this
+    /// returns no listener calls the sink or changes a status any more (the final counters are
+    /// complete). Must run on the runtime the listeners use.
+    pub async fn shutdown_and_wait(&self) {
+        let tasks: Vec<JoinHandle<()>> = lock(&self.inner.listeners)
+            .values_mut()
+            .filter_map(|e| e.task.take())
+            .collect();
+        for task in tasks {
+            task.abort();
+            // Cancelled at its next await: the poll in progress (a sink call, counter updates)
+            // completes first.
+            let _ = task.await;
+        }
+        self.shutdown();
     }
 }
 
@@ -961,6 +984,8 @@ impl Listener {
         };
 
         let count = fetched.batches.len() as u64;
+        metrics::counter!(METRIC_REPLAY_ATTEMPTS).increment(u64::from(fetched.attempts));
+        self.with_status(|s| s.counters.replay_attempts += u64::from(fetched.attempts));
         let first = fetched.batches.first().map(|b| b.0);
         let last = fetched.batches.last().map(|b| b.0);
         let mut contiguous = true;
@@ -1080,6 +1105,8 @@ pub struct ReplayFetch {
     pub batches: Vec<(u64, Bytes)>,
     /// `None` when the end-of-replay marker arrived; the last attempt's error otherwise.
     pub error: Option<ReplayError>,
+    /// Attempts made (1 + retries).
+    pub attempts: u32,
 }
 
 /// One frame sequence received by the DEALER during a replay.
@@ -1132,6 +1159,7 @@ pub async fn fetch_replay(
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(config.replay_backoff_max);
         }
+        fetched.attempts += 1;
         match replay_once(endpoint, next, config, &mut fetched.batches).await {
             Ok(()) => {
                 fetched.error = None;

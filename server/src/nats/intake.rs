@@ -1,0 +1,369 @@
+//! Event messages from NATS (core or JetStream) into the index through the very path of
+//! `POST /events`: subject → partition, payload → RouterEvents, [`submit_events`] (one log
+//! record per message, in arrival order), then [`Submitted::finish`] (durable under `--fsync`
+//! and applied). A batch of messages is submitted first and waited for second, so one fsync
+//! covers many messages.
+//!
+//! * Payload: one RouterEvent or an array of them, JSON or named-field msgpack. A
+//!   `Content-Type` header picks the format; without one, a payload starting with `{` or `[`
+//!   (after whitespace) is JSON, anything else msgpack.
+//! * Partition: the subject's `<model>.<group>`; a `Kvindex-Block-Size` header creates it when
+//!   missing (like `POST /events?block_size=`). Unknown partition, wrong block size, bad
+//!   subject or payload: the message is refused, counted in
+//!   `kvindex_nats_messages_rejected_total{reason}` and logged.
+//! * JetStream: every event of a message is logged with source sequence
+//!   `JETSTREAM_SEQ_TAG | stream_sequence`. A redelivered message (delivery count > 1) whose
+//!   streams all have a tagged durable watermark at or past its sequence is already in the
+//!   log: it is acknowledged without being applied again.
+
+use bytes::Bytes;
+use kvindex_engine::{NamespaceKey, RouterEvent};
+use serde_json::json;
+
+use super::metrics::{EVENTS_ACCEPTED, RECEIVED, REJECTED};
+use crate::http::errors::ApiError;
+use crate::http::events::{
+    decode, format_of_media_type, submit_events, EventsAck, EventsTarget, Format, SourceSeq,
+    Submitted,
+};
+use crate::http::AppState;
+use crate::ingest::{IngestError, IngestSink};
+use crate::partitions::RegistryError;
+use kvindex_persistence::PersistError;
+use kvindex_server::nats_subjects::Subjects;
+
+/// High bit marking a source sequence as a JetStream stream sequence (never an `event_id` or a
+/// ZMQ sequence in practice), so deduplication ignores watermarks written by other sources.
+pub const JETSTREAM_SEQ_TAG: u64 = 1 << 63;
+
+/// Header that creates the subject's partition with this block size when it is missing.
+pub const BLOCK_SIZE_HEADER: &str = "Kvindex-Block-Size";
+
+/// Where a message came from (metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Core,
+    JetStream,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Core => "core",
+            Source::JetStream => "jetstream",
+        }
+    }
+}
+
+/// JetStream delivery facts of a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    pub stream_sequence: u64,
+    pub delivered: i64,
+}
+
+/// One event message, transport details stripped.
+#[derive(Debug)]
+pub struct Incoming {
+    pub subject: String,
+    pub content_type: Option<String>,
+    pub block_size: Option<String>,
+    pub payload: Bytes,
+    pub delivery: Option<Delivery>,
+}
+
+impl Incoming {
+    /// From a NATS message (core or the inner message of a JetStream one).
+    pub fn from_message(m: &async_nats::Message, delivery: Option<Delivery>) -> Self {
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        Self {
+            subject: m.subject.to_string(),
+            content_type: header("Content-Type"),
+            block_size: header(BLOCK_SIZE_HEADER),
+            payload: m.payload.clone(),
+            delivery,
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Logged durably and applied.
+    Accepted(EventsAck),
+    /// A JetStream redelivery that is already durable: not applied again.
+    Duplicate,
+    /// Refused. `retry`: a failure on our side (the log), not the message's fault.
+    Rejected {
+        reason: &'static str,
+        error: String,
+        retry: bool,
+    },
+}
+
+impl Outcome {
+    /// The reply body for a request-style event message.
+    pub fn reply_body(&self) -> Vec<u8> {
+        let v = match self {
+            Outcome::Accepted(ack) => {
+                serde_json::to_value(ack).unwrap_or_else(|e| json!({"error": e.to_string()}))
+            }
+            Outcome::Duplicate => json!({"status": "ok", "accepted": 0, "duplicate": true}),
+            Outcome::Rejected { error, .. } => json!({"error": error}),
+        };
+        v.to_string().into_bytes()
+    }
+}
+
+fn rejected(reason: &'static str, error: impl ToString) -> Outcome {
+    Outcome::Rejected {
+        reason,
+        error: error.to_string(),
+        retry: false,
+    }
+}
+
+/// The metric reason and retryability of an intake error.
+fn classify(e: &ApiError) -> (&'static str, bool) {
+    match e {
+        ApiError::Registry(RegistryError::NoIndexer { .. })
+        | ApiError::Ingest(IngestError::NoIndexer { .. }) => ("unknown_partition", false),
+        ApiError::Registry(RegistryError::BlockSizeMismatch { .. })
+        | ApiError::Ingest(IngestError::ZeroBlockSize { .. }) => ("block_size", false),
+        ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
+            ("too_large", false)
+        }
+        ApiError::Ingest(IngestError::Log(_)) | ApiError::Internal(_) => ("log", true),
+        ApiError::Registry(RegistryError::File { .. } | RegistryError::Index(_)) => ("log", true),
+        _ => ("invalid", false),
+    }
+}
+
+fn from_error(e: ApiError) -> Outcome {
+    let (reason, retry) = classify(&e);
+    Outcome::Rejected {
+        reason,
+        error: e.to_string(),
+        retry,
+    }
+}
+
+fn sniff(payload: &[u8]) -> Format {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{' | b'[') => Format::Json,
+        _ => Format::Msgpack,
+    }
+}
+
+/// Subject, headers and payload checked: the partition target and the events.
+fn parse(
+    subjects: &Subjects,
+    m: &Incoming,
+) -> Result<(NamespaceKey, EventsTarget, Vec<RouterEvent>), Outcome> {
+    let key = subjects
+        .parse_events(&m.subject)
+        .map_err(|e| rejected("subject", e))?;
+    let block_size = match &m.block_size {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u32>().map_err(|e| {
+            rejected(
+                "block_size",
+                format!("invalid {BLOCK_SIZE_HEADER} header {v:?}: {e}"),
+            )
+        })?),
+    };
+    let format = match &m.content_type {
+        Some(ct) => format_of_media_type(ct).ok_or_else(|| {
+            rejected(
+                "decode",
+                format!(
+                    "unsupported Content-Type {ct:?} (application/json or application/msgpack)"
+                ),
+            )
+        })?,
+        None => sniff(&m.payload),
+    };
+    let events = decode(format, &m.payload).map_err(|e| rejected("decode", e))?;
+    let target = EventsTarget {
+        model_name: Some(key.model_name.clone()),
+        routing_group: Some(key.routing_group.clone()),
+        block_size,
+    };
+    Ok((key, target, events))
+}
+
+/// A redelivered JetStream message whose every stream is durable past its sequence.
+fn already_durable(
+    state: &AppState,
+    key: &NamespaceKey,
+    events: &[RouterEvent],
+    d: Delivery,
+) -> bool {
+    if d.delivered <= 1 || events.is_empty() {
+        return false;
+    }
+    events.iter().all(|ev| {
+        state
+            .ingest
+            .durable_watermark(key, ev.worker_id, ev.event.dp_rank)
+            .is_some_and(|w| {
+                w & JETSTREAM_SEQ_TAG != 0 && (w & !JETSTREAM_SEQ_TAG) >= d.stream_sequence
+            })
+    })
+}
+
+enum Stage {
+    Done(Outcome),
+    Pending(Submitted),
+}
+
+/// Log and apply a batch of messages in order (blocking: call from a blocking thread). One
+/// outcome per message, in the same order. Counted in the `kvindex_nats_*` metrics and logged.
+pub fn process(
+    state: &AppState,
+    subjects: &Subjects,
+    source: Source,
+    batch: &[Incoming],
+) -> Vec<Outcome> {
+    let label = source.as_str();
+    let mut stages = Vec::with_capacity(batch.len());
+    for m in batch {
+        metrics::counter!(RECEIVED, "source" => label).increment(1);
+        let stage = match parse(subjects, m) {
+            Err(o) => Stage::Done(o),
+            Ok((key, target, events)) => {
+                if m.delivery
+                    .is_some_and(|d| already_durable(state, &key, &events, d))
+                {
+                    Stage::Done(Outcome::Duplicate)
+                } else {
+                    let seq = match m.delivery {
+                        Some(d) => SourceSeq::Fixed(JETSTREAM_SEQ_TAG | d.stream_sequence),
+                        None => SourceSeq::EventId,
+                    };
+                    match submit_events(state, &target, events, seq, None) {
+                        Ok(s) => Stage::Pending(s),
+                        Err(e) => Stage::Done(from_error(e)),
+                    }
+                }
+            }
+        };
+        stages.push(stage);
+    }
+    let outcomes: Vec<Outcome> = stages
+        .into_iter()
+        .map(|s| match s {
+            Stage::Done(o) => o,
+            Stage::Pending(s) => match s.finish(state) {
+                Ok(ack) => Outcome::Accepted(ack),
+                Err(e) => from_error(e),
+            },
+        })
+        .collect();
+    for (m, o) in batch.iter().zip(&outcomes) {
+        match o {
+            Outcome::Accepted(ack) => {
+                metrics::counter!(EVENTS_ACCEPTED, "source" => label)
+                    .increment(ack.accepted as u64);
+            }
+            Outcome::Duplicate => {
+                tracing::debug!(subject = %m.subject, "JetStream redelivery already durable; not applied again");
+            }
+            Outcome::Rejected {
+                reason,
+                error,
+                retry,
+            } => {
+                metrics::counter!(REJECTED, "source" => label, "reason" => *reason).increment(1);
+                if *retry {
+                    tracing::error!(source = label, subject = %m.subject, %error, "NATS event message not logged");
+                } else {
+                    tracing::warn!(source = label, subject = %m.subject, reason = *reason, %error, "NATS event message refused");
+                }
+            }
+        }
+    }
+    outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_format_is_sniffed_when_no_content_type() {
+        assert_eq!(sniff(b"  {\"a\":1}"), Format::Json);
+        assert_eq!(sniff(b"\n[ ]"), Format::Json);
+        assert_eq!(sniff(&[0x82, 0xa1]), Format::Msgpack);
+        assert_eq!(sniff(&[0x91]), Format::Msgpack);
+        assert_eq!(sniff(b""), Format::Msgpack);
+    }
+
+    #[test]
+    fn subject_header_and_payload_errors_are_classified() {
+        let subjects = Subjects::new("kvindex");
+        let msg =
+            |subject: &str, ct: Option<&str>, bs: Option<&str>, payload: &'static [u8]| Incoming {
+                subject: subject.into(),
+                content_type: ct.map(str::to_owned),
+                block_size: bs.map(str::to_owned),
+                payload: Bytes::from_static(payload),
+                delivery: None,
+            };
+        let reason = |m: &Incoming| match parse(&subjects, m) {
+            Err(Outcome::Rejected { reason, retry, .. }) => {
+                assert!(!retry);
+                reason
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        assert_eq!(
+            reason(&msg("kvindex.events.m", None, None, b"{}")),
+            "subject"
+        );
+        assert_eq!(
+            reason(&msg("kvindex.events.m.g", None, None, b"{not json")),
+            "decode"
+        );
+        assert_eq!(
+            reason(&msg("kvindex.events.m.g", None, None, &[0xc1])),
+            "decode"
+        );
+        assert_eq!(
+            reason(&msg("kvindex.events.m.g", Some("text/plain"), None, b"{}")),
+            "decode"
+        );
+        assert_eq!(
+            reason(&msg("kvindex.events.m.g", None, Some("x"), b"[]")),
+            "block_size"
+        );
+        let ok = msg(
+            "kvindex.events.m%2E1.g",
+            Some("application/json"),
+            Some("16"),
+            b"[]",
+        );
+        let Ok((key, target, events)) = parse(&subjects, &ok) else {
+            panic!("valid message refused")
+        };
+        assert_eq!(key, NamespaceKey::new("m.1", "g"));
+        assert_eq!(target.block_size, Some(16));
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn log_failures_are_retryable_and_partition_errors_are_not() {
+        let e = ApiError::Registry(RegistryError::NoIndexer {
+            model: "m".into(),
+            group: "g".into(),
+        });
+        assert_eq!(classify(&e), ("unknown_partition", false));
+        let e = ApiError::Ingest(IngestError::Log(PersistError::EmptyBatch));
+        assert_eq!(classify(&e), ("log", true));
+    }
+}

@@ -1,0 +1,188 @@
+//! The durable JetStream consumer: pulls event messages from the configured stream, logs them
+//! through [`intake::process`] and acknowledges each one only after it is durable in our log
+//! (at-least-once). A bad message is terminated (`term`: never redelivered) and counted; a log
+//! failure is `nak`ed so the message comes back later. A stream or consumer that cannot be set
+//! up (server down, wrong stream subjects) is retried with backoff and logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::Client;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::intake::{self, Delivery, Incoming, Outcome, Source};
+use super::metrics::{JS_ACKS, SUBSCRIPTION_UP};
+use super::{backoff, stopped, stopping, TestHold};
+use crate::config::JetStreamConfig;
+use crate::http::SharedState;
+use kvindex_server::nats_subjects::Subjects;
+
+/// Messages handled per log group commit, at most.
+const BATCH: usize = 256;
+/// Delay before a `nak`ed message (log failure) is redelivered.
+const NAK_DELAY: Duration = Duration::from_secs(5);
+
+async fn setup(
+    client: &Client,
+    cfg: &JetStreamConfig,
+    subjects: &Subjects,
+) -> Result<consumer::PullConsumer, String> {
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![subjects.events_wildcard()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
+    stream
+        .get_or_create_consumer(
+            &cfg.consumer,
+            consumer::pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::All,
+                filter_subject: subjects.events_wildcard(),
+                ack_wait: cfg.ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))
+}
+
+fn count_ack(kind: &'static str) {
+    metrics::counter!(JS_ACKS, "kind" => kind).increment(1);
+}
+
+/// Log, apply and acknowledge one batch. Returns `false` when shutdown came during a test hold.
+async fn handle(
+    state: &SharedState,
+    subjects: &Arc<Subjects>,
+    hold: TestHold,
+    shutdown: &mut watch::Receiver<bool>,
+    messages: Vec<jetstream::Message>,
+) -> bool {
+    let batch: Vec<Incoming> = messages
+        .iter()
+        .map(|m| {
+            let delivery = m.info().ok().map(|i| Delivery {
+                stream_sequence: i.stream_sequence,
+                delivered: i.delivered,
+            });
+            Incoming::from_message(&m.message, delivery)
+        })
+        .collect();
+    if hold == TestHold::BeforeLog
+        && !hold_until_shutdown("before_log", batch.len(), shutdown).await
+    {
+        return false;
+    }
+    let (st, subj) = (Arc::clone(state), Arc::clone(subjects));
+    let outcomes = match tokio::task::spawn_blocking(move || {
+        intake::process(&st, &subj, Source::JetStream, &batch)
+    })
+    .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            // Nothing acknowledged: JetStream redelivers after the ack wait.
+            tracing::error!(error = %e, "JetStream batch processing failed");
+            return true;
+        }
+    };
+    if hold == TestHold::BeforeAck
+        && !hold_until_shutdown("before_ack", messages.len(), shutdown).await
+    {
+        return false;
+    }
+    for (m, o) in messages.iter().zip(&outcomes) {
+        let (kind, label) = match o {
+            Outcome::Accepted(_) => (AckKind::Ack, "ack"),
+            Outcome::Duplicate => (AckKind::Ack, "duplicate"),
+            Outcome::Rejected { retry: false, .. } => (AckKind::Term, "term"),
+            Outcome::Rejected { retry: true, .. } => (AckKind::Nak(Some(NAK_DELAY)), "nak"),
+        };
+        match m.ack_with(kind).await {
+            Ok(()) => count_ack(label),
+            // Redelivered later; the redelivery is recognised as durable.
+            Err(e) => tracing::warn!(error = %e, "JetStream acknowledgement not sent"),
+        }
+    }
+    true
+}
+
+/// Test hook (`KVINDEX_TEST_NATS_HOLD`): stop here until shutdown, so a test can kill the
+/// process between JetStream delivery and the log append / the ack.
+async fn hold_until_shutdown(point: &str, n: usize, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tracing::warn!(messages = n, "test hold {point}: JetStream messages held");
+    stopped(shutdown).await;
+    false
+}
+
+/// Consume until shutdown.
+pub async fn run(
+    client: Client,
+    cfg: JetStreamConfig,
+    subjects: Arc<Subjects>,
+    state: SharedState,
+    hold: TestHold,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    while !stopping(&shutdown) {
+        let consumer = tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            c = setup(&client, &cfg, &subjects) => c,
+        };
+        let messages = match consumer {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                attempt += 1;
+                let wait = backoff(attempt);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "JetStream consumer not ready");
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        attempt = 0;
+        tracing::info!(stream = %cfg.stream, consumer = %cfg.consumer, "JetStream durable consumer started");
+        metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(1.0);
+        let mut chunks = Box::pin(messages.ready_chunks(BATCH));
+        loop {
+            let chunk = tokio::select! {
+                _ = stopped(&mut shutdown) => None,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for r in chunk {
+                match r {
+                    Ok(m) => batch.push(m),
+                    Err(e) => tracing::warn!(error = %e, "JetStream pull"),
+                }
+            }
+            if !batch.is_empty() && !handle(&state, &subjects, hold, &mut shutdown, batch).await {
+                break;
+            }
+        }
+        metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(0.0);
+        if !stopping(&shutdown) {
+            tracing::warn!("JetStream message stream ended; setting the consumer up again");
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(backoff(1)) => {}
+            }
+        }
+    }
+    tracing::info!("JetStream consumer stopped");
+}

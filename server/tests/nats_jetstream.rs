@@ -1,0 +1,271 @@
+//! JetStream ingestion against a real `nats-server -js` (see tests/nats_support): events are
+//! acknowledged only once durable, a bad message is terminated (not redelivered) and counted,
+//! and a kvindex killed between delivery and the log append, or between the append and the ack,
+//! loses nothing and does not apply the redelivery twice.
+
+mod common;
+mod nats_support;
+
+use common::*;
+use nats_support::*;
+use serde_json::json;
+
+const STREAM: &str = "KVEVENTS";
+const CONSUMER: &str = "kvindex-a";
+
+fn tokens(n: u32) -> Vec<u32> {
+    (1..=n).collect()
+}
+
+fn chain(h: &[u64], n: usize, base: u64) -> Vec<(u64, u64)> {
+    h.iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, &l)| (base + i as u64, l))
+        .collect()
+}
+
+fn metrics(s: &Server) -> String {
+    s.get("/metrics").text()
+}
+
+fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&metrics(s), name, labels)
+}
+
+fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
+    let s = start(
+        dir,
+        &[
+            "--nats-url",
+            &nats.url,
+            "--nats-jetstream-stream",
+            STREAM,
+            "--nats-jetstream-consumer",
+            CONSUMER,
+            "--nats-jetstream-ack-wait-secs",
+            "2",
+        ],
+        env,
+    );
+    wait_until("JetStream consumer up", || {
+        metric(
+            &s,
+            "kvindex_nats_subscription_up",
+            &[("subscription", "jetstream")],
+        ) == 1.0
+    });
+    s
+}
+
+fn scores(s: &Server, n: u32) -> serde_json::Value {
+    s.post_json(
+        "/query",
+        &json!({"token_ids": tokens(n), "model_name": "m"}),
+    )
+    .json()["scores"]
+        .clone()
+}
+
+fn event(worker: u64, blocks: usize, base: u64) -> Vec<u8> {
+    let h = local_hashes(&tokens(16), 4);
+    stored(worker, 0, 1, None, &chain(&h, blocks, base))
+        .to_string()
+        .into_bytes()
+}
+
+fn bs4() -> Option<async_nats::HeaderMap> {
+    Some(headers(&[("Kvindex-Block-Size", "4")]))
+}
+
+fn wait_all_acked(c: &Client) {
+    wait_until("every JetStream message acknowledged", || {
+        let (ack_pending, _, pending) = c.consumer_state(STREAM, CONSUMER);
+        ack_pending == 0 && pending == 0
+    });
+}
+
+#[test]
+fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_js(&nats, dir.path(), &[]);
+    let c = Client::connect(&nats.url);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    c.js_publish("kvindex.events.m.default", None, b"{broken".to_vec());
+    c.js_publish("kvindex.events.nope.default", None, event(1, 1, 100));
+    c.js_publish(
+        "kvindex.events.m.default",
+        None,
+        rmp_serde::to_vec_named(&json!([serde_json::from_slice::<serde_json::Value>(
+            &event(2, 2, 200)
+        )
+        .unwrap()]))
+        .unwrap(),
+    );
+    wait_until("both workers indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}, "2": {"0": 8}})
+    });
+    wait_all_acked(&c);
+    // Counted just after each ack is sent.
+    wait_until("two acks and two terms counted", || {
+        let m = metrics(&s);
+        let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
+        acks("ack") == 2.0 && acks("term") == 2.0
+    });
+    let m = metrics(&s);
+    let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
+    assert_eq!(acks("duplicate"), 0.0);
+    assert_eq!(acks("nak"), 0.0);
+    let rejected = |reason| {
+        metric_sum(
+            &m,
+            "kvindex_nats_messages_rejected_total",
+            &[("source", "jetstream"), ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("decode"), 1.0);
+    assert_eq!(rejected("unknown_partition"), 1.0);
+    // Terminated messages are never redelivered.
+    let (_, redelivered, _) = c.consumer_state(STREAM, CONSUMER);
+    assert_eq!(redelivered, 0);
+    // With JetStream configured, the core subscription is off: the stream's messages are
+    // ingested once.
+    assert_eq!(
+        metric_sum(
+            &m,
+            "kvindex_nats_events_accepted_total",
+            &[("source", "core")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "kvindex_nats_events_accepted_total",
+            &[("source", "jetstream")]
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn killed_between_delivery_and_the_log_append_loses_nothing() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    // First run: partition created, then the consumer stops right after delivery.
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
+    );
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until("the consumer holds the delivered message", || {
+        s.stderr().contains("test hold before_log")
+    });
+    let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);
+    assert_eq!(ack_pending, 1);
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 0.0);
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    // Restart: JetStream redelivers the unacknowledged message, which is applied now.
+    let s = start_js(&nats, dir.path(), &[]);
+    wait_until("the redelivered event is indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}})
+    });
+    wait_all_acked(&c);
+    wait_until("the ack is counted", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 1.0
+    });
+    let (status, _) = s.terminate();
+    assert_eq!(status.code(), Some(0));
+    // And it is durable: a restart without NATS still has it.
+    let s = start(dir.path(), &[], &[]);
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
+}
+
+#[test]
+fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_ack")],
+    );
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until("the consumer holds the logged message", || {
+        s.stderr().contains("test hold before_ack")
+    });
+    // Durable and applied, not acknowledged.
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
+    let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);
+    assert_eq!(ack_pending, 1);
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None);
+
+    let s = start_js(&nats, dir.path(), &[]);
+    wait_all_acked(&c);
+    // The redelivery was recognised as already durable: acknowledged, not logged again.
+    wait_until("the duplicate ack is counted", || {
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")],
+        ) == 1.0
+    });
+    let m = metrics(&s);
+    assert_eq!(metric_sum(&m, "kvindex_events_logged_total", &[]), 0.0);
+    assert_eq!(
+        metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
+        0.0
+    );
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
+    // A later message of the same worker is a first delivery: applied normally.
+    c.js_publish("kvindex.events.m.default", None, event(1, 1, 100));
+    c.js_publish(
+        "kvindex.events.m.default",
+        None,
+        removed(1, 0, 2, &[103]).to_string().into_bytes(),
+    );
+    wait_until("the removal is applied", || {
+        scores(&s, 16) == json!({"1": {"0": 12}})
+    });
+    wait_all_acked(&c);
+    wait_until("both acks counted", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
+    });
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
+}
+
+#[test]
+fn the_consumer_comes_back_after_the_nats_server_restarts() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_js(&nats, dir.path(), &[]);
+    let c = Client::connect(&nats.url);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100));
+    wait_until("first event indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    drop(c);
+    let nats = nats.restart();
+    wait_until("reconnected", || {
+        metric(
+            &s,
+            "kvindex_nats_connection_events_total",
+            &[("event", "disconnected")],
+        ) >= 1.0
+            && metric(&s, "kvindex_nats_connected", &[]) == 1.0
+    });
+    let c = Client::connect(&nats.url);
+    // The stream survived (same store); a message published now reaches the index.
+    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
+    wait_until("event after the restart indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
+    });
+    wait_all_acked(&c);
+}
