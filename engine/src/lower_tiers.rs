@@ -444,17 +444,6 @@ impl LowerTiers {
         out
     }
 
-    /// Streams with at least one lower-tier block, with their tiers.
-    fn populated(&self) -> Vec<(WorkerWithDpRank, Arc<StreamTiers>)> {
-        self.streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, st)| st.total() > 0)
-            .map(|(s, st)| (*s, Arc::clone(st)))
-            .collect()
-    }
-
     /// Extend the device scores through the lower tiers (SERVICE.md §6.4).
     ///
     /// `device_ext(wanted)` must return, for each `(stream, depth)` (depth ≥ 1), the stream's
@@ -482,7 +471,14 @@ impl LowerTiers {
         if self.is_empty() || seq.is_empty() {
             return out;
         }
-        let populated = self.populated();
+        // Held for the walk (no per-stream Arc traffic on the query path); writers take it only
+        // when a stream first appears or is forgotten.
+        let registry = self.streams.read().unwrap_or_else(|e| e.into_inner());
+        let populated: Vec<(WorkerWithDpRank, &StreamTiers)> = registry
+            .iter()
+            .filter(|(_, st)| st.total() > 0)
+            .map(|(s, st)| (*s, &**st))
+            .collect();
         let wanted: Vec<(WorkerWithDpRank, u32)> = populated
             .iter()
             .filter_map(|(s, _)| device.get(s).map(|&d| (*s, d)))
