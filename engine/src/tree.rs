@@ -873,6 +873,7 @@ impl Tree {
         IndexSnapshot {
             streams: streams.into_iter().map(|(s, _)| s).collect(),
             nodes,
+            lower: Vec::new(),
         }
     }
 
@@ -1134,5 +1135,64 @@ impl Tree {
         let node = self.node(i);
         let holders = Members::from_word(node.members.load(Ordering::Acquire), guard).to_vec();
         (self.local_of(i), holders)
+    }
+}
+
+/// Read-only support for the lower-tier walk (engine/src/lower_tiers.rs). Kept apart so that it
+/// survives a rework of the tree: it needs only "walk `seq` from the root by local hash, and tell
+/// me the external hash under which stream S holds the block at depth d" (the stream's private
+/// hash when it has one, else the node's shared one).
+impl Tree {
+    /// For each `(stream, depth)` (depth ≥ 1), the external hash under which `stream` holds the
+    /// device block at `depth` along `seq` (`None` if it does not hold it). Lock-free walk; then
+    /// takes the exceptions mutex once (a short, writer-shared lock) when any block is held.
+    pub(crate) fn stream_exts_on_path(
+        &self,
+        seq: &[LocalBlockHash],
+        wanted: &[(WorkerWithDpRank, u32)],
+    ) -> Vec<Option<u64>> {
+        let max = wanted.iter().map(|(_, d)| *d as usize).max().unwrap_or(0);
+        let guard = epoch::pin();
+        let mut path: Vec<u32> = Vec::with_capacity(max);
+        let mut cur = ROOT;
+        for h in seq.iter().take(max) {
+            let word = self.node(cur).children.load(Ordering::Acquire);
+            let next = match children::single_child(word) {
+                Some(c) => (self.local_of(c) == h.0).then_some(c),
+                None => children::find_child(word, h.0, &|i| self.local_of(i), &guard),
+            };
+            let Some(c) = next else { break };
+            path.push(c);
+            cur = c;
+        }
+        let held: Vec<Option<(u32, u32)>> = wanted
+            .iter()
+            .map(|(stream, d)| {
+                let n = *path.get((*d as usize).checked_sub(1)?)?;
+                let members =
+                    Members::from_word(self.node(n).members.load(Ordering::Acquire), &guard);
+                let mut slot = None;
+                members.for_each(|s| {
+                    if slot.is_none() && self.slots.stream_of(s) == *stream {
+                        slot = Some(s);
+                    }
+                });
+                slot.map(|s| (s, n))
+            })
+            .collect();
+        if held.iter().all(Option::is_none) {
+            return vec![None; wanted.len()];
+        }
+        let exceptions = self.exceptions.lock().unwrap_or_else(|e| e.into_inner());
+        held.into_iter()
+            .map(|h| {
+                h.map(|(slot, n)| {
+                    exceptions
+                        .get(&(slot, n))
+                        .copied()
+                        .unwrap_or_else(|| self.ext_of(n))
+                })
+            })
+            .collect()
     }
 }
