@@ -534,7 +534,13 @@ impl SnapshotStore {
         let header = encode_header(image.next_lsn, &payload, created);
         let name = snapshot_file_name(image.next_lsn);
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
+        // A name of its own per write: two writes of the same position at once (a snapshot
+        // request racing the periodic one) must not rename each other's half-written file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{name}.{}-{n}.tmp", std::process::id()));
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
