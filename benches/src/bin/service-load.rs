@@ -32,7 +32,9 @@ use kvindex_benches::workload::{self, WorkloadConfig};
 use serde::Serialize;
 
 #[derive(Debug, Parser, Serialize)]
-#[command(about = "Load tests of kvindex serve (and Dynamo's standalone indexer) over HTTP and ZMQ")]
+#[command(
+    about = "Load tests of kvindex serve (and Dynamo's standalone indexer) over HTTP and ZMQ"
+)]
 struct Cli {
     /// Trace file (default: <repo>/../shared/data/traces/conversation_trace.jsonl).
     #[arg(long)]
@@ -59,7 +61,11 @@ struct Cli {
     #[arg(long)]
     kvindex_bin: Option<PathBuf>,
     /// `--fsync` policies to measure ingest under, one kvindex process each.
-    #[arg(long, value_delimiter = ',', default_value = "never,interval:10,always")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "never,interval:10,always"
+    )]
     fsync_modes: Vec<String>,
     /// The policy whose kvindex process also gets the query load (queries do not write).
     #[arg(long, default_value = "always")]
@@ -231,6 +237,7 @@ async fn measure(plan: &Plan<'_>, kind: TargetKind, with_load: bool) -> anyhow::
                     concurrency: c,
                     warmup: Duration::from_millis(cli.warmup_ms),
                     duration: Duration::from_millis(cli.duration_ms),
+                    requests_per_client: None,
                 };
                 let r = load::run(target.addr, &spec, bodies.clone()).await?;
                 eprintln!(
@@ -348,7 +355,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("--load-fsync {} is not among --fsync-modes", cli.load_fsync);
     }
 
-    let trace_path = cli.trace.clone().unwrap_or_else(workload::default_trace_path);
+    let trace_path = cli
+        .trace
+        .clone()
+        .unwrap_or_else(workload::default_trace_path);
     let trace = workload::load_trace(&trace_path)?;
     let config = WorkloadConfig {
         length_factor: cli.length_factor,
@@ -419,13 +429,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &dir.join("service-query-rps.svg"),
             &loaded,
             LoadFigure::RequestsPerSecond,
-            &format!("requests/s vs concurrency ({}, {} runs)", machine.commit, runs.len()),
+            &format!(
+                "requests/s vs concurrency ({}, {} runs)",
+                machine.commit,
+                runs.len()
+            ),
         )?;
         plot::plot_load(
             &dir.join("service-query-p99.svg"),
             &loaded,
             LoadFigure::P99,
-            &format!("p99 latency vs concurrency ({}, {} runs)", machine.commit, runs.len()),
+            &format!(
+                "p99 latency vs concurrency ({}, {} runs)",
+                machine.commit,
+                runs.len()
+            ),
         )?;
         plot::plot_ingest(
             &dir.join("service-ingest.svg"),

@@ -35,7 +35,9 @@ pub fn parse_scores(answer: &serde_json::Value) -> Result<Vec<(u64, u32, u64)>, 
         .ok_or("no `scores` object")?;
     let mut out = Vec::new();
     for (instance, ranks) in scores {
-        let instance: u64 = instance.parse().map_err(|_| format!("instance {instance}"))?;
+        let instance: u64 = instance
+            .parse()
+            .map_err(|_| format!("instance {instance}"))?;
         let ranks = ranks.as_object().ok_or("scores entry is not an object")?;
         for (dp, tokens) in ranks {
             let dp: u32 = dp.parse().map_err(|_| format!("dp_rank {dp}"))?;
@@ -71,12 +73,11 @@ pub async fn check(
         ] {
             let context = format!("{path} query {i}");
             let answer = conn.post(path, body.clone()).await?.expect(200, &context)?;
-            let got = parse_scores(&answer.json(&context)?).map_err(|detail| {
-                ServiceError::Answer {
+            let got =
+                parse_scores(&answer.json(&context)?).map_err(|detail| ServiceError::Answer {
                     context: context.clone(),
                     detail,
-                }
-            })?;
+                })?;
             if got == exact {
                 continue;
             }
@@ -92,12 +93,10 @@ pub async fn check(
             if got.iter().any(|&(w, dp, s)| score_of(&exact, w, dp) < s) {
                 result.above_exact += 1;
             }
-            result
-                .first_mismatch
-                .get_or_insert_with(|| {
-                    let text = format!("{context}: got {got:?}, exact {exact:?}");
-                    text.chars().take(600).collect()
-                });
+            result.first_mismatch.get_or_insert_with(|| {
+                let text = format!("{context}: got {got:?}, exact {exact:?}");
+                text.chars().take(600).collect()
+            });
         }
     }
     Ok(result)

@@ -199,7 +199,9 @@ pub async fn flood(
         let publisher = usize::try_from(b.worker)
             .ok()
             .and_then(|w| pubs.get(w))
-            .ok_or_else(|| ServiceError::Workload(format!("no publisher for worker {}", b.worker)))?;
+            .ok_or_else(|| {
+                ServiceError::Workload(format!("no publisher for worker {}", b.worker))
+            })?;
         publisher.publish(&b.batch).await?;
     }
     let publish_s = start.elapsed().as_secs_f64();

@@ -26,6 +26,9 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Recorded.
     pub duration: Duration,
+    /// Stop each client after this many recorded requests (tests use it to know the exact
+    /// count); `None` = run for `duration`.
+    pub requests_per_client: Option<u64>,
 }
 
 /// What one load level measured.
@@ -73,6 +76,7 @@ async fn client_task(
     step: usize,
     record_from: Instant,
     end: Instant,
+    max_recorded: Option<u64>,
 ) -> Result<TaskOutcome, ServiceError> {
     let mut conn = HttpConn::connect(addr).await?;
     let mut out = TaskOutcome {
@@ -84,7 +88,8 @@ async fn client_task(
     let mut i = first % bodies.len();
     loop {
         let sent = Instant::now();
-        if sent >= end {
+        let recorded = out.latencies_ns.len() as u64 + out.errors;
+        if sent >= end || max_recorded.is_some_and(|m| recorded >= m) {
             break;
         }
         let answer = conn.post(&path, bodies[i].clone()).await;
@@ -142,6 +147,7 @@ pub async fn run(
             spec.concurrency,
             record_from,
             end,
+            spec.requests_per_client,
         )));
     }
     let mut latencies = Vec::new();
@@ -172,7 +178,11 @@ pub async fn run(
         errors,
         first_error,
         seconds,
-        requests_per_s: if seconds > 0.0 { ok as f64 / seconds } else { 0.0 },
+        requests_per_s: if seconds > 0.0 {
+            ok as f64 / seconds
+        } else {
+            0.0
+        },
         p50_us: percentile_us(&latencies, 0.50),
         p99_us: percentile_us(&latencies, 0.99),
         p999_us: percentile_us(&latencies, 0.999),

@@ -121,7 +121,9 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<TargetSummary> {
         .into_iter()
         .map(|label| {
             let ts = &by_label[&label];
-            let f = |g: &dyn Fn(&TargetRun) -> f64| Stat::of(&ts.iter().map(|t| g(t)).collect::<Vec<_>>());
+            let f = |g: &dyn Fn(&TargetRun) -> f64| {
+                Stat::of(&ts.iter().map(|t| g(t)).collect::<Vec<_>>())
+            };
             let mut levels: Vec<(String, usize)> = Vec::new();
             for t in ts {
                 for l in &t.loads {

@@ -51,7 +51,9 @@ pub struct TargetProcess {
 /// A loopback port nobody listens on right now (bind to port 0, read, release).
 pub fn free_port() -> Result<u16, ServiceError> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ServiceError::io("bind :0"))?;
-    Ok(l.local_addr().map_err(ServiceError::io("local_addr"))?.port())
+    Ok(l.local_addr()
+        .map_err(ServiceError::io("local_addr"))?
+        .port())
 }
 
 /// Does `python` have Dynamo's standalone indexer (`python -m dynamo.indexer --help` exits 0)?
