@@ -68,16 +68,27 @@ struct TaskOutcome {
     last_done: Option<Instant>,
 }
 
-async fn client_task(
+/// What every client task of one load level shares.
+struct ClientPlan {
     addr: SocketAddr,
     path: String,
     bodies: Arc<Vec<Bytes>>,
-    first: usize,
     step: usize,
     record_from: Instant,
     end: Instant,
     max_recorded: Option<u64>,
-) -> Result<TaskOutcome, ServiceError> {
+}
+
+async fn client_task(plan: Arc<ClientPlan>, first: usize) -> Result<TaskOutcome, ServiceError> {
+    let ClientPlan {
+        addr,
+        ref path,
+        ref bodies,
+        step,
+        record_from,
+        end,
+        max_recorded,
+    } = *plan;
     let mut conn = HttpConn::connect(addr).await?;
     let mut out = TaskOutcome {
         latencies_ns: Vec::new(),
@@ -92,7 +103,7 @@ async fn client_task(
         if sent >= end || max_recorded.is_some_and(|m| recorded >= m) {
             break;
         }
-        let answer = conn.post(&path, bodies[i].clone()).await;
+        let answer = conn.post(path, bodies[i].clone()).await;
         let done = Instant::now();
         i = (i + step) % bodies.len();
         if sent < record_from {
@@ -137,18 +148,18 @@ pub async fn run(
     let start = Instant::now();
     let record_from = start + spec.warmup;
     let end = record_from + spec.duration;
+    let plan = Arc::new(ClientPlan {
+        addr,
+        path: spec.path.clone(),
+        bodies,
+        step: spec.concurrency,
+        record_from,
+        end,
+        max_recorded: spec.requests_per_client,
+    });
     let mut tasks = Vec::new();
     for c in 0..spec.concurrency {
-        tasks.push(tokio::spawn(client_task(
-            addr,
-            spec.path.clone(),
-            bodies.clone(),
-            c,
-            spec.concurrency,
-            record_from,
-            end,
-            spec.requests_per_client,
-        )));
+        tasks.push(tokio::spawn(client_task(plan.clone(), c)));
     }
     let mut latencies = Vec::new();
     let mut errors = 0;
