@@ -2,10 +2,10 @@
 //! hash to the workload's blocks, a ZMQ flood is applied in full and answers exactly, the load
 //! generator counts every request and every non-200 answer. No timing assertions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use kvindex_benches::service::http::HttpConn;
@@ -39,8 +39,44 @@ fn small_service() -> (workload::Workload, ServiceWorkload) {
     (w, s)
 }
 
+/// Newest modification time of the files `kvindex` is built from (server, engine, persistence
+/// sources, manifests and the lock file).
+fn newest_source_mtime(repo: &Path) -> SystemTime {
+    fn walk(dir: &Path, newest: &mut SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(m);
+            }
+        }
+    }
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for dir in ["server/src", "engine/src", "persistence/src"] {
+        walk(&repo.join(dir), &mut newest);
+    }
+    for file in [
+        "Cargo.lock",
+        "Cargo.toml",
+        "server/Cargo.toml",
+        "engine/Cargo.toml",
+        "persistence/Cargo.toml",
+    ] {
+        if let Ok(m) = std::fs::metadata(repo.join(file)).and_then(|m| m.modified()) {
+            newest = newest.max(m);
+        }
+    }
+    newest
+}
+
 /// The `kvindex` binary of this build profile (target/<profile>/kvindex, beside the test's
-/// deps/ directory); built with cargo if it is not there yet.
+/// deps/ directory). `cargo test --workspace` has just built it (kvindex-server's tests need
+/// it); when it is missing or older than its sources (e.g. `cargo test -p kvindex-benches`
+/// alone), it is built here.
 fn kvindex_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
@@ -49,10 +85,21 @@ fn kvindex_bin() -> PathBuf {
         .expect("target/<profile>/deps/<test>")
         .to_path_buf();
     let bin = profile_dir.join("kvindex");
-    if !bin.exists() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fresh = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built| built >= newest_source_mtime(&repo));
+    if !fresh {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "kvindex-server", "--bin", "kvindex"]);
+        cmd.current_dir(&repo).args([
+            "build",
+            "--locked",
+            "-p",
+            "kvindex-server",
+            "--bin",
+            "kvindex",
+        ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
