@@ -124,7 +124,8 @@ pub async fn wait_subscribed(
     })
 }
 
-/// Parse the applied-event counters of a Prometheus text page: `event_type/status` → count.
+/// Parse the applied-event counters of a Prometheus text page: `event_type/status` → count
+/// (non-zero entries only).
 pub fn parse_applied(metrics: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for line in metrics.lines() {
@@ -142,6 +143,10 @@ pub fn parse_applied(metrics: &str) -> BTreeMap<String, u64> {
         let Ok(value) = value.trim().parse::<f64>() else {
             continue;
         };
+        if value <= 0.0 {
+            // Dynamo exports every (type, status) pair, zeros included.
+            continue;
+        }
         let label = |name: &str| {
             labels
                 .split(',')
@@ -248,6 +253,7 @@ mod tests {
             dynamo_kvrouter_kv_cache_events_applied{event_type=\"stored\",status=\"ok\"} 10\n\
             dynamo_kvrouter_kv_cache_events_applied{status=\"parent_block_not_found\",event_type=\"stored\"} 2\n\
             dynamo_kvrouter_kv_cache_events_applied{event_type=\"removed\",status=\"ok\"} 7\n\
+            dynamo_kvrouter_kv_cache_events_applied{event_type=\"cleared\",status=\"ok\"} 0\n\
             dynamo_kvrouter_kv_cache_events_applied_other 99\n\
             dynamo_kvindexer_models 1\n";
         let got = parse_applied(page);
@@ -255,5 +261,6 @@ mod tests {
         assert_eq!(got.get("stored/parent_block_not_found"), Some(&2));
         assert_eq!(got.get("removed/ok"), Some(&7));
         assert_eq!(got.values().sum::<u64>(), 19);
+        assert_eq!(got.len(), 3, "zero counters are left out: {got:?}");
     }
 }
