@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Service load tests (docs/benchmarks-service.md): build the release binaries, then run
 # `service-load` (kvindex under --fsync never / interval:10 / always, and Dynamo 1.6.1's
-# standalone indexer when installed), medians of 3 runs. Writes
+# standalone indexer when installed), medians of 4 runs (RUNS=n to change; with 4 targets each
+# one goes first once). Writes
 #   benches/results/service-<commit>.json   (every run, summaries, ratios, machine, command)
 #   benches/results/service-<commit>.txt    (the console output)
 #   docs/img/service-query-rps.svg, service-query-p99.svg, service-ingest.svg
@@ -17,7 +18,7 @@ cargo build --release --locked -p kvindex-benches --bin service-load
 
 commit=$(git rev-parse --short HEAD)
 out=benches/results/service-$commit
-args=(--runs "${RUNS:-3}" --json-out "$out.json" --plots-dir docs/img)
+args=(--runs "${RUNS:-4}" --json-out "$out.json" --plots-dir docs/img)
 if [ -x "$dyn_py" ]; then
   args+=(--dynamo-python "$dyn_py")
 else

@@ -40,7 +40,7 @@ struct Cli {
     #[arg(long)]
     trace: Option<PathBuf>,
     /// First N requests of the sorted trace (keeps runs short; 0 = whole trace).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 2000)]
     limit_requests: usize,
     /// Workers (one ZMQ publisher and one registration each).
     #[arg(long, default_value_t = 64)]
@@ -89,7 +89,8 @@ struct Cli {
     /// Recorded time per load level.
     #[arg(long, default_value_t = 2000)]
     duration_ms: u64,
-    /// Runs (fresh processes each); medians and min–max over them.
+    /// Runs (fresh processes each; the target order rotates run by run); medians and min–max
+    /// over them.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Check every N-th query against exact scoring after ingest (both routes).
@@ -399,17 +400,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for run in 1..=cli.runs.max(1) {
         eprintln!("--- run {run}/{} ---", cli.runs.max(1));
-        let mut targets = Vec::new();
-        for mode in &cli.fsync_modes {
-            let kind = TargetKind::Kvindex {
-                bin: kvindex_bin.clone(),
-                fsync: mode.clone(),
-            };
-            targets.push(measure(&plan, kind, *mode == cli.load_fsync).await?);
-        }
+        let mut kinds: Vec<(TargetKind, bool)> = cli
+            .fsync_modes
+            .iter()
+            .map(|mode| {
+                let kind = TargetKind::Kvindex {
+                    bin: kvindex_bin.clone(),
+                    fsync: mode.clone(),
+                };
+                (kind, *mode == cli.load_fsync)
+            })
+            .collect();
         if let Some(py) = &dynamo {
-            let kind = TargetKind::Dynamo { python: py.clone() };
-            targets.push(measure(&plan, kind, true).await?);
+            kinds.push((TargetKind::Dynamo { python: py.clone() }, true));
+        }
+        // Rotate the order run by run so that no target always goes first (or after the same
+        // neighbour) on a noisy machine.
+        let len = kinds.len();
+        kinds.rotate_left((run - 1) % len);
+        let mut targets = Vec::new();
+        for (kind, with_load) in kinds {
+            targets.push(measure(&plan, kind, with_load).await?);
         }
         runs.push(RunRecord { run, targets });
     }

@@ -105,7 +105,7 @@ pub struct Ratio {
     pub advantage: f64,
 }
 
-/// Summarise `runs` per target label (in first-seen order).
+/// Summarise `runs` per target label (in the order of the first run).
 pub fn summarize(runs: &[RunRecord]) -> Vec<TargetSummary> {
     let mut order: Vec<String> = Vec::new();
     let mut by_label: BTreeMap<String, Vec<&TargetRun>> = BTreeMap::new();
