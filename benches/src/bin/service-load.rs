@@ -186,6 +186,7 @@ struct Plan<'a> {
     cli: &'a Cli,
     workload: &'a ServiceWorkload,
     buffer_steps: usize,
+    ticks: f64,
 }
 
 async fn measure(plan: &Plan<'_>, kind: TargetKind, with_load: bool) -> anyhow::Result<TargetRun> {
@@ -204,7 +205,9 @@ async fn measure(plan: &Plan<'_>, kind: TargetKind, with_load: bool) -> anyhow::
         Duration::from_secs(60),
     )
     .await?;
-    let ingest = ingest::flood(
+    let cpu = |t: &TargetProcess| target::cpu_seconds(t.pid(), plan.ticks);
+    let cpu_before = cpu(&target);
+    let mut ingest = ingest::flood(
         plan.workload,
         &pubs,
         &mut conn,
@@ -213,10 +216,13 @@ async fn measure(plan: &Plan<'_>, kind: TargetKind, with_load: bool) -> anyhow::
     )
     .await
     .map_err(|e| anyhow::anyhow!("{label} ingest: {e}\nlog tail:\n{}", target.log_tail(15)))?;
+    ingest.server_cpu_s = cpu(&target)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     eprintln!(
-        "[{label}] ingest: {} events in {:.2}s ({:.0} events/s, publish {:.2}s) applied {:?} listeners {:?}",
-        ingest.events, ingest.e2e_s, ingest.events_per_s, ingest.publish_s, ingest.applied,
-        ingest.listener_totals
+        "[{label}] ingest: {} events in {:.2}s ({:.0} events/s, publish {:.2}s, server CPU {:.2}s) applied {:?} listeners {:?}",
+        ingest.events, ingest.e2e_s, ingest.events_per_s, ingest.publish_s,
+        ingest.server_cpu_s.unwrap_or(f64::NAN), ingest.applied, ingest.listener_totals
     );
     let rss_after_ingest_bytes = target::rss_bytes(target.pid());
     let agreement = agreement::check(&mut conn, plan.workload, cli.agreement_stride).await?;
@@ -240,10 +246,16 @@ async fn measure(plan: &Plan<'_>, kind: TargetKind, with_load: bool) -> anyhow::
                     duration: Duration::from_millis(cli.duration_ms),
                     requests_per_client: None,
                 };
-                let r = load::run(target.addr, &spec, bodies.clone()).await?;
+                let before = cpu(&target);
+                let mut r = load::run(target.addr, &spec, bodies.clone()).await?;
+                r.server_cpu_us_per_request = cpu(&target)
+                    .zip(before)
+                    .filter(|_| r.sent_incl_warmup > 0)
+                    .map(|(a, b)| (a - b) * 1e6 / r.sent_incl_warmup as f64);
                 eprintln!(
-                    "[{label}] {route} c={c}: {:.0} req/s p50 {:.0}us p99 {:.0}us p99.9 {:.0}us ({} ok, {} errors)",
-                    r.requests_per_s, r.p50_us, r.p99_us, r.p999_us, r.ok, r.errors
+                    "[{label}] {route} c={c}: {:.0} req/s p50 {:.0}us p99 {:.0}us p99.9 {:.0}us, server CPU {:.0}us/req ({} ok, {} errors)",
+                    r.requests_per_s, r.p50_us, r.p99_us, r.p999_us,
+                    r.server_cpu_us_per_request.unwrap_or(f64::NAN), r.ok, r.errors
                 );
                 loads.push(r);
             }
@@ -271,11 +283,12 @@ fn print_summary(summaries: &[TargetSummary], ratios: &[summary::Ratio]) {
     println!("\n== ingest (published -> applied), medians (min–max) ==");
     for s in summaries {
         println!(
-            "{:<28} events/s {:<28} blocks/s {:<34} e2e s {}  agreement {}/{} mismatches",
+            "{:<28} events/s {:<28} blocks/s {:<34} e2e s {}  server CPU s {}  agreement {}/{} mismatches",
             s.label,
             fmt_stat(&s.ingest_events_per_s, 0),
             fmt_stat(&s.ingest_blocks_per_s, 0),
             fmt_stat(&s.ingest_e2e_s, 2),
+            fmt_stat(&s.ingest_server_cpu_s, 2),
             s.agreement_mismatches,
             s.agreement_queries * 2,
         );
@@ -284,7 +297,7 @@ fn print_summary(summaries: &[TargetSummary], ratios: &[summary::Ratio]) {
     for s in summaries.iter().filter(|s| !s.loads.is_empty()) {
         for l in &s.loads {
             println!(
-                "{:<24} {:<15} c={:<3} req/s {:<26} p50 us {:<22} p99 us {:<24} p99.9 us {}",
+                "{:<24} {:<15} c={:<3} req/s {:<26} p50 us {:<22} p99 us {:<24} p99.9 us {:<24} CPU us/req {}",
                 s.label,
                 l.path,
                 l.concurrency,
@@ -292,6 +305,7 @@ fn print_summary(summaries: &[TargetSummary], ratios: &[summary::Ratio]) {
                 fmt_stat(&l.p50_us, 0),
                 fmt_stat(&l.p99_us, 0),
                 fmt_stat(&l.p999_us, 0),
+                fmt_stat(&l.server_cpu_us_per_request, 0),
             );
         }
     }
@@ -396,6 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli: &cli,
         workload: &service,
         buffer_steps,
+        ticks: target::clock_ticks_per_second(),
     };
     let mut runs = Vec::new();
     for run in 1..=cli.runs.max(1) {

@@ -43,6 +43,10 @@ pub struct IngestResult {
     pub applied: BTreeMap<String, u64>,
     /// kvindex only: sums of the listeners' `gaps`, `replays`, `lost_batches` in `/workers`.
     pub listener_totals: BTreeMap<String, u64>,
+    /// CPU seconds the target process used from the first publish until every event was
+    /// applied (filled in by the caller, which knows the process).
+    #[serde(default)]
+    pub server_cpu_s: Option<f64>,
 }
 
 /// Bind one loopback publisher (PUB + replay ROUTER, a ring of `buffer_steps`) per worker.
@@ -240,6 +244,7 @@ pub async fn flood(
         blocks_per_s: workload.stored_blocks as f64 / e2e_s,
         applied,
         listener_totals: listener_totals(conn).await?,
+        server_cpu_s: None,
     })
 }
 

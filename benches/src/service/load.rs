@@ -40,6 +40,9 @@ pub struct LoadResult {
     pub ok: u64,
     /// Recorded requests answered otherwise (or failed on the wire).
     pub errors: u64,
+    /// Every request sent, warm-up included.
+    #[serde(default)]
+    pub sent_incl_warmup: u64,
     /// First error seen (status and body, or the transport error).
     pub first_error: Option<String>,
     /// Measured wall time (recording start → last recorded answer).
@@ -50,6 +53,10 @@ pub struct LoadResult {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// CPU time the target used during the level (warm-up included) per request answered,
+    /// in microseconds (filled in by the caller, which knows the process).
+    #[serde(default)]
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
 /// Nearest-rank percentile `q` (0..=1) of sorted `ns`, in microseconds.
@@ -62,6 +69,7 @@ pub fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
 }
 
 struct TaskOutcome {
+    sent: u64,
     latencies_ns: Vec<u64>,
     errors: u64,
     first_error: Option<String>,
@@ -91,6 +99,7 @@ async fn client_task(plan: Arc<ClientPlan>, first: usize) -> Result<TaskOutcome,
     } = *plan;
     let mut conn = HttpConn::connect(addr).await?;
     let mut out = TaskOutcome {
+        sent: 0,
         latencies_ns: Vec::new(),
         errors: 0,
         first_error: None,
@@ -104,6 +113,7 @@ async fn client_task(plan: Arc<ClientPlan>, first: usize) -> Result<TaskOutcome,
             break;
         }
         let answer = conn.post(path, bodies[i].clone()).await;
+        out.sent += 1;
         let done = Instant::now();
         i = (i + step) % bodies.len();
         if sent < record_from {
@@ -162,6 +172,7 @@ pub async fn run(
         tasks.push(tokio::spawn(client_task(plan.clone(), c)));
     }
     let mut latencies = Vec::new();
+    let mut sent = 0;
     let mut errors = 0;
     let mut first_error = None;
     let mut last_done = record_from;
@@ -171,6 +182,7 @@ pub async fn run(
             detail: e.to_string(),
         })??;
         latencies.extend(outcome.latencies_ns);
+        sent += outcome.sent;
         errors += outcome.errors;
         if first_error.is_none() {
             first_error = outcome.first_error;
@@ -187,6 +199,7 @@ pub async fn run(
         concurrency: spec.concurrency,
         ok,
         errors,
+        sent_incl_warmup: sent,
         first_error,
         seconds,
         requests_per_s: if seconds > 0.0 {
@@ -198,6 +211,7 @@ pub async fn run(
         p99_us: percentile_us(&latencies, 0.99),
         p999_us: percentile_us(&latencies, 0.999),
         max_us: latencies.last().map_or(0.0, |&n| n as f64 / 1000.0),
+        server_cpu_us_per_request: None,
     })
 }
 

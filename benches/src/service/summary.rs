@@ -70,6 +70,8 @@ pub struct LoadSummary {
     pub p50_us: Stat,
     pub p99_us: Stat,
     pub p999_us: Stat,
+    /// Server CPU microseconds per request.
+    pub server_cpu_us_per_request: Stat,
     /// Errors over all runs (must be 0).
     pub errors: u64,
 }
@@ -83,6 +85,8 @@ pub struct TargetSummary {
     pub ingest_blocks_per_s: Stat,
     pub ingest_e2e_s: Stat,
     pub ingest_publish_s: Stat,
+    /// Server CPU seconds from the first publish until every event was applied.
+    pub ingest_server_cpu_s: Stat,
     pub rss_after_ingest_mib: Stat,
     /// Agreement over all runs: queries checked, mismatches (summed).
     pub agreement_queries: u64,
@@ -149,6 +153,11 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<TargetSummary> {
                         p50_us: g(&|l| l.p50_us),
                         p99_us: g(&|l| l.p99_us),
                         p999_us: g(&|l| l.p999_us),
+                        server_cpu_us_per_request: Stat::of(
+                            &ls.iter()
+                                .filter_map(|l| l.server_cpu_us_per_request)
+                                .collect::<Vec<_>>(),
+                        ),
                         errors: ls.iter().map(|l| l.errors).sum(),
                         path,
                         concurrency: c,
@@ -166,6 +175,11 @@ pub fn summarize(runs: &[RunRecord]) -> Vec<TargetSummary> {
                 ingest_blocks_per_s: f(&|t| t.ingest.blocks_per_s),
                 ingest_e2e_s: f(&|t| t.ingest.e2e_s),
                 ingest_publish_s: f(&|t| t.ingest.publish_s),
+                ingest_server_cpu_s: Stat::of(
+                    &ts.iter()
+                        .filter_map(|t| t.ingest.server_cpu_s)
+                        .collect::<Vec<_>>(),
+                ),
                 rss_after_ingest_mib: Stat::of(&rss),
                 agreement_queries: ts.iter().map(|t| t.agreement.queries).sum(),
                 agreement_mismatches: ts.iter().map(|t| t.agreement.mismatches).sum(),
@@ -197,6 +211,16 @@ pub fn ratios(summaries: &[TargetSummary]) -> Vec<Ratio> {
                 dynamo.ingest_events_per_s.median,
             ),
         });
+        out.push(Ratio {
+            what: "ingest server CPU s".into(),
+            kvindex_label: k.label.clone(),
+            kvindex: k.ingest_server_cpu_s.median,
+            dynamo: dynamo.ingest_server_cpu_s.median,
+            advantage: ratio(
+                dynamo.ingest_server_cpu_s.median,
+                k.ingest_server_cpu_s.median,
+            ),
+        });
         for l in &k.loads {
             let Some(d) = dynamo
                 .loads
@@ -219,6 +243,16 @@ pub fn ratios(summaries: &[TargetSummary]) -> Vec<Ratio> {
                 kvindex: l.p99_us.median,
                 dynamo: d.p99_us.median,
                 advantage: ratio(d.p99_us.median, l.p99_us.median),
+            });
+            out.push(Ratio {
+                what: format!("{what} server CPU us/request"),
+                kvindex_label: k.label.clone(),
+                kvindex: l.server_cpu_us_per_request.median,
+                dynamo: d.server_cpu_us_per_request.median,
+                advantage: ratio(
+                    d.server_cpu_us_per_request.median,
+                    l.server_cpu_us_per_request.median,
+                ),
             });
         }
     }

@@ -162,9 +162,60 @@ impl Drop for TargetProcess {
     }
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, 100 when unknown).
+pub fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, in seconds: the
+/// server's own cost, which other jobs on a shared machine do not inflate the way they inflate
+/// wall time.
+pub fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)` field; utime and stime are fields 14 and 15 of the whole line.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
 /// Resident set size of process `pid` in bytes (`/proc/<pid>/statm` × page size).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_time_and_rss_are_readable_and_monotonic() {
+        let ticks = clock_ticks_per_second();
+        assert!(ticks > 0.0);
+        let pid = std::process::id();
+        let first = cpu_seconds(pid, ticks).expect("own /proc/<pid>/stat");
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let second = cpu_seconds(pid, ticks).expect("own /proc/<pid>/stat");
+        assert!(first >= 0.0 && second >= first, "{first} then {second}");
+        assert!(rss_bytes(pid).is_some_and(|b| b > 0));
+        assert_eq!(cpu_seconds(u32::MAX, ticks), None);
+    }
 }
