@@ -4,4 +4,5 @@
 pub mod backend;
 pub mod backend_kvindex;
 pub mod replay;
+pub mod service;
 pub mod workload;
