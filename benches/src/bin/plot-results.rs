@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -172,30 +174,56 @@ fn loglog(
     Ok(())
 }
 
-/// Grouped bars: one group per category, one bar per series value.
+/// Grouped bars: one group per category, one bar per series value (log y axis when `log_y`).
 fn bars(
     path: &Path,
     title: &str,
     y_desc: &str,
     groups: &[String],
     series: &[(String, Vec<f64>)],
+    log_y: bool,
 ) -> anyhow::Result<()> {
-    let max = series
+    let positive = series
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (min, max) = positive.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     anyhow::ensure!(max > 0.0, "{title}: nothing to plot");
-    let n_groups = groups.len();
-    let n_series = series.len().max(1);
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut builder = ChartBuilder::on(&root);
+    builder
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..n_groups as f64, 0f64..max * 1.15)?;
+        .y_label_area_size(70);
+    let x = 0f64..groups.len() as f64;
+    if log_y {
+        let mut chart = builder.build_cartesian_2d(x, (min / 2.0..max * 3.0).log_scale())?;
+        draw_bars(&mut chart, y_desc, groups, series, min / 2.0, |v| v * 1.15)
+    } else {
+        let mut chart = builder.build_cartesian_2d(x, 0f64..max * 1.15)?;
+        draw_bars(&mut chart, y_desc, groups, series, 0.0, |v| v + max * 0.02)
+    }?;
+    root.present()?;
+    Ok(())
+}
+
+fn draw_bars<'a, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    y_desc: &str,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+    base: f64,
+    label_at: impl Fn(f64) -> f64,
+) -> anyhow::Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let n_groups = groups.len();
+    let n_series = series.len().max(1);
     let labels = groups.to_vec();
     chart
         .configure_mesh()
@@ -218,13 +246,16 @@ fn bars(
         chart
             .draw_series(values.iter().enumerate().map(|(g, &v)| {
                 let x0 = g as f64 + 0.1 + s as f64 * width;
-                Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], color.filled())
+                Rectangle::new(
+                    [(x0, base), (x0 + width * 0.9, v.max(base))],
+                    color.filled(),
+                )
             }))?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
         chart.draw_series(values.iter().enumerate().map(|(g, &v)| {
             let x = g as f64 + 0.1 + s as f64 * width;
-            Text::new(short(v), (x, v * 1.02 + max * 0.01), ("sans-serif", 12))
+            Text::new(short(v), (x, label_at(v.max(base))), ("sans-serif", 12))
         }))?;
     }
     if series.len() > 1 {
@@ -232,10 +263,9 @@ fn bars(
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .draw()?;
     }
-    root.present()?;
     Ok(())
 }
 
@@ -346,10 +376,11 @@ fn plot_compare(compare: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let l = out.join("query-latency.svg");
     bars(
         &l,
-        "Query latency after full ingest (µs, median of runs)",
+        "Query latency after full ingest (µs, log scale, median of runs)",
         "µs",
         &["p50".to_string(), "p99".to_string(), "p99.9".to_string()],
         &lat,
+        true,
     )?;
     written.push(l);
     let mem: Vec<f64> = backends
@@ -363,6 +394,7 @@ fn plot_compare(compare: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         "bytes",
         &names,
         &[("bytes per pair".to_string(), mem)],
+        false,
     )?;
     written.push(m);
     Ok(written)
