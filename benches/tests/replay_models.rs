@@ -90,12 +90,10 @@ fn batches_cover_the_event_stream() {
         next[b.worker_id as usize] += 1;
     }
     assert!(stream.batches.len() as u64 <= wl.counts.requests);
-    // Each worker's stream is longer than both buffers, so both regimes are exercised below.
+    // Each worker's stream is longer than the vLLM buffer (in batches; Dynamo's, in events, is
+    // smaller still), so both regimes are exercised below.
     for &n in &stream.per_worker {
-        assert!(
-            n as usize > VLLM_CAP && n as usize > DYNAMO_CAP,
-            "{n} batches"
-        );
+        assert!(n as usize > VLLM_CAP, "{n} batches");
     }
 }
 
