@@ -4,10 +4,12 @@
 //! `replay-compare` report, and writes:
 //!
 //! * `sweep-throughput.svg`: achieved vs offered ops/s per backend (log–log, y = x dashed);
-//! * `sweep-query-p99.svg`: query p99 vs offered ops/s per backend;
+//! * `sweep-query-p99.svg`: query p99 (service time) vs offered ops/s per backend;
+//! * `sweep-query-lag-p99.svg`: how late queries started against their schedule (p99);
 //! * `query-latency.svg`: query p50 / p99 / p99.9 per backend (query phase);
 //! * `memory-per-pair.svg`: bytes per live (block, worker) pair per backend;
-//! * `replay-since.svg`: time to serve "events since X" vs the age of X, per approach.
+//! * `replay-since.svg`: time to serve "events since X" vs the age of X, per approach (open
+//!   markers: the answer is not the full history).
 //!
 //! Plotters' SVG backend writes text as SVG `<text>` elements, so no font files or system
 //! libraries are needed (the crate's `ttf` feature is off). Every point is a median; the
@@ -107,7 +109,8 @@ fn bounds(series: &[Series]) -> Option<((f64, f64), (f64, f64))> {
     any.then_some((xb, yb))
 }
 
-/// A log–log line chart with one line per series (and `y = x` dashed when `diagonal`).
+/// A log–log line chart with one line per series (and `y = x` dashed when `diagonal`). Points
+/// flagged in `hollow` (same shape as `series`) are drawn as open circles.
 fn loglog(
     path: &Path,
     title: &str,
@@ -115,6 +118,7 @@ fn loglog(
     y_desc: &str,
     series: &[Series],
     diagonal: bool,
+    hollow: Option<&[Vec<bool>]>,
 ) -> anyhow::Result<()> {
     let Some(((x0, x1), (y0, y1))) = bounds(series) else {
         anyhow::bail!("{title}: no positive data to plot");
@@ -151,18 +155,29 @@ fn loglog(
     }
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let pts: Vec<(f64, f64)> = pts
+        let flags = hollow.and_then(|h| h.get(i));
+        let pts: Vec<((f64, f64), bool)> = pts
             .iter()
-            .copied()
-            .filter(|(x, y)| *x > 0.0 && *y > 0.0)
+            .enumerate()
+            .filter(|(_, (x, y))| *x > 0.0 && *y > 0.0)
+            .map(|(k, &p)| (p, flags.and_then(|f| f.get(k)).copied().unwrap_or(false)))
             .collect();
         chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                pts.iter().map(|(p, _)| *p),
+                color.stroke_width(2),
+            ))?
             .label(name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        chart.draw_series(pts.iter().map(|&(p, open)| {
+            if open {
+                Circle::new(p, 5, color.stroke_width(2))
+            } else {
+                Circle::new(p, 3, color.filled())
+            }
+        }))?;
     }
     chart
         .configure_series_labels()
@@ -329,6 +344,7 @@ fn plot_sweep(sweep: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         "achieved ops/s",
         &series_of("achieved_ops_per_sec"),
         true,
+        None,
     )?;
     let p = out.join("sweep-query-p99.svg");
     loglog(
@@ -338,8 +354,19 @@ fn plot_sweep(sweep: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         "query p99 (µs)",
         &series_of("query_p99_us"),
         false,
+        None,
     )?;
-    Ok(vec![t, p])
+    let l = out.join("sweep-query-lag-p99.svg");
+    loglog(
+        &l,
+        "Offered-load sweep: query start lag p99 (queueing) vs offered load",
+        "offered ops/s (events + queries)",
+        "lag behind schedule p99 (µs)",
+        &series_of("query_lag_p99_us"),
+        false,
+        None,
+    )?;
+    Ok(vec![t, p, l])
 }
 
 /// `stats[metric == name].median` of one backend of a compare summary.
@@ -412,25 +439,30 @@ fn plot_replay(replay: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
             }
         }
     }
-    let series: Vec<Series> = approaches
-        .iter()
-        .map(|a| {
-            let pts = rows
-                .iter()
-                .filter(|r| r["approach"].as_str() == Some(a))
-                .filter_map(|r| Some((num(&r["age_batches"])?, num(&r["secs"]["median"])? * 1e6)))
-                .collect();
-            (a.clone(), pts)
-        })
-        .collect();
+    let mut series: Vec<Series> = Vec::new();
+    let mut hollow: Vec<Vec<bool>> = Vec::new();
+    for a in &approaches {
+        let mut pts = Vec::new();
+        let mut flags = Vec::new();
+        for r in rows.iter().filter(|r| r["approach"].as_str() == Some(a)) {
+            if let (Some(x), Some(y)) = (num(&r["age_batches"]), num(&r["secs"]["median"])) {
+                pts.push((x, y * 1e6));
+                // Open marker: the answer is not the full history (batches lost, or a dump).
+                flags.push(r["outcome"].as_str() != Some("events"));
+            }
+        }
+        series.push((a.clone(), pts));
+        hollow.push(flags);
+    }
     let p = out.join("replay-since.svg");
     loglog(
         &p,
-        "Serving \"every event since X\" (one worker's stream)",
+        "\"Every event since X\" for one worker (open marker: not the full history)",
         "age of X (batches behind the newest)",
         "time to serve (µs)",
         &series,
         false,
+        Some(&hollow),
     )?;
     Ok(vec![p])
 }
