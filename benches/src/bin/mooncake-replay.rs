@@ -327,6 +327,9 @@ struct SweepStat {
     query_p99_us: (f64, f64, f64),
     query_p999_us: (f64, f64, f64),
     query_lag_p99_us: (f64, f64, f64),
+    /// Seconds after the window until every event was applied (elapsed − window, ≥ 0): how
+    /// long queries saw an index behind the stream.
+    drain_after_window_secs: (f64, f64, f64),
     /// Runs in which every event was applied within the window.
     applied_within_window: usize,
 }
@@ -400,18 +403,26 @@ fn run_sweep(cli: &Cli) -> anyhow::Result<std::process::ExitCode> {
                 query_p99_us: m(|p| p.query_latency_us.p99),
                 query_p999_us: m(|p| p.query_latency_us.p999),
                 query_lag_p99_us: m(|p| p.query_lag_us.p99),
+                drain_after_window_secs: m(|p| (p.elapsed_secs - p.window_secs).max(0.0)),
                 applied_within_window: ps.iter().filter(|p| p.applied_within_window).count(),
             });
         }
     }
     println!("offered-load sweep (medians of {} runs, min–max)", cli.runs);
     println!(
-        "  {:<18} {:>9} {:>22} {:>9} {:>9} {:>10} {:>12} applied in window",
-        "backend", "offered", "achieved ops/s", "q p50 µs", "q p99 µs", "q p99.9 µs", "lag p99 µs"
+        "  {:<18} {:>9} {:>22} {:>9} {:>9} {:>10} {:>12} {:>9} applied in window",
+        "backend",
+        "offered",
+        "achieved ops/s",
+        "q p50 µs",
+        "q p99 µs",
+        "q p99.9 µs",
+        "lag p99 µs",
+        "drain s"
     );
     for s in &stats {
         println!(
-            "  {:<18} {:>9} {:>9} ({}–{}) {:>9.1} {:>9.1} {:>10.1} {:>12.1} {}/{}",
+            "  {:<18} {:>9} {:>9} ({}–{}) {:>9.1} {:>9.1} {:>10.1} {:>12.1} {:>9.2} {}/{}",
             s.backend,
             fmt_num(s.offered_ops_per_sec),
             fmt_num(s.achieved_ops_per_sec.0),
@@ -421,6 +432,7 @@ fn run_sweep(cli: &Cli) -> anyhow::Result<std::process::ExitCode> {
             s.query_p99_us.0,
             s.query_p999_us.0,
             s.query_lag_p99_us.0,
+            s.drain_after_window_secs.0,
             s.applied_within_window,
             s.runs
         );
