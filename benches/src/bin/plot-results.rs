@@ -36,6 +36,10 @@ struct Cli {
     /// `mooncake-replay --compare` summary (default: newest benches/results/compare-*.json).
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Another compare summary for the latency plot only (e.g. a run on a quieter machine;
+    /// memory per pair does not depend on load). Default: --compare.
+    #[arg(long)]
+    compare_latency: Option<PathBuf>,
     /// `mooncake-replay --sweep` summary (default: newest benches/results/sweep-*.json).
     #[arg(long)]
     sweep: Option<PathBuf>,
@@ -378,15 +382,20 @@ fn compare_metric(backend: &Value, name: &str) -> Option<f64> {
         .and_then(|s| num(&s["median"]))
 }
 
-fn plot_compare(compare: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn compare_backends(compare: &Value) -> anyhow::Result<(&Vec<Value>, Vec<String>)> {
     let backends = compare["backends"]
         .as_array()
         .ok_or_else(|| anyhow::anyhow!("compare JSON has no backends"))?;
-    let names: Vec<String> = backends
+    let names = backends
         .iter()
         .filter_map(|b| b["backend"].as_str().map(str::to_string))
         .collect();
+    Ok((backends, names))
+}
+
+fn plot_compare(compare: &Value, latency: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
+    let (backends, names) = compare_backends(latency)?;
     let pcts = ["query p50", "query p99", "query p99.9"];
     let lat: Vec<(String, Vec<f64>)> = backends
         .iter()
@@ -410,6 +419,7 @@ fn plot_compare(compare: &Value, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         true,
     )?;
     written.push(l);
+    let (backends, names) = compare_backends(compare)?;
     let mem: Vec<f64> = backends
         .iter()
         .map(|b| compare_metric(b, "memory bytes/live pair").unwrap_or(0.0))
@@ -489,7 +499,14 @@ fn real_main() -> anyhow::Result<()> {
     let mut written = Vec::new();
     let mut missing = Vec::new();
     match pick(&cli.compare, "compare-")? {
-        Some(p) => written.extend(plot_compare(&load(&p)?, &cli.out)?),
+        Some(p) => {
+            let compare = load(&p)?;
+            let latency = match &cli.compare_latency {
+                Some(l) => load(l)?,
+                None => compare.clone(),
+            };
+            written.extend(plot_compare(&compare, &latency, &cli.out)?)
+        }
         None => missing.push("compare"),
     }
     match pick(&cli.sweep, "sweep-")? {
