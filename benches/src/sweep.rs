@@ -270,6 +270,38 @@ pub fn run_point<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::{generate, parse_trace, WorkloadConfig};
+
+    #[test]
+    fn every_op_carries_its_requests_timestamp() {
+        let trace = parse_trace(
+            "{\"timestamp\": 7, \"hash_ids\": [2]}\n{\"timestamp\": 3, \"hash_ids\": [1]}\n",
+        )
+        .expect("trace");
+        let cfg = WorkloadConfig {
+            length_factor: 1,
+            duplication: 2,
+            workers: 1,
+            capacity: 1,
+            limit_requests: None,
+            seed: 42,
+        };
+        let w = generate(&trace, &cfg).expect("workload");
+        let ts = op_timestamps(&w, &trace).expect("timestamps");
+        assert_eq!(ts.len(), w.ops.len());
+        // Sorted trace: request at 3 ms (two copies), then 7 ms (two copies); each copy's
+        // query and the events after it share the request's timestamp.
+        let mut expect = Vec::new();
+        let mut q = 0usize;
+        for op in &w.ops {
+            if let Op::Query { .. } = op {
+                q += 1;
+            }
+            expect.push(if q <= 2 { 3.0 } else { 7.0 });
+        }
+        assert_eq!(ts, expect);
+        assert!(w.ops.iter().any(|o| matches!(o, Op::Event(_))));
+    }
 
     #[test]
     fn compress_maps_span_onto_window() {

@@ -289,17 +289,21 @@ where
 }
 
 fn short(v: f64) -> String {
+    // A number with `decimals`, trailing zeros (and a trailing point) dropped, then `suffix`.
+    let trimmed = |x: f64, decimals: usize, suffix: &str| {
+        let s = format!("{x:.decimals$}");
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            s.as_str()
+        };
+        format!("{s}{suffix}")
+    };
     let a = v.abs();
     if a >= 1e6 {
-        format!("{:.3}M", v / 1e6)
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
+        trimmed(v / 1e6, 3, "M")
     } else if a >= 1e3 {
-        format!("{:.2}k", v / 1e3)
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
+        trimmed(v / 1e3, 2, "k")
     } else if a >= 10.0 || a == 0.0 {
         format!("{v:.0}")
     } else if a >= 0.01 {
@@ -526,4 +530,41 @@ fn real_main() -> anyhow::Result<()> {
         missing.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_labels() {
+        assert_eq!(short(320_000.0), "320k");
+        assert_eq!(short(1_500_000.0), "1.5M");
+        assert_eq!(short(42.0), "42");
+        assert_eq!(short(4.35), "4.35");
+    }
+
+    #[test]
+    fn sweep_and_replay_plots_are_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sweep = serde_json::json!({"stats": [
+            {"backend": "kvindex", "offered_ops_per_sec": 1000.0, "achieved_ops_per_sec": [990.0, 980.0, 1000.0],
+             "query_p99_us": [50.0, 40.0, 60.0], "query_lag_p99_us": [10.0, 5.0, 20.0]},
+            {"backend": "kvindex", "offered_ops_per_sec": 4000.0, "achieved_ops_per_sec": [2000.0, 1900.0, 2100.0],
+             "query_p99_us": [55.0, 40.0, 60.0], "query_lag_p99_us": [900.0, 5.0, 2000.0]}
+        ]});
+        let files = plot_sweep(&sweep, dir.path()).expect("sweep plots");
+        assert_eq!(files.len(), 3);
+        let svg = std::fs::read_to_string(&files[0]).expect("svg");
+        assert!(svg.starts_with("<svg") && svg.contains("kvindex"));
+        let replay = serde_json::json!({"since": [
+            {"approach": "vllm-buffer", "age_batches": 1, "outcome": "events", "secs": {"median": 1e-5}},
+            {"approach": "vllm-buffer", "age_batches": 100, "outcome": "partial", "secs": {"median": 1e-3}}
+        ]});
+        let files = plot_replay(&replay, dir.path()).expect("replay plot");
+        let svg = std::fs::read_to_string(&files[0]).expect("svg");
+        assert!(svg.contains("vllm-buffer"));
+        // Nothing plottable is an error, not an empty picture.
+        assert!(plot_sweep(&serde_json::json!({"stats": []}), dir.path()).is_err());
+    }
 }
