@@ -5,8 +5,8 @@
 #
 # Environment: RUNS (default 3), THREADS (event/query threads, default: nproc), WORKERS_REPLAY
 # (publishers of the replay comparison, default 2). Results go to benches/results/ named by the
-# commit measured, plots to docs/img/. On the 2-core dev machine `all` takes about 30–40 minutes
-# (compare ~10, sweep ~15, replay ~5); run it on a quiet machine.
+# commit measured, plots to docs/img/. On the 2-core dev machine, loaded, `all` took about 50
+# minutes (sweep ~32, compare ~14, replay ~3); run it on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
