@@ -4,5 +4,7 @@
 pub mod backend;
 pub mod backend_kvindex;
 pub mod replay;
+pub mod replay_models;
+pub mod sweep;
 pub mod service;
 pub mod workload;
