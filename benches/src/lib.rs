@@ -5,6 +5,6 @@ pub mod backend;
 pub mod backend_kvindex;
 pub mod replay;
 pub mod replay_models;
-pub mod sweep;
 pub mod service;
+pub mod sweep;
 pub mod workload;
