@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::cli::{ReplayTuningArgs, ServeArgs};
 use crate::endpoint::{parse_workers, WorkerSpec, WorkersArgError};
+use crate::http::connections::ConnectionLimits;
 
 /// Dynamo's default HTTP port.
 pub const DEFAULT_PORT: u16 = 8090;
@@ -88,6 +89,8 @@ struct FileConfig {
     nats_jetstream_ack_wait_secs: Option<u64>,
     nats_queries: Option<bool>,
     nats_query_group: Option<String>,
+    http_read_timeout_ms: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -207,6 +210,8 @@ pub struct ServeConfig {
     pub replay: ReplayTuning,
     /// The NATS transport (`None` without `--nats-url`).
     pub nats: Option<NatsConfig>,
+    /// Read deadline and connection cap of the HTTP server.
+    pub http: ConnectionLimits,
 }
 
 /// Default first token of the NATS subjects.
@@ -424,6 +429,7 @@ impl ServeConfig {
             None => FileConfig::default(),
         };
         let nats = resolve_nats(args, &file)?;
+        let http = resolve_http_limits(args, &file)?;
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -549,8 +555,42 @@ impl ServeConfig {
             test_endpoints,
             replay,
             nats,
+            http,
         })
     }
+}
+
+/// Longest `--http-read-timeout-ms` (1 hour).
+pub const MAX_HTTP_READ_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Merge `--http-read-timeout-ms` and `--http-max-connections` with the file and defaults.
+fn resolve_http_limits(
+    args: &ServeArgs,
+    file: &FileConfig,
+) -> Result<ConnectionLimits, ConfigError> {
+    let defaults = ConnectionLimits::default();
+    let read_timeout = match args.http_read_timeout_ms.or(file.http_read_timeout_ms) {
+        None => defaults.read_timeout,
+        Some(ms) if (1..=MAX_HTTP_READ_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
+        Some(ms) => {
+            return Err(ConfigError::Invalid(format!(
+                "--http-read-timeout-ms must be between 1 and {MAX_HTTP_READ_TIMEOUT_MS}, got {ms}"
+            )))
+        }
+    };
+    let max_connections = match args.http_max_connections.or(file.http_max_connections) {
+        None => defaults.max_connections,
+        Some(0) => {
+            return Err(ConfigError::Invalid(
+                "--http-max-connections must be at least 1".into(),
+            ))
+        }
+        Some(n) => n,
+    };
+    Ok(ConnectionLimits {
+        read_timeout,
+        max_connections,
+    })
 }
 
 #[cfg(test)]

@@ -95,6 +95,7 @@ fn describe() {
         "(block, worker) pairs held in the index, per partition"
     );
     crate::nats::metrics::describe();
+    crate::http::connections::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.
