@@ -99,10 +99,16 @@ fn describe() {
 }
 
 /// Refresh the gauges that are computed on scrape.
-pub fn refresh(view: &RegistryView, log: &kvindex_persistence::EventLog, engine_queued: usize) {
+/// `listeners` counts listeners per status, in [`ListenerStatus::ALL`] order.
+pub fn refresh(
+    view: &RegistryView,
+    listeners: [usize; 4],
+    log: &kvindex_persistence::EventLog,
+    engine_queued: usize,
+) {
     metrics::gauge!(MODELS).set(view.partitions.len() as f64);
     metrics::gauge!(WORKERS).set(view.instances.len() as f64);
-    let counts = view.listener_counts();
+    let counts = listeners;
     for (status, n) in ListenerStatus::ALL.iter().zip(counts) {
         metrics::gauge!(LISTENERS, "status" => status.as_str()).set(n as f64);
     }
