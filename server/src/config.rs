@@ -621,6 +621,62 @@ mod tests {
     }
 
     #[test]
+    fn defaults_are_dynamos() {
+        let c = ServeConfig::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 8090));
+        assert_eq!(c.event_threads, 4);
+        assert_eq!(c.trace_id_header, "x-trace-id");
+        assert_eq!(
+            (c.model_name.as_str(), c.routing_group.as_str()),
+            ("default", "default")
+        );
+        assert!(!c.access_log_local_time && c.access_log.is_none() && c.peers.is_empty());
+        assert_eq!(c.http, ConnectionLimits::default());
+    }
+
+    #[test]
+    fn http_limits_come_from_flags_or_the_file_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "http_read_timeout_ms = 250\nhttp_max_connections = 9\n",
+        )
+        .unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(&file).unwrap();
+        assert_eq!(c.http.read_timeout, Duration::from_millis(250));
+        assert_eq!(c.http.max_connections, 9);
+        let flags = ServeArgs {
+            http_max_connections: Some(3),
+            ..file.clone()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&flags).unwrap().http.max_connections,
+            3
+        );
+        for bad in [
+            ServeArgs {
+                http_read_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_read_timeout_ms: Some(MAX_HTTP_READ_TIMEOUT_MS + 1),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_max_connections: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(ServeConfig::resolve(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn workers_without_block_size_is_refused_with_dynamos_message() {
         let args = ServeArgs {
             workers: Some("1=tcp://127.0.0.1:5557".into()),

@@ -888,3 +888,86 @@ fn concurrent_workers_storing_the_same_prefix_are_all_indexed() {
         }
     }
 }
+
+/// Checklist 1, 23: `--access-log-local-time` writes local timestamps with a numeric offset
+/// (`+hh:mm`) instead of UTC `Z`.
+#[test]
+fn access_log_local_time_writes_an_offset_instead_of_z() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-local-time",
+        ],
+        &[],
+    );
+    s.get("/health");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let ts = line["ts"].as_str().unwrap();
+    assert!(!ts.ends_with('Z'), "{ts}");
+    let (_, offset) = ts.split_at(23);
+    assert!(
+        offset.len() == 6 && (offset.starts_with('+') || offset.starts_with('-')),
+        "{ts}"
+    );
+    assert_eq!(line["trace_id"], "-");
+}
+
+/// Checklist 3, 4: `/metrics` is GET only; a field of the wrong type is axum's 422; unknown
+/// fields are ignored on every JSON route.
+#[test]
+fn wrong_types_are_422_and_unknown_fields_are_ignored_everywhere() {
+    let (_d, s) = server();
+    let r = s.raw("POST", "/metrics", &[], b"");
+    assert_eq!((r.status, r.body.len()), (405, 0));
+    let r = s.post_raw_json(
+        "/register",
+        br#"{"instance_id":"ten","endpoint":"tcp://h:1","model_name":"m","block_size":4}"#,
+    );
+    assert_eq!(r.status, 422);
+    assert!(
+        r.text()
+            .starts_with("Failed to deserialize the JSON body into the target type: instance_id: invalid type: string \"ten\", expected u64"),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let r = s.post_raw_json(
+        "/query",
+        br#"{"token_ids":[1,2,3],"model_name":"m","block_size":"x"}"#,
+    );
+    // `block_size` is not a /query field: ignored even with a wrong type. No partition yet.
+    assert_eq!(r.status, 404, "{}", r.text());
+    let extra = json!({"zzz": [1, {"a": null}]});
+    let with = |mut v: serde_json::Value| {
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let r = s.post_json(
+        "/register",
+        &with(
+            json!({"instance_id": 1, "endpoint": "tcp://h:1", "model_name": "m", "block_size": 4}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.post_json(
+        "/query_by_hash",
+        &with(json!({"block_hashes": [1], "model_name": "m"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post_json("/register_peer", &with(json!({"url": "http://p:1"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.post_json("/deregister_peer", &with(json!({"url": "http://p:1"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post_json(
+        "/unregister",
+        &with(json!({"instance_id": 1, "model_name": "m"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
