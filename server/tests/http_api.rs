@@ -971,3 +971,66 @@ fn wrong_types_are_422_and_unknown_fields_are_ignored_everywhere() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Checklist 15 / SERVICE.md §6.2: no reference counting — a block stored twice is gone after
+/// one removal; removing an unknown hash is a no-op counted as `ok`.
+#[test]
+fn a_block_stored_twice_is_gone_after_one_removal() {
+    let (_d, s) = server();
+    register(&s, 1, "m", 4);
+    store_two_blocks(&s, 1, 0);
+    store_two_blocks(&s, 1, 0);
+    let q = json!({"token_ids": T8, "model_name": "m"});
+    assert_eq!(
+        query(&s, q.clone()).json()["scores"],
+        json!({"1": {"0": 8}})
+    );
+    assert_eq!(
+        s.post_json("/events", &removed(1, 0, 2, &[102])).status,
+        200
+    );
+    assert_eq!(
+        query(&s, q.clone()).json()["scores"],
+        json!({"1": {"0": 4}})
+    );
+    assert_eq!(
+        s.post_json("/events", &removed(1, 0, 3, &[999])).status,
+        200
+    );
+    assert_eq!(query(&s, q).json()["scores"], json!({"1": {"0": 4}}));
+}
+
+/// SERVICE.md §3.11: a reopen that fails (the log's directory is gone) answers 500
+/// `{"error": ...}`, keeps logging to the old file, and a later reopen can succeed again.
+#[test]
+fn reopen_logs_failure_is_a_500_with_an_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let log = logs.join("access.log");
+    let s = start(
+        &dir.path().join("data"),
+        &["--access-log", log.to_str().unwrap()],
+        &[],
+    );
+    s.get("/health");
+    let moved = dir.path().join("moved.log");
+    std::fs::rename(&log, &moved).unwrap();
+    std::fs::remove_dir(&logs).unwrap();
+    let r = s.raw("POST", "/reopen_logs", &[], b"");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let msg = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(msg.contains("failed to reopen access log"), "{msg}");
+    // Still logging into the file it had open.
+    s.get("/health");
+    assert!(std::fs::read_to_string(&moved)
+        .unwrap()
+        .contains("\"path\":\"/reopen_logs\""));
+    std::fs::create_dir(&logs).unwrap();
+    assert_eq!(s.raw("POST", "/reopen_logs", &[], b"").status, 200);
+    assert!(
+        s.metric("dynamo_kvindexer_errors_total{endpoint=\"/reopen_logs\",status_class=\"5xx\"}")
+            >= 1.0
+    );
+}

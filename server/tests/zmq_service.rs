@@ -1016,3 +1016,28 @@ fn many_publishers_storing_the_same_chain_block_by_block_every_round_are_all_ind
         0.0
     );
 }
+
+/// Checklist 13, 15 / SERVICE.md §5.2, §6.3: a batch's `data_parallel_rank` is the effective
+/// rank of its events, `AllBlocksCleared` included: a clear naming dp 3 on the dp 0 stream clears
+/// dp 3 only.
+#[test]
+fn a_clear_applies_to_the_batch_rank_only() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let nudge = || {
+        p.publish(&batch(Vec::new()).with_dp_rank(0));
+    };
+    p.publish(&batch(vec![store(100, &TOKENS)]).with_dp_rank(0));
+    p.publish(&batch(vec![store(100, &TOKENS[..4])]).with_dp_rank(3));
+    wait_for("both ranks", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8, "3": 4}})
+    });
+    p.publish(&batch(vec![PublishEvent::Cleared]).with_dp_rank(3));
+    wait_for("dp 3 cleared", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
+}
