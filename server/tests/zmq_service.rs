@@ -1041,3 +1041,85 @@ fn a_clear_applies_to_the_batch_rank_only() {
         scores(&s, &TOKENS) == json!({"1": {"0": 8}})
     });
 }
+
+/// Issue #4 / checklist 12: garbage on the ZMQ socket of the real service — wrong frame counts,
+/// a short sequence frame, a payload that is not msgpack, an unknown event beside a good one —
+/// is dropped and counted on `/metrics`, never crashes anything, and good batches go on.
+#[test]
+fn garbage_frames_reach_the_metrics_and_the_service_keeps_indexing() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let a = batch(vec![store(100, &TOKENS)]);
+    p.publish(&a);
+    wait_for(
+        "the first store",
+        &s,
+        || {
+            p.publish(&a);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    let next = p.p.next_seq().to_be_bytes().to_vec();
+    rt.block_on(async {
+        for frames in [
+            vec![b"topic".to_vec()],
+            vec![b"".to_vec(), next.clone()],
+            vec![b"".to_vec(), vec![0, 0, 0, 1], b"x".to_vec()],
+            vec![b"".to_vec(), next.clone(), vec![0xc1, 0xff, 0x00]],
+        ] {
+            p.p.send_raw(frames).await.expect("send");
+        }
+    });
+    // A batch whose first event has an unknown tag: only that event is rejected.
+    let mut payload = Vec::new();
+    rmp::encode::write_array_len(&mut payload, 3).unwrap();
+    rmp::encode::write_f64(&mut payload, 0.0).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_str(&mut payload, "Bogus").unwrap();
+    rmp::encode::write_uint(&mut payload, 1).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_str(&mut payload, "BlockRemoved").unwrap();
+    rmp::encode::write_array_len(&mut payload, 1).unwrap();
+    rmp::encode::write_uint(&mut payload, 102).unwrap();
+    rmp::encode::write_nil(&mut payload).unwrap();
+    rt.block_on(p.p.send_raw(vec![b"".to_vec(), next.clone(), payload]))
+        .expect("send");
+    p.p.skip_seqs(1);
+    wait_for(
+        "the good event beside the bad one",
+        &s,
+        || {},
+        || scores(&s, &TOKENS) == json!({"1": {"0": 4}}),
+    );
+    let dropped = |reason: &str| {
+        s.metric(&format!(
+            "kvindex_zmq_messages_dropped_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(
+        dropped("frame_count") >= 2.0,
+        "{}",
+        s.get("/metrics").text()
+    );
+    assert!(dropped("seq_length") >= 1.0);
+    assert!(dropped("decode_failed") >= 1.0);
+    assert!(s.metric("kvindex_zmq_events_rejected_total{reason=\"unknown_tag\"}") >= 1.0);
+    // Traffic goes on.
+    let other = [71, 72, 73, 74];
+    let b = batch(vec![store(800, &other)]);
+    p.publish(&b);
+    wait_for(
+        "a batch after the garbage",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || scores(&s, &other) == json!({"1": {"0": 4}}),
+    );
+    assert_eq!(listener(&s, 1, 0)["status"], "active");
+}
