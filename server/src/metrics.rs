@@ -47,10 +47,7 @@ fn describe() {
     describe_counter!(ERRORS_TOTAL, "HTTP error responses (4xx/5xx)");
     describe_gauge!(MODELS, "Number of active model+routing-group indexers");
     describe_gauge!(WORKERS, "Number of registered worker instances");
-    describe_gauge!(
-        LISTENERS,
-        "Number of ZMQ listeners by status (pending, active, paused, failed)"
-    );
+    describe_gauge!(LISTENERS, "Number of ZMQ listeners by status");
     describe_counter!(
         kvindex_engine::EVENTS_APPLIED,
         "KV cache events applied to the index, by event type and outcome"

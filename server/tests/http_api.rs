@@ -671,6 +671,17 @@ fn metrics_follow_dynamos_names_labels_and_counting_rules() {
     ] {
         assert!(t.contains(family), "missing {family}");
     }
+    // Dynamo 1.6.1's help strings, as its /metrics prints them.
+    for help in [
+        "# HELP dynamo_kvindexer_errors_total HTTP error responses (4xx/5xx)",
+        "# HELP dynamo_kvindexer_listeners Number of ZMQ listeners by status",
+        "# HELP dynamo_kvindexer_models Number of active model+routing-group indexers",
+        "# HELP dynamo_kvindexer_request_duration_seconds HTTP request latency",
+        "# HELP dynamo_kvindexer_requests_total Total HTTP requests",
+        "# HELP dynamo_kvindexer_workers Number of registered worker instances",
+    ] {
+        assert!(t.lines().any(|l| l == help), "missing {help:?}");
+    }
     assert!(t.contains("dynamo_kvindexer_requests_total{endpoint=\"/health\",method=\"GET\"} 1"));
     assert!(t.contains("dynamo_kvindexer_requests_total{endpoint=\"/health\",method=\"POST\"} 1"));
     assert!(
