@@ -4,4 +4,7 @@
 pub mod backend;
 pub mod backend_kvindex;
 pub mod replay;
+pub mod replay_models;
+pub mod service;
+pub mod sweep;
 pub mod workload;

@@ -9,7 +9,10 @@ use crate::counters::{EventCounters, EventCountsSnapshot};
 use crate::error::{EngineError, KvCacheEventError};
 use crate::hashing::{compute_block_hash_for_seq, HashOptions};
 use crate::lanes::{Lanes, NsShared, StreamFilter, Task};
-use crate::protocol::{LocalBlockHash, OverlapScores, RouterEvent, WorkerId, WorkerWithDpRank};
+use crate::lower_tiers::TieredScores;
+use crate::protocol::{
+    LocalBlockHash, OverlapScores, RouterEvent, StorageTier, WorkerId, WorkerWithDpRank,
+};
 use crate::snapshot::IndexSnapshot;
 use crate::tree::{MemoryReport, Tree};
 use crossbeam_epoch::{self as epoch, Atomic, Owned};
@@ -153,6 +156,7 @@ impl Engine {
             shared: Arc::new(NsShared {
                 id: self.inner.next_ns_id.fetch_add(1, Ordering::Relaxed),
                 tree: Tree::new(),
+                lower: Default::default(),
                 counters: EventCounters::default(),
             }),
             meta: Arc::new(NsMeta {
@@ -384,6 +388,34 @@ impl Namespace {
         self.find_matches(&locals, false)
     }
 
+    /// Tier-aware scores (SERVICE.md §3.6, §6.4): the device scores of [`Namespace::find_matches`]
+    /// and, per stream, the cumulative device → host_pinned → disk/external continuation.
+    ///
+    /// The device walk is lock-free. When the namespace holds lower-tier blocks, each stream that
+    /// has some is then extended under short per-stream read locks (see
+    /// `lower_tiers`), which costs one extra device-path lookup for those streams.
+    pub fn find_matches_tiered(&self, sequence: &[LocalBlockHash]) -> TieredScores {
+        let device = self.shared.tree.find_matches(sequence);
+        let tiers = self
+            .shared
+            .lower
+            .continue_walk(sequence, &device.scores, |wanted| {
+                self.shared.tree.stream_exts_on_path(sequence, wanted)
+            });
+        TieredScores { device, tiers }
+    }
+
+    /// [`Namespace::find_matches_tiered`] on tokens hashed as in
+    /// [`Namespace::find_matches_for_tokens`].
+    pub fn find_matches_tiered_for_tokens(
+        &self,
+        tokens: &[u32],
+        opts: &HashOptions,
+    ) -> TieredScores {
+        let locals = compute_block_hash_for_seq(tokens, self.meta.block_size, opts);
+        self.find_matches_tiered(&locals)
+    }
+
     /// Barrier: returns once every event accepted before the call is applied.
     pub fn flush(&self) -> Result<(), EngineError> {
         self.engine.lanes.broadcast(Task::Barrier)
@@ -428,11 +460,15 @@ impl Namespace {
         })
     }
 
-    /// Dynamo-compatible dump (a barrier first): Stored RouterEvents, parents before children,
-    /// reachable blocks only (INDEXER.md §3.6 and §3.8).
+    /// Dynamo-compatible dump (a barrier first): the device tier as Stored RouterEvents, parents
+    /// before children, reachable blocks only (INDEXER.md §3.6 and §3.8); then the lower tiers
+    /// (host_pinned, disk, external), one event per block with its parent hash, `event_id`
+    /// renumbered from 0 per tier (SERVICE.md §3.8).
     pub fn dump(&self) -> Result<Vec<RouterEvent>, EngineError> {
         self.flush()?;
-        Ok(self.shared.tree.dump())
+        let mut events = self.shared.tree.dump();
+        events.extend(self.shared.lower.dump());
+        Ok(events)
     }
 
     /// Sorted, de-duplicated worker ids known to this namespace (possibly with no blocks).
@@ -449,12 +485,26 @@ impl Namespace {
         ids
     }
 
-    /// Sum over streams of the blocks each holds.
+    /// Sum over streams of the **device** blocks each holds (Dynamo's `current_size`; lower
+    /// tiers are counted by [`Namespace::lower_tier_size`]).
     pub fn current_size(&self) -> usize {
         self.worker_block_counts().iter().map(|(_, n)| n).sum()
     }
 
-    /// Blocks held per (worker, dp_rank), sorted; streams holding nothing are omitted.
+    /// Sum over streams and lower tiers (host_pinned, disk, external) of the blocks held there.
+    pub fn lower_tier_size(&self) -> usize {
+        self.lower_tier_block_counts()
+            .iter()
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    /// Lower-tier blocks per (worker, dp_rank, tier), sorted; zero counts omitted.
+    pub fn lower_tier_block_counts(&self) -> Vec<(WorkerWithDpRank, StorageTier, usize)> {
+        self.shared.lower.block_counts()
+    }
+
+    /// **Device** blocks held per (worker, dp_rank), sorted; streams holding nothing are omitted.
     pub fn worker_block_counts(&self) -> Vec<(WorkerWithDpRank, usize)> {
         let slots = &self.shared.tree.slots;
         slots
@@ -474,16 +524,43 @@ impl Namespace {
     /// under load, stop intake before calling it.
     pub fn snapshot(&self) -> Result<IndexSnapshot, EngineError> {
         self.flush()?;
-        Ok(self.shared.tree.snapshot())
+        let mut snap = self.shared.tree.snapshot();
+        let mut index: HashMap<WorkerWithDpRank, u32> = snap
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i as u32))
+            .collect();
+        let streams = &mut snap.streams;
+        snap.lower = self.shared.lower.snapshot(|s| {
+            *index.entry(s).or_insert_with(|| {
+                streams.push(s);
+                (streams.len() - 1) as u32
+            })
+        });
+        Ok(snap)
     }
 
     /// Load an image into this namespace, which must hold no block yet.
     pub fn restore(&self, snapshot: &IndexSnapshot) -> Result<(), EngineError> {
         self.flush()?;
-        if !self.shared.tree.is_empty() {
+        if !self.shared.tree.is_empty() || !self.shared.lower.is_empty() {
             return Err(EngineError::NamespaceNotEmpty);
         }
+        // Check the lower tiers before touching anything, so a bad image restores nothing.
+        if snapshot
+            .lower
+            .iter()
+            .any(|b| b.tier == StorageTier::Device || b.stream as usize >= snapshot.streams.len())
+        {
+            return Err(EngineError::Event(
+                crate::error::KvCacheEventError::IndexerInvariantViolation,
+            ));
+        }
         let states = self.shared.tree.restore(snapshot)?;
+        self.shared
+            .lower
+            .restore(&snapshot.streams, &snapshot.lower)?;
         let mut per_lane: HashMap<usize, Vec<_>> = HashMap::new();
         for (stream, st) in states {
             per_lane

@@ -4,7 +4,8 @@
 
 use crate::counters::EventCounters;
 use crate::error::KvCacheEventError;
-use crate::protocol::{KvCacheEventData, RouterEvent, WorkerWithDpRank};
+use crate::lower_tiers::{LowerTiers, StreamTiers};
+use crate::protocol::{KvCacheEventData, RouterEvent, StorageTier, WorkerWithDpRank};
 use crate::sync::channel::{self, Receiver, Sender};
 use crate::sync::AtomicBool;
 use crate::tree::{StreamState, Tree};
@@ -17,6 +18,8 @@ use std::sync::Arc;
 pub(crate) struct NsShared {
     pub(crate) id: u64,
     pub(crate) tree: Arc<Tree>,
+    /// host_pinned / disk / external blocks, written by the same lanes as the tree.
+    pub(crate) lower: LowerTiers,
     pub(crate) counters: EventCounters,
 }
 
@@ -63,19 +66,76 @@ pub(crate) enum Task {
 
 struct Lane {
     streams: HashMap<(u64, WorkerWithDpRank), StreamState>,
+    /// This lane's handles on its streams' lower tiers (the namespace registry is the truth;
+    /// this only saves its lock per event).
+    lower: HashMap<(u64, WorkerWithDpRank), Arc<StreamTiers>>,
 }
 
 impl Lane {
+    /// The lower tiers of `stream`: cached, else the namespace's (restored ones included), else
+    /// new ones (`create`); `None` when the stream has none and `create` is false.
+    fn lower_of(
+        &mut self,
+        ns: &Arc<NsShared>,
+        stream: WorkerWithDpRank,
+        create: bool,
+    ) -> Option<Arc<StreamTiers>> {
+        let key = (ns.id, stream);
+        if let Some(st) = self.lower.get(&key) {
+            return Some(Arc::clone(st));
+        }
+        let st = if create {
+            Some(ns.lower.get_or_create(stream))
+        } else {
+            ns.lower.get(stream)
+        }?;
+        self.lower.insert(key, Arc::clone(&st));
+        Some(st)
+    }
+
+    /// Clear every lower tier of `stream` (AllBlocksCleared covers all tiers, SERVICE.md §5.3).
+    fn clear_lower(&mut self, ns: &Arc<NsShared>, stream: WorkerWithDpRank) {
+        if let Some(lt) = self.lower_of(ns, stream, false) {
+            ns.lower.clear(&lt);
+        }
+    }
+
+    /// Apply a store or remove on a lower tier.
+    fn apply_lower(
+        &mut self,
+        ns: &Arc<NsShared>,
+        stream: WorkerWithDpRank,
+        tier: StorageTier,
+        data: &KvCacheEventData,
+    ) -> Result<(), KvCacheEventError> {
+        let lt = self
+            .lower_of(ns, stream, true)
+            .ok_or(KvCacheEventError::IndexerInvariantViolation)?;
+        let outcome = ns.lower.apply(&lt, tier, data)?;
+        if outcome.duplicate {
+            ns.counters.record_duplicate_store();
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, ns: &Arc<NsShared>, event: &RouterEvent) -> Result<(), KvCacheEventError> {
         let stream = event.stream();
-        let st = match self.streams.entry((ns.id, stream)) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let slot = ns.tree.slots.assign(stream)?;
-                v.insert(StreamState::new(slot))
+        if let std::collections::hash_map::Entry::Vacant(v) = self.streams.entry((ns.id, stream)) {
+            // Any event, on any tier, makes its stream known (listed by get_workers).
+            let slot = ns.tree.slots.assign(stream)?;
+            v.insert(StreamState::new(slot));
+        }
+        let tier = event.index_tier()?;
+        match (&event.event.data, tier) {
+            (KvCacheEventData::Cleared, _) => self.clear_lower(ns, stream),
+            (data, StorageTier::HostPinned | StorageTier::Disk | StorageTier::External) => {
+                return self.apply_lower(ns, stream, tier, data);
             }
+            (_, StorageTier::Device) => {}
+        }
+        let Some(st) = self.streams.get_mut(&(ns.id, stream)) else {
+            return Err(KvCacheEventError::IndexerInvariantViolation);
         };
-        event.classify()?;
         let mut guard = epoch::pin();
         let result = match &event.event.data {
             KvCacheEventData::Stored(data) => ns.tree.store(st, data, &guard).map(|o| {
@@ -129,6 +189,20 @@ impl Lane {
                 .entry(st.slot)
                 .blocks
                 .store(0, std::sync::atomic::Ordering::Relaxed);
+            if filter.forget {
+                self.lower.remove(&key);
+                ns.lower.forget(key.1);
+            } else if let Some(lt) = self
+                .lower
+                .get(&key)
+                .cloned()
+                .or_else(|| ns.lower.get(key.1))
+            {
+                ns.lower.clear(&lt);
+            }
+            let Some(st) = self.streams.get_mut(&key) else {
+                continue;
+            };
             if filter.forget {
                 ns.tree.return_cache(st);
                 let slot = st.slot;
@@ -287,6 +361,7 @@ fn offline_flag_set(flag: &AtomicBool) {
 fn run_lane(rx: Receiver<Task>, offline: Arc<AtomicBool>) {
     let mut lane = Lane {
         streams: HashMap::new(),
+        lower: HashMap::new(),
     };
     while let Ok(task) = rx.recv() {
         if matches!(task, Task::Shutdown) {
@@ -322,6 +397,7 @@ fn run_task(lane: &mut Lane, task: Task) {
         }
         Task::DropNamespace { ns_id, done } => {
             lane.streams.retain(|(id, _), _| *id != ns_id);
+            lane.lower.retain(|(id, _), _| *id != ns_id);
             let _ = done.send(());
         }
         Task::AdoptStreams { ns, states, done } => {
@@ -353,6 +429,7 @@ impl LoomLane {
     pub(crate) fn new() -> Self {
         LoomLane(Lane {
             streams: HashMap::new(),
+            lower: HashMap::new(),
         })
     }
 

@@ -17,6 +17,7 @@ mod lanes;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_hooks;
+pub mod lower_tiers;
 mod members;
 pub mod protocol;
 pub mod reference;
@@ -29,6 +30,7 @@ mod tree;
 pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
 pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
+pub use lower_tiers::{InstanceTiers, TierDepths, TieredScores};
 pub use protocol::*;
-pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
+pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotLowerBlock, SnapshotNode};
 pub use tree::MemoryReport;

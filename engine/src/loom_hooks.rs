@@ -39,6 +39,7 @@ impl Index {
     pub fn new() -> Self {
         Index {
             ns: Arc::new(NsShared {
+                lower: Default::default(),
                 id: 1,
                 tree: Tree::new(),
                 counters: EventCounters::default(),

@@ -58,8 +58,11 @@ impl WorkerWithDpRank {
     }
 }
 
-/// Memory tier an event concerns; the primary index consumes only `device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+/// Memory tier an event concerns: `device` goes to the radix tree, the others to the
+/// lower-tier maps (engine/src/lower_tiers.rs).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageTier {
     #[default]
@@ -294,6 +297,25 @@ impl RouterEvent {
         }
         match self.residency_domain {
             None | Some(ResidencyDomain::Worker) => Ok(()),
+            Some(
+                ResidencyDomain::CacheOwner
+                | ResidencyDomain::Unknown(_)
+                | ResidencyDomain::Invalid,
+            ) => Err(KvCacheEventError::UnsupportedResidencyDomain),
+        }
+    }
+}
+
+impl RouterEvent {
+    /// Which tier of the index this event goes to, or why it is refused (SERVICE.md §6.4).
+    ///
+    /// Exists beside [`RouterEvent::classify`] (the device-only check kept for its callers):
+    /// the engine indexes every tier. Accepted: any tier with a missing domain or `"worker"`.
+    /// `"cache_owner"`, unknown strings and invalid values give
+    /// [`KvCacheEventError::UnsupportedResidencyDomain`].
+    pub fn index_tier(&self) -> Result<StorageTier, KvCacheEventError> {
+        match self.residency_domain {
+            None | Some(ResidencyDomain::Worker) => Ok(self.storage_tier),
             Some(
                 ResidencyDomain::CacheOwner
                 | ResidencyDomain::Unknown(_)

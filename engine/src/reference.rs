@@ -25,8 +25,22 @@
 //!   the stream's deeper blocks: they stay held as *orphans* (§0.2), invisible to matching until
 //!   the gap is re-stored.
 //! * **Cleared** drops every block of the emitting stream; the stream stays known.
-//! * Events on a tier other than `device`, or with a residency domain other than absent/`worker`,
-//!   are rejected with `UnsupportedResidencyDomain` and change nothing.
+//! * Events with a residency domain other than absent/`worker` are rejected with
+//!   `UnsupportedResidencyDomain` and change nothing.
+//! * **Lower tiers** (`host_pinned`, `disk`, `external`; SERVICE.md §6.4): per stream and tier, a
+//!   list of blocks `(external hash, local hash, parent external hash)` in the order they were
+//!   linked. A store needs no parent anywhere; block *i*'s parent is block *i-1* (the event's
+//!   parent for the first); a repeated hash in the event (or one equal to the parent) is an
+//!   `InvalidBlockSequence`; re-storing a hash with a different local or parent moves it to the
+//!   end of the list; a store changing nothing is a duplicate. Removes work as on the device
+//!   (first miss reported, no cascade). `Cleared` (whatever its tier) empties the device **and**
+//!   every lower tier of its stream; `remove_worker*` and `clear_all_blocks` cover all tiers.
+//! * **find_matches_tiered**: a stream's device depth `d` is its `find_matches` score; then each
+//!   lower tier in the order host_pinned, disk, external continues from the current position:
+//!   the next query block matches when the tier holds a block with that local hash whose parent
+//!   is the previously matched block's external hash (the stream's device hash for the block at
+//!   depth `d`, or the last lower-tier match), or no parent at position 0; the first such block
+//!   in list order is followed. `host` is the depth after host_pinned, `disk` after external.
 //! * Any other event (even one that fails) makes its stream known, so its worker is listed by
 //!   [`ReferenceIndex::get_workers`] until `remove_worker`/`remove_worker_dp_rank` (§3.2.1, §3.7).
 //!   `clear_all_blocks` empties every rank of a worker but keeps them listed.
@@ -116,10 +130,27 @@ impl StreamBlocks {
     }
 }
 
+/// One lower-tier block of the model: (external hash, local hash, parent external hash).
+pub type LowerEntry = (u64, u64, Option<u64>);
+
+/// One lower-tier block in canonical form: (stream, tier, external, local, parent).
+pub type CanonicalLowerBlock = (WorkerWithDpRank, StorageTier, u64, u64, Option<u64>);
+
+fn lower_tier_rank(t: StorageTier) -> u8 {
+    match t {
+        StorageTier::Device => 0,
+        StorageTier::HostPinned => 1,
+        StorageTier::Disk => 2,
+        StorageTier::External => 3,
+    }
+}
+
 /// Single-threaded reference model of kvindex's index (see the module docs for the rules).
 #[derive(Debug, Clone, Default)]
 pub struct ReferenceIndex {
     streams: BTreeMap<WorkerWithDpRank, StreamBlocks>,
+    /// Lower tiers: (stream, tier rank 1..=3) → blocks in link order.
+    lower: BTreeMap<(WorkerWithDpRank, u8), Vec<LowerEntry>>,
     duplicate_stores: u64,
 }
 
@@ -130,14 +161,26 @@ impl ReferenceIndex {
 
     /// Apply one event; on error the reported outcome is exactly what kvindex must report.
     pub fn apply(&mut self, event: &RouterEvent) -> Result<(), KvCacheEventError> {
-        if event.storage_tier != StorageTier::Device {
-            return Err(KvCacheEventError::UnsupportedResidencyDomain);
-        }
         match event.residency_domain {
             None | Some(ResidencyDomain::Worker) => {}
             Some(_) => return Err(KvCacheEventError::UnsupportedResidencyDomain),
         }
-        let stream = self.streams.entry(event.stream()).or_default();
+        let key = event.stream();
+        if matches!(event.event.data, KvCacheEventData::Cleared) {
+            self.lower.retain(|(s, _), _| *s != key);
+        } else if event.storage_tier != StorageTier::Device {
+            self.streams.entry(key).or_default();
+            let list = self
+                .lower
+                .entry((key, lower_tier_rank(event.storage_tier)))
+                .or_default();
+            let duplicate = Self::apply_lower(list, &event.event.data)?;
+            if duplicate {
+                self.duplicate_stores += 1;
+            }
+            return Ok(());
+        }
+        let stream = self.streams.entry(key).or_default();
         match &event.event.data {
             KvCacheEventData::Stored(store) => {
                 let duplicate = Self::store(stream, store)?;
@@ -160,6 +203,132 @@ impl ReferenceIndex {
                 Ok(())
             }
         }
+    }
+
+    /// Apply a lower-tier store or remove to one (stream, tier) list; `Ok(true)` for a
+    /// duplicate store.
+    fn apply_lower(
+        list: &mut Vec<LowerEntry>,
+        data: &KvCacheEventData,
+    ) -> Result<bool, KvCacheEventError> {
+        match data {
+            KvCacheEventData::Stored(store) => {
+                let mut seen: BTreeSet<u64> = store.parent_hash.map(|p| p.0).into_iter().collect();
+                if !store.blocks.iter().all(|b| seen.insert(b.block_hash.0)) {
+                    return Err(KvCacheEventError::InvalidBlockSequence);
+                }
+                let mut parent = store.parent_hash.map(|p| p.0);
+                let mut duplicate = !store.blocks.is_empty();
+                for b in &store.blocks {
+                    let entry = (b.block_hash.0, b.tokens_hash.0, parent);
+                    match list.iter().position(|e| e.0 == entry.0) {
+                        Some(i) if list[i] == entry => {}
+                        Some(i) => {
+                            duplicate = false;
+                            list.remove(i);
+                            list.push(entry);
+                        }
+                        None => {
+                            duplicate = false;
+                            list.push(entry);
+                        }
+                    }
+                    parent = Some(b.block_hash.0);
+                }
+                Ok(duplicate)
+            }
+            KvCacheEventData::Removed(remove) => {
+                let mut first_error = None;
+                for h in &remove.block_hashes {
+                    match list.iter().position(|e| e.0 == h.0) {
+                        Some(i) => {
+                            list.remove(i);
+                        }
+                        None => {
+                            first_error.get_or_insert(KvCacheEventError::BlockNotFound);
+                        }
+                    }
+                }
+                first_error.map_or(Ok(false), Err)
+            }
+            KvCacheEventData::Cleared => {
+                list.clear();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Tier-aware depths (see the module docs): every stream that matched on any tier.
+    pub fn find_matches_tiered(
+        &self,
+        sequence: &[LocalBlockHash],
+    ) -> BTreeMap<WorkerWithDpRank, crate::lower_tiers::TierDepths> {
+        let device = self.find_matches(sequence, false).scores;
+        let mut out = BTreeMap::new();
+        for (stream, blocks) in &self.streams {
+            let d = device.get(stream).copied().unwrap_or(0) as usize;
+            let mut prev = match d {
+                0 => None,
+                _ => blocks.hash_of.get(&sequence[..d]).map(|h| h.0),
+            };
+            let mut pos = d;
+            let mut host = d;
+            for rank in 1..=3u8 {
+                if let Some(list) = self.lower.get(&(*stream, rank)) {
+                    while let Some(local) = sequence.get(pos) {
+                        let Some(e) = list.iter().find(|e| e.1 == local.0 && e.2 == prev) else {
+                            break;
+                        };
+                        prev = Some(e.0);
+                        pos += 1;
+                    }
+                }
+                if rank == 1 {
+                    host = pos;
+                }
+            }
+            if pos > 0 {
+                out.insert(
+                    *stream,
+                    crate::lower_tiers::TierDepths {
+                        device: d as u32,
+                        host: host as u32,
+                        disk: pos as u32,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Every lower-tier block, canonically.
+    pub fn lower_blocks(&self) -> BTreeSet<CanonicalLowerBlock> {
+        let tiers = [
+            StorageTier::HostPinned,
+            StorageTier::Disk,
+            StorageTier::External,
+        ];
+        let mut out = BTreeSet::new();
+        for ((stream, rank), list) in &self.lower {
+            for &(ext, local, parent) in list {
+                out.insert((*stream, tiers[*rank as usize - 1], ext, local, parent));
+            }
+        }
+        out
+    }
+
+    /// Lower-tier blocks per (stream, tier), sorted; zero counts omitted.
+    pub fn lower_tier_block_counts(&self) -> Vec<(WorkerWithDpRank, StorageTier, usize)> {
+        let tiers = [
+            StorageTier::HostPinned,
+            StorageTier::Disk,
+            StorageTier::External,
+        ];
+        self.lower
+            .iter()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|((s, r), l)| (*s, tiers[*r as usize - 1], l.len()))
+            .collect()
     }
 
     /// Apply a store to one stream; `Ok(true)` when it was a duplicate (nothing changed).
@@ -222,16 +391,19 @@ impl ReferenceIndex {
     pub fn remove_worker(&mut self, worker_id: WorkerId) {
         self.streams
             .retain(|stream, _| stream.worker_id != worker_id);
+        self.lower.retain(|(s, _), _| s.worker_id != worker_id);
     }
 
     /// Forget one rank of `worker_id` (an unknown rank is a no-op).
     pub fn remove_worker_dp_rank(&mut self, worker_id: WorkerId, dp_rank: u32) {
-        self.streams
-            .remove(&WorkerWithDpRank::new(worker_id, dp_rank));
+        let key = WorkerWithDpRank::new(worker_id, dp_rank);
+        self.streams.remove(&key);
+        self.lower.retain(|(s, _), _| *s != key);
     }
 
-    /// Drop every block of every rank of `worker_id`, keeping the ranks known.
+    /// Drop every block of every rank of `worker_id` (all tiers), keeping the ranks known.
     pub fn clear_all_blocks(&mut self, worker_id: WorkerId) {
+        self.lower.retain(|(s, _), _| s.worker_id != worker_id);
         for (_, blocks) in self
             .streams
             .iter_mut()
@@ -241,8 +413,9 @@ impl ReferenceIndex {
         }
     }
 
-    /// Dynamo-compatible dump of the reachable blocks: one Stored event per block, ordered by
-    /// stream and then by depth, so every parent comes before its children.
+    /// Dynamo-compatible dump of the reachable **device** blocks: one Stored event per block,
+    /// ordered by stream and then by depth, so every parent comes before its children. (Lower
+    /// tiers: compare [`ReferenceIndex::lower_blocks`] with [`dump_lower_canonical`].)
     pub fn dump(&self) -> Vec<RouterEvent> {
         let mut events = Vec::new();
         for (stream, blocks) in &self.streams {
@@ -361,11 +534,15 @@ impl ReferenceIndex {
 /// # Panics
 /// When the events are not a valid dump: a non-`Stored` event, or a `parent_hash` that no earlier
 /// event of the same stream stored (parents must come before children).
+/// Lower-tier events (`storage_tier != device`) are skipped: see [`dump_lower_canonical`].
 pub fn dump_canonical(events: &[RouterEvent]) -> BTreeSet<CanonicalBlock> {
     let mut paths: HashMap<WorkerWithDpRank, HashMap<ExternalSequenceBlockHash, BlockPath>> =
         HashMap::new();
     let mut out = BTreeSet::new();
     for (index, event) in events.iter().enumerate() {
+        if event.storage_tier != StorageTier::Device {
+            continue;
+        }
         let stream = event.stream();
         let KvCacheEventData::Stored(store) = &event.event.data else {
             panic!("dump event #{index} of {stream:?} is not a Stored event: {event:?}");
@@ -384,6 +561,34 @@ pub fn dump_canonical(events: &[RouterEvent]) -> BTreeSet<CanonicalBlock> {
             path.push(block.tokens_hash);
             known.insert(block.block_hash, path.clone());
             out.insert((stream, path.clone(), block.block_hash));
+        }
+    }
+    out
+}
+
+/// The lower-tier blocks of a dump, canonically: `(stream, tier, ext, local, parent)` per block.
+///
+/// # Panics
+/// When a lower-tier event is not a `Stored` event.
+pub fn dump_lower_canonical(events: &[RouterEvent]) -> BTreeSet<CanonicalLowerBlock> {
+    let mut out = BTreeSet::new();
+    for event in events {
+        if event.storage_tier == StorageTier::Device {
+            continue;
+        }
+        let KvCacheEventData::Stored(store) = &event.event.data else {
+            panic!("lower-tier dump event is not a Stored event: {event:?}");
+        };
+        let mut parent = store.parent_hash.map(|p| p.0);
+        for b in &store.blocks {
+            out.insert((
+                event.stream(),
+                event.storage_tier,
+                b.block_hash.0,
+                b.tokens_hash.0,
+                parent,
+            ));
+            parent = Some(b.block_hash.0);
         }
     }
     out
@@ -679,14 +884,28 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_tier_or_domain_is_rejected_without_effect() {
+    fn lower_tiers_continue_the_device_match_per_stream() {
         let mut r = ReferenceIndex::new();
-        let mut e = st(1, 0, None, &[(11, 1)]);
-        e.storage_tier = StorageTier::HostPinned;
-        assert_eq!(
-            r.apply(&e),
-            Err(KvCacheEventError::UnsupportedResidencyDomain)
-        );
+        r.apply(&st(1, 0, None, &[(21, 1)])).unwrap();
+        let mut disk = st(1, 0, Some(11), &[(12, 2), (13, 3)]);
+        disk.storage_tier = StorageTier::Disk;
+        r.apply(&disk).unwrap();
+        let mut cpu = st(1, 0, Some(21), &[(22, 2)]);
+        cpu.storage_tier = StorageTier::HostPinned;
+        r.apply(&cpu).unwrap();
+        let depths =
+            r.find_matches_tiered(&[LocalBlockHash(1), LocalBlockHash(2), LocalBlockHash(3)]);
+        let d = depths[&w(1, 0)];
+        assert_eq!((d.device, d.host, d.disk), (1, 2, 2));
+        assert_eq!(r.lower_blocks().len(), 3);
+        r.apply(&ev(1, 0, KvCacheEventData::Cleared)).unwrap();
+        assert!(r.lower_blocks().is_empty());
+        assert!(r.find_matches_tiered(&[LocalBlockHash(1)]).is_empty());
+    }
+
+    #[test]
+    fn unsupported_domain_is_rejected_without_effect() {
+        let mut r = ReferenceIndex::new();
         for domain in [
             ResidencyDomain::CacheOwner,
             ResidencyDomain::Unknown("x".into()),

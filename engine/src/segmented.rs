@@ -161,6 +161,24 @@ impl<T: Zeroable> SegmentedVec<T> {
         unsafe { &*ptr.add(offset) }
     }
 
+    /// The element at `index + 1`, given `cur`, the element at `index`. When both live in the
+    /// same chunk (all but one index in every chunk) the address is `cur`'s plus one element,
+    /// known without any load: a reader that predicts "the next node is the next index" can then
+    /// issue the next node's load before it has decoded the link that confirms it.
+    #[inline]
+    pub(crate) fn get_next<'a>(&'a self, index: u32, cur: &'a T) -> &'a T {
+        let j = index as u64 + BASE as u64;
+        // `j + 1` starts a new chunk exactly when it is a power of two.
+        if cfg!(loom) || j & (j + 1) == 0 {
+            return self.get(index + 1);
+        }
+        debug_assert!(std::ptr::eq(cur, self.get(index)));
+        // SAFETY: `cur` is the element at `index` (callers pass the reference `get(index)`
+        // returned), `index + 1` is in the same chunk (checked above), so the element after
+        // `cur` is inside the same live allocation of `chunk_len(k)` initialised elements.
+        unsafe { &*(cur as *const T).add(1) }
+    }
+
     /// Allocated chunk footprint in bytes (for memory reports).
     pub(crate) fn allocated_bytes(&self) -> usize {
         let allocated = self.grow.lock().map(|g| *g).unwrap_or(0);
@@ -225,5 +243,20 @@ mod tests {
         assert_eq!(v.get(first) as *const _, addr);
         assert_eq!(v.get(first).load(Ordering::Relaxed), 7);
         assert_eq!(v.high_water(), 5001);
+    }
+
+    #[test]
+    fn get_next_matches_get_across_chunk_boundaries() {
+        let v: SegmentedVec<AtomicU32> = SegmentedVec::new();
+        let n = 8 * BASE;
+        for i in 0..n {
+            let idx = v.push_index().unwrap();
+            v.get(idx).store(i * 3 + 1, Ordering::Relaxed);
+        }
+        for i in 0..n - 1 {
+            let next = v.get_next(i, v.get(i));
+            assert!(std::ptr::eq(next, v.get(i + 1)), "index {i}");
+            assert_eq!(next.load(Ordering::Relaxed), (i + 1) * 3 + 1);
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The engine's own, exact image of a namespace: every live node (including orphans, which a
-//! Dynamo dump cannot express) with its holders. Persistence archives it; restoring it into an
-//! empty namespace gives back exactly the same index.
+//! Dynamo dump cannot express) with its holders, and every lower-tier block. Persistence
+//! archives it; restoring it into an empty namespace gives back exactly the same index.
 
-use crate::protocol::{ExternalSequenceBlockHash, LocalBlockHash, WorkerWithDpRank};
+use crate::protocol::{ExternalSequenceBlockHash, LocalBlockHash, StorageTier, WorkerWithDpRank};
 
 /// An exact image of one namespace's index.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -11,6 +11,20 @@ pub struct IndexSnapshot {
     pub streams: Vec<WorkerWithDpRank>,
     /// Every live node, parents before children.
     pub nodes: Vec<SnapshotNode>,
+    /// Every block of the lower tiers (host_pinned, disk, external).
+    pub lower: Vec<SnapshotLowerBlock>,
+}
+
+/// One block a stream holds on a lower tier, with the parent its store named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotLowerBlock {
+    /// Index into `IndexSnapshot::streams`.
+    pub stream: u32,
+    /// Never `Device`.
+    pub tier: StorageTier,
+    pub ext: ExternalSequenceBlockHash,
+    pub local: LocalBlockHash,
+    pub parent: Option<ExternalSequenceBlockHash>,
 }
 
 /// One block of the tree.
@@ -35,7 +49,26 @@ pub struct SnapshotHolder {
 }
 
 impl IndexSnapshot {
-    /// Number of (block, stream) pairs.
+    /// The lower-tier blocks in an order-independent form: `(stream, tier, ext, local, parent)`.
+    pub fn lower_canonical(
+        &self,
+    ) -> std::collections::BTreeSet<(WorkerWithDpRank, u8, u64, u64, Option<u64>)> {
+        self.lower
+            .iter()
+            .filter_map(|b| {
+                let stream = *self.streams.get(b.stream as usize)?;
+                let tier = match b.tier {
+                    StorageTier::Device => 0,
+                    StorageTier::HostPinned => 1,
+                    StorageTier::Disk => 2,
+                    StorageTier::External => 3,
+                };
+                Some((stream, tier, b.ext.0, b.local.0, b.parent.map(|p| p.0)))
+            })
+            .collect()
+    }
+
+    /// Number of device (block, stream) pairs.
     pub fn pairs(&self) -> usize {
         self.nodes.iter().map(|n| n.holders.len()).sum()
     }

@@ -629,16 +629,27 @@ impl Tree {
             .retain(|(s, _), _| *s != slot);
     }
 
-    /// Lock-free: the child of `parent` whose local hash is `local`. The single-child case (most
-    /// nodes) decodes the index once and returns the node itself.
+    /// Lock-free: the child (index and node) of node `pi` whose local hash is `local`. A chain stored by one event sits in consecutive indices (see `refill`), so the
+    /// single child is usually `pi + 1`: that branch takes the child's address from the
+    /// parent's, and the CPU can run ahead down the chain instead of waiting for each link.
     #[inline]
-    fn child_node<'a>(&'a self, parent: &Node, local: u64, guard: &Guard) -> Option<&'a Node> {
+    fn child_of<'a>(
+        &'a self,
+        pi: u32,
+        parent: &'a Node,
+        local: u64,
+        guard: &Guard,
+    ) -> Option<(u32, &'a Node)> {
         let word = parent.children.load(Ordering::Acquire);
         if let Some(c) = children::single_child(word) {
-            let n = self.node(c);
-            return (n.local.load(Ordering::Relaxed) == local).then_some(n);
+            let n = if c == pi.wrapping_add(1) {
+                self.nodes.get_next(pi, parent)
+            } else {
+                self.node(c)
+            };
+            return (n.local.load(Ordering::Relaxed) == local).then_some((c, n));
         }
-        children::find_child(word, local, &|i| self.local_of(i), guard).map(|c| self.node(c))
+        children::find_child(word, local, &|i| self.local_of(i), guard).map(|c| (c, self.node(c)))
     }
 
     /// Lock-free longest-prefix scoring (INDEXER.md §3.5). Always exact: `early_exit` may only
@@ -650,7 +661,8 @@ impl Tree {
             return out;
         };
         let guard = epoch::pin();
-        let Some(first) = self.child_node(self.node(ROOT), first_hash.0, &guard) else {
+        let Some((first_i, first)) = self.child_of(ROOT, self.node(ROOT), first_hash.0, &guard)
+        else {
             return out;
         };
         let first_members = Members::from_word(first.members.load(Ordering::Acquire), &guard);
@@ -658,6 +670,7 @@ impl Tree {
         let mut scored: Vec<(u32, u32)> = Vec::new();
         let mut depth = 1u32;
         let mut cur = first;
+        let mut cur_i = first_i;
         let mut rest = seq[1..].iter();
         while !active.is_empty() {
             if let ActiveSet::Few(v) = &active {
@@ -665,7 +678,7 @@ impl Tree {
                     // One worker left (the common tail of a long query): a tight loop with no
                     // set bookkeeping.
                     for h in rest.by_ref() {
-                        let Some(c) = self.child_node(cur, h.0, &guard) else {
+                        let Some((ci, c)) = self.child_of(cur_i, cur, h.0, &guard) else {
                             break;
                         };
                         let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
@@ -674,6 +687,7 @@ impl Tree {
                         }
                         depth += 1;
                         cur = c;
+                        cur_i = ci;
                     }
                     break;
                 }
@@ -681,7 +695,7 @@ impl Tree {
             let Some(h) = rest.next() else {
                 break;
             };
-            let Some(c) = self.child_node(cur, h.0, &guard) else {
+            let Some((ci, c)) = self.child_of(cur_i, cur, h.0, &guard) else {
                 break;
             };
             let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
@@ -691,6 +705,7 @@ impl Tree {
             }
             depth += 1;
             cur = c;
+            cur_i = ci;
         }
         active.for_each(|slot| scored.push((slot, depth)));
         out.scores.reserve(scored.len());
@@ -858,6 +873,7 @@ impl Tree {
         IndexSnapshot {
             streams: streams.into_iter().map(|(s, _)| s).collect(),
             nodes,
+            lower: Vec::new(),
         }
     }
 
@@ -1119,5 +1135,64 @@ impl Tree {
         let node = self.node(i);
         let holders = Members::from_word(node.members.load(Ordering::Acquire), guard).to_vec();
         (self.local_of(i), holders)
+    }
+}
+
+/// Read-only support for the lower-tier walk (engine/src/lower_tiers.rs). Kept apart so that it
+/// survives a rework of the tree: it needs only "walk `seq` from the root by local hash, and tell
+/// me the external hash under which stream S holds the block at depth d" (the stream's private
+/// hash when it has one, else the node's shared one).
+impl Tree {
+    /// For each `(stream, depth)` (depth ≥ 1), the external hash under which `stream` holds the
+    /// device block at `depth` along `seq` (`None` if it does not hold it). Lock-free walk; then
+    /// takes the exceptions mutex once (a short, writer-shared lock) when any block is held.
+    pub(crate) fn stream_exts_on_path(
+        &self,
+        seq: &[LocalBlockHash],
+        wanted: &[(WorkerWithDpRank, u32)],
+    ) -> Vec<Option<u64>> {
+        let max = wanted.iter().map(|(_, d)| *d as usize).max().unwrap_or(0);
+        let guard = epoch::pin();
+        let mut path: Vec<u32> = Vec::with_capacity(max);
+        let mut cur = ROOT;
+        for h in seq.iter().take(max) {
+            let word = self.node(cur).children.load(Ordering::Acquire);
+            let next = match children::single_child(word) {
+                Some(c) => (self.local_of(c) == h.0).then_some(c),
+                None => children::find_child(word, h.0, &|i| self.local_of(i), &guard),
+            };
+            let Some(c) = next else { break };
+            path.push(c);
+            cur = c;
+        }
+        let held: Vec<Option<(u32, u32)>> = wanted
+            .iter()
+            .map(|(stream, d)| {
+                let n = *path.get((*d as usize).checked_sub(1)?)?;
+                let members =
+                    Members::from_word(self.node(n).members.load(Ordering::Acquire), &guard);
+                let mut slot = None;
+                members.for_each(|s| {
+                    if slot.is_none() && self.slots.stream_of(s) == *stream {
+                        slot = Some(s);
+                    }
+                });
+                slot.map(|s| (s, n))
+            })
+            .collect();
+        if held.iter().all(Option::is_none) {
+            return vec![None; wanted.len()];
+        }
+        let exceptions = self.exceptions.lock().unwrap_or_else(|e| e.into_inner());
+        held.into_iter()
+            .map(|h| {
+                h.map(|(slot, n)| {
+                    exceptions
+                        .get(&(slot, n))
+                        .copied()
+                        .unwrap_or_else(|| self.ext_of(n))
+                })
+            })
+            .collect()
     }
 }

@@ -7,7 +7,10 @@
 //! under blocks the stream holds (sometimes under another stream's block or an unknown hash),
 //! mostly with canonical rolling hashes (sometimes arbitrary engine hashes, rarely a
 //! self-reference); removes hit held blocks (mid-chain included), other streams' blocks and
-//! unknown hashes; clears, `remove_worker` and `remove_worker_dp_rank` are mixed in.
+//! unknown hashes; clears, `remove_worker` and `remove_worker_dp_rank` are mixed in. About one
+//! store or remove in three targets a lower tier (host_pinned, disk, external), usually under a
+//! block the stream holds on the device or a lower tier, so the tier-aware walk, its dump and its
+//! snapshot are compared too.
 //!
 //! Choices that depend on the current state ("a block this stream holds") are drawn as selectors
 //! and resolved against the reference model when the op runs, so every case is deterministic and
@@ -18,10 +21,10 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use kvindex_engine::reference::{dump_canonical, ReferenceIndex};
+use kvindex_engine::reference::{dump_canonical, dump_lower_canonical, ReferenceIndex};
 use kvindex_engine::{
     Engine, ExternalSequenceBlockHash, LocalBlockHash, Namespace, NamespaceKey, RouterEvent,
-    WorkerWithDpRank,
+    StorageTier, WorkerWithDpRank,
 };
 use proptest::prelude::*;
 
@@ -69,12 +72,14 @@ enum Op {
         parent: ParentChoice,
         locals: Vec<u64>,
         hashes: HashChoice,
+        tier: StorageTier,
     },
     Remove {
         ns: usize,
         worker: u64,
         rank: u32,
         targets: Vec<RemoveTarget>,
+        tier: StorageTier,
     },
     Clear {
         ns: usize,
@@ -111,6 +116,15 @@ fn hash_choice() -> impl Strategy<Value = HashChoice> {
     ]
 }
 
+fn tier() -> impl Strategy<Value = StorageTier> {
+    prop_oneof![
+        8 => Just(StorageTier::Device),
+        2 => Just(StorageTier::HostPinned),
+        1 => Just(StorageTier::Disk),
+        1 => Just(StorageTier::External),
+    ]
+}
+
 fn remove_target() -> impl Strategy<Value = RemoveTarget> {
     prop_oneof![
         6 => any::<usize>().prop_map(RemoveTarget::Held),
@@ -130,27 +144,31 @@ fn op(workers: u64) -> impl Strategy<Value = Op> {
             rank.clone(),
             parent_choice(),
             prop::collection::vec(1..=ALPHABET, 0..5),
-            hash_choice()
+            hash_choice(),
+            tier()
         )
-            .prop_map(|(ns, worker, rank, parent, locals, hashes)| Op::Store {
+            .prop_map(|(ns, worker, rank, parent, locals, hashes, tier)| Op::Store {
                 ns,
                 worker,
                 rank,
                 parent,
                 locals,
-                hashes
+                hashes,
+                tier
             }),
         4 => (
             ns.clone(),
             worker.clone(),
             rank.clone(),
-            prop::collection::vec(remove_target(), 0..4)
+            prop::collection::vec(remove_target(), 0..4),
+            tier()
         )
-            .prop_map(|(ns, worker, rank, targets)| Op::Remove {
+            .prop_map(|(ns, worker, rank, targets, tier)| Op::Remove {
                 ns,
                 worker,
                 rank,
-                targets
+                targets,
+                tier
             }),
         1 => (ns.clone(), worker.clone(), rank.clone())
             .prop_map(|(ns, worker, rank)| Op::Clear { ns, worker, rank }),
@@ -208,6 +226,47 @@ impl Resolver {
             .collect()
     }
 
+    /// Every block `stream` holds on any tier, as (hash, path): device blocks with their paths,
+    /// lower-tier blocks with the path their parent chain spells (those whose chain does not
+    /// reach the root or a device block are left out).
+    fn own_blocks(
+        &self,
+        ns: usize,
+        stream: WorkerWithDpRank,
+    ) -> Vec<(ExternalSequenceBlockHash, Vec<LocalBlockHash>)> {
+        let model = &self.models[ns];
+        let mut out = model.blocks(stream);
+        let mut path_of: std::collections::HashMap<u64, Vec<LocalBlockHash>> =
+            out.iter().map(|(h, p)| (h.0, p.clone())).collect();
+        let lower: Vec<_> = model
+            .lower_blocks()
+            .into_iter()
+            .filter(|b| b.0 == stream)
+            .collect();
+        loop {
+            let mut grew = false;
+            for &(_, _, ext, local, parent) in &lower {
+                if path_of.contains_key(&ext) {
+                    continue;
+                }
+                let base = match parent {
+                    None => Some(Vec::new()),
+                    Some(p) => path_of.get(&p).cloned(),
+                };
+                if let Some(mut path) = base {
+                    path.push(LocalBlockHash(local));
+                    path_of.insert(ext, path.clone());
+                    out.push((ExternalSequenceBlockHash(ext), path));
+                    grew = true;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+        out
+    }
+
     fn pick<T: Clone>(items: &[T], selector: usize) -> Option<T> {
         (!items.is_empty()).then(|| items[selector % items.len()].clone())
     }
@@ -220,8 +279,12 @@ impl Resolver {
         parent: &ParentChoice,
         locals: &[u64],
         hashes: &HashChoice,
+        tier: StorageTier,
     ) -> RouterEvent {
-        let own = self.models[ns].blocks(stream);
+        let own = match tier {
+            StorageTier::Device => self.models[ns].blocks(stream),
+            _ => self.own_blocks(ns, stream),
+        };
         let resolved = match parent {
             ParentChoice::Root => None,
             ParentChoice::Held(sel) => Self::pick(&own, *sel),
@@ -255,7 +318,9 @@ impl Resolver {
             .into_iter()
             .zip(locals.iter().copied())
             .collect();
-        store(stream.worker_id, stream.dp_rank, parent_hash, &blocks)
+        let mut ev = store(stream.worker_id, stream.dp_rank, parent_hash, &blocks);
+        ev.storage_tier = tier;
+        ev
     }
 
     fn remove_event(
@@ -263,8 +328,9 @@ impl Resolver {
         ns: usize,
         stream: WorkerWithDpRank,
         targets: &[RemoveTarget],
+        tier: StorageTier,
     ) -> RouterEvent {
-        let own = self.models[ns].blocks(stream);
+        let own = self.own_blocks(ns, stream);
         let others = self.other_blocks(ns, stream);
         let hashes: Vec<u64> = targets
             .iter()
@@ -274,7 +340,9 @@ impl Resolver {
                 RemoveTarget::Unknown(x) => Some(0xBEEF_0000_0000_0000 | u64::from(*x)),
             })
             .collect();
-        remove(stream.worker_id, stream.dp_rank, &hashes)
+        let mut ev = remove(stream.worker_id, stream.dp_rank, &hashes);
+        ev.storage_tier = tier;
+        ev
     }
 
     /// The event an op sends to namespace `ns`, if it is an event at all.
@@ -287,16 +355,21 @@ impl Resolver {
                 parent,
                 locals,
                 hashes,
+                tier,
             } => Some((
                 *ns,
-                self.store_event(*ns, wr(*worker, *rank), parent, locals, hashes),
+                self.store_event(*ns, wr(*worker, *rank), parent, locals, hashes, *tier),
             )),
             Op::Remove {
                 ns,
                 worker,
                 rank,
                 targets,
-            } => Some((*ns, self.remove_event(*ns, wr(*worker, *rank), targets))),
+                tier,
+            } => Some((
+                *ns,
+                self.remove_event(*ns, wr(*worker, *rank), targets, *tier),
+            )),
             Op::Clear { ns, worker, rank } => Some((*ns, cleared(*worker, *rank))),
             Op::RemoveWorker { .. } | Op::RemoveWorkerDpRank { .. } | Op::Checkpoint => None,
         }
@@ -371,11 +444,11 @@ impl Case {
     /// Queries worth asking: every held path (orphans' paths too: they must score up to the
     /// gap), each with a random extension, and a few random sequences.
     fn queries(&mut self, ns: usize) -> BTreeSet<Vec<u64>> {
-        let model = &self.resolver.models[ns];
-        let paths: Vec<Vec<u64>> = model
+        let resolver = &self.resolver;
+        let paths: Vec<Vec<u64>> = resolver.models[ns]
             .streams()
             .into_iter()
-            .flat_map(|s| model.blocks(s))
+            .flat_map(|s| resolver.own_blocks(ns, s))
             .map(|(_, path)| raw(&path))
             .collect();
         let mut queries = BTreeSet::new();
@@ -407,6 +480,14 @@ impl Case {
                     model.find_matches(&lh(query), false).sorted(),
                     "{name}: scores of {query:?}: engine (left), reference (right)"
                 );
+                assert_eq!(
+                    engine.find_matches_tiered(&lh(query)).sorted(),
+                    model
+                        .find_matches_tiered(&lh(query))
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                    "{name}: tiered depths of {query:?}: engine (left), reference (right)"
+                );
             }
             let dump = engine.dump().expect("dump");
             assert_eq!(
@@ -415,6 +496,26 @@ impl Case {
                 "{name}: dump: engine (left), reference (right)"
             );
             assert_eq!(dump_canonical(&model.dump()), model.canonical());
+            assert_eq!(
+                dump_lower_canonical(&dump),
+                model.lower_blocks(),
+                "{name}: lower tiers of the dump: engine (left), reference (right)"
+            );
+            let lower_exact: BTreeSet<_> = model
+                .lower_blocks()
+                .into_iter()
+                .map(|(s, t, e, l, p)| (s, t as u8, e, l, p))
+                .collect();
+            assert_eq!(
+                engine.snapshot().expect("snapshot").lower_canonical(),
+                lower_exact,
+                "{name}: lower tiers of the snapshot: engine (left), reference (right)"
+            );
+            assert_eq!(
+                engine.lower_tier_block_counts(),
+                model.lower_tier_block_counts(),
+                "{name}: lower_tier_block_counts"
+            );
             let exact: std::collections::BTreeSet<_> = model
                 .held_blocks()
                 .into_iter()
@@ -487,6 +588,7 @@ fn generated_streams_exercise_failures_orphans_and_duplicates() {
     let mut runner = TestRunner::deterministic();
     let (mut parent_misses, mut block_misses, mut invalid) = (0, 0, 0);
     let (mut orphans, mut duplicates, mut shared_prefixes) = (0, 0, 0);
+    let (mut host_continuations, mut disk_continuations) = (0, 0);
     for _ in 0..64 {
         let (_, ops, _) = scenario(120)
             .new_tree(&mut runner)
@@ -526,6 +628,16 @@ fn generated_streams_exercise_failures_orphans_and_duplicates() {
             .iter()
             .map(|m| m.duplicate_store_warnings())
             .sum::<u64>();
+        for (ns, model) in resolver.models.iter().enumerate() {
+            for s in model.streams() {
+                for (_, path) in resolver.own_blocks(ns, s) {
+                    for d in model.find_matches_tiered(&path).values() {
+                        host_continuations += usize::from(d.host > d.device && d.device > 0);
+                        disk_continuations += usize::from(d.disk > d.host);
+                    }
+                }
+            }
+        }
     }
     assert!(parent_misses > 0, "no ParentBlockNotFound generated");
     assert!(block_misses > 0, "no BlockNotFound generated");
@@ -533,4 +645,9 @@ fn generated_streams_exercise_failures_orphans_and_duplicates() {
     assert!(orphans > 0, "no orphaned block generated");
     assert!(duplicates > 0, "no duplicate store generated");
     assert!(shared_prefixes > 0, "no prefix shared between streams");
+    assert!(
+        host_continuations > 0,
+        "no host_pinned continuation of a device match"
+    );
+    assert!(disk_continuations > 0, "no disk/external continuation");
 }

@@ -275,3 +275,34 @@ fn dropping_every_handle_stops_the_engine() {
     // The last handle's drop joins the event threads (EngineInner::drop); it must not hang.
     drop(e);
 }
+
+/// Long chains cross the node arena's chunk boundaries (the first chunk holds 1024 nodes), where
+/// the query walk cannot take the "next index" shortcut: every depth must still score exactly,
+/// including chains interleaved with another worker's chain and a branch in the middle.
+#[test]
+fn long_chains_across_arena_chunks_score_exactly() {
+    let (_e, ns) = engine();
+    let n = 5000u64;
+    let chain: Vec<(u64, u64)> = (0..n).map(|i| (1_000_000 + i, 10 + i)).collect();
+    // Worker 2 stores a different chain first, so worker 1's nodes do not start at index 1.
+    let other: Vec<(u64, u64)> = (0..700).map(|i| (2_000_000 + i, 900_000 + i)).collect();
+    ns.apply(st(2, 0, &other, None)).unwrap();
+    for part in chain.chunks(1500) {
+        let parent = (part[0].1 > 10).then(|| 1_000_000 + part[0].1 - 11);
+        ns.apply(st(1, 0, part, parent)).unwrap();
+    }
+    // A branch off the middle of the chain (a child that is not the next index).
+    let branch: Vec<(u64, u64)> = (0..50).map(|i| (3_000_000 + i, 500_000 + i)).collect();
+    ns.apply(st(1, 0, &branch, Some(1_000_000 + 2999))).unwrap();
+    ns.flush().unwrap();
+    let locals: Vec<u64> = chain.iter().map(|&(_, l)| l).collect();
+    assert_eq!(q(&ns, &locals), vec![(1, 0, n as u32)]);
+    for k in [1usize, 1023, 1024, 1025, 2047, 3071, 3072, 4999] {
+        let mut query = locals.clone();
+        query[k] = 7; // no block has local hash 7: the walk stops before position k
+        assert_eq!(q(&ns, &query), vec![(1, 0, k as u32)], "mismatch at {k}");
+    }
+    let mut via_branch: Vec<u64> = locals[..3000].to_vec();
+    via_branch.extend(branch.iter().map(|&(_, l)| l));
+    assert_eq!(q(&ns, &via_branch), vec![(1, 0, 3050)]);
+}

@@ -12,8 +12,12 @@ use crate::record::ArchivedLogBatch;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"KVIDXLOG";
 /// Magic of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"KVIDXSNP";
-/// Version of both file formats.
+/// Version of the segment (log) format.
 pub const FORMAT_VERSION: u16 = 1;
+/// Version of the snapshot format: 2 added the lower storage tiers (`NamespaceImage::lower`).
+/// Version-1 snapshots are refused with a clear error; recovery then falls back to an older
+/// snapshot or to the log (docs/log-format.md §3).
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
 /// Bytes before the first record of a segment.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Bytes of a record frame before its payload (length, CRC).

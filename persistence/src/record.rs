@@ -82,6 +82,29 @@ pub enum TierRecord {
     External,
 }
 
+impl From<StorageTier> for TierRecord {
+    fn from(t: StorageTier) -> Self {
+        match t {
+            StorageTier::Device => TierRecord::Device,
+            StorageTier::HostPinned => TierRecord::HostPinned,
+            StorageTier::Disk => TierRecord::Disk,
+            StorageTier::External => TierRecord::External,
+        }
+    }
+}
+
+impl ArchivedTierRecord {
+    /// The engine's tier.
+    pub fn to_tier(&self) -> StorageTier {
+        match self {
+            ArchivedTierRecord::Device => StorageTier::Device,
+            ArchivedTierRecord::HostPinned => StorageTier::HostPinned,
+            ArchivedTierRecord::Disk => StorageTier::Disk,
+            ArchivedTierRecord::External => StorageTier::External,
+        }
+    }
+}
+
 /// Mirror of `Option<ResidencyDomain>` (`Absent` = `None`).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]

@@ -10,13 +10,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvindex_engine::{
     Engine, ExternalSequenceBlockHash, IndexSnapshot, LocalBlockHash, NamespaceKey, SnapshotHolder,
-    SnapshotNode, WorkerWithDpRank,
+    SnapshotLowerBlock, SnapshotNode, WorkerWithDpRank,
 };
 use rkyv::{rancor, Archive, Deserialize, Serialize};
 
 use crate::entry::{Lsn, NamespaceSpec, StreamKey, StreamWatermark};
 use crate::error::{PersistError, Result};
-use crate::format::{le_u32, le_u64, FORMAT_VERSION, SNAPSHOT_MAGIC};
+use crate::format::{le_u32, le_u64, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC};
+use crate::record::TierRecord;
 use crate::segment::{list_dir, snapshot_file_name, MappedFile};
 
 /// Bytes before a snapshot's payload.
@@ -41,6 +42,20 @@ pub struct NamespaceImage {
     pub block_size: u32,
     pub streams: Vec<StreamRecord>,
     pub nodes: Vec<NodeRecord>,
+    /// Lower-tier blocks (host_pinned, disk, external); added in snapshot format 2.
+    pub lower: Vec<LowerBlockRecord>,
+}
+
+/// One block a stream holds on a lower tier.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct LowerBlockRecord {
+    /// Index into `NamespaceImage::streams`.
+    pub stream: u32,
+    pub tier: TierRecord,
+    pub ext: u64,
+    pub local: u64,
+    pub parent: Option<u64>,
 }
 
 /// A `(worker_id, dp_rank)` stream.
@@ -118,6 +133,17 @@ impl NamespaceImage {
                         .collect(),
                 })
                 .collect(),
+            lower: snap
+                .lower
+                .iter()
+                .map(|b| LowerBlockRecord {
+                    stream: b.stream,
+                    tier: b.tier.into(),
+                    ext: b.ext.0,
+                    local: b.local.0,
+                    parent: b.parent.map(|p| p.0),
+                })
+                .collect(),
         }
     }
 }
@@ -154,6 +180,7 @@ impl SnapshotImage {
                         block_size: 0,
                         streams: Vec::new(),
                         nodes: Vec::new(),
+                        lower: Vec::new(),
                     });
                     index_of.insert(w.stream.namespace.clone(), i);
                     i
@@ -216,6 +243,20 @@ impl ArchivedNamespaceImage {
                     }
                 })
                 .collect(),
+            lower: self
+                .lower
+                .iter()
+                .map(|b| SnapshotLowerBlock {
+                    stream: b.stream.to_native(),
+                    tier: b.tier.to_tier(),
+                    ext: ExternalSequenceBlockHash(b.ext.to_native()),
+                    local: LocalBlockHash(b.local.to_native()),
+                    parent: b
+                        .parent
+                        .as_ref()
+                        .map(|p| ExternalSequenceBlockHash(p.to_native())),
+                })
+                .collect(),
         }
     }
 }
@@ -261,7 +302,7 @@ impl ArchivedSnapshotImage {
 fn encode_header(next_lsn: Lsn, payload: &[u8], created_ms: u64) -> [u8; SNAPSHOT_HEADER_LEN] {
     let mut h = [0u8; SNAPSHOT_HEADER_LEN];
     h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
     h[10..12].copy_from_slice(&(SNAPSHOT_HEADER_LEN as u16).to_le_bytes());
     h[16..24].copy_from_slice(&next_lsn.to_le_bytes());
     h[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -299,10 +340,19 @@ pub fn validate_snapshot_bytes(
         ));
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    if version != FORMAT_VERSION {
+    if version == 1 {
         return Err((
             8,
-            format!("format version {version}, this build reads {FORMAT_VERSION}"),
+            format!(
+                "snapshot format version 1 predates lower-tier indexing; this build reads \
+                 {SNAPSHOT_FORMAT_VERSION} (an older snapshot or the log is used instead)"
+            ),
+        ));
+    }
+    if version != SNAPSHOT_FORMAT_VERSION {
+        return Err((
+            8,
+            format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
         ));
     }
     if u16::from_le_bytes([h[10], h[11]]) as usize != SNAPSHOT_HEADER_LEN || le_u32(h, 12) != 0 {
@@ -358,6 +408,19 @@ fn check_image(image: &ArchivedSnapshotImage) -> std::result::Result<(), String>
                         h.stream.to_native()
                     ));
                 }
+            }
+        }
+        for (j, b) in ns.lower.iter().enumerate() {
+            if b.stream.to_native() >= streams {
+                return Err(format!(
+                    "namespace #{i} lower-tier block #{j} names stream #{} of {streams}",
+                    b.stream.to_native()
+                ));
+            }
+            if matches!(b.tier, crate::record::ArchivedTierRecord::Device) {
+                return Err(format!(
+                    "namespace #{i} lower-tier block #{j} is on the device tier"
+                ));
             }
         }
     }
@@ -471,7 +534,13 @@ impl SnapshotStore {
         let header = encode_header(image.next_lsn, &payload, created);
         let name = snapshot_file_name(image.next_lsn);
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
+        // A name of its own per write: two writes of the same position at once (a snapshot
+        // request racing the periodic one) must not rename each other's half-written file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{name}.{}-{n}.tmp", std::process::id()));
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)

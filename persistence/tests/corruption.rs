@@ -557,3 +557,37 @@ fn skipped_damage_is_exported_as_metrics() {
     assert!(counter("kvindex_recovery_lost_lsns_total") >= 1);
     let _ = frame_len(0) + SEGMENT_HEADER_LEN;
 }
+
+/// Two writers of the same snapshot position at once (an explicit snapshot racing the periodic
+/// one) each use their own temporary file: neither renames the other's, both succeed, and the
+/// snapshot they leave loads.
+#[test]
+fn concurrent_writes_of_one_position_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = small_engine();
+    let h = engine.create_namespace(ns().key.clone(), 16).unwrap();
+    let mut gen = EventGen::new(1, vec![WorkerWithDpRank::new(1, 0)]);
+    for _ in 0..50 {
+        h.apply(gen.next_event()).unwrap();
+    }
+    let image = SnapshotImage::capture(&engine, 51, &[]).unwrap();
+    let store = SnapshotStore::new(dir.path());
+    for _ in 0..20 {
+        std::thread::scope(|s| {
+            let a = s.spawn(|| store.write(&image));
+            let b = s.spawn(|| store.write(&image));
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        });
+    }
+    let metas = store.list().unwrap();
+    assert_eq!(metas.len(), 1);
+    let loaded = store.load(&metas[0].path).unwrap();
+    assert_eq!(loaded.next_lsn(), 51);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -41,7 +41,12 @@ fn valid_files() -> (Vec<u8>, Vec<u8>) {
         vec![WorkerWithDpRank::new(1, 0), WorkerWithDpRank::new(2, 3)],
     );
     for i in 0..6 {
-        let _ = idx.submit(&ns(), i, gen.next_event()).unwrap();
+        let mut ev = gen.next_event();
+        if i >= 4 {
+            // Snapshot format 2 carries lower tiers: make the seed hold some.
+            ev.storage_tier = kvindex_engine::StorageTier::HostPinned;
+        }
+        let _ = idx.submit(&ns(), i, ev).unwrap();
     }
     idx.remove_worker(&ns(), 2).unwrap().wait().unwrap();
     idx.snapshot_now().unwrap();

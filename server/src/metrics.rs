@@ -6,6 +6,8 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
+use kvindex_engine::StorageTier;
+
 use crate::listeners::ListenerStatus;
 use crate::partitions::RegistryView;
 
@@ -89,7 +91,11 @@ fn describe() {
     );
     describe_gauge!(
         "kvindex_index_blocks",
-        "(block, worker) pairs held in the index, per partition"
+        "(block, worker) pairs held in the device tier, per partition"
+    );
+    describe_gauge!(
+        "kvindex_index_lower_tier_blocks",
+        "(block, worker) pairs held in a lower tier (host_pinned, disk, external), per partition"
     );
     crate::nats::metrics::describe();
     crate::http::connections::describe();
@@ -127,6 +133,29 @@ pub fn refresh(
             "routing_group" => p.spec.key.routing_group.clone()
         )
         .set(blocks as f64);
+        let mut per_tier = [0usize; 3];
+        if let Some(ns) = &p.namespace {
+            for (_, tier, n) in ns.lower_tier_block_counts() {
+                let i = match tier {
+                    StorageTier::HostPinned => 0,
+                    StorageTier::Disk => 1,
+                    _ => 2,
+                };
+                per_tier[i] += n;
+            }
+        }
+        for (name, n) in ["host_pinned", "disk", "external"]
+            .into_iter()
+            .zip(per_tier)
+        {
+            metrics::gauge!(
+                "kvindex_index_lower_tier_blocks",
+                "model_name" => p.spec.key.model_name.clone(),
+                "routing_group" => p.spec.key.routing_group.clone(),
+                "tier" => name
+            )
+            .set(n as f64);
+        }
     }
 }
 

@@ -498,10 +498,37 @@ fn live_dynamo_state_recovers_into_kvindex() {
         assert_eq!(&kvindex_query(&s, q), expected, "query {q}");
     }
     // The scenario is not trivial: Dynamo's answers include partial and multi-worker matches.
-    assert_eq!(
-        answers[2].1["scores"],
-        json!({"1": {"0": 16}, "2": {"0": 8}})
+    // (Checked as properties, not as one exact answer: on a loaded machine Dynamo 1.6.1 was
+    // once seen without the branch off block 1002, answering 8 instead of 16 for worker 1 on
+    // `branch_a`; kvindex still matched whatever Dynamo answered, which is what this test is for.)
+    let scored = |a: &Value| -> Vec<u64> {
+        a["scores"]
+            .as_object()
+            .map(|w| {
+                w.values()
+                    .flat_map(|d| d.as_object().into_iter().flat_map(|m| m.values()))
+                    .filter_map(Value::as_u64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        answers.iter().any(|(_, a)| scored(a).len() >= 2),
+        "no multi-worker answer: {answers:?}"
     );
+    assert!(
+        answers.iter().any(|(q, a)| {
+            let len = q["token_ids"].as_array().map_or(0, |t| t.len() as u64);
+            scored(a).iter().any(|&s| s > 0 && s < len)
+        }),
+        "no partial answer: {answers:?}"
+    );
+    if answers[2].1["scores"] != json!({"1": {"0": 16}, "2": {"0": 8}}) {
+        eprintln!(
+            "note: Dynamo answered {} for branch_a (expected worker 1 at 16)",
+            answers[2].1["scores"]
+        );
+    }
 
     if let Ok(out) = std::env::var(FIXTURE_OUT_ENV) {
         let fixture = json!({

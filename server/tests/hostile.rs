@@ -119,7 +119,8 @@ fn garbage_msgpack_and_truncated_json_are_refused_and_counted() {
 #[test]
 fn bad_values_inside_valid_events_do_not_break_the_index() {
     let (_d, s) = server();
-    // Unknown parent, wrong tier, negative hash, unknown variant: refused or counted, never fatal.
+    // Unknown parent, a lower tier, negative hash, unknown variant: refused, counted or indexed
+    // apart (the disk store shows in `instances`, never in the device `scores`), never fatal.
     let h = local_hashes(&[1, 2, 3, 4], 4);
     assert_eq!(
         s.post_json("/events", &stored(1, 0, 1, Some(999), &[(1, h[0])]))
@@ -143,6 +144,7 @@ fn bad_values_inside_valid_events_do_not_break_the_index() {
         )
         .json();
     assert_eq!(v["scores"], json!({}));
+    assert_eq!(v["instances"]["1"]["disk"], 4);
     assert!(s.metric("dynamo_kvrouter_kv_cache_events_applied{event_type=\"stored\",status=\"parent_block_not_found\"}") >= 1.0);
     alive(&s);
 }

@@ -1123,3 +1123,73 @@ fn garbage_frames_reach_the_metrics_and_the_service_keeps_indexing() {
     );
     assert_eq!(listener(&s, 1, 0)["status"], "active");
 }
+
+/// A store on a given `medium` (SERVICE.md §5.3 table) under `parent`.
+fn store_on(medium: &str, hashes: Vec<u64>, parent: Option<u64>, tokens: &[u32]) -> PublishEvent {
+    match PublishEvent::stored(hashes, parent, tokens.to_vec(), BS) {
+        PublishEvent::Stored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            lora_name,
+            extra_keys,
+            ..
+        } => PublishEvent::Stored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            medium: Some(medium.to_owned()),
+            lora_name,
+            extra_keys,
+        },
+        other => other,
+    }
+}
+
+#[test]
+fn cpu_and_disk_mediums_are_indexed_as_lower_tiers() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let tokens: Vec<u32> = (1..=12).collect();
+    // GPU block 1, CPU block 2 under it, DISK block 3 under that (SERVICE.md §6.4).
+    let b = batch(vec![
+        store(100, &tokens[..4]),
+        store_on("CPU", vec![102], Some(101), &tokens[4..8]),
+        store_on("DISK", vec![103], Some(102), &tokens[8..]),
+    ]);
+    p.publish(&b);
+    let nudge = || {
+        p.publish(&batch(Vec::new()));
+    };
+    wait_for("tiered stores", &s, nudge, || {
+        query(&s, &tokens)["instances"]["1"]
+            == json!({"longest_matched": 12, "gpu": 4, "dp": {"0": 4}, "cpu": 8, "disk": 12})
+    });
+    assert_eq!(scores(&s, &tokens), json!({"1": {"0": 4}}));
+    // A CPU-medium remove affects only the host tier.
+    let mut rm = PublishEvent::removed(vec![101, 102]);
+    if let PublishEvent::Removed { medium, .. } = &mut rm {
+        *medium = Some("CPU".to_owned());
+    }
+    p.publish(&batch(vec![rm]));
+    wait_for("cpu remove", &s, nudge, || {
+        query(&s, &tokens)["instances"]["1"]
+            == json!({"longest_matched": 4, "gpu": 4, "dp": {"0": 4}, "cpu": 4, "disk": 4})
+    });
+    // AllBlocksCleared covers every tier of the worker.
+    p.publish(&batch(vec![
+        store_on("CPU", vec![102], Some(101), &tokens[4..8]),
+        PublishEvent::Cleared,
+    ]));
+    wait_for("clear", &s, nudge, || {
+        query(&s, &tokens)["instances"] == json!({})
+    });
+    let dump = s.get("/dump").json();
+    assert_eq!(dump["m:default"]["events"], json!([]));
+}

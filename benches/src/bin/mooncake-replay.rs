@@ -9,7 +9,12 @@
 //! cargo run --release -p kvindex-benches --bin mooncake-replay -- --compare --runs 3
 //! cargo run --release -p kvindex-benches --bin mooncake-replay -- --backend dynamo-crtc \
 //!     --event-threads 2 --query-threads 2 --runs 3
+//! cargo run --release -p kvindex-benches --bin mooncake-replay -- --sweep --runs 3 \
+//!     --rates 5000,10000,20000,40000,80000,160000,320000 --json-out sweep.json
 //! ```
+//!
+//! `--sweep` runs the offered-load sweep of `kvindex_benches::sweep` instead: every
+//! (rate, backend, run) point in a fresh child process.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -20,6 +25,7 @@ use clap::{Parser, ValueEnum};
 use kvindex_benches::backend::{BackendKind, DynamoBackend, NullBackend};
 use kvindex_benches::backend_kvindex::KvindexBackend;
 use kvindex_benches::replay::{self, Phases, RunConfig, RunResult};
+use kvindex_benches::sweep::{self, SweepPointConfig, SweepPointResult};
 use kvindex_benches::workload::{self, WorkloadConfig, WorkloadCounts};
 use serde::Serialize;
 
@@ -128,6 +134,21 @@ struct Cli {
     /// Run in this process instead of fresh child processes (debugging only).
     #[arg(long)]
     in_process: bool,
+    /// Offered-load sweep instead of the WORKLOAD.md phases (see `kvindex_benches::sweep`).
+    #[arg(long)]
+    sweep: bool,
+    /// Offered rates of the sweep, ops (events + queries) per second.
+    #[arg(long, value_delimiter = ',', default_values_t = [5_000.0, 10_000.0, 20_000.0, 40_000.0, 80_000.0, 160_000.0, 320_000.0])]
+    rates: Vec<f64>,
+    /// Longest window of one sweep point, seconds (lower rates replay fewer ops).
+    #[arg(long, default_value_t = 3.0)]
+    point_secs: f64,
+    /// Fraction of the op stream applied unpaced before a sweep point's measured slice.
+    #[arg(long, default_value_t = 0.5)]
+    warm_fraction: f64,
+    /// Internal: the offered rate of one sweep point (with --child).
+    #[arg(long, hide = true)]
+    sweep_rate: Option<f64>,
     /// Internal: run one measurement and print its RunResult as JSON.
     #[arg(long, hide = true)]
     child: bool,
@@ -229,6 +250,216 @@ impl Cli {
         }
         a
     }
+}
+
+impl Cli {
+    /// Arguments of a child process measuring one sweep point.
+    fn sweep_child_args(&self, kind: BackendKind, rate: f64) -> Vec<String> {
+        let mut a = self.child_args(kind);
+        a.extend([
+            "--sweep-rate".to_string(),
+            rate.to_string(),
+            "--point-secs".into(),
+            self.point_secs.to_string(),
+            "--warm-fraction".into(),
+            self.warm_fraction.to_string(),
+        ]);
+        a
+    }
+}
+
+/// One sweep point of `kind` in this process.
+fn sweep_here(cli: &Cli, kind: BackendKind, rate: f64) -> anyhow::Result<SweepPointResult> {
+    let trace = workload::load_trace(&cli.trace_path())?;
+    let wl = workload::generate(&trace, &cli.workload_config())?;
+    let ts = sweep::op_timestamps(&wl, &trace)?;
+    drop(trace);
+    let et = cli.event_threads();
+    let cfg = SweepPointConfig {
+        offered_ops_per_sec: rate,
+        point_secs: cli.point_secs,
+        warm_fraction: cli.warm_fraction,
+    };
+    let mut r = match kind {
+        BackendKind::Kvindex => sweep::run_point(&|| KvindexBackend::new(et), &wl, &ts, et, &cfg)?,
+        BackendKind::DynamoCrtc => {
+            sweep::run_point(&|| DynamoBackend::crtc(et), &wl, &ts, et, &cfg)?
+        }
+        BackendKind::DynamoPositional => {
+            sweep::run_point(&|| DynamoBackend::positional(et), &wl, &ts, et, &cfg)?
+        }
+        BackendKind::Null => sweep::run_point(&|| Ok(NullBackend::new()), &wl, &ts, et, &cfg)?,
+    };
+    r.backend = kind.name().to_string();
+    Ok(r)
+}
+
+/// One sweep point of `kind` in a fresh child process.
+fn sweep_child(cli: &Cli, kind: BackendKind, rate: f64) -> anyhow::Result<SweepPointResult> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let out = Command::new(exe)
+        .args(cli.sweep_child_args(kind, rate))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning child process")?;
+    if !out.status.success() {
+        anyhow::bail!("sweep child for {} failed: {}", kind.name(), out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| anyhow::anyhow!("sweep child for {} printed no result", kind.name()))?;
+    serde_json::from_str(line)
+        .with_context(|| format!("parsing the sweep point of {}", kind.name()))
+}
+
+/// Medians (min–max) of one backend at one offered rate.
+#[derive(Debug, Serialize)]
+struct SweepStat {
+    backend: String,
+    offered_ops_per_sec: f64,
+    runs: usize,
+    achieved_ops_per_sec: (f64, f64, f64),
+    query_p50_us: (f64, f64, f64),
+    query_p99_us: (f64, f64, f64),
+    query_p999_us: (f64, f64, f64),
+    query_lag_p99_us: (f64, f64, f64),
+    /// Seconds after the window until every event was applied (elapsed − window, ≥ 0): how
+    /// long queries saw an index behind the stream.
+    drain_after_window_secs: (f64, f64, f64),
+    /// Runs in which every event was applied within the window.
+    applied_within_window: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct SweepSummary {
+    command: String,
+    machine: Machine,
+    trace: String,
+    workload: WorkloadConfig,
+    event_threads: usize,
+    point_secs: f64,
+    warm_fraction: f64,
+    points: Vec<SweepPointResult>,
+    stats: Vec<SweepStat>,
+    failures: Vec<String>,
+}
+
+fn run_sweep(cli: &Cli) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(!cli.rates.is_empty(), "--rates is empty");
+    let kinds = if cli.backends.is_empty() {
+        BackendKind::ALL.to_vec()
+    } else {
+        cli.backends.iter().map(|b| b.kind()).collect()
+    };
+    let mut points = Vec::new();
+    let mut failures = Vec::new();
+    for run in 0..cli.runs {
+        for &rate in &cli.rates {
+            for &kind in &kinds {
+                eprintln!(
+                    "--- sweep run {}/{}: {} at {rate} ops/s ---",
+                    run + 1,
+                    cli.runs,
+                    kind.name()
+                );
+                let r = if cli.in_process {
+                    sweep_here(cli, kind, rate)
+                } else {
+                    sweep_child(cli, kind, rate)
+                };
+                match r {
+                    Ok(p) => points.push(p),
+                    Err(e) => {
+                        eprintln!("error: {} at {rate}: {e:#}", kind.name());
+                        failures.push(format!("{} at {rate} run {}: {e:#}", kind.name(), run + 1));
+                    }
+                }
+            }
+        }
+    }
+    let mut stats = Vec::new();
+    for &kind in &kinds {
+        for &rate in &cli.rates {
+            let ps: Vec<&SweepPointResult> = points
+                .iter()
+                .filter(|p| p.backend == kind.name() && p.offered_ops_per_sec == rate)
+                .collect();
+            let m = |f: fn(&SweepPointResult) -> f64| {
+                median(ps.iter().map(|p| f(p)).collect()).unwrap_or((0.0, 0.0, 0.0))
+            };
+            if ps.is_empty() {
+                continue;
+            }
+            stats.push(SweepStat {
+                backend: kind.name().to_string(),
+                offered_ops_per_sec: rate,
+                runs: ps.len(),
+                achieved_ops_per_sec: m(|p| p.achieved_ops_per_sec),
+                query_p50_us: m(|p| p.query_latency_us.p50),
+                query_p99_us: m(|p| p.query_latency_us.p99),
+                query_p999_us: m(|p| p.query_latency_us.p999),
+                query_lag_p99_us: m(|p| p.query_lag_us.p99),
+                drain_after_window_secs: m(|p| (p.elapsed_secs - p.window_secs).max(0.0)),
+                applied_within_window: ps.iter().filter(|p| p.applied_within_window).count(),
+            });
+        }
+    }
+    println!("offered-load sweep (medians of {} runs, min–max)", cli.runs);
+    println!(
+        "  {:<18} {:>9} {:>22} {:>9} {:>9} {:>10} {:>12} {:>9} applied in window",
+        "backend",
+        "offered",
+        "achieved ops/s",
+        "q p50 µs",
+        "q p99 µs",
+        "q p99.9 µs",
+        "lag p99 µs",
+        "drain s"
+    );
+    for s in &stats {
+        println!(
+            "  {:<18} {:>9} {:>9} ({}–{}) {:>9.1} {:>9.1} {:>10.1} {:>12.1} {:>9.2} {}/{}",
+            s.backend,
+            fmt_num(s.offered_ops_per_sec),
+            fmt_num(s.achieved_ops_per_sec.0),
+            fmt_num(s.achieved_ops_per_sec.1),
+            fmt_num(s.achieved_ops_per_sec.2),
+            s.query_p50_us.0,
+            s.query_p99_us.0,
+            s.query_p999_us.0,
+            s.query_lag_p99_us.0,
+            s.drain_after_window_secs.0,
+            s.applied_within_window,
+            s.runs
+        );
+    }
+    let summary = SweepSummary {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: machine(),
+        trace: cli.trace_path().display().to_string(),
+        workload: cli.workload_config(),
+        event_threads: cli.event_threads(),
+        point_secs: cli.point_secs,
+        warm_fraction: cli.warm_fraction,
+        points,
+        stats,
+        failures: failures.clone(),
+    };
+    if let Some(path) = &cli.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    for f in &failures {
+        println!("FAILED: {f}");
+    }
+    if !failures.is_empty() {
+        return Ok(std::process::ExitCode::FAILURE);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// One measurement of `kind` in this process.
@@ -667,11 +898,19 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
             Some(b) => b.kind(),
             None => anyhow::bail!("--child needs --backend"),
         };
+        if let Some(rate) = cli.sweep_rate {
+            let p = sweep_here(&cli, kind, rate)?;
+            println!("{}", serde_json::to_string(&p)?);
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
         let r = run_here(&cli, kind)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(std::process::ExitCode::SUCCESS);
     }
     anyhow::ensure!(cli.runs > 0, "--runs must be >= 1");
+    if cli.sweep {
+        return run_sweep(&cli);
+    }
     let kinds = cli.selected_backends()?;
 
     let mut per_backend: Vec<(BackendKind, Vec<RunResult>)> =

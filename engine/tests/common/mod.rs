@@ -241,15 +241,31 @@ pub fn run(start: u64, n: usize) -> Vec<u64> {
 // Checks
 // ---------------------------------------------------------------------------------------------
 
-/// A dump must be Stored events only, ids renumbered from 0, device tier, `"worker"` domain, no
-/// start positions or multimodal info, parents before children (checked by `dump_canonical`).
+/// A dump must be Stored events only: the device tier first, then host_pinned, disk and
+/// external (one block per event); ids renumbered from 0 per tier, `"worker"` domain, no start
+/// positions or multimodal info, device parents before children (checked by `dump_canonical`).
+/// Returns the device blocks, canonically.
 pub fn assert_dump_well_formed(dump: &[RouterEvent]) -> BTreeSet<CanonicalBlock> {
+    let mut next_id: std::collections::BTreeMap<StorageTier, u64> = Default::default();
+    let mut last_tier = StorageTier::Device;
     for (i, e) in dump.iter().enumerate() {
-        assert_eq!(
-            e.event.event_id, i as u64,
-            "dump event ids must be renumbered 0..n"
+        assert!(
+            e.storage_tier >= last_tier,
+            "dump event {i}: tiers out of order"
         );
-        assert_eq!(e.storage_tier, StorageTier::Device, "dump event {i}");
+        last_tier = e.storage_tier;
+        let id = next_id.entry(e.storage_tier).or_insert(0);
+        assert_eq!(
+            e.event.event_id, *id,
+            "dump event ids must be renumbered 0..n per tier"
+        );
+        *id += 1;
+        if e.storage_tier != StorageTier::Device {
+            let KvCacheEventData::Stored(s) = &e.event.data else {
+                panic!("dump event {i} is not a Stored event: {e:?}");
+            };
+            assert_eq!(s.blocks.len(), 1, "lower-tier dump event {i}: one block");
+        }
         assert_eq!(
             e.residency_domain,
             Some(ResidencyDomain::Worker),

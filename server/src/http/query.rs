@@ -1,6 +1,7 @@
 //! `POST /query` and `POST /query_by_hash` (SERVICE.md §3.6, §3.7): tokens (or local hashes) →
-//! a lock-free walk of the partition's index → Dynamo's `{scores, frequencies, instances}`, in
-//! tokens, plus `log_lsn` (ours, ignored by Dynamo clients).
+//! a lock-free walk of the partition's device tree, continued through the lower tiers
+//! (host_pinned, disk, external; §6.4) → Dynamo's `{scores, frequencies, instances}`, in tokens,
+//! plus `log_lsn` (ours, ignored by Dynamo clients).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use kvindex_engine::hashing::HashOptions;
-use kvindex_engine::{LocalBlockHash, OverlapScores};
+use kvindex_engine::{LocalBlockHash, TieredScores};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -59,34 +60,40 @@ pub struct ScoreResponse {
     log_lsn: u64,
 }
 
-/// Dynamo's response body for `scores` on a partition of `block_size`. The index holds the
-/// device tier only, so `cpu`, `disk` and `longest_matched` equal `gpu` (cumulative counts).
-pub fn score_body(scores: &OverlapScores, block_size: u32, log_lsn: u64) -> ScoreResponse {
+/// Dynamo's response body for a tiered match on a partition of `block_size` (SERVICE.md §3.6):
+/// `scores` is device-only; `instances[id]` has `dp` (device tokens per rank, 0 for a rank matched
+/// only on lower tiers), `gpu`, and the cumulative `cpu` (device + host_pinned) and `disk`
+/// (+ disk + external), with `longest_matched = disk`.
+pub fn score_body(scores: &TieredScores, block_size: u32, log_lsn: u64) -> ScoreResponse {
     let bs = u64::from(block_size);
-    let mut by_instance: BTreeMap<u64, BTreeMap<u32, u64>> = BTreeMap::new();
-    for (w, blocks) in &scores.scores {
-        by_instance
-            .entry(w.worker_id)
+    let tokens = |blocks: u32| u64::from(blocks) * bs;
+    let mut score_map: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (w, blocks) in &scores.device.scores {
+        score_map
+            .entry(w.worker_id.to_string())
             .or_default()
-            .insert(w.dp_rank, u64::from(*blocks) * bs);
+            .insert(w.dp_rank.to_string(), tokens(*blocks));
     }
-    let mut score_map = BTreeMap::new();
-    let mut instances = BTreeMap::new();
-    for (id, ranks) in &by_instance {
-        let dp: BTreeMap<String, u64> = ranks.iter().map(|(r, t)| (r.to_string(), *t)).collect();
-        let gpu = ranks.values().copied().max().unwrap_or(0);
-        score_map.insert(id.to_string(), dp.clone());
-        instances.insert(
-            id.to_string(),
-            InstanceScore {
-                longest_matched: gpu,
-                gpu,
-                dp,
-                cpu: gpu,
-                disk: gpu,
-            },
-        );
-    }
+    let instances = scores
+        .by_instance()
+        .into_iter()
+        .map(|(id, i)| {
+            (
+                id.to_string(),
+                InstanceScore {
+                    longest_matched: tokens(i.disk),
+                    gpu: tokens(i.gpu),
+                    dp: i
+                        .dp
+                        .iter()
+                        .map(|(r, d)| (r.to_string(), tokens(*d)))
+                        .collect(),
+                    cpu: tokens(i.cpu),
+                    disk: tokens(i.disk),
+                },
+            )
+        })
+        .collect();
     ScoreResponse {
         scores: score_map,
         frequencies: [],
@@ -113,7 +120,7 @@ pub fn answer_tokens(
     let view = state.partitions.view();
     let part = view.partition(model, group)?;
     let scores = match &part.namespace {
-        Some(ns) => ns.find_matches_for_tokens(
+        Some(ns) => ns.find_matches_tiered_for_tokens(
             token_ids,
             &HashOptions {
                 lora_name,
@@ -121,7 +128,7 @@ pub fn answer_tokens(
                 ..HashOptions::default()
             },
         ),
-        None => OverlapScores::default(),
+        None => TieredScores::default(),
     };
     Ok(score_body(&scores, part.spec.block_size, lsn))
 }
@@ -149,7 +156,7 @@ pub fn answer_hashes(
     let scores = part
         .namespace
         .as_ref()
-        .map(|ns| ns.find_matches(&locals, false))
+        .map(|ns| ns.find_matches_tiered(&locals))
         .unwrap_or_default();
     Ok(score_body(&scores, part.spec.block_size, lsn))
 }

@@ -305,7 +305,7 @@ impl Partitions {
             let Some(ns) = self.engine.namespace(&key) else {
                 continue;
             };
-            if ns.current_size() > 0 {
+            if ns.current_size() > 0 || ns.lower_tier_size() > 0 {
                 tracing::info!(partition = %key, block_size = ns.block_size(), "adopting a partition found in the log without registrations");
                 let spec = Arc::new(NamespaceSpec {
                     key: key.clone(),
