@@ -72,6 +72,10 @@ struct Args {
     /// Seconds to wait before the first batch (time to register the worker).
     #[arg(long, default_value_t = 2)]
     startup_delay_s: u64,
+    /// Seconds to keep serving replays after the last batch, so a listener registered late
+    /// still catches up (Ctrl-C ends it earlier).
+    #[arg(long, default_value_t = 2)]
+    linger_s: u64,
 }
 
 /// A small deterministic generator, so runs are reproducible without extra dependencies.
@@ -169,8 +173,15 @@ async fn main() -> anyhow::Result<()> {
             .publish(&PublishBatch::new(vec![PublishEvent::Cleared]).with_dp_rank(args.dp_rank))
             .await?;
     }
-    eprintln!("published {} batches", publisher.next_seq());
-    // Keep serving replays briefly so a lagging listener can catch up.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!(
+        "published {} batches; serving replays for {} s more",
+        publisher.next_seq(),
+        args.linger_s
+    );
+    // Keep serving replays so a lagging (or late) listener can catch up.
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(args.linger_s)) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
     Ok(())
 }

@@ -122,6 +122,14 @@ pub struct ServeArgs {
     /// [default: kvindex].
     #[arg(long, value_name = "NAME")]
     pub nats_query_group: Option<String>,
+    /// Deadline in ms for a request head to arrive (an idle keep-alive connection is closed
+    /// after it too), and then for the request body [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub http_read_timeout_ms: Option<u64>,
+    /// Open HTTP connections at most; a connection beyond it is closed at once
+    /// [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

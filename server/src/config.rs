@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::cli::{ReplayTuningArgs, ServeArgs};
 use crate::endpoint::{parse_workers, WorkerSpec, WorkersArgError};
+use crate::http::connections::ConnectionLimits;
 
 /// Dynamo's default HTTP port.
 pub const DEFAULT_PORT: u16 = 8090;
@@ -88,6 +89,8 @@ struct FileConfig {
     nats_jetstream_ack_wait_secs: Option<u64>,
     nats_queries: Option<bool>,
     nats_query_group: Option<String>,
+    http_read_timeout_ms: Option<u64>,
+    http_max_connections: Option<usize>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -207,6 +210,8 @@ pub struct ServeConfig {
     pub replay: ReplayTuning,
     /// The NATS transport (`None` without `--nats-url`).
     pub nats: Option<NatsConfig>,
+    /// Read deadline and connection cap of the HTTP server.
+    pub http: ConnectionLimits,
 }
 
 /// Default first token of the NATS subjects.
@@ -424,6 +429,7 @@ impl ServeConfig {
             None => FileConfig::default(),
         };
         let nats = resolve_nats(args, &file)?;
+        let http = resolve_http_limits(args, &file)?;
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -549,8 +555,42 @@ impl ServeConfig {
             test_endpoints,
             replay,
             nats,
+            http,
         })
     }
+}
+
+/// Longest `--http-read-timeout-ms` (1 hour).
+pub const MAX_HTTP_READ_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Merge `--http-read-timeout-ms` and `--http-max-connections` with the file and defaults.
+fn resolve_http_limits(
+    args: &ServeArgs,
+    file: &FileConfig,
+) -> Result<ConnectionLimits, ConfigError> {
+    let defaults = ConnectionLimits::default();
+    let read_timeout = match args.http_read_timeout_ms.or(file.http_read_timeout_ms) {
+        None => defaults.read_timeout,
+        Some(ms) if (1..=MAX_HTTP_READ_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
+        Some(ms) => {
+            return Err(ConfigError::Invalid(format!(
+                "--http-read-timeout-ms must be between 1 and {MAX_HTTP_READ_TIMEOUT_MS}, got {ms}"
+            )))
+        }
+    };
+    let max_connections = match args.http_max_connections.or(file.http_max_connections) {
+        None => defaults.max_connections,
+        Some(0) => {
+            return Err(ConfigError::Invalid(
+                "--http-max-connections must be at least 1".into(),
+            ))
+        }
+        Some(n) => n,
+    };
+    Ok(ConnectionLimits {
+        read_timeout,
+        max_connections,
+    })
 }
 
 #[cfg(test)]
@@ -578,6 +618,62 @@ mod tests {
         assert_eq!(c.durable.snapshots.keep, 3);
         assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.model_name, "default");
+    }
+
+    #[test]
+    fn defaults_are_dynamos() {
+        let c = ServeConfig::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 8090));
+        assert_eq!(c.event_threads, 4);
+        assert_eq!(c.trace_id_header, "x-trace-id");
+        assert_eq!(
+            (c.model_name.as_str(), c.routing_group.as_str()),
+            ("default", "default")
+        );
+        assert!(!c.access_log_local_time && c.access_log.is_none() && c.peers.is_empty());
+        assert_eq!(c.http, ConnectionLimits::default());
+    }
+
+    #[test]
+    fn http_limits_come_from_flags_or_the_file_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "http_read_timeout_ms = 250\nhttp_max_connections = 9\n",
+        )
+        .unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(&file).unwrap();
+        assert_eq!(c.http.read_timeout, Duration::from_millis(250));
+        assert_eq!(c.http.max_connections, 9);
+        let flags = ServeArgs {
+            http_max_connections: Some(3),
+            ..file.clone()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&flags).unwrap().http.max_connections,
+            3
+        );
+        for bad in [
+            ServeArgs {
+                http_read_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_read_timeout_ms: Some(MAX_HTTP_READ_TIMEOUT_MS + 1),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_max_connections: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(ServeConfig::resolve(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

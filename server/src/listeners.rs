@@ -140,3 +140,18 @@ impl ListenerSupervisor for NoListeners {
         self.start(spec)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_status_priority_is_failed_pending_active_paused() {
+        use ListenerStatus::*;
+        let worst = |states: &[ListenerStatus]| states.iter().copied().max_by_key(|s| s.priority());
+        assert_eq!(worst(&[Paused, Active, Pending, Failed]), Some(Failed));
+        assert_eq!(worst(&[Paused, Active, Pending]), Some(Pending));
+        assert_eq!(worst(&[Paused, Active]), Some(Active));
+        assert_eq!(worst(&[Paused]), Some(Paused));
+    }
+}

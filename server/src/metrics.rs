@@ -49,10 +49,7 @@ fn describe() {
     describe_counter!(ERRORS_TOTAL, "HTTP error responses (4xx/5xx)");
     describe_gauge!(MODELS, "Number of active model+routing-group indexers");
     describe_gauge!(WORKERS, "Number of registered worker instances");
-    describe_gauge!(
-        LISTENERS,
-        "Number of ZMQ listeners by status (pending, active, paused, failed)"
-    );
+    describe_gauge!(LISTENERS, "Number of ZMQ listeners by status");
     describe_counter!(
         kvindex_engine::EVENTS_APPLIED,
         "KV cache events applied to the index, by event type and outcome"
@@ -101,13 +98,20 @@ fn describe() {
         "(block, worker) pairs held in a lower tier (host_pinned, disk, external), per partition"
     );
     crate::nats::metrics::describe();
+    crate::http::connections::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.
-pub fn refresh(view: &RegistryView, log: &kvindex_persistence::EventLog, engine_queued: usize) {
+/// `listeners` counts listeners per status, in [`ListenerStatus::ALL`] order.
+pub fn refresh(
+    view: &RegistryView,
+    listeners: [usize; 4],
+    log: &kvindex_persistence::EventLog,
+    engine_queued: usize,
+) {
     metrics::gauge!(MODELS).set(view.partitions.len() as f64);
     metrics::gauge!(WORKERS).set(view.instances.len() as f64);
-    let counts = view.listener_counts();
+    let counts = listeners;
     for (status, n) in ListenerStatus::ALL.iter().zip(counts) {
         metrics::gauge!(LISTENERS, "status" => status.as_str()).set(n as f64);
     }

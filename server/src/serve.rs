@@ -21,7 +21,7 @@ use kvindex_persistence::{DurableIndex, RecoveryReport};
 use crate::access_log::AccessLog;
 use crate::cli::ServeArgs;
 use crate::config::{ServeConfig, TEST_ENDPOINTS_ENV};
-use crate::http::{routes, AppState};
+use crate::http::{connections, routes, AppState};
 use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::nats::NatsTransport;
@@ -235,13 +235,10 @@ async fn serve_http(
         None => None,
     };
     tracing::info!("HTTP server listening on {addr}");
-    let served = axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown_requested(shutdown))
-        .await
-        .context("HTTP server");
+    connections::serve(listener, routes::router(state), cfg.http, shutdown).await;
     tracing::info!("HTTP server stopped");
     if let Some(n) = nats {
         n.stop().await;
     }
-    served
+    Ok(())
 }

@@ -185,3 +185,37 @@ fn min_initial_workers_without_workers_never_binds_and_sigterm_still_exits_0() {
         "{rest:?}"
     );
 }
+
+/// Checklist 1: `--threads` accepts 1 and N as well as 0; the index works with each.
+#[test]
+fn threads_accepts_one_and_many() {
+    for threads in ["1", "8"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = start(&dir.path().join("data"), &["--threads", threads], &[]);
+        register(&s, 1, "m", 4);
+        let h = local_hashes(&[1, 2, 3, 4], 4);
+        let r = s.post_json("/events", &stored(1, 0, 1, None, &[(7, h[0])]));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = s
+            .post_json(
+                "/query",
+                &json!({"token_ids": [1, 2, 3, 4], "model_name": "m"}),
+            )
+            .json();
+        assert_eq!(v["scores"], json!({"1": {"0": 4}}), "--threads {threads}");
+    }
+}
+
+/// Checklist 2: `RUST_LOG` is the log filter (`info` by default in the harness).
+#[test]
+fn rust_log_filters_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("a"), &[], &[("RUST_LOG", "debug")]);
+    s.get("/health");
+    let (_, log) = s.terminate();
+    assert!(log.iter().any(|l| l.contains("DEBUG")), "{log:?}");
+    let s = start(&dir.path().join("b"), &[], &[]);
+    s.get("/health");
+    let (_, log) = s.terminate();
+    assert!(!log.iter().any(|l| l.contains("DEBUG")), "{log:?}");
+}

@@ -148,3 +148,220 @@ fn bad_values_inside_valid_events_do_not_break_the_index() {
     assert!(s.metric("dynamo_kvrouter_kv_cache_events_applied{event_type=\"stored\",status=\"parent_block_not_found\"}") >= 1.0);
     alive(&s);
 }
+
+// --- slow and garbage connections (issue #4: slowloris gets an error and a counter) ---------
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// A raw connection to `s` with a generous read bound (a safety net, not an assertion).
+fn connect(s: &Server) -> TcpStream {
+    let c = TcpStream::connect(&s.addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c
+}
+
+/// Read until the server closes the connection; what it sent.
+fn read_until_closed(c: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("the server never closed the connection: {e}"),
+        }
+    }
+}
+
+/// Poll (bounded) until `series` reaches `min`: a connection's counter is recorded by the
+/// server after the close the client already saw.
+fn metric_reaches(s: &Server, series: &str, min: f64) -> bool {
+    for _ in 0..600 {
+        if s.metric(series) >= min {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn short_deadline_server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-read-timeout-ms", "300"],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    (dir, s)
+}
+
+#[test]
+fn a_request_head_dribbled_byte_by_byte_is_cut_off_and_counted() {
+    let (_d, s) = short_deadline_server();
+    let mut c = connect(&s);
+    let head = b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: ";
+    c.write_all(head).unwrap();
+    // One byte at a time, never finishing the head: the deadline is for the whole head, so
+    // the server closes the connection although bytes keep arriving.
+    let mut closed = false;
+    for _ in 0..600 {
+        if c.write_all(b"a").is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let r = c.read(&mut buf);
+        c.set_nonblocking(false).unwrap();
+        if matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a slowloris head kept its connection");
+    // A connection that sends nothing at all is closed too.
+    let mut idle = connect(&s);
+    assert!(read_until_closed(&mut idle).is_empty());
+    assert!(
+        metric_reaches(
+            &s,
+            "kvindex_http_read_timeouts_total{stage=\"headers\"}",
+            2.0
+        ),
+        "{}",
+        s.get("/metrics").text()
+    );
+    alive(&s);
+}
+
+#[test]
+fn a_body_slower_than_announced_gets_an_error_and_is_counted() {
+    let (_d, s) = short_deadline_server();
+    for path in ["/query", "/register", "/events"] {
+        let mut c = connect(&s);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{{\"model_name\""
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        let reply = String::from_utf8_lossy(&read_until_closed(&mut c)).into_owned();
+        assert!(reply.starts_with("HTTP/1.1 400"), "{path}: {reply}");
+        assert!(
+            reply.contains("request body not received within 300 ms"),
+            "{path}: {reply}"
+        );
+    }
+    assert!(s.metric("kvindex_http_read_timeouts_total{stage=\"body\"}") >= 3.0);
+    assert!(
+        s.metric("dynamo_kvindexer_errors_total{endpoint=\"/query\",status_class=\"4xx\"}") >= 1.0
+    );
+    alive(&s);
+}
+
+#[test]
+fn garbage_instead_of_http_gets_400_and_is_counted() {
+    let (_d, s) = server();
+    for garbage in [
+        &b"\x00\x01\x02\x03 garbage \xff\xfe\r\n\r\n"[..],
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /query HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    ] {
+        let mut c = connect(&s);
+        c.write_all(garbage).unwrap();
+        let reply = String::from_utf8_lossy(&read_until_closed(&mut c)).into_owned();
+        assert!(
+            reply.starts_with("HTTP/1.1 400"),
+            "{:?}: {reply}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+    // A head larger than hyper's buffer: refused, not buffered without bound.
+    let mut c = connect(&s);
+    let _ = c.write_all(b"GET /health HTTP/1.1\r\nX-Big: ");
+    let _ = c.write_all(&vec![b'a'; 1 << 20]);
+    let reply = String::from_utf8_lossy(&read_until_closed(&mut c)).into_owned();
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "{reply}"
+    );
+    assert!(
+        metric_reaches(&s, "kvindex_http_malformed_requests_total", 4.0),
+        "{}",
+        s.get("/metrics").text()
+    );
+    alive(&s);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-max-connections", "2"],
+        &[],
+    );
+    // Two idle connections take both slots (accepted in order, before the third).
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(&s)).collect();
+    let mut third = connect(&s);
+    let _ = third.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        read_until_closed(&mut third).is_empty(),
+        "the connection over the cap was served"
+    );
+    drop(held);
+    // The slots come back once the server sees the idle connections go.
+    let mut refused = 0.0;
+    for _ in 0..600 {
+        if let Ok(mut c) = TcpStream::connect(&s.addr) {
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            if c.write_all(req.as_bytes()).is_ok() {
+                let text = String::from_utf8_lossy(&read_until_closed(&mut c)).into_owned();
+                if let Some(v) = text.lines().find_map(|l| {
+                    l.strip_prefix("kvindex_http_connections_refused_total ")
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                }) {
+                    refused = v;
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused >= 1.0, "refused connections not counted");
+    alive(&s);
+}
+
+#[test]
+fn sigterm_with_a_half_sent_request_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-read-timeout-ms", "2000"],
+        &[],
+    );
+    let mut c = connect(&s);
+    c.write_all(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    let mut half_head = connect(&s);
+    half_head.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
+    let (status, log) = s.terminate();
+    assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+}
+
+#[test]
+fn bad_http_limits_exit_1_with_a_message() {
+    for (flag, value) in [
+        ("--http-read-timeout-ms", "0"),
+        ("--http-max-connections", "0"),
+    ] {
+        let (code, _, err) = run(&["serve", flag, value], &[]);
+        assert_eq!(code, 1, "{flag} {value}");
+        assert!(err.contains(flag), "{err}");
+    }
+}

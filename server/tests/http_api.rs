@@ -671,6 +671,17 @@ fn metrics_follow_dynamos_names_labels_and_counting_rules() {
     ] {
         assert!(t.contains(family), "missing {family}");
     }
+    // Dynamo 1.6.1's help strings, as its /metrics prints them.
+    for help in [
+        "# HELP dynamo_kvindexer_errors_total HTTP error responses (4xx/5xx)",
+        "# HELP dynamo_kvindexer_listeners Number of ZMQ listeners by status",
+        "# HELP dynamo_kvindexer_models Number of active model+routing-group indexers",
+        "# HELP dynamo_kvindexer_request_duration_seconds HTTP request latency",
+        "# HELP dynamo_kvindexer_requests_total Total HTTP requests",
+        "# HELP dynamo_kvindexer_workers Number of registered worker instances",
+    ] {
+        assert!(t.lines().any(|l| l == help), "missing {help:?}");
+    }
     assert!(t.contains("dynamo_kvindexer_requests_total{endpoint=\"/health\",method=\"GET\"} 1"));
     assert!(t.contains("dynamo_kvindexer_requests_total{endpoint=\"/health\",method=\"POST\"} 1"));
     assert!(
@@ -887,4 +898,151 @@ fn concurrent_workers_storing_the_same_prefix_are_all_indexed() {
             );
         }
     }
+}
+
+/// Checklist 1, 23: `--access-log-local-time` writes local timestamps with a numeric offset
+/// (`+hh:mm`) instead of UTC `Z`; the trace-id header defaults to `x-trace-id`.
+#[test]
+fn access_log_local_time_writes_an_offset_instead_of_z() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-local-time",
+        ],
+        &[],
+    );
+    // No --trace-id-header: Dynamo's default header `x-trace-id` is logged.
+    s.raw("GET", "/health", &[("x-trace-id", "t-1")], b"");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["trace_id"], "t-1");
+    let ts = line["ts"].as_str().unwrap();
+    assert!(!ts.ends_with('Z'), "{ts}");
+    let (_, offset) = ts.split_at(23);
+    assert!(
+        offset.len() == 6 && (offset.starts_with('+') || offset.starts_with('-')),
+        "{ts}"
+    );
+}
+
+/// Checklist 3, 4: `/metrics` is GET only; a field of the wrong type is axum's 422; unknown
+/// fields are ignored on every JSON route.
+#[test]
+fn wrong_types_are_422_and_unknown_fields_are_ignored_everywhere() {
+    let (_d, s) = server();
+    let r = s.raw("POST", "/metrics", &[], b"");
+    assert_eq!((r.status, r.body.len()), (405, 0));
+    let r = s.post_raw_json(
+        "/register",
+        br#"{"instance_id":"ten","endpoint":"tcp://h:1","model_name":"m","block_size":4}"#,
+    );
+    assert_eq!(r.status, 422);
+    assert!(
+        r.text()
+            .starts_with("Failed to deserialize the JSON body into the target type: instance_id: invalid type: string \"ten\", expected u64"),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let r = s.post_raw_json(
+        "/query",
+        br#"{"token_ids":[1,2,3],"model_name":"m","block_size":"x"}"#,
+    );
+    // `block_size` is not a /query field: ignored even with a wrong type. No partition yet.
+    assert_eq!(r.status, 404, "{}", r.text());
+    let extra = json!({"zzz": [1, {"a": null}]});
+    let with = |mut v: serde_json::Value| {
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let r = s.post_json(
+        "/register",
+        &with(
+            json!({"instance_id": 1, "endpoint": "tcp://h:1", "model_name": "m", "block_size": 4}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.post_json(
+        "/query_by_hash",
+        &with(json!({"block_hashes": [1], "model_name": "m"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post_json("/register_peer", &with(json!({"url": "http://p:1"})));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.post_json("/deregister_peer", &with(json!({"url": "http://p:1"})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post_json(
+        "/unregister",
+        &with(json!({"instance_id": 1, "model_name": "m"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Checklist 15 / SERVICE.md §6.2: no reference counting — a block stored twice is gone after
+/// one removal; removing an unknown hash is a no-op counted as `ok`.
+#[test]
+fn a_block_stored_twice_is_gone_after_one_removal() {
+    let (_d, s) = server();
+    register(&s, 1, "m", 4);
+    store_two_blocks(&s, 1, 0);
+    store_two_blocks(&s, 1, 0);
+    let q = json!({"token_ids": T8, "model_name": "m"});
+    assert_eq!(
+        query(&s, q.clone()).json()["scores"],
+        json!({"1": {"0": 8}})
+    );
+    assert_eq!(
+        s.post_json("/events", &removed(1, 0, 2, &[102])).status,
+        200
+    );
+    assert_eq!(
+        query(&s, q.clone()).json()["scores"],
+        json!({"1": {"0": 4}})
+    );
+    assert_eq!(
+        s.post_json("/events", &removed(1, 0, 3, &[999])).status,
+        200
+    );
+    assert_eq!(query(&s, q).json()["scores"], json!({"1": {"0": 4}}));
+}
+
+/// SERVICE.md §3.11: a reopen that fails (the log's directory is gone) answers 500
+/// `{"error": ...}`, keeps logging to the old file, and a later reopen can succeed again.
+#[test]
+fn reopen_logs_failure_is_a_500_with_an_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let log = logs.join("access.log");
+    let s = start(
+        &dir.path().join("data"),
+        &["--access-log", log.to_str().unwrap()],
+        &[],
+    );
+    s.get("/health");
+    let moved = dir.path().join("moved.log");
+    std::fs::rename(&log, &moved).unwrap();
+    std::fs::remove_dir(&logs).unwrap();
+    let r = s.raw("POST", "/reopen_logs", &[], b"");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let msg = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(msg.contains("failed to reopen access log"), "{msg}");
+    // Still logging into the file it had open.
+    s.get("/health");
+    assert!(std::fs::read_to_string(&moved)
+        .unwrap()
+        .contains("\"path\":\"/reopen_logs\""));
+    std::fs::create_dir(&logs).unwrap();
+    assert_eq!(s.raw("POST", "/reopen_logs", &[], b"").status, 200);
+    assert!(
+        s.metric("dynamo_kvindexer_errors_total{endpoint=\"/reopen_logs\",status_class=\"5xx\"}")
+            >= 1.0
+    );
 }

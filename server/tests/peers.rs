@@ -127,3 +127,77 @@ fn recovered_events_do_not_move_a_listeners_resume_point_past_the_engine() {
     let r = b.post_json("/query", &json!({"token_ids": t, "model_name": "m"}));
     assert_eq!(r.json()["scores"], json!({"1": {"0": 4}}));
 }
+
+/// A fake peer on a free port: answers every connection with `reply` (or, when `None`, reads
+/// the request and never answers). Returns its base URL.
+fn fake_peer(reply: Option<&'static str>) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in l.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            match reply {
+                Some(r) => {
+                    let _ = s.write_all(r.as_bytes());
+                }
+                None => held.push(s),
+            }
+        }
+    });
+    url
+}
+
+/// SERVICE.md §9 / checklist 20: a peer answering non-2xx, one answering something that is not
+/// a dump, one that never answers (10 s timeout) and a malformed URL are each skipped with
+/// "recovery from peer failed, trying next"; the first usable peer after them wins.
+#[test]
+fn failing_peers_are_skipped_in_order_until_one_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), &[], &[]);
+    register(&a, 1, "m", 4);
+    let t: Vec<u32> = (1..=8).collect();
+    let h = local_hashes(&t, 4);
+    let r = a.post_json("/events", &stored(1, 0, 1, None, &[(11, h[0]), (12, h[1])]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let status_500 = fake_peer(Some(
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ));
+    let garbage = fake_peer(Some(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\nConnection: close\r\n\r\nnot json",
+    ));
+    let silent = fake_peer(None);
+    let peers = format!(
+        "{status_500},{garbage},not a url,{silent},http://{}",
+        a.addr
+    );
+    let b = start(&dir.path().join("b"), &["--peers", &peers], &[]);
+    let v = b
+        .post_json("/query", &json!({"token_ids": t, "model_name": "m"}))
+        .json();
+    assert_eq!(v["scores"], json!({"1": {"0": 8}}));
+    let log = b.stderr();
+    assert_eq!(
+        log.matches("recovery from peer failed, trying next")
+            .count(),
+        4,
+        "{log}"
+    );
+    for why in [
+        "status 500",
+        "cannot parse the dump",
+        "timed out after 10s",
+        "invalid peer URL",
+    ] {
+        assert!(log.contains(why), "{why}: {log}");
+    }
+    assert_eq!(
+        serde_json::from_value::<Vec<String>>(b.get("/peers").json())
+            .unwrap()
+            .len(),
+        5
+    );
+}

@@ -627,6 +627,503 @@ fn many_publishers_storing_the_same_prefix_are_all_indexed() {
     assert_eq!(r.json()["scores"], Value::Object(expected));
 }
 
+// --- compatibility checklist gaps (docs/compat-checklist.md) --------------------------------
+
+use kvindex_server::zmq::test_publisher::ExtraKeyValue;
+
+/// A port nothing listens on.
+fn dead_endpoint() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("tcp://{}", l.local_addr().expect("addr"))
+}
+
+fn worker(s: &Server, instance: u64) -> Value {
+    s.get("/workers")
+        .json()
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|w| w["instance_id"] == json!(instance))
+                .cloned()
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// SERVICE.md §3.5 / checklist 8: a worker's status is its listeners' worst, in the order
+/// failed > pending > active > paused; a listener is `active` even with nobody behind its
+/// endpoint; `last_error` is omitted when there is none; the listener gauges follow.
+#[test]
+fn worker_status_aggregates_failed_over_active_over_paused() {
+    let rt = runtime();
+    let p1 = Pub::bind(&rt, true);
+    let p2 = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
+    register(&s, 1, 0, &p1);
+    wait_ready(&s, 1, 0);
+    let l = listener(&s, 1, 0);
+    assert!(l.get("last_error").is_none(), "{l}");
+    assert_eq!(worker(&s, 1)["status"], "active");
+
+    // A second rank that can never connect: failed, and the worker with it.
+    let r = s.post_json(
+        "/register",
+        &json!({"instance_id": 1, "dp_rank": 1, "endpoint": "tcp://*:5558", "model_name": "m", "block_size": BS}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_for(
+        "failed listener",
+        &s,
+        || {},
+        || listener(&s, 1, 1)["status"] == "failed",
+    );
+    assert_eq!(
+        listener(&s, 1, 1)["last_error"],
+        "failed to connect ZMQ SUB socket to tcp://*:5558: Invalid argument"
+    );
+    assert_eq!(worker(&s, 1)["status"], "failed");
+
+    // Nobody behind the endpoint: still active (ZMQ connects asynchronously).
+    let r = s.post_json(
+        "/register",
+        &json!({"instance_id": 2, "endpoint": dead_endpoint(), "model_name": "m", "block_size": BS}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_for(
+        "active without a peer",
+        &s,
+        || {},
+        || listener(&s, 2, 0)["status"] == "active",
+    );
+    let r = s.post_json("/test/pause_listener", &json!({"instance_id": 2}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(worker(&s, 2)["status"], "paused");
+    // active > paused.
+    register(&s, 2, 1, &p2);
+    wait_ready(&s, 2, 1);
+    assert_eq!(worker(&s, 2)["status"], "active");
+
+    let gauge = |st: &str| s.metric(&format!("dynamo_kvindexer_listeners{{status=\"{st}\"}}"));
+    assert_eq!(
+        (
+            gauge("active"),
+            gauge("paused"),
+            gauge("failed"),
+            gauge("pending")
+        ),
+        (2.0, 1.0, 1.0, 0.0)
+    );
+    assert_eq!(s.metric("dynamo_kvindexer_workers"), 2.0);
+    // Gauges are refreshed on every scrape.
+    let r = s.post_json("/unregister", &json!({"instance_id": 1, "model_name": "m"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.metric("dynamo_kvindexer_workers"), 1.0);
+    assert_eq!(gauge("failed"), 0.0);
+    assert_eq!(s.metric("dynamo_kvindexer_models"), 1.0);
+}
+
+/// SERVICE.md §0.6, §4 / checklist 9, 14: vLLM-shaped stores with a LoRA name and a cache salt
+/// (bare string in the first block's `extra_keys`, or Dynamo's `dynamo-cache-salt:` tag) are
+/// hashed like a `/query` with the same `lora_name` / `cache_salt`, and only such a query matches.
+#[test]
+fn vllm_lora_and_cache_salt_are_honoured_end_to_end() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let salted =
+        |hashes: Vec<u64>, tokens: &[u32], lora: Option<&str>, first: Vec<ExtraKeyValue>| {
+            let n = hashes.len();
+            let mut keys = vec![None; n];
+            keys[0] = Some(first);
+            PublishEvent::Stored {
+                block_hashes: hashes,
+                parent_block_hash: None,
+                token_ids: tokens.to_vec(),
+                block_size: BS,
+                medium: Some("GPU".into()),
+                lora_name: lora.map(str::to_owned),
+                extra_keys: Some(keys),
+            }
+        };
+    let other = [11, 12, 13, 14];
+    let b = batch(vec![
+        salted(
+            vec![101, 102],
+            &TOKENS,
+            Some("my-lora"),
+            vec![
+                ExtraKeyValue::Str("my-lora".into()),
+                ExtraKeyValue::Str("tenant-a".into()),
+            ],
+        ),
+        salted(
+            vec![201],
+            &other,
+            None,
+            vec![ExtraKeyValue::Str("dynamo-cache-salt:ns-1".into())],
+        ),
+    ]);
+    p.publish(&b);
+    let q = |tokens: &[u32], extra: Value| {
+        let mut body = json!({"token_ids": tokens, "model_name": "m"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = s.post_json("/query", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["scores"].clone()
+    };
+    wait_for(
+        "the salted stores",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || {
+            q(
+                &TOKENS,
+                json!({"lora_name": "my-lora", "cache_salt": "tenant-a"}),
+            ) == json!({"1": {"0": 8}})
+        },
+    );
+    assert_eq!(q(&TOKENS, json!({"lora_name": "my-lora"})), json!({}));
+    assert_eq!(q(&TOKENS, json!({"cache_salt": "tenant-a"})), json!({}));
+    assert_eq!(q(&TOKENS, json!({})), json!({}));
+    assert_eq!(
+        q(&other, json!({"cache_salt": "ns-1"})),
+        json!({"1": {"0": 4}})
+    );
+    assert_eq!(q(&other, json!({})), json!({}));
+}
+
+/// SERVICE.md §7.3 / checklist 18: without a replay endpoint a gap is logged and counted as
+/// lost, and the live batch is applied.
+#[test]
+fn without_a_replay_endpoint_a_gap_is_logged_and_the_live_batch_applied() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, false);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let a = batch(vec![store(100, &TOKENS)]);
+    p.publish(&a);
+    wait_for(
+        "the first store",
+        &s,
+        || {
+            p.publish(&a);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    let lost_before = listener(&s, 1, 0)["lost_batches"].as_u64().unwrap_or(0);
+    p.p.skip_seqs(3);
+    let other = [21, 22, 23, 24];
+    let b = batch(vec![store(300, &other)]);
+    p.publish(&b);
+    wait_for(
+        "the live batch after the gap",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || scores(&s, &other) == json!({"1": {"0": 4}}),
+    );
+    let l = listener(&s, 1, 0);
+    assert!(
+        l["lost_batches"].as_u64().unwrap_or(0) >= lost_before + 3,
+        "{l}"
+    );
+    assert_eq!(l["status"], "active");
+    assert!(
+        s.stderr()
+            .contains("No replay endpoint configured; batches lost"),
+        "{}",
+        s.stderr()
+    );
+    assert!(s.metric("kvindex_zmq_replay_requests_total{outcome=\"not_configured\"}") >= 1.0);
+}
+
+/// SERVICE.md §7.2 / checklist 18: a replay that cannot cover the gap (the publisher's ring
+/// already dropped part of it) is logged as incomplete with its reason; what it did return is
+/// applied, the rest counted as lost, and ingestion goes on.
+#[test]
+fn an_incomplete_replay_is_logged_and_ingestion_continues() {
+    let rt = runtime();
+    let p = Pub {
+        rt: rt.handle().clone(),
+        p: rt
+            .block_on(VllmPublisher::bind(PublisherConfig {
+                buffer_steps: 2,
+                ..PublisherConfig::loopback()
+            }))
+            .expect("bind publisher"),
+    };
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let a = batch(vec![store(100, &TOKENS)]);
+    p.publish(&a);
+    wait_for(
+        "the first store",
+        &s,
+        || {
+            p.publish(&a);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    // Four batches only in the ring (which keeps two), then a live one.
+    let lost = [31, 32, 33, 34];
+    let kept = [41, 42, 43, 44];
+    let first = p.p.publish_unsent(&batch(vec![store(400, &lost)]));
+    p.p.publish_unsent(&batch(Vec::new()));
+    p.p.publish_unsent(&batch(Vec::new()));
+    p.p.publish_unsent(&batch(vec![store(500, &kept)]));
+    let live = [51, 52, 53, 54];
+    let target = p.publish(&batch(vec![store(600, &live)]));
+    wait_for(
+        "the live batch after the incomplete replay",
+        &s,
+        || {},
+        || scores(&s, &live) == json!({"1": {"0": 4}}),
+    );
+    assert_eq!(scores(&s, &kept), json!({"1": {"0": 4}}));
+    assert_eq!(scores(&s, &lost), json!({}));
+    let log = s.stderr();
+    assert!(
+        log.contains(&format!("Replay incomplete: requested=[{first},{target})"))
+            && log.contains("reason=started_after_requested"),
+        "{log}"
+    );
+    let l = listener(&s, 1, 0);
+    assert!(l["lost_batches"].as_u64().unwrap_or(0) >= 2, "{l}");
+    assert_eq!(l["degraded"], false);
+    assert!(s.metric("kvindex_zmq_replay_requests_total{outcome=\"incomplete\"}") >= 1.0);
+    // And later batches flow.
+    let after = [61, 62, 63, 64];
+    let c = batch(vec![store(700, &after)]);
+    p.publish(&c);
+    wait_for(
+        "a later batch",
+        &s,
+        || {
+            p.publish(&c);
+        },
+        || scores(&s, &after) == json!({"1": {"0": 4}}),
+    );
+}
+
+/// SERVICE.md §7.5 / checklist 7, 17: unregister deletes the watermark, so registering the same
+/// (instance, dp) again starts from sequence 0 — the replay brings back what the publisher still
+/// buffers.
+#[test]
+fn reregistering_after_unregister_starts_again_from_sequence_0() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let a = batch(vec![store(100, &TOKENS)]);
+    p.publish(&a);
+    wait_for(
+        "the store",
+        &s,
+        || {
+            p.publish(&a);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    assert!(listener(&s, 1, 0)["watermark"].as_u64().is_some());
+    let r = s.post_json("/unregister", &json!({"instance_id": 1, "model_name": "m"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.post_json("/query", &json!({"token_ids": TOKENS, "model_name": "m"}));
+    assert_eq!(r.status, 404, "the partition went with its last worker");
+    let asked_before = p.p.replay_requests().len();
+    register(&s, 1, 0, &p);
+    wait_for(
+        "the replay from 0",
+        &s,
+        || {},
+        || p.p.replay_requests()[asked_before..].contains(&0),
+    );
+    wait_for(
+        "the replayed store",
+        &s,
+        || {},
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+}
+
+/// Issue #4 / checklist 25: many workers storing the same chain block by block (each block a
+/// batch naming its parent), all at once, round after round: every block is indexed for every
+/// worker (Dynamo 1.6.1 lost blocks here with `--threads > 1`).
+#[test]
+fn many_publishers_storing_the_same_chain_block_by_block_every_round_are_all_indexed() {
+    const N: u64 = 6;
+    const BLOCKS: u32 = 8;
+    let rt = runtime();
+    let pubs: Vec<Pub> = (0..N).map(|_| Pub::bind(&rt, true)).collect();
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &["--threads", "4"], &[]);
+    for (i, p) in pubs.iter().enumerate() {
+        register(&s, i as u64 + 1, 0, p);
+    }
+    for i in 0..N {
+        wait_ready(&s, i + 1, 0);
+    }
+    for round in 0..3u32 {
+        let tokens: Vec<u32> = (0..BLOCKS * BS).map(|t| 10_000 * (round + 1) + t).collect();
+        let base = 1_000 * u64::from(round + 1);
+        rt.block_on(async {
+            let sends = pubs.iter().map(|p| {
+                let tokens = tokens.clone();
+                async move {
+                    for b in 0..u64::from(BLOCKS) {
+                        let start = (b * u64::from(BS)) as usize;
+                        let event = PublishEvent::stored(
+                            vec![base + b],
+                            b.checked_sub(1).map(|x| base + x),
+                            tokens[start..start + BS as usize].to_vec(),
+                            BS,
+                        );
+                        p.p.publish(&batch(vec![event])).await.expect("publish");
+                    }
+                }
+            });
+            futures::future::join_all(sends).await;
+        });
+        let expected: serde_json::Map<String, Value> = (1..=N)
+            .map(|i| (i.to_string(), json!({"0": BLOCKS * BS})))
+            .collect();
+        wait_for(
+            "every worker's whole chain",
+            &s,
+            || {
+                for p in &pubs {
+                    p.publish(&batch(Vec::new()));
+                }
+            },
+            || scores(&s, &tokens) == Value::Object(expected.clone()),
+        );
+    }
+    assert_eq!(
+        s.metric("dynamo_kvrouter_kv_cache_events_applied{event_type=\"stored\",status=\"parent_block_not_found\"}"),
+        0.0
+    );
+}
+
+/// Checklist 13, 15 / SERVICE.md §5.2, §6.3: a batch's `data_parallel_rank` is the effective
+/// rank of its events, `AllBlocksCleared` included: a clear naming dp 3 on the dp 0 stream clears
+/// dp 3 only.
+#[test]
+fn a_clear_applies_to_the_batch_rank_only() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let nudge = || {
+        p.publish(&batch(Vec::new()).with_dp_rank(0));
+    };
+    p.publish(&batch(vec![store(100, &TOKENS)]).with_dp_rank(0));
+    p.publish(&batch(vec![store(100, &TOKENS[..4])]).with_dp_rank(3));
+    wait_for("both ranks", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8, "3": 4}})
+    });
+    p.publish(&batch(vec![PublishEvent::Cleared]).with_dp_rank(3));
+    wait_for("dp 3 cleared", &s, nudge, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
+}
+
+/// Issue #4 / checklist 12: garbage on the ZMQ socket of the real service — wrong frame counts,
+/// a short sequence frame, a payload that is not msgpack, an unknown event beside a good one —
+/// is dropped and counted on `/metrics`, never crashes anything, and good batches go on.
+#[test]
+fn garbage_frames_reach_the_metrics_and_the_service_keeps_indexing() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    let (_d, dir) = data_dir();
+    let s = start(&dir, &[], &[]);
+    register(&s, 1, 0, &p);
+    wait_ready(&s, 1, 0);
+    let a = batch(vec![store(100, &TOKENS)]);
+    p.publish(&a);
+    wait_for(
+        "the first store",
+        &s,
+        || {
+            p.publish(&a);
+        },
+        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
+    );
+    let next = p.p.next_seq().to_be_bytes().to_vec();
+    rt.block_on(async {
+        for frames in [
+            vec![b"topic".to_vec()],
+            vec![b"".to_vec(), next.clone()],
+            vec![b"".to_vec(), vec![0, 0, 0, 1], b"x".to_vec()],
+            vec![b"".to_vec(), next.clone(), vec![0xc1, 0xff, 0x00]],
+        ] {
+            p.p.send_raw(frames).await.expect("send");
+        }
+    });
+    // A batch whose first event has an unknown tag: only that event is rejected.
+    let mut payload = Vec::new();
+    rmp::encode::write_array_len(&mut payload, 3).unwrap();
+    rmp::encode::write_f64(&mut payload, 0.0).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_str(&mut payload, "Bogus").unwrap();
+    rmp::encode::write_uint(&mut payload, 1).unwrap();
+    rmp::encode::write_array_len(&mut payload, 2).unwrap();
+    rmp::encode::write_str(&mut payload, "BlockRemoved").unwrap();
+    rmp::encode::write_array_len(&mut payload, 1).unwrap();
+    rmp::encode::write_uint(&mut payload, 102).unwrap();
+    rmp::encode::write_nil(&mut payload).unwrap();
+    rt.block_on(p.p.send_raw(vec![b"".to_vec(), next.clone(), payload]))
+        .expect("send");
+    p.p.skip_seqs(1);
+    wait_for(
+        "the good event beside the bad one",
+        &s,
+        || {},
+        || scores(&s, &TOKENS) == json!({"1": {"0": 4}}),
+    );
+    let dropped = |reason: &str| {
+        s.metric(&format!(
+            "kvindex_zmq_messages_dropped_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert!(
+        dropped("frame_count") >= 2.0,
+        "{}",
+        s.get("/metrics").text()
+    );
+    assert!(dropped("seq_length") >= 1.0);
+    assert!(dropped("decode_failed") >= 1.0);
+    assert!(s.metric("kvindex_zmq_events_rejected_total{reason=\"unknown_tag\"}") >= 1.0);
+    // Traffic goes on.
+    let other = [71, 72, 73, 74];
+    let b = batch(vec![store(800, &other)]);
+    p.publish(&b);
+    wait_for(
+        "a batch after the garbage",
+        &s,
+        || {
+            p.publish(&b);
+        },
+        || scores(&s, &other) == json!({"1": {"0": 4}}),
+    );
+    assert_eq!(listener(&s, 1, 0)["status"], "active");
+}
+
 /// A store on a given `medium` (SERVICE.md §5.3 table) under `parent`.
 fn store_on(medium: &str, hashes: Vec<u64>, parent: Option<u64>, tokens: &[u32]) -> PublishEvent {
     match PublishEvent::stored(hashes, parent, tokens.to_vec(), BS) {

@@ -344,8 +344,17 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
     let Some(handle) = &state.metrics else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    // Listener states as `/workers` shows them (live), not the periodically mirrored copy.
+    let view = state.partitions.view();
+    let listeners = view.listener_counts_with(|id, dp| {
+        state
+            .partitions
+            .live_listener(id, dp)
+            .map(|(st, _)| st.status)
+    });
     crate::metrics::refresh(
-        &state.partitions.view(),
+        &view,
+        listeners,
         state.durable.log(),
         state.durable.engine().queued_tasks(),
     );

@@ -11,6 +11,7 @@ use crate::access_log::AccessLog;
 use crate::ingest::Ingest;
 use crate::partitions::Partitions;
 
+pub mod connections;
 mod dump;
 pub mod errors;
 pub mod events;

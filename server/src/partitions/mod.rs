@@ -140,15 +140,23 @@ impl RegistryView {
             })
     }
 
-    /// Number of listeners per status, in [`ListenerStatus::ALL`] order.
-    pub fn listener_counts(&self) -> [usize; 4] {
+    /// Listeners per status, in [`ListenerStatus::ALL`] order; a listener's status comes from
+    /// `live` when it knows it (the supervisor's current state; the view's copy is mirrored
+    /// periodically).
+    pub fn listener_counts_with(
+        &self,
+        live: impl Fn(u64, u32) -> Option<ListenerStatus>,
+    ) -> [usize; 4] {
         let mut counts = [0; 4];
-        for l in self.instances.values().flat_map(|i| i.listeners.values()) {
-            let idx = ListenerStatus::ALL
-                .iter()
-                .position(|s| *s == l.state.status)
-                .unwrap_or(0);
-            counts[idx] += 1;
+        for i in self.instances.values() {
+            for (dp, l) in &i.listeners {
+                let status = live(i.instance_id, *dp).unwrap_or(l.state.status);
+                let idx = ListenerStatus::ALL
+                    .iter()
+                    .position(|s| *s == status)
+                    .unwrap_or(0);
+                counts[idx] += 1;
+            }
         }
         counts
     }
@@ -379,6 +387,15 @@ impl Partitions {
         f: impl FnOnce(&mut RegistryView) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
         let _w = self.lock_write();
+        self.mutate_held(persist, f)
+    }
+
+    /// [`Self::mutate`] with the write lock already held by the caller.
+    fn mutate_held<R>(
+        &self,
+        persist: bool,
+        f: impl FnOnce(&mut RegistryView) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
         let mut next = (**self.view.load()).clone();
         let r = f(&mut next)?;
         if persist {
@@ -391,7 +408,8 @@ impl Partitions {
     /// `POST /register`: add a listener, creating the partition on first use.
     pub fn register(&self, reg: Registration) -> Result<(), RegistryError> {
         let key = NamespaceKey::new(&reg.model_name, &reg.routing_group);
-        self.mutate(true, |v| {
+        let _w = self.lock_write();
+        let spec = self.mutate_held(true, |v| {
             if let Some(p) = v.partitions.get(&key) {
                 if p.spec.block_size != reg.block_size {
                     return Err(RegistryError::BlockSizeMismatch {
@@ -428,7 +446,7 @@ impl Partitions {
                 block_size: reg.block_size,
                 listeners: BTreeMap::new(),
             });
-            let mut listener = Listener {
+            let listener = Listener {
                 endpoint: reg.endpoint.clone(),
                 replay_endpoint: reg.replay_endpoint.clone(),
                 // Read before the listener starts: all of its batches get later LSNs.
@@ -438,10 +456,23 @@ impl Partitions {
                     last_error: None,
                 },
             };
-            listener.state = self
-                .supervisor()
-                .start(&inst.listener_spec(reg.dp_rank, &listener));
+            let spec = inst.listener_spec(reg.dp_rank, &listener);
             inst.listeners.insert(reg.dp_rank, listener);
+            Ok(spec)
+        })?;
+        // Start the listener only once the registration is visible (and persisted): its first
+        // batches — the start-up replay of what the publisher buffered — are submitted against
+        // the view, and were refused ("instance is not registered") when it started earlier.
+        // The write lock is still held, so no unregister can slip in between.
+        let state = self.supervisor().start(&spec);
+        self.mutate_held(false, |v| {
+            if let Some(l) = v
+                .instances
+                .get_mut(&reg.instance_id)
+                .and_then(|i| i.listeners.get_mut(&reg.dp_rank))
+            {
+                l.state = state;
+            }
             Ok(())
         })
     }

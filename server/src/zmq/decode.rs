@@ -1437,7 +1437,9 @@ mod tests {
             (Some("NVME"), StorageTier::Disk),
             (Some("STORAGE"), StorageTier::Disk),
             (Some("EXTERNAL"), StorageTier::External),
+            (Some("NETWORK"), StorageTier::External),
             (Some("REMOTE"), StorageTier::External),
+            (Some("SHARED"), StorageTier::External),
         ] {
             assert_eq!(tier_for_medium(medium).unwrap(), tier, "{medium:?}");
         }

@@ -1,0 +1,267 @@
+//! Accepting and serving HTTP connections with bounds a hostile client cannot stretch
+//! (issue #4: slowloris connections get an error and a counter, never unbounded resources).
+//!
+//! `axum::serve` sets no timer, so hyper's header-read timeout is off and a client that sends a
+//! request head one byte at a time (or nothing at all), or a body slower than it announced, holds
+//! its connection, its buffers and — at shutdown — the process forever. This accept loop serves
+//! the same router with:
+//!
+//! * **a read deadline** (`--http-read-timeout-ms`): the request head must arrive within it
+//!   (hyper closes the connection otherwise; an idle keep-alive connection is closed the same
+//!   way), and the body within it too, counted from when the head arrived (the request then
+//!   fails with axum's `400 Failed to buffer the request body: ...`);
+//! * **a connection cap** (`--http-max-connections`): a connection beyond it is closed at once;
+//! * **a bounded drain** at shutdown: open connections get a graceful close and at most one read
+//!   deadline to finish, then they are dropped, so SIGTERM / SIGINT always ends the process.
+//!
+//! Each bound is counted in `kvindex_http_read_timeouts_total{stage}` or
+//! `kvindex_http_connections_refused_total`; a request head that is not HTTP at all gets hyper's
+//! `400` and is counted in `kvindex_http_malformed_requests_total`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::middleware::map_request_with_state;
+use axum::Router;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Counter: connections or requests ended by the read deadline (label `stage`: `headers` or
+/// `body`).
+pub const READ_TIMEOUTS_TOTAL: &str = "kvindex_http_read_timeouts_total";
+/// Counter: connections closed at accept because `--http-max-connections` were open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "kvindex_http_connections_refused_total";
+/// Counter: connections closed because the request head was not HTTP/1.1 (hyper answers 400,
+/// or 431 for an oversized head).
+pub const MALFORMED_REQUESTS_TOTAL: &str = "kvindex_http_malformed_requests_total";
+/// Gauge: open HTTP connections.
+pub const CONNECTIONS_OPEN: &str = "kvindex_http_connections_open";
+
+/// Default read deadline (hyper's own default header timeout).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default connection cap.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// How long a client may take and how many may be connected at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Deadline for a request head, and (from then on) for its body.
+    pub read_timeout: Duration,
+    /// Open connections at most; more are closed at accept.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Describe this module's metrics (help text on `/metrics`).
+pub fn describe() {
+    metrics::describe_counter!(
+        READ_TIMEOUTS_TOTAL,
+        "HTTP connections (stage=headers, idle keep-alive included) or requests (stage=body) cut off by --http-read-timeout-ms"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "HTTP connections closed at accept because --http-max-connections were open"
+    );
+    metrics::describe_counter!(
+        MALFORMED_REQUESTS_TOTAL,
+        "HTTP connections whose request head was not valid HTTP/1.1 (answered 400 or 431)"
+    );
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Open HTTP connections");
+}
+
+/// Serve `router` on `listener` until `shutdown` turns `true`, then drain (bounded).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = router.layer(map_request_with_state(limits.read_timeout, body_deadline));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            // Reap finished connection tasks so the set stays as small as the open connections.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
+            tracing::warn!(
+                max = limits.max_connections,
+                "HTTP connection refused: too many open connections"
+            );
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+            serve_connection(stream, service, limits.read_timeout, stop).await;
+            metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+        });
+    }
+    drop(listener);
+    // Graceful close has been signalled to every connection (they watch `shutdown`); give
+    // them one read deadline to finish their requests, then drop whatever is left.
+    let drained = tokio::time::timeout(limits.read_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "HTTP connections still open after the drain deadline; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    service: TowerToHyperService<Router>,
+    read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let finished = tokio::select! {
+        result = conn.as_mut() => Some(result),
+        _ = shutdown.wait_for(|stop| *stop) => None,
+    };
+    let result = match finished {
+        Some(result) => result,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            metrics::counter!(READ_TIMEOUTS_TOTAL, "stage" => "headers").increment(1);
+            tracing::debug!("HTTP connection closed: request head not received in time");
+        } else if e.is_parse() || e.is_parse_too_large() {
+            // hyper has answered 400 / 431 already.
+            metrics::counter!(MALFORMED_REQUESTS_TOTAL).increment(1);
+            tracing::debug!(error = %e, "HTTP connection closed: malformed request head");
+        } else {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
+    }
+}
+
+/// Middleware: give the request body the read deadline.
+async fn body_deadline(State(timeout): State<Duration>, req: Request) -> Request {
+    if req.body().is_end_stream() {
+        return req;
+    }
+    req.map(|body| Body::new(DeadlineBody::new(body, timeout)))
+}
+
+/// Why a request body stopped: it did not arrive within the read deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0} ms")]
+pub struct BodyTimeout(u128);
+
+/// A request body that fails once its deadline passes (counted as a `body` read timeout).
+struct DeadlineBody {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    expired: bool,
+}
+
+impl DeadlineBody {
+    fn new(inner: Body, timeout: Duration) -> Self {
+        DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            expired: false,
+        }
+    }
+}
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.expired = true;
+            metrics::counter!(READ_TIMEOUTS_TOTAL, "stage" => "body").increment(1);
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout(self.timeout.as_millis())))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_body_that_never_finishes_fails_at_the_deadline() {
+        let first = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))]);
+        let never = futures::stream::pending();
+        let body = Body::from_stream(futures::StreamExt::chain(first, never));
+        let body = DeadlineBody::new(body, Duration::from_millis(50));
+        let err = body.collect().await.unwrap_err();
+        assert!(
+            err.to_string().contains("not received within 50 ms"),
+            "{err}"
+        );
+    }
+}
