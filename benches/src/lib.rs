@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod backend_kvindex;
+pub mod machine;
 pub mod replay;
 pub mod replay_models;
 pub mod service;

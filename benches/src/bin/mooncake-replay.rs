@@ -16,6 +16,7 @@
 //! `--sweep` runs the offered-load sweep of `kvindex_benches::sweep` instead: every
 //! (rate, backend, run) point in a fresh child process.
 
+use kvindex_benches::machine::{cores, Machine};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -152,12 +153,6 @@ struct Cli {
     /// Internal: run one measurement and print its RunResult as JSON.
     #[arg(long, hide = true)]
     child: bool,
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 impl Cli {
@@ -439,7 +434,7 @@ fn run_sweep(cli: &Cli) -> anyhow::Result<std::process::ExitCode> {
     }
     let summary = SweepSummary {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
+        machine: Machine::detect(),
         trace: cli.trace_path().display().to_string(),
         workload: cli.workload_config(),
         event_threads: cli.event_threads(),
@@ -680,13 +675,6 @@ struct Ratio {
 }
 
 #[derive(Debug, Serialize)]
-struct Machine {
-    nproc: usize,
-    cpu: String,
-    commit: String,
-}
-
-#[derive(Debug, Serialize)]
 struct Summary {
     command: String,
     machine: Machine,
@@ -700,36 +688,6 @@ struct Summary {
     ratios: Vec<Ratio>,
     failures: Vec<String>,
     agreement_ok: bool,
-}
-
-fn machine() -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let commit = Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    Machine {
-        nproc: cores(),
-        cpu,
-        commit,
-    }
 }
 
 fn fmt_num(v: f64) -> String {
@@ -983,7 +941,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
         .find_map(|(_, rs)| rs.first().map(|r| r.counts.clone()));
     let summary = Summary {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
+        machine: Machine::detect(),
         trace: cli.trace_path().display().to_string(),
         workload: cli.workload_config(),
         counts,

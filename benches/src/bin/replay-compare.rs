@@ -10,6 +10,7 @@
 //!     --json-out benches/results/replay-compare.json
 //! ```
 
+use kvindex_benches::machine::{cores, Machine};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -148,13 +149,6 @@ struct RecoverRow {
 }
 
 #[derive(Debug, Serialize)]
-struct Machine {
-    nproc: usize,
-    cpu: String,
-    commit: String,
-}
-
-#[derive(Debug, Serialize)]
 struct Report {
     command: String,
     machine: Machine,
@@ -176,42 +170,6 @@ struct Report {
     cold: Vec<ColdRow>,
     recoverability: Vec<RecoverRow>,
     failures: Vec<String>,
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn machine() -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let commit = std::process::Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    Machine {
-        nproc: cores(),
-        cpu,
-        commit,
-    }
 }
 
 /// Time `f` `reps` times; returns the per-repetition seconds and the last result.
@@ -575,7 +533,7 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
 
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
+        machine: Machine::detect(),
         workload: wcfg,
         counts: wl.counts.clone(),
         batches: stream.batches.len() as u64,

@@ -13,8 +13,8 @@
 //!     --json-out benches/results/service-<commit>.json --plots-dir docs/img
 //! ```
 
+use kvindex_benches::machine::Machine;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,14 +111,6 @@ struct Cli {
 }
 
 #[derive(Serialize)]
-struct Machine {
-    nproc: usize,
-    cpu: String,
-    mem_total_gib: f64,
-    commit: String,
-}
-
-#[derive(Serialize)]
 struct Report<'a> {
     tool: &'static str,
     command: String,
@@ -144,41 +136,6 @@ struct Counts {
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn machine() -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let mem_total_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(repo_root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    Machine {
-        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu,
-        mem_total_gib,
-        commit,
-    }
 }
 
 /// Everything a target needs for one measurement.
@@ -330,7 +287,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let machine = machine();
+    let machine = Machine::detect();
     let mut notes = vec![format!(
         "shared machine: nproc={} ({}); clients, publishers and servers share these cores with other \
          engineers' jobs, so absolute figures are noisy",
