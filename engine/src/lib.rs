@@ -20,6 +20,7 @@ pub mod loom_hooks;
 pub mod lower_tiers;
 mod members;
 pub mod protocol;
+mod ranges;
 pub mod reference;
 mod segmented;
 mod slots;
