@@ -12,6 +12,7 @@ pub mod codec;
 mod counters;
 pub mod engine;
 pub mod error;
+mod ext_map;
 pub mod hashing;
 mod lanes;
 #[cfg(loom)]

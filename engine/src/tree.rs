@@ -46,7 +46,7 @@ use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
 use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
-use hashbrown::HashTable;
+use crate::ext_map::ExtTable;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -174,7 +174,7 @@ pub(crate) struct Tree {
     owner: SegmentedVec<AtomicU32>,
     free_nodes: Mutex<Vec<u32>>,
     free_blocks: Mutex<FreeRanges>,
-    ext_map: Box<[CachePadded<Mutex<HashTable<u32>>>]>,
+    ext_map: Box<[CachePadded<Mutex<ExtTable>>]>,
     pub(crate) slots: Slots,
     /// Mirror of every stream's exceptions, read by dumps: (slot, block) -> ext.
     exceptions: Mutex<HashMap<(u32, u32), u64>>,
@@ -190,7 +190,7 @@ impl Tree {
             free_nodes: Mutex::new(Vec::new()),
             free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(HashTable::new())))
+                .map(|_| CachePadded::new(Mutex::new(ExtTable::default())))
                 .collect(),
             slots: Slots::new(),
             exceptions: Mutex::new(HashMap::new()),
@@ -289,28 +289,57 @@ impl Tree {
         Err(KvCacheEventError::IndexerInvariantViolation)
     }
 
-    fn ext_shard(&self, ext: u64) -> MutexGuard<'_, HashTable<u32>> {
-        // Middle bits: hashbrown uses the top 7 bits as its tag and the low bits as the bucket,
-        // so sharding on either would make every probe in a shard look like a match.
-        self.ext_map[(mix(ext) >> 32) as usize % EXT_SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    #[inline]
+    fn shard_of(ext: u64) -> usize {
+        // Low half: the table's tag (and home slot) is the high half of the same mix.
+        (mix(ext) as u32 >> 8) as usize % EXT_SHARDS
+    }
+
+    fn ext_shard(&self, shard: usize) -> MutexGuard<'_, ExtTable> {
+        self.ext_map[shard].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn ext_lookup(&self, ext: u64) -> Option<u32> {
-        let shard = self.ext_shard(ext);
-        shard.find(mix(ext), |&b| self.ext_of(b) == ext).copied()
+        self.ext_shard(Self::shard_of(ext))
+            .find(mix(ext), |b| self.ext_of(b) == ext)
     }
 
-    /// Drop block `b`'s entry from the shared map if it owns one.
-    fn ext_release(&self, b: u32) {
-        if self.owns_ext(b) {
-            let ext = self.ext_of(b);
-            let mut shard = self.ext_shard(ext);
-            if let Ok(entry) = shard.find_entry(mix(ext), |&m| m == b) {
-                entry.remove();
+    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard,
+    /// with each shard's home slots prefetched before its probes. `rotate` spreads the starting
+    /// shard so that two event threads do not walk the shards in step.
+    fn ext_batch(
+        &self,
+        batch: &mut [(u64, u32)],
+        rotate: u32,
+        mut op: impl FnMut(&mut ExtTable, u64, u32),
+    ) {
+        let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
+        batch.sort_unstable_by_key(|&(ext, _)| key(ext));
+        let mut i = 0;
+        while i < batch.len() {
+            let shard = Self::shard_of(batch[i].0);
+            let k = key(batch[i].0);
+            let end = i + batch[i..].iter().take_while(|&&(e, _)| key(e) == k).count();
+            let mut table = self.ext_shard(shard);
+            for &(ext, _) in &batch[i..end] {
+                table.prefetch(mix(ext));
             }
+            for &(ext, b) in &batch[i..end] {
+                op(&mut table, ext, b);
+            }
+            i = end;
         }
+    }
+
+    /// Drop the shared-map entries of blocks `start..start + len` (those that own one).
+    fn ext_release_range(&self, start: u32, len: u32, rotate: u32) {
+        let mut batch: Vec<(u64, u32)> = (start..start + len)
+            .filter(|&b| self.owns_ext(b))
+            .map(|b| (self.ext_of(b), b))
+            .collect();
+        self.ext_batch(&mut batch, rotate, |t, ext, b| {
+            t.remove(mix(ext), b);
+        });
     }
 
     /// Allocate a node, LIVE and LOCKED, not yet linked.
@@ -603,23 +632,22 @@ impl Tree {
         }
     }
 
-    /// Write a fresh block (not yet reachable) and claim its hash in the shared map if free.
+    /// Write a fresh block (not yet reachable); its map claim comes after, in a batch.
+    #[inline]
     fn init_block(&self, b: u32, local: u64, ext: u64, node: u32) {
         self.locals.get(b).store(local, Ordering::Relaxed);
         self.exts.get(b).store(ext, Ordering::Relaxed);
-        let mut owner = node;
-        {
-            let mut shard = self.ext_shard(ext);
-            if let hashbrown::hash_table::Entry::Vacant(v) =
-                shard.entry(mix(ext), |&m| self.ext_of(m) == ext, |&m| {
-                    mix(self.ext_of(m))
-                })
-            {
-                v.insert(b);
-                owner |= OWNS_EXT;
+        self.owner.get(b).store(node, Ordering::Relaxed);
+    }
+
+    /// Claim the shared-map entry of each fresh block whose hash no live block owns yet.
+    fn claim_exts(&self, fresh: &mut [(u64, u32)], rotate: u32) {
+        self.ext_batch(fresh, rotate, |t, ext, b| {
+            if t.claim(mix(ext), b, |m| self.ext_of(m) == ext) {
+                let o = self.owner.get(b);
+                o.store(o.load(Ordering::Relaxed) | OWNS_EXT, Ordering::Relaxed);
             }
-        }
-        self.owner.get(b).store(owner, Ordering::Relaxed);
+        });
     }
 
     /// Build fresh nodes for `blocks` (one per contiguous id range), held by `st` only, as a
@@ -634,6 +662,7 @@ impl Tree {
         guard: &Guard,
     ) -> Result<Vec<u32>, KvCacheEventError> {
         let mut made: Vec<u32> = Vec::new();
+        let mut fresh: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
         let mut k = 0usize;
         while k < blocks.len() {
             let want = (blocks.len() - k).min(u32::MAX as usize) as u32;
@@ -657,6 +686,7 @@ impl Tree {
             for q in 0..got {
                 let blk = &blocks[k + q as usize];
                 self.init_block(start + q, blk.tokens_hash.0, blk.block_hash.0, n);
+                fresh.push((blk.block_hash.0, start + q));
             }
             if let Some(&prev) = made.last() {
                 // Relaxed: `prev` is not reachable yet; the head's Release link publishes all.
@@ -666,6 +696,7 @@ impl Tree {
             depth += got;
             k += got as usize;
         }
+        self.claim_exts(&mut fresh, st.slot);
         if let Some(&head) = made.first() {
             let p = self.node(parent);
             let pw = p.children.load(Ordering::Relaxed);
@@ -929,9 +960,7 @@ impl Tree {
         if sole && lo > 0 && node.children.load(Ordering::Relaxed) == 0 {
             // Only this stream holds the run and nothing hangs below it: cut the tail off.
             node.extent.store(extent_word(start, lo), Ordering::Release);
-            for b in start + lo..=start + hi {
-                self.ext_release(b);
-            }
+            self.ext_release_range(start + lo, hi - lo + 1, st.slot);
             st.freed.push((start + lo, hi - lo + 1));
             self.unlock(n);
             return Ok(());
@@ -987,9 +1016,7 @@ impl Tree {
                 parent.children.store(nw, Ordering::Release);
             }
             let (start, len) = extent_parts(node.extent.load(Ordering::Relaxed));
-            for b in start..start + len {
-                self.ext_release(b);
-            }
+            self.ext_release_range(start, len, st.slot);
             st.freed.push((start, len));
             // Not LIVE, unlocked. Readers that still hold `n` see no members.
             node.state.store(0, Ordering::Release);
@@ -1414,6 +1441,7 @@ impl Tree {
                 if *held == slots && pb + 1 < *end {
                     let b = pb + 1;
                     self.init_block(b, local, ext, parent);
+                    self.claim_exts(&mut [(ext, b)], 0);
                     pnode.extent.store(extent_word(pstart, plen + 1), Ordering::Release);
                     return Ok(b);
                 }
@@ -1431,6 +1459,7 @@ impl Tree {
             0,
         )?;
         self.init_block(start, local, ext, n);
+        self.claim_exts(&mut [(ext, start)], 0);
         if let Some(nw) = children::insert_child(pw, local, n, &|i| self.first_local(i), guard) {
             pnode.children.store(nw, Ordering::Release);
         }
@@ -1460,7 +1489,7 @@ impl Tree {
         r.map_bytes = self
             .ext_map
             .iter()
-            .map(|m| m.lock().map(|t| t.capacity() * 5).unwrap_or(0))
+            .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
             .sum();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
         r.node_bytes = self.nodes.allocated_bytes()
