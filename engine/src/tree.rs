@@ -33,6 +33,7 @@
 
 use crate::children;
 use crate::error::KvCacheEventError;
+use crate::ext_map::ExtTable;
 use crate::members::{self, Members};
 use crate::protocol::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
@@ -46,7 +47,6 @@ use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
 use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
-use crate::ext_map::ExtTable;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -165,6 +165,15 @@ pub struct MemoryReport {
     pub map_bytes: usize,
 }
 
+/// One shard of the shared map, with where its slots live for lock-free prefetching.
+#[derive(Default)]
+struct ExtShard {
+    table: Mutex<ExtTable>,
+    /// `ExtTable::location` as of the last writer (address, capacity); 0 when empty.
+    at: AtomicU64,
+    cap: AtomicU64,
+}
+
 /// The tree of one namespace.
 pub(crate) struct Tree {
     nodes: SegmentedVec<Node>,
@@ -174,7 +183,7 @@ pub(crate) struct Tree {
     owner: SegmentedVec<AtomicU32>,
     free_nodes: Mutex<Vec<u32>>,
     free_blocks: Mutex<FreeRanges>,
-    ext_map: Box<[CachePadded<Mutex<ExtTable>>]>,
+    ext_map: Box<[CachePadded<ExtShard>]>,
     pub(crate) slots: Slots,
     /// Mirror of every stream's exceptions, read by dumps: (slot, block) -> ext.
     exceptions: Mutex<HashMap<(u32, u32), u64>>,
@@ -190,7 +199,7 @@ impl Tree {
             free_nodes: Mutex::new(Vec::new()),
             free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(ExtTable::default())))
+                .map(|_| CachePadded::new(ExtShard::default()))
                 .collect(),
             slots: Slots::new(),
             exceptions: Mutex::new(HashMap::new()),
@@ -296,7 +305,10 @@ impl Tree {
     }
 
     fn ext_shard(&self, shard: usize) -> MutexGuard<'_, ExtTable> {
-        self.ext_map[shard].lock().unwrap_or_else(|e| e.into_inner())
+        self.ext_map[shard]
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn ext_lookup(&self, ext: u64) -> Option<u32> {
@@ -304,15 +316,26 @@ impl Tree {
             .find(mix(ext), |b| self.ext_of(b) == ext)
     }
 
-    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard,
-    /// with each shard's home slots prefetched before its probes. `rotate` spreads the starting
-    /// shard so that two event threads do not walk the shards in step.
+    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard.
+    /// Every home slot is prefetched first, so the batch's cache misses overlap instead of
+    /// queueing behind each other. `rotate` spreads the starting shard so that two event
+    /// threads do not walk the shards in step.
     fn ext_batch(
         &self,
         batch: &mut [(u64, u32)],
         rotate: u32,
         mut op: impl FnMut(&mut ExtTable, u64, u32),
     ) {
+        if batch.is_empty() {
+            return;
+        }
+        for &(ext, _) in batch.iter() {
+            let shard = &self.ext_map[Self::shard_of(ext)];
+            // Relaxed: a hint only (see `ext_map::prefetch`).
+            let at = shard.at.load(Ordering::Relaxed) as usize;
+            let cap = shard.cap.load(Ordering::Relaxed) as usize;
+            crate::ext_map::prefetch((at, cap), mix(ext));
+        }
         let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
         batch.sort_unstable_by_key(|&(ext, _)| key(ext));
         let mut i = 0;
@@ -321,12 +344,13 @@ impl Tree {
             let k = key(batch[i].0);
             let end = i + batch[i..].iter().take_while(|&&(e, _)| key(e) == k).count();
             let mut table = self.ext_shard(shard);
-            for &(ext, _) in &batch[i..end] {
-                table.prefetch(mix(ext));
-            }
             for &(ext, b) in &batch[i..end] {
                 op(&mut table, ext, b);
             }
+            let (at, cap) = table.location();
+            let s = &self.ext_map[shard];
+            s.at.store(at as u64, Ordering::Relaxed);
+            s.cap.store(cap as u64, Ordering::Relaxed);
             i = end;
         }
     }
@@ -392,7 +416,11 @@ impl Tree {
     }
 
     /// Up to `want` consecutive fresh block ids for `st` (at least one, or an error).
-    fn take_blocks(&self, st: &mut StreamState, want: u32) -> Result<(u32, u32), KvCacheEventError> {
+    fn take_blocks(
+        &self,
+        st: &mut StreamState,
+        want: u32,
+    ) -> Result<(u32, u32), KvCacheEventError> {
         let (next, end) = st.block_cache;
         if next == end {
             let reused = {
@@ -592,7 +620,10 @@ impl Tree {
             let o = self.owner.get(b);
             // Relaxed: writers read owners only after locking a node, which orders them after
             // this thread's unlock of `n`.
-            o.store(t | (o.load(Ordering::Relaxed) & OWNS_EXT), Ordering::Relaxed);
+            o.store(
+                t | (o.load(Ordering::Relaxed) & OWNS_EXT),
+                Ordering::Relaxed,
+            );
         }
         children::for_each_child(cw, guard, |c| {
             self.node(c).parent.store(t, Ordering::Relaxed)
@@ -600,7 +631,8 @@ impl Tree {
         // Release (children, then extent): a reader that sees the short extent also sees the
         // tail as the only child; one that sees the old extent and the new child rejects the
         // child by its depth.
-        node.children.store(t as u64 + 1, crate::sync::publish_link());
+        node.children
+            .store(t as u64 + 1, crate::sync::publish_link());
         node.extent.store(extent_word(start, k), Ordering::Release);
         Ok(t)
     }
@@ -690,7 +722,9 @@ impl Tree {
             }
             if let Some(&prev) = made.last() {
                 // Relaxed: `prev` is not reachable yet; the head's Release link publishes all.
-                self.node(prev).children.store(n as u64 + 1, Ordering::Relaxed);
+                self.node(prev)
+                    .children
+                    .store(n as u64 + 1, Ordering::Relaxed);
             }
             made.push(n);
             depth += got;
@@ -701,8 +735,7 @@ impl Tree {
             let p = self.node(parent);
             let pw = p.children.load(Ordering::Relaxed);
             let key = blocks[0].tokens_hash.0;
-            if let Some(nw) =
-                children::insert_child(pw, key, head, &|i| self.first_local(i), guard)
+            if let Some(nw) = children::insert_child(pw, key, head, &|i| self.first_local(i), guard)
             {
                 // Release: the chain's initialisation is visible to readers that see it.
                 p.children.store(nw, crate::sync::publish_link());
@@ -770,20 +803,25 @@ impl Tree {
                     }
                     true
                 });
-                let member = Members::from_word(self.node(cur).members.load(Ordering::Relaxed), guard)
-                    .contains(slot);
+                let member =
+                    Members::from_word(self.node(cur).members.load(Ordering::Relaxed), guard)
+                        .contains(slot);
                 if m > 0 && !member {
                     if j > 0 {
                         // Not reachable by the protocol (a stream enters a run it does not hold
                         // only at its first block); handled for safety.
-                        let t = self.split(st, cur, j, guard).inspect_err(|_| self.unlock(cur))?;
+                        let t = self
+                            .split(st, cur, j, guard)
+                            .inspect_err(|_| self.unlock(cur))?;
                         self.unlock(cur);
                         cur = t;
                         j = 0;
                     }
                     let (_, len_now) = self.extent(cur);
                     if m < len_now {
-                        let t = self.split(st, cur, m, guard).inspect_err(|_| self.unlock(cur))?;
+                        let t = self
+                            .split(st, cur, m, guard)
+                            .inspect_err(|_| self.unlock(cur))?;
                         self.unlock(t);
                     }
                     self.add_member(cur, slot, guard);
@@ -830,7 +868,9 @@ impl Tree {
                         return Err(KvCacheEventError::IndexerInvariantViolation);
                     }
                     // The stream's chain leaves this run in its middle: cut it there.
-                    let t = self.split(st, cur, j, guard).inspect_err(|_| self.unlock(cur))?;
+                    let t = self
+                        .split(st, cur, j, guard)
+                        .inspect_err(|_| self.unlock(cur))?;
                     self.unlock(t);
                 }
             }
@@ -930,7 +970,12 @@ impl Tree {
     }
 
     /// Drop block `b`, held by `st` (no lock held by the caller).
-    fn drop_one(self: &Arc<Self>, st: &mut StreamState, b: u32, guard: &Guard) -> Result<(), KvCacheEventError> {
+    fn drop_one(
+        self: &Arc<Self>,
+        st: &mut StreamState,
+        b: u32,
+        guard: &Guard,
+    ) -> Result<(), KvCacheEventError> {
         let n = self.lock_owner(b)?;
         let off = b - self.extent(n).0;
         self.drop_range(st, n, off, off, guard)
@@ -947,7 +992,9 @@ impl Tree {
     ) -> Result<(), KvCacheEventError> {
         let (start, len) = self.extent(n);
         if hi + 1 < len {
-            let t = self.split(st, n, hi + 1, guard).inspect_err(|_| self.unlock(n))?;
+            let t = self
+                .split(st, n, hi + 1, guard)
+                .inspect_err(|_| self.unlock(n))?;
             self.unlock(t);
         }
         for b in start + lo..=start + hi {
@@ -966,7 +1013,9 @@ impl Tree {
             return Ok(());
         }
         let target = if lo > 0 {
-            let t = self.split(st, n, lo, guard).inspect_err(|_| self.unlock(n))?;
+            let t = self
+                .split(st, n, lo, guard)
+                .inspect_err(|_| self.unlock(n))?;
             self.unlock(n);
             t
         } else {
@@ -1158,7 +1207,11 @@ impl Tree {
 
     /// Every live node below the root, parents before children, each with its parent's last
     /// block (`None` under the root), its holders and its blocks.
-    fn walk_nodes(&self, guard: &Guard, mut f: impl FnMut(u32, Option<u32>, Members<'_>, u32, u32)) {
+    fn walk_nodes(
+        &self,
+        guard: &Guard,
+        mut f: impl FnMut(u32, Option<u32>, Members<'_>, u32, u32),
+    ) {
         let mut stack: Vec<(u32, Option<u32>)> = Vec::new();
         for c in self.sorted_children(self.node(ROOT), guard) {
             stack.push((c, None));
@@ -1386,10 +1439,14 @@ impl Tree {
                 scratch.freed.push((start + len, end - start - len));
             }
         }
-        scratch.freed.extend(
-            (scratch.block_cache.0 < scratch.block_cache.1)
-                .then(|| (scratch.block_cache.0, scratch.block_cache.1 - scratch.block_cache.0)),
-        );
+        scratch
+            .freed
+            .extend((scratch.block_cache.0 < scratch.block_cache.1).then(|| {
+                (
+                    scratch.block_cache.0,
+                    scratch.block_cache.1 - scratch.block_cache.0,
+                )
+            }));
         {
             let mut fb = self.free_blocks.lock().unwrap_or_else(|e| e.into_inner());
             for (s, l) in scratch.freed.drain(..) {
@@ -1442,7 +1499,9 @@ impl Tree {
                     let b = pb + 1;
                     self.init_block(b, local, ext, parent);
                     self.claim_exts(&mut [(ext, b)], 0);
-                    pnode.extent.store(extent_word(pstart, plen + 1), Ordering::Release);
+                    pnode
+                        .extent
+                        .store(extent_word(pstart, plen + 1), Ordering::Release);
                     return Ok(b);
                 }
             }
@@ -1489,7 +1548,7 @@ impl Tree {
         r.map_bytes = self
             .ext_map
             .iter()
-            .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
+            .map(|m| m.table.lock().map(|t| t.bytes()).unwrap_or(0))
             .sum();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
         r.node_bytes = self.nodes.allocated_bytes()
@@ -1679,8 +1738,10 @@ impl Tree {
             };
             let node = self.node(c);
             let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
-            let rest: Vec<LocalBlockHash> =
-                seq[out.len()..].iter().map(|&x| LocalBlockHash(x)).collect();
+            let rest: Vec<LocalBlockHash> = seq[out.len()..]
+                .iter()
+                .map(|&x| LocalBlockHash(x))
+                .collect();
             let matched = self.match_run(start, len, &rest);
             out.extend((start..start + matched).map(|b| (b, c)));
             if matched < len {
