@@ -326,32 +326,53 @@ impl Tree {
         rotate: u32,
         mut op: impl FnMut(&mut ExtTable, u64, u32),
     ) {
-        if batch.is_empty() {
-            return;
-        }
-        for &(ext, _) in batch.iter() {
+        /// How far ahead of its probe a home bucket is prefetched (enough to cover a miss,
+        /// few enough to stay within the core's outstanding-miss buffers).
+        const AHEAD: usize = 10;
+        let prefetch = |ext: u64| {
             let shard = &self.ext_map[Self::shard_of(ext)];
             // Relaxed: a hint only (see `ext_map::prefetch`).
             let at = shard.at.load(Ordering::Relaxed) as usize;
             let cap = shard.cap.load(Ordering::Relaxed) as usize;
             crate::ext_map::prefetch((at, cap), mix(ext));
+        };
+        if batch.len() > 1 {
+            // Counting sort by shard, starting at `rotate`.
+            let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
+            let mut starts = [0usize; EXT_SHARDS + 1];
+            for &(ext, _) in batch.iter() {
+                starts[key(ext) + 1] += 1;
+            }
+            for k in 0..EXT_SHARDS {
+                starts[k + 1] += starts[k];
+            }
+            let mut sorted = vec![(0u64, 0u32); batch.len()];
+            for &(ext, b) in batch.iter() {
+                let k = key(ext);
+                sorted[starts[k]] = (ext, b);
+                starts[k] += 1;
+            }
+            batch.copy_from_slice(&sorted);
         }
-        let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
-        batch.sort_unstable_by_key(|&(ext, _)| key(ext));
+        for &(ext, _) in batch.iter().take(AHEAD) {
+            prefetch(ext);
+        }
         let mut i = 0;
         while i < batch.len() {
             let shard = Self::shard_of(batch[i].0);
-            let k = key(batch[i].0);
-            let end = i + batch[i..].iter().take_while(|&&(e, _)| key(e) == k).count();
             let mut table = self.ext_shard(shard);
-            for &(ext, b) in &batch[i..end] {
+            while i < batch.len() && Self::shard_of(batch[i].0) == shard {
+                if let Some(&(ahead, _)) = batch.get(i + AHEAD) {
+                    prefetch(ahead);
+                }
+                let (ext, b) = batch[i];
                 op(&mut table, ext, b);
+                i += 1;
             }
             let (at, cap) = table.location();
             let s = &self.ext_map[shard];
             s.at.store(at as u64, Ordering::Relaxed);
             s.cap.store(cap as u64, Ordering::Relaxed);
-            i = end;
         }
     }
 
