@@ -165,11 +165,12 @@ pub struct MemoryReport {
     pub map_bytes: usize,
 }
 
-/// One shard of the shared map, with where its slots live for lock-free prefetching.
+/// Where one map shard's buckets live, for prefetching without its lock: `ExtTable::location`
+/// as of its last growth (address, bucket count); 0 while empty. Kept apart from the shard's
+/// mutex, and rewritten only when the table moved, so that reading it costs no cache-line
+/// transfer between the event threads.
 #[derive(Default)]
-struct ExtShard {
-    table: Mutex<ExtTable>,
-    /// `ExtTable::location` as of the last writer (address, capacity); 0 when empty.
+struct ExtHint {
     at: AtomicU64,
     cap: AtomicU64,
 }
@@ -183,7 +184,8 @@ pub(crate) struct Tree {
     owner: SegmentedVec<AtomicU32>,
     free_nodes: Mutex<Vec<u32>>,
     free_blocks: Mutex<FreeRanges>,
-    ext_map: Box<[CachePadded<ExtShard>]>,
+    ext_map: Box<[CachePadded<Mutex<ExtTable>>]>,
+    ext_hints: Box<[ExtHint]>,
     pub(crate) slots: Slots,
     /// Mirror of every stream's exceptions, read by dumps: (slot, block) -> ext.
     exceptions: Mutex<HashMap<(u32, u32), u64>>,
@@ -199,8 +201,9 @@ impl Tree {
             free_nodes: Mutex::new(Vec::new()),
             free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(ExtShard::default()))
+                .map(|_| CachePadded::new(Mutex::new(ExtTable::default())))
                 .collect(),
+            ext_hints: (0..EXT_SHARDS).map(|_| ExtHint::default()).collect(),
             slots: Slots::new(),
             exceptions: Mutex::new(HashMap::new()),
         };
@@ -306,7 +309,6 @@ impl Tree {
 
     fn ext_shard(&self, shard: usize) -> MutexGuard<'_, ExtTable> {
         self.ext_map[shard]
-            .table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -330,10 +332,10 @@ impl Tree {
         /// few enough to stay within the core's outstanding-miss buffers).
         const AHEAD: usize = 10;
         let prefetch = |ext: u64| {
-            let shard = &self.ext_map[Self::shard_of(ext)];
+            let hint = &self.ext_hints[Self::shard_of(ext)];
             // Relaxed: a hint only (see `ext_map::prefetch`).
-            let at = shard.at.load(Ordering::Relaxed) as usize;
-            let cap = shard.cap.load(Ordering::Relaxed) as usize;
+            let at = hint.at.load(Ordering::Relaxed) as usize;
+            let cap = hint.cap.load(Ordering::Relaxed) as usize;
             crate::ext_map::prefetch((at, cap), mix(ext));
         };
         if batch.len() > 1 {
@@ -370,9 +372,11 @@ impl Tree {
                 i += 1;
             }
             let (at, cap) = table.location();
-            let s = &self.ext_map[shard];
-            s.at.store(at as u64, Ordering::Relaxed);
-            s.cap.store(cap as u64, Ordering::Relaxed);
+            let hint = &self.ext_hints[shard];
+            if hint.at.load(Ordering::Relaxed) != at as u64 {
+                hint.at.store(at as u64, Ordering::Relaxed);
+                hint.cap.store(cap as u64, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1569,7 +1573,7 @@ impl Tree {
         r.map_bytes = self
             .ext_map
             .iter()
-            .map(|m| m.table.lock().map(|t| t.bytes()).unwrap_or(0))
+            .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
             .sum();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
         r.node_bytes = self.nodes.allocated_bytes()
