@@ -66,7 +66,7 @@ const EXT_SHARDS: usize = 2;
 #[cfg(not(loom))]
 const BLOCK_BATCH: u32 = 256;
 #[cfg(loom)]
-const BLOCK_BATCH: u32 = 2;
+const BLOCK_BATCH: u32 = 1;
 /// A free range shorter than this is not worth starting a run in (it would cut the run).
 #[cfg(not(loom))]
 const MIN_REUSED_RANGE: u32 = 16;
@@ -1174,6 +1174,11 @@ impl Tree {
     fn child_at(&self, parent: &Node, local: u64, pos: usize, guard: &Guard) -> Option<u32> {
         let word = parent.children.load(Ordering::Acquire);
         let c = children::find_child(word, local, &|i| self.first_local(i), guard)?;
+        #[cfg(loom)]
+        if crate::sync::loom_support::no_depth_check() {
+            // Planted bug (loom-tests/tests/split.rs).
+            return Some(c);
+        }
         (self.node(c).depth.load(Ordering::Relaxed) as usize == pos).then_some(c)
     }
 
