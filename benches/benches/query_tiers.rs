@@ -26,7 +26,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvindex_benches::workload::{local_hash, seq_hashes};
 use kvindex_engine::protocol::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
@@ -114,16 +114,16 @@ fn query_tiers(c: &mut Criterion) {
     for with_lower in [false, true] {
         let (ns, query) = index(&engine, with_lower);
         let state = if with_lower { "with_lower" } else { "no_lower" };
-        group.bench_function(format!("{state}/find_matches"), |b| {
+        group.bench_function(BenchmarkId::new(state, "find_matches"), |b| {
             b.iter(|| black_box(ns.find_matches(black_box(&query), false)))
         });
-        group.bench_function(format!("{state}/tiered"), |b| {
+        group.bench_function(BenchmarkId::new(state, "tiered"), |b| {
             b.iter(|| black_box(ns.find_matches_tiered(black_box(&query))))
         });
-        group.bench_function(format!("{state}/tiered_by_instance"), |b| {
+        group.bench_function(BenchmarkId::new(state, "tiered_by_instance"), |b| {
             b.iter(|| black_box(ns.find_matches_tiered(black_box(&query)).by_instance()))
         });
-        group.bench_function(format!("{state}/tiered_exhaustive"), |b| {
+        group.bench_function(BenchmarkId::new(state, "tiered_exhaustive"), |b| {
             b.iter(|| black_box(ns.find_matches_tiered_exhaustive(black_box(&query))))
         });
     }
