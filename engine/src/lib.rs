@@ -32,7 +32,7 @@ mod tree;
 pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
 pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
-pub use lower_tiers::{InstanceTiers, TierDepths, TieredScores};
+pub use lower_tiers::{InstanceTiers, TierDepths, TierExtensions, TieredScores};
 pub use protocol::*;
 pub use snapshot::{IndexSnapshot, SnapshotHolder, SnapshotLowerBlock, SnapshotNode};
 pub use tree::MemoryReport;
