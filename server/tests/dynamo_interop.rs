@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{local_hashes, start, stored, Server};
+use common::{local_hashes, runtime, start, stored, Server};
 use kvindex_server::zmq::test_publisher::{
     PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
 };
@@ -335,14 +335,6 @@ fn dynamo_python() -> Option<String> {
             None
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// One engine stream: a publisher registered in Dynamo as `(instance, dp_rank)`.
