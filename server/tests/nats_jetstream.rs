@@ -13,26 +13,6 @@ use serde_json::json;
 const STREAM: &str = "KVEVENTS";
 const CONSUMER: &str = "kvindex-a";
 
-fn tokens(n: u32) -> Vec<u32> {
-    (1..=n).collect()
-}
-
-fn chain(h: &[u64], n: usize, base: u64) -> Vec<(u64, u64)> {
-    h.iter()
-        .take(n)
-        .enumerate()
-        .map(|(i, &l)| (base + i as u64, l))
-        .collect()
-}
-
-fn metrics(s: &Server) -> String {
-    s.get("/metrics").text()
-}
-
-fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_sum(&metrics(s), name, labels)
-}
-
 fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let s = start(
         dir,
@@ -48,13 +28,7 @@ fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> S
         ],
         env,
     );
-    wait_until("JetStream consumer up", || {
-        metric(
-            &s,
-            "kvindex_nats_subscription_up",
-            &[("subscription", "jetstream")],
-        ) == 1.0
-    });
+    wait_subscribed(&s, "jetstream");
     s
 }
 
