@@ -329,15 +329,17 @@ fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
         "--fsync",
         "always",
     ]);
-    let a = store(100, &A);
-    wait_for(
-        "A in the log",
-        &mut cap,
-        || {
-            rt.block_on(publ.publish(&a)).unwrap();
-        },
-        || exported_block(&dir, 101),
-    );
+    let log_block = |cap: &mut Capture, what: &str, batch: &PublishBatch, block: u64| {
+        wait_for(
+            what,
+            cap,
+            || {
+                rt.block_on(publ.publish(batch)).unwrap();
+            },
+            || exported_block(&dir, block),
+        );
+    };
+    log_block(&mut cap, "A in the log", &store(100, &A), 101);
     // Garbage: a one-frame message and a payload that is not msgpack.
     rt.block_on(publ.send_raw(vec![b"junk".to_vec()])).unwrap();
     rt.block_on(publ.send_raw(vec![
@@ -348,15 +350,7 @@ fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
     .unwrap();
     // Five batches nobody will ever see.
     publ.skip_seqs(5);
-    let b = store(200, &B);
-    wait_for(
-        "B in the log",
-        &mut cap,
-        || {
-            rt.block_on(publ.publish(&b)).unwrap();
-        },
-        || exported_block(&dir, 201),
-    );
+    log_block(&mut cap, "B in the log", &store(200, &B), 201);
     cap.signal(libc::SIGINT);
     let stderr_log = Arc::clone(&cap.stderr);
     let summary = cap.finish_cleanly("signal");

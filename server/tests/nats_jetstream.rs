@@ -59,6 +59,17 @@ fn wait_all_acked(c: &Client) {
     });
 }
 
+/// Start kvindex with its JetStream consumer set to stop at `hold` (`before_log` or
+/// `before_ack`), publish worker 1's 4-block store, and wait until the consumer holds it.
+fn publish_and_hold(nats: &NatsServer, dir: &std::path::Path, c: &Client, hold: &str) -> Server {
+    let s = start_js(nats, dir, &[("KVINDEX_TEST_NATS_HOLD", hold)]);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until(&format!("the consumer holding the message {hold}"), || {
+        s.stderr().contains(&format!("test hold {hold}"))
+    });
+    s
+}
+
 #[test]
 fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
     let nats = NatsServer::start();
@@ -129,15 +140,7 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
     // First run: partition created, then the consumer stops right after delivery.
-    let s = start_js(
-        &nats,
-        dir.path(),
-        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
-    );
-    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
-    wait_until("the consumer holds the delivered message", || {
-        s.stderr().contains("test hold before_log")
-    });
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_log");
     let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);
     assert_eq!(ack_pending, 1);
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 0.0);
@@ -153,10 +156,8 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
     wait_until("the ack is counted", || {
         metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 1.0
     });
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
     // And it is durable: a restart without NATS still has it.
-    let s = start(dir.path(), &[], &[]);
+    let s = s.restart(&[]);
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
 }
 
@@ -165,15 +166,7 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
-    let s = start_js(
-        &nats,
-        dir.path(),
-        &[("KVINDEX_TEST_NATS_HOLD", "before_ack")],
-    );
-    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
-    wait_until("the consumer holds the logged message", || {
-        s.stderr().contains("test hold before_ack")
-    });
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_ack");
     // Durable and applied, not acknowledged.
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
     let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);
