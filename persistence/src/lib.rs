@@ -10,7 +10,8 @@
 //! * [`record`]: the rkyv payload types; [`format`]: framing (length + CRC32C + payload);
 //! * [`writer`]: LSN assignment, the bounded queue and the group-commit writer thread, through
 //!   [`io`] (io_uring or portable);
-//! * [`segment`]: memory-mapped reading; [`recovery`]: snapshot + replay + damage policy;
+//! * [`segment`]: memory-mapped reading; `scan`: one walk over a segment's records that
+//!   resumes after damage; [`recovery`]: snapshot + replay + damage policy;
 //! * [`log`]: [`EventLog`], which ties them together for one data directory;
 //! * [`snapshot`]: [`SnapshotStore`]; [`durable`]: [`DurableIndex`], an engine kept durable by
 //!   a log and snapshots;
@@ -30,6 +31,7 @@ pub mod log;
 pub mod loom_hooks;
 pub mod record;
 pub mod recovery;
+mod scan;
 pub mod segment;
 pub mod snapshot;
 mod sync;
