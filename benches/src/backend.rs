@@ -51,6 +51,11 @@ pub trait Backend: Send + Sync {
     fn find_prepared(&self, query: &Self::Query) -> Vec<Score>;
 
     /// Submit one event given in our protocol types.
+    /// The index's own account of its memory, printed after ingest (kvindex only).
+    fn memory_breakdown(&self) -> Option<String> {
+        None
+    }
+
     fn apply(&self, event: &RouterEvent) -> anyhow::Result<()> {
         self.apply_prepared(self.prepare(event)?)
     }

@@ -73,6 +73,21 @@ impl Backend for KvindexBackend {
             .map_err(|e| anyhow::anyhow!("kvindex flush: {e}"))
     }
 
+    fn memory_breakdown(&self) -> Option<String> {
+        let m = self.namespace.memory();
+        let mb = |b: usize| b as f64 / 1e6;
+        Some(format!(
+            "{} live blocks in {} runs; arenas {:.1} MB, ext map {:.1} MB, member sets {:.1} MB, \
+             child tables {:.1} MB",
+            m.live_nodes,
+            m.live_runs,
+            mb(m.node_bytes),
+            mb(m.map_bytes),
+            mb(m.member_bytes),
+            mb(m.child_bytes)
+        ))
+    }
+
     fn prepare_query(&self, query: &[LocalBlockHash]) -> Vec<LocalBlockHash> {
         query.to_vec()
     }

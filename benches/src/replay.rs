@@ -330,6 +330,9 @@ pub fn run<B: Backend>(
         let secs = start.elapsed().as_secs_f64();
         (cfg.trim)();
         let rss_after = rss_bytes()?;
+        if let Some(m) = backend.memory_breakdown() {
+            eprintln!("[{}] index memory: {m}", backend.name());
+        }
         result.ingest = Some(IngestResult {
             secs,
             events_per_sec: counts.events as f64 / secs,
