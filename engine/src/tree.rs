@@ -1157,13 +1157,9 @@ impl Tree {
         let mut m = 0u32;
         self.locals.for_each_slice(start, len, |s| {
             let q = &seq[m as usize..m as usize + s.len()];
-            for (x, h) in s.iter().zip(q) {
-                if x.load(Ordering::Relaxed) != h.0 {
-                    return false;
-                }
-                m += 1;
-            }
-            true
+            let same = common_prefix(s, q);
+            m += same as u32;
+            same == s.len()
         });
         m
     }
@@ -1189,7 +1185,7 @@ impl Tree {
         let mut out = OverlapScores::default();
         let guard = epoch::pin();
         let mut active: Option<ActiveSet> = None;
-        let mut scored: Vec<(u32, u32)> = Vec::new();
+        let mut scored: Vec<(u32, u32)> = Vec::with_capacity(64);
         let mut pos = 0usize;
         let mut cur = self.node(ROOT);
         while let Some(h) = seq.get(pos) {
@@ -1587,6 +1583,44 @@ impl Tree {
             + self.owner.allocated_bytes();
         r
     }
+}
+
+/// How many leading blocks of `run` equal `seq` (same length). Eight at a time with no
+/// early exit inside a group, so the compiler can use vector compares.
+#[cfg(not(loom))]
+#[inline]
+fn common_prefix(run: &[AtomicU64], seq: &[LocalBlockHash]) -> usize {
+    // SAFETY: `AtomicU64` has the same size, alignment and bit validity as `u64`. The blocks of a
+    // run a reader reached are written only before the run was published (Release, and the
+    // reader loaded the publishing word with Acquire) and are not written again until their id
+    // is recycled, which waits for every reader pinned now (the caller holds an epoch guard).
+    // So these plain reads race with no write.
+    let run: &[u64] = unsafe { std::slice::from_raw_parts(run.as_ptr() as *const u64, run.len()) };
+    let n = run.len().min(seq.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let mut diff = 0u64;
+        for k in 0..8 {
+            diff |= run[i + k] ^ seq[i + k].0;
+        }
+        if diff != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < n && run[i] == seq[i].0 {
+        i += 1;
+    }
+    i
+}
+
+/// Under loom the loads stay atomic (loom tracks every access).
+#[cfg(loom)]
+fn common_prefix(run: &[AtomicU64], seq: &[LocalBlockHash]) -> usize {
+    run.iter()
+        .zip(seq)
+        .take_while(|(x, h)| x.load(Ordering::Relaxed) == h.0)
+        .count()
 }
 
 /// Fresh ids wanted from a reused range at least this long (so that a run is not cut short).
