@@ -1511,10 +1511,23 @@ impl Tree {
         let pnode = self.node(parent);
         let (pstart, plen) = extent_parts(pnode.extent.load(Ordering::Relaxed));
         if let Some(pb) = parent_block {
-            if pb + 1 != pstart + plen {
+            if pb < pstart || pb >= pstart + plen {
                 return Err(KvCacheEventError::IndexerInvariantViolation);
             }
+            if pb + 1 != pstart + plen {
+                // A second child of a block that an earlier child's blocks extended: cut the
+                // run after the parent block (its reserved ids stay with the tail).
+                self.lock(parent);
+                let t = self.split(scratch, parent, pb + 1 - pstart, guard);
+                self.unlock(parent);
+                let t = t?;
+                self.unlock(t);
+                if let Some(r) = reserved.remove(&parent) {
+                    reserved.insert(t, r);
+                }
+            }
         }
+        let (pstart, plen) = extent_parts(pnode.extent.load(Ordering::Relaxed));
         let pw = pnode.children.load(Ordering::Relaxed);
         if children::find_child(pw, local, &|i| self.first_local(i), guard).is_some() {
             return Err(KvCacheEventError::IndexerInvariantViolation);

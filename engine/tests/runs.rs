@@ -130,3 +130,25 @@ fn a_snapshot_restores_the_same_runs_and_answers() {
         .unwrap();
     assert_eq!(q(&restored, &side), vec![(1, 50), (2, 30), (3, 52)]);
 }
+
+#[test]
+fn a_snapshot_with_same_holder_branches_restores() {
+    // One worker holds two branches below a block, so the snapshot's first branch extends the
+    // parent's run during the restore and the second must cut it again.
+    let (e, ns) = common::engine_and_namespace();
+    let trunk: Vec<u64> = chain(10);
+    let mut a = trunk.clone();
+    a.extend([501, 502]);
+    let mut b = trunk.clone();
+    b.extend([601, 602, 603]);
+    ns.apply_and_wait(common::store_chain(1, 0, &a)).unwrap();
+    ns.apply_and_wait(common::store_chain_after(1, 0, &trunk, &b[10..]))
+        .unwrap();
+    let snap = ns.snapshot().unwrap();
+    let restored = common::create_namespace(&e, NamespaceKey::new("m3", "default"), 16);
+    restored.restore(&snap).unwrap();
+    assert_eq!(q(&restored, &a), vec![(1, 12)]);
+    assert_eq!(q(&restored, &b), vec![(1, 13)]);
+    assert_eq!(restored.dump().unwrap(), ns.dump().unwrap());
+    assert_eq!(shape(&restored), shape(&ns));
+}
