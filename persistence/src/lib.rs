@@ -10,7 +10,8 @@
 //! * [`record`]: the rkyv payload types; [`format`]: framing (length + CRC32C + payload);
 //! * [`writer`]: LSN assignment, the bounded queue and the group-commit writer thread, through
 //!   [`io`] (io_uring or portable);
-//! * [`segment`]: memory-mapped reading; [`recovery`]: snapshot + replay + damage policy;
+//! * [`segment`]: memory-mapped reading; [`lsn_index`]: where in a segment an LSN starts;
+//!   [`recovery`]: snapshot + replay + damage policy;
 //! * [`log`]: [`EventLog`], which ties them together for one data directory;
 //! * [`snapshot`]: [`SnapshotStore`]; [`durable`]: [`DurableIndex`], an engine kept durable by
 //!   a log and snapshots;
@@ -28,6 +29,7 @@ pub mod log;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_hooks;
+pub mod lsn_index;
 pub mod record;
 pub mod recovery;
 pub mod segment;
