@@ -215,7 +215,8 @@ pub fn decode(bytes: &[u8], segment_first_lsn: Lsn) -> Result<LoadedIndex, Index
             lsn: format::le_u64(e, 0),
             offset: format::le_u64(e, 8),
         };
-        let on_grid = m.offset >= SEGMENT_HEADER_LEN as u64 && m.offset % FRAME_ALIGN as u64 == 0;
+        let on_grid =
+            m.offset >= SEGMENT_HEADER_LEN as u64 && m.offset.is_multiple_of(FRAME_ALIGN as u64);
         let increasing = marks
             .last()
             .is_none_or(|p| m.lsn > p.lsn && m.offset > p.offset);

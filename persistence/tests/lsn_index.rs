@@ -57,6 +57,9 @@ fn write_batches_with(dir: &Path, cfg: LogConfig, batches: usize, seed: u64) -> 
     next
 }
 
+/// What an index case must fall back with.
+type FaultCheck = fn(&IndexFault) -> bool;
+
 type Answer = std::result::Result<Vec<RouterEvent>, String>;
 
 fn collect(it: Result<ExportIter>) -> (Answer, Option<(SeekVia, u64)>) {
@@ -290,7 +293,7 @@ fn a_missing_corrupt_or_stale_index_falls_back_to_the_scan_and_is_counted() {
     });
     let other = std::fs::read(index_path(&seg1)).unwrap();
 
-    let cases: Vec<(&str, Option<Vec<u8>>, fn(&IndexFault) -> bool)> = vec![
+    let cases: Vec<(&str, Option<Vec<u8>>, FaultCheck)> = vec![
         ("missing", None, |f| *f == IndexFault::Missing),
         ("flipped entry", Some(flipped_entry), |f| {
             matches!(f, IndexFault::BadEntry { index: 1 })
