@@ -348,8 +348,11 @@ pub fn seek(reader: &SegmentReader, from: Lsn) -> SeekStart {
         Ok(i) => i,
         Err(f) => return fallback(f),
     };
-    let at = index.marks.partition_point(|m| m.lsn <= from);
-    let Some(m) = at.checked_sub(1).map(|i| index.marks[i]) else {
+    // Marks past the end of this map name records appended after it was made (a live writer):
+    // not visible here, not a fault.
+    let visible = &index.marks[..index.marks.partition_point(|m| m.offset < reader.len())];
+    let at = visible.partition_point(|m| m.lsn <= from);
+    let Some(m) = at.checked_sub(1).map(|i| visible[i]) else {
         return start(SeekVia::SegmentStart);
     };
     let stale = |why: String| IndexFault::Stale {

@@ -496,9 +496,10 @@ fn segment_damage_after_the_start_is_reported_the_same_way() {
     assert!(b.is_err());
 }
 
-/// A crash cuts the segment mid-record after its index got marks for records now gone: reads
-/// at those LSNs fall back (the answer is the scan's: the log ends at the torn tail), and the
-/// next open cuts the tail and rewrites the index to the surviving records.
+/// A crash cuts the segment mid-record after its index got marks for records now gone: a mark
+/// inside the file that names a cut record fails its check (counted fallback), marks past the
+/// end are not used, the answer is the scan's (the log ends at the torn tail), and the next
+/// open cuts the tail and rewrites the index to the surviving records.
 #[test]
 fn an_index_that_outlived_a_torn_tail_is_caught_and_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
@@ -517,6 +518,7 @@ fn an_index_that_outlived_a_torn_tail_is_caught_and_rebuilt() {
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     f.set_len(cut_mark.offset + 20).unwrap();
     drop(f);
+    let prev = marks[marks.len() - 3];
     for from in [
         cut_mark.lsn - 1,
         cut_mark.lsn,
@@ -530,14 +532,28 @@ fn an_index_that_outlived_a_torn_tail_is_caught_and_rebuilt() {
                 "from {from}: {via:?}"
             );
             assert_eq!(a.unwrap(), vec![]);
+        } else {
+            assert_eq!(via, Some(SeekVia::Index { lsn: prev.lsn }), "from {from}");
         }
     }
+    // Cut at the second-to-last mark's offset: the marks now past the end are skipped, the one
+    // before them is used.
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(cut_mark.offset).unwrap();
+    drop(f);
+    let (a, b, via) = both(dir.path(), u64::MAX - 1, u64::MAX, None);
+    assert_eq!(a, b);
+    assert_eq!(via, Some(SeekVia::Index { lsn: prev.lsn }));
     let (log, report) = EventLog::open(dir.path(), cfg, &mut NullSink).unwrap();
     log.close().unwrap();
-    assert_eq!(report.truncated.len(), 1);
+    // The second cut left the file ending on a record boundary: nothing torn to cut.
+    assert!(report.truncated.is_empty());
     assert_eq!(report.lsn_indexes_rebuilt, 1);
     assert_eq!(
         lsn_index::load(&seg, first).unwrap().marks,
         marks[..marks.len() - 2].to_vec()
     );
+    let (a, b, via) = both(dir.path(), prev.lsn + 1, u64::MAX, None);
+    assert_eq!(a, b);
+    assert_eq!(via, Some(SeekVia::Index { lsn: prev.lsn }));
 }
