@@ -119,12 +119,6 @@ fn table(word: u64, _guard: &Guard) -> &ChildTable {
     unsafe { &*((word & !TABLE_TAG) as *const ChildTable) }
 }
 
-/// The child index when `word` encodes exactly one child.
-#[inline]
-pub(crate) fn single_child(word: u64) -> Option<u32> {
-    (word != 0 && word & TABLE_TAG == 0).then(|| (word - 1) as u32)
-}
-
 /// Lock-free: the child of a node with children word `word` whose local hash is `local`.
 #[inline]
 pub(crate) fn find_child(

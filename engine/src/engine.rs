@@ -9,7 +9,7 @@ use crate::counters::{EventCounters, EventCountsSnapshot};
 use crate::error::{EngineError, KvCacheEventError};
 use crate::hashing::{compute_block_hash_for_seq, HashOptions};
 use crate::lanes::{Lanes, NsShared, StreamFilter, Task};
-use crate::lower_tiers::TieredScores;
+use crate::lower_tiers::{TierDepths, TieredScores};
 use crate::protocol::{
     LocalBlockHash, OverlapScores, RouterEvent, StorageTier, WorkerId, WorkerWithDpRank,
 };
@@ -389,11 +389,13 @@ impl Namespace {
     }
 
     /// Tier-aware scores (SERVICE.md §3.6, §6.4): the device scores of [`Namespace::find_matches`]
-    /// and, per stream, the cumulative device → host_pinned → disk/external continuation.
+    /// and the streams whose cumulative device → host_pinned → disk/external continuation goes
+    /// further (see [`TieredScores`] for reading both as one view).
     ///
-    /// The device walk is lock-free. When the namespace holds lower-tier blocks, each stream that
-    /// has some is then extended under short per-stream read locks (see
-    /// `lower_tiers`), which costs one extra device-path lookup for those streams.
+    /// The device walk is lock-free. A namespace without lower-tier blocks stops there (one
+    /// relaxed counter read; nothing copied). Otherwise each stream that has some is extended
+    /// under short per-stream read locks (see `lower_tiers`), which costs one extra device-path
+    /// lookup for those streams.
     pub fn find_matches_tiered(&self, sequence: &[LocalBlockHash]) -> TieredScores {
         let device = self.shared.tree.find_matches(sequence);
         let tiers = self
@@ -403,6 +405,26 @@ impl Namespace {
                 self.shared.tree.stream_exts_on_path(sequence, wanted)
             });
         TieredScores { device, tiers }
+    }
+
+    /// [`Namespace::find_matches_tiered`] without its shortcuts, answered in the representation
+    /// it had before them: every device-matched stream copied into a full map of depths, and
+    /// every stream that ever had a lower-tier block walked on every tier, even in a namespace
+    /// holding no lower-tier block. Exists only so that tests can check the fast path against
+    /// it and the `query_tiers` bench can show what the fast path saves; not for serving.
+    #[doc(hidden)]
+    pub fn find_matches_tiered_exhaustive(
+        &self,
+        sequence: &[LocalBlockHash],
+    ) -> (OverlapScores, HashMap<WorkerWithDpRank, TierDepths>) {
+        let device = self.shared.tree.find_matches(sequence);
+        let depths =
+            self.shared
+                .lower
+                .continue_walk_exhaustive(sequence, &device.scores, |wanted| {
+                    self.shared.tree.stream_exts_on_path(sequence, wanted)
+                });
+        (device, depths)
     }
 
     /// [`Namespace::find_matches_tiered`] on tokens hashed as in

@@ -154,6 +154,12 @@ pub fn plant_eager_reclamation(on: bool) {
     crate::sync::loom_support::plant_eager_reclamation(on);
 }
 
+/// Plant a bug on this test thread: readers skip the depth check that detects a torn view of a
+/// split run (see `Tree::child_at`).
+pub fn plant_no_depth_check(on: bool) {
+    crate::sync::loom_support::plant_no_depth_check(on);
+}
+
 /// The first memory-safety violation the loom heap tracker recorded on this test thread since
 /// the last call: a reader dereferencing a freed member set or child table, or a double free.
 pub fn take_violation() -> Option<String> {

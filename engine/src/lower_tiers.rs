@@ -55,12 +55,91 @@ pub struct TierDepths {
     pub disk: u32,
 }
 
-/// Result of a tier-aware query: the device scores (exactly `find_matches`) and, per stream that
-/// matched on any tier, its cumulative depths. Streams absent from `tiers` matched nothing.
+impl TierDepths {
+    /// The depths of a stream matched on the device only: `host = disk = device`.
+    pub fn device_only(device: u32) -> Self {
+        Self {
+            device,
+            host: device,
+            disk: device,
+        }
+    }
+
+    /// Whether the lower tiers add to the device match (`disk > device`; `host ≤ disk`, so this
+    /// also covers a host_pinned continuation).
+    pub fn extends_device(&self) -> bool {
+        self.disk > self.device
+    }
+}
+
+/// Per-stream map with the device scores' fast hasher ([`ScoreMap`]).
+type StreamMap<V> = HashMap<WorkerWithDpRank, V, hashbrown::DefaultHashBuilder>;
+
+/// The streams whose lower tiers extend their device match (`disk > device`, see
+/// [`TierDepths::extends_device`]), with their cumulative depths: the only part of a tiered
+/// answer that the device scores do not already say. It exists so that the query path copies
+/// nothing per device-matched stream: a namespace without lower-tier blocks answers with an
+/// empty one. Collecting depths into it keeps only the extending ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierExtensions(StreamMap<TierDepths>);
+
+impl TierExtensions {
+    /// The depths of `stream` when its lower tiers extend its device match.
+    pub fn get(&self, stream: &WorkerWithDpRank) -> Option<&TierDepths> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.get(stream)
+    }
+
+    /// Number of extended streams.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when no stream's lower tiers add to its device match.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The extended streams, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&WorkerWithDpRank, &TierDepths)> {
+        self.0.iter()
+    }
+
+    /// Record `depths` of `stream` if they extend its device match; otherwise nothing.
+    fn insert(&mut self, stream: WorkerWithDpRank, depths: TierDepths) {
+        if depths.extends_device() {
+            self.0.insert(stream, depths);
+        }
+    }
+}
+
+impl FromIterator<(WorkerWithDpRank, TierDepths)> for TierExtensions {
+    /// Keeps the entries whose depths extend the device match (a device-only entry is implied
+    /// by the device scores).
+    fn from_iter<I: IntoIterator<Item = (WorkerWithDpRank, TierDepths)>>(iter: I) -> Self {
+        let mut out = Self::default();
+        for (stream, depths) in iter {
+            out.insert(stream, depths);
+        }
+        out
+    }
+}
+
+/// Result of a tier-aware query: the device scores (exactly `find_matches`) and the streams
+/// whose lower tiers extend them. Together they give every stream matched on any tier; read
+/// them through [`TieredScores::depth`], [`TieredScores::depths`], [`TieredScores::sorted`] or
+/// [`TieredScores::by_instance`], which merge the two.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TieredScores {
+    /// Device scores, exactly [`crate::Namespace::find_matches`].
     pub device: crate::protocol::OverlapScores,
-    pub tiers: HashMap<WorkerWithDpRank, TierDepths>,
+    /// Only the streams whose lower tiers extend their device match (`disk > device`),
+    /// including streams matched on lower tiers only (`device = 0`). A stream in `device` and
+    /// absent here has depths `device = host = disk` = its score; a stream in neither matched
+    /// nothing. Empty whenever the namespace holds no lower-tier block.
+    pub tiers: TierExtensions,
 }
 
 /// One instance's tiered match, in blocks: the shape of Dynamo's `instances[id]` (SERVICE.md §3.6).
@@ -77,9 +156,38 @@ pub struct InstanceTiers {
 }
 
 impl TieredScores {
-    /// `tiers` sorted by stream, for deterministic output and comparison.
+    /// Cumulative depths of `stream`; `None` when it matched on no tier.
+    pub fn depth(&self, stream: &WorkerWithDpRank) -> Option<TierDepths> {
+        if let Some(d) = self.tiers.get(stream) {
+            return Some(*d);
+        }
+        self.device
+            .scores
+            .get(stream)
+            .map(|&d| TierDepths::device_only(d))
+    }
+
+    /// Every stream matched on any tier with its cumulative depths, in no particular order.
+    pub fn depths(&self) -> impl Iterator<Item = (WorkerWithDpRank, TierDepths)> + '_ {
+        let device = self.device.scores.iter().map(|(s, &d)| {
+            let depths = self
+                .tiers
+                .get(s)
+                .copied()
+                .unwrap_or(TierDepths::device_only(d));
+            (*s, depths)
+        });
+        let lower_only = self
+            .tiers
+            .iter()
+            .filter(|(s, _)| !self.device.scores.contains_key(*s))
+            .map(|(s, d)| (*s, *d));
+        device.chain(lower_only)
+    }
+
+    /// [`TieredScores::depths`] sorted by stream, for deterministic output and comparison.
     pub fn sorted(&self) -> Vec<(WorkerWithDpRank, TierDepths)> {
-        let mut v: Vec<_> = self.tiers.iter().map(|(k, d)| (*k, *d)).collect();
+        let mut v: Vec<_> = self.depths().collect();
         v.sort_unstable_by_key(|(k, _)| *k);
         v
     }
@@ -87,7 +195,7 @@ impl TieredScores {
     /// Per instance: each rank's device depth, and the largest cumulative depths over its ranks.
     pub fn by_instance(&self) -> std::collections::BTreeMap<WorkerId, InstanceTiers> {
         let mut out: std::collections::BTreeMap<WorkerId, InstanceTiers> = Default::default();
-        for (s, d) in &self.tiers {
+        for (s, d) in self.depths() {
             let i = out.entry(s.worker_id).or_default();
             i.dp.insert(s.dp_rank, d.device);
             i.gpu = i.gpu.max(d.device);
@@ -444,7 +552,9 @@ impl LowerTiers {
         out
     }
 
-    /// Extend the device scores through the lower tiers (SERVICE.md §6.4).
+    /// Extend the device scores through the lower tiers (SERVICE.md §6.4): the streams whose
+    /// lower tiers add to their device match. Returns at once, allocating nothing, when the
+    /// namespace holds no lower-tier block; otherwise walks only the streams holding some.
     ///
     /// `device_ext(wanted)` must return, for each `(stream, depth)` (depth ≥ 1), the stream's
     /// external hash of its device block at that depth of `seq`: the parent a continuation must
@@ -454,20 +564,8 @@ impl LowerTiers {
         seq: &[LocalBlockHash],
         device: &ScoreMap,
         device_ext: impl FnOnce(&[(WorkerWithDpRank, u32)]) -> Vec<Option<u64>>,
-    ) -> HashMap<WorkerWithDpRank, TierDepths> {
-        let mut out: HashMap<WorkerWithDpRank, TierDepths> = device
-            .iter()
-            .map(|(s, &d)| {
-                (
-                    *s,
-                    TierDepths {
-                        device: d,
-                        host: d,
-                        disk: d,
-                    },
-                )
-            })
-            .collect();
+    ) -> TierExtensions {
+        let mut out = TierExtensions::default();
         if self.is_empty() || seq.is_empty() {
             return out;
         }
@@ -479,50 +577,32 @@ impl LowerTiers {
             .filter(|(_, st)| st.total() > 0)
             .map(|(s, st)| (*s, &**st))
             .collect();
-        let wanted: Vec<(WorkerWithDpRank, u32)> = populated
+        walk_streams(seq, device, device_ext, &populated, true, |s, d| {
+            out.insert(s, d)
+        });
+        out
+    }
+
+    /// The walk without its shortcuts, in the representation the query path used before
+    /// [`TierExtensions`]: every device score copied into a full map, then every stream ever
+    /// seen walked on every tier, whatever the block counters say. Only for checking the fast
+    /// path against it (tests) and measuring what the fast path saves (benches).
+    pub(crate) fn continue_walk_exhaustive(
+        &self,
+        seq: &[LocalBlockHash],
+        device: &ScoreMap,
+        device_ext: impl FnOnce(&[(WorkerWithDpRank, u32)]) -> Vec<Option<u64>>,
+    ) -> HashMap<WorkerWithDpRank, TierDepths> {
+        let mut out: HashMap<WorkerWithDpRank, TierDepths> = device
             .iter()
-            .filter_map(|(s, _)| device.get(s).map(|&d| (*s, d)))
-            .filter(|(_, d)| *d > 0)
+            .map(|(s, &d)| (*s, TierDepths::device_only(d)))
             .collect();
-        let exts = device_ext(&wanted);
-        let start_of: HashMap<WorkerWithDpRank, Option<u64>> =
-            wanted.iter().zip(exts).map(|((s, _), e)| (*s, e)).collect();
-        for (stream, st) in populated {
-            let d = device.get(&stream).copied().unwrap_or(0);
-            let prev = if d == 0 {
-                None
-            } else {
-                match start_of.get(&stream).copied().flatten() {
-                    Some(e) => Some(e),
-                    // The device block vanished between the two reads: no continuation.
-                    None => continue,
-                }
-            };
-            let mut step = Step {
-                pos: d as usize,
-                prev,
-            };
-            let mut host = step.pos;
-            for t in 0..LOWER_TIERS.len() {
-                if st.counts[t].load(Ordering::Relaxed) > 0 {
-                    step = st.read(t).walk(seq, step.pos, step.prev);
-                }
-                if t == 0 {
-                    host = step.pos;
-                }
-            }
-            if step.pos == 0 {
-                continue;
-            }
-            out.insert(
-                stream,
-                TierDepths {
-                    device: d,
-                    host: host as u32,
-                    disk: step.pos as u32,
-                },
-            );
-        }
+        let registry = self.streams.read().unwrap_or_else(|e| e.into_inner());
+        let every: Vec<(WorkerWithDpRank, &StreamTiers)> =
+            registry.iter().map(|(s, st)| (*s, &**st)).collect();
+        walk_streams(seq, device, device_ext, &every, false, |s, d| {
+            out.insert(s, d);
+        });
         out
     }
 
@@ -630,6 +710,63 @@ impl LowerTiers {
             self.recount(&st, t, n);
         }
         Ok(())
+    }
+}
+
+/// Continue the device match of each of `streams` through its lower tiers, in walk order, and
+/// report `(stream, depths)` for each stream matched on some tier. `skip_empty_tiers` skips the
+/// tiers whose block counter is 0 without taking their lock.
+fn walk_streams(
+    seq: &[LocalBlockHash],
+    device: &ScoreMap,
+    device_ext: impl FnOnce(&[(WorkerWithDpRank, u32)]) -> Vec<Option<u64>>,
+    streams: &[(WorkerWithDpRank, &StreamTiers)],
+    skip_empty_tiers: bool,
+    mut found: impl FnMut(WorkerWithDpRank, TierDepths),
+) {
+    let wanted: Vec<(WorkerWithDpRank, u32)> = streams
+        .iter()
+        .filter_map(|(s, _)| device.get(s).map(|&d| (*s, d)))
+        .filter(|(_, d)| *d > 0)
+        .collect();
+    let exts = device_ext(&wanted);
+    let start_of: StreamMap<Option<u64>> =
+        wanted.iter().zip(exts).map(|((s, _), e)| (*s, e)).collect();
+    for &(stream, st) in streams {
+        let d = device.get(&stream).copied().unwrap_or(0);
+        let prev = if d == 0 {
+            None
+        } else {
+            match start_of.get(&stream).copied().flatten() {
+                Some(e) => Some(e),
+                // The device block vanished between the two reads: no continuation.
+                None => continue,
+            }
+        };
+        let mut step = Step {
+            pos: d as usize,
+            prev,
+        };
+        let mut host = step.pos;
+        for t in 0..LOWER_TIERS.len() {
+            if !skip_empty_tiers || st.counts[t].load(Ordering::Relaxed) > 0 {
+                step = st.read(t).walk(seq, step.pos, step.prev);
+            }
+            if t == 0 {
+                host = step.pos;
+            }
+        }
+        if step.pos == 0 {
+            continue;
+        }
+        found(
+            stream,
+            TierDepths {
+                device: d,
+                host: host as u32,
+                disk: step.pos as u32,
+            },
+        );
     }
 }
 

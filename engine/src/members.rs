@@ -192,7 +192,6 @@ pub(crate) fn with_removed(word: u64, slot: u32, guard: &Guard) -> Option<u64> {
 }
 
 /// Number of members in a word.
-#[cfg(test)]
 pub(crate) fn count(word: u64, guard: &Guard) -> usize {
     match Members::from_word(word, guard) {
         Members::Inline(w) => inline_slots(w).iter().flatten().count(),

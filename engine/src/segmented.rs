@@ -161,22 +161,25 @@ impl<T: Zeroable> SegmentedVec<T> {
         unsafe { &*ptr.add(offset) }
     }
 
-    /// The element at `index + 1`, given `cur`, the element at `index`. When both live in the
-    /// same chunk (all but one index in every chunk) the address is `cur`'s plus one element,
-    /// known without any load: a reader that predicts "the next node is the next index" can then
-    /// issue the next node's load before it has decoded the link that confirms it.
+    /// The elements `start..start + len` as contiguous slices (one per chunk they span), in
+    /// order, until `f` returns false. Every index must have been handed out.
     #[inline]
-    pub(crate) fn get_next<'a>(&'a self, index: u32, cur: &'a T) -> &'a T {
-        let j = index as u64 + BASE as u64;
-        // `j + 1` starts a new chunk exactly when it is a power of two.
-        if cfg!(loom) || j & (j + 1) == 0 {
-            return self.get(index + 1);
+    pub(crate) fn for_each_slice(&self, start: u32, len: u32, mut f: impl FnMut(&[T]) -> bool) {
+        let mut at = start;
+        let end = start as u64 + len as u64;
+        while (at as u64) < end {
+            let (k, offset) = locate(at);
+            let ptr = self.chunks[k].load(Ordering::Acquire);
+            assert!(!ptr.is_null(), "segmented index {at} was never allocated");
+            let n = (chunk_len(k) - offset).min((end - at as u64) as usize);
+            // SAFETY: chunk `k` holds `chunk_len(k)` initialised elements and
+            // `offset + n <= chunk_len(k)`; chunks are freed only in Drop (`&mut self`).
+            let slice = unsafe { std::slice::from_raw_parts(ptr.add(offset), n) };
+            if !f(slice) {
+                return;
+            }
+            at += n as u32;
         }
-        debug_assert!(std::ptr::eq(cur, self.get(index)));
-        // SAFETY: `cur` is the element at `index` (callers pass the reference `get(index)`
-        // returned), `index + 1` is in the same chunk (checked above), so the element after
-        // `cur` is inside the same live allocation of `chunk_len(k)` initialised elements.
-        unsafe { &*(cur as *const T).add(1) }
     }
 
     /// Allocated chunk footprint in bytes (for memory reports).
@@ -246,17 +249,22 @@ mod tests {
     }
 
     #[test]
-    fn get_next_matches_get_across_chunk_boundaries() {
+    fn slices_cover_a_range_across_chunk_boundaries_in_order() {
         let v: SegmentedVec<AtomicU32> = SegmentedVec::new();
         let n = 8 * BASE;
+        let first = v.push_indices(n).unwrap();
         for i in 0..n {
-            let idx = v.push_index().unwrap();
-            v.get(idx).store(i * 3 + 1, Ordering::Relaxed);
+            v.get(first + i).store(i, Ordering::Relaxed);
         }
-        for i in 0..n - 1 {
-            let next = v.get_next(i, v.get(i));
-            assert!(std::ptr::eq(next, v.get(i + 1)), "index {i}");
-            assert_eq!(next.load(Ordering::Relaxed), (i + 1) * 3 + 1);
-        }
+        let (start, len) = (BASE - 3, 3 * BASE + 7);
+        let mut seen = Vec::new();
+        let mut pieces = 0;
+        v.for_each_slice(start, len, |s| {
+            pieces += 1;
+            seen.extend(s.iter().map(|x| x.load(Ordering::Relaxed)));
+            true
+        });
+        assert_eq!(seen, (start..start + len).collect::<Vec<_>>());
+        assert!(pieces >= 2, "the range spans a chunk boundary");
     }
 }

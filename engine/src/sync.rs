@@ -248,6 +248,7 @@ pub(crate) mod loom_support {
     std::thread_local! {
         static WEAK_PUBLICATION: Cell<bool> = const { Cell::new(false) };
         static EAGER_RECLAMATION: Cell<bool> = const { Cell::new(false) };
+        static NO_DEPTH_CHECK: Cell<bool> = const { Cell::new(false) };
         static LIVE_HEAP: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
         static VIOLATION: RefCell<Option<String>> = const { RefCell::new(None) };
     }
@@ -268,6 +269,16 @@ pub(crate) mod loom_support {
 
     pub(crate) fn eager_reclamation() -> bool {
         EAGER_RECLAMATION.with(|w| w.get())
+    }
+
+    /// Plant a bug: readers follow a child link without checking the child's depth, so a torn
+    /// view of a split (old extent, new children) is not detected.
+    pub(crate) fn plant_no_depth_check(on: bool) {
+        NO_DEPTH_CHECK.with(|w| w.set(on));
+    }
+
+    pub(crate) fn no_depth_check() -> bool {
+        NO_DEPTH_CHECK.with(|w| w.get())
     }
 
     /// The first memory-safety violation seen by the heap tracker since the last call.

@@ -1,39 +1,52 @@
 //! One namespace's radix tree of blocks: lock-free reads, per-node locks for writers.
 //!
-//! Shape: one node per block, keyed by its local hash under its parent; node `0` is the root.
-//! Nodes live in a [`SegmentedVec`] and link to each other by `u32` index (40 bytes a node).
+//! Shape: a node is a **run** of consecutive blocks that the same workers hold (every member of
+//! a node holds every block of its run), keyed under its parent by the local hash of its first
+//! block. Blocks live in three parallel arrays indexed by a `u32` block id (local hash, external
+//! hash, owning node); a run is a range of consecutive block ids, so a query compares a run
+//! against the request with sequential loads. Node `0` is the root (an empty run).
 //!
 //! Concurrency protocol (see `docs/architecture.md`):
-//! * **Readers** pin an epoch and walk `children` words and `members` words with Acquire loads.
-//!   They never lock, never write, and never see a freed node or set: every unlink retires the
-//!   memory through crossbeam-epoch, and a node index is recycled only after the grace period.
+//! * **Readers** pin an epoch and load, per node, `members` then `extent` then `children`, all
+//!   Acquire. They never lock, never write, and never see a freed node, block or set: every
+//!   unlink retires the memory through crossbeam-epoch; node and block ids are recycled only
+//!   after the grace period.
 //! * **Writers** are the event threads. A stream (worker, dp_rank) is owned by one thread, so only
-//!   that thread ever adds or removes the stream's slot. A node's `members` and `children` words
-//!   are replaced only under the node's lock bit. Locks are taken parent before child, never the
-//!   other way, so writers cannot deadlock. A node is unlinked only while its parent and itself
-//!   are locked, and only if nobody holds it and it has no children: a writer that found the node
-//!   under the parent's lock and locked it before releasing the parent can therefore never add a
-//!   block to an unlinked node (the race that loses blocks in Dynamo 1.6.1's thread pool).
-//! * **External hashes** resolve through one shared map `ext -> node` per namespace (writers
+//!   that thread adds or removes the stream's slot. A node's words are replaced only under the
+//!   node's lock bit. Locks are taken parent before child, never the other way.
+//! * **Split** (a run whose blocks stop being held uniformly): under the node's lock, the tail
+//!   becomes a new node that takes over the members (a copy) and the children; then the node's
+//!   children word becomes the tail, then its extent shrinks (Release each). A reader that saw
+//!   the old extent and the new children finds the tail at the wrong depth and stops there (each
+//!   node records the depth of its first block): it may under-report, never over-report.
+//!   Membership only grows on a node after its extent shrank, and readers load members before
+//!   the extent, so a reader never credits a new member with blocks the node no longer has.
+//! * A node is unlinked only while its parent and itself are locked, and only if nobody holds it
+//!   and it has no children: a writer that found the node under the parent's lock and locked it
+//!   before releasing the parent can therefore never add a block to an unlinked node (the race
+//!   that loses blocks in Dynamo 1.6.1's thread pool).
+//! * **External hashes** resolve through one shared map `ext -> block` per namespace (writers
 //!   only, sharded mutexes): engines use the same sequence hash for the same prefix, so one entry
-//!   serves every worker. A worker whose hash differs from the node's first hash keeps a private
-//!   exception in its stream state (INDEXER.md §0.1).
+//!   serves every worker. A worker whose hash differs from the block's first hash keeps a private
+//!   exception in its stream state (INDEXER.md §0.1). Block ids never change on a split, so
+//!   neither the map nor the exceptions move.
 
 use crate::children;
 use crate::error::KvCacheEventError;
+use crate::ext_map::ExtTable;
 use crate::members::{self, Members};
 use crate::protocol::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
     KvCacheStoredBlockData, LocalBlockHash, OverlapScores, ResidencyDomain, RouterEvent,
     StorageTier, WorkerWithDpRank,
 };
+use crate::ranges::FreeRanges;
 use crate::segmented::SegmentedVec;
 use crate::slots::Slots;
 use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
 use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
-use hashbrown::HashTable;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -41,28 +54,54 @@ use std::sync::Arc;
 pub(crate) const ROOT: u32 = 0;
 const LOCKED: u32 = 1;
 const LIVE: u32 = 2;
-/// The node is the entry of its `ext` in the shared external-hash map.
-const OWNS_EXT: u32 = 4;
+/// In a block's owner word: the block is the entry of its `ext` in the shared map.
+const OWNS_EXT: u32 = 1 << 31;
+const NODE_MASK: u32 = !OWNS_EXT;
 #[cfg(not(loom))]
 const EXT_SHARDS: usize = 64;
 /// loom models hold a few blocks: two shards still exercise the sharding.
 #[cfg(loom)]
 const EXT_SHARDS: usize = 2;
+/// Fresh block ids taken from the arena at a time by one stream.
+#[cfg(not(loom))]
+const BLOCK_BATCH: u32 = 256;
+#[cfg(loom)]
+const BLOCK_BATCH: u32 = 1;
+/// A free range shorter than this is not worth starting a run in (it would cut the run).
+#[cfg(not(loom))]
+const MIN_REUSED_RANGE: u32 = 16;
+#[cfg(loom)]
+const MIN_REUSED_RANGE: u32 = 1;
 
-/// One block of the tree: 32 bytes, so two share a cache line and none straddles one. All
-/// fields are atomics so that a recycled slot can be re-initialised
-/// through a shared reference; `local`, `ext` and `parent` are written only before publication.
+/// One run of blocks. All fields are atomics so that a recycled slot can be re-initialised
+/// through a shared reference; `parent` and `depth` are written only under locks that order
+/// them before any reader can reach the node.
 #[derive(Default)]
 pub(crate) struct Node {
-    local: AtomicU64,
+    /// `first block id | len << 32`. The first id never changes while the node is live; the
+    /// length only shrinks.
+    extent: AtomicU64,
     members: AtomicU64,
     children: AtomicU64,
     parent: AtomicU32,
     state: AtomicU32,
+    /// Position of the first block along the path from the root (root's children: 0).
+    depth: AtomicU32,
+    _pad: AtomicU32,
 }
 
-// SAFETY: Node is five atomics; all-zero is a valid (free, unlinked) node.
+// SAFETY: Node is atomics only; all-zero is a valid (free, unlinked, empty) node.
 unsafe impl crate::segmented::Zeroable for Node {}
+
+#[inline]
+fn extent_word(start: u32, len: u32) -> u64 {
+    start as u64 | (len as u64) << 32
+}
+
+#[inline]
+fn extent_parts(word: u64) -> (u32, u32) {
+    (word as u32, (word >> 32) as u32)
+}
 
 #[inline]
 fn mix(x: u64) -> u64 {
@@ -74,13 +113,17 @@ fn mix(x: u64) -> u64 {
 pub(crate) struct StreamState {
     pub(crate) slot: u32,
     pub(crate) blocks: u64,
-    /// Private external hashes (those that differ from the node's shared one).
+    /// Private external hashes (those that differ from the block's shared one).
     exc_by_ext: hashbrown::HashMap<u64, u32>,
-    exc_by_node: hashbrown::HashMap<u32, u64>,
+    exc_by_block: hashbrown::HashMap<u32, u64>,
     /// Nodes unlinked by the current event, freed together after the grace period.
     unlinked: Vec<u32>,
+    /// Block id ranges freed by the current event, recycled after the grace period.
+    freed: Vec<(u32, u32)>,
     /// Free node indices reserved for this stream's next allocations.
     node_cache: Vec<u32>,
+    /// Consecutive free block ids `[next, end)` reserved for this stream's next runs.
+    block_cache: (u32, u32),
 }
 
 impl StreamState {
@@ -89,9 +132,11 @@ impl StreamState {
             slot,
             blocks: 0,
             exc_by_ext: hashbrown::HashMap::new(),
-            exc_by_node: hashbrown::HashMap::new(),
+            exc_by_block: hashbrown::HashMap::new(),
             unlinked: Vec::new(),
+            freed: Vec::new(),
             node_cache: Vec::new(),
+            block_cache: (0, 0),
         }
     }
 }
@@ -104,24 +149,45 @@ pub(crate) struct StoreOutcome {
 /// Bytes used by the index, for memory reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryReport {
-    /// Node arena and its parallel external-hash array (allocated chunks, live or free).
+    /// Node arena and the block arrays (allocated chunks, live or free).
     pub node_bytes: usize,
-    /// Heap member sets and child tables reachable now.
+    /// Heap member sets, child tables and the external-hash map.
     pub heap_bytes: usize,
-    /// Live nodes (blocks), excluding the root.
+    /// Live blocks (distinct cached blocks), excluding the root.
     pub live_nodes: usize,
+    /// Live runs (tree nodes) holding those blocks.
+    pub live_runs: usize,
+    /// Of `heap_bytes`: member sets.
+    pub member_bytes: usize,
+    /// Of `heap_bytes`: child tables.
+    pub child_bytes: usize,
+    /// Of `heap_bytes`: the external-hash map.
+    pub map_bytes: usize,
+}
+
+/// Where one map shard's buckets live, for prefetching without its lock: `ExtTable::location`
+/// as of its last growth (address, bucket count); 0 while empty. Kept apart from the shard's
+/// mutex, and rewritten only when the table moved, so that reading it costs no cache-line
+/// transfer between the event threads.
+#[derive(Default)]
+struct ExtHint {
+    at: AtomicU64,
+    cap: AtomicU64,
 }
 
 /// The tree of one namespace.
 pub(crate) struct Tree {
     nodes: SegmentedVec<Node>,
-    /// `exts[i]` is node `i`'s shared external hash. Kept apart from the node because only
-    /// writers read it: the 32-byte node then never straddles a cache line on the query path.
+    /// Per block id: local hash (read by queries), shared external hash and owner node (writers).
+    locals: SegmentedVec<AtomicU64>,
     exts: SegmentedVec<AtomicU64>,
+    owner: SegmentedVec<AtomicU32>,
     free_nodes: Mutex<Vec<u32>>,
-    ext_map: Box<[CachePadded<Mutex<HashTable<u32>>>]>,
+    free_blocks: Mutex<FreeRanges>,
+    ext_map: Box<[CachePadded<Mutex<ExtTable>>]>,
+    ext_hints: Box<[ExtHint]>,
     pub(crate) slots: Slots,
-    /// Mirror of every stream's exceptions, read by dumps: (slot, node) -> ext.
+    /// Mirror of every stream's exceptions, read by dumps: (slot, block) -> ext.
     exceptions: Mutex<HashMap<(u32, u32), u64>>,
 }
 
@@ -129,17 +195,25 @@ impl Tree {
     pub(crate) fn new() -> Arc<Tree> {
         let t = Tree {
             nodes: SegmentedVec::new(),
+            locals: SegmentedVec::new(),
             exts: SegmentedVec::new(),
+            owner: SegmentedVec::new(),
             free_nodes: Mutex::new(Vec::new()),
+            free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(HashTable::new())))
+                .map(|_| CachePadded::new(Mutex::new(ExtTable::default())))
                 .collect(),
+            ext_hints: (0..EXT_SHARDS).map(|_| ExtHint::default()).collect(),
             slots: Slots::new(),
             exceptions: Mutex::new(HashMap::new()),
         };
         let root = t.nodes.push_index();
-        t.exts.ensure(ROOT);
         debug_assert_eq!(root, Some(ROOT));
+        // Block id 0 is never part of a run: it stands for the root in the loom probes.
+        let b0 = t.locals.push_index();
+        debug_assert_eq!(b0, Some(0));
+        t.exts.ensure(0);
+        t.owner.ensure(0);
         t.nodes.get(ROOT).state.store(LIVE, Ordering::Release);
         Arc::new(t)
     }
@@ -149,17 +223,39 @@ impl Tree {
         self.nodes.get(i)
     }
 
-    /// Node `i`'s shared external hash (writer-side data).
     #[inline]
-    fn ext_of(&self, i: u32) -> u64 {
-        self.exts.get(i).load(Ordering::Relaxed)
+    fn extent(&self, i: u32) -> (u32, u32) {
+        extent_parts(self.node(i).extent.load(Ordering::Acquire))
+    }
+
+    /// Block `b`'s shared external hash (writer-side data).
+    #[inline]
+    fn ext_of(&self, b: u32) -> u64 {
+        self.exts.get(b).load(Ordering::Relaxed)
     }
 
     #[inline]
-    fn local_of(&self, i: u32) -> u64 {
-        // Relaxed: `i` was obtained through an Acquire load of a link published (Release) after
-        // the node was initialised.
-        self.node(i).local.load(Ordering::Relaxed)
+    fn local_of(&self, b: u32) -> u64 {
+        // Relaxed: `b` was reached through an Acquire load of a word published (Release) after
+        // the block was initialised.
+        self.locals.get(b).load(Ordering::Relaxed)
+    }
+
+    /// The key of node `i` under its parent: its first block's local hash.
+    #[inline]
+    fn first_local(&self, i: u32) -> u64 {
+        let (start, _) = extent_parts(self.node(i).extent.load(Ordering::Relaxed));
+        self.local_of(start)
+    }
+
+    #[inline]
+    fn owner_of(&self, b: u32) -> u32 {
+        self.owner.get(b).load(Ordering::Relaxed) & NODE_MASK
+    }
+
+    #[inline]
+    fn owns_ext(&self, b: u32) -> bool {
+        self.owner.get(b).load(Ordering::Relaxed) & OWNS_EXT != 0
     }
 
     fn lock(&self, i: u32) {
@@ -184,61 +280,149 @@ impl Tree {
         self.node(i).state.fetch_and(!LOCKED, Ordering::Release);
     }
 
-    fn ext_shard(&self, ext: u64) -> MutexGuard<'_, HashTable<u32>> {
-        // Middle bits: hashbrown uses the top 7 bits as its tag and the low bits as the bucket,
-        // so sharding on either would make every probe in a shard look like a match.
-        self.ext_map[(mix(ext) >> 32) as usize % EXT_SHARDS]
+    /// Lock the node that holds block `b` now. `b` must be held by the calling stream (so it
+    /// cannot die); splits by other streams may move it to a new node, hence the retry: a
+    /// splitter rewrites owners before it unlocks, so after locking a stale owner the fresh
+    /// owner is visible.
+    fn lock_owner(&self, b: u32) -> Result<u32, KvCacheEventError> {
+        for _ in 0..1_000_000 {
+            let n = self.owner_of(b);
+            self.lock(n);
+            let (start, len) = self.extent(n);
+            if self.node(n).state.load(Ordering::Relaxed) & LIVE != 0
+                && n != ROOT
+                && b >= start
+                && b < start + len
+            {
+                return Ok(n);
+            }
+            self.unlock(n);
+        }
+        Err(KvCacheEventError::IndexerInvariantViolation)
+    }
+
+    #[inline]
+    fn shard_of(ext: u64) -> usize {
+        // Low half: the table's tag (and home slot) is the high half of the same mix.
+        (mix(ext) as u32 >> 8) as usize % EXT_SHARDS
+    }
+
+    fn ext_shard(&self, shard: usize) -> MutexGuard<'_, ExtTable> {
+        self.ext_map[shard]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
     fn ext_lookup(&self, ext: u64) -> Option<u32> {
-        let shard = self.ext_shard(ext);
-        shard.find(mix(ext), |&n| self.ext_of(n) == ext).copied()
+        self.ext_shard(Self::shard_of(ext))
+            .find(mix(ext), |b| self.ext_of(b) == ext)
     }
 
-    /// Allocate a node, initialised, LIVE and LOCKED, holding `slot`, not yet linked.
+    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard.
+    /// Every home slot is prefetched first, so the batch's cache misses overlap instead of
+    /// queueing behind each other. `rotate` spreads the starting shard so that two event
+    /// threads do not walk the shards in step.
+    fn ext_batch(
+        &self,
+        batch: &mut [(u64, u32)],
+        rotate: u32,
+        mut op: impl FnMut(&mut ExtTable, u64, u32),
+    ) {
+        /// How far ahead of its probe a home bucket is prefetched (enough to cover a miss,
+        /// few enough to stay within the core's outstanding-miss buffers).
+        const AHEAD: usize = 10;
+        let prefetch = |ext: u64| {
+            let hint = &self.ext_hints[Self::shard_of(ext)];
+            // Relaxed: a hint only (see `ext_map::prefetch`).
+            let at = hint.at.load(Ordering::Relaxed) as usize;
+            let cap = hint.cap.load(Ordering::Relaxed) as usize;
+            crate::ext_map::prefetch((at, cap), mix(ext));
+        };
+        if batch.len() > 1 {
+            // Counting sort by shard, starting at `rotate`.
+            let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
+            let mut starts = [0usize; EXT_SHARDS + 1];
+            for &(ext, _) in batch.iter() {
+                starts[key(ext) + 1] += 1;
+            }
+            for k in 0..EXT_SHARDS {
+                starts[k + 1] += starts[k];
+            }
+            let mut sorted = vec![(0u64, 0u32); batch.len()];
+            for &(ext, b) in batch.iter() {
+                let k = key(ext);
+                sorted[starts[k]] = (ext, b);
+                starts[k] += 1;
+            }
+            batch.copy_from_slice(&sorted);
+        }
+        for &(ext, _) in batch.iter().take(AHEAD) {
+            prefetch(ext);
+        }
+        let mut i = 0;
+        while i < batch.len() {
+            let shard = Self::shard_of(batch[i].0);
+            let mut table = self.ext_shard(shard);
+            while i < batch.len() && Self::shard_of(batch[i].0) == shard {
+                if let Some(&(ahead, _)) = batch.get(i + AHEAD) {
+                    prefetch(ahead);
+                }
+                let (ext, b) = batch[i];
+                op(&mut table, ext, b);
+                i += 1;
+            }
+            let (at, cap) = table.location();
+            let hint = &self.ext_hints[shard];
+            if hint.at.load(Ordering::Relaxed) != at as u64 {
+                hint.at.store(at as u64, Ordering::Relaxed);
+                hint.cap.store(cap as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drop the shared-map entries of blocks `start..start + len` (those that own one).
+    fn ext_release_range(&self, start: u32, len: u32, rotate: u32) {
+        let mut batch: Vec<(u64, u32)> = (start..start + len)
+            .filter(|&b| self.owns_ext(b))
+            .map(|b| (self.ext_of(b), b))
+            .collect();
+        self.ext_batch(&mut batch, rotate, |t, ext, b| {
+            t.remove(mix(ext), b);
+        });
+    }
+
+    /// Allocate a node, LIVE and LOCKED, not yet linked.
+    #[allow(clippy::too_many_arguments)]
     fn alloc_node(
         &self,
         cache: &mut Vec<u32>,
-        local: u64,
-        ext: u64,
+        start: u32,
+        len: u32,
         parent: u32,
+        depth: u32,
         members_word: u64,
+        children_word: u64,
     ) -> Result<u32, KvCacheEventError> {
         if cache.is_empty() {
-            self.refill(cache);
+            self.refill_nodes(cache);
         }
         let i = cache.pop().ok_or(KvCacheEventError::CapacityExhausted)?;
         let n = self.node(i);
         // Relaxed: nobody can reach `i` until it is linked with a Release store.
-        n.local.store(local, Ordering::Relaxed);
-        self.exts.get(i).store(ext, Ordering::Relaxed);
+        n.extent.store(extent_word(start, len), Ordering::Relaxed);
         n.members.store(members_word, Ordering::Relaxed);
-        n.children.store(0, Ordering::Relaxed);
+        n.children.store(children_word, Ordering::Relaxed);
         n.parent.store(parent, Ordering::Relaxed);
-        let mut state = LIVE | LOCKED;
-        {
-            let mut shard = self.ext_shard(ext);
-            let h = mix(ext);
-            // One probe: claim the entry if no live node owns this hash yet.
-            if let hashbrown::hash_table::Entry::Vacant(v) =
-                shard.entry(h, |&m| self.ext_of(m) == ext, |&m| mix(self.ext_of(m)))
-            {
-                v.insert(i);
-                state |= OWNS_EXT;
-            }
-        }
-        n.state.store(state, Ordering::Release);
+        n.depth.store(depth, Ordering::Relaxed);
+        n.state.store(LIVE | LOCKED, Ordering::Release);
         Ok(i)
     }
 
     /// Take a batch of node indices for one stream's allocations: recycled ones first, else a
-    /// fresh range. Batching keeps the shared free list and the arena's counter off the per-block
-    /// path (they are shared cache lines between event threads).
-    fn refill(&self, cache: &mut Vec<u32>) {
+    /// fresh range (the shared free list stays off the per-node path).
+    fn refill_nodes(&self, cache: &mut Vec<u32>) {
         #[cfg(not(loom))]
-        const BATCH: usize = 256;
+        const BATCH: usize = 64;
         // One index at a time under loom, so that a model's second allocation can already
         // take a recycled node.
         #[cfg(loom)]
@@ -251,17 +435,48 @@ impl Tree {
         }
         if cache.is_empty() {
             if let Some(first) = self.nodes.push_indices(BATCH as u32) {
-                self.exts.ensure(first + BATCH as u32 - 1);
-                cache.extend(first..first + BATCH as u32);
+                cache.extend((first..first + BATCH as u32).rev());
             }
         }
-        // Descending, so that pops hand out ascending indices: a chain stored by one event lands
-        // in (mostly) consecutive nodes, which a long query then walks with sequential loads.
-        // Recycled indices come back in per-event batches, so sorting regroups evicted runs.
-        cache.sort_unstable_by(|a, b| b.cmp(a));
     }
 
-    /// Give a stream's unused cached indices back (the stream is going away).
+    /// Up to `want` consecutive fresh block ids for `st` (at least one, or an error).
+    fn take_blocks(
+        &self,
+        st: &mut StreamState,
+        want: u32,
+    ) -> Result<(u32, u32), KvCacheEventError> {
+        let (next, end) = st.block_cache;
+        if next == end {
+            let reused = {
+                let mut free = self.free_blocks.lock().unwrap_or_else(|e| e.into_inner());
+                if free.longest() >= want.min(MIN_REUSED_RANGE) {
+                    free.take(want.max(BATCH_HINT))
+                } else {
+                    None
+                }
+            };
+            st.block_cache = match reused {
+                Some((s, l)) => (s, s + l),
+                None => {
+                    let n = want.max(BLOCK_BATCH);
+                    let first = self
+                        .locals
+                        .push_indices(n)
+                        .ok_or(KvCacheEventError::CapacityExhausted)?;
+                    self.exts.ensure(first + n - 1);
+                    self.owner.ensure(first + n - 1);
+                    (first, first + n)
+                }
+            };
+        }
+        let (next, end) = st.block_cache;
+        let got = (end - next).min(want);
+        st.block_cache.0 += got;
+        Ok((next, got))
+    }
+
+    /// Give a stream's unused cached node and block ids back (the stream is going away).
     pub(crate) fn return_cache(&self, st: &mut StreamState) {
         if !st.node_cache.is_empty() {
             self.free_nodes
@@ -269,46 +484,58 @@ impl Tree {
                 .unwrap_or_else(|e| e.into_inner())
                 .append(&mut st.node_cache);
         }
+        let (next, end) = std::mem::take(&mut st.block_cache);
+        if next < end {
+            self.free_blocks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(next, end - next);
+        }
     }
 
-    /// Return the nodes unlinked by the stream's last event to the free list after the epoch
-    /// grace period. One deferred closure per event, not per node: crossbeam collects a bounded
-    /// number of deferred functions per pin, and per-node deferral fell behind by millions.
+    /// Return the nodes and blocks freed by the stream's last event to the free lists after the
+    /// epoch grace period. One deferred closure per event, not per node: crossbeam collects a
+    /// bounded number of deferred functions per pin.
     pub(crate) fn release_unlinked(self: &Arc<Self>, st: &mut StreamState, guard: &Guard) {
-        if st.unlinked.is_empty() {
+        if st.unlinked.is_empty() && st.freed.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut st.unlinked);
-        #[cfg(loom)]
-        if crate::sync::loom_support::eager_reclamation() {
-            // Planted bug (loom-tests/tests/reclaim.rs): no grace period.
-            self.free_nodes.lock().unwrap().extend(batch);
-            return;
-        }
+        let nodes = std::mem::take(&mut st.unlinked);
+        let blocks = std::mem::take(&mut st.freed);
         let tree = Arc::clone(self);
-        guard.defer(move || {
+        let free = move || {
             tree.free_nodes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .extend(batch)
-        });
+                .extend(nodes);
+            let mut fb = tree.free_blocks.lock().unwrap_or_else(|e| e.into_inner());
+            for (s, l) in blocks {
+                fb.insert(s, l);
+            }
+        };
+        #[cfg(loom)]
+        if crate::sync::loom_support::eager_reclamation() {
+            // Planted bug (loom-tests/tests/reclaim.rs): no grace period.
+            free();
+            return;
+        }
+        guard.defer(free);
         // Hand the bag to the global queue now so that other threads can collect it.
         guard.flush();
     }
 
-    /// Whether `st`'s external hash for node `n` is the node's shared one.
-    fn canonical_for(&self, n: u32, ext: u64) -> bool {
-        let node = self.node(n);
-        self.ext_of(n) == ext && node.state.load(Ordering::Relaxed) & OWNS_EXT != 0
+    /// Whether `ext` is block `b`'s shared hash.
+    fn canonical_for(&self, b: u32, ext: u64) -> bool {
+        self.ext_of(b) == ext && self.owns_ext(b)
     }
 
-    fn set_exception(&self, st: &mut StreamState, n: u32, ext: u64) {
-        if let Some(old_node) = st.exc_by_ext.insert(ext, n) {
-            if old_node != n {
-                st.exc_by_node.remove(&old_node);
+    fn set_exception(&self, st: &mut StreamState, b: u32, ext: u64) {
+        if let Some(old_block) = st.exc_by_ext.insert(ext, b) {
+            if old_block != b {
+                st.exc_by_block.remove(&old_block);
             }
         }
-        if let Some(old_ext) = st.exc_by_node.insert(n, ext) {
+        if let Some(old_ext) = st.exc_by_block.insert(b, ext) {
             if old_ext != ext {
                 st.exc_by_ext.remove(&old_ext);
             }
@@ -316,65 +543,230 @@ impl Tree {
         self.exceptions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((st.slot, n), ext);
+            .insert((st.slot, b), ext);
     }
 
-    fn clear_exception(&self, st: &mut StreamState, n: u32) {
-        if st.exc_by_node.is_empty() {
+    fn clear_exception(&self, st: &mut StreamState, b: u32) {
+        if st.exc_by_block.is_empty() {
             return;
         }
-        if let Some(ext) = st.exc_by_node.remove(&n) {
-            if st.exc_by_ext.get(&ext) == Some(&n) {
+        if let Some(ext) = st.exc_by_block.remove(&b) {
+            if st.exc_by_ext.get(&ext) == Some(&b) {
                 st.exc_by_ext.remove(&ext);
             }
             self.exceptions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&(st.slot, n));
+                .remove(&(st.slot, b));
         }
     }
 
-    /// Another node `st` holds under `ext`, about to be named by `n` instead. When `n` owns
-    /// `ext` in the shared map, only a private exception can name another node, so the common
-    /// case costs no map probe. Takes no node lock (only, rarely, a shard mutex).
-    fn held_elsewhere(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> Option<u32> {
-        if self.canonical_for(n, ext) {
+    /// Whether `st`, which holds block `b`, names it `ext` (what `resolve(ext)` would return).
+    fn names(&self, st: &StreamState, b: u32, ext: u64) -> bool {
+        if !st.exc_by_ext.is_empty() {
+            if let Some(&x) = st.exc_by_ext.get(&ext) {
+                return x == b;
+            }
+            if st.exc_by_block.contains_key(&b) {
+                return false;
+            }
+        }
+        self.canonical_for(b, ext)
+    }
+
+    /// The hash under which `st` holds block `b`.
+    fn held_ext(&self, st: &StreamState, b: u32) -> u64 {
+        st.exc_by_block
+            .get(&b)
+            .copied()
+            .unwrap_or_else(|| self.ext_of(b))
+    }
+
+    /// Another block `st` holds under `ext`, about to be named by `b` instead.
+    fn held_elsewhere(&self, st: &StreamState, b: u32, ext: u64, guard: &Guard) -> Option<u32> {
+        if self.canonical_for(b, ext) {
             if st.exc_by_ext.is_empty() {
                 return None;
             }
-            return st.exc_by_ext.get(&ext).copied().filter(|&o| o != n);
+            return st.exc_by_ext.get(&ext).copied().filter(|&o| o != b);
         }
-        self.resolve(st, ext, guard).filter(|&o| o != n)
+        self.resolve(st, ext, guard).filter(|&o| o != b)
     }
 
-    /// Whether `st` holds node `n` under its shared hash `ext` (and has no private hash for
-    /// `ext` elsewhere). Safe on a stale index: only this thread adds `st.slot` to nodes.
-    fn holds_canonically(&self, st: &StreamState, n: u32, ext: u64, guard: &Guard) -> bool {
-        let node = self.node(n);
-        self.ext_of(n) == ext
-            && node.state.load(Ordering::Acquire) & (LIVE | OWNS_EXT) == LIVE | OWNS_EXT
-            && Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot)
-            && (st.exc_by_node.is_empty()
-                || (!st.exc_by_node.contains_key(&n) && !st.exc_by_ext.contains_key(&ext)))
+    /// Whether the stream holds block `b` (lock-free; exact for the owning thread, since only
+    /// it adds or removes its slot and splits copy membership).
+    fn holds(&self, slot: u32, b: u32, guard: &Guard) -> bool {
+        let n = self.owner_of(b);
+        n != ROOT
+            && Members::from_word(self.node(n).members.load(Ordering::Acquire), guard)
+                .contains(slot)
     }
 
-    /// The node `st` holds under external hash `ext`, if any.
+    /// The block `st` holds under external hash `ext`, if any.
     fn resolve(&self, st: &StreamState, ext: u64, guard: &Guard) -> Option<u32> {
         if !st.exc_by_ext.is_empty() {
-            if let Some(&n) = st.exc_by_ext.get(&ext) {
-                return Some(n);
+            if let Some(&b) = st.exc_by_ext.get(&ext) {
+                return Some(b);
             }
         }
-        let n = self.ext_lookup(ext)?;
+        let b = self.ext_lookup(ext)?;
+        (self.holds(st.slot, b, guard)
+            && (st.exc_by_block.is_empty() || !st.exc_by_block.contains_key(&b))
+            && self.ext_of(b) == ext)
+            .then_some(b)
+    }
+
+    /// Split locked node `n` at `k` (`0 < k < len`): blocks `k..` move to a new node, returned
+    /// LOCKED, which takes a copy of the members and all the children.
+    fn split(
+        &self,
+        st: &mut StreamState,
+        n: u32,
+        k: u32,
+        guard: &Guard,
+    ) -> Result<u32, KvCacheEventError> {
         let node = self.node(n);
-        // Only this thread adds or removes `st.slot`, so if the slot is in the node, the node
-        // is live and stays live until this thread removes it.
-        let held =
-            Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
-        (held
-            && (st.exc_by_node.is_empty() || !st.exc_by_node.contains_key(&n))
-            && self.ext_of(n) == ext)
-            .then_some(n)
+        let (start, len) = extent_parts(node.extent.load(Ordering::Relaxed));
+        if k == 0 || k >= len {
+            return Err(KvCacheEventError::IndexerInvariantViolation);
+        }
+        let mw = node.members.load(Ordering::Relaxed);
+        let copy = members::encode(&Members::from_word(mw, guard).to_vec());
+        let cw = node.children.load(Ordering::Relaxed);
+        let depth = node.depth.load(Ordering::Relaxed) + k;
+        let t = match self.alloc_node(&mut st.node_cache, start + k, len - k, n, depth, copy, cw) {
+            Ok(t) => t,
+            Err(e) => {
+                members::free_now(copy);
+                return Err(e);
+            }
+        };
+        for b in start + k..start + len {
+            let o = self.owner.get(b);
+            // Relaxed: writers read owners only after locking a node, which orders them after
+            // this thread's unlock of `n`.
+            o.store(
+                t | (o.load(Ordering::Relaxed) & OWNS_EXT),
+                Ordering::Relaxed,
+            );
+        }
+        children::for_each_child(cw, guard, |c| {
+            self.node(c).parent.store(t, Ordering::Relaxed)
+        });
+        // Release (children, then extent): a reader that sees the short extent also sees the
+        // tail as the only child; one that sees the old extent and the new child rejects the
+        // child by its depth.
+        node.children
+            .store(t as u64 + 1, crate::sync::publish_link());
+        node.extent.store(extent_word(start, k), Ordering::Release);
+        Ok(t)
+    }
+
+    fn add_member(&self, n: u32, slot: u32, guard: &Guard) -> bool {
+        let node = self.node(n);
+        let mw = node.members.load(Ordering::Relaxed);
+        match members::with_added(mw, slot, guard) {
+            Some(nw) => {
+                // Release: pairs with readers' Acquire; the node's extent is visible first.
+                node.members.store(nw, Ordering::Release);
+                members::retire(mw, guard);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_member(&self, n: u32, slot: u32, guard: &Guard) -> bool {
+        let node = self.node(n);
+        let mw = node.members.load(Ordering::Relaxed);
+        match members::with_removed(mw, slot, guard) {
+            Some(nw) => {
+                node.members.store(nw, Ordering::Release);
+                members::retire(mw, guard);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Write a fresh block (not yet reachable); its map claim comes after, in a batch.
+    #[inline]
+    fn init_block(&self, b: u32, local: u64, ext: u64, node: u32) {
+        self.locals.get(b).store(local, Ordering::Relaxed);
+        self.exts.get(b).store(ext, Ordering::Relaxed);
+        self.owner.get(b).store(node, Ordering::Relaxed);
+    }
+
+    /// Claim the shared-map entry of each fresh block whose hash no live block owns yet.
+    fn claim_exts(&self, fresh: &mut [(u64, u32)], rotate: u32) {
+        self.ext_batch(fresh, rotate, |t, ext, b| {
+            if t.claim(mix(ext), b, |m| self.ext_of(m) == ext) {
+                let o = self.owner.get(b);
+                o.store(o.load(Ordering::Relaxed) | OWNS_EXT, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Build fresh nodes for `blocks` (one per contiguous id range), held by `st` only, as a
+    /// chain under locked `parent` whose run ends at `depth`. Returns the chain's nodes, still
+    /// LOCKED, and the first of them is already linked into `parent`.
+    fn grow(
+        &self,
+        st: &mut StreamState,
+        parent: u32,
+        mut depth: u32,
+        blocks: &[KvCacheStoredBlockData],
+        guard: &Guard,
+    ) -> Result<Vec<u32>, KvCacheEventError> {
+        let mut made: Vec<u32> = Vec::new();
+        let mut fresh: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
+        let mut k = 0usize;
+        while k < blocks.len() {
+            let want = (blocks.len() - k).min(u32::MAX as usize) as u32;
+            let (start, got) = self.take_blocks(st, want)?;
+            let above = made.last().copied().unwrap_or(parent);
+            let n = match self.alloc_node(
+                &mut st.node_cache,
+                start,
+                got,
+                above,
+                depth,
+                members::encode(&[st.slot]),
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) => {
+                    st.freed.push((start, got));
+                    return Err(e);
+                }
+            };
+            for q in 0..got {
+                let blk = &blocks[k + q as usize];
+                self.init_block(start + q, blk.tokens_hash.0, blk.block_hash.0, n);
+                fresh.push((blk.block_hash.0, start + q));
+            }
+            if let Some(&prev) = made.last() {
+                // Relaxed: `prev` is not reachable yet; the head's Release link publishes all.
+                self.node(prev)
+                    .children
+                    .store(n as u64 + 1, Ordering::Relaxed);
+            }
+            made.push(n);
+            depth += got;
+            k += got as usize;
+        }
+        self.claim_exts(&mut fresh, st.slot);
+        if let Some(&head) = made.first() {
+            let p = self.node(parent);
+            let pw = p.children.load(Ordering::Relaxed);
+            let key = blocks[0].tokens_hash.0;
+            if let Some(nw) = children::insert_child(pw, key, head, &|i| self.first_local(i), guard)
+            {
+                // Release: the chain's initialisation is visible to readers that see it.
+                p.children.store(nw, crate::sync::publish_link());
+            }
+        }
+        Ok(made)
     }
 
     /// Apply a `stored` event of the stream `st`.
@@ -394,113 +786,176 @@ impl Tree {
                 return Err(KvCacheEventError::InvalidBlockSequence);
             }
         }
-        let mut cur = match parent_ext {
-            None => ROOT,
-            Some(p) => self
-                .resolve(st, p, guard)
-                .ok_or(KvCacheEventError::ParentBlockNotFound)?,
+        let parent_block = match parent_ext {
+            None => None,
+            Some(p) => Some(
+                self.resolve(st, p, guard)
+                    .ok_or(KvCacheEventError::ParentBlockNotFound)?,
+            ),
         };
         if data.blocks.is_empty() {
             return Ok(StoreOutcome { duplicate: false });
         }
+        let (mut cur, mut j) = match parent_block {
+            None => {
+                self.lock(ROOT);
+                (ROOT, 0)
+            }
+            Some(b) => {
+                let n = self.lock_owner(b)?;
+                (n, b - self.extent(n).0 + 1)
+            }
+        };
+        let blocks = &data.blocks;
         let slot = st.slot;
         let mut duplicate = true;
         // Blocks this stream held under a hash it now reuses for another block: a worker's hash
         // names one block, so the old one is gone. Dropped after the walk, with no lock held.
         let mut displaced: Vec<(u32, u64)> = Vec::new();
-        self.lock(cur);
-        for b in &data.blocks {
-            let (local, ext) = (b.tokens_hash.0, b.block_hash.0);
-            let parent = self.node(cur);
-            let cw = parent.children.load(Ordering::Relaxed);
-            let found = children::find_child(cw, local, &|i| self.local_of(i), guard);
-            let child = match found {
+        let mut i = 0usize;
+        // Invariant: `cur` is locked, `j <= len(cur)` is the next position to match in it.
+        loop {
+            let (start, len) = extent_parts(self.node(cur).extent.load(Ordering::Relaxed));
+            if j < len {
+                let mut m = 0u32;
+                let rest = &blocks[i..];
+                self.locals.for_each_slice(start + j, len - j, |s| {
+                    for x in s {
+                        match rest.get(m as usize) {
+                            Some(b) if b.tokens_hash.0 == x.load(Ordering::Relaxed) => m += 1,
+                            _ => return false,
+                        }
+                    }
+                    true
+                });
+                let member =
+                    Members::from_word(self.node(cur).members.load(Ordering::Relaxed), guard)
+                        .contains(slot);
+                if m > 0 && !member {
+                    if j > 0 {
+                        // Not reachable by the protocol (a stream enters a run it does not hold
+                        // only at its first block); handled for safety.
+                        let t = self
+                            .split(st, cur, j, guard)
+                            .inspect_err(|_| self.unlock(cur))?;
+                        self.unlock(cur);
+                        cur = t;
+                        j = 0;
+                    }
+                    let (_, len_now) = self.extent(cur);
+                    if m < len_now {
+                        let t = self
+                            .split(st, cur, m, guard)
+                            .inspect_err(|_| self.unlock(cur))?;
+                        self.unlock(t);
+                    }
+                    self.add_member(cur, slot, guard);
+                    duplicate = false;
+                    st.blocks += m as u64;
+                    let (s2, _) = self.extent(cur);
+                    for q in 0..m {
+                        let b = s2 + j + q;
+                        let ext = blocks[i + q as usize].block_hash.0;
+                        if let Some(old) = self.held_elsewhere(st, b, ext, guard) {
+                            displaced.push((old, ext));
+                        }
+                        if !self.canonical_for(b, ext) {
+                            self.set_exception(st, b, ext);
+                        }
+                    }
+                } else {
+                    for q in 0..m {
+                        let b = start + j + q;
+                        let ext = blocks[i + q as usize].block_hash.0;
+                        if let Some(old) = self.held_elsewhere(st, b, ext, guard) {
+                            displaced.push((old, ext));
+                        }
+                        if self.held_ext(st, b) != ext {
+                            // Same block re-stored under another hash: the newest hash wins.
+                            duplicate = false;
+                            self.clear_exception(st, b);
+                            if !self.canonical_for(b, ext) {
+                                self.set_exception(st, b, ext);
+                            }
+                        }
+                    }
+                }
+                i += m as usize;
+                j += m;
+                if i == blocks.len() {
+                    self.unlock(cur);
+                    break;
+                }
+                let (_, len_now) = self.extent(cur);
+                if j < len_now {
+                    if j == 0 {
+                        self.unlock(cur);
+                        return Err(KvCacheEventError::IndexerInvariantViolation);
+                    }
+                    // The stream's chain leaves this run in its middle: cut it there.
+                    let t = self
+                        .split(st, cur, j, guard)
+                        .inspect_err(|_| self.unlock(cur))?;
+                    self.unlock(t);
+                }
+            }
+            let local = blocks[i].tokens_hash.0;
+            let cw = self.node(cur).children.load(Ordering::Relaxed);
+            match children::find_child(cw, local, &|c| self.first_local(c), guard) {
                 Some(c) => {
                     // Parent locked, so `c` is linked and live; lock it before letting go of the
                     // parent so that nobody can unlink it in between.
                     self.lock(c);
-                    c
+                    self.unlock(cur);
+                    cur = c;
+                    j = 0;
                 }
                 None => {
-                    let c = match self.alloc_node(
-                        &mut st.node_cache,
-                        local,
-                        ext,
-                        cur,
-                        members::encode(&[slot]),
-                    ) {
-                        Ok(c) => c,
+                    let node = self.node(cur);
+                    let (_, len_now) = extent_parts(node.extent.load(Ordering::Relaxed));
+                    let depth = node.depth.load(Ordering::Relaxed) + len_now;
+                    let made = match self.grow(st, cur, depth, &blocks[i..], guard) {
+                        Ok(made) => made,
                         Err(e) => {
                             self.unlock(cur);
                             return Err(e);
                         }
                     };
-                    if let Some(nw) =
-                        children::insert_child(cw, local, c, &|i| self.local_of(i), guard)
-                    {
-                        // Release: the child's initialisation is visible to readers that see it.
-                        parent.children.store(nw, crate::sync::publish_link());
+                    for &n in &made {
+                        self.unlock(n);
                     }
                     self.unlock(cur);
                     duplicate = false;
-                    st.blocks += 1;
-                    if let Some(old) = self.held_elsewhere(st, c, ext, guard) {
-                        displaced.push((old, ext));
-                    }
-                    if !self.canonical_for(c, ext) {
-                        self.set_exception(st, c, ext);
-                    }
-                    cur = c;
-                    continue;
-                }
-            };
-            self.unlock(cur);
-            if let Some(old) = self.held_elsewhere(st, child, ext, guard) {
-                displaced.push((old, ext));
-            }
-            let node = self.node(child);
-            let mw = node.members.load(Ordering::Relaxed);
-            match members::with_added(mw, slot, guard) {
-                Some(nw) => {
-                    // Release: pairs with readers' Acquire; the slot's identity is visible first.
-                    node.members.store(nw, Ordering::Release);
-                    members::retire(mw, guard);
-                    duplicate = false;
-                    st.blocks += 1;
-                    if !self.canonical_for(child, ext) {
-                        self.set_exception(st, child, ext);
-                    }
-                }
-                None => {
-                    let held_ext = st
-                        .exc_by_node
-                        .get(&child)
-                        .copied()
-                        .unwrap_or_else(|| self.ext_of(child));
-                    if held_ext != ext {
-                        // Same block re-stored under another hash: the newest hash wins.
-                        duplicate = false;
-                        self.clear_exception(st, child);
-                        if !self.canonical_for(child, ext) {
-                            self.set_exception(st, child, ext);
+                    st.blocks += (blocks.len() - i) as u64;
+                    for &n in &made {
+                        let (s, l) = self.extent(n);
+                        for b in s..s + l {
+                            let ext = self.ext_of(b);
+                            if let Some(old) = self.held_elsewhere(st, b, ext, guard) {
+                                displaced.push((old, ext));
+                            }
+                            if !self.owns_ext(b) {
+                                self.set_exception(st, b, ext);
+                            }
                         }
                     }
+                    break;
                 }
             }
-            cur = child;
         }
-        self.unlock(cur);
         for (old, ext) in displaced {
             // Still held under `ext` means it is the block just stored (a re-store): keep it.
-            if self.resolve(st, ext, guard) != Some(old) {
+            if self.resolve(st, ext, guard) != Some(old) && self.holds(st.slot, old, guard) {
                 duplicate = false;
-                self.drop_membership(st, old, guard);
+                self.drop_one(st, old, guard)?;
             }
         }
         Ok(StoreOutcome { duplicate })
     }
 
-    /// Apply a `removed` event: every hash is tried; the first failure is reported.
+    /// Apply a `removed` event: every hash is tried; the first failure is reported. Engines
+    /// evict leaf first, so a run of hashes usually names consecutive blocks of one node,
+    /// last first: those are dropped together.
     pub(crate) fn remove(
         self: &Arc<Self>,
         st: &mut StreamState,
@@ -508,43 +963,93 @@ impl Tree {
         guard: &Guard,
     ) -> Result<(), KvCacheEventError> {
         let mut first_err = None;
-        // Engines evict leaf first, so the next hash is usually the parent of the block just
-        // removed: try that before the shared map (saves two cache misses per block).
-        let mut hint: Option<u32> = None;
-        for h in hashes {
-            let found = hint
-                .filter(|&p| p != ROOT && self.holds_canonically(st, p, h.0, guard))
-                .or_else(|| self.resolve(st, h.0, guard));
-            match found {
-                Some(n) => {
-                    hint = Some(self.node(n).parent.load(Ordering::Relaxed));
-                    self.drop_membership(st, n, guard)
+        let mut i = 0usize;
+        while i < hashes.len() {
+            let Some(b) = self.resolve(st, hashes[i].0, guard) else {
+                tracing::warn!(
+                    worker_slot = st.slot,
+                    block_hash = hashes[i].0,
+                    "Failed to find block to remove; skipping remove operation"
+                );
+                first_err.get_or_insert(KvCacheEventError::BlockNotFound);
+                i += 1;
+                continue;
+            };
+            let n = self.lock_owner(b)?;
+            let (start, _) = self.extent(n);
+            let hi = b - start;
+            let mut lo = hi;
+            while lo > 0 {
+                let Some(h) = hashes.get(i + 1 + (hi - lo) as usize) else {
+                    break;
+                };
+                if !self.names(st, start + lo - 1, h.0) {
+                    break;
                 }
-                None => {
-                    tracing::warn!(
-                        worker_slot = st.slot,
-                        block_hash = h.0,
-                        "Failed to find block to remove; skipping remove operation"
-                    );
-                    first_err.get_or_insert(KvCacheEventError::BlockNotFound);
-                }
+                lo -= 1;
             }
+            i += (hi - lo + 1) as usize;
+            self.drop_range(st, n, lo, hi, guard)?;
         }
         first_err.map_or(Ok(()), Err)
     }
 
-    fn drop_membership(self: &Arc<Self>, st: &mut StreamState, n: u32, guard: &Guard) {
-        self.lock(n);
+    /// Drop block `b`, held by `st` (no lock held by the caller).
+    fn drop_one(
+        self: &Arc<Self>,
+        st: &mut StreamState,
+        b: u32,
+        guard: &Guard,
+    ) -> Result<(), KvCacheEventError> {
+        let n = self.lock_owner(b)?;
+        let off = b - self.extent(n).0;
+        self.drop_range(st, n, off, off, guard)
+    }
+
+    /// `st` stops holding blocks `lo..=hi` of locked node `n` (which it holds). Unlocks `n`.
+    fn drop_range(
+        self: &Arc<Self>,
+        st: &mut StreamState,
+        n: u32,
+        lo: u32,
+        hi: u32,
+        guard: &Guard,
+    ) -> Result<(), KvCacheEventError> {
+        let (start, len) = self.extent(n);
+        if hi + 1 < len {
+            let t = self
+                .split(st, n, hi + 1, guard)
+                .inspect_err(|_| self.unlock(n))?;
+            self.unlock(t);
+        }
+        for b in start + lo..=start + hi {
+            self.clear_exception(st, b);
+        }
+        st.blocks = st.blocks.saturating_sub((hi - lo + 1) as u64);
         let node = self.node(n);
         let mw = node.members.load(Ordering::Relaxed);
-        if let Some(nw) = members::with_removed(mw, st.slot, guard) {
-            node.members.store(nw, Ordering::Release);
-            members::retire(mw, guard);
-            st.blocks = st.blocks.saturating_sub(1);
+        let sole = members::count(mw, guard) == 1;
+        if sole && lo > 0 && node.children.load(Ordering::Relaxed) == 0 {
+            // Only this stream holds the run and nothing hangs below it: cut the tail off.
+            node.extent.store(extent_word(start, lo), Ordering::Release);
+            self.ext_release_range(start + lo, hi - lo + 1, st.slot);
+            st.freed.push((start + lo, hi - lo + 1));
+            self.unlock(n);
+            return Ok(());
         }
-        self.unlock(n);
-        self.clear_exception(st, n);
-        self.try_unlink(st, n, guard);
+        let target = if lo > 0 {
+            let t = self
+                .split(st, n, lo, guard)
+                .inspect_err(|_| self.unlock(n))?;
+            self.unlock(n);
+            t
+        } else {
+            n
+        };
+        self.remove_member(target, st.slot, guard);
+        self.unlock(target);
+        self.try_unlink(st, target, guard);
+        Ok(())
     }
 
     /// Unlink `n` and then its ancestors while they hold nobody and have no children.
@@ -563,29 +1068,30 @@ impl Tree {
             self.lock(p);
             self.lock(n);
             let s = node.state.load(Ordering::Relaxed);
-            let still_empty = s & LIVE != 0
-                && node.parent.load(Ordering::Relaxed) == p
+            let empty = s & LIVE != 0
                 && node.members.load(Ordering::Relaxed) == 0
                 && node.children.load(Ordering::Relaxed) == 0;
-            if !still_empty {
+            if !empty {
                 self.unlock(n);
                 self.unlock(p);
                 return;
             }
+            if node.parent.load(Ordering::Relaxed) != p {
+                // A split moved `n` under a new node meanwhile: lock that one instead.
+                self.unlock(n);
+                self.unlock(p);
+                continue;
+            }
             let parent = self.node(p);
-            let local = node.local.load(Ordering::Relaxed);
+            let key = self.first_local(n);
             let pw = parent.children.load(Ordering::Relaxed);
-            if let Some(nw) = children::remove_child(pw, local, n, guard) {
+            if let Some(nw) = children::remove_child(pw, key, n, guard) {
                 // Release: readers that load the new word no longer reach `n`.
                 parent.children.store(nw, Ordering::Release);
             }
-            if s & OWNS_EXT != 0 {
-                let ext = self.ext_of(n);
-                let mut shard = self.ext_shard(ext);
-                if let Ok(entry) = shard.find_entry(mix(ext), |&m| m == n) {
-                    entry.remove();
-                }
-            }
+            let (start, len) = extent_parts(node.extent.load(Ordering::Relaxed));
+            self.ext_release_range(start, len, st.slot);
+            st.freed.push((start, len));
             // Not LIVE, unlocked. Readers that still hold `n` see no members.
             node.state.store(0, Ordering::Release);
             st.unlinked.push(n);
@@ -601,55 +1107,79 @@ impl Tree {
     }
 
     /// Drop every block of the stream (a `cleared` event, or before removing the stream).
-    /// Cost: one sequential scan of the node arena.
+    /// Cost: sequential scans of the node arena, repeated until one finds nothing (a split by
+    /// another stream copies this stream's membership into a node the scan may have passed).
     pub(crate) fn clear(self: &Arc<Self>, st: &mut StreamState, guard: &mut Guard) {
-        let high = self.nodes.high_water();
-        for i in 1..high {
-            if i % 4096 == 0 {
-                // Do not hold back reclamation for the whole scan.
-                guard.repin();
+        loop {
+            let mut found = false;
+            let high = self.nodes.high_water();
+            for i in 1..high {
+                if i % 4096 == 0 {
+                    // Do not hold back reclamation for the whole scan.
+                    guard.repin();
+                }
+                let node = self.node(i);
+                if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                    continue;
+                }
+                if !Members::from_word(node.members.load(Ordering::Acquire), guard)
+                    .contains(st.slot)
+                {
+                    continue;
+                }
+                found = true;
+                self.lock(i);
+                let removed = node.state.load(Ordering::Relaxed) & LIVE != 0
+                    && self.remove_member(i, st.slot, guard);
+                self.unlock(i);
+                if removed {
+                    self.try_unlink(st, i, guard);
+                }
             }
-            let node = self.node(i);
-            if node.state.load(Ordering::Acquire) & LIVE == 0 {
-                continue;
-            }
-            let held =
-                Members::from_word(node.members.load(Ordering::Acquire), guard).contains(st.slot);
-            if held {
-                self.drop_membership(st, i, guard);
+            if !found {
+                break;
             }
         }
         st.blocks = 0;
         let slot = st.slot;
         st.exc_by_ext.clear();
-        st.exc_by_node.clear();
+        st.exc_by_block.clear();
         self.exceptions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(s, _), _| *s != slot);
     }
 
-    /// Lock-free: the child (index and node) of node `pi` whose local hash is `local`. A chain stored by one event sits in consecutive indices (see `refill`), so the
-    /// single child is usually `pi + 1`: that branch takes the child's address from the
-    /// parent's, and the CPU can run ahead down the chain instead of waiting for each link.
+    /// How many leading blocks of `seq` equal the run `start..start + len`.
     #[inline]
-    fn child_of<'a>(
-        &'a self,
-        pi: u32,
-        parent: &'a Node,
-        local: u64,
-        guard: &Guard,
-    ) -> Option<(u32, &'a Node)> {
+    fn match_run(&self, start: u32, len: u32, seq: &[LocalBlockHash]) -> u32 {
+        let len = len.min(seq.len() as u32);
+        let mut m = 0u32;
+        self.locals.for_each_slice(start, len, |s| {
+            let q = &seq[m as usize..m as usize + s.len()];
+            for (x, h) in s.iter().zip(q) {
+                if x.load(Ordering::Relaxed) != h.0 {
+                    return false;
+                }
+                m += 1;
+            }
+            true
+        });
+        m
+    }
+
+    /// Lock-free: the child of `parent` whose first block is `local`, if it starts at `pos`
+    /// (a child at another depth was seen through a torn split and is not on this path).
+    #[inline]
+    fn child_at(&self, parent: &Node, local: u64, pos: usize, guard: &Guard) -> Option<u32> {
         let word = parent.children.load(Ordering::Acquire);
-        if let Some(c) = children::single_child(word) {
-            let n = if c == pi.wrapping_add(1) {
-                self.nodes.get_next(pi, parent)
-            } else {
-                self.node(c)
-            };
-            return (n.local.load(Ordering::Relaxed) == local).then_some((c, n));
+        let c = children::find_child(word, local, &|i| self.first_local(i), guard)?;
+        #[cfg(loom)]
+        if crate::sync::loom_support::no_depth_check() {
+            // Planted bug (loom-tests/tests/split.rs).
+            return Some(c);
         }
-        children::find_child(word, local, &|i| self.local_of(i), guard).map(|c| (c, self.node(c)))
+        (self.node(c).depth.load(Ordering::Relaxed) as usize == pos).then_some(c)
     }
 
     /// Lock-free longest-prefix scoring (INDEXER.md §3.5). Always exact: `early_exit` may only
@@ -657,71 +1187,80 @@ impl Tree {
     /// Dynamo 1.6.1 was measured to return (S1, S7).
     pub(crate) fn find_matches(&self, seq: &[LocalBlockHash]) -> OverlapScores {
         let mut out = OverlapScores::default();
-        let Some(first_hash) = seq.first() else {
-            return out;
-        };
         let guard = epoch::pin();
-        let Some((first_i, first)) = self.child_of(ROOT, self.node(ROOT), first_hash.0, &guard)
-        else {
-            return out;
-        };
-        let first_members = Members::from_word(first.members.load(Ordering::Acquire), &guard);
-        let mut active = ActiveSet::from_members(first_members);
+        let mut active: Option<ActiveSet> = None;
         let mut scored: Vec<(u32, u32)> = Vec::new();
-        let mut depth = 1u32;
-        let mut cur = first;
-        let mut cur_i = first_i;
-        let mut rest = seq[1..].iter();
-        while !active.is_empty() {
-            if let ActiveSet::Few(v) = &active {
-                if let [slot] = v[..] {
-                    // One worker left (the common tail of a long query): a tight loop with no
-                    // set bookkeeping.
-                    for h in rest.by_ref() {
-                        let Some((ci, c)) = self.child_of(cur_i, cur, h.0, &guard) else {
-                            break;
-                        };
-                        let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
-                        if !m.contains(slot) {
-                            break;
-                        }
-                        depth += 1;
-                        cur = c;
-                        cur_i = ci;
-                    }
-                    break;
-                }
-            }
-            let Some(h) = rest.next() else {
+        let mut pos = 0usize;
+        let mut cur = self.node(ROOT);
+        while let Some(h) = seq.get(pos) {
+            let Some(c) = self.child_at(cur, h.0, pos, &guard) else {
                 break;
             };
-            let Some((ci, c)) = self.child_of(cur_i, cur, h.0, &guard) else {
-                break;
-            };
-            let m = Members::from_word(c.members.load(Ordering::Acquire), &guard);
-            active.intersect(m, |slot| scored.push((slot, depth)));
-            if active.is_empty() {
+            let node = self.node(c);
+            // Members before extent: see the module docs.
+            let m = Members::from_word(node.members.load(Ordering::Acquire), &guard);
+            let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
+            match &mut active {
+                None => active = Some(ActiveSet::from_members(m)),
+                Some(a) => a.intersect(m, |slot| scored.push((slot, pos as u32))),
+            }
+            if active.as_ref().is_some_and(ActiveSet::is_empty) {
                 break;
             }
-            depth += 1;
-            cur = c;
-            cur_i = ci;
+            let matched = self.match_run(start, len, &seq[pos..]);
+            pos += matched as usize;
+            if matched < len {
+                break;
+            }
+            cur = node;
         }
-        active.for_each(|slot| scored.push((slot, depth)));
+        if let Some(a) = active {
+            a.for_each(|slot| scored.push((slot, pos as u32)));
+        }
         out.scores.reserve(scored.len());
         for (slot, score) in scored {
-            out.scores.insert(self.slots.stream_of(slot), score);
+            if score > 0 {
+                out.scores.insert(self.slots.stream_of(slot), score);
+            }
         }
         out
     }
 
-    /// A node's children, largest local hash first, so that a LIFO walk visits them in ascending
-    /// order: dumps come out the same whatever the insertion history.
+    /// A node's children, largest first-block local hash first, so that a LIFO walk visits them
+    /// in ascending order: dumps come out the same whatever the insertion history.
     fn sorted_children(&self, node: &Node, guard: &Guard) -> Vec<u32> {
         let mut v = Vec::new();
         children::for_each_child(node.children.load(Ordering::Acquire), guard, |c| v.push(c));
-        v.sort_unstable_by_key(|&c| std::cmp::Reverse(self.local_of(c)));
+        v.sort_unstable_by_key(|&c| std::cmp::Reverse(self.first_local(c)));
         v
+    }
+
+    /// Every live node below the root, parents before children, each with its parent's last
+    /// block (`None` under the root), its holders and its blocks.
+    fn walk_nodes(
+        &self,
+        guard: &Guard,
+        mut f: impl FnMut(u32, Option<u32>, Members<'_>, u32, u32),
+    ) {
+        let mut stack: Vec<(u32, Option<u32>)> = Vec::new();
+        for c in self.sorted_children(self.node(ROOT), guard) {
+            stack.push((c, None));
+        }
+        while let Some((n, above)) = stack.pop() {
+            let node = self.node(n);
+            if node.state.load(Ordering::Acquire) & LIVE == 0 {
+                continue;
+            }
+            let m = Members::from_word(node.members.load(Ordering::Acquire), guard);
+            let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
+            if len == 0 {
+                continue;
+            }
+            f(n, above, m, start, len);
+            for c in self.sorted_children(node, guard) {
+                stack.push((c, Some(start + len - 1)));
+            }
+        }
     }
 
     /// Dynamo-compatible dump: one Stored event per maximal chain a stream holds, reachable
@@ -738,62 +1277,55 @@ impl Tree {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let ext_of = |slot: u32, n: u32| {
+        let ext_of = |slot: u32, b: u32| {
             exceptions
-                .get(&(slot, n))
+                .get(&(slot, b))
                 .copied()
-                .unwrap_or_else(|| self.ext_of(n))
+                .unwrap_or_else(|| self.ext_of(b))
         };
         let mut pending: Vec<Pending> = Vec::new();
-        // slot -> (index in `pending`, node that event currently ends with)
+        // slot -> (index in `pending`, block that event currently ends with)
         let mut open: HashMap<u32, (usize, u32)> = HashMap::new();
-        let mut stack: Vec<(u32, Option<Rc<Vec<u32>>>)> = Vec::new();
-        for c in self.sorted_children(self.node(ROOT), &guard) {
-            stack.push((c, None));
-        }
-        while let Some((n, parent_reach)) = stack.pop() {
-            let node = self.node(n);
-            if node.state.load(Ordering::Acquire) & LIVE == 0 {
-                continue;
-            }
-            let m = Members::from_word(node.members.load(Ordering::Acquire), &guard);
-            let mut reach: Vec<u32> = match &parent_reach {
+        // node -> streams reaching it (holding every block from the root to it)
+        let mut reach_of: HashMap<u32, Rc<Vec<u32>>> = HashMap::new();
+        let mut owner_of_last: HashMap<u32, u32> = HashMap::new();
+        self.walk_nodes(&guard, |n, above, m, start, len| {
+            let mut reach: Vec<u32> = match above {
                 None => m.to_vec(),
-                Some(pr) => pr.iter().copied().filter(|&s| m.contains(s)).collect(),
+                Some(pb) => match owner_of_last.get(&pb).and_then(|p| reach_of.get(p)) {
+                    Some(pr) => pr.iter().copied().filter(|&s| m.contains(s)).collect(),
+                    None => Vec::new(),
+                },
             };
-            if reach.is_empty() {
-                continue;
-            }
             // Deterministic output: streams by identity (slot numbers depend on arrival order).
             reach.sort_unstable_by_key(|&s| self.slots.stream_of(s));
-            let p = node.parent.load(Ordering::Relaxed);
-            let local = LocalBlockHash(node.local.load(Ordering::Relaxed));
-            for &s in &reach {
-                let block = KvCacheStoredBlockData {
-                    block_hash: ExternalSequenceBlockHash(ext_of(s, n)),
-                    tokens_hash: local,
-                    mm_extra_info: None,
-                };
-                match open.get_mut(&s) {
-                    Some((idx, tail)) if *tail == p && p != ROOT => {
-                        pending[*idx].blocks.push(block);
-                        *tail = n;
-                    }
-                    _ => {
-                        pending.push(Pending {
-                            slot: s,
-                            parent: (p != ROOT).then(|| ext_of(s, p)),
-                            blocks: vec![block],
-                        });
-                        open.insert(s, (pending.len() - 1, n));
+            for b in start..start + len {
+                let p = if b == start { above } else { Some(b - 1) };
+                for &s in &reach {
+                    let block = KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(ext_of(s, b)),
+                        tokens_hash: LocalBlockHash(self.local_of(b)),
+                        mm_extra_info: None,
+                    };
+                    match open.get_mut(&s) {
+                        Some((idx, tail)) if p == Some(*tail) => {
+                            pending[*idx].blocks.push(block);
+                            *tail = b;
+                        }
+                        _ => {
+                            pending.push(Pending {
+                                slot: s,
+                                parent: p.map(|pb| ext_of(s, pb)),
+                                blocks: vec![block],
+                            });
+                            open.insert(s, (pending.len() - 1, b));
+                        }
                     }
                 }
             }
-            let reach = Rc::new(reach);
-            for c in self.sorted_children(node, &guard) {
-                stack.push((c, Some(Rc::clone(&reach))));
-            }
-        }
+            owner_of_last.insert(start + len - 1, n);
+            reach_of.insert(n, Rc::new(reach));
+        });
         pending
             .into_iter()
             .enumerate()
@@ -822,7 +1354,8 @@ impl Tree {
         self.node(ROOT).children.load(Ordering::Acquire) == 0
     }
 
-    /// An exact image of the tree (call at a barrier for a consistent one).
+    /// An exact image of the tree, one snapshot node per block (call at a barrier for a
+    /// consistent one).
     pub(crate) fn snapshot(&self) -> IndexSnapshot {
         let guard = epoch::pin();
         let streams = self.slots.streams();
@@ -836,40 +1369,35 @@ impl Tree {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut nodes = Vec::new();
-        let mut stack: Vec<(u32, Option<u32>)> = Vec::new();
-        children::for_each_child(
-            self.node(ROOT).children.load(Ordering::Acquire),
-            &guard,
-            |c| stack.push((c, None)),
-        );
-        while let Some((n, parent)) = stack.pop() {
-            let node = self.node(n);
-            if node.state.load(Ordering::Acquire) & LIVE == 0 {
-                continue;
+        let mut nodes: Vec<SnapshotNode> = Vec::new();
+        // block id -> its snapshot index
+        let mut index_of: HashMap<u32, u32> = HashMap::new();
+        self.walk_nodes(&guard, |_, above, m, start, len| {
+            let slots = m.to_vec();
+            let mut parent = above.and_then(|pb| index_of.get(&pb).copied());
+            for b in start..start + len {
+                let holders = slots
+                    .iter()
+                    .filter_map(|&slot| {
+                        stream_index.get(&slot).map(|&stream| SnapshotHolder {
+                            stream,
+                            private_ext: exceptions
+                                .get(&(slot, b))
+                                .map(|&e| ExternalSequenceBlockHash(e)),
+                        })
+                    })
+                    .collect();
+                let me = nodes.len() as u32;
+                nodes.push(SnapshotNode {
+                    parent,
+                    local: LocalBlockHash(self.local_of(b)),
+                    ext: ExternalSequenceBlockHash(self.ext_of(b)),
+                    holders,
+                });
+                parent = Some(me);
             }
-            let mut holders = Vec::new();
-            Members::from_word(node.members.load(Ordering::Acquire), &guard).for_each(|slot| {
-                if let Some(&stream) = stream_index.get(&slot) {
-                    holders.push(SnapshotHolder {
-                        stream,
-                        private_ext: exceptions
-                            .get(&(slot, n))
-                            .map(|&e| ExternalSequenceBlockHash(e)),
-                    });
-                }
-            });
-            let me = nodes.len() as u32;
-            nodes.push(SnapshotNode {
-                parent,
-                local: LocalBlockHash(node.local.load(Ordering::Relaxed)),
-                ext: ExternalSequenceBlockHash(self.ext_of(n)),
-                holders,
-            });
-            children::for_each_child(node.children.load(Ordering::Acquire), &guard, |c| {
-                stack.push((c, Some(me)))
-            });
-        }
+            index_of.insert(start + len - 1, nodes.len() as u32 - 1);
+        });
         IndexSnapshot {
             streams: streams.into_iter().map(|(s, _)| s).collect(),
             nodes,
@@ -878,7 +1406,8 @@ impl Tree {
     }
 
     /// Rebuild an image into this (empty) tree. Returns the stream states, for the event
-    /// threads to adopt. Nodes must come parents first (as `snapshot` writes them).
+    /// threads to adopt. Nodes must come parents first (as `snapshot` writes them); a block
+    /// extends its parent's run when it is that run's only continuation with the same holders.
     pub(crate) fn restore(
         &self,
         snap: &IndexSnapshot,
@@ -888,15 +1417,13 @@ impl Tree {
         for s in &snap.streams {
             states.push(StreamState::new(self.slots.assign(*s)?));
         }
-        let mut index: Vec<u32> = Vec::with_capacity(snap.nodes.len());
-        let mut cache = Vec::new();
+        // Private allocation state for the restore (no stream owns it).
+        let mut scratch = StreamState::new(u32::MAX);
+        // snapshot index -> block id
+        let mut block_of: Vec<u32> = Vec::with_capacity(snap.nodes.len());
+        // node -> (end of its reserved ids, its holder slots)
+        let mut reserved: HashMap<u32, (u32, Vec<u32>)> = HashMap::new();
         for n in &snap.nodes {
-            let parent = match n.parent {
-                None => ROOT,
-                Some(p) => *index
-                    .get(p as usize)
-                    .ok_or(KvCacheEventError::IndexerInvariantViolation)?,
-            };
             let mut slots = Vec::with_capacity(n.holders.len());
             for h in &n.holders {
                 let st = states
@@ -906,36 +1433,60 @@ impl Tree {
                     slots.push(st.slot);
                 }
             }
+            slots.sort_unstable();
             let (local, ext) = (n.local.0, n.ext.0);
-            self.lock(parent);
-            let pw = self.node(parent).children.load(Ordering::Relaxed);
-            if children::find_child(pw, local, &|i| self.local_of(i), &guard).is_some() {
-                self.unlock(parent);
-                return Err(KvCacheEventError::IndexerInvariantViolation);
-            }
-            let c = match self.alloc_node(&mut cache, local, ext, parent, members::encode(&slots)) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.unlock(parent);
-                    return Err(e);
-                }
+            let parent_block = match n.parent {
+                None => None,
+                Some(p) => Some(
+                    *block_of
+                        .get(p as usize)
+                        .ok_or(KvCacheEventError::IndexerInvariantViolation)?,
+                ),
             };
-            if let Some(nw) = children::insert_child(pw, local, c, &|i| self.local_of(i), &guard) {
-                self.node(parent).children.store(nw, Ordering::Release);
-            }
-            self.unlock(c);
-            self.unlock(parent);
+            let b = self.restore_block(
+                &mut scratch,
+                &mut reserved,
+                parent_block,
+                local,
+                ext,
+                slots,
+                &guard,
+            )?;
             for h in &n.holders {
                 let st = &mut states[h.stream as usize];
                 st.blocks += 1;
                 match h.private_ext {
-                    Some(e) if !self.canonical_for(c, e.0) => self.set_exception(st, c, e.0),
-                    None if !self.canonical_for(c, ext) => self.set_exception(st, c, ext),
+                    Some(e) if !self.canonical_for(b, e.0) => self.set_exception(st, b, e.0),
+                    None if !self.canonical_for(b, ext) => self.set_exception(st, b, ext),
                     _ => {}
                 }
             }
-            index.push(c);
+            block_of.push(b);
         }
+        for (n, (end, _)) in reserved {
+            let (start, len) = self.extent(n);
+            if start + len < end {
+                scratch.freed.push((start + len, end - start - len));
+            }
+        }
+        scratch
+            .freed
+            .extend((scratch.block_cache.0 < scratch.block_cache.1).then(|| {
+                (
+                    scratch.block_cache.0,
+                    scratch.block_cache.1 - scratch.block_cache.0,
+                )
+            }));
+        {
+            let mut fb = self.free_blocks.lock().unwrap_or_else(|e| e.into_inner());
+            for (s, l) in scratch.freed.drain(..) {
+                fb.insert(s, l);
+            }
+        }
+        self.free_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(&mut scratch.node_cache);
         for st in &states {
             self.slots
                 .entry(st.slot)
@@ -945,36 +1496,101 @@ impl Tree {
         Ok(snap.streams.iter().copied().zip(states).collect())
     }
 
+    /// One block of a restore: appended to its parent's run when possible, else a new node.
+    #[allow(clippy::too_many_arguments)]
+    fn restore_block(
+        &self,
+        scratch: &mut StreamState,
+        reserved: &mut HashMap<u32, (u32, Vec<u32>)>,
+        parent_block: Option<u32>,
+        local: u64,
+        ext: u64,
+        slots: Vec<u32>,
+        guard: &Guard,
+    ) -> Result<u32, KvCacheEventError> {
+        let parent = match parent_block {
+            None => ROOT,
+            Some(pb) => self.owner_of(pb),
+        };
+        let pnode = self.node(parent);
+        let (pstart, plen) = extent_parts(pnode.extent.load(Ordering::Relaxed));
+        if let Some(pb) = parent_block {
+            if pb + 1 != pstart + plen {
+                return Err(KvCacheEventError::IndexerInvariantViolation);
+            }
+        }
+        let pw = pnode.children.load(Ordering::Relaxed);
+        if children::find_child(pw, local, &|i| self.first_local(i), guard).is_some() {
+            return Err(KvCacheEventError::IndexerInvariantViolation);
+        }
+        if let (Some(pb), 0) = (parent_block, pw) {
+            if let Some((end, held)) = reserved.get(&parent) {
+                if *held == slots && pb + 1 < *end {
+                    let b = pb + 1;
+                    self.init_block(b, local, ext, parent);
+                    self.claim_exts(&mut [(ext, b)], 0);
+                    pnode
+                        .extent
+                        .store(extent_word(pstart, plen + 1), Ordering::Release);
+                    return Ok(b);
+                }
+            }
+        }
+        let (start, got) = self.take_blocks(scratch, BLOCK_BATCH)?;
+        let depth = pnode.depth.load(Ordering::Relaxed) + plen;
+        let n = self.alloc_node(
+            &mut scratch.node_cache,
+            start,
+            1,
+            parent,
+            depth,
+            members::encode(&slots),
+            0,
+        )?;
+        self.init_block(start, local, ext, n);
+        self.claim_exts(&mut [(ext, start)], 0);
+        if let Some(nw) = children::insert_child(pw, local, n, &|i| self.first_local(i), guard) {
+            pnode.children.store(nw, Ordering::Release);
+        }
+        self.unlock(n);
+        reserved.insert(n, (start + got, slots));
+        Ok(start)
+    }
+
     /// Current memory use of this tree.
     pub(crate) fn memory(&self) -> MemoryReport {
         let guard = epoch::pin();
-        let mut heap = 0usize;
-        let mut live = 0usize;
+        let mut r = MemoryReport::default();
         let high = self.nodes.high_water();
         for i in 1..high {
             let node = self.node(i);
             if node.state.load(Ordering::Acquire) & LIVE == 0 {
                 continue;
             }
-            live += 1;
+            r.live_runs += 1;
+            r.live_nodes += extent_parts(node.extent.load(Ordering::Acquire)).1 as usize;
             let mw = node.members.load(Ordering::Acquire);
             if let Members::Bits(bits) = Members::from_word(mw, &guard) {
-                heap += (bits.len() + 2) * 8;
+                r.member_bytes += (bits.len() + 2) * 8;
             }
-            heap += children::heap_bytes(node.children.load(Ordering::Acquire), &guard);
+            r.child_bytes += children::heap_bytes(node.children.load(Ordering::Acquire), &guard);
         }
-        let map_bytes: usize = self
+        r.map_bytes = self
             .ext_map
             .iter()
-            .map(|m| m.lock().map(|t| t.capacity() * 5).unwrap_or(0))
+            .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
             .sum();
-        MemoryReport {
-            node_bytes: self.nodes.allocated_bytes() + self.exts.allocated_bytes(),
-            heap_bytes: heap + map_bytes,
-            live_nodes: live,
-        }
+        r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
+        r.node_bytes = self.nodes.allocated_bytes()
+            + self.locals.allocated_bytes()
+            + self.exts.allocated_bytes()
+            + self.owner.allocated_bytes();
+        r
     }
 }
+
+/// Fresh ids wanted from a reused range at least this long (so that a run is not cut short).
+const BATCH_HINT: u32 = BLOCK_BATCH;
 
 impl Drop for Tree {
     fn drop(&mut self) {
@@ -1101,48 +1717,71 @@ impl ActiveSet {
 #[cfg(all(test, not(loom)))]
 mod layout_tests {
     #[test]
-    fn a_node_is_32_bytes_so_none_straddles_a_cache_line() {
-        assert_eq!(std::mem::size_of::<super::Node>(), 32);
-        assert_eq!(64 % std::mem::size_of::<super::Node>(), 0);
+    fn a_node_is_40_bytes() {
+        assert_eq!(std::mem::size_of::<super::Node>(), 40);
     }
 }
 
 /// Reader-side probes for the loom models (loom-tests/): the same loads, in the same order and
 /// with the same orderings, as `find_matches`, but reporting what they saw instead of scoring.
+/// They speak in blocks (block ids), whatever run holds them.
 #[cfg(loom)]
 impl Tree {
-    /// The node a lock-free reader reaches from the root by following local hashes `path`.
+    /// The block a lock-free reader reaches from the root by following local hashes `path`.
     pub(crate) fn loom_walk(&self, path: &[u64], guard: &Guard) -> Option<u32> {
-        let mut cur = ROOT;
-        for &h in path {
-            let word = self.node(cur).children.load(Ordering::Acquire);
-            cur = children::find_child(word, h, &|i| self.local_of(i), guard)?;
-        }
-        Some(cur)
+        self.path_blocks(path, guard).last().map(|&(b, _)| b)
     }
 
-    /// The children of node `i` as a reader sees them (whatever their keys).
-    pub(crate) fn loom_children(&self, i: u32, guard: &Guard) -> Vec<u32> {
+    /// The blocks right after block `b` (0: the root) as a reader sees them: the next block of its run, or
+    /// the first blocks of the run's children (whatever their keys).
+    pub(crate) fn loom_children(&self, b: u32, guard: &Guard) -> Vec<u32> {
+        let n = self.owner_of(b);
+        let node = self.node(n);
+        let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
+        if n != ROOT && b + 1 < start + len {
+            return vec![b + 1];
+        }
         let mut out = Vec::new();
-        children::for_each_child(self.node(i).children.load(Ordering::Acquire), guard, |c| {
-            out.push(c)
+        children::for_each_child(node.children.load(Ordering::Acquire), guard, |c| {
+            out.push(extent_parts(self.node(c).extent.load(Ordering::Acquire)).0)
         });
         out
     }
 
-    /// Node `i` as a reader sees it: its local hash and its holders' slots.
-    pub(crate) fn loom_read(&self, i: u32, guard: &Guard) -> (u64, Vec<u32>) {
-        let node = self.node(i);
+    /// Block `b` as a reader sees it: its local hash and its run's holders' slots.
+    pub(crate) fn loom_read(&self, b: u32, guard: &Guard) -> (u64, Vec<u32>) {
+        let node = self.node(self.owner_of(b));
         let holders = Members::from_word(node.members.load(Ordering::Acquire), guard).to_vec();
-        (self.local_of(i), holders)
+        (self.local_of(b), holders)
     }
 }
 
-/// Read-only support for the lower-tier walk (engine/src/lower_tiers.rs). Kept apart so that it
-/// survives a rework of the tree: it needs only "walk `seq` from the root by local hash, and tell
-/// me the external hash under which stream S holds the block at depth d" (the stream's private
-/// hash when it has one, else the node's shared one).
+/// Read-only support for the lower-tier walk (engine/src/lower_tiers.rs) and the loom probes.
 impl Tree {
+    /// Lock-free: the blocks along `seq` from the root, each with the node holding it then.
+    fn path_blocks(&self, seq: &[u64], guard: &Guard) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        let mut cur = self.node(ROOT);
+        while let Some(&h) = seq.get(out.len()) {
+            let Some(c) = self.child_at(cur, h, out.len(), guard) else {
+                break;
+            };
+            let node = self.node(c);
+            let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
+            let rest: Vec<LocalBlockHash> = seq[out.len()..]
+                .iter()
+                .map(|&x| LocalBlockHash(x))
+                .collect();
+            let matched = self.match_run(start, len, &rest);
+            out.extend((start..start + matched).map(|b| (b, c)));
+            if matched < len {
+                break;
+            }
+            cur = node;
+        }
+        out
+    }
+
     /// For each `(stream, depth)` (depth ≥ 1), the external hash under which `stream` holds the
     /// device block at `depth` along `seq` (`None` if it does not hold it). Lock-free walk; then
     /// takes the exceptions mutex once (a short, writer-shared lock) when any block is held.
@@ -1153,22 +1792,12 @@ impl Tree {
     ) -> Vec<Option<u64>> {
         let max = wanted.iter().map(|(_, d)| *d as usize).max().unwrap_or(0);
         let guard = epoch::pin();
-        let mut path: Vec<u32> = Vec::with_capacity(max);
-        let mut cur = ROOT;
-        for h in seq.iter().take(max) {
-            let word = self.node(cur).children.load(Ordering::Acquire);
-            let next = match children::single_child(word) {
-                Some(c) => (self.local_of(c) == h.0).then_some(c),
-                None => children::find_child(word, h.0, &|i| self.local_of(i), &guard),
-            };
-            let Some(c) = next else { break };
-            path.push(c);
-            cur = c;
-        }
+        let locals: Vec<u64> = seq.iter().take(max).map(|h| h.0).collect();
+        let path = self.path_blocks(&locals, &guard);
         let held: Vec<Option<(u32, u32)>> = wanted
             .iter()
             .map(|(stream, d)| {
-                let n = *path.get((*d as usize).checked_sub(1)?)?;
+                let &(b, n) = path.get((*d as usize).checked_sub(1)?)?;
                 let members =
                     Members::from_word(self.node(n).members.load(Ordering::Acquire), &guard);
                 let mut slot = None;
@@ -1177,7 +1806,7 @@ impl Tree {
                         slot = Some(s);
                     }
                 });
-                slot.map(|s| (s, n))
+                slot.map(|s| (s, b))
             })
             .collect();
         if held.iter().all(Option::is_none) {
@@ -1186,11 +1815,11 @@ impl Tree {
         let exceptions = self.exceptions.lock().unwrap_or_else(|e| e.into_inner());
         held.into_iter()
             .map(|h| {
-                h.map(|(slot, n)| {
+                h.map(|(slot, b)| {
                     exceptions
-                        .get(&(slot, n))
+                        .get(&(slot, b))
                         .copied()
-                        .unwrap_or_else(|| self.ext_of(n))
+                        .unwrap_or_else(|| self.ext_of(b))
                 })
             })
             .collect()

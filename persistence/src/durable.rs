@@ -260,12 +260,7 @@ impl DurableIndex {
         namespace: &Arc<NamespaceSpec>,
         worker_id: WorkerId,
     ) -> Result<AppendTicket> {
-        self.submit_batch(vec![LogEntry::control(
-            Arc::clone(namespace),
-            worker_id,
-            0,
-            LogOp::RemoveWorker,
-        )])
+        self.submit_control(namespace, worker_id, 0, LogOp::RemoveWorker)
     }
 
     /// Log and apply `remove_worker_dp_rank(worker_id, dp_rank)`.
@@ -275,12 +270,7 @@ impl DurableIndex {
         worker_id: WorkerId,
         dp_rank: u32,
     ) -> Result<AppendTicket> {
-        self.submit_batch(vec![LogEntry::control(
-            Arc::clone(namespace),
-            worker_id,
-            dp_rank,
-            LogOp::RemoveWorkerDpRank,
-        )])
+        self.submit_control(namespace, worker_id, dp_rank, LogOp::RemoveWorkerDpRank)
     }
 
     /// Log and apply `clear_all_blocks(worker_id)`.
@@ -289,11 +279,22 @@ impl DurableIndex {
         namespace: &Arc<NamespaceSpec>,
         worker_id: WorkerId,
     ) -> Result<AppendTicket> {
+        self.submit_control(namespace, worker_id, 0, LogOp::ClearAllBlocks)
+    }
+
+    /// Log and apply one control entry (`op` is never `Event`) as a batch of one.
+    fn submit_control(
+        &self,
+        namespace: &Arc<NamespaceSpec>,
+        worker_id: WorkerId,
+        dp_rank: u32,
+        op: LogOp,
+    ) -> Result<AppendTicket> {
         self.submit_batch(vec![LogEntry::control(
             Arc::clone(namespace),
             worker_id,
-            0,
-            LogOp::ClearAllBlocks,
+            dp_rank,
+            op,
         )])
     }
 

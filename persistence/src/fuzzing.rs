@@ -4,8 +4,9 @@
 
 use rkyv::util::AlignedVec;
 
-use crate::format::{self, SEGMENT_HEADER_LEN};
-use crate::recovery::{resume_after, EntryView};
+use crate::format;
+use crate::recovery::EntryView;
+use crate::scan::{ScanStep, SegmentScan};
 use crate::snapshot::validate_snapshot_bytes;
 
 /// What reading a segment's bytes found.
@@ -25,26 +26,13 @@ pub fn read_segment_bytes(data: &[u8]) -> SegmentSummary {
     buf.extend_from_slice(data);
     let bytes: &[u8] = &buf;
     let mut out = SegmentSummary::default();
-    let mut damage = match format::decode_segment_header(bytes) {
-        Ok(_) => {
-            out.header_ok = true;
-            None
-        }
-        Err(d) => Some((0usize, d)),
-    };
-    let mut pos = SEGMENT_HEADER_LEN;
-    loop {
-        if let Some((at, d)) = damage.take() {
-            out.damaged_regions += 1;
-            match resume_after(bytes, at, &d) {
-                Some(o) if o > at => pos = o,
-                _ => break,
-            }
-        }
-        match format::read_record(bytes, pos) {
-            Ok(None) => break,
-            Err(d) => damage = Some((pos, d)),
-            Ok(Some(rec)) => {
+    let header_damage = format::decode_segment_header(bytes).err();
+    out.header_ok = header_damage.is_none();
+    let mut scan = SegmentScan::new(bytes, header_damage);
+    while let Some(step) = scan.next_step() {
+        match step {
+            ScanStep::Damaged { .. } => out.damaged_regions += 1,
+            ScanStep::Record(rec) => {
                 out.records += 1;
                 for e in rec.batch.entries.iter() {
                     if let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize) {
@@ -56,7 +44,6 @@ pub fn read_segment_bytes(data: &[u8]) -> SegmentSummary {
                         out.entries += 1;
                     }
                 }
-                pos = rec.end;
             }
         }
     }

@@ -10,7 +10,8 @@
 //! * [`record`]: the rkyv payload types; [`format`]: framing (length + CRC32C + payload);
 //! * [`writer`]: LSN assignment, the bounded queue and the group-commit writer thread, through
 //!   [`io`] (io_uring or portable);
-//! * [`segment`]: memory-mapped reading; [`lsn_index`]: where in a segment an LSN starts;
+//! * [`segment`]: memory-mapped reading; `scan`: one walk over a segment's records that
+//!   resumes after damage; [`lsn_index`]: where in a segment an LSN starts;
 //!   [`recovery`]: snapshot + replay + damage policy;
 //! * [`log`]: [`EventLog`], which ties them together for one data directory;
 //! * [`snapshot`]: [`SnapshotStore`]; [`durable`]: [`DurableIndex`], an engine kept durable by
@@ -32,6 +33,7 @@ pub mod loom_hooks;
 pub mod lsn_index;
 pub mod record;
 pub mod recovery;
+mod scan;
 pub mod segment;
 pub mod snapshot;
 mod sync;

@@ -14,6 +14,7 @@ use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
 use crate::format::{self, SEGMENT_HEADER_LEN};
 use crate::lsn_index::{self, IndexMark, MarkPlanner};
 use crate::record::{ArchivedEntryRecord, ArchivedNamespaceRecord};
+use crate::scan::{ScanStep, SegmentScan};
 use crate::segment::{list_dir, segment_file_name, SegmentReader};
 use crate::snapshot::{LoadedSnapshot, SnapshotFailure, SnapshotMeta, SnapshotStore};
 use crate::writer::{WatermarkTable, WriterStart};
@@ -325,88 +326,71 @@ pub(crate) fn recover(
         report.segments_scanned += 1;
         let reader = SegmentReader::open(path)?;
         let bytes = reader.bytes();
-        let mut pos: usize = SEGMENT_HEADER_LEN;
-        let mut damage_at: Option<(usize, Damage)> = match reader.first_lsn() {
+        let header_damage = match reader.first_lsn() {
             Ok(l) if l == *name_lsn => None,
-            Ok(l) => Some((
-                0,
-                Damage::BadHeader(format!(
-                    "header says first LSN {l}, file name says {name_lsn}"
-                )),
-            )),
+            Ok(l) => Some(Damage::BadHeader(format!(
+                "header says first LSN {l}, file name says {name_lsn}"
+            ))),
             // A file cut inside its header (or zero-filled) is a torn creation.
-            Err(_) if bytes.len() < SEGMENT_HEADER_LEN => Some((
-                0,
-                Damage::IncompleteFrame {
-                    needed: SEGMENT_HEADER_LEN as u64,
-                    available: bytes.len() as u64,
-                },
-            )),
-            Err(_) if bytes.iter().all(|&b| b == 0) => Some((0, Damage::ZeroFilledTail)),
-            Err(d) => Some((0, d)),
+            Err(_) if bytes.len() < SEGMENT_HEADER_LEN => Some(Damage::IncompleteFrame {
+                needed: SEGMENT_HEADER_LEN as u64,
+                available: bytes.len() as u64,
+            }),
+            Err(_) if bytes.iter().all(|&b| b == 0) => Some(Damage::ZeroFilledTail),
+            Err(d) => Some(d),
         };
+        let mut scan = SegmentScan::new(bytes, header_damage);
         let mut first_record = true;
         let mut planner = MarkPlanner::new(cfg.lsn_index_stride);
         let mut marks = Vec::new();
         let mut has_records = false;
         let mut cut: Option<(u64, Damage, bool)> = None; // (offset, damage, remove file)
 
-        loop {
-            if let Some((at, damage)) = damage_at.take() {
-                // Where does valid data resume?
-                let resume = resume_after(bytes, at, &damage);
-                let next_known = resume
-                    .and_then(|o| format::read_record(bytes, o).ok().flatten())
-                    .map(|r| r.batch.first_lsn.to_native())
-                    .or(next_seg_lsn);
-                let is_tail = resume.is_none() && is_last;
-                let region_end = resume.unwrap_or(bytes.len());
-                if !is_tail && next_known.is_some_and(|l| l <= start_lsn) {
-                    // Everything in here is older than the snapshot: harmless.
-                    tracing::info!(path = %path.display(), offset = at, %damage, "damage in a region covered by the snapshot; ignored");
-                    report.skipped.push(SkippedRegion {
-                        path: path.clone(),
-                        offset: at as u64,
-                        bytes: (region_end - at) as u64,
-                        damage,
-                        covered_by_snapshot: true,
-                    });
-                } else if is_tail {
-                    if damage.is_torn_write() || policy != RecoveryPolicy::Absolute {
-                        cut = Some((at as u64, damage, at < SEGMENT_HEADER_LEN));
-                        break;
-                    }
-                    return Err(corrupt(path, at, damage, policy));
-                } else if policy == RecoveryPolicy::SkipCorrupt {
-                    tracing::warn!(path = %path.display(), offset = at, bytes = region_end - at, %damage, "skipping a damaged region of the log");
-                    metrics::counter!("kvindex_recovery_skipped_bytes_total")
-                        .increment((region_end - at) as u64);
-                    metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
+        while let Some(step) = scan.next_step() {
+            let rec = match step {
+                ScanStep::Record(rec) => rec,
+                ScanStep::Damaged { at, damage, resume } => {
+                    let next_known = resume
+                        .and_then(|o| format::read_record(bytes, o).ok().flatten())
+                        .map(|r| r.batch.first_lsn.to_native())
+                        .or(next_seg_lsn);
+                    let is_tail = resume.is_none() && is_last;
+                    let region_end = resume.unwrap_or(bytes.len());
+                    if !is_tail && next_known.is_some_and(|l| l <= start_lsn) {
+                        // Everything in here is older than the snapshot: harmless.
+                        tracing::info!(path = %path.display(), offset = at, %damage, "damage in a region covered by the snapshot; ignored");
+                        report.skipped.push(SkippedRegion {
+                            path: path.clone(),
+                            offset: at as u64,
+                            bytes: (region_end - at) as u64,
+                            damage,
+                            covered_by_snapshot: true,
+                        });
+                    } else if is_tail {
+                        if damage.is_torn_write() || policy != RecoveryPolicy::Absolute {
+                            cut = Some((at as u64, damage, at < SEGMENT_HEADER_LEN));
+                            break;
+                        }
+                        return Err(corrupt(path, at, damage, policy));
+                    } else if policy == RecoveryPolicy::SkipCorrupt {
+                        tracing::warn!(path = %path.display(), offset = at, bytes = region_end - at, %damage, "skipping a damaged region of the log");
+                        metrics::counter!("kvindex_recovery_skipped_bytes_total")
+                            .increment((region_end - at) as u64);
+                        metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
                         .increment(1);
-                    report.skipped.push(SkippedRegion {
-                        path: path.clone(),
-                        offset: at as u64,
-                        bytes: (region_end - at) as u64,
-                        damage,
-                        covered_by_snapshot: false,
-                    });
-                    if is_last {
-                        skipped_in_last = true;
+                        report.skipped.push(SkippedRegion {
+                            path: path.clone(),
+                            offset: at as u64,
+                            bytes: (region_end - at) as u64,
+                            damage,
+                            covered_by_snapshot: false,
+                        });
+                        if is_last {
+                            skipped_in_last = true;
+                        }
+                    } else {
+                        return Err(corrupt(path, at, damage, policy));
                     }
-                } else {
-                    return Err(corrupt(path, at, damage, policy));
-                }
-                match resume {
-                    Some(o) => pos = o,
-                    None => break,
-                }
-            }
-
-            let rec = match format::read_record(bytes, pos) {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(d) => {
-                    damage_at = Some((pos, d));
                     continue;
                 }
             };
@@ -415,27 +399,27 @@ pub(crate) fn recover(
             if first_record {
                 first_record = false;
                 if let Ok(h) = reader.first_lsn() {
-                    if h != first && pos == SEGMENT_HEADER_LEN {
-                        damage_at = Some((
-                            pos,
+                    if h != first && rec.offset == SEGMENT_HEADER_LEN {
+                        scan.reject(
+                            rec.offset,
                             Damage::LsnMismatch {
                                 expected: h,
                                 found: first,
                             },
-                        ));
+                        );
                         continue;
                     }
                 }
             }
             let exp = expected.unwrap_or(start_lsn.min(first));
             if first < exp {
-                damage_at = Some((
-                    pos,
+                scan.reject(
+                    rec.offset,
                     Damage::LsnMismatch {
                         expected: exp,
                         found: first,
                     },
-                ));
+                );
                 continue;
             }
             if first > exp {
@@ -500,14 +484,13 @@ pub(crate) fn recover(
             }
             expected = Some(first + n);
             has_records = true;
-            if let Some(m) = planner.observe(pos as u64, first) {
+            if let Some(m) = planner.observe(rec.offset as u64, first) {
                 marks.push(m);
             }
-            pos = rec.end;
             if done {
                 break;
             }
-            progress.tick(pos as u64, report.entries_replayed, false);
+            progress.tick(rec.end as u64, report.entries_replayed, false);
         }
 
         let file_len = bytes.len() as u64;
@@ -670,34 +653,6 @@ pub(crate) fn remove_index(segment: &Path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %idx.display(), error = %e, "cannot delete an LSN index"),
     }
-}
-
-/// The offset where valid data resumes after damage at `at`: first where the damaged frame's
-/// own length points (a bit flip inside a payload leaves the length intact), then a scan.
-pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<usize> {
-    if at < SEGMENT_HEADER_LEN {
-        // Header damage: records may still follow it.
-        return if matches!(format::read_record(bytes, SEGMENT_HEADER_LEN), Ok(Some(_))) {
-            Some(SEGMENT_HEADER_LEN)
-        } else {
-            format::find_next_record(bytes, SEGMENT_HEADER_LEN)
-        };
-    }
-    if let Damage::ChecksumMismatch { .. }
-    | Damage::InvalidArchive(_)
-    | Damage::EmptyBatch
-    | Damage::BadNamespaceIndex { .. }
-    | Damage::LsnMismatch { .. } = damage
-    {
-        if at + 4 <= bytes.len() {
-            let len = format::le_u32(bytes, at) as usize;
-            let next = at + format::frame_len(len);
-            if next <= bytes.len() && matches!(format::read_record(bytes, next), Ok(Some(_))) {
-                return Some(next);
-            }
-        }
-    }
-    format::find_next_record(bytes, at)
 }
 
 fn corrupt(path: &Path, at: usize, damage: Damage, policy: RecoveryPolicy) -> PersistError {

@@ -21,7 +21,8 @@ use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
 use crate::format::{self, SEGMENT_HEADER_LEN};
 use crate::log::{read_log, EventLog};
 use crate::lsn_index::{self, SeekVia};
-use crate::recovery::{resume_after, NullSink, RecoveryReport};
+use crate::recovery::{NullSink, RecoveryReport};
+use crate::scan::{ScanStep, SegmentScan};
 use crate::segment::{list_dir, SegmentReader};
 use crate::snapshot::LoadedSnapshot;
 
@@ -134,28 +135,18 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             lsn_range: None,
         };
         let is_last = i + 1 == n_segs;
-        let mut pos = SEGMENT_HEADER_LEN;
-        let mut damage = reader.first_lsn().err().map(|d| (0usize, d));
-        loop {
-            if let Some((at, d)) = damage.take() {
-                let resume = resume_after(bytes, at, &d);
-                report.findings.push(Finding::Damaged {
-                    path: path.clone(),
-                    offset: at as u64,
-                    bytes: (resume.unwrap_or(bytes.len()) - at) as u64,
-                    damage: d,
-                    at_tail: resume.is_none() && is_last,
-                });
-                match resume {
-                    Some(o) => pos = o,
-                    None => break,
-                }
-            }
-            let rec = match format::read_record(bytes, pos) {
-                Ok(Some(r)) => r,
-                Ok(None) => break,
-                Err(d) => {
-                    damage = Some((pos, d));
+        let mut scan = SegmentScan::new(bytes, reader.first_lsn().err());
+        while let Some(step) = scan.next_step() {
+            let rec = match step {
+                ScanStep::Record(rec) => rec,
+                ScanStep::Damaged { at, damage, resume } => {
+                    report.findings.push(Finding::Damaged {
+                        path: path.clone(),
+                        offset: at as u64,
+                        bytes: (resume.unwrap_or(bytes.len()) - at) as u64,
+                        damage,
+                        at_tail: resume.is_none() && is_last,
+                    });
                     continue;
                 }
             };
@@ -169,13 +160,13 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
                         before: path.clone(),
                     });
                 } else if first < exp {
-                    damage = Some((
-                        pos,
+                    scan.reject(
+                        rec.offset,
                         Damage::LsnMismatch {
                             expected: exp,
                             found: first,
                         },
-                    ));
+                    );
                     continue;
                 }
             }
@@ -211,7 +202,6 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             report.lsn_range = Some((report.lsn_range.map_or(first, |r| r.0), first + n - 1));
             report.total_entries += n;
             expected = Some(first + n);
-            pos = rec.end;
         }
         report.segments.push(info);
     }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bin, run, start};
+use common::{bin, data_dir, dead_endpoint, run, runtime, start};
 use kvindex_server::zmq::test_publisher::{
     PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
 };
@@ -22,14 +22,6 @@ const B: [u32; 8] = [11, 12, 13, 14, 15, 16, 17, 18];
 const C: [u32; 4] = [21, 22, 23, 24];
 const D: [u32; 4] = [31, 32, 33, 34];
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn publisher(rt: &tokio::runtime::Runtime, replay: bool) -> VllmPublisher {
     let cfg = if replay {
@@ -106,6 +98,14 @@ impl Capture {
     }
 
     /// Wait (bounded) for the exit; (exit code, the summary JSON).
+    /// Wait for a clean exit (code 0) stopped by `stopped_by`; the summary.
+    fn finish_cleanly(self, stopped_by: &str) -> Value {
+        let (code, summary) = self.finish();
+        assert_eq!(code, 0, "{summary}");
+        assert_eq!(summary["stopped_by"], stopped_by, "{summary}");
+        summary
+    }
+
     fn finish(mut self) -> (i32, Value) {
         let start = Instant::now();
         let status = loop {
@@ -221,8 +221,7 @@ fn a_captured_stream_reads_back_with_replay_state_export_and_serve() {
         .unwrap();
     rt.block_on(publ.publish(&PublishBatch::new(Vec::new())))
         .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let (_tmp, dir) = data_dir();
     let cap = Capture::start(&[
         "--zmq",
         publ.endpoint(),
@@ -239,9 +238,7 @@ fn a_captured_stream_reads_back_with_replay_state_export_and_serve() {
         "--max-events",
         "3",
     ]);
-    let (code, summary) = cap.finish();
-    assert_eq!(code, 0, "{summary}");
-    assert_eq!(summary["stopped_by"], "max_events", "{summary}");
+    let summary = cap.finish_cleanly("max_events");
     assert_eq!(summary["events"], 3, "{summary}");
     assert_eq!(summary["records"], 3, "{summary}");
     assert_eq!(summary["listener"]["lost_batches"], 0, "{summary}");
@@ -277,8 +274,7 @@ fn a_gap_is_filled_from_the_replay_endpoint() {
     let rt = runtime();
     let publ = publisher(&rt, true);
     rt.block_on(publ.publish(&store(100, &A))).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let (_tmp, dir) = data_dir();
     let mut cap = Capture::start(&[
         "--zmq",
         publ.endpoint(),
@@ -305,9 +301,7 @@ fn a_gap_is_filled_from_the_replay_endpoint() {
         rt.block_on(publ.publish(&store(400, &D))).unwrap();
         std::thread::sleep(Duration::from_millis(300));
     }
-    let (code, summary) = cap.finish();
-    assert_eq!(code, 0, "{summary}");
-    assert_eq!(summary["stopped_by"], "max_events", "{summary}");
+    let summary = cap.finish_cleanly("max_events");
     assert_eq!(summary["events"], 3, "{summary}");
     let l = &summary["listener"];
     assert!(l["gaps"].as_u64().unwrap() >= 1, "{summary}");
@@ -324,8 +318,7 @@ fn a_gap_is_filled_from_the_replay_endpoint() {
 fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
     let rt = runtime();
     let publ = publisher(&rt, false);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let (_tmp, dir) = data_dir();
     let mut cap = Capture::start(&[
         "--zmq",
         publ.endpoint(),
@@ -336,15 +329,17 @@ fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
         "--fsync",
         "always",
     ]);
-    let a = store(100, &A);
-    wait_for(
-        "A in the log",
-        &mut cap,
-        || {
-            rt.block_on(publ.publish(&a)).unwrap();
-        },
-        || exported_block(&dir, 101),
-    );
+    let log_block = |cap: &mut Capture, what: &str, batch: &PublishBatch, block: u64| {
+        wait_for(
+            what,
+            cap,
+            || {
+                rt.block_on(publ.publish(batch)).unwrap();
+            },
+            || exported_block(&dir, block),
+        );
+    };
+    log_block(&mut cap, "A in the log", &store(100, &A), 101);
     // Garbage: a one-frame message and a payload that is not msgpack.
     rt.block_on(publ.send_raw(vec![b"junk".to_vec()])).unwrap();
     rt.block_on(publ.send_raw(vec![
@@ -355,20 +350,10 @@ fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
     .unwrap();
     // Five batches nobody will ever see.
     publ.skip_seqs(5);
-    let b = store(200, &B);
-    wait_for(
-        "B in the log",
-        &mut cap,
-        || {
-            rt.block_on(publ.publish(&b)).unwrap();
-        },
-        || exported_block(&dir, 201),
-    );
+    log_block(&mut cap, "B in the log", &store(200, &B), 201);
     cap.signal(libc::SIGINT);
     let stderr_log = Arc::clone(&cap.stderr);
-    let (code, summary) = cap.finish();
-    assert_eq!(code, 0, "{summary}");
-    assert_eq!(summary["stopped_by"], "signal", "{summary}");
+    let summary = cap.finish_cleanly("signal");
     let l = &summary["listener"];
     assert!(l["gaps"].as_u64().unwrap() >= 1, "{summary}");
     assert!(l["lost_batches"].as_u64().unwrap() >= 5, "{summary}");
@@ -388,12 +373,8 @@ fn without_replay_gaps_and_garbage_are_counted_and_sigint_ends_cleanly() {
 fn replay_flags_bound_the_attempts_against_a_dead_replay_endpoint() {
     let rt = runtime();
     let publ = publisher(&rt, false);
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("tcp://{}", l.local_addr().expect("addr"))
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let dead = dead_endpoint();
+    let (_tmp, dir) = data_dir();
     let cap = Capture::start(&[
         "--zmq",
         publ.endpoint(),
@@ -410,9 +391,7 @@ fn replay_flags_bound_the_attempts_against_a_dead_replay_endpoint() {
         "--duration",
         "3s",
     ]);
-    let (code, summary) = cap.finish();
-    assert_eq!(code, 0, "{summary}");
-    assert_eq!(summary["stopped_by"], "duration", "{summary}");
+    let summary = cap.finish_cleanly("duration");
     let l = &summary["listener"];
     // The start-up catch-up: one request, two attempts, failed.
     assert_eq!(l["replay_requests"], 1, "{summary}");
@@ -423,8 +402,7 @@ fn replay_flags_bound_the_attempts_against_a_dead_replay_endpoint() {
 
 #[test]
 fn bad_values_and_a_non_empty_target_exit_1_with_a_message() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let (tmp, dir) = data_dir();
     let cases: &[(&[&str], &str)] = &[
         (
             &["--zmq", "tcp://127.0.0.1", "--to", p(&dir)],
@@ -496,8 +474,7 @@ fn bad_values_and_a_non_empty_target_exit_1_with_a_message() {
 
 #[test]
 fn an_inproc_endpoint_fails_the_capture() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cap");
+    let (_tmp, dir) = data_dir();
     let cap = Capture::start(&["--zmq", "inproc://events", "--to", p(&dir)]);
     let (code, summary) = cap.finish();
     assert_eq!(code, 1, "{summary}");

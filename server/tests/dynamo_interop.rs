@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{local_hashes, start, stored, Server};
+use common::{local_hashes, runtime, start, stored, Server};
 use kvindex_server::zmq::test_publisher::{
     PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
 };
@@ -337,14 +337,6 @@ fn dynamo_python() -> Option<String> {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 /// One engine stream: a publisher registered in Dynamo as `(instance, dp_rank)`.
 struct Stream {
     p: VllmPublisher,
@@ -432,19 +424,23 @@ fn live_dynamo_state_recovers_into_kvindex() {
         let q = json!({"token_ids": tokens, "model_name": s.model, "routing_group": s.group});
         api.query(&q)["scores"][s.instance.to_string()][s.dp.to_string()] == json!(tokens.len())
     };
-    for (i, s) in streams.iter().enumerate() {
-        let m = marker(i as u32);
-        let hashes: Vec<u64> = (0..8 / s.bs as u64)
-            .map(|k| 90_000 + 100 * i as u64 + k)
-            .collect();
-        publish_until(
-            &rt,
-            s,
-            &store(&hashes, None, &m, s.bs),
-            || shows(s, &m),
-            &dynamo,
-        );
-    }
+    // Stream `i` gets marker `first_marker + i`, its engine hashes from `hash_base + 100 * i`.
+    let mark_every_stream = |first_marker: u32, hash_base: u64| {
+        for (i, s) in streams.iter().enumerate() {
+            let m = marker(first_marker + i as u32);
+            let hashes: Vec<u64> = (0..8 / s.bs as u64)
+                .map(|k| hash_base + 100 * i as u64 + k)
+                .collect();
+            publish_until(
+                &rt,
+                s,
+                &store(&hashes, None, &m, s.bs),
+                || shows(s, &m),
+                &dynamo,
+            );
+        }
+    };
+    mark_every_stream(0, 90_000);
     // The scenario.
     let publish = |s: &Stream, b: PublishBatch| {
         rt.block_on(s.p.publish(&b)).expect("publish");
@@ -469,19 +465,7 @@ fn live_dynamo_state_recovers_into_kvindex() {
     publish(s4, store(&[4001, 4002], None, &chain_e(), BS2));
     publish(s4, store(&[4101], Some(4001), &branch_e()[8..], BS2));
     // A final marker per stream: everything before it on the same socket has been applied.
-    for (i, s) in streams.iter().enumerate() {
-        let m = marker(10 + i as u32);
-        let hashes: Vec<u64> = (0..8 / s.bs as u64)
-            .map(|k| 95_000 + 100 * i as u64 + k)
-            .collect();
-        publish_until(
-            &rt,
-            s,
-            &store(&hashes, None, &m, s.bs),
-            || shows(s, &m),
-            &dynamo,
-        );
-    }
+    mark_every_stream(10, 95_000);
     let (status, dump) = api.request("GET", "/dump", None);
     assert_eq!(status, 200);
     let answers: Vec<(Value, Value)> = queries()

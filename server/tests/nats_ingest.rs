@@ -10,37 +10,30 @@ use common::*;
 use nats_support::*;
 use serde_json::json;
 
-fn tokens(n: u32) -> Vec<u32> {
-    (1..=n).collect()
-}
-
-fn chain(h: &[u64], n: usize, base: u64) -> Vec<(u64, u64)> {
-    h.iter()
-        .take(n)
-        .enumerate()
-        .map(|(i, &l)| (base + i as u64, l))
-        .collect()
-}
-
-fn metrics(s: &Server) -> String {
-    s.get("/metrics").text()
-}
-
 fn start_kvindex(nats: &NatsServer, dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut args = vec!["--nats-url", nats.url.as_str()];
     args.extend_from_slice(extra);
     start(dir, &args, &[])
 }
 
-/// Wait until the server reports `subscription` up (the NATS server has it).
-fn wait_subscribed(s: &Server, subscription: &str) {
-    wait_until(&format!("NATS subscription {subscription} up"), || {
-        metric_sum(
-            &metrics(s),
-            "kvindex_nats_subscription_up",
-            &[("subscription", subscription)],
-        ) == 1.0
-    });
+/// Request-style store, on `subject` (block size 4 in the header), of `worker`'s chain of the
+/// first `blocks` blocks of `tokens(4 * blocks)`, engine hashes from `base`; the reply.
+fn request_store(
+    c: &Client,
+    subject: &str,
+    worker: u64,
+    blocks: usize,
+    base: u64,
+) -> serde_json::Value {
+    let h = local_hashes(&tokens(4 * blocks as u32), 4);
+    c.request(
+        subject,
+        Some(headers(&[("Kvindex-Block-Size", "4")])),
+        stored(worker, 0, 1, None, &chain(&h, blocks, base))
+            .to_string()
+            .into_bytes(),
+    )
+    .json()
 }
 
 fn scores_of(v: &serde_json::Value) -> serde_json::Value {
@@ -61,14 +54,7 @@ fn core_events_are_indexed_and_queries_over_nats_answer_like_http() {
 
     // Request-style event: the reply comes once it is durable and applied; the header creates
     // the partition, as `POST /events?block_size=` does.
-    let reply = c.request(
-        "kvindex.events.m.default",
-        Some(headers(&[("Kvindex-Block-Size", "4")])),
-        stored(1, 0, 1, None, &chain(&h, 4, 100))
-            .to_string()
-            .into_bytes(),
-    );
-    let ack = reply.json();
+    let ack = request_store(&c, "kvindex.events.m.default", 1, 4, 100);
     assert_eq!(ack["status"], "ok", "{ack}");
     assert_eq!(ack["accepted"], 1);
     let r = s.post_json("/query", &json!({"token_ids": t, "model_name": "m"}));
@@ -309,16 +295,7 @@ fn names_with_dots_are_escaped_in_subjects() {
     let group = "team a";
     let subject = subjects.events(model, group);
     assert_eq!(subject, "kvindex.events.Qwen/Qwen3-0%2E6B.team%20a");
-    let h = local_hashes(&tokens(8), 4);
-    let ack = c
-        .request(
-            &subject,
-            Some(headers(&[("Kvindex-Block-Size", "4")])),
-            stored(5, 0, 1, None, &chain(&h, 2, 1))
-                .to_string()
-                .into_bytes(),
-        )
-        .json();
+    let ack = request_store(&c, &subject, 5, 2, 1);
     assert_eq!(ack["accepted"], 1, "{ack}");
     let http = s
         .post_json(
@@ -354,16 +331,7 @@ fn an_unreachable_server_does_not_hold_start_up_and_is_joined_later() {
     });
     wait_subscribed(&s, "events");
     let c = Client::connect(&nats.url);
-    let h = local_hashes(&tokens(4), 4);
-    let ack = c
-        .request(
-            "kvindex.events.m.default",
-            Some(headers(&[("Kvindex-Block-Size", "4")])),
-            stored(1, 0, 1, None, &chain(&h, 1, 1))
-                .to_string()
-                .into_bytes(),
-        )
-        .json();
+    let ack = request_store(&c, "kvindex.events.m.default", 1, 1, 1);
     assert_eq!(ack["accepted"], 1, "{ack}");
 }
 
@@ -390,16 +358,7 @@ fn sigterm_drains_the_nats_subscriptions_and_exits_zero() {
     let s = start_kvindex(&nats, dir.path(), &[]);
     wait_subscribed(&s, "events");
     let c = Client::connect(&nats.url);
-    let h = local_hashes(&tokens(4), 4);
-    let ack = c
-        .request(
-            "kvindex.events.m.default",
-            Some(headers(&[("Kvindex-Block-Size", "4")])),
-            stored(1, 0, 1, None, &chain(&h, 1, 1))
-                .to_string()
-                .into_bytes(),
-        )
-        .json();
+    let ack = request_store(&c, "kvindex.events.m.default", 1, 1, 1);
     assert_eq!(ack["accepted"], 1);
     let (status, log) = s.terminate();
     assert_eq!(status.code(), Some(0), "{}", log.join("\n"));

@@ -13,26 +13,6 @@ use serde_json::json;
 const STREAM: &str = "KVEVENTS";
 const CONSUMER: &str = "kvindex-a";
 
-fn tokens(n: u32) -> Vec<u32> {
-    (1..=n).collect()
-}
-
-fn chain(h: &[u64], n: usize, base: u64) -> Vec<(u64, u64)> {
-    h.iter()
-        .take(n)
-        .enumerate()
-        .map(|(i, &l)| (base + i as u64, l))
-        .collect()
-}
-
-fn metrics(s: &Server) -> String {
-    s.get("/metrics").text()
-}
-
-fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_sum(&metrics(s), name, labels)
-}
-
 fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let s = start(
         dir,
@@ -48,13 +28,7 @@ fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> S
         ],
         env,
     );
-    wait_until("JetStream consumer up", || {
-        metric(
-            &s,
-            "kvindex_nats_subscription_up",
-            &[("subscription", "jetstream")],
-        ) == 1.0
-    });
+    wait_subscribed(&s, "jetstream");
     s
 }
 
@@ -83,6 +57,17 @@ fn wait_all_acked(c: &Client) {
         let (ack_pending, _, pending) = c.consumer_state(STREAM, CONSUMER);
         ack_pending == 0 && pending == 0
     });
+}
+
+/// Start kvindex with its JetStream consumer set to stop at `hold` (`before_log` or
+/// `before_ack`), publish worker 1's 4-block store, and wait until the consumer holds it.
+fn publish_and_hold(nats: &NatsServer, dir: &std::path::Path, c: &Client, hold: &str) -> Server {
+    let s = start_js(nats, dir, &[("KVINDEX_TEST_NATS_HOLD", hold)]);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until(&format!("the consumer holding the message {hold}"), || {
+        s.stderr().contains(&format!("test hold {hold}"))
+    });
+    s
 }
 
 #[test]
@@ -155,15 +140,7 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
     // First run: partition created, then the consumer stops right after delivery.
-    let s = start_js(
-        &nats,
-        dir.path(),
-        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
-    );
-    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
-    wait_until("the consumer holds the delivered message", || {
-        s.stderr().contains("test hold before_log")
-    });
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_log");
     let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);
     assert_eq!(ack_pending, 1);
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 0.0);
@@ -179,10 +156,8 @@ fn killed_between_delivery_and_the_log_append_loses_nothing() {
     wait_until("the ack is counted", || {
         metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 1.0
     });
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
     // And it is durable: a restart without NATS still has it.
-    let s = start(dir.path(), &[], &[]);
+    let s = s.restart(&[]);
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
 }
 
@@ -191,15 +166,7 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
-    let s = start_js(
-        &nats,
-        dir.path(),
-        &[("KVINDEX_TEST_NATS_HOLD", "before_ack")],
-    );
-    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
-    wait_until("the consumer holds the logged message", || {
-        s.stderr().contains("test hold before_ack")
-    });
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_ack");
     // Durable and applied, not acknowledged.
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
     let (ack_pending, _, _) = c.consumer_state(STREAM, CONSUMER);

@@ -11,14 +11,6 @@ use serde_json::json;
 
 const REQUESTS: usize = 40;
 
-fn tokens(n: u32) -> Vec<u32> {
-    (1..=n).collect()
-}
-
-fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_sum(&s.get("/metrics").text(), name, labels)
-}
-
 #[test]
 fn two_processes_in_one_queue_group_share_the_queries() {
     let nats = NatsServer::start();
@@ -33,9 +25,7 @@ fn two_processes_in_one_queue_group_share_the_queries() {
     let b = start(db.path(), &args, &[]);
     for s in [&a, &b] {
         for sub in ["events", "query"] {
-            wait_until(&format!("subscription {sub} up"), || {
-                metric(s, "kvindex_nats_subscription_up", &[("subscription", sub)]) == 1.0
-            });
+            wait_subscribed(s, sub);
         }
     }
     let c = Client::connect(&nats.url);

@@ -7,10 +7,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn tokens(n: u32) -> Vec<u32> {
-    (1..=n).collect()
-}
-
 /// Register two workers in two partitions and store some chains; return the query bodies.
 fn populate(s: &Server) -> Vec<serde_json::Value> {
     register(s, 1, "m", 4);
@@ -22,18 +18,11 @@ fn populate(s: &Server) -> Vec<serde_json::Value> {
     let t = tokens(32);
     let h4 = local_hashes(&t, 4);
     let h8 = local_hashes(&t, 8);
-    let chain = |n: usize, base: u64, h: &[u64]| -> Vec<(u64, u64)> {
-        h.iter()
-            .take(n)
-            .enumerate()
-            .map(|(i, &l)| (base + i as u64, l))
-            .collect()
-    };
     for (w, n) in [(1u64, 8usize), (2, 3)] {
-        let r = s.post_json("/events", &stored(w, 0, 1, None, &chain(n, 100, &h4)));
+        let r = s.post_json("/events", &stored(w, 0, 1, None, &chain(&h4, n, 100)));
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let r = s.post_json("/events", &stored(3, 2, 1, None, &chain(4, 500, &h8)));
+    let r = s.post_json("/events", &stored(3, 2, 1, None, &chain(&h8, 4, 500)));
     assert_eq!(r.status, 200, "{}", r.text());
     // A removal in the middle of worker 1's chain (orphans kept but unreachable).
     assert_eq!(
@@ -95,8 +84,7 @@ fn sigterm_exits_0_after_syncing_the_log() {
 
 #[test]
 fn sigint_is_a_graceful_shutdown_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data) = data_dir();
     let s = start(&data, &[], &[]);
     let queries = populate(&s);
     let before = answers(&s, &queries);
@@ -109,18 +97,14 @@ fn sigint_is_a_graceful_shutdown_too() {
 
 #[test]
 fn restart_on_the_same_data_dir_gives_the_same_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data) = data_dir();
     let s = start(&data, &[], &[]);
     let queries = populate(&s);
     let before = answers(&s, &queries);
     let workers_before = workers(&s);
     let dump_before = s.get("/dump").json();
     assert_eq!(before[0]["scores"], json!({"1": {"0": 20}, "2": {"0": 12}}));
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
-
-    let s = start(&data, &[], &[]);
+    let s = s.restart(&[]);
     assert_eq!(answers(&s, &queries), before);
     assert_eq!(workers(&s), workers_before);
     assert_eq!(s.get("/dump").json(), dump_before);
@@ -144,35 +128,20 @@ fn restart_on_the_same_data_dir_gives_the_same_answers() {
 
 #[test]
 fn restart_from_snapshots_gives_the_same_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data) = data_dir();
     let flags = ["--snapshot-every-entries", "2", "--snapshot-keep", "1"];
     let s = start(&data, &flags, &[]);
     let queries = populate(&s);
     let before = answers(&s, &queries);
     // Wait (bounded) for the background snapshot to appear.
-    let mut snap = false;
-    for _ in 0..100 {
-        snap = std::fs::read_dir(&data)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().ends_with(".kvsnap"));
-        if snap {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(snap, "no snapshot written");
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
-    let s = start(&data, &flags, &[]);
+    wait_for_snapshot(&data);
+    let s = s.restart(&flags);
     assert_eq!(answers(&s, &queries), before);
 }
 
 #[test]
 fn a_dropped_partition_stays_dropped_and_can_return_with_another_block_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data) = data_dir();
     let s = start(&data, &[], &[]);
     register(&s, 1, "m", 4);
     let t = tokens(8);
@@ -187,10 +156,7 @@ fn a_dropped_partition_stays_dropped_and_can_return_with_another_block_size() {
             .status,
         200
     );
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
-
-    let s = start(&data, &[], &[]);
+    let s = s.restart(&[]);
     let r = s.post_json("/query", &json!({"token_ids": t, "model_name": "m"}));
     assert_eq!(r.status, 404, "{}", r.text());
     register(&s, 2, "m", 8);
@@ -200,10 +166,7 @@ fn a_dropped_partition_stays_dropped_and_can_return_with_another_block_size() {
             .status,
         200
     );
-    let (status, _) = s.terminate();
-    assert_eq!(status.code(), Some(0));
-
-    let s = start(&data, &[], &[]);
+    let s = s.restart(&[]);
     let v = s
         .post_json("/query", &json!({"token_ids": t, "model_name": "m"}))
         .json();
@@ -212,8 +175,7 @@ fn a_dropped_partition_stays_dropped_and_can_return_with_another_block_size() {
 
 #[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (_dir, data) = data_dir();
     let _s = start(&data, &[], &[]);
     let (code, _, err) = run(
         &[

@@ -146,29 +146,15 @@ fn lower_tiers_survive_a_restart_from_the_log_and_from_a_snapshot() {
         &[][..],
         &["--snapshot-every-entries", "2", "--snapshot-keep", "1"][..],
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
+        let (_dir, data) = data_dir();
         let s = start(&data, flags, &[]);
         populate(&s);
         assert_eq!(query(&s), expected());
         let dump_before = s.get("/dump").json();
         if !flags.is_empty() {
-            let mut snap = false;
-            for _ in 0..100 {
-                snap = std::fs::read_dir(&data)
-                    .unwrap()
-                    .filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".kvsnap"));
-                if snap {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            assert!(snap, "no snapshot written");
+            wait_for_snapshot(&data);
         }
-        let (status, _) = s.terminate();
-        assert_eq!(status.code(), Some(0));
-        let s = start(&data, flags, &[]);
+        let s = s.restart(flags);
         assert_eq!(query(&s), expected(), "flags {flags:?}");
         assert_eq!(s.get("/dump").json(), dump_before, "flags {flags:?}");
     }

@@ -5,9 +5,10 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{local_hashes, start, Server};
+use common::{data_dir, dead_endpoint, local_hashes, runtime, start, Server};
 use kvindex_server::zmq::test_publisher::{
     PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
 };
@@ -16,14 +17,6 @@ use serde_json::{json, Value};
 const BS: u32 = 4;
 const TOKENS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// A publisher with its runtime handle, so tests can stay synchronous.
 struct Pub {
@@ -143,10 +136,27 @@ fn wait_ready(s: &Server, instance: u64, dp: u32) {
     );
 }
 
-fn data_dir() -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::tempdir().expect("tempdir");
-    let p = d.path().join("data");
-    (d, p)
+/// `kvindex serve` on `dir` with `flags` and `env`, instance 1 (dp 0) registered on `p` and its
+/// listener caught up.
+fn serve_with_worker_1(dir: &Path, p: &Pub, flags: &[&str], env: &[(&str, &str)]) -> Server {
+    let s = start(dir, flags, env);
+    register(&s, 1, 0, p);
+    wait_ready(&s, 1, 0);
+    s
+}
+
+/// Publish `b`, then wait for `cond`, publishing `b` again whenever the wait stalls (`b` is
+/// idempotent: a repeat is applied again or reveals a gap that replay fills).
+fn publish_until(what: &str, s: &Server, p: &Pub, b: &PublishBatch, cond: impl FnMut() -> bool) {
+    p.publish(b);
+    wait_for(
+        what,
+        s,
+        || {
+            p.publish(b);
+        },
+        cond,
+    );
 }
 
 #[test]
@@ -154,19 +164,11 @@ fn registered_worker_stores_are_queryable_and_workers_shows_live_status() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let b = batch(vec![store(100, &TOKENS)]);
-    p.publish(&b);
-    wait_for(
-        "stored blocks",
-        &s,
-        || {
-            p.publish(&b);
-        },
-        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
-    );
+    publish_until("stored blocks", &s, &p, &b, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
     let l = listener(&s, 1, 0);
     assert_eq!(l["endpoint"], json!(p.endpoint()));
     assert_eq!(l["status"], "active");
@@ -184,9 +186,7 @@ fn removes_and_clears_reach_the_index() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     p.publish(&batch(vec![store(100, &TOKENS)]));
     let nudge = || {
         p.publish(&batch(Vec::new()));
@@ -293,9 +293,7 @@ fn a_gap_is_filled_by_replay() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     p.publish(&batch(vec![store(100, &TOKENS[..4])]));
     // The continuation is only in the replay buffer: the next live batch reveals the gap.
     p.p.publish_unsent(&batch(vec![PublishEvent::stored(
@@ -328,10 +326,7 @@ fn a_dead_replay_endpoint_degrades_but_live_events_are_still_indexed() {
     let rt = runtime();
     let p = Pub::bind(&rt, false);
     // A replay endpoint nobody serves: bind a port, then free it.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("tcp://{}", l.local_addr().expect("addr"))
-    };
+    let dead = dead_endpoint();
     let (_d, dir) = data_dir();
     let s = start(&dir, &[], &[]);
     let r = s.post_json(
@@ -350,13 +345,11 @@ fn a_dead_replay_endpoint_degrades_but_live_events_are_still_indexed() {
     // A gap cannot be filled; later events are indexed anyway (no stall, SERVICE.md §7.6).
     p.p.skip_seqs(3);
     let b = batch(vec![store(100, &TOKENS)]);
-    p.publish(&b);
-    wait_for(
+    publish_until(
         "live store despite the dead replay endpoint",
         &s,
-        || {
-            p.publish(&b);
-        },
+        &p,
+        &b,
         || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
     );
     let w = &s.get("/workers").json()[0];
@@ -370,9 +363,7 @@ fn pause_and_resume_routes_drive_the_listener() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
     let r = s.post_json("/test/pause_listener", &json!({"instance_id": 1}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(listener(&s, 1, 0)["status"], "paused");
@@ -437,9 +428,7 @@ fn restart_replays_what_the_log_is_missing(sig: i32) {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     // The only non-empty batch: the durable watermark is its sequence number.
     let stored_seq = p.publish(&batch(vec![store(100, &TOKENS)]));
     let nudge = || {
@@ -498,9 +487,7 @@ fn reregister_then_restart_resumes_from_scratch(sig: i32, flags: &[&str]) {
     let rt = runtime();
     let old = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, flags, &[]);
-    register(&s, 1, 0, &old);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &old, flags, &[]);
     // Several stores: the old registration's durable watermark ends well above 0.
     for _ in 0..6 {
         old.publish(&batch(vec![store(100, &TOKENS)]));
@@ -631,12 +618,6 @@ fn many_publishers_storing_the_same_prefix_are_all_indexed() {
 
 use kvindex_server::zmq::test_publisher::ExtraKeyValue;
 
-/// A port nothing listens on.
-fn dead_endpoint() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("tcp://{}", l.local_addr().expect("addr"))
-}
-
 fn worker(s: &Server, instance: u64) -> Value {
     s.get("/workers")
         .json()
@@ -658,9 +639,7 @@ fn worker_status_aggregates_failed_over_active_over_paused() {
     let p1 = Pub::bind(&rt, true);
     let p2 = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
-    register(&s, 1, 0, &p1);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p1, &[], &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")]);
     let l = listener(&s, 1, 0);
     assert!(l.get("last_error").is_none(), "{l}");
     assert_eq!(worker(&s, 1)["status"], "active");
@@ -730,9 +709,7 @@ fn vllm_lora_and_cache_salt_are_honoured_end_to_end() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let salted =
         |hashes: Vec<u64>, tokens: &[u32], lora: Option<&str>, first: Vec<ExtraKeyValue>| {
             let n = hashes.len();
@@ -806,32 +783,18 @@ fn without_a_replay_endpoint_a_gap_is_logged_and_the_live_batch_applied() {
     let rt = runtime();
     let p = Pub::bind(&rt, false);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let a = batch(vec![store(100, &TOKENS)]);
-    p.publish(&a);
-    wait_for(
-        "the first store",
-        &s,
-        || {
-            p.publish(&a);
-        },
-        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
-    );
+    publish_until("the first store", &s, &p, &a, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
     let lost_before = listener(&s, 1, 0)["lost_batches"].as_u64().unwrap_or(0);
     p.p.skip_seqs(3);
     let other = [21, 22, 23, 24];
     let b = batch(vec![store(300, &other)]);
-    p.publish(&b);
-    wait_for(
-        "the live batch after the gap",
-        &s,
-        || {
-            p.publish(&b);
-        },
-        || scores(&s, &other) == json!({"1": {"0": 4}}),
-    );
+    publish_until("the live batch after the gap", &s, &p, &b, || {
+        scores(&s, &other) == json!({"1": {"0": 4}})
+    });
     let l = listener(&s, 1, 0);
     assert!(
         l["lost_batches"].as_u64().unwrap_or(0) >= lost_before + 3,
@@ -863,19 +826,11 @@ fn an_incomplete_replay_is_logged_and_ingestion_continues() {
             .expect("bind publisher"),
     };
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let a = batch(vec![store(100, &TOKENS)]);
-    p.publish(&a);
-    wait_for(
-        "the first store",
-        &s,
-        || {
-            p.publish(&a);
-        },
-        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
-    );
+    publish_until("the first store", &s, &p, &a, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
     // Four batches only in the ring (which keeps two), then a live one.
     let lost = [31, 32, 33, 34];
     let kept = [41, 42, 43, 44];
@@ -906,15 +861,9 @@ fn an_incomplete_replay_is_logged_and_ingestion_continues() {
     // And later batches flow.
     let after = [61, 62, 63, 64];
     let c = batch(vec![store(700, &after)]);
-    p.publish(&c);
-    wait_for(
-        "a later batch",
-        &s,
-        || {
-            p.publish(&c);
-        },
-        || scores(&s, &after) == json!({"1": {"0": 4}}),
-    );
+    publish_until("a later batch", &s, &p, &c, || {
+        scores(&s, &after) == json!({"1": {"0": 4}})
+    });
 }
 
 /// SERVICE.md §7.5 / checklist 7, 17: unregister deletes the watermark, so registering the same
@@ -925,19 +874,11 @@ fn reregistering_after_unregister_starts_again_from_sequence_0() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let a = batch(vec![store(100, &TOKENS)]);
-    p.publish(&a);
-    wait_for(
-        "the store",
-        &s,
-        || {
-            p.publish(&a);
-        },
-        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
-    );
+    publish_until("the store", &s, &p, &a, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
     assert!(listener(&s, 1, 0)["watermark"].as_u64().is_some());
     let r = s.post_json("/unregister", &json!({"instance_id": 1, "model_name": "m"}));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -1025,9 +966,7 @@ fn a_clear_applies_to_the_batch_rank_only() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let nudge = || {
         p.publish(&batch(Vec::new()).with_dp_rank(0));
     };
@@ -1050,19 +989,11 @@ fn garbage_frames_reach_the_metrics_and_the_service_keeps_indexing() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let a = batch(vec![store(100, &TOKENS)]);
-    p.publish(&a);
-    wait_for(
-        "the first store",
-        &s,
-        || {
-            p.publish(&a);
-        },
-        || scores(&s, &TOKENS) == json!({"1": {"0": 8}}),
-    );
+    publish_until("the first store", &s, &p, &a, || {
+        scores(&s, &TOKENS) == json!({"1": {"0": 8}})
+    });
     let next = p.p.next_seq().to_be_bytes().to_vec();
     rt.block_on(async {
         for frames in [
@@ -1112,15 +1043,9 @@ fn garbage_frames_reach_the_metrics_and_the_service_keeps_indexing() {
     // Traffic goes on.
     let other = [71, 72, 73, 74];
     let b = batch(vec![store(800, &other)]);
-    p.publish(&b);
-    wait_for(
-        "a batch after the garbage",
-        &s,
-        || {
-            p.publish(&b);
-        },
-        || scores(&s, &other) == json!({"1": {"0": 4}}),
-    );
+    publish_until("a batch after the garbage", &s, &p, &b, || {
+        scores(&s, &other) == json!({"1": {"0": 4}})
+    });
     assert_eq!(listener(&s, 1, 0)["status"], "active");
 }
 
@@ -1153,9 +1078,7 @@ fn cpu_and_disk_mediums_are_indexed_as_lower_tiers() {
     let rt = runtime();
     let p = Pub::bind(&rt, true);
     let (_d, dir) = data_dir();
-    let s = start(&dir, &[], &[]);
-    register(&s, 1, 0, &p);
-    wait_ready(&s, 1, 0);
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
     let tokens: Vec<u32> = (1..=12).collect();
     // GPU block 1, CPU block 2 under it, DISK block 3 under that (SERVICE.md §6.4).
     let b = batch(vec![

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use kvindex_engine::hashing::HashOptions;
-use kvindex_engine::{LocalBlockHash, TieredScores};
+use kvindex_engine::{LocalBlockHash, Namespace, TieredScores};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -116,21 +116,16 @@ pub fn answer_tokens(
     lora_name: Option<&str>,
     cache_salt: Option<&str>,
 ) -> Result<ScoreResponse, ApiError> {
-    let lsn = last_lsn(state);
-    let view = state.partitions.view();
-    let part = view.partition(model, group)?;
-    let scores = match &part.namespace {
-        Some(ns) => ns.find_matches_tiered_for_tokens(
+    answer_on(state, model, group, |ns| {
+        ns.find_matches_tiered_for_tokens(
             token_ids,
             &HashOptions {
                 lora_name,
                 cache_namespace: cache_salt,
                 ..HashOptions::default()
             },
-        ),
-        None => TieredScores::default(),
-    };
-    Ok(score_body(&scores, part.spec.block_size, lsn))
+        )
+    })
 }
 
 /// The answer to a local-hash query on partition `(model, group)`: the core of
@@ -146,19 +141,33 @@ pub fn answer_hashes(
     if cache_salt.is_some_and(|v| !v.is_null()) {
         return Err(ApiError::BadRequest(CACHE_SALT_REFUSED.into()));
     }
+    answer_on(state, model, group, |ns| {
+        let locals: Vec<LocalBlockHash> = block_hashes
+            .iter()
+            .map(|&h| LocalBlockHash(h as u64))
+            .collect();
+        ns.find_matches_tiered(&locals)
+    })
+}
+
+/// Score partition `(model, group)` with `find` on its namespace (a partition with no
+/// namespace yet scores nothing), stamped with the last LSN read before the lookup.
+fn answer_on(
+    state: &AppState,
+    model: &str,
+    group: &str,
+    find: impl FnOnce(&Namespace) -> TieredScores,
+) -> Result<ScoreResponse, ApiError> {
     let lsn = last_lsn(state);
     let view = state.partitions.view();
     let part = view.partition(model, group)?;
-    let locals: Vec<LocalBlockHash> = block_hashes
-        .iter()
-        .map(|&h| LocalBlockHash(h as u64))
-        .collect();
-    let scores = part
-        .namespace
-        .as_ref()
-        .map(|ns| ns.find_matches_tiered(&locals))
-        .unwrap_or_default();
+    let scores = part.namespace.as_ref().map(find).unwrap_or_default();
     Ok(score_body(&scores, part.spec.block_size, lsn))
+}
+
+/// The request's routing group, or the default one when it names none.
+fn group_or_default(group: Option<&str>) -> &str {
+    group.unwrap_or(crate::config::DEFAULT_GROUP)
 }
 
 fn respond(model: &str, answer: Result<ScoreResponse, ApiError>) -> Response {
@@ -170,13 +179,10 @@ fn respond(model: &str, answer: Result<ScoreResponse, ApiError>) -> Response {
 
 /// `POST /query`.
 pub async fn query(State(state): State<SharedState>, Json(req): Json<QueryRequest>) -> Response {
-    let group = req
-        .routing_group
-        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
     let answer = answer_tokens(
         &state,
         &req.model_name,
-        &group,
+        group_or_default(req.routing_group.as_deref()),
         &req.token_ids,
         req.lora_name.as_deref(),
         req.cache_salt.as_deref(),
@@ -189,13 +195,10 @@ pub async fn query_by_hash(
     State(state): State<SharedState>,
     Json(req): Json<QueryByHashRequest>,
 ) -> Response {
-    let group = req
-        .routing_group
-        .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
     let answer = answer_hashes(
         &state,
         &req.model_name,
-        &group,
+        group_or_default(req.routing_group.as_deref()),
         &req.block_hashes,
         req.cache_salt.as_ref(),
     );

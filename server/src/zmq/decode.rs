@@ -1148,14 +1148,26 @@ mod tests {
         }
     }
 
-    /// Positional BlockStored with the seven always-present fields.
-    fn stored_pos(hashes: &[u64], parent: Option<u64>, tokens: &[u64], medium: Option<&str>) -> Mp {
-        let m = Mp::default().arr(8).s("BlockStored").uints(hashes);
+    /// A positional BlockStored array of `fields` elements with its first five written (tag,
+    /// `hashes`, `parent`, `tokens`, `block_size`); the caller appends the other `fields - 5`.
+    fn stored_head(
+        fields: u32,
+        hashes: &[u64],
+        parent: Option<u64>,
+        tokens: &[u64],
+        block_size: u64,
+    ) -> Mp {
+        let m = Mp::default().arr(fields).s("BlockStored").uints(hashes);
         let m = match parent {
             Some(p) => m.u(p),
             None => m.nil(),
         };
-        let m = m.uints(tokens).u(u64::from(BS)).nil();
+        m.uints(tokens).u(block_size)
+    }
+
+    /// Positional BlockStored with the seven always-present fields.
+    fn stored_pos(hashes: &[u64], parent: Option<u64>, tokens: &[u64], medium: Option<&str>) -> Mp {
+        let m = stored_head(8, hashes, parent, tokens, u64::from(BS)).nil();
         let m = match medium {
             Some(md) => m.s(md),
             None => m.nil(),
@@ -1298,13 +1310,7 @@ mod tests {
     #[test]
     fn arrays_ending_early_and_extra_trailing_elements_are_accepted() {
         // Only tag, hashes, parent, tokens, block_size: lora_id, medium, lora_name omitted.
-        let short = Mp::default()
-            .arr(5)
-            .s("BlockStored")
-            .uints(&[11])
-            .nil()
-            .uints(&[1, 2, 3, 4])
-            .u(4);
+        let short = stored_head(5, &[11], None, &[1, 2, 3, 4], 4);
         // Every field plus a block_mm_infos, group_idx 0, kind, window and an unknown extra.
         let long = stored_pos(&[21], None, &[1, 2, 3, 4], Some("GPU"));
         let mut long_bytes = long.0.clone();
@@ -1463,13 +1469,7 @@ mod tests {
             .uints(&[1, 2, 3, 4])
             .u(4);
         let missing_tokens = Mp::default().arr(2).s("BlockStored").uints(&[1]);
-        let token_too_big = Mp::default()
-            .arr(5)
-            .s("BlockStored")
-            .uints(&[1])
-            .nil()
-            .uints(&[1, 2, 3, 1 << 40])
-            .u(4);
+        let token_too_big = stored_head(5, &[1], None, &[1, 2, 3, 1 << 40], 4);
         let good = stored_pos(&[11], None, &[1, 2, 3, 4], None);
         let out = convert(&batch(
             &[
@@ -1511,13 +1511,7 @@ mod tests {
 
     #[test]
     fn lora_name_seeds_the_local_hash() {
-        let m = Mp::default()
-            .arr(8)
-            .s("BlockStored")
-            .uints(&[11])
-            .nil()
-            .uints(&[1, 2, 3, 4])
-            .u(4)
+        let m = stored_head(8, &[11], None, &[1, 2, 3, 4], 4)
             .u(3) // lora_id: ignored
             .s("GPU")
             .s("my-lora");
@@ -1529,13 +1523,7 @@ mod tests {
 
     /// A vLLM-shaped store: lora_name at 7, extra_keys at 8 with `first` as block 0's entry.
     fn vllm_store(lora: Option<&str>, first: Mp, first_len: u32) -> Mp {
-        let m = Mp::default()
-            .arr(9)
-            .s("BlockStored")
-            .uints(&[11, 12])
-            .nil()
-            .uints(&[1, 2, 3, 4, 5, 6, 7, 8])
-            .u(4)
+        let m = stored_head(9, &[11, 12], None, &[1, 2, 3, 4, 5, 6, 7, 8], 4)
             .nil()
             .s("GPU");
         let m = match lora {
@@ -1614,13 +1602,7 @@ mod tests {
 
     #[test]
     fn salt_only_counts_in_the_first_block_entry() {
-        let m = Mp::default()
-            .arr(9)
-            .s("BlockStored")
-            .uints(&[11])
-            .nil()
-            .uints(&[1, 2, 3, 4])
-            .u(4)
+        let m = stored_head(9, &[11], None, &[1, 2, 3, 4], 4)
             .nil()
             .nil()
             .nil()
@@ -1634,13 +1616,7 @@ mod tests {
 
     #[test]
     fn sglang_metadata_map_cache_salt_is_honoured() {
-        let m = Mp::default()
-            .arr(8)
-            .s("BlockStored")
-            .uints(&[11])
-            .nil()
-            .uints(&[1, 2, 3, 4])
-            .u(4)
+        let m = stored_head(8, &[11], None, &[1, 2, 3, 4], 4)
             .nil()
             .nil()
             .map(2)
@@ -1655,13 +1631,7 @@ mod tests {
 
     #[test]
     fn block_size_mismatch_short_tokens_and_duplicates() {
-        let mismatch = Mp::default()
-            .arr(5)
-            .s("BlockStored")
-            .uints(&[11])
-            .nil()
-            .uints(&[1, 2, 3, 4, 5, 6, 7, 8])
-            .u(8);
+        let mismatch = stored_head(5, &[11], None, &[1, 2, 3, 4, 5, 6, 7, 8], 8);
         let short = stored_pos(&[11, 12], None, &[1, 2, 3, 4, 5, 6], None);
         let dup = stored_pos(&[11, 11], None, &[1, 2, 3, 4, 5, 6, 7, 8], None);
         let dup_parent = stored_pos(&[11], Some(11), &[1, 2, 3, 4], None);

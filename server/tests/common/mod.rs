@@ -12,6 +12,60 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A two-thread tokio runtime, for tests that stay synchronous while driving async publishers
+/// and clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A fresh temporary directory and the data directory path inside it (not created: the server
+/// makes it). Keep the `TempDir` alive as long as the directory is used.
+pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path().join("data");
+    (d, p)
+}
+
+/// A `tcp://` endpoint nothing listens on (a port bound, then freed).
+pub fn dead_endpoint() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("tcp://{}", l.local_addr().expect("addr"))
+}
+
+/// Wait (bounded) until `data_dir` holds a snapshot file.
+pub fn wait_for_snapshot(data_dir: &Path) {
+    for _ in 0..100 {
+        let snap = std::fs::read_dir(data_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".kvsnap"));
+        if snap {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no snapshot written");
+}
+
+/// Tokens `1..=n`.
+pub fn tokens(n: u32) -> Vec<u32> {
+    (1..=n).collect()
+}
+
+/// `(engine hash, local hash)` pairs for the first `n` local hashes of `h`, engine hashes
+/// counting up from `base` (the block list of [`stored`]).
+pub fn chain(h: &[u64], n: usize, base: u64) -> Vec<(u64, u64)> {
+    h.iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, &l)| (base + i as u64, l))
+        .collect()
+}
+
 /// Path of the binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_kvindex")
@@ -183,6 +237,15 @@ impl Server {
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub fn terminate(self) -> (ExitStatus, Vec<String>) {
         self.signal(libc::SIGTERM)
+    }
+
+    /// SIGTERM (which must exit 0), then a new server on the same data directory with `extra`
+    /// flags.
+    pub fn restart(self, extra: &[&str]) -> Server {
+        let data_dir = self.data_dir.clone();
+        let (status, log) = self.terminate();
+        assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+        start(&data_dir, extra, &[])
     }
 
     /// Send `sig` and wait (bounded) for the exit status.

@@ -13,6 +13,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 
+use crate::common::Server;
+
 /// Where `nats-server` is: `$NATS_SERVER_BIN`, then `$PATH`, then the Debian locations.
 pub fn nats_server_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
@@ -261,6 +263,27 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .flatten()
         })
         .sum()
+}
+
+/// `s`'s `/metrics` text.
+pub fn metrics(s: &Server) -> String {
+    s.get("/metrics").text()
+}
+
+/// Metric `name` on `s`, summed over the series whose labels include every `labels` pair.
+pub fn metric(s: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&metrics(s), name, labels)
+}
+
+/// Wait until `s` reports its NATS `subscription` up (the NATS server has it).
+pub fn wait_subscribed(s: &Server, subscription: &str) {
+    wait_until(&format!("NATS subscription {subscription} up"), || {
+        metric(
+            s,
+            "kvindex_nats_subscription_up",
+            &[("subscription", subscription)],
+        ) == 1.0
+    });
 }
 
 /// Wait (bounded, generous) until `cond` holds; panic with `what` otherwise.

@@ -1,0 +1,247 @@
+//! [`SegmentScan`]: one walk over a segment's records that resumes after damage, shared by
+//! recovery, `kvindex replay inspect` and the fuzz entry point so they read segments alike.
+
+use crate::error::Damage;
+use crate::format::{self, ValidRecord, SEGMENT_HEADER_LEN};
+
+/// What [`SegmentScan::next_step`] found next.
+pub(crate) enum ScanStep<'a> {
+    /// A record that passed framing, checksum and archive checks.
+    Record(ValidRecord<'a>),
+    /// Damage at byte `at`; the scan continues at `resume`, or ends when it is `None`.
+    Damaged {
+        at: usize,
+        damage: Damage,
+        resume: Option<usize>,
+    },
+}
+
+/// Walks a segment's bytes record by record and, after damage, on from where valid data
+/// resumes, so that every reader of the log finds the same records and the same damage.
+pub(crate) struct SegmentScan<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    pending: Option<(usize, Damage)>,
+    done: bool,
+}
+
+impl<'a> SegmentScan<'a> {
+    /// Scan `bytes` (a whole segment, header included) from the first record on;
+    /// `header_damage`, when the header is bad, is reported first at offset 0.
+    pub(crate) fn new(bytes: &'a [u8], header_damage: Option<Damage>) -> Self {
+        Self {
+            bytes,
+            pos: SEGMENT_HEADER_LEN,
+            pending: header_damage.map(|d| (0, d)),
+            done: false,
+        }
+    }
+
+    /// Treat the record just yielded, which starts at `at`, as damaged by `damage` (it is valid
+    /// on its own but does not fit its place): it is reported as the next step.
+    pub(crate) fn reject(&mut self, at: usize, damage: Damage) {
+        self.pending = Some((at, damage));
+    }
+
+    /// The next record or damaged region; `None` at the end of the data.
+    pub(crate) fn next_step(&mut self) -> Option<ScanStep<'a>> {
+        if self.done {
+            return None;
+        }
+        let (at, damage) = match self.pending.take() {
+            Some(p) => p,
+            None => match format::read_record(self.bytes, self.pos) {
+                Ok(Some(r)) => {
+                    self.pos = r.end;
+                    return Some(ScanStep::Record(r));
+                }
+                Ok(None) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(d) => (self.pos, d),
+            },
+        };
+        // Resuming always moves forward; the filter only guards the loop's termination.
+        let resume = resume_after(self.bytes, at, &damage).filter(|&o| o > at);
+        match resume {
+            Some(o) => self.pos = o,
+            None => self.done = true,
+        }
+        Some(ScanStep::Damaged { at, damage, resume })
+    }
+}
+
+/// The offset where valid data resumes after damage at `at`: first where the damaged frame's
+/// own length points (a bit flip inside a payload leaves the length intact), then a scan.
+pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<usize> {
+    if at < SEGMENT_HEADER_LEN {
+        // Header damage: records may still follow it.
+        return if matches!(format::read_record(bytes, SEGMENT_HEADER_LEN), Ok(Some(_))) {
+            Some(SEGMENT_HEADER_LEN)
+        } else {
+            format::find_next_record(bytes, SEGMENT_HEADER_LEN)
+        };
+    }
+    if let Damage::ChecksumMismatch { .. }
+    | Damage::InvalidArchive(_)
+    | Damage::EmptyBatch
+    | Damage::BadNamespaceIndex { .. }
+    | Damage::LsnMismatch { .. } = damage
+    {
+        if at + 4 <= bytes.len() {
+            let len = format::le_u32(bytes, at) as usize;
+            let next = at + format::frame_len(len);
+            if next <= bytes.len() && matches!(format::read_record(bytes, next), Ok(Some(_))) {
+                return Some(next);
+            }
+        }
+    }
+    format::find_next_record(bytes, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvindex_engine::{KvCacheEvent, KvCacheEventData, RouterEvent};
+    use rkyv::rancor;
+    use rkyv::util::AlignedVec;
+
+    use super::*;
+    use crate::entry::{LogEntry, NamespaceSpec};
+    use crate::record::LogBatch;
+
+    /// A segment starting at LSN 1 with one single-entry record per LSN in `lsns`, and the
+    /// offset of each record.
+    fn segment(lsns: &[u64]) -> (Vec<u8>, Vec<usize>) {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let mut buf = format::encode_segment_header(1).to_vec();
+        let mut offsets = Vec::new();
+        for &lsn in lsns {
+            let entry = LogEntry::event(
+                spec.clone(),
+                lsn,
+                RouterEvent::new(
+                    1,
+                    KvCacheEvent {
+                        event_id: lsn,
+                        data: KvCacheEventData::Cleared,
+                        dp_rank: 0,
+                    },
+                ),
+            );
+            let payload = rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(lsn, &[entry]))
+                .expect("encode a batch");
+            offsets.push(buf.len());
+            format::append_frame(&mut buf, &payload);
+        }
+        (buf, offsets)
+    }
+
+    fn aligned(bytes: &[u8]) -> AlignedVec {
+        let mut a = AlignedVec::with_capacity(bytes.len());
+        a.extend_from_slice(bytes);
+        a
+    }
+
+    /// `(offset, "record" | "damage", resume)` of every step.
+    fn steps(scan: &mut SegmentScan<'_>) -> Vec<(usize, &'static str, Option<usize>)> {
+        let mut out = Vec::new();
+        while let Some(step) = scan.next_step() {
+            out.push(match step {
+                ScanStep::Record(r) => (r.offset, "record", None),
+                ScanStep::Damaged { at, resume, .. } => (at, "damage", resume),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn yields_every_record_then_ends() {
+        let (bytes, offs) = segment(&[1, 2, 3]);
+        let bytes = aligned(&bytes);
+        let got = steps(&mut SegmentScan::new(&bytes, None));
+        let want: Vec<_> = offs.iter().map(|&o| (o, "record", None)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn reports_damage_in_the_middle_and_resumes_at_the_next_record() {
+        let (mut bytes, offs) = segment(&[1, 2, 3]);
+        bytes[offs[1] + 12] ^= 0xFF; // inside the second record's payload
+        let bytes = aligned(&bytes);
+        let got = steps(&mut SegmentScan::new(&bytes, None));
+        assert_eq!(
+            got,
+            vec![
+                (offs[0], "record", None),
+                (offs[1], "damage", Some(offs[2])),
+                (offs[2], "record", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn damage_at_the_tail_has_nowhere_to_resume() {
+        let (bytes, offs) = segment(&[1, 2]);
+        let bytes = aligned(&bytes[..bytes.len() - 3]);
+        let got = steps(&mut SegmentScan::new(&bytes, None));
+        assert_eq!(
+            got,
+            vec![(offs[0], "record", None), (offs[1], "damage", None)]
+        );
+    }
+
+    #[test]
+    fn header_damage_comes_first_and_records_after_it_are_still_read() {
+        let (bytes, offs) = segment(&[1, 2]);
+        let bytes = aligned(&bytes);
+        let mut scan = SegmentScan::new(&bytes, Some(Damage::ZeroFilledTail));
+        assert_eq!(
+            steps(&mut scan),
+            vec![
+                (0, "damage", Some(offs[0])),
+                (offs[0], "record", None),
+                (offs[1], "record", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rejected_record_is_reported_as_damage_and_the_scan_goes_on() {
+        let (bytes, offs) = segment(&[1, 2, 3]);
+        let bytes = aligned(&bytes);
+        let mut scan = SegmentScan::new(&bytes, None);
+        let mut got = Vec::new();
+        while let Some(step) = scan.next_step() {
+            match step {
+                ScanStep::Record(r) => {
+                    got.push((r.offset, "record", None));
+                    if r.offset == offs[1] {
+                        scan.reject(
+                            r.offset,
+                            Damage::LsnMismatch {
+                                expected: 9,
+                                found: 2,
+                            },
+                        );
+                    }
+                }
+                ScanStep::Damaged { at, damage, resume } => {
+                    assert!(matches!(damage, Damage::LsnMismatch { .. }));
+                    got.push((at, "damage", resume));
+                }
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (offs[0], "record", None),
+                (offs[1], "record", None),
+                (offs[1], "damage", Some(offs[2])),
+                (offs[2], "record", None),
+            ]
+        );
+    }
+}
