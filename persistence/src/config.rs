@@ -119,6 +119,10 @@ pub struct LogConfig {
     pub queue_capacity: usize,
     /// Most bytes the writer gathers into one write (one group commit).
     pub max_group_bytes: usize,
+    /// Bytes of segment between two entries of its LSN index (docs/log-format.md §2.4); a read
+    /// of "events since LSN X" scans at most about this much before reaching X. 0 writes no
+    /// index (readers then scan each segment from its start).
+    pub lsn_index_stride: u32,
     /// Called about once a second during recovery, and at its end.
     pub progress: Option<ProgressFn>,
     /// Simulated device failures (tests only).
@@ -135,6 +139,7 @@ impl Default for LogConfig {
             segment_bytes: 64 << 20,
             queue_capacity: 1024,
             max_group_bytes: 4 << 20,
+            lsn_index_stride: crate::lsn_index::DEFAULT_INDEX_STRIDE,
             progress: None,
             faults: IoFaults::default(),
         }
@@ -150,6 +155,7 @@ impl fmt::Debug for LogConfig {
             .field("segment_bytes", &self.segment_bytes)
             .field("queue_capacity", &self.queue_capacity)
             .field("max_group_bytes", &self.max_group_bytes)
+            .field("lsn_index_stride", &self.lsn_index_stride)
             .field("faults", &self.faults)
             .finish_non_exhaustive()
     }

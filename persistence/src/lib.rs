@@ -11,7 +11,8 @@
 //! * [`writer`]: LSN assignment, the bounded queue and the group-commit writer thread, through
 //!   [`io`] (io_uring or portable);
 //! * [`segment`]: memory-mapped reading; `scan`: one walk over a segment's records that
-//!   resumes after damage; [`recovery`]: snapshot + replay + damage policy;
+//!   resumes after damage; [`lsn_index`]: where in a segment an LSN starts;
+//!   [`recovery`]: snapshot + replay + damage policy;
 //! * [`log`]: [`EventLog`], which ties them together for one data directory;
 //! * [`snapshot`]: [`SnapshotStore`]; [`durable`]: [`DurableIndex`], an engine kept durable by
 //!   a log and snapshots;
@@ -29,6 +30,7 @@ pub mod log;
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_hooks;
+pub mod lsn_index;
 pub mod record;
 pub mod recovery;
 mod scan;

@@ -70,6 +70,7 @@ impl EventLog {
             if let Some((first, path, _)) = start.tail.take() {
                 start.older_segments.push((first, path));
             }
+            start.tail_marks.clear();
         }
         let writer = LogWriter::start(start, &config)?;
         Ok((
@@ -142,7 +143,10 @@ impl EventLog {
             while segs.len() >= 2 && segs[1].0 <= below {
                 let (_, path) = segs.remove(0);
                 match std::fs::remove_file(&path) {
-                    Ok(()) => deleted.push(path),
+                    Ok(()) => {
+                        recovery::remove_index(&path);
+                        deleted.push(path);
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(PersistError::io("delete", &path, None, e)),
                 }

@@ -12,6 +12,7 @@ use crate::config::{LogConfig, RecoveryPolicy, RecoveryProgress};
 use crate::entry::{LogEntry, LoggedEntry, Lsn, NamespaceSpec, FIRST_LSN};
 use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
 use crate::format::{self, SEGMENT_HEADER_LEN};
+use crate::lsn_index::{self, IndexMark, MarkPlanner};
 use crate::record::{ArchivedEntryRecord, ArchivedNamespaceRecord};
 use crate::scan::{ScanStep, SegmentScan};
 use crate::segment::{list_dir, segment_file_name, SegmentReader};
@@ -153,6 +154,9 @@ pub struct RecoveryReport {
     pub next_lsn: Lsn,
     /// Whether files were left untouched (read-only tools).
     pub read_only: bool,
+    /// LSN index files rewritten because they were missing, stale or corrupt (docs/log-format.md
+    /// §2.4); only in read-write recovery.
+    pub lsn_indexes_rebuilt: usize,
     pub elapsed: Duration,
 }
 
@@ -171,6 +175,7 @@ impl RecoveryReport {
             lost_lsns: Vec::new(),
             next_lsn: FIRST_LSN,
             read_only,
+            lsn_indexes_rebuilt: 0,
             elapsed: Duration::ZERO,
         }
     }
@@ -304,6 +309,8 @@ pub(crate) fn recover(
         .iter()
         .map(|(l, p)| (*l, p.clone(), 0, true))
         .collect();
+    // LSN index marks of each scanned segment that survives: `(first_lsn, path, marks)`.
+    let mut scanned_marks: Vec<(Lsn, PathBuf, Vec<IndexMark>)> = Vec::new();
     let mut skipped_in_last = false;
     let mut done = false;
     let mut last_key: Option<NamespaceKey> = None;
@@ -334,6 +341,8 @@ pub(crate) fn recover(
         };
         let mut scan = SegmentScan::new(bytes, header_damage);
         let mut first_record = true;
+        let mut planner = MarkPlanner::new(cfg.lsn_index_stride);
+        let mut marks = Vec::new();
         let mut has_records = false;
         let mut cut: Option<(u64, Damage, bool)> = None; // (offset, damage, remove file)
 
@@ -475,6 +484,9 @@ pub(crate) fn recover(
             }
             expected = Some(first + n);
             has_records = true;
+            if let Some(m) = planner.observe(rec.offset as u64, first) {
+                marks.push(m);
+            }
             if done {
                 break;
             }
@@ -497,6 +509,7 @@ pub(crate) fn recover(
                     if remove {
                         std::fs::remove_file(path)
                             .map_err(|e| PersistError::io("delete", path, None, e))?;
+                        remove_index(path);
                     } else {
                         truncate(path, offset)?;
                     }
@@ -515,10 +528,18 @@ pub(crate) fn recover(
                 });
                 if !remove {
                     kept.push((*name_lsn, path.clone(), offset, has_records));
+                    scanned_marks.push((*name_lsn, path.clone(), marks));
                 }
             }
-            None => kept.push((*name_lsn, path.clone(), file_len, has_records)),
+            None => {
+                kept.push((*name_lsn, path.clone(), file_len, has_records));
+                scanned_marks.push((*name_lsn, path.clone(), marks));
+            }
         }
+    }
+    if mode == Mode::ReadWrite {
+        report.lsn_indexes_rebuilt =
+            rebuild_indexes(&scanned_marks, cfg.lsn_index_stride, &listing.indexes);
     }
     progress.tick(0, report.entries_replayed, true);
 
@@ -529,6 +550,7 @@ pub(crate) fn recover(
 
     // 3. Where the writer starts.
     let mut tail = None;
+    let mut tail_marks = Vec::new();
     if let Some((first, path, end, has_records)) = kept.last().cloned() {
         let appendable = !skipped_in_last
             && upto.is_none()
@@ -539,6 +561,11 @@ pub(crate) fn recover(
             };
         if appendable {
             kept.pop();
+            tail_marks = scanned_marks
+                .iter()
+                .find(|(_, p, _)| *p == path)
+                .map(|(_, _, m)| m.clone())
+                .unwrap_or_default();
             tail = Some((first, path, end));
         } else if first == next_lsn && end <= SEGMENT_HEADER_LEN as u64 {
             // An empty segment already named for the next LSN: reuse it.
@@ -578,8 +605,54 @@ pub(crate) fn recover(
             next_lsn,
             older_segments: kept.into_iter().map(|(l, p, _, _)| (l, p)).collect(),
             watermarks,
+            tail_marks,
         },
     })
+}
+
+/// Make the LSN index of every scanned segment match its records (docs/log-format.md §2.4) and
+/// delete index files whose segment is gone; returns how many were rewritten. Failures only
+/// cost readers a scan: logged and counted, never fatal.
+fn rebuild_indexes(
+    scanned: &[(Lsn, PathBuf, Vec<IndexMark>)],
+    stride: u32,
+    indexes: &[(Lsn, PathBuf)],
+) -> usize {
+    let mut rebuilt = 0;
+    if stride > 0 {
+        for (first, path, marks) in scanned {
+            match lsn_index::ensure(path, *first, stride, marks) {
+                Ok((_, true)) => {
+                    tracing::info!(segment = %path.display(), marks = marks.len(), "rebuilt the segment's LSN index");
+                    metrics::counter!("kvindex_lsn_index_rebuilt_total").increment(1);
+                    rebuilt += 1;
+                }
+                Ok((_, false)) => {}
+                Err(e) => {
+                    tracing::warn!(segment = %path.display(), error = %e, "cannot write the segment's LSN index; readers will scan it");
+                    metrics::counter!("kvindex_lsn_index_write_failures_total").increment(1);
+                }
+            }
+        }
+    }
+    for (lsn, idx) in indexes {
+        let seg = idx.with_file_name(segment_file_name(*lsn));
+        if !seg.exists() {
+            tracing::info!(path = %idx.display(), "removing the LSN index of a deleted segment");
+            remove_index(&seg);
+        }
+    }
+    rebuilt
+}
+
+/// Delete the LSN index of `segment` (if any); a failure is logged, the file is harmless.
+pub(crate) fn remove_index(segment: &Path) {
+    let idx = lsn_index::index_path(segment);
+    match std::fs::remove_file(&idx) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %idx.display(), error = %e, "cannot delete an LSN index"),
+    }
 }
 
 fn corrupt(path: &Path, at: usize, damage: Damage, policy: RecoveryPolicy) -> PersistError {

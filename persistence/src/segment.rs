@@ -12,6 +12,7 @@ use crate::format::{self, ValidRecord, SEGMENT_HEADER_LEN};
 
 const SEG_PREFIX: &str = "seg-";
 const SEG_SUFFIX: &str = ".kvlog";
+const INDEX_SUFFIX: &str = ".kvidx";
 const SNAP_PREFIX: &str = "snap-";
 const SNAP_SUFFIX: &str = ".kvsnap";
 const TMP_SUFFIX: &str = ".tmp";
@@ -43,6 +44,8 @@ pub struct DirListing {
     pub snapshots: Vec<(Lsn, PathBuf)>,
     /// Leftover temporary files.
     pub temps: Vec<PathBuf>,
+    /// LSN index files (`seg-<first_lsn>.kvidx`): `(first_lsn from the name, path)`.
+    pub indexes: Vec<(Lsn, PathBuf)>,
 }
 
 /// List the data directory (which must exist).
@@ -56,6 +59,8 @@ pub fn list_dir(dir: &Path) -> Result<DirListing> {
         let Some(name) = name.to_str() else { continue };
         if let Some(lsn) = parse_number(name, SEG_PREFIX, SEG_SUFFIX) {
             out.segments.push((lsn, ent.path()));
+        } else if let Some(lsn) = parse_number(name, SEG_PREFIX, INDEX_SUFFIX) {
+            out.indexes.push((lsn, ent.path()));
         } else if let Some(lsn) = parse_number(name, SNAP_PREFIX, SNAP_SUFFIX) {
             out.snapshots.push((lsn, ent.path()));
         } else if name.starts_with(SNAP_PREFIX) && name.ends_with(TMP_SUFFIX) {

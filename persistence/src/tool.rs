@@ -20,6 +20,7 @@ use crate::entry::{LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, 
 use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
 use crate::format::{self, SEGMENT_HEADER_LEN};
 use crate::log::{read_log, EventLog};
+use crate::lsn_index::{self, SeekVia};
 use crate::recovery::{NullSink, RecoveryReport};
 use crate::scan::{ScanStep, SegmentScan};
 use crate::segment::{list_dir, SegmentReader};
@@ -330,7 +331,9 @@ impl fmt::Display for InspectReport {
 // ---------------------------------------------------------------------------------------------
 // export
 
-/// A lazy, in-order walk over the log's records (memory-mapped), yielding entries.
+/// A lazy, in-order walk over the log's records (memory-mapped), yielding entries. It starts in
+/// the segment holding `from`, at the last record its LSN index places at or before `from`
+/// (docs/log-format.md §2.4), so the work is the answer plus at most about one index stride.
 pub struct ReplayCursor {
     readers: Vec<SegmentReader>,
     seg: usize,
@@ -339,11 +342,23 @@ pub struct ReplayCursor {
     from: Lsn,
     to: Lsn,
     failed: bool,
+    start: SeekVia,
+    records_read: u64,
 }
 
 impl ReplayCursor {
     /// Entries with `from <= lsn <= to` from the segments of `dir`.
     pub fn open(dir: &Path, from: Lsn, to: Lsn) -> Result<Self> {
+        Self::open_with(dir, from, to, true)
+    }
+
+    /// The same walk without the LSN index: every record of the segment holding `from` is read
+    /// from the segment's start. The reference the indexed walk is tested against.
+    pub fn open_scanning(dir: &Path, from: Lsn, to: Lsn) -> Result<Self> {
+        Self::open_with(dir, from, to, false)
+    }
+
+    fn open_with(dir: &Path, from: Lsn, to: Lsn, use_index: bool) -> Result<Self> {
         let listing = list_dir(dir)?;
         let first_idx = listing
             .segments
@@ -363,15 +378,34 @@ impl ReplayCursor {
                 )));
             }
         }
+        let (offset, start) = match readers.first() {
+            Some(r) if use_index => {
+                let s = lsn_index::seek(r, from);
+                (s.offset, s.via)
+            }
+            _ => (SEGMENT_HEADER_LEN, SeekVia::SegmentStart),
+        };
         Ok(Self {
             readers,
             seg: 0,
-            offset: SEGMENT_HEADER_LEN,
+            offset,
             pending: Default::default(),
             from,
             to,
             failed: false,
+            start,
+            records_read: 0,
         })
+    }
+
+    /// How the walk found its first record (index entry, segment start, or a counted fallback).
+    pub fn start(&self) -> &SeekVia {
+        &self.start
+    }
+
+    /// Records read (checked and decoded) so far, including those before `from`.
+    pub fn records_read(&self) -> u64 {
+        self.records_read
     }
 }
 
@@ -406,6 +440,7 @@ impl Iterator for ReplayCursor {
                 }
                 Ok(Some(rec)) => {
                     self.offset = rec.end;
+                    self.records_read += 1;
                     let first = rec.batch.first_lsn.to_native();
                     for (k, e) in rec.batch.entries.iter().enumerate() {
                         let lsn = first + k as u64;
@@ -460,10 +495,31 @@ pub fn export(
     })
 }
 
+/// [`export`] without the LSN index (the segment holding `from` is read from its start): the
+/// reference the indexed export is checked against.
+pub fn export_scanning(
+    dir: impl AsRef<Path>,
+    from: Lsn,
+    to: Lsn,
+    worker: Option<WorkerId>,
+) -> Result<ExportIter> {
+    Ok(ExportIter {
+        cursor: ReplayCursor::open_scanning(dir.as_ref(), from, to)?,
+        worker,
+    })
+}
+
 /// Iterator returned by [`export`].
 pub struct ExportIter {
     cursor: ReplayCursor,
     worker: Option<WorkerId>,
+}
+
+impl ExportIter {
+    /// The underlying walk (where it started, how many records it read).
+    pub fn cursor(&self) -> &ReplayCursor {
+        &self.cursor
+    }
 }
 
 impl Iterator for ExportIter {

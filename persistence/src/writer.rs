@@ -20,6 +20,7 @@ use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamKey, StreamWaterma
 use crate::error::{PersistError, Result};
 use crate::format::{self, frame_len, MAX_RECORD_LEN, SEGMENT_HEADER_LEN};
 use crate::io::{IoBackendKind, SegmentIo};
+use crate::lsn_index::{self, IndexAppender, IndexMark, MarkPlanner};
 use crate::record::{ArchivedLogBatch, LogBatch};
 use crate::segment::segment_file_name;
 use crate::snapshot::sync_dir;
@@ -224,6 +225,8 @@ pub(crate) struct WriterStart {
     /// Older segments (not written any more), oldest first.
     pub older_segments: Vec<(Lsn, PathBuf)>,
     pub watermarks: WatermarkTable,
+    /// The LSN index marks of `tail`'s records, as recovery computed them.
+    pub tail_marks: Vec<IndexMark>,
 }
 
 impl LogWriter {
@@ -232,6 +235,7 @@ impl LogWriter {
             SegmentIo::new(cfg.io, cfg.faults.clone()).map_err(PersistError::IoUringUnavailable)?;
         let kind = io.kind();
         tracing::info!(backend = %kind, fsync = %cfg.fsync, "log writer starting");
+        let mut tail_marks = start.tail_marks;
         let (seg_first, path, file, offset) = match start.tail {
             Some((first, path, end)) => {
                 let file = OpenOptions::new()
@@ -243,9 +247,11 @@ impl LogWriter {
             }
             None => {
                 let (path, file) = create_segment(&mut io, &start.dir, start.next_lsn, cfg.fsync)?;
+                tail_marks.clear();
                 (start.next_lsn, path, file, SEGMENT_HEADER_LEN as u64)
             }
         };
+        let (index, planner) = open_index(&path, seg_first, cfg.lsn_index_stride, &tail_marks);
         let mut segments = start.older_segments;
         segments.push((seg_first, path.clone()));
         let shared = Arc::new(Shared {
@@ -271,6 +277,10 @@ impl LogWriter {
             offset,
             buf: Vec::with_capacity(1 << 16),
             buf_end_lsn: start.next_lsn,
+            index_stride: cfg.lsn_index_stride,
+            index,
+            planner,
+            pending_marks: Vec::new(),
             dirty_since: None,
             pending: WatermarkTable::default(),
             shared: Arc::clone(&shared),
@@ -504,6 +514,31 @@ fn create_segment(
     Ok((path, file))
 }
 
+/// Open (or repair) the LSN index of the segment being written, holding `marks`. A failure
+/// only costs readers a scan: it is logged and counted, and the segment goes unindexed.
+fn open_index(
+    segment: &Path,
+    first_lsn: Lsn,
+    stride: u32,
+    marks: &[IndexMark],
+) -> (Option<IndexAppender>, MarkPlanner) {
+    if stride == 0 {
+        return (None, MarkPlanner::new(0));
+    }
+    match lsn_index::ensure(segment, first_lsn, stride, marks) {
+        Ok((appender, _)) => (Some(appender), MarkPlanner::resume(stride, marks)),
+        Err(e) => {
+            index_write_failed(segment, &e);
+            (None, MarkPlanner::new(0))
+        }
+    }
+}
+
+fn index_write_failed(segment: &Path, e: &std::io::Error) {
+    tracing::warn!(segment = %segment.display(), error = %e, "cannot write the segment's LSN index; readers will scan it");
+    metrics::counter!("kvindex_lsn_index_write_failures_total").increment(1);
+}
+
 struct WriterThread {
     dir: PathBuf,
     io: SegmentIo,
@@ -518,6 +553,12 @@ struct WriterThread {
     buf: Vec<u8>,
     /// End LSN of the last request in `buf` (or of the last written one).
     buf_end_lsn: Lsn,
+    index_stride: u32,
+    /// The LSN index file of the current segment (`None`: not indexed).
+    index: Option<IndexAppender>,
+    planner: MarkPlanner,
+    /// Marks of records in `buf`, appended to the index once `buf` is written.
+    pending_marks: Vec<IndexMark>,
     /// When the oldest written but not yet synced data was written.
     dirty_since: Option<Instant>,
     /// Watermarks of written, not yet synced entries.
@@ -607,6 +648,12 @@ impl WriterThread {
                         self.flush(true)?;
                         self.roll()?;
                     }
+                    // `buf_end_lsn` is still the end of the previous request: this record's
+                    // first LSN.
+                    let at = self.offset + self.buf.len() as u64;
+                    if let Some(m) = self.planner.observe(at, self.buf_end_lsn) {
+                        self.pending_marks.push(m);
+                    }
                     format::append_frame(&mut self.buf, &r.payload);
                     self.buf_end_lsn = r.end_lsn;
                     for (ns, w, d, seq, lsn) in r.watermarks {
@@ -644,6 +691,7 @@ impl WriterThread {
         let started = Instant::now();
         if let Err(e) = self.io.write_at(&self.file, self.offset, &self.buf, sync) {
             // Cut whatever part of this group reached the file: none of it was acknowledged.
+            self.pending_marks.clear();
             if let Err(te) = self.file.set_len(self.offset) {
                 tracing::error!(path = %self.path.display(), error = %te, "could not truncate after a failed write");
             }
@@ -664,6 +712,7 @@ impl WriterThread {
         }
         self.offset += self.buf.len() as u64;
         self.buf.clear();
+        self.write_marks();
         self.shared.set_progress(self.buf_end_lsn, sync);
         if sync {
             self.dirty_since = None;
@@ -682,6 +731,21 @@ impl WriterThread {
         Ok(())
     }
 
+    /// Append the marks of the records just written to the segment's index.
+    fn write_marks(&mut self) {
+        if self.pending_marks.is_empty() {
+            return;
+        }
+        let marks = std::mem::take(&mut self.pending_marks);
+        if let Some(index) = &mut self.index {
+            if let Err(e) = index.append(&marks) {
+                index_write_failed(&self.path, &e);
+                self.index = None;
+                self.planner = MarkPlanner::new(0);
+            }
+        }
+    }
+
     /// Close the current segment (already flushed) and start one at `buf_end_lsn`.
     fn roll(&mut self) -> Result<()> {
         let first = self.buf_end_lsn;
@@ -689,6 +753,7 @@ impl WriterThread {
         self.file = file;
         self.path = path.clone();
         self.offset = SEGMENT_HEADER_LEN as u64;
+        (self.index, self.planner) = open_index(&path, first, self.index_stride, &[]);
         lock(&self.shared.segments).push((first, path));
         Ok(())
     }
