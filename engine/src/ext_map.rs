@@ -209,9 +209,9 @@ mod tests {
     /// Every 3rd key shares its tag with another one; every 5th lands in one crowded home
     /// bucket (so overflow chains form and are unwound by removals).
     fn hash(key: u64) -> u64 {
-        if key % 5 == 0 {
+        if key.is_multiple_of(5) {
             (key % 64) << 32 | 1
-        } else if key % 3 == 0 {
+        } else if key.is_multiple_of(3) {
             mix(key) & 0xFFFF_FFFF_0000_0000 | 7
         } else {
             mix(key)
