@@ -124,6 +124,9 @@ pub(crate) struct StreamState {
     node_cache: Vec<u32>,
     /// Consecutive free block ids `[next, end)` reserved for this stream's next runs.
     block_cache: (u32, u32),
+    /// Shared-map entries of blocks that died in the current event, dropped together when the
+    /// event ends (one batch, so one lock per map shard per event).
+    dead_entries: Vec<(u64, u32)>,
 }
 
 impl StreamState {
@@ -137,6 +140,7 @@ impl StreamState {
             freed: Vec::new(),
             node_cache: Vec::new(),
             block_cache: (0, 0),
+            dead_entries: Vec::new(),
         }
     }
 }
@@ -380,15 +384,15 @@ impl Tree {
         }
     }
 
-    /// Drop the shared-map entries of blocks `start..start + len` (those that own one).
-    fn ext_release_range(&self, start: u32, len: u32, rotate: u32) {
-        let mut batch: Vec<(u64, u32)> = (start..start + len)
-            .filter(|&b| self.owns_ext(b))
-            .map(|b| (self.ext_of(b), b))
-            .collect();
-        self.ext_batch(&mut batch, rotate, |t, ext, b| {
-            t.remove(mix(ext), b);
-        });
+    /// Queue the shared-map entries of the dead blocks `start..start + len` (those that own
+    /// one) for the end of the event. Until then a lookup may still find such a block: `holds`
+    /// rejects it (it is outside its node's extent, or its node holds nobody).
+    fn ext_release_range(&self, st: &mut StreamState, start: u32, len: u32) {
+        st.dead_entries.extend(
+            (start..start + len)
+                .filter(|&b| self.owns_ext(b))
+                .map(|b| (self.ext_of(b), b)),
+        );
     }
 
     /// Allocate a node, LIVE and LOCKED, not yet linked.
@@ -497,6 +501,15 @@ impl Tree {
     /// epoch grace period. One deferred closure per event, not per node: crossbeam collects a
     /// bounded number of deferred functions per pin.
     pub(crate) fn release_unlinked(self: &Arc<Self>, st: &mut StreamState, guard: &Guard) {
+        // The map entries first: the ids must not be reused while an entry still names them.
+        if !st.dead_entries.is_empty() {
+            let mut dead = std::mem::take(&mut st.dead_entries);
+            self.ext_batch(&mut dead, st.slot, |t, ext, b| {
+                t.remove(mix(ext), b);
+            });
+            dead.clear();
+            st.dead_entries = dead;
+        }
         if st.unlinked.is_empty() && st.freed.is_empty() {
             return;
         }
@@ -596,10 +609,26 @@ impl Tree {
     /// Whether the stream holds block `b` (lock-free; exact for the owning thread, since only
     /// it adds or removes its slot and splits copy membership).
     fn holds(&self, slot: u32, b: u32, guard: &Guard) -> bool {
-        let n = self.owner_of(b);
-        n != ROOT
-            && Members::from_word(self.node(n).members.load(Ordering::Acquire), guard)
-                .contains(slot)
+        let mut n = self.owner_of(b);
+        loop {
+            if n == ROOT {
+                return false;
+            }
+            let node = self.node(n);
+            let m = node.members.load(Ordering::Acquire);
+            let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
+            if b >= start && b < start + len {
+                return Members::from_word(m, guard).contains(slot);
+            }
+            // Outside its owner's extent: either a split moved it (the splitter rewrote the
+            // owner before the Release store of the shorter extent just read, so the re-read
+            // sees the new owner) or it was cut off and is dead (its map entry not yet dropped).
+            let again = self.owner_of(b);
+            if again == n {
+                return false;
+            }
+            n = again;
+        }
     }
 
     /// The block `st` holds under external hash `ext`, if any.
@@ -1032,7 +1061,7 @@ impl Tree {
         if sole && lo > 0 && node.children.load(Ordering::Relaxed) == 0 {
             // Only this stream holds the run and nothing hangs below it: cut the tail off.
             node.extent.store(extent_word(start, lo), Ordering::Release);
-            self.ext_release_range(start + lo, hi - lo + 1, st.slot);
+            self.ext_release_range(st, start + lo, hi - lo + 1);
             st.freed.push((start + lo, hi - lo + 1));
             self.unlock(n);
             return Ok(());
@@ -1090,7 +1119,7 @@ impl Tree {
                 parent.children.store(nw, Ordering::Release);
             }
             let (start, len) = extent_parts(node.extent.load(Ordering::Relaxed));
-            self.ext_release_range(start, len, st.slot);
+            self.ext_release_range(st, start, len);
             st.freed.push((start, len));
             // Not LIVE, unlocked. Readers that still hold `n` see no members.
             node.state.store(0, Ordering::Release);
