@@ -22,73 +22,10 @@ struct Bucket {
     overflow: u64,
 }
 
-/// The bucket array. Large arrays are anonymous memory maps rather than heap blocks: the
-/// table grows by half many times over a run, and a freed map goes back to the OS at once,
-/// where a freed heap block of this size tends to stay in the allocator (on the reference
-/// workload, ~50 MB of resident memory that indexed nothing).
-enum Buckets {
-    Heap(Vec<Bucket>),
-    Mapped(memmap2::MmapMut, usize),
-}
-
-impl Default for Buckets {
-    fn default() -> Self {
-        Buckets::Heap(Vec::new())
-    }
-}
-
-impl Buckets {
-    /// Below this size the heap is fine (and a map would waste most of a page).
-    const MAP_FROM: usize = 1 << 16;
-
-    fn zeroed(n: usize) -> Buckets {
-        let bytes = n * std::mem::size_of::<Bucket>();
-        if bytes >= Self::MAP_FROM {
-            if let Ok(m) = memmap2::MmapMut::map_anon(bytes) {
-                // Huge pages where the kernel allows them: every operation is a random access,
-                // and with 4 KiB pages each one also misses the TLB (measured: ingest fell by
-                // a third on the reference workload without this advice).
-                #[cfg(target_os = "linux")]
-                let _ = m.advise(memmap2::Advice::HugePage);
-                return Buckets::Mapped(m, n);
-            }
-            // No map (address space or map count exhausted): fall back to the heap.
-        }
-        Buckets::Heap(vec![Bucket::default(); n])
-    }
-}
-
-impl std::ops::Deref for Buckets {
-    type Target = [Bucket];
-    fn deref(&self) -> &[Bucket] {
-        match self {
-            Buckets::Heap(v) => v,
-            // SAFETY: the map is `n * 64` bytes, page-aligned (so 64-byte aligned), zero-filled
-            // by the kernel (all-zero is a valid empty `Bucket`: plain integers), and lives as
-            // long as `self`.
-            Buckets::Mapped(m, n) => unsafe {
-                std::slice::from_raw_parts(m.as_ptr() as *const Bucket, *n)
-            },
-        }
-    }
-}
-
-impl std::ops::DerefMut for Buckets {
-    fn deref_mut(&mut self) -> &mut [Bucket] {
-        match self {
-            Buckets::Heap(v) => v,
-            // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
-            Buckets::Mapped(m, n) => unsafe {
-                std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut Bucket, *n)
-            },
-        }
-    }
-}
-
 /// Bucketed open-addressing table of `(tag, block id)` entries.
 #[derive(Default)]
 pub(crate) struct ExtTable {
-    buckets: Buckets,
+    buckets: Vec<Bucket>,
     len: usize,
 }
 
@@ -216,8 +153,8 @@ impl ExtTable {
     /// Grow by half (not by doubling: the map is a large share of the index's memory).
     fn grow(&mut self) {
         let n = (self.buckets.len() + self.buckets.len() / 2).max(2);
-        let old = std::mem::replace(&mut self.buckets, Buckets::zeroed(n));
-        for b in old.iter() {
+        let old = std::mem::replace(&mut self.buckets, vec![Bucket::default(); n]);
+        for b in old {
             for e in b.e.into_iter().filter(|&e| e != 0) {
                 Self::place(&mut self.buckets, e);
             }
@@ -226,7 +163,7 @@ impl ExtTable {
 
     /// Heap bytes of the bucket array.
     pub(crate) fn bytes(&self) -> usize {
-        self.buckets.len() * std::mem::size_of::<Bucket>()
+        self.buckets.capacity() * std::mem::size_of::<Bucket>()
     }
 
     /// Entries stored.
