@@ -77,10 +77,11 @@ impl Backend for KvindexBackend {
         let m = self.namespace.memory();
         let mb = |b: usize| b as f64 / 1e6;
         Some(format!(
-            "{} live blocks in {} runs; arenas {:.1} MB, ext map {:.1} MB, member sets {:.1} MB, \
-             child tables {:.1} MB",
+            "{} live blocks in {} runs, {} block ids in use; arenas {:.1} MB, ext map {:.1} MB, \
+             member sets {:.1} MB, child tables {:.1} MB",
             m.live_nodes,
             m.live_runs,
+            m.block_ids,
             mb(m.node_bytes),
             mb(m.map_bytes),
             mb(m.member_bytes),

@@ -167,6 +167,9 @@ pub struct MemoryReport {
     pub child_bytes: usize,
     /// Of `heap_bytes`: the external-hash map.
     pub map_bytes: usize,
+    /// Block ids handed out so far (live, free or reserved by a stream): the block arrays'
+    /// touched length, 20 bytes each.
+    pub block_ids: usize,
 }
 
 /// Where one map shard's buckets live, for prefetching without its lock: `ExtTable::location`
@@ -1619,6 +1622,7 @@ impl Tree {
             .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
             .sum();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
+        r.block_ids = self.locals.high_water() as usize;
         r.node_bytes = self.nodes.allocated_bytes()
             + self.locals.allocated_bytes()
             + self.exts.allocated_bytes()
