@@ -506,12 +506,12 @@ impl Tree {
     pub(crate) fn release_unlinked(self: &Arc<Self>, st: &mut StreamState, guard: &Guard) {
         // The map entries first: the ids must not be reused while an entry still names them.
         if !st.dead_entries.is_empty() {
+            // Taken, not cleared: 256 streams each keeping their largest event's buffer would
+            // hold megabytes for nothing.
             let mut dead = std::mem::take(&mut st.dead_entries);
             self.ext_batch(&mut dead, st.slot, |t, ext, b| {
                 t.remove(mix(ext), b);
             });
-            dead.clear();
-            st.dead_entries = dead;
         }
         if st.unlinked.is_empty() && st.freed.is_empty() {
             return;
