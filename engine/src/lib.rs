@@ -26,6 +26,7 @@ pub mod reference;
 mod segmented;
 mod slots;
 pub mod snapshot;
+mod spin;
 mod sync;
 mod tree;
 

@@ -44,7 +44,8 @@ use crate::ranges::FreeRanges;
 use crate::segmented::SegmentedVec;
 use crate::slots::Slots;
 use crate::snapshot::{IndexSnapshot, SnapshotHolder, SnapshotNode};
-use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::spin::{SpinGuard, SpinLock};
+use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
@@ -191,7 +192,7 @@ pub(crate) struct Tree {
     owner: SegmentedVec<AtomicU32>,
     free_nodes: Mutex<Vec<u32>>,
     free_blocks: Mutex<FreeRanges>,
-    ext_map: Box<[CachePadded<Mutex<ExtTable>>]>,
+    ext_map: Box<[CachePadded<SpinLock<ExtTable>>]>,
     ext_hints: Box<[ExtHint]>,
     pub(crate) slots: Slots,
     /// Mirror of every stream's exceptions, read by dumps: (slot, block) -> ext.
@@ -208,7 +209,7 @@ impl Tree {
             free_nodes: Mutex::new(Vec::new()),
             free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(ExtTable::default())))
+                .map(|_| CachePadded::new(SpinLock::default()))
                 .collect(),
             ext_hints: (0..EXT_SHARDS).map(|_| ExtHint::default()).collect(),
             slots: Slots::new(),
@@ -314,10 +315,8 @@ impl Tree {
         (mix(ext) as u32 >> 8) as usize % EXT_SHARDS
     }
 
-    fn ext_shard(&self, shard: usize) -> MutexGuard<'_, ExtTable> {
-        self.ext_map[shard]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn ext_shard(&self, shard: usize) -> SpinGuard<'_, ExtTable> {
+        self.ext_map[shard].lock()
     }
 
     fn ext_lookup(&self, ext: u64) -> Option<u32> {
@@ -1616,11 +1615,7 @@ impl Tree {
             }
             r.child_bytes += children::heap_bytes(node.children.load(Ordering::Acquire), &guard);
         }
-        r.map_bytes = self
-            .ext_map
-            .iter()
-            .map(|m| m.lock().map(|t| t.bytes()).unwrap_or(0))
-            .sum();
+        r.map_bytes = self.ext_map.iter().map(|m| m.lock().bytes()).sum();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
         r.block_ids = self.locals.high_water() as usize;
         r.node_bytes = self.nodes.allocated_bytes()
