@@ -693,12 +693,19 @@ impl Tree {
         Ok(t)
     }
 
-    fn add_member(&self, n: u32, slot: u32, guard: &Guard) -> bool {
+    /// Replace locked node `n`'s members word by `change(old)` (when it returns a new word) and
+    /// retire the old one. Release: pairs with readers' Acquire; for a joiner, the node's shorter
+    /// extent (if a split just made it) was stored before and is visible first.
+    fn change_members(
+        &self,
+        n: u32,
+        guard: &Guard,
+        change: impl FnOnce(u64, &Guard) -> Option<u64>,
+    ) -> bool {
         let node = self.node(n);
         let mw = node.members.load(Ordering::Relaxed);
-        match members::with_added(mw, slot, guard) {
+        match change(mw, guard) {
             Some(nw) => {
-                // Release: pairs with readers' Acquire; the node's extent is visible first.
                 node.members.store(nw, Ordering::Release);
                 members::retire(mw, guard);
                 true
@@ -707,17 +714,12 @@ impl Tree {
         }
     }
 
+    fn add_member(&self, n: u32, slot: u32, guard: &Guard) -> bool {
+        self.change_members(n, guard, |w, g| members::with_added(w, slot, g))
+    }
+
     fn remove_member(&self, n: u32, slot: u32, guard: &Guard) -> bool {
-        let node = self.node(n);
-        let mw = node.members.load(Ordering::Relaxed);
-        match members::with_removed(mw, slot, guard) {
-            Some(nw) => {
-                node.members.store(nw, Ordering::Release);
-                members::retire(mw, guard);
-                true
-            }
-            None => false,
-        }
+        self.change_members(n, guard, |w, g| members::with_removed(w, slot, g))
     }
 
     /// Write a fresh block (not yet reachable); its map claim comes after, in a batch.
