@@ -96,6 +96,11 @@ impl Pinned<'_> {
             .collect()
     }
 
+    /// The arena index of the node (run) that holds block `block` now.
+    pub fn run_of(&self, block: u32) -> u32 {
+        self.tree.loom_owner(block)
+    }
+
     /// Node `index` as this reader sees it.
     pub fn read(&self, index: u32) -> SeenNode {
         let (local, slots) = self.tree.loom_read(index, &self.guard);

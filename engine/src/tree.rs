@@ -1825,6 +1825,11 @@ impl Tree {
         out
     }
 
+    /// The node (run) holding block `b` now.
+    pub(crate) fn loom_owner(&self, b: u32) -> u32 {
+        self.owner_of(b)
+    }
+
     /// Block `b` as a reader sees it: its local hash and its run's holders' slots.
     pub(crate) fn loom_read(&self, b: u32, guard: &Guard) -> (u64, Vec<u32>) {
         let node = self.node(self.owner_of(b));

@@ -152,3 +152,72 @@ fn a_snapshot_with_same_holder_branches_restores() {
     assert_eq!(restored.dump().unwrap(), ns.dump().unwrap());
     assert_eq!(shape(&restored), shape(&ns));
 }
+
+/// A clear racing splits: while worker 1 (alone on its event thread) stores a long chain and
+/// clears it, workers 2 and 3 (on the other thread) keep storing prefixes of the same chain,
+/// which splits worker 1's runs and copies its membership into new nodes. A clear that missed a
+/// node created behind its scan would leave worker 1 holding blocks. Bounded by counts.
+#[test]
+fn a_clear_racing_splits_by_other_streams_leaves_nothing_behind() {
+    let e = Engine::new(EngineConfig {
+        event_threads: 2,
+        queue_capacity: 256,
+    });
+    let ns = common::create_namespace(&e, NamespaceKey::new("m", "default"), 16);
+    let path = chain(512);
+    // Streams go to event threads round-robin at first sight, so worker 1 and the others
+    // share or split the two threads depending on arrival; every worker's own events stay
+    // ordered either way, and the interleaving is what the test is after.
+    std::thread::scope(|s| {
+        let ns1 = ns.clone();
+        let p1 = path.clone();
+        s.spawn(move || {
+            for _ in 0..60 {
+                ns1.apply(common::store_chain(1, 0, &p1)).unwrap();
+                ns1.apply(common::cleared(1, 0)).unwrap();
+            }
+        });
+        for w in [2u64, 3] {
+            let nsw = ns.clone();
+            let pw = path.clone();
+            s.spawn(move || {
+                for round in 0..60usize {
+                    let len = 8 + (round * 37 + w as usize * 101) % 500;
+                    nsw.apply(common::store_chain(w, 0, &pw[..len])).unwrap();
+                    let hashes = common::canonical_hashes(&pw[..len]);
+                    let cut = len / 2;
+                    let evicted: Vec<u64> = hashes[cut..].iter().rev().copied().collect();
+                    nsw.apply(common::remove(w, 0, &evicted)).unwrap();
+                }
+            });
+        }
+    });
+    ns.flush().unwrap();
+    let scores = q(&ns, &path);
+    assert!(
+        scores.iter().all(|&(w, _)| w != 1),
+        "worker 1 still scores after its last clear: {scores:?}"
+    );
+    let dumped = ns.dump().unwrap();
+    assert!(dumped.iter().all(|ev| ev.worker_id != 1));
+    assert!(ns
+        .worker_block_counts()
+        .iter()
+        .all(|(k, n)| k.worker_id != 1 || *n == 0));
+    // Workers 2 and 3 each hold the first half of their last prefix.
+    for w in [2u64, 3] {
+        let len = 8 + (59 * 37 + w as usize * 101) % 500;
+        assert!(scores.contains(&(w, (len / 2) as u32)), "{w}: {scores:?}");
+    }
+    // And the index is exactly their blocks: no node kept alive by a stale membership.
+    let m = ns.memory();
+    let held: usize = [2u64, 3]
+        .iter()
+        .map(|&w| (8 + (59 * 37 + w as usize * 101) % 500) / 2)
+        .max()
+        .unwrap_or(0);
+    assert_eq!(
+        m.live_nodes, held,
+        "live blocks = the longer of the two halves"
+    );
+}

@@ -54,6 +54,18 @@ pub fn removed(worker: u64, locals: &[u64]) -> RouterEvent {
     )
 }
 
+/// `worker` clears every block it holds (a `cleared` event).
+pub fn cleared(worker: u64) -> RouterEvent {
+    RouterEvent::new(
+        worker,
+        KvCacheEvent {
+            event_id: 0,
+            data: KvCacheEventData::Cleared,
+            dp_rank: 0,
+        },
+    )
+}
+
 /// Run the model `f` under loom with the bounds from the environment (`LOOM_MAX_PREEMPTIONS`,
 /// set by `scripts/test.sh`; 2 when unset, so that a bare `cargo test` stays bounded too).
 ///
@@ -71,6 +83,9 @@ where
     if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
         b.preemption_bound = Some(2);
     }
+    // A clear scans every node of the arena (twice: until a pass finds nothing), which takes
+    // more than loom's default 1,000 branches in one execution.
+    b.max_branches = 20_000;
     {
         let first = Arc::clone(&first);
         let executions = Arc::clone(&executions);
