@@ -68,6 +68,9 @@ const EXT_SHARDS: usize = 2;
 const BLOCK_BATCH: u32 = 256;
 #[cfg(loom)]
 const BLOCK_BATCH: u32 = 1;
+/// An external hash and the block it names, as the map's batches carry them.
+type ExtBlock = (u64, u32);
+
 /// How far ahead of its probe an ext-map bucket is prefetched: enough to cover a miss, few
 /// enough to stay within the core's outstanding-miss buffers (24 measured no better).
 const PREFETCH_AHEAD: usize = 10;
@@ -760,7 +763,7 @@ impl Tree {
         mut depth: u32,
         blocks: &[KvCacheStoredBlockData],
         guard: &Guard,
-    ) -> Result<(Vec<u32>, Vec<(u64, u32)>), KvCacheEventError> {
+    ) -> Result<(Vec<u32>, Vec<ExtBlock>), KvCacheEventError> {
         let mut made: Vec<u32> = Vec::new();
         let mut fresh: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
         let mut k = 0usize;
