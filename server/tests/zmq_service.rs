@@ -325,8 +325,11 @@ fn a_gap_is_filled_by_replay() {
 fn a_dead_replay_endpoint_degrades_but_live_events_are_still_indexed() {
     let rt = runtime();
     let p = Pub::bind(&rt, false);
-    // A replay endpoint nobody serves: bind a port, then free it.
-    let dead = dead_endpoint();
+    // A replay endpoint that never answers: a port held for the whole test (a freed port can be
+    // taken by another test's socket while the suite runs in parallel, and then the replay may
+    // reach a live peer), accepting TCP connections but never speaking ZMTP.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("tcp://{}", silent.local_addr().expect("addr"));
     let (_d, dir) = data_dir();
     let s = start(&dir, &[], &[]);
     let r = s.post_json(
