@@ -19,7 +19,7 @@ if [ "${1:-}" = "-n" ]; then
   shift 2
 fi
 if [ $# -lt 2 ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 side_a=$1
