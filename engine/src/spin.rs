@@ -4,7 +4,8 @@
 //! woken), a second locked instruction per critical section; the map takes one of these locks
 //! per shard per event on every event thread, so both show up on the ingest profile. Here unlock
 //! is a plain Release store. Waiters spin, then yield (`sync::spin_wait`); critical sections are
-//! a few dozen table operations, never a blocking call. Under loom this is loom's mutex.
+//! a few dozen table operations, never a blocking call, except a table's growth. `try_lock` lets
+//! a batch skip a held shard and come back to it. Under loom this is loom's mutex.
 
 #[cfg(not(loom))]
 mod imp {
@@ -30,6 +31,17 @@ mod imp {
     }
 
     impl<T> SpinLock<T> {
+        /// The lock if it is free now, else `None` (no waiting).
+        pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
+            // Acquire: as in `lock`.
+            (!self.locked.load(Ordering::Relaxed)
+                && self
+                    .locked
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok())
+            .then(|| SpinGuard { lock: self })
+        }
+
         pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
             let mut spins = 0;
             loop {
@@ -84,6 +96,14 @@ mod imp {
         pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
+
+        pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
+            match self.0.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
     }
 }
 
@@ -103,6 +123,48 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..20_000 {
                         *lock.lock() += 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*lock.lock(), 80_000);
+    }
+
+    #[test]
+    fn try_lock_fails_while_held_and_leaves_the_holder_holding() {
+        let lock = SpinLock::<u64>::default();
+        let mut held = lock.try_lock().expect("a free lock is taken");
+        *held += 1;
+        assert!(lock.try_lock().is_none());
+        // A failed attempt must not have released the holder's lock.
+        assert!(lock.try_lock().is_none());
+        drop(held);
+        let again = lock
+            .try_lock()
+            .expect("free again after the guard is dropped");
+        assert_eq!(*again, 1);
+    }
+
+    #[test]
+    fn try_lock_excludes_a_concurrent_holder() {
+        let lock = Arc::new(SpinLock::<u64>::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let lock = Arc::clone(&lock);
+                std::thread::spawn(move || {
+                    let mut done = 0;
+                    while done < 20_000 {
+                        if let Some(mut v) = lock.try_lock() {
+                            // A read-modify-write in two steps: a second holder would lose
+                            // increments.
+                            let x = *v;
+                            std::hint::spin_loop();
+                            *v = x + 1;
+                            done += 1;
+                        }
                     }
                 })
             })

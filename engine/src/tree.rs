@@ -49,6 +49,7 @@ use crate::sync::{spin_wait, AtomicU32, AtomicU64, Mutex, Ordering};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -330,8 +331,8 @@ impl Tree {
             .find(mix(ext), |b| self.ext_of(b) == ext)
     }
 
-    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard.
-    /// Home buckets are prefetched `PREFETCH_AHEAD` operations ahead, so the batch's cache
+    /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard,
+    /// taking the shards that are free first (see below). Home buckets are prefetched `PREFETCH_AHEAD` operations ahead, so the batch's cache
     /// misses overlap instead of queueing behind each other. `rotate` spreads the starting
     /// shard so that two event threads do not walk the shards in step.
     fn ext_batch(
@@ -340,13 +341,6 @@ impl Tree {
         rotate: u32,
         mut op: impl FnMut(&mut ExtTable, u64, u32),
     ) {
-        let prefetch = |ext: u64| {
-            let hint = &self.ext_hints[Self::shard_of(ext)];
-            // Relaxed: a hint only (see `ext_map::prefetch`).
-            let at = hint.at.load(Ordering::Relaxed) as usize;
-            let cap = hint.cap.load(Ordering::Relaxed) as usize;
-            crate::ext_map::prefetch((at, cap), mix(ext));
-        };
         if batch.len() > 1 {
             // Counting sort by shard, starting at `rotate`.
             let key = |ext: u64| (Self::shard_of(ext) + rotate as usize) % EXT_SHARDS;
@@ -366,26 +360,70 @@ impl Tree {
             batch.copy_from_slice(&sorted);
         }
         for &(ext, _) in batch.iter().take(PREFETCH_AHEAD) {
-            prefetch(ext);
+            self.prefetch_home(ext);
         }
+        // First pass: every shard group whose lock is free now. A held shard is skipped
+        // instead of waited for: its holder may be growing the table (a long critical
+        // section) or be preempted, and the other groups are useful work meanwhile. Second
+        // pass: the skipped groups, waiting. Groups are whole shards, so the operations on
+        // any one table keep their order.
+        let mut skipped: Vec<Range<usize>> = Vec::new();
         let mut i = 0;
         while i < batch.len() {
             let shard = Self::shard_of(batch[i].0);
+            let mut end = i + 1;
+            while end < batch.len() && Self::shard_of(batch[end].0) == shard {
+                end += 1;
+            }
+            match self.ext_map[shard].try_lock() {
+                Some(mut table) => self.ext_group(&mut table, shard, batch, i..end, &mut op),
+                None => skipped.push(i..end),
+            }
+            i = end;
+        }
+        for group in skipped {
+            let shard = Self::shard_of(batch[group.start].0);
+            for &(ext, _) in batch[group.clone()].iter().take(PREFETCH_AHEAD) {
+                self.prefetch_home(ext);
+            }
             let mut table = self.ext_shard(shard);
-            while i < batch.len() && Self::shard_of(batch[i].0) == shard {
-                if let Some(&(ahead, _)) = batch.get(i + PREFETCH_AHEAD) {
-                    prefetch(ahead);
-                }
-                let (ext, b) = batch[i];
-                op(&mut table, ext, b);
-                i += 1;
+            self.ext_group(&mut table, shard, batch, group, &mut op);
+        }
+    }
+
+    /// Hint the CPU to fetch the home bucket of `ext` (see `ext_map::prefetch`).
+    #[inline]
+    fn prefetch_home(&self, ext: u64) {
+        let hint = &self.ext_hints[Self::shard_of(ext)];
+        // Relaxed: a hint only (see `ext_map::prefetch`).
+        let at = hint.at.load(Ordering::Relaxed) as usize;
+        let cap = hint.cap.load(Ordering::Relaxed) as usize;
+        crate::ext_map::prefetch((at, cap), mix(ext));
+    }
+
+    /// Run `op` on `batch[group]`, all of shard `shard`, whose table the caller has locked,
+    /// prefetching `PREFETCH_AHEAD` operations ahead; then refresh the shard's prefetch hint.
+    #[inline]
+    fn ext_group(
+        &self,
+        table: &mut ExtTable,
+        shard: usize,
+        batch: &[(u64, u32)],
+        group: Range<usize>,
+        op: &mut impl FnMut(&mut ExtTable, u64, u32),
+    ) {
+        for k in group {
+            if let Some(&(ahead, _)) = batch.get(k + PREFETCH_AHEAD) {
+                self.prefetch_home(ahead);
             }
-            let (at, cap) = table.location();
-            let hint = &self.ext_hints[shard];
-            if hint.at.load(Ordering::Relaxed) != at as u64 {
-                hint.at.store(at as u64, Ordering::Relaxed);
-                hint.cap.store(cap as u64, Ordering::Relaxed);
-            }
+            let (ext, b) = batch[k];
+            op(table, ext, b);
+        }
+        let (at, cap) = table.location();
+        let hint = &self.ext_hints[shard];
+        if hint.at.load(Ordering::Relaxed) != at as u64 {
+            hint.at.store(at as u64, Ordering::Relaxed);
+            hint.cap.store(cap as u64, Ordering::Relaxed);
         }
     }
 
