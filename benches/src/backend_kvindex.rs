@@ -20,9 +20,18 @@ pub struct KvindexBackend {
 
 impl KvindexBackend {
     pub fn new(event_threads: usize) -> anyhow::Result<Self> {
+        Self::with_expected_blocks(event_threads, 0)
+    }
+
+    /// As `new`, with `EngineConfig::expected_blocks` set (0: grow as needed).
+    pub fn with_expected_blocks(
+        event_threads: usize,
+        expected_blocks: usize,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(event_threads > 0, "event threads must be >= 1");
         let engine = Engine::new(EngineConfig {
             event_threads,
+            expected_blocks,
             ..EngineConfig::default()
         });
         let namespace = engine

@@ -314,12 +314,14 @@ pub fn run<B: Backend>(
     let queries_raw = workload.queries();
 
     if cfg.phases.ingest || cfg.phases.query {
+        // 4. memory: RSS from before the backend exists, so that what it allocates up front
+        // (a pre-sized map, thread stacks) counts too.
+        (cfg.trim)();
+        let rss_before = rss_bytes()?;
         let backend = make()?;
         result.backend = backend.name().to_string();
 
-        // 1. ingest + 4. memory
-        (cfg.trim)();
-        let rss_before = rss_bytes()?;
+        // 1. ingest
         let events = prepare_events(&backend, workload)?;
         eprintln!("[{}] ingest: {} events", backend.name(), events.len());
         let start = Instant::now();

@@ -27,6 +27,13 @@ pub struct EngineConfig {
     pub event_threads: usize,
     /// Capacity of each event thread's queue, in tasks (backpressure beyond it).
     pub queue_capacity: usize,
+    /// Distinct blocks one namespace is expected to hold at its peak: at most workers ×
+    /// blocks per worker, less when workers share prefixes. Each namespace's `external hash ->
+    /// block` map is sized for it up front, so it does not grow (re-placing every entry under
+    /// a shard lock) while the index fills; past it, the map grows as usual. About 11.5 bytes
+    /// per expected block, allocated when the namespace is created. 0 (the default): start
+    /// empty and grow.
+    pub expected_blocks: usize,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +43,7 @@ impl Default for EngineConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             queue_capacity: 16_384,
+            expected_blocks: 0,
         }
     }
 }
@@ -80,6 +88,7 @@ struct EngineInner {
     registry_write: Mutex<()>,
     next_ns_id: AtomicU64,
     next_lane: AtomicUsize,
+    expected_blocks: usize,
 }
 
 impl Drop for EngineInner {
@@ -116,6 +125,7 @@ impl Engine {
                 registry_write: Mutex::new(()),
                 next_ns_id: AtomicU64::new(1),
                 next_lane: AtomicUsize::new(0),
+                expected_blocks: cfg.expected_blocks,
             }),
         }
     }
@@ -155,7 +165,7 @@ impl Engine {
         let ns = Namespace {
             shared: Arc::new(NsShared {
                 id: self.inner.next_ns_id.fetch_add(1, Ordering::Relaxed),
-                tree: Tree::new(),
+                tree: Tree::with_expected_blocks(self.inner.expected_blocks),
                 lower: Default::default(),
                 counters: EventCounters::default(),
             }),

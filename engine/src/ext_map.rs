@@ -41,6 +41,20 @@ fn entry(tag: u32, id: u32) -> u64 {
 }
 
 impl ExtTable {
+    /// A table that holds `entries` without growing (none: empty, no allocation).
+    pub(crate) fn with_capacity(entries: usize) -> ExtTable {
+        let buckets = if entries == 0 {
+            0
+        } else {
+            // The growth threshold in `claim`: at most 80 % of the slots in use.
+            (entries * 10).div_ceil(WAYS * 8)
+        };
+        ExtTable {
+            buckets: vec![Bucket::default(); buckets],
+            len: 0,
+        }
+    }
+
     /// The home bucket of `tag` among `n` buckets: the tag scaled to `n` (any `n`, so the table
     /// can grow by half instead of doubling).
     #[inline]
@@ -171,6 +185,12 @@ impl ExtTable {
     pub(crate) fn len(&self) -> usize {
         self.len
     }
+
+    /// Buckets allocated.
+    #[cfg(test)]
+    pub(crate) fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
 }
 
 /// Hint the CPU to fetch the home bucket of mixed hash `h` in a table last seen at `location`
@@ -216,6 +236,35 @@ mod tests {
         } else {
             mix(key)
         }
+    }
+
+    /// A table sized for `n` entries takes `n` claims without moving, and grows past them.
+    #[test]
+    fn a_presized_table_holds_its_capacity_without_growing() {
+        let n = 10_000;
+        let mut t = ExtTable::with_capacity(n);
+        let (at, buckets) = t.location();
+        assert!(buckets * WAYS >= n);
+        for key in 1..=n as u64 {
+            assert!(t.claim(mix(key), key as u32, |_| false));
+        }
+        assert_eq!(
+            t.location(),
+            (at, buckets),
+            "the table moved before its capacity"
+        );
+        assert_eq!(t.len(), n);
+        for key in n as u64 + 1..=n as u64 + 2 * WAYS as u64 {
+            assert!(t.claim(mix(key), key as u32, |_| false));
+        }
+        assert!(
+            t.bucket_count() > buckets,
+            "the table must grow past its capacity"
+        );
+        for key in 1..=n as u64 + 2 * WAYS as u64 {
+            assert_eq!(t.find(mix(key), |id| id as u64 == key), Some(key as u32));
+        }
+        assert_eq!(ExtTable::with_capacity(0).bucket_count(), 0);
     }
 
     /// Random claims and removals against a HashMap.

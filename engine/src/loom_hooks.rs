@@ -41,7 +41,7 @@ impl Index {
             ns: Arc::new(NsShared {
                 lower: Default::default(),
                 id: 1,
-                tree: Tree::new(),
+                tree: Tree::with_expected_blocks(0),
                 counters: EventCounters::default(),
             }),
         }

@@ -31,6 +31,13 @@ mod imp {
     }
 
     impl<T> SpinLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            SpinLock {
+                locked: AtomicBool::new(false),
+                value: UnsafeCell::new(value),
+            }
+        }
+
         /// The lock if it is free now, else `None` (no waiting).
         pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
             // Acquire: as in `lock`.
@@ -93,6 +100,10 @@ mod imp {
     pub(crate) type SpinGuard<'a, T> = MutexGuard<'a, T>;
 
     impl<T> SpinLock<T> {
+        pub(crate) fn new(value: T) -> Self {
+            SpinLock(Mutex::new(value))
+        }
+
         pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }

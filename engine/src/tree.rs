@@ -207,7 +207,10 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
-    pub(crate) fn new() -> Arc<Tree> {
+    /// A tree whose shared map is sized for `expected` blocks up front
+    /// (`EngineConfig::expected_blocks`).
+    pub(crate) fn with_expected_blocks(expected: usize) -> Arc<Tree> {
+        let per_shard = expected.div_ceil(EXT_SHARDS);
         let t = Tree {
             nodes: SegmentedVec::new(),
             locals: SegmentedVec::new(),
@@ -216,7 +219,7 @@ impl Tree {
             free_nodes: Mutex::new(Vec::new()),
             free_blocks: Mutex::new(FreeRanges::default()),
             ext_map: (0..EXT_SHARDS)
-                .map(|_| CachePadded::new(SpinLock::default()))
+                .map(|_| CachePadded::new(SpinLock::new(ExtTable::with_capacity(per_shard))))
                 .collect(),
             ext_hints: (0..EXT_SHARDS).map(|_| ExtHint::default()).collect(),
             slots: Slots::new(),

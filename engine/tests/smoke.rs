@@ -25,6 +25,7 @@ fn engine() -> (Engine, Namespace) {
     let e = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 64,
+        expected_blocks: 0,
     });
     let ns = e
         .create_namespace(NamespaceKey::new("m", "default"), 16)
@@ -157,6 +158,7 @@ fn full_queue_pushes_back_instead_of_growing() {
     let e = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 2,
+        expected_blocks: 0,
     });
     let ns = e.create_namespace(NamespaceKey::new("m", "g"), 16).unwrap();
     let pause = e.pause_event_threads().unwrap();
@@ -305,4 +307,54 @@ fn long_chains_across_arena_chunks_score_exactly() {
     let mut via_branch: Vec<u64> = locals[..3000].to_vec();
     via_branch.extend(branch.iter().map(|&(_, l)| l));
     assert_eq!(q(&ns, &via_branch), vec![(1, 0, 3050)]);
+}
+
+/// `expected_blocks` sizes the map at namespace creation and changes no answer: the same
+/// events give the same scores, dump and size as in an engine that grows its map, also past
+/// the expected count.
+#[test]
+fn expected_blocks_presizes_the_map_and_changes_no_answer() {
+    let presized = Engine::new(EngineConfig {
+        event_threads: 2,
+        queue_capacity: 64,
+        expected_blocks: 50_000,
+    });
+    let ns_p = presized
+        .create_namespace(NamespaceKey::new("m", "default"), 16)
+        .unwrap();
+    let (_e, ns_g) = engine();
+    // 64 shards × 64-byte buckets for 50,000 entries at 80 % load.
+    assert!(ns_p.memory().map_bytes >= 50_000 * 64 / 7);
+    assert_eq!(ns_g.memory().map_bytes, 0);
+    // 60,000 blocks: past the expected count, so the pre-sized map grows too.
+    for w in 0..60u64 {
+        let blocks: Vec<(u64, u64)> = (0..1000u64)
+            .map(|i| (w * 10_000 + i + 1, w * 10_000 + i + 1))
+            .collect();
+        for ns in [&ns_p, &ns_g] {
+            ns.apply(st(w, 0, &blocks, None)).unwrap();
+        }
+    }
+    for w in 0..60u64 {
+        let hashes: Vec<u64> = (0..500u64)
+            .rev()
+            .map(|i| w * 10_000 + 500 + i + 1)
+            .collect();
+        for ns in [&ns_p, &ns_g] {
+            ns.apply(rm(w, &hashes)).unwrap();
+        }
+    }
+    ns_p.flush().unwrap();
+    ns_g.flush().unwrap();
+    assert_eq!(ns_p.current_size(), 30_000);
+    assert_eq!(ns_p.current_size(), ns_g.current_size());
+    for w in [0u64, 17, 59] {
+        let seq: Vec<u64> = (0..1000u64).map(|i| w * 10_000 + i + 1).collect();
+        assert_eq!(q(&ns_p, &seq), vec![(w, 0, 500)]);
+        assert_eq!(q(&ns_p, &seq), q(&ns_g, &seq));
+    }
+    // Removing by hash finds every remaining block in the pre-sized map.
+    let rest: Vec<u64> = (0..500u64).rev().map(|i| 17 * 10_000 + i + 1).collect();
+    ns_p.apply_and_wait(rm(17, &rest)).unwrap();
+    assert_eq!(ns_p.current_size(), 29_500);
 }

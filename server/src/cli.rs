@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Event threads of the index [default: 4]; 0 means one per core.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Distinct blocks each index partition is expected to hold at its peak (about workers ×
+    /// blocks per worker): its hash map is sized for them at start, about 11.5 bytes each, so
+    /// that it does not grow while the index fills [default: 0, grow as needed].
+    #[arg(long)]
+    pub expected_blocks: Option<usize>,
     /// Initial ZMQ workers: "id[:dp]=endpoint,...". Needs --block-size.
     #[arg(long)]
     pub workers: Option<String>,

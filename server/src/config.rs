@@ -62,6 +62,7 @@ struct FileConfig {
     port: Option<u16>,
     host: Option<String>,
     threads: Option<usize>,
+    expected_blocks: Option<usize>,
     workers: Option<String>,
     block_size: Option<u32>,
     model_name: Option<String>,
@@ -192,6 +193,8 @@ pub struct ServeConfig {
     pub port: u16,
     /// Engine event threads (resolved: never 0).
     pub event_threads: usize,
+    /// `EngineConfig::expected_blocks` (0: grow as needed).
+    pub expected_blocks: usize,
     pub workers: Vec<WorkerSpec>,
     pub block_size: Option<u32>,
     pub model_name: String,
@@ -512,6 +515,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| "0.0.0.0".into()),
             port: args.port.or(file.port).unwrap_or(DEFAULT_PORT),
             event_threads,
+            expected_blocks: args.expected_blocks.or(file.expected_blocks).unwrap_or(0),
             workers,
             block_size,
             model_name: args
@@ -603,7 +607,7 @@ mod tests {
         let path = dir.path().join("k.toml");
         std::fs::write(
             &path,
-            "port = 9000\nfsync = \"never\"\npeers = [\"http://a:1\"]\nsnapshot_keep = 3\n",
+            "port = 9000\nfsync = \"never\"\npeers = [\"http://a:1\"]\nsnapshot_keep = 3\nexpected_blocks = 4096\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -616,6 +620,7 @@ mod tests {
         assert_eq!(c.durable.log.fsync, FsyncPolicy::Never);
         assert_eq!(c.peers, vec!["http://a:1".to_string()]);
         assert_eq!(c.durable.snapshots.keep, 3);
+        assert_eq!(c.expected_blocks, 4096);
         assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.model_name, "default");
     }
@@ -625,6 +630,7 @@ mod tests {
         let c = ServeConfig::resolve(&ServeArgs::default()).unwrap();
         assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 8090));
         assert_eq!(c.event_threads, 4);
+        assert_eq!(c.expected_blocks, 0);
         assert_eq!(c.trace_id_header, "x-trace-id");
         assert_eq!(
             (c.model_name.as_str(), c.routing_group.as_str()),

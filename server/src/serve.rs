@@ -95,6 +95,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     })?;
     let engine = Engine::new(EngineConfig {
         event_threads: cfg.event_threads,
+        expected_blocks: cfg.expected_blocks,
         ..EngineConfig::default()
     });
     let opened = Instant::now();

@@ -120,6 +120,10 @@ struct Cli {
     /// Use only the first N requests of the (timestamp-sorted) trace.
     #[arg(long)]
     limit_requests: Option<usize>,
+    /// kvindex only: `EngineConfig::expected_blocks`, the distinct blocks the index is sized
+    /// for up front (0: the default, grow as needed; the workload's peak is at most W × C).
+    #[arg(long, default_value_t = 0)]
+    expected_blocks: usize,
     /// Seed of the splitmix64 worker assignment.
     #[arg(long, default_value_t = workload::DEFAULT_SEED)]
     seed: u64,
@@ -242,6 +246,10 @@ impl Cli {
         if let Some(n) = self.limit_requests {
             a.push("--limit-requests".into());
             a.push(n.to_string());
+        }
+        if self.expected_blocks > 0 {
+            a.push("--expected-blocks".into());
+            a.push(self.expected_blocks.to_string());
         }
         a
     }
@@ -485,7 +493,14 @@ fn run_here(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
     };
     let mut r = match kind {
         BackendKind::Kvindex => {
-            replay::run(&|| KvindexBackend::new(et), &wl, et, generate_secs, &cfg)?
+            let expected = cli.expected_blocks;
+            replay::run(
+                &|| KvindexBackend::with_expected_blocks(et, expected),
+                &wl,
+                et,
+                generate_secs,
+                &cfg,
+            )?
         }
         BackendKind::DynamoCrtc => {
             replay::run(&|| DynamoBackend::crtc(et), &wl, et, generate_secs, &cfg)?

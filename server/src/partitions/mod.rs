@@ -765,6 +765,7 @@ mod tests {
         let engine = Engine::new(kvindex_engine::EngineConfig {
             event_threads: 1,
             queue_capacity: 64,
+            expected_blocks: 0,
         });
         Partitions::new(engine, None, Arc::new(NoListeners))
     }
