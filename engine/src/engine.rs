@@ -352,7 +352,7 @@ impl Namespace {
     ) -> Task {
         Task::Event {
             ns: Arc::clone(&self.shared),
-            event,
+            event: Box::new(event),
             reply,
         }
     }

@@ -35,7 +35,9 @@ pub(crate) struct StreamFilter {
 pub(crate) enum Task {
     Event {
         ns: Arc<NsShared>,
-        event: RouterEvent,
+        /// Boxed: each lane's bounded queue allocates all its slots up front, each the size of
+        /// the largest task, so an inline event would cost ~3 MB per lane before any event.
+        event: Box<RouterEvent>,
         reply: Option<Sender<Result<(), KvCacheEventError>>>,
     },
     RemoveStreams {
@@ -439,5 +441,20 @@ impl LoomLane {
         event: &RouterEvent,
     ) -> Result<(), KvCacheEventError> {
         self.0.apply(ns, event)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::Task;
+
+    /// Queue slots are allocated up front at the size of the largest task: keep it small.
+    #[test]
+    fn a_queued_task_is_small() {
+        assert!(
+            std::mem::size_of::<Task>() <= 64,
+            "Task is {} bytes",
+            std::mem::size_of::<Task>()
+        );
     }
 }
