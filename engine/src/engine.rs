@@ -32,8 +32,18 @@ pub struct EngineConfig {
     /// block` map is sized for it up front, so it does not grow (re-placing every entry under
     /// a shard lock) while the index fills; past it, the map grows as usual. About 11.5 bytes
     /// per expected block, allocated when the namespace is created. 0 (the default): start
-    /// empty and grow.
+    /// empty and grow. At most [`MAX_EXPECTED_BLOCKS`] (larger values are clamped to it).
     pub expected_blocks: usize,
+}
+
+/// The most blocks `EngineConfig::expected_blocks` can ask for: block ids are 32-bit, so no
+/// namespace holds more.
+pub const MAX_EXPECTED_BLOCKS: usize = u32::MAX as usize;
+
+/// Bytes the map of one namespace takes up front for `expected_blocks` (the `--expected-blocks`
+/// cost that operators see in the start-up log).
+pub fn expected_blocks_map_bytes(expected_blocks: usize) -> usize {
+    crate::tree::map_bytes_for(expected_blocks.min(MAX_EXPECTED_BLOCKS))
 }
 
 impl Default for EngineConfig {
@@ -125,7 +135,7 @@ impl Engine {
                 registry_write: Mutex::new(()),
                 next_ns_id: AtomicU64::new(1),
                 next_lane: AtomicUsize::new(0),
-                expected_blocks: cfg.expected_blocks,
+                expected_blocks: cfg.expected_blocks.min(MAX_EXPECTED_BLOCKS),
             }),
         }
     }

@@ -41,16 +41,20 @@ fn entry(tag: u32, id: u32) -> u64 {
 }
 
 impl ExtTable {
+    /// Buckets that hold `entries` below the growth threshold of `claim` (80 % of the slots).
+    fn buckets_for(entries: usize) -> usize {
+        entries.saturating_mul(10).div_ceil(WAYS * 8)
+    }
+
+    /// Bytes of a table made by `with_capacity(entries)`.
+    pub(crate) fn bytes_for(entries: usize) -> usize {
+        Self::buckets_for(entries) * std::mem::size_of::<Bucket>()
+    }
+
     /// A table that holds `entries` without growing (none: empty, no allocation).
     pub(crate) fn with_capacity(entries: usize) -> ExtTable {
-        let buckets = if entries == 0 {
-            0
-        } else {
-            // The growth threshold in `claim`: at most 80 % of the slots in use.
-            (entries * 10).div_ceil(WAYS * 8)
-        };
         ExtTable {
-            buckets: vec![Bucket::default(); buckets],
+            buckets: vec![Bucket::default(); Self::buckets_for(entries)],
             len: 0,
         }
     }
@@ -270,6 +274,7 @@ mod tests {
             assert_eq!(t.find(mix(key), |id| id as u64 == key), Some(key as u32));
         }
         assert_eq!(ExtTable::with_capacity(0).bucket_count(), 0);
+        assert_eq!(ExtTable::bytes_for(n), buckets * 64);
     }
 
     /// Random claims and removals against a HashMap.

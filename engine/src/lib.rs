@@ -31,7 +31,9 @@ mod sync;
 mod tree;
 
 pub use counters::{EventCountsSnapshot, EVENTS_APPLIED, EVENT_WARNINGS};
-pub use engine::{Engine, EngineConfig, Namespace, NamespaceKey};
+pub use engine::{
+    expected_blocks_map_bytes, Engine, EngineConfig, Namespace, NamespaceKey, MAX_EXPECTED_BLOCKS,
+};
 pub use error::{DecodeError, EngineError, KvCacheEventError};
 pub use lower_tiers::{InstanceTiers, TierDepths, TierExtensions, TieredScores};
 pub use protocol::*;

@@ -190,6 +190,11 @@ struct ExtHint {
     cap: AtomicU64,
 }
 
+/// Bytes of the map's shard tables when sized for `expected` blocks up front.
+pub(crate) fn map_bytes_for(expected: usize) -> usize {
+    EXT_SHARDS * ExtTable::bytes_for(expected.div_ceil(EXT_SHARDS))
+}
+
 /// The tree of one namespace.
 pub(crate) struct Tree {
     nodes: SegmentedVec<Node>,

@@ -325,6 +325,7 @@ fn expected_blocks_presizes_the_map_and_changes_no_answer() {
     let (_e, ns_g) = engine();
     // 64 shards × 64-byte buckets for 50,000 entries at 80 % load.
     assert!(ns_p.memory().map_bytes >= 50_000 * 64 / 7);
+    assert_eq!(ns_p.memory().map_bytes, expected_blocks_map_bytes(50_000));
     assert_eq!(ns_g.memory().map_bytes, 0);
     // 60,000 blocks: past the expected count, so the pre-sized map grows too.
     for w in 0..60u64 {

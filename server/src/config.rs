@@ -444,6 +444,13 @@ impl ServeConfig {
             }
             None => Vec::new(),
         };
+        let expected_blocks = args.expected_blocks.or(file.expected_blocks).unwrap_or(0);
+        if expected_blocks > kvindex_engine::MAX_EXPECTED_BLOCKS {
+            return Err(ConfigError::Invalid(format!(
+                "--expected-blocks must be at most {} (block ids are 32-bit), got {expected_blocks}",
+                kvindex_engine::MAX_EXPECTED_BLOCKS
+            )));
+        }
         let threads = args.threads.or(file.threads).unwrap_or(DEFAULT_THREADS);
         let event_threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -515,7 +522,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| "0.0.0.0".into()),
             port: args.port.or(file.port).unwrap_or(DEFAULT_PORT),
             event_threads,
-            expected_blocks: args.expected_blocks.or(file.expected_blocks).unwrap_or(0),
+            expected_blocks,
             workers,
             block_size,
             model_name: args
@@ -675,6 +682,10 @@ mod tests {
             },
             ServeArgs {
                 http_max_connections: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                expected_blocks: Some(kvindex_engine::MAX_EXPECTED_BLOCKS + 1),
                 ..Default::default()
             },
         ] {

@@ -93,6 +93,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             cfg.data_dir.display()
         )
     })?;
+    if cfg.expected_blocks > 0 {
+        tracing::info!(
+            expected_blocks = cfg.expected_blocks,
+            map_mib = kvindex_engine::expected_blocks_map_bytes(cfg.expected_blocks) >> 20,
+            "each index partition's hash map is sized up front (--expected-blocks)"
+        );
+    }
     let engine = Engine::new(EngineConfig {
         event_threads: cfg.event_threads,
         expected_blocks: cfg.expected_blocks,
