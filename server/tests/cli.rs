@@ -206,6 +206,44 @@ fn threads_accepts_one_and_many() {
     }
 }
 
+/// `--expected-blocks` sizes the map at start (logged with its size) and the index works; a
+/// count beyond the 32-bit block id space is refused.
+#[test]
+fn expected_blocks_sizes_the_map_at_start_and_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--expected-blocks", "200000"],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    let h = local_hashes(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
+    let r = s.post_json("/events", &stored(1, 0, 1, None, &[(7, h[0]), (8, h[1])]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = s
+        .post_json(
+            "/query",
+            &json!({"token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "model_name": "m"}),
+        )
+        .json();
+    // Scores are in tokens: two 4-token blocks.
+    assert_eq!(v["scores"], json!({"1": {"0": 8}}));
+    let (status, log) = s.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("sized up front") && l.contains("expected_blocks=200000")),
+        "{log:?}"
+    );
+
+    let (code, _, err) = run(&["serve", "--expected-blocks", "4294967296"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--expected-blocks must be at most 4294967295"),
+        "{err}"
+    );
+}
+
 /// Checklist 2: `RUST_LOG` is the log filter (`info` by default in the harness).
 #[test]
 fn rust_log_filters_the_log() {
