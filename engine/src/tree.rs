@@ -1964,3 +1964,49 @@ impl Tree {
             .collect()
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod ext_batch_tests {
+    use super::*;
+
+    /// A batch whose first pass finds some shards held (here: by this test, released from
+    /// another thread a moment later) comes back to them: every operation is applied once,
+    /// and nothing is applied to a shard without its lock.
+    #[test]
+    fn a_batch_comes_back_to_held_shards_and_applies_everything() {
+        let tree = Tree::with_expected_blocks(0);
+        let exts: Vec<u64> = (1..=2_000u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9))
+            .collect();
+        for (k, &ext) in exts.iter().enumerate() {
+            tree.exts.ensure(k as u32 + 1);
+            tree.exts.get(k as u32 + 1).store(ext, Ordering::Relaxed);
+        }
+        let mut batch: Vec<(u64, u32)> = exts
+            .iter()
+            .enumerate()
+            .map(|(k, &e)| (e, k as u32 + 1))
+            .collect();
+        // Hold every other shard until the batch has started.
+        let held: Vec<usize> = (0..EXT_SHARDS).step_by(2).collect();
+        let guards: Vec<_> = held.iter().map(|&s| tree.ext_map[s].lock()).collect();
+        let applied = std::sync::atomic::AtomicUsize::new(0);
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                started.wait();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                drop(guards);
+            });
+            started.wait();
+            tree.ext_batch(&mut batch, 0, |t, ext, b| {
+                assert!(t.claim(mix(ext), b, |m| tree.ext_of(m) == ext));
+                applied.fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        assert_eq!(applied.load(Ordering::Relaxed), exts.len());
+        for (k, &ext) in exts.iter().enumerate() {
+            assert_eq!(tree.ext_lookup(ext), Some(k as u32 + 1), "ext {ext:#x}");
+        }
+    }
+}
