@@ -134,7 +134,7 @@ pub(crate) struct StreamState {
     block_cache: (u32, u32),
     /// Shared-map entries of blocks that died in the current event, dropped together when the
     /// event ends (one batch, so one lock per map shard per event).
-    dead_entries: Vec<(u64, u32)>,
+    dead_entries: Vec<ExtBlock>,
 }
 
 impl StreamState {
@@ -340,12 +340,13 @@ impl Tree {
     }
 
     /// Run `op` on every `(ext, block)` of `batch` under its shard's lock, one lock per shard,
-    /// taking the shards that are free first (see below). Home buckets are prefetched `PREFETCH_AHEAD` operations ahead, so the batch's cache
-    /// misses overlap instead of queueing behind each other. `rotate` spreads the starting
-    /// shard so that two event threads do not walk the shards in step.
+    /// taking the shards that are free first (see below). Buckets are prefetched
+    /// `PREFETCH_AHEAD` operations ahead, so the batch's cache misses overlap instead of
+    /// queueing behind each other. `rotate` spreads the starting shard so that two event
+    /// threads do not walk the shards in step.
     fn ext_batch(
         &self,
-        batch: &mut [(u64, u32)],
+        batch: &mut [ExtBlock],
         rotate: u32,
         mut op: impl FnMut(&mut ExtTable, u64, u32),
     ) {
@@ -399,7 +400,8 @@ impl Tree {
         }
     }
 
-    /// Hint the CPU to fetch the home bucket of `ext` (see `ext_map::prefetch`).
+    /// Hint the CPU to fetch the home bucket of `ext` and the one after it (see
+    /// `ext_map::prefetch`).
     #[inline]
     fn prefetch_home(&self, ext: u64) {
         let hint = &self.ext_hints[Self::shard_of(ext)];
@@ -416,7 +418,7 @@ impl Tree {
         &self,
         table: &mut ExtTable,
         shard: usize,
-        batch: &[(u64, u32)],
+        batch: &[ExtBlock],
         group: Range<usize>,
         op: &mut impl FnMut(&mut ExtTable, u64, u32),
     ) {
@@ -783,7 +785,7 @@ impl Tree {
     }
 
     /// Claim the shared-map entry of each fresh block whose hash no live block owns yet.
-    fn claim_exts(&self, fresh: &mut [(u64, u32)], rotate: u32) {
+    fn claim_exts(&self, fresh: &mut [ExtBlock], rotate: u32) {
         self.ext_batch(fresh, rotate, |t, ext, b| {
             if t.claim(mix(ext), b, |m| self.ext_of(m) == ext) {
                 // An atomic OR: a concurrent split may be rewriting the owner (see `split`).
@@ -809,7 +811,7 @@ impl Tree {
         guard: &Guard,
     ) -> Result<(Vec<u32>, Vec<ExtBlock>), KvCacheEventError> {
         let mut made: Vec<u32> = Vec::new();
-        let mut fresh: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
+        let mut fresh: Vec<ExtBlock> = Vec::with_capacity(blocks.len());
         let mut k = 0usize;
         while k < blocks.len() {
             let want = (blocks.len() - k).min(u32::MAX as usize) as u32;

@@ -284,7 +284,16 @@ fn sweep_here(cli: &Cli, kind: BackendKind, rate: f64) -> anyhow::Result<SweepPo
         warm_fraction: cli.warm_fraction,
     };
     let mut r = match kind {
-        BackendKind::Kvindex => sweep::run_point(&|| KvindexBackend::new(et), &wl, &ts, et, &cfg)?,
+        BackendKind::Kvindex => {
+            let expected = cli.expected_blocks;
+            sweep::run_point(
+                &|| KvindexBackend::with_expected_blocks(et, expected),
+                &wl,
+                &ts,
+                et,
+                &cfg,
+            )?
+        }
         BackendKind::DynamoCrtc => {
             sweep::run_point(&|| DynamoBackend::crtc(et), &wl, &ts, et, &cfg)?
         }
