@@ -165,6 +165,12 @@ pub fn plant_no_depth_check(on: bool) {
     crate::sync::loom_support::plant_no_depth_check(on);
 }
 
+/// Plant a bug on this test thread: a store that grew fresh runs reads their blocks from the
+/// nodes' extents after unlocking them, not from the ranges it grew (see `Tree::store`).
+pub fn plant_late_fresh_extents(on: bool) {
+    crate::sync::loom_support::plant_late_fresh_extents(on);
+}
+
 /// The first memory-safety violation the loom heap tracker recorded on this test thread since
 /// the last call: a reader dereferencing a freed member set or child table, or a double free.
 pub fn take_violation() -> Option<String> {

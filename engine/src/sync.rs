@@ -249,6 +249,7 @@ pub(crate) mod loom_support {
         static WEAK_PUBLICATION: Cell<bool> = const { Cell::new(false) };
         static EAGER_RECLAMATION: Cell<bool> = const { Cell::new(false) };
         static NO_DEPTH_CHECK: Cell<bool> = const { Cell::new(false) };
+        static LATE_FRESH_EXTENTS: Cell<bool> = const { Cell::new(false) };
         static LIVE_HEAP: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
         static VIOLATION: RefCell<Option<String>> = const { RefCell::new(None) };
     }
@@ -279,6 +280,17 @@ pub(crate) mod loom_support {
 
     pub(crate) fn no_depth_check() -> bool {
         NO_DEPTH_CHECK.with(|w| w.get())
+    }
+
+    /// Plant a bug: after growing fresh runs, a store reads their blocks from the nodes'
+    /// extents after unlocking them (which another stream's split may have shortened) instead
+    /// of the ranges it grew.
+    pub(crate) fn plant_late_fresh_extents(on: bool) {
+        LATE_FRESH_EXTENTS.with(|w| w.set(on));
+    }
+
+    pub(crate) fn late_fresh_extents() -> bool {
+        LATE_FRESH_EXTENTS.with(|w| w.get())
     }
 
     /// The first memory-safety violation seen by the heap tracker since the last call.

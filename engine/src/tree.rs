@@ -1012,15 +1012,25 @@ impl Tree {
                             return Err(e);
                         }
                     };
+                    // The grown runs' block ranges, taken while their nodes are still locked:
+                    // once unlocked, another stream may join a run and split it, and the node's
+                    // extent then no longer spans every block grown here (loom model
+                    // `fresh_run`).
+                    #[allow(unused_mut)]
+                    let mut runs: Vec<(u32, u32)> = made.iter().map(|&n| self.extent(n)).collect();
                     for &n in &made {
                         self.unlock(n);
                     }
                     self.unlock(cur);
                     self.claim_exts(&mut fresh, st.slot);
+                    #[cfg(loom)]
+                    if crate::sync::loom_support::late_fresh_extents() {
+                        // Planted bug (loom-tests/tests/fresh_run.rs).
+                        runs = made.iter().map(|&n| self.extent(n)).collect();
+                    }
                     duplicate = false;
                     st.blocks += (blocks.len() - i) as u64;
-                    for &n in &made {
-                        let (s, l) = self.extent(n);
+                    for (s, l) in runs {
                         for b in s..s + l {
                             let ext = self.ext_of(b);
                             if let Some(old) = self.held_elsewhere(st, b, ext, guard) {

@@ -16,18 +16,25 @@ pub fn ext(local: u64) -> u64 {
 /// `worker` stores the blocks `locals` (each with external hash `ext(local)`) after the block
 /// `parent` (a local hash), or at the root.
 pub fn stored(worker: u64, parent: Option<u64>, locals: &[u64]) -> RouterEvent {
+    let blocks: Vec<(u64, u64)> = locals.iter().map(|&l| (l, ext(l))).collect();
+    stored_as(worker, parent.map(ext), &blocks)
+}
+
+/// `worker` stores the blocks `(local, external hash)` after the block with external hash
+/// `parent_ext`, or at the root: for models whose engines name blocks their own way.
+pub fn stored_as(worker: u64, parent_ext: Option<u64>, blocks: &[(u64, u64)]) -> RouterEvent {
     RouterEvent::new(
         worker,
         KvCacheEvent {
             event_id: 0,
             data: KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: parent.map(|p| ExternalSequenceBlockHash(ext(p))),
+                parent_hash: parent_ext.map(ExternalSequenceBlockHash),
                 start_position: None,
-                blocks: locals
+                blocks: blocks
                     .iter()
-                    .map(|&l| KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(ext(l)),
-                        tokens_hash: LocalBlockHash(l),
+                    .map(|&(local, ext)| KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(ext),
+                        tokens_hash: LocalBlockHash(local),
                         mm_extra_info: None,
                     })
                     .collect(),
