@@ -111,6 +111,12 @@ impl ChildTable {
     }
 }
 
+/// Whether a (nonzero) children word points to a table rather than naming its only child.
+#[inline]
+pub(crate) fn is_table(word: u64) -> bool {
+    word & TABLE_TAG != 0
+}
+
 #[inline]
 fn table(word: u64, _guard: &Guard) -> &ChildTable {
     crate::sync::heap_read((word & !TABLE_TAG) as usize);
