@@ -23,6 +23,7 @@ mod members;
 pub mod protocol;
 mod ranges;
 pub mod reference;
+pub mod scores;
 mod segmented;
 mod slots;
 pub mod snapshot;

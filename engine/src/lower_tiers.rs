@@ -72,7 +72,7 @@ impl TierDepths {
     }
 }
 
-/// Per-stream map with the device scores' fast hasher ([`ScoreMap`]).
+/// Per-stream hash map with a fast non-cryptographic hasher (foldhash).
 type StreamMap<V> = HashMap<WorkerWithDpRank, V, hashbrown::DefaultHashBuilder>;
 
 /// The streams whose lower tiers extend their device match (`disk > device`, see
@@ -180,7 +180,7 @@ impl TieredScores {
         let lower_only = self
             .tiers
             .iter()
-            .filter(|(s, _)| !self.device.scores.contains_key(*s))
+            .filter(|(s, _)| !self.device.scores.contains_key(s))
             .map(|(s, d)| (*s, *d));
         device.chain(lower_only)
     }
@@ -724,6 +724,8 @@ fn walk_streams(
     skip_empty_tiers: bool,
     mut found: impl FnMut(WorkerWithDpRank, TierDepths),
 ) {
+    // The device scores are a flat list: index them once for the per-stream lookups below.
+    let device: StreamMap<u32> = device.iter().map(|(s, &d)| (*s, d)).collect();
     let wanted: Vec<(WorkerWithDpRank, u32)> = streams
         .iter()
         .filter_map(|(s, _)| device.get(s).map(|&d| (*s, d)))

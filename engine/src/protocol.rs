@@ -340,9 +340,7 @@ fn deserialize_present_residency_domain<'de, D: Deserializer<'de>>(
     ResidencyDomain::deserialize(d).map(Some)
 }
 
-/// Per-worker scores. A std `HashMap` with a fast non-cryptographic hasher (foldhash): a query
-/// can score hundreds of workers, and SipHash dominated the query time.
-pub type ScoreMap = std::collections::HashMap<WorkerWithDpRank, u32, hashbrown::DefaultHashBuilder>;
+pub use crate::scores::ScoreMap;
 
 /// Result of `find_matches`: per (worker, dp_rank), the number of leading query blocks it holds.
 /// Workers scoring 0 are absent. `frequencies` is legacy and always empty.
@@ -355,8 +353,6 @@ pub struct OverlapScores {
 impl OverlapScores {
     /// Scores sorted by (worker_id, dp_rank), for deterministic output and comparison.
     pub fn sorted(&self) -> Vec<(WorkerWithDpRank, u32)> {
-        let mut v: Vec<_> = self.scores.iter().map(|(k, s)| (*k, *s)).collect();
-        v.sort_unstable();
-        v
+        self.scores.sorted()
     }
 }

@@ -1356,7 +1356,7 @@ impl Tree {
         out.scores.reserve(scored.len());
         for (slot, score) in scored {
             if score > 0 {
-                out.scores.insert(self.slots.stream_of(slot), score);
+                out.scores.push_new(self.slots.stream_of(slot), score);
             }
         }
         out
