@@ -37,7 +37,7 @@ use crate::ext_map::ExtTable;
 use crate::members::{self, Members};
 use crate::protocol::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
-    KvCacheStoredBlockData, LocalBlockHash, OverlapScores, ResidencyDomain, RouterEvent,
+    KvCacheStoredBlockData, LocalBlockHash, OverlapScores, ResidencyDomain, RouterEvent, ScoreMap,
     StorageTier, WorkerWithDpRank,
 };
 use crate::ranges::FreeRanges;
@@ -1319,7 +1319,12 @@ impl Tree {
         let mut out = OverlapScores::default();
         let guard = epoch::pin();
         let mut active: Option<ActiveSet> = None;
-        let mut scored: Vec<(u32, u32)> = Vec::with_capacity(64);
+        // A slot dropped from the active set scores where the run that dropped it starts.
+        let score = |scores: &mut ScoreMap, slot: u32, at: usize| {
+            if at > 0 {
+                scores.push_new(self.slots.stream_of(slot), at as u32);
+            }
+        };
         let mut pos = 0usize;
         let mut cur = self.node(ROOT);
         while let Some(h) = seq.get(pos) {
@@ -1328,36 +1333,37 @@ impl Tree {
             };
             let node = self.node(c);
             // Members before extent: see the module docs.
-            let m = Members::from_word(node.members.load(Ordering::Acquire), &guard);
+            let mw = node.members.load(Ordering::Acquire);
             let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
-            match &mut active {
-                None => active = Some(ActiveSet::from_members(m)),
-                Some(a) => a.intersect(m, |slot| scored.push((slot, pos as u32))),
-            }
-            if active.as_ref().is_some_and(ActiveSet::is_empty) {
-                break;
-            }
-            // The next node of a chain (a single child) is known now, its run's compare is not:
-            // start fetching it so that its miss overlaps this run's compare.
+            // Three misses to overlap: the member set (when it is on the heap), the next node
+            // of a chain (a single child, whose index is in this node's line) and this run's
+            // blocks. So the member set is fetched now and used after the run's compare (the
+            // scores depend only on where the run starts).
+            members::prefetch(mw);
             let next = node.children.load(Ordering::Acquire);
             if next != 0 && !children::is_table(next) {
                 prefetch(self.node((next - 1) as u32));
             }
+            let at = pos;
             let matched = self.match_run(start, len, &seq[pos..]);
             pos += matched as usize;
-            if matched < len {
+            let m = Members::from_word(mw, &guard);
+            match &mut active {
+                None => {
+                    let a = ActiveSet::from_members(m);
+                    // Every score comes from a slot of the first node.
+                    out.scores.reserve(a.len());
+                    active = Some(a);
+                }
+                Some(a) => a.intersect(m, |slot| score(&mut out.scores, slot, at)),
+            }
+            if matched < len || active.as_ref().is_some_and(ActiveSet::is_empty) {
                 break;
             }
             cur = node;
         }
         if let Some(a) = active {
-            a.for_each(|slot| scored.push((slot, pos as u32)));
-        }
-        out.scores.reserve(scored.len());
-        for (slot, score) in scored {
-            if score > 0 {
-                out.scores.push_new(self.slots.stream_of(slot), score);
-            }
+            a.for_each(|slot| score(&mut out.scores, slot, pos));
         }
         out
     }
