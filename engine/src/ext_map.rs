@@ -210,19 +210,9 @@ pub(crate) fn prefetch(location: (usize, usize), h: u64) {
     if addr == 0 || n == 0 {
         return;
     }
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    {
-        let p = addr.wrapping_add(ExtTable::home(tag_of(h), n) * std::mem::size_of::<Bucket>());
-        // SAFETY: `_mm_prefetch` is a hint: it does not dereference its argument in the
-        // language's sense and cannot fault, whatever the address.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch(p as *const i8, _MM_HINT_T0);
-            _mm_prefetch(p.wrapping_add(64) as *const i8, _MM_HINT_T0);
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = h;
+    let p = addr.wrapping_add(ExtTable::home(tag_of(h), n) * std::mem::size_of::<Bucket>());
+    crate::sync::prefetch_line(p);
+    crate::sync::prefetch_line(p.wrapping_add(64));
 }
 
 #[cfg(all(test, not(loom)))]

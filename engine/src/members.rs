@@ -46,17 +46,9 @@ fn heap_words<'g>(word: u64) -> &'g [u64] {
 /// Hint the CPU to fetch the heap set a membership word points to (nothing for inline words).
 #[inline]
 pub(crate) fn prefetch(word: u64) {
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
     if word & HEAP_TAG != 0 {
-        // SAFETY: `_mm_prefetch` is a hint: it does not dereference its argument in the
-        // language's sense and cannot fault, whatever the address.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch((word & !HEAP_TAG) as *const i8, _MM_HINT_T0);
-        }
+        crate::sync::prefetch_line((word & !HEAP_TAG) as usize);
     }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = word;
 }
 
 impl<'g> Members<'g> {

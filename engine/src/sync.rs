@@ -172,6 +172,22 @@ pub mod channel {
     }
 }
 
+/// Hint the CPU to fetch the cache line holding `addr` into all cache levels. A hint only: it
+/// does not dereference `addr` in the language's sense and cannot fault, whatever the address
+/// (stale, freed or past an allocation), so callers may pass a guess. No effect under loom or
+/// on other targets.
+#[inline]
+pub(crate) fn prefetch_line(addr: usize) {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    // SAFETY: `_mm_prefetch` has no architectural effect and never faults (see above).
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch(addr as *const i8, _MM_HINT_T0);
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = addr;
+}
+
 /// Back off inside a writer-side spin loop (readers never spin).
 #[inline]
 pub(crate) fn spin_wait(spins: &mut u32) {

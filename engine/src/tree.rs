@@ -116,20 +116,6 @@ fn extent_parts(word: u64) -> (u32, u32) {
     (word as u32, (word >> 32) as u32)
 }
 
-/// Hint the CPU to fetch the cache line of `x` (no effect on memory or on other targets).
-#[inline]
-fn prefetch<T>(x: &T) {
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    // SAFETY: `_mm_prefetch` is a hint: it does not dereference its argument in the language's
-    // sense and cannot fault.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch(x as *const T as *const i8, _MM_HINT_T0);
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = x;
-}
-
 #[inline]
 fn mix(x: u64) -> u64 {
     let x = (x ^ (x >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -1342,7 +1328,7 @@ impl Tree {
             members::prefetch(mw);
             let next = node.children.load(Ordering::Acquire);
             if next != 0 && !children::is_table(next) {
-                prefetch(self.node((next - 1) as u32));
+                crate::sync::prefetch_line(self.node((next - 1) as u32) as *const Node as usize);
             }
             let at = pos;
             let matched = self.match_run(start, len, &seq[pos..]);
