@@ -1298,6 +1298,30 @@ impl Tree {
         (self.node(c).depth.load(Ordering::Relaxed) as usize == pos).then_some(c)
     }
 
+    /// Hint the CPU to fetch node `n` (48 bytes: one or two cache lines).
+    #[inline]
+    fn prefetch_node(&self, n: u32) {
+        let addr = self.node(n) as *const Node as usize;
+        crate::sync::prefetch_span(addr, std::mem::size_of::<Node>(), 2);
+    }
+
+    /// Hint the CPU to fetch what a query's visit of node `n` will read: its member set, the
+    /// first blocks of its run (at most `remaining`, the query's unmatched length) and its
+    /// only child, if it has one. The words are read Relaxed because they are used as hints
+    /// only; the visit itself reads them again with the orderings the protocol needs.
+    #[inline]
+    fn prefetch_visit(&self, n: u32, remaining: usize) {
+        let node = self.node(n);
+        members::prefetch(node.members.load(Ordering::Relaxed));
+        let (start, len) = extent_parts(node.extent.load(Ordering::Relaxed));
+        let len = len.min(remaining.min(u32::MAX as usize) as u32);
+        self.locals.prefetch_range(start, len, RUN_PREFETCH_LINES);
+        let next = node.children.load(Ordering::Relaxed);
+        if next != 0 && !children::is_table(next) {
+            self.prefetch_node((next - 1) as u32);
+        }
+    }
+
     /// Lock-free longest-prefix scoring (INDEXER.md §3.5). Always exact: `early_exit` may only
     /// lower a score, and an exact score is a valid lower bound that also matches every value
     /// Dynamo 1.6.1 was measured to return (S1, S7).
@@ -1321,18 +1345,31 @@ impl Tree {
             // Members before extent: see the module docs.
             let mw = node.members.load(Ordering::Acquire);
             let (start, len) = extent_parts(node.extent.load(Ordering::Acquire));
-            // Three misses to overlap: the member set (when it is on the heap), the next node
-            // of a chain (a single child, whose index is in this node's line) and this run's
-            // blocks. So the member set is fetched now and used after the run's compare (the
-            // scores depend only on where the run starts).
+            // Misses to overlap: the member set (when it is on the heap), this run's blocks and
+            // the next node of a chain (a single child, whose index is in this node's line).
+            // So the member set is fetched now and used after the run's compare (the scores
+            // depend only on where the run starts). On a chain these were already requested
+            // one node ahead (below), and asking again costs next to nothing.
             members::prefetch(mw);
+            self.locals.prefetch_range(
+                start,
+                len.min((seq.len() - pos) as u32),
+                RUN_PREFETCH_LINES,
+            );
             let next = node.children.load(Ordering::Acquire);
-            if next != 0 && !children::is_table(next) {
-                crate::sync::prefetch_line(self.node((next - 1) as u32) as *const Node as usize);
+            let chain = next != 0 && !children::is_table(next);
+            if chain {
+                self.prefetch_node((next - 1) as u32);
             }
             let at = pos;
             let matched = self.match_run(start, len, &seq[pos..]);
             pos += matched as usize;
+            if cfg!(not(loom)) && chain && matched == len && pos < seq.len() {
+                // The next node's line was requested a run's compare ago: read its words now
+                // and request what its visit will wait for (members, blocks, the node after),
+                // so that a long chain costs about one memory round trip per node, not three.
+                self.prefetch_visit((next - 1) as u32, seq.len() - pos);
+            }
             let m = Members::from_word(mw, &guard);
             match &mut active {
                 None => {
@@ -1765,6 +1802,11 @@ fn common_prefix(run: &[AtomicU64], seq: &[LocalBlockHash]) -> usize {
         .take_while(|(x, h)| x.load(Ordering::Relaxed) == h.0)
         .count()
 }
+
+/// Cache lines of a run's local hashes a query requests before comparing it (8 hashes a line):
+/// a run averages a few dozen blocks on the reference workload, and longer runs are followed
+/// by the hardware prefetcher once the compare streams through them.
+const RUN_PREFETCH_LINES: usize = 8;
 
 /// Fresh ids wanted from a reused range at least this long (so that a run is not cut short).
 const BATCH_HINT: u32 = BLOCK_BATCH;
