@@ -1362,14 +1362,17 @@ impl Tree {
                 self.prefetch_node((next - 1) as u32);
             }
             let at = pos;
+            let rest = seq.len() - pos;
+            if cfg!(not(loom)) && chain && (len as usize) < rest {
+                // Betting that this run matches in full (a wasted hint otherwise): the next
+                // node's line was requested one visit ago, so read its words now and request
+                // what its visit will wait for (members, blocks, the node after), to arrive
+                // while this run is compared. A long chain then costs about one memory round
+                // trip per node, not two or three in a row.
+                self.prefetch_visit((next - 1) as u32, rest - len as usize);
+            }
             let matched = self.match_run(start, len, &seq[pos..]);
             pos += matched as usize;
-            if cfg!(not(loom)) && chain && matched == len && pos < seq.len() {
-                // The next node's line was requested a run's compare ago: read its words now
-                // and request what its visit will wait for (members, blocks, the node after),
-                // so that a long chain costs about one memory round trip per node, not three.
-                self.prefetch_visit((next - 1) as u32, seq.len() - pos);
-            }
             let m = Members::from_word(mw, &guard);
             match &mut active {
                 None => {
