@@ -527,6 +527,12 @@ fn run_here(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
     Ok(r)
 }
 
+/// The order in which run `run` (0-based) measures `n` backends: each run starts one backend
+/// later than the one before, so every backend goes first equally often.
+fn run_order(run: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (run + i) % n)
+}
+
 /// One measurement of `kind` in a fresh child process.
 fn run_child(cli: &Cli, kind: BackendKind) -> anyhow::Result<RunResult> {
     let exe = std::env::current_exe().context("locating this executable")?;
@@ -898,9 +904,13 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let mut per_backend: Vec<(BackendKind, Vec<RunResult>)> =
         kinds.iter().map(|&k| (k, Vec::new())).collect();
     let mut failures = Vec::new();
-    // Interleave backends run by run, so that slow drift of the machine hits them alike.
+    // Interleave backends run by run, so that slow drift of the machine hits them alike, and
+    // rotate which one goes first (A B, B A, A B, ...): on the shared VM, back-to-back runs
+    // showed a position bias (docs/benchmarks.md, session 7), which a fixed order would hand
+    // to one side every time.
     for run in 0..cli.runs {
-        for (kind, results) in per_backend.iter_mut() {
+        for idx in run_order(run, per_backend.len()) {
+            let (kind, results) = &mut per_backend[idx];
             eprintln!("--- run {}/{}: {} ---", run + 1, cli.runs, kind.name());
             let r = if cli.in_process {
                 run_here(&cli, *kind)
@@ -1001,6 +1011,24 @@ fn real_main() -> anyhow::Result<std::process::ExitCode> {
 mod tests {
     use super::*;
     use kvindex_benches::replay::Agreement;
+
+    #[test]
+    fn runs_rotate_which_backend_goes_first() {
+        let order = |run| run_order(run, 2).collect::<Vec<_>>();
+        assert_eq!(order(0), vec![0, 1]);
+        assert_eq!(order(1), vec![1, 0]);
+        assert_eq!(order(2), vec![0, 1]);
+        let three: Vec<Vec<usize>> = (0..3).map(|r| run_order(r, 3).collect()).collect();
+        assert_eq!(three, vec![vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1]]);
+        // Every backend goes first once in n runs, and each run measures each backend once.
+        let firsts: Vec<usize> = three.iter().map(|o| o[0]).collect();
+        assert_eq!(firsts, vec![0, 1, 2]);
+        assert!(three.iter().all(|o| {
+            let mut s = o.clone();
+            s.sort_unstable();
+            s == vec![0, 1, 2]
+        }));
+    }
 
     fn result(digest: &str, exact: Option<&str>) -> RunResult {
         let a = |d: &str| Agreement {
