@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let engine = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 1024,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = engine.create_namespace(NamespaceKey::new("m", "g"), 16)?;
     for e in w.events() {

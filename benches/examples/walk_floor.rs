@@ -7,7 +7,7 @@ fn main() {
     let engine = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 16,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = engine
         .create_namespace(NamespaceKey::new("m", "g"), 16)

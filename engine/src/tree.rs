@@ -2070,7 +2070,7 @@ mod ext_batch_tests {
             tree.exts.ensure(k as u32 + 1);
             tree.exts.get(k as u32 + 1).store(ext, Ordering::Relaxed);
         }
-        let mut batch: Vec<(u64, u32)> = exts
+        let mut batch: Vec<ExtBlock> = exts
             .iter()
             .enumerate()
             .map(|(k, &e)| (e, k as u32 + 1))

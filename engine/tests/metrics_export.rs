@@ -21,7 +21,7 @@ fn applied_and_warning_counters_carry_dynamo_names_and_labels() {
     let engine = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 16,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = engine
         .create_namespace(NamespaceKey::new("m", "g"), 4)

@@ -162,7 +162,7 @@ fn a_clear_racing_splits_by_other_streams_leaves_nothing_behind() {
     let e = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 256,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = common::create_namespace(&e, NamespaceKey::new("m", "default"), 16);
     let path = chain(512);

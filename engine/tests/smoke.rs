@@ -25,7 +25,7 @@ fn engine() -> (Engine, Namespace) {
     let e = Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 64,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = e
         .create_namespace(NamespaceKey::new("m", "default"), 16)
@@ -158,7 +158,7 @@ fn full_queue_pushes_back_instead_of_growing() {
     let e = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 2,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     });
     let ns = e.create_namespace(NamespaceKey::new("m", "g"), 16).unwrap();
     let pause = e.pause_event_threads().unwrap();

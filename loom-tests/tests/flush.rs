@@ -22,7 +22,7 @@ fn flush_makes_every_accepted_event_visible() {
         let engine = Engine::new(EngineConfig {
             event_threads: 1,
             queue_capacity: 2,
-            expected_blocks: 0,
+            ..EngineConfig::default()
         });
         let key = NamespaceKey::new("m", "g");
         let ns = engine
@@ -69,7 +69,7 @@ fn flush_waits_for_every_lane() {
         let engine = Engine::new(EngineConfig {
             event_threads: 2,
             queue_capacity: 2,
-            expected_blocks: 0,
+            ..EngineConfig::default()
         });
         let key = NamespaceKey::new("m", "g");
         let ns = engine

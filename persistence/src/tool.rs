@@ -675,7 +675,7 @@ fn tool_engine() -> Engine {
     Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 4096,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     })
 }
 

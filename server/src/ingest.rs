@@ -205,7 +205,7 @@ mod tests {
         let engine = Engine::new(EngineConfig {
             event_threads: 1,
             queue_capacity: 64,
-            expected_blocks: 0,
+            ..EngineConfig::default()
         });
         let (durable, _) =
             DurableIndex::open(dir.path(), DurableConfig::default(), engine.clone()).unwrap();

@@ -26,7 +26,7 @@ pub fn engine_config() -> EngineConfig {
     EngineConfig {
         event_threads: 2,
         queue_capacity: 1024,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     }
 }
 

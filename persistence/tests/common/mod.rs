@@ -222,7 +222,7 @@ pub fn small_engine() -> Engine {
     Engine::new(EngineConfig {
         event_threads: 2,
         queue_capacity: 1024,
-        expected_blocks: 0,
+        ..EngineConfig::default()
     })
 }
 

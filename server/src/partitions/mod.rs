@@ -765,7 +765,7 @@ mod tests {
         let engine = Engine::new(kvindex_engine::EngineConfig {
             event_threads: 1,
             queue_capacity: 64,
-            expected_blocks: 0,
+            ..kvindex_engine::EngineConfig::default()
         });
         Partitions::new(engine, None, Arc::new(NoListeners))
     }
