@@ -24,6 +24,19 @@ use crate::http::{AppState, SharedState};
 use kvindex_engine::NamespaceKey;
 use kvindex_server::nats_subjects::{QueryKind, Subjects};
 
+/// Query requests of one subscription answered at once; more wait in the subscription.
+const MAX_INFLIGHT_QUERIES: usize = 256;
+
+/// Reap the finished tasks of `inflight`, then wait until fewer than `limit` are running.
+async fn admit(inflight: &mut tokio::task::JoinSet<()>, limit: usize) {
+    while inflight.try_join_next().is_some() {}
+    while inflight.len() >= limit.max(1) {
+        if inflight.join_next().await.is_none() {
+            break;
+        }
+    }
+}
+
 /// Reply header carrying the HTTP status the route would have answered with.
 pub const STATUS_HEADER: &str = "Kvindex-Status";
 
@@ -251,12 +264,51 @@ pub async fn run(
             }
         };
         let Some(m) = next else { break };
-        // Requests are answered concurrently (each walk is lock-free); finished ones reaped.
-        while inflight.try_join_next().is_some() {}
+        // Requests are answered concurrently (each walk is lock-free), at most
+        // MAX_INFLIGHT_QUERIES at once: past that, this loop waits for one to finish, and the
+        // backlog stays in the subscription's bounded channel (NATS then reports this consumer
+        // as slow) instead of growing a task set without bound.
+        admit(&mut inflight, MAX_INFLIGHT_QUERIES).await;
         let (client, state, subjects) = (client.clone(), Arc::clone(&state), Arc::clone(&subjects));
         inflight.spawn(async move { reply(&client, &state, &subjects, kind, m).await });
     }
     while inflight.join_next().await.is_some() {}
     metrics::gauge!(SUBSCRIPTION_UP, "subscription" => kind.as_str()).set(0.0);
     tracing::info!(%subject, "NATS query subscription stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `admit` returns at once below the limit, waits at it, and returns once a running
+    /// request finishes.
+    #[tokio::test]
+    async fn admit_waits_while_the_limit_is_reached() {
+        let mut inflight = tokio::task::JoinSet::new();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (_hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
+        inflight.spawn(async move {
+            let _ = release_rx.await;
+        });
+        inflight.spawn(async move {
+            let _ = hold_rx.await;
+        });
+        // Below the limit: no wait.
+        admit(&mut inflight, 3).await;
+        assert_eq!(inflight.len(), 2);
+        // At the limit, with both requests still running: pending.
+        let waited = tokio::select! {
+            biased;
+            _ = admit(&mut inflight, 2) => false,
+            _ = std::future::ready(()) => true,
+        };
+        assert!(waited, "admit must wait while the limit is reached");
+        // One finishes: admitted, and the finished task is reaped.
+        release_tx.send(()).expect("the task is waiting");
+        tokio::time::timeout(std::time::Duration::from_secs(60), admit(&mut inflight, 2))
+            .await
+            .expect("admit returns once a request finished");
+        assert_eq!(inflight.len(), 1);
+    }
 }

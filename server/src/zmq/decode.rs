@@ -341,8 +341,10 @@ pub fn decode_batch(payload: &[u8]) -> Result<EngineBatch, BatchError> {
     }
 
     let (events_bytes, count) = events_slice.ok_or(BatchError::MissingEvents)?;
-    // Each event takes at least one byte: never trust the header's count for allocation.
-    let mut events = Vec::with_capacity(count.min(events_bytes.len()));
+    // Never trust the header's count for allocation: each event takes at least one byte of
+    // the payload, but a decoded event is two orders of magnitude larger than that byte, so
+    // the reservation is capped too and the vector grows past it only with events that decode.
+    let mut events = Vec::with_capacity(count.min(events_bytes.len()).min(MAX_RESERVED_EVENTS));
     let mut rejected = Vec::new();
     let mut er = Reader::new(events_bytes);
     for index in 0..count {
@@ -361,6 +363,10 @@ pub fn decode_batch(payload: &[u8]) -> Result<EngineBatch, BatchError> {
         rejected,
     })
 }
+
+/// Events a batch's vector is reserved for up front, whatever its header claims (vLLM batches
+/// carry a handful; larger ones grow the vector as their events decode).
+const MAX_RESERVED_EVENTS: usize = 1024;
 
 fn read_ts(r: &mut Reader<'_>) -> Result<Option<f64>, BatchError> {
     // The timestamp is informational: any value is accepted, only numbers are kept.
@@ -1811,6 +1817,25 @@ mod tests {
             decode_batch(&truncated),
             Err(BatchError::Msgpack(MsgpackError::Truncated(_)))
         ));
+    }
+
+    /// A batch of many one-byte bad events (nils) decodes with every one rejected, and the
+    /// events vector is not reserved for the header's count: a decoded event is ~170 bytes, a
+    /// nil one byte, so reserving one per byte would turn a large message into a far larger
+    /// allocation.
+    #[test]
+    fn a_batch_of_many_tiny_bad_events_reserves_a_bounded_vector() {
+        let n = 50_000u32;
+        let mut msg = Mp::default().arr(2).f(1.0).arr(n).0;
+        msg.extend(std::iter::repeat_n(0xc0u8, n as usize));
+        let out = decode_batch(&msg).expect("the batch itself is well formed");
+        assert_eq!(out.rejected.len(), n as usize);
+        assert!(out.events.is_empty());
+        assert!(
+            out.events.capacity() <= MAX_RESERVED_EVENTS,
+            "reserved {} events for a batch with none",
+            out.events.capacity()
+        );
     }
 
     #[test]

@@ -374,6 +374,17 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), EndpointError> {
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
+/// Rejected events of one batch logged one by one; the rest get a single line.
+const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
+
+/// How a batch's `rejected` events are logged: the first ones one line each, and how many
+/// more share a summary line (none when all were logged).
+fn rejection_log_lines(rejected: usize) -> (usize, Option<usize>) {
+    let one_by_one = rejected.min(LOGGED_REJECTIONS_PER_BATCH);
+    let more = rejected - one_by_one;
+    (one_by_one, (more > 0).then_some(more))
+}
+
 /// Counter: live batches by `outcome` (`applied`, `stale`, `sink_rejected`, `sink_unavailable`).
 pub const METRIC_BATCHES: &str = "kvindex_zmq_batches_total";
 /// Counter: sequence gaps detected.
@@ -881,8 +892,19 @@ impl Listener {
     /// Hand a decoded batch to the sink; advances the watermark unless the sink is unavailable.
     fn submit(&mut self, seq: u64, batch: ConvertedBatch) {
         record_batch_metrics(&batch);
-        for rejected in &batch.rejected {
+        // One line per rejected event up to a few, then one line for the rest: a batch of
+        // thousands of bad events must not flood the log (the counters count every one).
+        let (one_by_one, more) = rejection_log_lines(batch.rejected.len());
+        for rejected in &batch.rejected[..one_by_one] {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
+        }
+        if let Some(more) = more {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                seq,
+                more,
+                "more events rejected in this batch (not logged one by one)"
+            );
         }
         let rejected = batch.rejected.len() as u64;
         let skipped = batch.skipped.len() as u64;
@@ -1225,6 +1247,25 @@ async fn replay_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch with a few rejected events logs each of them; one with thousands logs a few
+    /// and one summary line, so that a publisher cannot flood the log.
+    #[test]
+    fn rejected_events_are_logged_one_by_one_only_up_to_a_few() {
+        assert_eq!(rejection_log_lines(0), (0, None));
+        assert_eq!(rejection_log_lines(3), (3, None));
+        assert_eq!(
+            rejection_log_lines(LOGGED_REJECTIONS_PER_BATCH),
+            (LOGGED_REJECTIONS_PER_BATCH, None)
+        );
+        assert_eq!(
+            rejection_log_lines(50_000),
+            (
+                LOGGED_REJECTIONS_PER_BATCH,
+                Some(50_000 - LOGGED_REJECTIONS_PER_BATCH)
+            )
+        );
+    }
 
     #[test]
     fn endpoint_validation_matches_dynamo_wording() {
