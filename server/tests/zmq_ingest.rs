@@ -750,3 +750,92 @@ async fn replay_endpoint_that_never_existed_degrades_but_live_batches_flow() {
     assert!(st.counters.lost_batches >= 2);
     assert!(sink.seqs(11, 0).iter().all(|&s| s <= warm || s == live));
 }
+
+/// The 64-byte ZMTP 3.0 greeting of a NULL-mechanism peer, and its READY command as a PUB.
+fn zmtp_pub_handshake() -> Vec<u8> {
+    let mut out = vec![0u8; 64];
+    out[0] = 0xff;
+    out[9] = 0x7f;
+    out[10] = 3; // version 3.0
+    out[12..16].copy_from_slice(b"NULL");
+    let mut ready = vec![5u8];
+    ready.extend_from_slice(b"READY");
+    ready.push(11);
+    ready.extend_from_slice(b"Socket-Type");
+    ready.extend_from_slice(&3u32.to_be_bytes());
+    ready.extend_from_slice(b"PUB");
+    out.push(0b100); // command, short
+    out.push(ready.len() as u8);
+    out.extend(ready);
+    out
+}
+
+/// A publisher that announces a frame of 2^62 bytes (the `zeromq` crate would reserve that much
+/// and abort the process) gets its connection closed by the frame guard; the listener keeps
+/// running, reconnects, and delivers what the real publisher behind the same endpoint sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_announcing_a_huge_frame_is_cut_off_and_the_listener_recovers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let real = publisher
+        .endpoint()
+        .strip_prefix("tcp://")
+        .expect("tcp endpoint")
+        .to_string();
+    // The endpoint the listener is given: the first connection gets the huge frame, every
+    // later one is relayed to the real publisher.
+    let front = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let endpoint = format!("tcp://{}", front.local_addr().unwrap());
+    let hostile_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&hostile_done);
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut conn, _)) = front.accept().await {
+            if first {
+                first = false;
+                tokio::spawn({
+                    let done = Arc::clone(&done);
+                    async move {
+                        let _ = conn.write_all(&zmtp_pub_handshake()).await;
+                        // Read the subscriber's greeting, READY and subscription meanwhile.
+                        let mut sink = [0u8; 4096];
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(300), conn.read(&mut sink))
+                                .await;
+                        let mut huge = vec![0b010u8];
+                        huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+                        let _ = conn.write_all(&huge).await;
+                        // The guard closes the connection rather than read the body.
+                        let mut rest = Vec::new();
+                        let _ = conn.read_to_end(&mut rest).await;
+                        done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+                continue;
+            }
+            let real = real.clone();
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(real).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(ListenerSpec::new(5, 0, endpoint.as_str(), BS))
+        .unwrap();
+    wait_until("the hostile connection was cut off", || {
+        hostile_done.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // Still here (not aborted), and the listener reconnected through the relay.
+    let seq = sync_live(&publisher, &ingest, &sink, 5, 0).await;
+    assert!(sink.has_seq(5, 0, seq));
+    assert_ne!(status(&ingest, 5, 0).state, ListenerState::Failed);
+}

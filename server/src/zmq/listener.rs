@@ -67,6 +67,7 @@ use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
     split_live_message, ConvertContext, ConvertedBatch,
 };
+use super::frame_guard::{self, Guard};
 
 // ---------------------------------------------------------------------------------------------
 // Public API: sink, configuration, specs, status
@@ -122,6 +123,9 @@ pub struct IngestConfig {
     pub connect_timeout: Duration,
     /// Longest delay between SUB connect attempts (they start at 100 ms and double).
     pub connect_backoff_max: Duration,
+    /// Longest frame accepted from a publisher (live or replay); a longer one closes the
+    /// connection before its body is read (`zmq::frame_guard`).
+    pub max_frame_bytes: u64,
     /// Whether listeners start draining at once; if false they stay `pending` until
     /// [`ZmqIngest::open`] (the start-up "ready gate", SERVICE.md §1.3).
     pub start_open: bool,
@@ -138,6 +142,7 @@ impl Default for IngestConfig {
             max_held_live_batches: 100_000,
             connect_timeout: Duration::from_secs(5),
             connect_backoff_max: Duration::from_secs(5),
+            max_frame_bytes: super::frame_guard::DEFAULT_MAX_FRAME_BYTES,
             start_open: true,
         }
     }
@@ -707,7 +712,7 @@ impl Listener {
         }
         self.with_status(|s| s.state = ListenerState::Active);
 
-        let mut sub = self.connect().await;
+        let (mut sub, _guard) = self.connect().await;
         let mut monitor = Some(sub.monitor());
         tracing::info!(
             worker_id = self.spec.worker_id,
@@ -731,27 +736,31 @@ impl Listener {
         }
     }
 
-    /// Connect the SUB socket, retrying with backoff until it succeeds.
-    async fn connect(&self) -> SubSocket {
+    /// Connect the SUB socket, through a frame guard (`zmq::frame_guard`), retrying with
+    /// backoff until it succeeds. The guard must live as long as the socket.
+    async fn connect(&self) -> (SubSocket, Guard) {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut options = SocketOptions::default();
             options.connect_timeout(self.config.connect_timeout);
             let mut sub = SubSocket::with_options(options);
             let result = async {
+                let guard =
+                    frame_guard::start(&self.spec.endpoint, self.config.max_frame_bytes).await?;
                 // The empty prefix: every topic is accepted (SERVICE.md §5.1). Remembered by the
                 // socket and re-sent on every (re)connection.
                 sub.subscribe("").await?;
-                sub.connect(&self.spec.endpoint).await
+                sub.connect(guard.endpoint()).await?;
+                Ok::<_, zeromq::ZmqError>(guard)
             }
             .await;
             match result {
-                Ok(()) => {
+                Ok(guard) => {
                     self.with_status(|s| {
                         s.connected = true;
                         s.last_error = None;
                     });
-                    return sub;
+                    return (sub, guard);
                 }
                 Err(e) => {
                     let error = format!(
@@ -1209,7 +1218,11 @@ async fn replay_once(
     let mut options = SocketOptions::default();
     options.connect_timeout(timeout);
     let mut dealer = DealerSocket::with_options(options);
-    match tokio::time::timeout(timeout, dealer.connect(endpoint)).await {
+    // Through a frame guard, like the SUB socket; dropped with the dealer at the end.
+    let guard = frame_guard::start(endpoint, config.max_frame_bytes)
+        .await
+        .map_err(|e| ReplayError::Connect(e.to_string()))?;
+    match tokio::time::timeout(timeout, dealer.connect(guard.endpoint())).await {
         Err(_) | Ok(Err(zeromq::ZmqError::ConnectTimeout(_))) => {
             return Err(ReplayError::ConnectTimeout(timeout))
         }

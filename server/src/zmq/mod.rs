@@ -37,13 +37,18 @@
 //! * no per-socket receive timeout or heartbeat options: every wait is wrapped in a tokio timeout;
 //! * a DEALER does not reconnect by itself: each replay request uses a fresh DEALER (connect
 //!   timeout, request, stream, drop), which is indistinguishable on the wire for the publisher's
-//!   ROUTER and cannot get stuck on a dead connection.
+//!   ROUTER and cannot get stuck on a dead connection;
+//! * no maximum message size: its decoder reserves whatever length a frame header announces,
+//!   and a failed allocation aborts the process. Every SUB and DEALER connection therefore goes
+//!   through [`frame_guard`], a loopback relay that reads the publisher's frame headers and
+//!   cuts off a connection announcing a frame over `IngestConfig::max_frame_bytes` (64 MiB).
 //!
 //! It requires Rust ≥ 1.89 (the toolchain here is newer).
 
 #![warn(missing_docs)]
 
 pub mod decode;
+pub mod frame_guard;
 pub mod listener;
 mod msgpack;
 pub mod test_publisher;
