@@ -839,3 +839,55 @@ async fn a_publisher_announcing_a_huge_frame_is_cut_off_and_the_listener_recover
     assert!(sink.has_seq(5, 0, seq));
     assert_ne!(status(&ingest, 5, 0).state, ListenerState::Failed);
 }
+
+/// A replay that would bring back more payload bytes than `replay_max_bytes` stops at the
+/// batch that crosses it: the batches before it are applied, the rest are counted lost, and
+/// live batches keep flowing.
+#[tokio::test]
+async fn a_replay_over_its_byte_limit_keeps_what_fits_and_loses_the_rest() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let big = |h: u64| {
+        PublishBatch::new(vec![PublishEvent::stored(
+            (0..100).map(|k| h * 1000 + k).collect(),
+            None,
+            tokens(1..401),
+            BS,
+        )])
+    };
+    // Every `big` batch encodes to the same size (same shape, same-width numbers).
+    let payload = kvindex_server::zmq::test_publisher::encode_batch(&big(2)).len();
+    assert_eq!(
+        payload,
+        kvindex_server::zmq::test_publisher::encode_batch(&big(4)).len()
+    );
+    let ingest = ingest(
+        &sink,
+        IngestConfig {
+            // Room for one of these batches and a half.
+            replay_max_bytes: payload + payload / 2,
+            ..fast_config()
+        },
+    );
+    ingest.register(spec_for(&publisher, 9, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 9, 0).await;
+
+    let missing: Vec<u64> = (2..5).map(|h| publisher.publish_unsent(&big(h))).collect();
+    let live = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![7])]))
+        .await
+        .unwrap();
+    wait_until("the live batch", || sink.has_seq(9, 0, live)).await;
+
+    let after: Vec<u64> = sink.seqs(9, 0).into_iter().filter(|&s| s > warm).collect();
+    assert_eq!(
+        after,
+        vec![missing[0], live],
+        "the first missing batch fits, then the live one"
+    );
+    let st = status(&ingest, 9, 0);
+    assert_eq!(st.counters.lost_batches, 2, "{st:?}");
+    assert_eq!(st.state, ListenerState::Active);
+}

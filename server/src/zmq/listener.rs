@@ -116,9 +116,14 @@ pub struct IngestConfig {
     pub replay_backoff_max: Duration,
     /// Most batches accepted from one replay (vLLM buffers 10,000 by default).
     pub replay_max_batches: usize,
+    /// Most payload bytes accepted from one replay (a replay past it fails like one past
+    /// [`Self::replay_max_batches`]: the count alone would let 100,000 large batches through).
+    pub replay_max_bytes: usize,
     /// Most live batches held while a replay runs; later ones are left to the socket (and, if the
     /// publisher drops them, to the next replay).
     pub max_held_live_batches: usize,
+    /// Most bytes of live messages held while a replay runs (same treatment past it).
+    pub max_held_live_bytes: usize,
     /// Longest single SUB connect attempt before it is retried.
     pub connect_timeout: Duration,
     /// Longest delay between SUB connect attempts (they start at 100 ms and double).
@@ -139,7 +144,9 @@ impl Default for IngestConfig {
             replay_backoff: Duration::from_millis(100),
             replay_backoff_max: Duration::from_secs(2),
             replay_max_batches: 100_000,
+            replay_max_bytes: 1 << 30,
             max_held_live_batches: 100_000,
+            max_held_live_bytes: 256 << 20,
             connect_timeout: Duration::from_secs(5),
             connect_backoff_max: Duration::from_secs(5),
             max_frame_bytes: super::frame_guard::DEFAULT_MAX_FRAME_BYTES,
@@ -513,6 +520,7 @@ impl ZmqIngest {
             sink: self.inner.sink.clone(),
             config: self.inner.config.clone(),
             held: VecDeque::new(),
+            held_bytes: 0,
         };
         let gate = self.inner.gate.subscribe();
         self.inner.runtime.spawn(listener.run(gate))
@@ -671,6 +679,19 @@ struct Listener {
     last_live: Option<u64>,
     /// Live messages received during a replay, processed after it.
     held: VecDeque<ZmqMessage>,
+    /// Bytes of the frames in `held`.
+    held_bytes: usize,
+}
+
+/// Bytes of a message's frames.
+fn message_bytes(msg: &ZmqMessage) -> usize {
+    msg.iter().map(|f| f.len()).sum()
+}
+
+/// Whether a listener holding `count` live messages of `bytes` bytes during a replay may take
+/// one more from its socket (else it leaves them there until the replay ends).
+fn may_hold(count: usize, bytes: usize, config: &IngestConfig) -> bool {
+    count < config.max_held_live_batches && bytes < config.max_held_live_bytes
 }
 
 /// Why a SUB endpoint can never be connected to (the listener is `failed`, SERVICE.md §2).
@@ -729,7 +750,10 @@ impl Listener {
 
         loop {
             let msg = match self.held.pop_front() {
-                Some(m) => m,
+                Some(m) => {
+                    self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
+                    m
+                }
                 None => self.next_live(&mut sub, &mut monitor).await,
             };
             self.on_live(msg, &mut sub).await;
@@ -1002,11 +1026,12 @@ impl Listener {
             let fetch = fetch_replay(&endpoint, from, attempts, &config);
             tokio::pin!(fetch);
             loop {
-                let room = self.held.len() < config.max_held_live_batches;
+                let room = may_hold(self.held.len(), self.held_bytes, &config);
                 tokio::select! {
                     fetched = &mut fetch => break fetched,
                     received = sub.recv(), if room => {
                         if let Ok(msg) = received {
+                            self.held_bytes += message_bytes(&msg);
                             self.held.push_back(msg);
                         }
                     }
@@ -1127,6 +1152,9 @@ pub enum ReplayError {
     /// More batches than [`IngestConfig::replay_max_batches`].
     #[error("replay exceeded {0} batches")]
     TooLong(usize),
+    /// More payload bytes than [`IngestConfig::replay_max_bytes`].
+    #[error("replay exceeded {0} bytes")]
+    TooLarge(usize),
 }
 
 /// What a replay request brought back.
@@ -1196,6 +1224,12 @@ pub async fn fetch_replay(
                 fetched.error = None;
                 return fetched;
             }
+            Err(e @ (ReplayError::TooLong(_) | ReplayError::TooLarge(_))) => {
+                // Another attempt would only bring more: keep what fits, give up on the rest.
+                tracing::warn!(%endpoint, attempt, error = %e, "replay over its limit");
+                fetched.error = Some(e);
+                return fetched;
+            }
             Err(e) => {
                 tracing::debug!(%endpoint, attempt, error = %e, "replay attempt failed");
                 fetched.error = Some(e);
@@ -1239,6 +1273,8 @@ async fn replay_once(
         Ok(Err(e)) => return Err(ReplayError::Send(e.to_string())),
         Ok(Ok(())) => {}
     }
+    // What earlier attempts of this request brought back counts too.
+    let mut bytes: usize = out.iter().map(|(_, p)| p.len()).sum();
     loop {
         let msg = match tokio::time::timeout(timeout, dealer.recv()).await {
             Err(_) => return Err(ReplayError::Idle(timeout)),
@@ -1251,6 +1287,10 @@ async fn replay_once(
                 if out.len() >= config.replay_max_batches {
                     return Err(ReplayError::TooLong(config.replay_max_batches));
                 }
+                bytes = bytes.saturating_add(payload.len());
+                if bytes > config.replay_max_bytes {
+                    return Err(ReplayError::TooLarge(config.replay_max_bytes));
+                }
                 out.push((seq, payload));
             }
         }
@@ -1260,6 +1300,27 @@ async fn replay_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Live messages held during a replay are bounded by count and by bytes.
+    #[test]
+    fn held_live_messages_are_bounded_by_count_and_bytes() {
+        let config = IngestConfig {
+            max_held_live_batches: 3,
+            max_held_live_bytes: 100,
+            ..IngestConfig::default()
+        };
+        assert!(may_hold(0, 0, &config));
+        assert!(may_hold(2, 99, &config));
+        assert!(!may_hold(3, 0, &config), "count");
+        assert!(!may_hold(1, 100, &config), "bytes");
+        let msg = ZmqMessage::try_from(vec![
+            Bytes::from_static(b"topic"),
+            Bytes::copy_from_slice(&7u64.to_be_bytes()),
+            Bytes::from(vec![0u8; 50]),
+        ])
+        .expect("three frames");
+        assert_eq!(message_bytes(&msg), 5 + 8 + 50);
+    }
 
     /// A batch with a few rejected events logs each of them; one with thousands logs a few
     /// and one summary line, so that a publisher cannot flood the log.
