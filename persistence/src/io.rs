@@ -47,6 +47,8 @@ pub struct IoFaults {
     pub fail_writes_after_bytes: Option<u64>,
     /// Every `fdatasync` fails with `EIO`.
     pub fail_sync: bool,
+    /// The `fdatasync` of the recovered tail segment when a writer starts fails with `EIO`.
+    pub fail_reopen_sync: bool,
 }
 
 /// The chosen backend plus fault injection.
@@ -99,6 +101,14 @@ impl SegmentIo {
             #[cfg(target_os = "linux")]
             Backend::Uring(_) => IoBackendKind::IoUring,
         }
+    }
+
+    /// `fdatasync` a recovered segment before the writer counts its records as synced.
+    pub(crate) fn sync_recovered(&self, file: &File) -> io::Result<()> {
+        if self.faults.fail_reopen_sync {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        file.sync_data()
     }
 
     /// Write all of `buf` at `offset`, then `fdatasync` when `sync`.

@@ -243,6 +243,13 @@ impl LogWriter {
                     .write(true)
                     .open(&path)
                     .map_err(|e| PersistError::io("open", &path, None, e))?;
+                // The records recovered from this segment count as synced from here on
+                // (watermarks included, which acknowledge redeliveries), but recovery read
+                // them from the page cache: the process that wrote them may have died before
+                // its fdatasync. Make them, and the segment's directory entry, durable first.
+                io.sync_recovered(&file)
+                    .map_err(|e| PersistError::io("fdatasync", &path, None, e))?;
+                crate::snapshot::sync_dir(&start.dir)?;
                 (first, path, file, end)
             }
             None => {

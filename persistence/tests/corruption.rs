@@ -457,7 +457,7 @@ fn a_full_disk_fails_the_append_stops_the_writer_and_restart_keeps_every_acknowl
         let config = LogConfig {
             faults: IoFaults {
                 fail_writes_after_bytes: Some(3000),
-                fail_sync: false,
+                ..IoFaults::default()
             },
             ..cfg(io, FsyncPolicy::Always)
         };
@@ -510,6 +510,7 @@ fn a_failing_fsync_fails_the_append_and_stops_the_writer() {
             faults: IoFaults {
                 fail_writes_after_bytes: None,
                 fail_sync: true,
+                ..IoFaults::default()
             },
             ..cfg(io, FsyncPolicy::Always)
         };
@@ -523,6 +524,39 @@ fn a_failing_fsync_fails_the_append_and_stops_the_writer() {
         let (_log, _) =
             EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut sink).unwrap();
         assert!(sink.entries.is_empty(), "the unacknowledged batch was cut");
+    }
+}
+
+/// A writer resuming a recovered tail segment makes it durable before counting its records as
+/// synced: when that fdatasync fails, opening the log fails with the error (and nothing is
+/// acknowledged on the strength of records that may be in the page cache only).
+#[test]
+fn resuming_a_recovered_tail_syncs_it_first() {
+    for io in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) =
+                EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut NullSink).unwrap();
+            log.append(&[LogEntry::event(ns(), 1, stored(1, 0, 1, None, &[(1, 1)]))])
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        let config = LogConfig {
+            faults: IoFaults {
+                fail_reopen_sync: true,
+                ..IoFaults::default()
+            },
+            ..cfg(io, FsyncPolicy::Always)
+        };
+        let err = EventLog::open(dir.path(), config, &mut NullSink)
+            .err()
+            .expect("the tail's sync failed");
+        assert!(err.to_string().contains("fdatasync"), "{err}");
+        // Without the fault the same log opens and keeps its record.
+        let mut sink = CollectingSink::default();
+        EventLog::open(dir.path(), cfg(io, FsyncPolicy::Always), &mut sink).unwrap();
+        assert_eq!(sink.entries.len(), 1);
     }
 }
 

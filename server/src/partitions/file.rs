@@ -103,10 +103,11 @@ pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Registry
     f.sync_all().map_err(|e| file_error(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    // The rename is durable only once the directory is: a failure here is the caller's too.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| file_error(dir, e))?;
     }
     Ok(())
 }
