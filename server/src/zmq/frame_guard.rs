@@ -13,6 +13,7 @@
 //! subscription, replay requests) are passed through unread.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,12 +105,23 @@ impl FrameCheck {
 pub(crate) struct Guard {
     endpoint: String,
     task: JoinHandle<()>,
+    /// Why the last connection onward failed, if it did: our socket only sees the guard close
+    /// the loopback connection, so this is the cause to report.
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl Guard {
     /// The loopback endpoint to connect to instead of the publisher's.
     pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The error of the last failed connection onward (taken: reported once).
+    pub(crate) fn take_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 
@@ -148,6 +160,8 @@ pub(crate) async fn start(endpoint: &str, max_frame: u64) -> io::Result<Guard> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let local = format!("tcp://{}", listener.local_addr()?);
     let publisher = endpoint.to_string();
+    let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let errors = Arc::clone(&last_error);
     let task = tokio::spawn(async move {
         // Connections end with the accept loop: aborting it drops this set, which aborts them.
         let mut connections = tokio::task::JoinSet::new();
@@ -159,8 +173,9 @@ pub(crate) async fn start(endpoint: &str, max_frame: u64) -> io::Result<Guard> {
             match accepted {
                 Ok((ours, _)) => {
                     let (remote, publisher) = (remote.clone(), publisher.clone());
+                    let errors = Arc::clone(&errors);
                     connections.spawn(async move {
-                        if let Err(error) = relay(ours, &remote, max_frame).await {
+                        if let Err(error) = relay(ours, &remote, max_frame, &errors).await {
                             tracing::debug!(%publisher, %error, "ZMQ guard connection ended");
                         }
                     });
@@ -175,22 +190,36 @@ pub(crate) async fn start(endpoint: &str, max_frame: u64) -> io::Result<Guard> {
     Ok(Guard {
         endpoint: local,
         task,
+        last_error,
     })
 }
 
 /// Connect onward and pass bytes both ways until either side closes, checking the frames
 /// the publisher sends.
-async fn relay(ours: TcpStream, remote: &Remote, max_frame: u64) -> io::Result<()> {
+/// A failure to connect onward is recorded in `errors` *before* our side of the loopback
+/// connection closes, so that whoever sees the close finds the cause.
+async fn relay(
+    ours: TcpStream,
+    remote: &Remote,
+    max_frame: u64,
+    errors: &Mutex<Option<String>>,
+) -> io::Result<()> {
     ours.set_nodelay(true)?;
+    let record = |e: io::Error| {
+        *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        e
+    };
     match remote {
         Remote::Tcp(addr) => {
-            let theirs = TcpStream::connect(addr.as_str()).await?;
+            let theirs = TcpStream::connect(addr.as_str()).await.map_err(record)?;
             theirs.set_nodelay(true)?;
             pump(ours, theirs, max_frame).await
         }
         #[cfg(unix)]
         Remote::Ipc(path) => {
-            let theirs = tokio::net::UnixStream::connect(path).await?;
+            let theirs = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(record)?;
             pump(ours, theirs, max_frame).await
         }
     }

@@ -769,13 +769,18 @@ impl Listener {
             options.connect_timeout(self.config.connect_timeout);
             let mut sub = SubSocket::with_options(options);
             let result = async {
-                let guard =
-                    frame_guard::start(&self.spec.endpoint, self.config.max_frame_bytes).await?;
+                let guard = frame_guard::start(&self.spec.endpoint, self.config.max_frame_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 // The empty prefix: every topic is accepted (SERVICE.md §5.1). Remembered by the
                 // socket and re-sent on every (re)connection.
-                sub.subscribe("").await?;
-                sub.connect(guard.endpoint()).await?;
-                Ok::<_, zeromq::ZmqError>(guard)
+                sub.subscribe("").await.map_err(|e| e.to_string())?;
+                if let Err(e) = sub.connect(guard.endpoint()).await {
+                    // Our socket saw the guard hang up; the cause is the guard's connection
+                    // onward (refused, unreachable, ...), when that is what failed.
+                    return Err(guard.take_error().unwrap_or_else(|| e.to_string()));
+                }
+                Ok(guard)
             }
             .await;
             match result {
@@ -1260,7 +1265,11 @@ async fn replay_once(
         Err(_) | Ok(Err(zeromq::ZmqError::ConnectTimeout(_))) => {
             return Err(ReplayError::ConnectTimeout(timeout))
         }
-        Ok(Err(e)) => return Err(ReplayError::Connect(e.to_string())),
+        Ok(Err(e)) => {
+            // As for the SUB socket: the guard's failure onward is the cause worth reporting.
+            let cause = guard.take_error().unwrap_or_else(|| e.to_string());
+            return Err(ReplayError::Connect(cause));
+        }
         Ok(Ok(())) => {}
     }
     let request = ZmqMessage::try_from(vec![
