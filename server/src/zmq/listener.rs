@@ -65,7 +65,7 @@ use zeromq::{
 
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
-    split_live_message, ConvertContext, ConvertedBatch,
+    split_live_message, ConvertContext, ConvertedBatch, SkipReason,
 };
 use super::frame_guard::{self, Guard};
 
@@ -385,6 +385,17 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), EndpointError> {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 // ---------------------------------------------------------------------------------------------
+
+/// The first block-size mismatch among a batch's skipped events (event's and partition's
+/// sizes) and how many events it skipped.
+fn block_size_mismatch(skipped: &[(usize, SkipReason)]) -> Option<(u64, u32, usize)> {
+    let mut sizes = skipped.iter().filter_map(|(_, reason)| match reason {
+        SkipReason::BlockSizeMismatch { event, partition } => Some((*event, *partition)),
+        _ => None,
+    });
+    let (event, partition) = sizes.next()?;
+    Some((event, partition, 1 + sizes.count()))
+}
 
 /// Rejected events of one batch logged one by one; the rest get a single line.
 const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
@@ -936,6 +947,18 @@ impl Listener {
         for rejected in &batch.rejected[..one_by_one] {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
         }
+        // A block size that differs from the partition's skips every store of this worker for
+        // good (a registration mistake): one line per batch, with both sizes.
+        if let Some((event, partition, count)) = block_size_mismatch(&batch.skipped) {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                seq,
+                count,
+                event_block_size = event,
+                partition_block_size = partition,
+                "events skipped: their block size differs from the partition's"
+            );
+        }
         if let Some(more) = more {
             tracing::warn!(
                 worker_id = self.spec.worker_id,
@@ -1309,6 +1332,22 @@ async fn replay_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Block-size mismatches are found among a batch's skipped events, with both sizes and
+    /// their count; other skips are not mistaken for one.
+    #[test]
+    fn block_size_mismatches_are_summarised_for_the_log() {
+        let m = |event| SkipReason::BlockSizeMismatch {
+            event,
+            partition: 16,
+        };
+        assert_eq!(block_size_mismatch(&[]), None);
+        assert_eq!(block_size_mismatch(&[(0, SkipReason::Ignored)]), None);
+        assert_eq!(
+            block_size_mismatch(&[(0, SkipReason::Ignored), (1, m(32)), (2, m(32))]),
+            Some((32, 16, 2))
+        );
+    }
 
     /// Live messages held during a replay are bounded by count and by bytes.
     #[test]
