@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{LogConfig, RecoveryPolicy};
 use crate::entry::{LogEntry, Lsn, StreamWatermark};
 use crate::error::{PersistError, Result};
+use crate::format::SEGMENT_HEADER_LEN;
 use crate::io::IoBackendKind;
 use crate::recovery::{self, Mode, RecoveryReport, ReplaySink};
 use crate::snapshot::sync_dir;
@@ -66,9 +67,18 @@ impl EventLog {
         let rec = recovery::recover(&dir, &config, Mode::ReadWrite, None, sink)?;
         let mut start = rec.start;
         if rec.report.skipped_anything() {
-            // Never append after damage: the next recovery would see it again.
-            if let Some((first, path, _)) = start.tail.take() {
-                start.older_segments.push((first, path));
+            // Never append after damage: the next recovery would see it again. A tail that is
+            // only a segment header (the empty segment a previous skip-corrupt open created for
+            // the next LSN, with no byte after it) holds no damage: the writer resumes it, as it
+            // would create it anew, and must, since its name is taken.
+            if let Some((first, path, end)) = start.tail.take() {
+                let header_only = end <= SEGMENT_HEADER_LEN as u64
+                    && std::fs::metadata(&path).is_ok_and(|m| m.len() <= SEGMENT_HEADER_LEN as u64);
+                if header_only {
+                    start.tail = Some((first, path, end));
+                } else {
+                    start.older_segments.push((first, path));
+                }
             }
             start.tail_marks.clear();
         }

@@ -560,6 +560,24 @@ fn resuming_a_recovered_tail_syncs_it_first() {
     }
 }
 
+/// A skip-corrupt open that appends nothing leaves an empty segment named for the next LSN;
+/// opening again (skipping the same damage) must reuse it, not fail on "file exists", and
+/// every entry readable before stays readable.
+#[test]
+fn skip_corrupt_can_reopen_after_an_open_that_appended_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    build_log(dir.path(), 8, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let (start, _) = record_spans(&seg)[2];
+    flip(&seg, start + 12);
+    let (first, _) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
+    let (second, _) =
+        open_with(dir.path(), RecoveryPolicy::SkipCorrupt).expect("the second skip-corrupt open");
+    assert_eq!(first.len(), second.len());
+    let (third, _) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
+    assert_eq!(first.len(), third.len());
+}
+
 #[test]
 fn skipped_damage_is_exported_as_metrics() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
