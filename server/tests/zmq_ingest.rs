@@ -918,8 +918,9 @@ async fn a_refused_connection_is_reported_as_such() {
     })
     .await;
     let st = status(&ingest, 11, 0);
-    let error = st.last_error.unwrap_or_default();
+    let error = st.last_error.clone().unwrap_or_default();
     assert!(error.contains(&endpoint), "{error}");
     assert!(error.to_lowercase().contains("refused"), "{error}");
     assert!(!st.connected);
+    assert!(st.counters.connect_failures >= 1, "{st:?}");
 }

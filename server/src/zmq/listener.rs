@@ -258,6 +258,17 @@ pub struct ListenerCounters {
     pub publisher_restarts: u64,
     /// Batches the sink refused.
     pub sink_errors: u64,
+    /// Failed attempts to connect the SUB socket (the cause is in `last_error`).
+    pub connect_failures: u64,
+    /// Errors receiving from the SUB socket (a dropped connection, bad ZMTP); it reconnects.
+    pub receive_errors: u64,
+}
+
+/// Counter: ZMQ connection errors by `stage` (`connect`, `receive`).
+pub const METRIC_CONNECTION_ERRORS: &str = "kvindex_zmq_connection_errors_total";
+
+fn record_connection_error(stage: &'static str) {
+    metrics::counter!(METRIC_CONNECTION_ERRORS, "stage" => stage).increment(1);
 }
 
 /// What `/workers` can show about one listener.
@@ -808,7 +819,11 @@ impl Listener {
                         self.spec.endpoint
                     );
                     tracing::debug!(worker_id = self.spec.worker_id, %error, "retrying");
-                    self.with_status(|s| s.last_error = Some(error));
+                    record_connection_error("connect");
+                    self.with_status(|s| {
+                        s.last_error = Some(error);
+                        s.counters.connect_failures += 1;
+                    });
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(self.config.connect_backoff_max);
                 }
@@ -829,6 +844,8 @@ impl Listener {
                     Err(e) => {
                         // The peer went away or sent bad ZMTP; the socket reconnects by itself.
                         tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error");
+                        record_connection_error("receive");
+                        self.with_status(|s| s.counters.receive_errors += 1);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
@@ -1058,9 +1075,16 @@ impl Listener {
                 tokio::select! {
                     fetched = &mut fetch => break fetched,
                     received = sub.recv(), if room => {
-                        if let Ok(msg) = received {
-                            self.held_bytes += message_bytes(&msg);
-                            self.held.push_back(msg);
+                        match received {
+                            Ok(msg) => {
+                                self.held_bytes += message_bytes(&msg);
+                                self.held.push_back(msg);
+                            }
+                            Err(e) => {
+                                tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error during replay");
+                                record_connection_error("receive");
+                                self.with_status(|s| s.counters.receive_errors += 1);
+                            }
                         }
                     }
                 }
