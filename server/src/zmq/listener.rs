@@ -397,28 +397,6 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), EndpointError> {
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
-/// The first block-size mismatch among a batch's skipped events (event's and partition's
-/// sizes) and how many events it skipped.
-fn block_size_mismatch(skipped: &[(usize, SkipReason)]) -> Option<(u64, u32, usize)> {
-    let mut sizes = skipped.iter().filter_map(|(_, reason)| match reason {
-        SkipReason::BlockSizeMismatch { event, partition } => Some((*event, *partition)),
-        _ => None,
-    });
-    let (event, partition) = sizes.next()?;
-    Some((event, partition, 1 + sizes.count()))
-}
-
-/// Rejected events of one batch logged one by one; the rest get a single line.
-const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
-
-/// How a batch's `rejected` events are logged: the first ones one line each, and how many
-/// more share a summary line (none when all were logged).
-fn rejection_log_lines(rejected: usize) -> (usize, Option<usize>) {
-    let one_by_one = rejected.min(LOGGED_REJECTIONS_PER_BATCH);
-    let more = rejected - one_by_one;
-    (one_by_one, (more > 0).then_some(more))
-}
-
 /// Counter: live batches by `outcome` (`applied`, `stale`, `sink_rejected`, `sink_unavailable`).
 pub const METRIC_BATCHES: &str = "kvindex_zmq_batches_total";
 /// Counter: sequence gaps detected.
@@ -705,6 +683,28 @@ struct Listener {
     held_bytes: usize,
 }
 
+/// The first block-size mismatch among a batch's skipped events (event's and partition's
+/// sizes) and how many events it skipped.
+fn block_size_mismatch(skipped: &[(usize, SkipReason)]) -> Option<(u64, u32, usize)> {
+    let mut sizes = skipped.iter().filter_map(|(_, reason)| match reason {
+        SkipReason::BlockSizeMismatch { event, partition } => Some((*event, *partition)),
+        _ => None,
+    });
+    let (event, partition) = sizes.next()?;
+    Some((event, partition, 1 + sizes.count()))
+}
+
+/// Rejected events of one batch logged one by one; the rest get a single line.
+const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
+
+/// How a batch's `rejected` events are logged: the first ones one line each, and how many
+/// more share a summary line (none when all were logged).
+fn rejection_log_lines(rejected: usize) -> (usize, Option<usize>) {
+    let one_by_one = rejected.min(LOGGED_REJECTIONS_PER_BATCH);
+    let more = rejected - one_by_one;
+    (one_by_one, (more > 0).then_some(more))
+}
+
 /// Bytes of a message's frames.
 fn message_bytes(msg: &ZmqMessage) -> usize {
     msg.iter().map(|f| f.len()).sum()
@@ -831,6 +831,14 @@ impl Listener {
         }
     }
 
+    /// A receive error on the SUB socket: the peer went away or sent bad ZMTP; the socket
+    /// reconnects by itself, so it is only logged and counted.
+    fn on_receive_error(&self, e: &zeromq::ZmqError) {
+        tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error");
+        record_connection_error("receive");
+        self.with_status(|s| s.counters.receive_errors += 1);
+    }
+
     /// The next live message, keeping `connected` up to date meanwhile.
     async fn next_live(
         &self,
@@ -842,10 +850,7 @@ impl Listener {
                 received = sub.recv() => match received {
                     Ok(msg) => return msg,
                     Err(e) => {
-                        // The peer went away or sent bad ZMTP; the socket reconnects by itself.
-                        tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error");
-                        record_connection_error("receive");
-                        self.with_status(|s| s.counters.receive_errors += 1);
+                        self.on_receive_error(&e);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
@@ -964,6 +969,14 @@ impl Listener {
         for rejected in &batch.rejected[..one_by_one] {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
         }
+        if let Some(more) = more {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                seq,
+                more,
+                "more events rejected in this batch (not logged one by one)"
+            );
+        }
         // A block size that differs from the partition's skips every store of this worker for
         // good (a registration mistake): one line per batch, with both sizes.
         if let Some((event, partition, count)) = block_size_mismatch(&batch.skipped) {
@@ -974,14 +987,6 @@ impl Listener {
                 event_block_size = event,
                 partition_block_size = partition,
                 "events skipped: their block size differs from the partition's"
-            );
-        }
-        if let Some(more) = more {
-            tracing::warn!(
-                worker_id = self.spec.worker_id,
-                seq,
-                more,
-                "more events rejected in this batch (not logged one by one)"
             );
         }
         let rejected = batch.rejected.len() as u64;
@@ -1080,11 +1085,7 @@ impl Listener {
                                 self.held_bytes += message_bytes(&msg);
                                 self.held.push_back(msg);
                             }
-                            Err(e) => {
-                                tracing::debug!(worker_id = self.spec.worker_id, error = %e, "SUB receive error during replay");
-                                record_connection_error("receive");
-                                self.with_status(|s| s.counters.receive_errors += 1);
-                            }
+                            Err(e) => self.on_receive_error(&e),
                         }
                     }
                 }
