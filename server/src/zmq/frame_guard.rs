@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Counter: connections closed because the publisher announced a frame over the limit.
@@ -108,9 +109,23 @@ pub(crate) struct Guard {
     /// Why the last connection onward failed, if it did: our socket only sees the guard close
     /// the loopback connection, so this is the cause to report.
     last_error: Arc<Mutex<Option<String>>>,
+    /// Bumped each time a relayed connection ends (for any reason: the publisher closed, a
+    /// frame over the limit, the connection onward failed, our socket closed).
+    ended: watch::Receiver<u64>,
 }
 
 impl Guard {
+    /// Resolves once a connection relayed by this guard has ended since the guard started
+    /// (at once if one already has). A socket connected through a fresh guard holds its only
+    /// connection, so this is the end of that socket's connection to the publisher, seen
+    /// whether or not the socket itself notices: the `zeromq` crate (0.7) keeps a SUB socket
+    /// that lost its connection during the handshake "connected" forever, with no peer and
+    /// no reconnection.
+    pub(crate) async fn connection_ended(&mut self) {
+        // An error means the guard's task is gone, and its connections with it.
+        let _ = self.ended.changed().await;
+    }
+
     /// The loopback endpoint to connect to instead of the publisher's.
     pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
@@ -162,13 +177,17 @@ pub(crate) async fn start(endpoint: &str, max_frame: u64) -> io::Result<Guard> {
     let publisher = endpoint.to_string();
     let last_error: Arc<Mutex<Option<String>>> = Arc::default();
     let errors = Arc::clone(&last_error);
+    let (ended_tx, ended) = watch::channel(0u64);
     let task = tokio::spawn(async move {
         // Connections end with the accept loop: aborting it drops this set, which aborts them.
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {
+                    ended_tx.send_modify(|n| *n += 1);
+                    continue;
+                }
             };
             match accepted {
                 Ok((ours, _)) => {
@@ -191,6 +210,7 @@ pub(crate) async fn start(endpoint: &str, max_frame: u64) -> io::Result<Guard> {
         endpoint: local,
         task,
         last_error,
+        ended,
     })
 }
 
@@ -365,6 +385,36 @@ mod tests {
         let n = ours.read_to_end(&mut rest).await.unwrap_or(0);
         assert_eq!(n, 0, "nothing of the oversized frame may pass: {rest:?}");
         drop(guard);
+    }
+
+    /// The guard reports the end of a relayed connection, whichever side ended it, and not
+    /// before.
+    #[tokio::test]
+    async fn the_guard_reports_when_a_connection_ends() {
+        let publisher = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let endpoint = format!("tcp://{}", publisher.local_addr().expect("addr"));
+        let mut guard = start(&endpoint, 1000).await.expect("guard");
+        let local = guard.endpoint().to_string();
+        let local = local.strip_prefix("tcp://").expect("tcp");
+        for publisher_hangs_up in [true, false] {
+            let mut ours = TcpStream::connect(local).await.expect("connect");
+            let (mut theirs, _) = publisher.accept().await.expect("onward");
+            // Alive: a round trip passes and no end is reported.
+            theirs.write_all(b"x").await.expect("write");
+            let mut one = [0u8; 1];
+            ours.read_exact(&mut one).await.expect("read");
+            tokio::select! {
+                biased;
+                () = guard.connection_ended() => panic!("an end reported on a live connection"),
+                () = tokio::task::yield_now() => {}
+            }
+            if publisher_hangs_up {
+                drop(theirs);
+            } else {
+                drop(ours);
+            }
+            guard.connection_ended().await;
+        }
     }
 
     /// An endpoint of another transport has no guard.

@@ -54,14 +54,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use kvindex_engine::RouterEvent;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use zeromq::{
-    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
-};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
@@ -262,9 +259,12 @@ pub struct ListenerCounters {
     pub connect_failures: u64,
     /// Errors receiving from the SUB socket (a dropped connection, bad ZMTP); it reconnects.
     pub receive_errors: u64,
+    /// Connections to the publisher lost; each is followed by a new socket (and a catch-up
+    /// replay when a replay endpoint is configured).
+    pub disconnects: u64,
 }
 
-/// Counter: ZMQ connection errors by `stage` (`connect`, `receive`).
+/// Counter: ZMQ connection errors by `stage` (`connect`, `receive`, `disconnect`).
 pub const METRIC_CONNECTION_ERRORS: &str = "kvindex_zmq_connection_errors_total";
 
 fn record_connection_error(stage: &'static str) {
@@ -716,6 +716,20 @@ fn may_hold(count: usize, bytes: usize, config: &IngestConfig) -> bool {
     count < config.max_held_live_batches && bytes < config.max_held_live_bytes
 }
 
+/// How long to wait before reconnecting after a connection that lasted `lasted`, the previous
+/// wait having been `previous`: at once after a connection that lasted, with a growing pause
+/// (100 ms doubling up to `connect_backoff_max`) after connections that keep dropping at once,
+/// so a publisher that accepts and hangs up does not make the listener spin.
+fn reconnect_pause(previous: Duration, lasted: Duration, config: &IngestConfig) -> Duration {
+    if lasted > config.connect_backoff_max {
+        Duration::ZERO
+    } else {
+        (previous * 2)
+            .max(Duration::from_millis(100))
+            .min(config.connect_backoff_max)
+    }
+}
+
 /// Why a SUB endpoint can never be connected to (the listener is `failed`, SERVICE.md §2).
 fn unconnectable(endpoint: &str) -> Option<String> {
     let reason = if endpoint.starts_with("inproc://") {
@@ -755,34 +769,52 @@ impl Listener {
         }
         self.with_status(|s| s.state = ListenerState::Active);
 
-        let (mut sub, _guard) = self.connect().await;
-        let mut monitor = Some(sub.monitor());
-        tracing::info!(
-            worker_id = self.spec.worker_id,
-            dp_rank = self.spec.dp_rank,
-            endpoint = %self.spec.endpoint,
-            "ZMQ listener connected"
-        );
-
-        // Catch up at once (restart, resume, or a publisher that was already running).
-        if self.spec.replay_endpoint.is_some() {
-            let from = self.watermark.map_or(0, |w| w.saturating_add(1));
-            self.replay(from, None, &mut sub).await;
-        }
-
+        // One socket per connection: when the publisher's connection ends (its frame guard
+        // sees it end), this listener drops the socket and connects a new one itself rather
+        // than rely on the `zeromq` crate's reconnection. That reconnection never starts when
+        // the connection drops during the handshake (the socket then stays "connected" with no
+        // peer, receiving nothing, for good), and it hides why a reconnection fails (our
+        // `connect` records and counts it).
+        let mut pause = Duration::ZERO;
         loop {
-            let msg = match self.held.pop_front() {
-                Some(m) => {
-                    self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
-                    m
-                }
-                None => self.next_live(&mut sub, &mut monitor).await,
-            };
-            self.on_live(msg, &mut sub).await;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            let (mut sub, mut guard) = self.connect().await;
+            let connected_at = tokio::time::Instant::now();
+            tracing::info!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                endpoint = %self.spec.endpoint,
+                "ZMQ listener connected"
+            );
+
+            // Catch up at once (restart, resume, reconnection, or a publisher that was
+            // already running).
+            if self.spec.replay_endpoint.is_some() {
+                let from = self.watermark.map_or(0, |w| w.saturating_add(1));
+                self.replay(from, None, &mut sub).await;
+            }
+
+            loop {
+                let msg = match self.held.pop_front() {
+                    Some(m) => {
+                        self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
+                        m
+                    }
+                    None => match self.next_live(&mut sub, &mut guard).await {
+                        Some(m) => m,
+                        None => break,
+                    },
+                };
+                self.on_live(msg, &mut sub).await;
+            }
+            self.on_disconnect();
+            pause = reconnect_pause(pause, connected_at.elapsed(), &self.config);
         }
     }
 
-    /// Connect the SUB socket, through a frame guard (`zmq::frame_guard`), retrying with
+    /// Connect a new SUB socket, through a new frame guard (`zmq::frame_guard`), retrying with
     /// backoff until it succeeds. The guard must live as long as the socket.
     async fn connect(&self) -> (SubSocket, Guard) {
         let mut delay = Duration::from_millis(100);
@@ -839,27 +871,33 @@ impl Listener {
         self.with_status(|s| s.counters.receive_errors += 1);
     }
 
-    /// The next live message, keeping `connected` up to date meanwhile.
-    async fn next_live(
-        &self,
-        sub: &mut SubSocket,
-        monitor: &mut Option<futures::channel::mpsc::Receiver<SocketEvent>>,
-    ) -> ZmqMessage {
+    /// The connection to the publisher was lost: the socket is about to be replaced.
+    fn on_disconnect(&self) {
+        tracing::info!(
+            worker_id = self.spec.worker_id,
+            dp_rank = self.spec.dp_rank,
+            endpoint = %self.spec.endpoint,
+            "ZMQ publisher connection lost; reconnecting"
+        );
+        record_connection_error("disconnect");
+        self.with_status(|s| {
+            s.connected = false;
+            s.counters.disconnects += 1;
+        });
+    }
+
+    /// The next live message, or `None` when the connection to the publisher has ended.
+    async fn next_live(&self, sub: &mut SubSocket, guard: &mut Guard) -> Option<ZmqMessage> {
         loop {
             tokio::select! {
                 received = sub.recv() => match received {
-                    Ok(msg) => return msg,
+                    Ok(msg) => return Some(msg),
                     Err(e) => {
                         self.on_receive_error(&e);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
-                event = next_event(monitor), if monitor.is_some() => match event {
-                    Some(SocketEvent::Connected(..)) => self.with_status(|s| s.connected = true),
-                    Some(SocketEvent::Disconnected(..)) => self.with_status(|s| s.connected = false),
-                    Some(_) => {}
-                    None => *monitor = None,
-                },
+                () = guard.connection_ended() => return None,
             }
         }
     }
@@ -1171,15 +1209,6 @@ impl Listener {
     }
 }
 
-async fn next_event(
-    monitor: &mut Option<futures::channel::mpsc::Receiver<SocketEvent>>,
-) -> Option<SocketEvent> {
-    match monitor {
-        Some(m) => m.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Replay client
 // ---------------------------------------------------------------------------------------------
@@ -1360,6 +1389,18 @@ mod tests {
 
     /// Block-size mismatches are found among a batch's skipped events, with both sizes and
     /// their count; other skips are not mistaken for one.
+    #[test]
+    fn reconnections_back_off_only_while_connections_keep_dropping() {
+        let config = IngestConfig::default();
+        let max = config.connect_backoff_max;
+        let quick = Duration::from_millis(5);
+        let first = reconnect_pause(Duration::ZERO, quick, &config);
+        assert_eq!(first, Duration::from_millis(100));
+        assert_eq!(reconnect_pause(first, quick, &config), first * 2);
+        assert_eq!(reconnect_pause(max, quick, &config), max);
+        assert_eq!(reconnect_pause(max, max * 2, &config), Duration::ZERO);
+    }
+
     #[test]
     fn block_size_mismatches_are_summarised_for_the_log() {
         let m = |event| SkipReason::BlockSizeMismatch {
