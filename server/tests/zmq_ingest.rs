@@ -324,6 +324,44 @@ async fn gap_is_filled_by_replay_with_exactly_the_missing_batches() {
     assert_eq!(st.watermark, Some(live));
 }
 
+/// A malformed replay reply (here a 3-byte sequence frame) ends the replay, as in Dynamo, but
+/// is counted: the batches before it are applied, the rest of the gap is lost, the live batch
+/// follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_replay_reply_ends_the_replay_and_is_counted() {
+    let publisher = VllmPublisher::bind(PublisherConfig {
+        malformed_replay_seq: Some(1_001),
+        ..PublisherConfig::loopback()
+    })
+    .await
+    .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 12, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink, 12, 0).await;
+    assert!(warm < 999, "sync_live took {warm} batches");
+    // A gap of batches held for replay: up to 1,000 they replay, 1,001 is answered malformed.
+    for _ in warm + 1..1_000 {
+        publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+    }
+    let replayed = publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+    let malformed = publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+    let lost = publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+    assert_eq!((replayed, malformed, lost), (1_000, 1_001, 1_002));
+    let live = publisher
+        .publish(&PublishBatch::new(Vec::new()))
+        .await
+        .unwrap();
+    wait_until("the live batch", || sink.has_seq(12, 0, live)).await;
+    assert!(sink.has_seq(12, 0, replayed));
+    assert!(!sink.has_seq(12, 0, malformed));
+    assert!(!sink.has_seq(12, 0, lost));
+    let st = status(&ingest, 12, 0);
+    assert_eq!(st.counters.malformed_messages, 1, "{st:?}");
+    assert_eq!(st.counters.lost_batches, 2, "{st:?}");
+    assert!(!st.degraded, "{st:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
     let publisher = VllmPublisher::bind(PublisherConfig::loopback())

@@ -67,6 +67,14 @@ impl FrameError {
             FrameError::SeqLength(_) => "seq_length",
         }
     }
+
+    /// Metric label of the same fault in a replay reply, which ends the replay.
+    pub fn replay_label(&self) -> &'static str {
+        match self {
+            FrameError::FrameCount(_) => "replay_frame_count",
+            FrameError::SeqLength(_) => "replay_seq_length",
+        }
+    }
 }
 
 /// A live message split into its three frames.

@@ -62,7 +62,8 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSoc
 
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
-    split_live_message, ConvertContext, ConvertedBatch, SkipReason,
+    split_live_message, ConvertContext, ConvertedBatch, FrameError, SkipReason,
+    METRIC_MESSAGES_DROPPED,
 };
 use super::frame_guard::{self, Guard};
 
@@ -235,7 +236,8 @@ pub struct ListenerCounters {
     pub events_skipped: u64,
     /// Live batches dropped as stale or duplicate.
     pub stale_dropped: u64,
-    /// Messages dropped for a wrong frame count or sequence frame.
+    /// Messages dropped for a wrong frame count or sequence frame (live ones, and replay
+    /// replies, which end the replay).
     pub malformed_messages: u64,
     /// Payloads that failed to decode as a whole.
     pub decode_failures: u64,
@@ -1131,6 +1133,17 @@ impl Listener {
         };
 
         let count = fetched.batches.len() as u64;
+        if let Some(e) = fetched.malformed_end {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                %endpoint,
+                replayed = count,
+                "replay ended by a malformed reply: {e}"
+            );
+            metrics::counter!(METRIC_MESSAGES_DROPPED, "reason" => e.replay_label()).increment(1);
+            self.with_status(|s| s.counters.malformed_messages += 1);
+        }
         metrics::counter!(METRIC_REPLAY_ATTEMPTS).increment(u64::from(fetched.attempts));
         self.with_status(|s| s.counters.replay_attempts += u64::from(fetched.attempts));
         let first = fetched.batches.first().map(|b| b.0);
@@ -1248,6 +1261,8 @@ pub struct ReplayFetch {
     pub error: Option<ReplayError>,
     /// Attempts made (1 + retries).
     pub attempts: u32,
+    /// The malformed reply that ended the replay, if one did.
+    pub malformed_end: Option<FrameError>,
 }
 
 /// One frame sequence received by the DEALER during a replay.
@@ -1260,8 +1275,11 @@ pub enum ReplayFrame {
         /// Its msgpack payload.
         payload: Bytes,
     },
-    /// End of the replay: empty payload, fewer than 3 frames, or a bad sequence frame.
+    /// End of the replay: the terminator (an empty payload).
     End,
+    /// A reply that is not a batch (fewer than 3 frames, or a sequence frame that is not 8
+    /// bytes): it ends the replay too, as in Dynamo (SERVICE.md §7.2), but it is counted.
+    Malformed(FrameError),
 }
 
 /// Interpret what the DEALER received: `[b"", topic, seq, payload]` (vLLM / SGLang) or
@@ -1269,7 +1287,7 @@ pub enum ReplayFrame {
 /// (SERVICE.md §7.2).
 pub fn parse_replay_frames(frames: &[Bytes]) -> ReplayFrame {
     if frames.len() < 3 {
-        return ReplayFrame::End;
+        return ReplayFrame::Malformed(FrameError::FrameCount(frames.len()));
     }
     let payload = &frames[frames.len() - 1];
     if payload.is_empty() {
@@ -1280,7 +1298,7 @@ pub fn parse_replay_frames(frames: &[Bytes]) -> ReplayFrame {
             seq,
             payload: payload.clone(),
         },
-        Err(_) => ReplayFrame::End,
+        Err(e) => ReplayFrame::Malformed(e),
     }
 }
 
@@ -1301,7 +1319,7 @@ pub async fn fetch_replay(
             delay = (delay * 2).min(config.replay_backoff_max);
         }
         fetched.attempts += 1;
-        match replay_once(endpoint, next, config, &mut fetched.batches).await {
+        match replay_once(endpoint, next, config, &mut fetched).await {
             Ok(()) => {
                 fetched.error = None;
                 return fetched;
@@ -1328,8 +1346,9 @@ async fn replay_once(
     endpoint: &str,
     start: u64,
     config: &IngestConfig,
-    out: &mut Vec<(u64, Bytes)>,
+    fetched: &mut ReplayFetch,
 ) -> Result<(), ReplayError> {
+    let out = &mut fetched.batches;
     let timeout = config.replay_timeout;
     let mut options = SocketOptions::default();
     options.connect_timeout(timeout);
@@ -1369,6 +1388,10 @@ async fn replay_once(
         };
         match parse_replay_frames(&msg.into_vec()) {
             ReplayFrame::End => return Ok(()),
+            ReplayFrame::Malformed(e) => {
+                fetched.malformed_end = Some(e);
+                return Ok(());
+            }
             ReplayFrame::Batch { seq, payload } => {
                 if out.len() >= config.replay_max_batches {
                     return Err(ReplayError::TooLong(config.replay_max_batches));
@@ -1511,9 +1534,10 @@ mod tests {
             parse_replay_frames(&[Bytes::new(), seq(-1), Bytes::new()]),
             ReplayFrame::End
         );
+        // Malformed replies end the replay too, but are told apart (to be counted).
         assert_eq!(
             parse_replay_frames(&[Bytes::new(), seq(1)]),
-            ReplayFrame::End
+            ReplayFrame::Malformed(FrameError::FrameCount(2))
         );
         assert_eq!(
             parse_replay_frames(&[
@@ -1521,7 +1545,7 @@ mod tests {
                 Bytes::from_static(b"abc"),
                 Bytes::from_static(b"x")
             ]),
-            ReplayFrame::End
+            ReplayFrame::Malformed(FrameError::SeqLength(3))
         );
     }
 

@@ -340,6 +340,8 @@ pub struct PublisherConfig {
     pub buffer_steps: usize,
     /// Answer replays with the topic frame (real engines) or without (older publishers).
     pub replay_with_topic: bool,
+    /// Replay this batch with a 3-byte sequence frame (a malformed reply, for tests).
+    pub malformed_replay_seq: Option<u64>,
 }
 
 impl PublisherConfig {
@@ -351,6 +353,7 @@ impl PublisherConfig {
             topic: Vec::new(),
             buffer_steps: 10_000,
             replay_with_topic: true,
+            malformed_replay_seq: None,
         }
     }
 
@@ -401,6 +404,7 @@ impl VllmPublisher {
                     ring.clone(),
                     topic.clone(),
                     config.replay_with_topic,
+                    config.malformed_replay_seq,
                 ));
                 (Some(bound), Some(task))
             }
@@ -508,6 +512,7 @@ async fn serve_replay(
     ring: Arc<Mutex<Ring>>,
     topic: Bytes,
     with_topic: bool,
+    malformed_seq: Option<u64>,
 ) {
     loop {
         let Ok(msg) = router.recv().await else {
@@ -542,7 +547,12 @@ async fn serve_replay(
             ZmqMessage::try_from(f)
         };
         for (seq, payload) in batches {
-            if let Ok(m) = reply(Bytes::copy_from_slice(&seq.to_be_bytes()), payload) {
+            let seq_frame = if malformed_seq == Some(seq) {
+                Bytes::copy_from_slice(&seq.to_be_bytes()[5..])
+            } else {
+                Bytes::copy_from_slice(&seq.to_be_bytes())
+            };
+            if let Ok(m) = reply(seq_frame, payload) {
                 if router.send(m).await.is_err() {
                     break;
                 }
