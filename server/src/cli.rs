@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// [default: 4096].
     #[arg(long, value_name = "N")]
     pub http_max_connections: Option<usize>,
+    /// MiB of `POST /events` bodies read and decoded at once; more requests wait their turn
+    /// (msgpack events decode to about 16 times their body) [default: 32].
+    #[arg(long, value_name = "MIB")]
+    pub http_events_inflight_mib: Option<usize>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

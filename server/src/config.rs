@@ -92,6 +92,7 @@ struct FileConfig {
     nats_query_group: Option<String>,
     http_read_timeout_ms: Option<u64>,
     http_max_connections: Option<usize>,
+    http_events_inflight_mib: Option<usize>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -574,7 +575,11 @@ impl ServeConfig {
 /// Longest `--http-read-timeout-ms` (1 hour).
 pub const MAX_HTTP_READ_TIMEOUT_MS: u64 = 3_600_000;
 
-/// Merge `--http-read-timeout-ms` and `--http-max-connections` with the file and defaults.
+/// Largest `--http-events-inflight-mib` (64 GiB).
+pub const MAX_HTTP_EVENTS_INFLIGHT_MIB: usize = 65_536;
+
+/// Merge `--http-read-timeout-ms`, `--http-max-connections` and `--http-events-inflight-mib`
+/// with the file and defaults.
 fn resolve_http_limits(
     args: &ServeArgs,
     file: &FileConfig,
@@ -598,9 +603,22 @@ fn resolve_http_limits(
         }
         Some(n) => n,
     };
+    let events_body_budget = match args
+        .http_events_inflight_mib
+        .or(file.http_events_inflight_mib)
+    {
+        None => defaults.events_body_budget,
+        Some(mib) if (1..=MAX_HTTP_EVENTS_INFLIGHT_MIB).contains(&mib) => mib << 20,
+        Some(mib) => {
+            return Err(ConfigError::Invalid(format!(
+                "--http-events-inflight-mib must be between 1 and {MAX_HTTP_EVENTS_INFLIGHT_MIB}, got {mib}"
+            )))
+        }
+    };
     Ok(ConnectionLimits {
         read_timeout,
         max_connections,
+        events_body_budget,
     })
 }
 
@@ -653,7 +671,7 @@ mod tests {
         let path = dir.path().join("k.toml");
         std::fs::write(
             &path,
-            "http_read_timeout_ms = 250\nhttp_max_connections = 9\n",
+            "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n",
         )
         .unwrap();
         let file = ServeArgs {
@@ -663,6 +681,7 @@ mod tests {
         let c = ServeConfig::resolve(&file).unwrap();
         assert_eq!(c.http.read_timeout, Duration::from_millis(250));
         assert_eq!(c.http.max_connections, 9);
+        assert_eq!(c.http.events_body_budget, 5 << 20);
         let flags = ServeArgs {
             http_max_connections: Some(3),
             ..file.clone()
@@ -682,6 +701,14 @@ mod tests {
             },
             ServeArgs {
                 http_max_connections: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_events_inflight_mib: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_events_inflight_mib: Some(MAX_HTTP_EVENTS_INFLIGHT_MIB + 1),
                 ..Default::default()
             },
             ServeArgs {

@@ -170,6 +170,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         access_log,
         trace_header,
         test_endpoints: cfg.test_endpoints,
+        events_budget: crate::http::body_budget::BodyBudget::new(cfg.http.events_body_budget),
     });
 
     let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest));

@@ -259,6 +259,60 @@ fn body_limits_are_8_mib_for_queries_and_2_mib_elsewhere() {
     assert_eq!(s.post_raw_json("/query_by_hash", &big).status, 413);
 }
 
+/// `POST /events` bodies in flight are bounded by `--http-events-inflight-mib`: a request
+/// arriving while a body of the whole budget is being read waits, is counted, and is served
+/// once that body is done.
+#[test]
+fn events_bodies_in_flight_are_bounded_by_the_budget() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-events-inflight-mib", "1"],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    let event =
+        |id: u64| format!(r#"[{{"worker_id":1,"event":{{"event_id":{id},"data":"cleared"}}}}]"#);
+    // A body of exactly the budget, sent in two halves.
+    let mut big = event(1).into_bytes();
+    big.resize(1 << 20, b' ');
+    let mut a = std::net::TcpStream::connect(&s.addr).unwrap();
+    a.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    );
+    a.write_all(head.as_bytes()).unwrap();
+    a.write_all(&big[..1 << 19]).unwrap();
+    let poll = |series: &str, want: f64| {
+        for _ in 0..600 {
+            if s.metric(series) == want {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{series} never reached {want}: {}", s.metric(series));
+    };
+    poll(
+        "kvindex_http_events_body_bytes_in_flight",
+        (1u64 << 20) as f64,
+    );
+
+    std::thread::scope(|scope| {
+        let small = scope.spawn(|| s.post_raw_json("/events", event(2).as_bytes()));
+        poll("kvindex_http_events_body_budget_waits_total", 1.0);
+        a.write_all(&big[1 << 19..]).unwrap();
+        let mut answer = String::new();
+        a.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let r = small.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    poll("kvindex_http_events_body_bytes_in_flight", 0.0);
+}
+
 #[test]
 fn query_counts_tokens_of_full_blocks_with_dynamos_shape() {
     let (_d, s) = server();

@@ -52,13 +52,16 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default connection cap.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
-/// How long a client may take and how many may be connected at once.
+/// How long a client may take, how many may be connected at once, and how much of their
+/// `POST /events` bodies is read at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Deadline for a request head, and (from then on) for its body.
     pub read_timeout: Duration,
     /// Open connections at most; more are closed at accept.
     pub max_connections: usize,
+    /// Bytes of `POST /events` bodies read and decoded at once (`super::body_budget`).
+    pub events_body_budget: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -66,6 +69,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             read_timeout: DEFAULT_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            events_body_budget: super::body_budget::DEFAULT_EVENTS_BODY_BUDGET,
         }
     }
 }

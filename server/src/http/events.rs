@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::errors::ApiError;
 use super::handlers::with_model;
-use super::{AppState, SharedState};
+use super::{AppState, SharedState, LARGE_BODY_LIMIT};
 use crate::metrics::REJECTED_TOTAL;
 use crate::partitions::RegistryError;
 
@@ -112,17 +112,28 @@ fn count_reject(endpoint: Option<&'static str>, reason: &'static str) {
     }
 }
 
-/// `POST /events`.
+/// `POST /events`. The body is read only once the request has its share of the body budget
+/// (`super::body_budget`), which it keeps until its events are submitted.
 pub async fn post_events(
     State(state): State<SharedState>,
     Query(target): Query<EventsTarget>,
     headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Response {
     let model_label = target.model_name.clone().unwrap_or_else(|| "-".into());
     let Some(format) = format_of(&headers) else {
         reject("media_type");
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, EVENTS_MEDIA_TYPE).into_response();
+    };
+    let budget = &state.events_budget;
+    let claim = budget
+        .claim(budget.claim_size(&headers, LARGE_BODY_LIMIT))
+        .await;
+    // The body extractor itself, so that its errors (413 over the limit, 400 past the read
+    // deadline) keep axum's wording.
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(rejection) => return rejection.into_response(),
     };
     let events = match decode(format, &body) {
         Ok(evs) => evs,
@@ -131,10 +142,13 @@ pub async fn post_events(
             return with_model(&model_label, ApiError::BadRequest(e));
         }
     };
+    drop(body);
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || {
-        submit_events(&st, &target, events, SourceSeq::EventId, Some("/events"))
-            .and_then(|s| s.finish(&st))
+        let submitted = submit_events(&st, &target, events, SourceSeq::EventId, Some("/events"));
+        // The events are in the log's and the index's queues now: the budget is free again.
+        drop(claim);
+        submitted.and_then(|s| s.finish(&st))
     })
     .await;
     match result {

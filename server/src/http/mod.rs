@@ -11,6 +11,7 @@ use crate::access_log::AccessLog;
 use crate::ingest::Ingest;
 use crate::partitions::Partitions;
 
+pub mod body_budget;
 pub mod connections;
 mod dump;
 pub mod errors;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub access_log: Option<Arc<AccessLog>>,
     pub trace_header: HeaderName,
     pub test_endpoints: bool,
+    /// Bounds the `POST /events` bodies read and decoded at once.
+    pub events_budget: body_budget::BodyBudget,
 }
 
 /// Shared state handle.
