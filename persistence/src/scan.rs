@@ -100,6 +100,34 @@ pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<u
     format::find_next_record(bytes, at)
 }
 
+/// Whether damage at `at` in the *last* segment, after which valid records resume at `resume`,
+/// is a torn group commit (docs/log-format.md §5, "Tail"): a crash during the segment's last
+/// write can persist its pages out of order, leaving a hole (zeros or stale bytes) with valid
+/// records after it up to the end of the data. That write was one group commit of at most
+/// `group_bytes`, so it is taken as torn only when every valid record after the damage ends
+/// within `group_bytes` of the damage's start. Damage in the segment header never is (the
+/// header is written before any group).
+pub(crate) fn torn_group_tail(bytes: &[u8], at: usize, resume: usize, group_bytes: usize) -> bool {
+    if at < SEGMENT_HEADER_LEN || resume <= at {
+        return false;
+    }
+    let limit = at.saturating_add(group_bytes);
+    let mut pos = resume;
+    loop {
+        match format::read_record(bytes, pos) {
+            Ok(Some(r)) if r.end > limit => return false,
+            Ok(Some(r)) => pos = r.end,
+            Ok(None) => return true,
+            Err(d) => match resume_after(bytes, pos, &d).filter(|&o| o > pos) {
+                // A valid record starting at or past the limit ends beyond it.
+                Some(o) if o >= limit => return false,
+                Some(o) => pos = o,
+                None => return true,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
