@@ -59,7 +59,8 @@ pub enum RecoveryPolicy {
     /// Only a torn write with nothing valid after it is cut from the tail; any other damage (a
     /// torn group commit included) refuses to start.
     Absolute,
-    /// Any damage at the tail of the last segment is cut; damage inside the log refuses to start.
+    /// Any damage at the tail of the last segment (a torn group commit included) is cut; damage
+    /// inside the log, a bit flip in records followed by valid ones included, refuses to start.
     #[default]
     TolerateTail,
     /// Damage anywhere is skipped and counted.
@@ -119,8 +120,10 @@ pub struct LogConfig {
     /// Appends waiting for the writer thread before `append` blocks (backpressure).
     pub queue_capacity: usize,
     /// Most bytes the writer gathers into one write (one group commit). Recovery reads it too:
-    /// damage in the last segment followed by valid records that all end within this many bytes
-    /// of it is a torn group commit, cut as a tail (docs/log-format.md §5).
+    /// damage in the last segment that holds a whole zero-filled 4 KiB page (an unwritten page
+    /// of a torn write) and is followed by valid records that all end within this many bytes of
+    /// it is a torn group commit, cut as a tail (docs/log-format.md §5). A bit flip (no zero
+    /// page) never is.
     pub max_group_bytes: usize,
     /// Bytes of segment between two entries of its LSN index (docs/log-format.md §2.4); a read
     /// of "events since LSN X" scans at most about this much before reaching X. 0 writes no

@@ -383,9 +383,11 @@ pub(crate) fn recover(
                             scan::torn_group_tail(bytes, at, r, cfg.max_group_bytes)
                         })
                     {
-                        // A torn group commit: its valid records after the hole were never
-                        // acknowledged and follow a gap, so they go too (saved with the rest).
-                        // `absolute` refuses it as damage inside the log (below).
+                        // A torn group commit (an unwritten, zero-filled page in the damage,
+                        // valid records after it within one group): its valid records after the
+                        // hole were never acknowledged and follow a gap, so they go too (saved
+                        // with the rest). `absolute` refuses it as damage inside the log (below);
+                        // a bit flip (no zero page) is damage inside the log for every policy.
                         cut = Some((at as u64, damage, false, true));
                         break;
                     } else if policy == RecoveryPolicy::SkipCorrupt {

@@ -78,7 +78,8 @@ pub enum Finding {
         bytes: u64,
         damage: Damage,
         /// Whether it is a tail (docs/log-format.md §5): nothing valid after it in the last
-        /// segment, or only a torn group commit's worth.
+        /// segment, or a torn group commit (a zero-filled page in the damage, then at most one
+        /// group's worth of records). A bit flip followed by valid records never is.
         at_tail: bool,
     },
     /// LSNs missing between two records (a deleted or cut segment, or skipped damage).
@@ -143,8 +144,9 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             let rec = match step {
                 ScanStep::Record(rec) => rec,
                 ScanStep::Damaged { at, damage, resume } => {
-                    // As recovery decides it (docs/log-format.md §5), with the writer's default
-                    // group-commit limit (the server does not change it).
+                    // As recovery decides it (docs/log-format.md §5: a zero-filled page in the
+                    // damage, valid records after it within one group), with the writer's
+                    // default group-commit limit (the server does not change it).
                     let at_tail = is_last
                         && resume.is_none_or(|r| {
                             torn_group_tail(bytes, at, r, LogConfig::default().max_group_bytes)

@@ -56,25 +56,10 @@ fn flip(path: &Path, offset: usize) {
 }
 
 fn open_with(dir: &Path, policy: RecoveryPolicy) -> Result<(Vec<LoggedEntry>, RecoveryReport)> {
-    open_cfg(dir, cfg_policy(policy))
-}
-
-fn open_cfg(dir: &Path, config: LogConfig) -> Result<(Vec<LoggedEntry>, RecoveryReport)> {
     let mut sink = CollectingSink::default();
-    let (log, report) = EventLog::open(dir, config, &mut sink)?;
+    let (log, report) = EventLog::open(dir, cfg_policy(policy), &mut sink)?;
     log.close()?;
     Ok((sink.entries, report))
-}
-
-/// `policy`, with recovery told that the writer wrote one record per group commit (a group
-/// limit below any record's size). Damage in the last segment followed by a valid record is
-/// then never a torn group commit (docs/log-format.md §5), so the tests of damage *inside* the
-/// log can use a small single-segment log.
-fn one_record_groups(policy: RecoveryPolicy) -> LogConfig {
-    LogConfig {
-        max_group_bytes: 16,
-        ..cfg_policy(policy)
-    }
 }
 
 fn flat(batches: &[Vec<LogEntry>]) -> Vec<LogEntry> {
@@ -218,7 +203,7 @@ fn bit_flip_in_an_earlier_record_refuses_unless_skip_corrupt_which_skips_that_ba
         let (start, end) = spans[3];
         flip(&seg, start + 12);
         let before = dir_bytes(dir.path());
-        let res = open_cfg(dir.path(), one_record_groups(policy));
+        let res = open_with(dir.path(), policy);
         match policy {
             RecoveryPolicy::SkipCorrupt => {
                 let (entries, report) = res.unwrap();
@@ -253,7 +238,7 @@ fn after_a_skip_corrupt_recovery_the_index_snapshots_so_the_default_policy_start
     let (start, _) = record_spans(&seg)[2];
     flip(&seg, start + 12);
     let skip = DurableConfig {
-        log: one_record_groups(RecoveryPolicy::SkipCorrupt),
+        log: cfg_policy(RecoveryPolicy::SkipCorrupt),
         ..DurableConfig::default()
     };
     let (idx, report) = DurableIndex::open(dir.path(), skip, small_engine()).unwrap();
@@ -357,7 +342,8 @@ fn punch_hole(path: &Path, from: usize, to: usize) {
 }
 
 /// The page of the segment a hole is punched into, and the index of the record the hole starts
-/// in (the first one ending past the page's start).
+/// in (the first one ending past the page's start). A whole page, aligned in the file: what a
+/// real torn write leaves (recovery requires one, docs/log-format.md §5).
 const HOLE: (usize, usize) = (4096, 8192);
 
 fn first_record_hit_by_hole(spans: &[(usize, usize)]) -> usize {
@@ -472,6 +458,83 @@ fn a_hole_in_the_last_group_commit_refuses_under_absolute() {
         other => panic!("absolute: {other:?}"),
     }
     assert_eq!(dir_bytes(dir.path()), before, "nothing changed on refusal");
+}
+
+/// A bit flip in records of the last group commit (already written, maybe acknowledged),
+/// valid records after it: non-zero damage with no zero-filled page is not a torn write, so it
+/// is never cut. `tolerate-tail` (and `absolute`) refuse it with nothing changed on disk;
+/// `skip-corrupt` skips that batch alone and counts its LSNs lost, keeping the records after it;
+/// `inspect` calls it damage inside the log. Before the zero-page rule, `tolerate-tail` and
+/// `skip-corrupt` cut it with every record after it.
+#[test]
+fn a_bit_flip_in_the_last_group_commit_is_not_a_torn_write_and_is_never_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = build_log(dir.path(), 100, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let spans = record_spans(&seg);
+    let hit = first_record_hit_by_hole(&spans);
+    let (start, end) = spans[hit];
+    let len = std::fs::metadata(&seg).unwrap().len() as usize;
+    assert!(
+        len - start < LogConfig::default().max_group_bytes,
+        "within one group"
+    );
+    assert!(hit + 10 < spans.len(), "valid records follow the damage");
+    // Flip a bit in every 16th byte of the record's payload: garbage, not zeros.
+    let mut b = std::fs::read(&seg).unwrap();
+    for i in (start + 8..end).step_by(16) {
+        b[i] ^= 0x10;
+    }
+    std::fs::write(&seg, b).unwrap();
+    let before = dir_bytes(dir.path());
+
+    let found = tool::inspect(dir.path()).unwrap();
+    assert!(
+        found.findings.iter().any(|f| matches!(
+            f,
+            Finding::Damaged { offset, bytes, at_tail: false, .. }
+                if *offset == start as u64 && *bytes == (end - start) as u64
+        )),
+        "{:?}",
+        found.findings
+    );
+
+    for policy in POLICIES {
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::SkipCorrupt, Ok((entries, report))) => {
+                assert!(report.truncated.is_empty(), "nothing cut: {report:?}");
+                assert_eq!(report.skipped.len(), 1, "{report:?}");
+                assert_eq!(
+                    (report.skipped[0].offset, report.skipped[0].bytes),
+                    (start as u64, (end - start) as u64)
+                );
+                let mut want = flat(&batches[..hit]);
+                want.extend(flat(&batches[hit + 1..]));
+                assert_eq!(entries_of(&entries), want);
+                let first_lost = flat(&batches[..hit]).len() as u64 + 1;
+                assert_eq!(
+                    report.lost_lsns,
+                    vec![(first_lost, first_lost + batches[hit].len() as u64 - 1)]
+                );
+                assert!(std::fs::metadata(&seg).unwrap().len() >= len as u64);
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("skip-corrupt: {e}"),
+            (
+                _,
+                Err(PersistError::Corrupt {
+                    path,
+                    offset,
+                    damage,
+                    ..
+                }),
+            ) => {
+                assert_eq!((&path, offset), (&seg, start as u64), "{policy}");
+                assert!(!damage.is_torn_write(), "{damage}");
+                assert_eq!(dir_bytes(dir.path()), before, "{policy}: nothing changed");
+            }
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
 }
 
 /// The same hole followed by more valid records than one group commit can hold (the default
@@ -770,12 +833,12 @@ fn skip_corrupt_can_reopen_after_an_open_that_appended_nothing() {
     let seg = segment_files(dir.path())[0].clone();
     let (start, _) = record_spans(&seg)[2];
     flip(&seg, start + 12);
-    let skip = || one_record_groups(RecoveryPolicy::SkipCorrupt);
-    let (first, report) = open_cfg(dir.path(), skip()).unwrap();
+    let (first, report) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
     assert!(report.skipped_anything(), "{report:?}");
-    let (second, _) = open_cfg(dir.path(), skip()).expect("the second skip-corrupt open");
+    let (second, _) =
+        open_with(dir.path(), RecoveryPolicy::SkipCorrupt).expect("the second skip-corrupt open");
     assert_eq!(first.len(), second.len());
-    let (third, _) = open_cfg(dir.path(), skip()).unwrap();
+    let (third, _) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
     assert_eq!(first.len(), third.len());
 }
 
@@ -790,7 +853,7 @@ fn skipped_damage_is_exported_as_metrics() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
-        open_cfg(dir.path(), one_record_groups(RecoveryPolicy::SkipCorrupt)).unwrap();
+        open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
     });
     let snap = snapshotter.snapshot().into_vec();
     let counter = |name: &str| {
