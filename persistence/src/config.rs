@@ -56,9 +56,11 @@ impl fmt::Display for FsyncPolicy {
 /// What recovery does with damage (docs/log-format.md §5.1), after raft-engine's recovery modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RecoveryPolicy {
-    /// Only a torn write at the tail is cut; any other damage refuses to start.
+    /// Only a torn write with nothing valid after it is cut from the tail; any other damage (a
+    /// torn group commit included) refuses to start.
     Absolute,
-    /// Any damage at the tail of the last segment is cut; damage inside the log refuses to start.
+    /// Any damage at the tail of the last segment (a torn group commit included) is cut; damage
+    /// inside the log, a bit flip in records followed by valid ones included, refuses to start.
     #[default]
     TolerateTail,
     /// Damage anywhere is skipped and counted.
@@ -117,7 +119,11 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Appends waiting for the writer thread before `append` blocks (backpressure).
     pub queue_capacity: usize,
-    /// Most bytes the writer gathers into one write (one group commit).
+    /// Most bytes the writer gathers into one write (one group commit). Recovery reads it too:
+    /// damage in the last segment that holds a whole zero-filled 4 KiB page (an unwritten page
+    /// of a torn write) and is followed by valid records that all end within this many bytes of
+    /// it is a torn group commit, cut as a tail (docs/log-format.md §5). A bit flip (no zero
+    /// page) never is.
     pub max_group_bytes: usize,
     /// Bytes of segment between two entries of its LSN index (docs/log-format.md §2.4); a read
     /// of "events since LSN X" scans at most about this much before reaching X. 0 writes no

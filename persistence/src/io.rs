@@ -170,6 +170,17 @@ mod uring {
     const WRITE: u64 = 1;
     const SYNC: u64 = 2;
 
+    /// Largest single write submitted (a write's length is a `u32` in the submission entry).
+    const MAX_WRITE_CHUNK: usize = 1 << 30;
+
+    /// A completed operation, in completion order (unit tests read it).
+    #[cfg(test)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Op {
+        Write { offset: u64, result: i32 },
+        Sync { result: i32 },
+    }
+
     /// A small ring used synchronously by the writer thread: at most two operations (a write and
     /// the `fdatasync` linked to it) are in flight, and every call waits for all of them.
     pub(super) struct UringIo {
@@ -177,6 +188,9 @@ mod uring {
         /// Set when the ring is in an unknown state (a submission failed in a way that may have
         /// left operations in flight); every later call fails instead of touching it again.
         poisoned: bool,
+        /// Every completed operation (unit tests only).
+        #[cfg(test)]
+        trace: Vec<Op>,
     }
 
     impl UringIo {
@@ -185,6 +199,8 @@ mod uring {
             let mut me = Self {
                 ring,
                 poisoned: false,
+                #[cfg(test)]
+                trace: Vec::new(),
             };
             // Some sandboxes allow the setup but not the submissions: probe with a no-op.
             let nop = opcode::Nop::new().build().user_data(0);
@@ -199,12 +215,27 @@ mod uring {
             Ok(me)
         }
 
+        /// Write all of `buf` at `offset`; with `sync`, `fdatasync` once every byte is written.
         pub(super) fn write_at(
+            &mut self,
+            file: &File,
+            offset: u64,
+            buf: &[u8],
+            sync: bool,
+        ) -> io::Result<()> {
+            self.write_chunked(file, offset, buf, sync, MAX_WRITE_CHUNK)
+        }
+
+        /// [`Self::write_at`] in writes of at most `max_chunk` bytes. The `fdatasync` is linked
+        /// to the write of the *last* chunk only, so it runs after every byte of `buf` was
+        /// written: linked to an earlier chunk it would leave the later ones unsynced.
+        pub(super) fn write_chunked(
             &mut self,
             file: &File,
             mut offset: u64,
             mut buf: &[u8],
             sync: bool,
+            max_chunk: usize,
         ) -> io::Result<()> {
             if self.poisoned {
                 return Err(io::Error::other(
@@ -212,10 +243,14 @@ mod uring {
                 ));
             }
             let fd = types::Fd(file.as_raw_fd());
+            let max_chunk = max_chunk.max(1);
             let mut need_sync = sync;
             while !buf.is_empty() || need_sync {
                 let mut expected = 0usize;
-                let chunk = buf.len().min(1 << 30);
+                let chunk = buf.len().min(max_chunk);
+                // Sync only with the write that reaches the end of `buf` (or alone, when
+                // nothing is left to write).
+                let sync_now = need_sync && chunk == buf.len();
                 // SAFETY (both pushes): the entries are valid opcodes on an open fd; the write
                 // reads `buf[..chunk]`, which stays borrowed and unmoved until this iteration has
                 // reaped both completions below. If waiting fails (`wait_for` poisons the ring),
@@ -229,7 +264,7 @@ mod uring {
                             .offset(offset)
                             .build()
                             .user_data(WRITE);
-                        if need_sync {
+                        if sync_now {
                             // The fsync runs only if the write completes in full.
                             w = w.flags(squeue::Flags::IO_LINK);
                         }
@@ -237,7 +272,7 @@ mod uring {
                             .map_err(|_| io::Error::other("io_uring queue full"))?;
                         expected += 1;
                     }
-                    if need_sync {
+                    if sync_now {
                         let s = opcode::Fsync::new(fd)
                             .flags(types::FsyncFlags::DATASYNC)
                             .build()
@@ -255,6 +290,15 @@ mod uring {
                         WRITE => write_res = Some(cqe.result()),
                         SYNC => sync_res = Some(cqe.result()),
                         _ => {}
+                    }
+                }
+                #[cfg(test)]
+                {
+                    if let Some(r) = write_res {
+                        self.trace.push(Op::Write { offset, result: r });
+                    }
+                    if let Some(r) = sync_res {
+                        self.trace.push(Op::Sync { result: r });
                     }
                 }
                 if let Some(r) = write_res {
@@ -279,6 +323,12 @@ mod uring {
             Ok(())
         }
 
+        /// Every operation completed so far, in completion order.
+        #[cfg(test)]
+        pub(super) fn trace(&self) -> &[Op] {
+            &self.trace
+        }
+
         /// Submit what is queued and wait until `n` completions are ready.
         fn wait_for(&mut self, n: usize) -> io::Result<()> {
             loop {
@@ -295,5 +345,61 @@ mod uring {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::uring::{Op, UringIo};
+
+    /// A write larger than one submission is split into chunks; with `sync`, the `fdatasync`
+    /// must complete after the last chunk's write, so that `sync = true` covers every byte (it
+    /// once ran after the first chunk only, leaving the rest unsynced). The chunk size is
+    /// lowered so the test writes kilobytes, not gigabytes.
+    #[test]
+    fn io_uring_syncs_after_the_last_chunk_of_a_split_write() {
+        let mut ring = match UringIo::new() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable here ({e})");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).expect("create");
+        let buf: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let chunk = 4096;
+        ring.write_chunked(&file, 8, &buf, true, chunk)
+            .expect("write + fdatasync");
+        let trace = ring.trace().to_vec();
+
+        let writes: Vec<(u64, i32)> = trace
+            .iter()
+            .filter_map(|op| match *op {
+                Op::Write { offset, result } => Some((offset, result)),
+                Op::Sync { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            writes,
+            vec![(8, 4096), (8 + 4096, 4096), (8 + 8192, 10_000 - 8192)],
+            "{trace:?}"
+        );
+        assert_eq!(
+            trace.last(),
+            Some(&Op::Sync { result: 0 }),
+            "the fdatasync must come after the last chunk: {trace:?}"
+        );
+        assert_eq!(
+            trace
+                .iter()
+                .filter(|op| matches!(op, Op::Sync { .. }))
+                .count(),
+            1,
+            "one fdatasync for the whole write: {trace:?}"
+        );
+        let on_disk = std::fs::read(&path).expect("read back");
+        assert_eq!(&on_disk[8..], &buf[..]);
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{Damage, PersistError, Result, CORRUPT_ADVICE};
 use crate::format::{self, SEGMENT_HEADER_LEN};
 use crate::lsn_index::{self, IndexMark, MarkPlanner};
 use crate::record::{ArchivedEntryRecord, ArchivedNamespaceRecord};
-use crate::scan::{ScanStep, SegmentScan};
+use crate::scan::{self, ScanStep, SegmentScan};
 use crate::segment::{list_dir, segment_file_name, SegmentReader};
 use crate::snapshot::{LoadedSnapshot, SnapshotFailure, SnapshotMeta, SnapshotStore};
 use crate::writer::{WatermarkTable, WriterStart};
@@ -116,7 +116,8 @@ pub struct TailCut {
     pub offset: u64,
     pub bytes: u64,
     pub damage: Damage,
-    /// Where the cut bytes were saved (only for damage other than a torn write).
+    /// Where the cut bytes were saved: for any damage other than a torn write with nothing
+    /// after it, so always when valid records were cut (a torn group commit).
     pub saved_to: Option<PathBuf>,
     /// Whether the whole file was removed (its header was incomplete or damaged).
     pub file_removed: bool,
@@ -344,7 +345,8 @@ pub(crate) fn recover(
         let mut planner = MarkPlanner::new(cfg.lsn_index_stride);
         let mut marks = Vec::new();
         let mut has_records = false;
-        let mut cut: Option<(u64, Damage, bool)> = None; // (offset, damage, remove file)
+        // (offset, damage, remove the file, save the cut bytes)
+        let mut cut: Option<(u64, Damage, bool, bool)> = None;
 
         while let Some(step) = scan.next_step() {
             let rec = match step {
@@ -354,6 +356,7 @@ pub(crate) fn recover(
                         .and_then(|o| format::read_record(bytes, o).ok().flatten())
                         .map(|r| r.batch.first_lsn.to_native())
                         .or(next_seg_lsn);
+                    // Nothing valid follows the damage in the last segment.
                     let is_tail = resume.is_none() && is_last;
                     let region_end = resume.unwrap_or(bytes.len());
                     if !is_tail && next_known.is_some_and(|l| l <= start_lsn) {
@@ -368,10 +371,25 @@ pub(crate) fn recover(
                         });
                     } else if is_tail {
                         if damage.is_torn_write() || policy != RecoveryPolicy::Absolute {
-                            cut = Some((at as u64, damage, at < SEGMENT_HEADER_LEN));
+                            // A torn write holds nothing worth keeping; other damage is saved.
+                            let save = !damage.is_torn_write();
+                            cut = Some((at as u64, damage, at < SEGMENT_HEADER_LEN, save));
                             break;
                         }
                         return Err(corrupt(path, at, damage, policy));
+                    } else if policy != RecoveryPolicy::Absolute
+                        && is_last
+                        && resume.is_some_and(|r| {
+                            scan::torn_group_tail(bytes, at, r, cfg.max_group_bytes)
+                        })
+                    {
+                        // A torn group commit (an unwritten, zero-filled page in the damage,
+                        // valid records after it within one group): its valid records after the
+                        // hole were never acknowledged and follow a gap, so they go too (saved
+                        // with the rest). `absolute` refuses it as damage inside the log (below);
+                        // a bit flip (no zero page) is damage inside the log for every policy.
+                        cut = Some((at as u64, damage, false, true));
+                        break;
                     } else if policy == RecoveryPolicy::SkipCorrupt {
                         tracing::warn!(path = %path.display(), offset = at, bytes = region_end - at, %damage, "skipping a damaged region of the log");
                         metrics::counter!("kvindex_recovery_skipped_bytes_total")
@@ -499,11 +517,11 @@ pub(crate) fn recover(
         drop(reader);
 
         match cut {
-            Some((offset, damage, remove)) => {
+            Some((offset, damage, remove, save)) => {
                 let bytes_cut = file_len - offset;
                 let mut saved_to = None;
                 if mode == Mode::ReadWrite {
-                    if !damage.is_torn_write() {
+                    if save {
                         saved_to = Some(save_cut(path, offset)?);
                     }
                     if remove {

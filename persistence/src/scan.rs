@@ -100,6 +100,61 @@ pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<u
     format::find_next_record(bytes, at)
 }
 
+/// The granularity at which a write can tear: 4096 bytes, the smallest page (and the largest
+/// common sector) size at which a Linux file system persists a file's data. A write interrupted
+/// by a crash leaves whole pages unwritten, each at least this large and aligned to this
+/// size in the file, so a real torn write's hole holds at least one such page.
+pub(crate) const TORN_PAGE_BYTES: usize = 4096;
+
+/// Whether `bytes[from..to]` contains a whole zero-filled page: [`TORN_PAGE_BYTES`] bytes,
+/// aligned to [`TORN_PAGE_BYTES`] in the file, all zero.
+pub(crate) fn holds_zero_page(bytes: &[u8], from: usize, to: usize) -> bool {
+    let to = to.min(bytes.len());
+    let mut page = from.next_multiple_of(TORN_PAGE_BYTES);
+    while page.saturating_add(TORN_PAGE_BYTES) <= to {
+        if bytes[page..page + TORN_PAGE_BYTES].iter().all(|&b| b == 0) {
+            return true;
+        }
+        page += TORN_PAGE_BYTES;
+    }
+    false
+}
+
+/// Whether damage at `at` in the *last* segment, after which valid records resume at `resume`,
+/// is a torn group commit (docs/log-format.md §5, "Tail"): a crash during the segment's last
+/// write can persist its pages out of order, leaving a hole with valid records after it up to
+/// the end of the data. Two conditions, both required:
+///
+/// * the damaged region `at..resume` holds a whole zero-filled page ([`holds_zero_page`]). The
+///   writer only extends segments (`pwrite` past the end, no preallocation, no writable map),
+///   so a page of the write that never reached the disk reads back as zeros. A bit flip in
+///   records that were already written (and possibly acknowledged) leaves non-zero bytes and no
+///   zero page, so it is never taken for a torn write: "never lose data";
+/// * that write was one group commit of at most `group_bytes`, so every valid record after the
+///   damage ends within `group_bytes` of the damage's start.
+///
+/// Damage in the segment header never is (the header is written before any group).
+pub(crate) fn torn_group_tail(bytes: &[u8], at: usize, resume: usize, group_bytes: usize) -> bool {
+    if at < SEGMENT_HEADER_LEN || resume <= at || !holds_zero_page(bytes, at, resume) {
+        return false;
+    }
+    let limit = at.saturating_add(group_bytes);
+    let mut pos = resume;
+    loop {
+        match format::read_record(bytes, pos) {
+            Ok(Some(r)) if r.end > limit => return false,
+            Ok(Some(r)) => pos = r.end,
+            Ok(None) => return true,
+            Err(d) => match resume_after(bytes, pos, &d).filter(|&o| o > pos) {
+                // A valid record starting at or past the limit ends beyond it.
+                Some(o) if o >= limit => return false,
+                Some(o) => pos = o,
+                None => return true,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -182,6 +237,52 @@ mod tests {
             });
         }
         out
+    }
+
+    /// Whether the first damage in `bytes` (valid records after it) is a torn group commit.
+    fn first_damage_is_torn(bytes: &[u8]) -> bool {
+        let bytes = aligned(bytes);
+        let mut scan = SegmentScan::new(&bytes, None);
+        while let Some(step) = scan.next_step() {
+            if let ScanStep::Damaged { at, resume, .. } = step {
+                let resume = resume.expect("valid records follow the damage");
+                return torn_group_tail(&bytes, at, resume, 4 << 20);
+            }
+        }
+        panic!("no damage");
+    }
+
+    /// A torn write leaves whole, aligned, zero-filled pages; damage without one (a bit flip,
+    /// non-zero garbage, zeros shorter than a page or not aligned to one) is not a torn write.
+    #[test]
+    fn only_damage_holding_an_aligned_zero_page_is_a_torn_group_commit() {
+        let lsns: Vec<u64> = (1..=400).collect();
+        let (good, offs) = segment(&lsns);
+        assert!(good.len() > 4 * TORN_PAGE_BYTES);
+        // `from..to` filled with `fill`, the bytes just outside it made non-zero so that the
+        // hole is exactly `from..to` (these records hold short runs of zeros of their own).
+        let with = |from: usize, to: usize, fill: u8| {
+            let mut b = good.clone();
+            b[from..to].fill(fill);
+            b[from - 1] = 0x5A;
+            b[to] = 0x5A;
+            b
+        };
+        let p = TORN_PAGE_BYTES;
+        assert!(first_damage_is_torn(&with(p, 2 * p, 0)));
+        assert!(first_damage_is_torn(&with(p - 100, 3 * p + 100, 0)));
+        assert!(!first_damage_is_torn(&with(p, 2 * p, 0xA5)));
+        assert!(!first_damage_is_torn(&with(p, 2 * p - 1, 0)));
+        assert!(!first_damage_is_torn(&with(p + 1, 2 * p + 1, 0)));
+        let mut flipped = good.clone();
+        let r = offs.iter().position(|&o| o > p).unwrap();
+        for b in &mut flipped[offs[r] + 8..offs[r + 1]] {
+            *b ^= 0x10;
+        }
+        assert!(!first_damage_is_torn(&flipped));
+        assert!(holds_zero_page(&with(p, 2 * p, 0), p, 2 * p));
+        assert!(!holds_zero_page(&with(p, 2 * p, 0), p + 1, 2 * p));
+        assert!(!holds_zero_page(&with(p, 2 * p, 0), p, 2 * p - 1));
     }
 
     #[test]

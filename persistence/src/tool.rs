@@ -22,7 +22,7 @@ use crate::format::{self, SEGMENT_HEADER_LEN};
 use crate::log::{read_log, EventLog};
 use crate::lsn_index::{self, SeekVia};
 use crate::recovery::{NullSink, RecoveryReport};
-use crate::scan::{ScanStep, SegmentScan};
+use crate::scan::{torn_group_tail, ScanStep, SegmentScan};
 use crate::segment::{list_dir, SegmentReader};
 use crate::snapshot::LoadedSnapshot;
 
@@ -74,8 +74,12 @@ pub enum Finding {
     Damaged {
         path: PathBuf,
         offset: u64,
+        /// The region's length; for a tail, everything recovery would cut (to the file's end).
         bytes: u64,
         damage: Damage,
+        /// Whether it is a tail (docs/log-format.md §5): nothing valid after it in the last
+        /// segment, or a torn group commit (a zero-filled page in the damage, then at most one
+        /// group's worth of records). A bit flip followed by valid records never is.
         at_tail: bool,
     },
     /// LSNs missing between two records (a deleted or cut segment, or skipped damage).
@@ -140,12 +144,24 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             let rec = match step {
                 ScanStep::Record(rec) => rec,
                 ScanStep::Damaged { at, damage, resume } => {
+                    // As recovery decides it (docs/log-format.md §5: a zero-filled page in the
+                    // damage, valid records after it within one group), with the writer's
+                    // default group-commit limit (the server does not change it).
+                    let at_tail = is_last
+                        && resume.is_none_or(|r| {
+                            torn_group_tail(bytes, at, r, LogConfig::default().max_group_bytes)
+                        });
+                    let end = if at_tail {
+                        bytes.len()
+                    } else {
+                        resume.unwrap_or(bytes.len())
+                    };
                     report.findings.push(Finding::Damaged {
                         path: path.clone(),
                         offset: at as u64,
-                        bytes: (resume.unwrap_or(bytes.len()) - at) as u64,
+                        bytes: (end - at) as u64,
                         damage,
-                        at_tail: resume.is_none() && is_last,
+                        at_tail,
                     });
                     continue;
                 }
@@ -307,7 +323,7 @@ impl fmt::Display for InspectReport {
                         "  {} at byte {offset} ({bytes} bytes): {damage}{}",
                         path.display(),
                         if *at_tail {
-                            " [tail: cut by tolerate-tail; by absolute only if a torn write]"
+                            " [tail: cut by tolerate-tail; by absolute only if a torn write with nothing valid after it]"
                         } else {
                             " [inside the log: refused unless --recovery skip-corrupt]"
                         }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use kvindex_engine::WorkerWithDpRank;
 use kvindex_persistence::format::{frame_len, SEGMENT_HEADER_LEN};
+use kvindex_persistence::tool::{self, Finding};
 use kvindex_persistence::*;
 
 const POLICIES: [RecoveryPolicy; 3] = [
@@ -332,6 +333,268 @@ fn garbage_after_the_last_record_refuses_under_absolute_and_is_cut_otherwise() {
     }
 }
 
+/// Zero `from..to` of `path`: the hole a crash leaves when a write's pages reach the disk out
+/// of order (later pages persisted, earlier ones not).
+fn punch_hole(path: &Path, from: usize, to: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[from..to].fill(0);
+    std::fs::write(path, b).unwrap();
+}
+
+/// The page of the segment a hole is punched into, and the index of the record the hole starts
+/// in (the first one ending past the page's start). A whole page, aligned in the file: what a
+/// real torn write leaves (recovery requires one, docs/log-format.md §5).
+const HOLE: (usize, usize) = (4096, 8192);
+
+fn first_record_hit_by_hole(spans: &[(usize, usize)]) -> usize {
+    spans.iter().position(|&(_, end)| end > HOLE.0).unwrap()
+}
+
+/// A crash during the last group commit persisted its pages out of order: a zero-filled page
+/// in the middle, valid records after it up to the end of the file, all within one group's
+/// bytes. That is a torn tail (docs/log-format.md §5): cut at the damaged record, the cut bytes
+/// saved and counted like any tail cut, the records after the hole dropped (none was
+/// acknowledged), and the log appends on from the record before the hole. It used to be
+/// refused as damage inside the log.
+#[test]
+fn a_hole_in_the_last_group_commit_is_a_torn_tail_cut_by_tolerate_tail_and_skip_corrupt() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    for policy in [RecoveryPolicy::TolerateTail, RecoveryPolicy::SkipCorrupt] {
+        let dir = tempfile::tempdir().unwrap();
+        let batches = build_log(dir.path(), 100, 1 << 20);
+        let seg = segment_files(dir.path())[0].clone();
+        let spans = record_spans(&seg);
+        let hit = first_record_hit_by_hole(&spans);
+        let (cut_at, _) = spans[hit];
+        let len = std::fs::metadata(&seg).unwrap().len() as usize;
+        assert!(len > HOLE.1 + 1024, "valid records follow the hole");
+        punch_hole(&seg, HOLE.0, HOLE.1);
+        let damaged = std::fs::read(&seg).unwrap();
+
+        // `inspect` says what recovery will do.
+        let found = tool::inspect(dir.path()).unwrap();
+        assert!(
+            found.findings.iter().any(|f| matches!(
+                f,
+                Finding::Damaged { offset, bytes, at_tail: true, .. }
+                    if *offset == cut_at as u64 && *bytes == (len - cut_at) as u64
+            )),
+            "{:?}",
+            found.findings
+        );
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (entries, report) = metrics::with_local_recorder(&recorder, || {
+            open_with(dir.path(), policy)
+                .unwrap_or_else(|e| panic!("{policy} refused a torn group commit: {e}"))
+        });
+        assert_eq!(entries_of(&entries), flat(&batches[..hit]), "{policy}");
+        assert_eq!(report.truncated.len(), 1, "{report:?}");
+        assert!(report.skipped.is_empty() && report.lost_lsns.is_empty());
+        let cut = &report.truncated[0];
+        assert_eq!(
+            (cut.offset, cut.bytes, cut.file_removed),
+            (cut_at as u64, (len - cut_at) as u64, false)
+        );
+        let saved = cut.saved_to.as_ref().expect("cut bytes saved");
+        assert_eq!(*saved, seg.with_extension(format!("kvlog.cut-{cut_at}")));
+        assert_eq!(std::fs::read(saved).unwrap(), damaged[cut_at..]);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), cut_at as u64);
+        let snap = snapshotter.snapshot().into_vec();
+        let counter = |name: &str| {
+            snap.iter()
+                .filter(|(k, ..)| k.key().name() == name)
+                .map(|(_, _, _, v)| match v {
+                    DebugValue::Counter(c) => *c,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        };
+        assert_eq!(
+            counter("kvindex_recovery_truncated_bytes_total"),
+            (len - cut_at) as u64
+        );
+        assert_eq!(counter("kvindex_recovery_skipped_regions_total"), 1);
+
+        // Opening again finds a clean log; appending continues after the record before the hole.
+        let (again, report) = open_with(dir.path(), policy).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(entries_of(&again), flat(&batches[..hit]));
+        let (log, _) = EventLog::open(dir.path(), cfg_policy(policy), &mut NullSink).unwrap();
+        let kept = flat(&batches[..hit]).len() as u64;
+        assert_eq!(log.next_lsn(), kept + 1);
+        let t = log.append(&batches[hit]).unwrap();
+        assert_eq!(t.first_lsn(), kept + 1);
+        t.wait().unwrap();
+        log.close().unwrap();
+        let (entries, report) = open_with(dir.path(), RecoveryPolicy::Absolute).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(entries_of(&entries), flat(&batches[..=hit]));
+    }
+}
+
+/// `absolute` cuts only a torn write with nothing valid after it: the same hole, followed by
+/// valid records, is refused like damage inside the log, and nothing on disk changes.
+#[test]
+fn a_hole_in_the_last_group_commit_refuses_under_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    build_log(dir.path(), 100, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let spans = record_spans(&seg);
+    let (cut_at, _) = spans[first_record_hit_by_hole(&spans)];
+    punch_hole(&seg, HOLE.0, HOLE.1);
+    let before = dir_bytes(dir.path());
+    match open_with(dir.path(), RecoveryPolicy::Absolute) {
+        Err(PersistError::Corrupt {
+            path,
+            offset,
+            damage,
+            ..
+        }) => {
+            assert_eq!((path, offset), (seg, cut_at as u64));
+            assert!(!damage.is_torn_write(), "{damage}");
+        }
+        other => panic!("absolute: {other:?}"),
+    }
+    assert_eq!(dir_bytes(dir.path()), before, "nothing changed on refusal");
+}
+
+/// A bit flip in records of the last group commit (already written, maybe acknowledged),
+/// valid records after it: non-zero damage with no zero-filled page is not a torn write, so it
+/// is never cut. `tolerate-tail` (and `absolute`) refuse it with nothing changed on disk;
+/// `skip-corrupt` skips that batch alone and counts its LSNs lost, keeping the records after it;
+/// `inspect` calls it damage inside the log. Before the zero-page rule, `tolerate-tail` and
+/// `skip-corrupt` cut it with every record after it.
+#[test]
+fn a_bit_flip_in_the_last_group_commit_is_not_a_torn_write_and_is_never_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches = build_log(dir.path(), 100, 1 << 20);
+    let seg = segment_files(dir.path())[0].clone();
+    let spans = record_spans(&seg);
+    let hit = first_record_hit_by_hole(&spans);
+    let (start, end) = spans[hit];
+    let len = std::fs::metadata(&seg).unwrap().len() as usize;
+    assert!(
+        len - start < LogConfig::default().max_group_bytes,
+        "within one group"
+    );
+    assert!(hit + 10 < spans.len(), "valid records follow the damage");
+    // Flip a bit in every 16th byte of the record's payload: garbage, not zeros.
+    let mut b = std::fs::read(&seg).unwrap();
+    for i in (start + 8..end).step_by(16) {
+        b[i] ^= 0x10;
+    }
+    std::fs::write(&seg, b).unwrap();
+    let before = dir_bytes(dir.path());
+
+    let found = tool::inspect(dir.path()).unwrap();
+    assert!(
+        found.findings.iter().any(|f| matches!(
+            f,
+            Finding::Damaged { offset, bytes, at_tail: false, .. }
+                if *offset == start as u64 && *bytes == (end - start) as u64
+        )),
+        "{:?}",
+        found.findings
+    );
+
+    for policy in POLICIES {
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::SkipCorrupt, Ok((entries, report))) => {
+                assert!(report.truncated.is_empty(), "nothing cut: {report:?}");
+                assert_eq!(report.skipped.len(), 1, "{report:?}");
+                assert_eq!(
+                    (report.skipped[0].offset, report.skipped[0].bytes),
+                    (start as u64, (end - start) as u64)
+                );
+                let mut want = flat(&batches[..hit]);
+                want.extend(flat(&batches[hit + 1..]));
+                assert_eq!(entries_of(&entries), want);
+                let first_lost = flat(&batches[..hit]).len() as u64 + 1;
+                assert_eq!(
+                    report.lost_lsns,
+                    vec![(first_lost, first_lost + batches[hit].len() as u64 - 1)]
+                );
+                assert!(std::fs::metadata(&seg).unwrap().len() >= len as u64);
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("skip-corrupt: {e}"),
+            (
+                _,
+                Err(PersistError::Corrupt {
+                    path,
+                    offset,
+                    damage,
+                    ..
+                }),
+            ) => {
+                assert_eq!((&path, offset), (&seg, start as u64), "{policy}");
+                assert!(!damage.is_torn_write(), "{damage}");
+                assert_eq!(dir_bytes(dir.path()), before, "{policy}: nothing changed");
+            }
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
+/// The same hole followed by more valid records than one group commit can hold (the default
+/// limit, 4 MiB) cannot be a crash during the last write: damage inside the log, refused by
+/// `tolerate-tail` (and `absolute`) exactly as before, skipped by `skip-corrupt`.
+#[test]
+fn a_hole_followed_by_more_than_a_group_commit_of_records_still_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut batches = build_log(dir.path(), 100, 64 << 20);
+    // Then about 6 MiB of large records, in the same segment.
+    let (log, _) = EventLog::open(
+        dir.path(),
+        cfg(IoBackendChoice::Portable, FsyncPolicy::Never),
+        &mut NullSink,
+    )
+    .unwrap();
+    for i in 0..48u64 {
+        let blocks: Vec<(u64, u64)> = (0..4096).map(|k| (i << 20 | k, k + 1)).collect();
+        let b = vec![LogEntry::event(
+            ns(),
+            10_000 + i,
+            stored(3, 0, 10_000 + i, None, &blocks),
+        )];
+        let _ = log.append(&b).unwrap();
+        batches.push(b);
+    }
+    log.close().unwrap();
+    let segs = segment_files(dir.path());
+    assert_eq!(segs.len(), 1);
+    let seg = segs[0].clone();
+    let spans = record_spans(&seg);
+    let hit = first_record_hit_by_hole(&spans);
+    let (cut_at, end) = spans[hit];
+    let len = std::fs::metadata(&seg).unwrap().len() as usize;
+    assert!(len - cut_at > LogConfig::default().max_group_bytes + (1 << 20));
+    punch_hole(&seg, HOLE.0, HOLE.1);
+    let before = dir_bytes(dir.path());
+    for policy in POLICIES {
+        match (policy, open_with(dir.path(), policy)) {
+            (RecoveryPolicy::SkipCorrupt, Ok((entries, report))) => {
+                assert!(report.truncated.is_empty(), "{report:?}");
+                assert_eq!(report.skipped.len(), 1);
+                assert_eq!(report.skipped[0].offset, cut_at as u64);
+                let mut want = flat(&batches[..hit]);
+                let skipped_to = cut_at + report.skipped[0].bytes as usize;
+                assert!(skipped_to >= end);
+                let resumed = spans.iter().position(|&(o, _)| o == skipped_to).unwrap();
+                want.extend(flat(&batches[resumed..]));
+                assert_eq!(entries_of(&entries), want);
+            }
+            (RecoveryPolicy::SkipCorrupt, Err(e)) => panic!("skip-corrupt: {e}"),
+            (_, Err(PersistError::Corrupt { path, offset, .. })) => {
+                assert_eq!((&path, offset), (&seg, cut_at as u64), "{policy}");
+                assert_eq!(dir_bytes(dir.path()), before, "{policy}: nothing changed");
+            }
+            (p, other) => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
 fn durable_with_snapshots(dir: &Path) -> Canonical {
     let config = DurableConfig {
         log: LogConfig {
@@ -570,7 +833,8 @@ fn skip_corrupt_can_reopen_after_an_open_that_appended_nothing() {
     let seg = segment_files(dir.path())[0].clone();
     let (start, _) = record_spans(&seg)[2];
     flip(&seg, start + 12);
-    let (first, _) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
+    let (first, report) = open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
+    assert!(report.skipped_anything(), "{report:?}");
     let (second, _) =
         open_with(dir.path(), RecoveryPolicy::SkipCorrupt).expect("the second skip-corrupt open");
     assert_eq!(first.len(), second.len());
