@@ -99,6 +99,7 @@ fn describe() {
     );
     crate::nats::metrics::describe();
     crate::http::connections::describe();
+    crate::peers::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.
