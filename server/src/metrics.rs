@@ -100,6 +100,7 @@ fn describe() {
     crate::nats::metrics::describe();
     crate::http::connections::describe();
     crate::http::body_budget::describe();
+    crate::peers::describe();
 }
 
 /// Refresh the gauges that are computed on scrape.

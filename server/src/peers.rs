@@ -2,6 +2,13 @@
 //! URL in order, 10 s timeout each; the first success wins; its partitions are created when
 //! missing and its events go through the normal intake (so they are logged too, with source
 //! sequence 0). Start-up never fails because of recovery.
+//!
+//! Every recovery is counted in `kvindex_peer_recovery_total{outcome}` (`recovered`, `partial`
+//! when part of the dump could not be used, `failed` when no peer's dump could be loaded), and
+//! every error on the way is logged with the peer and counted in
+//! `kvindex_peer_errors_total{stage}`: `fetch` (a peer's dump not fetched: bad URL, refused,
+//! timed out, non-2xx, not a dump), `entry` (a dump entry skipped), `load` (a partition or its
+//! events not loaded), `register` (a `--peers` URL not recorded for `GET /peers`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +29,74 @@ use crate::partitions::Partitions;
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events per logged record while loading a dump.
 const CHUNK: usize = 1024;
+
+/// Counter: start-up recoveries from `--peers`, by `outcome` (see [`Outcome`]).
+pub const RECOVERY_TOTAL: &str = "kvindex_peer_recovery_total";
+/// Counter: peer recovery errors, by `stage` (see [`Stage`]).
+pub const ERRORS_TOTAL: &str = "kvindex_peer_errors_total";
+
+/// Describe this module's metrics (help text on `/metrics`).
+pub fn describe() {
+    metrics::describe_counter!(
+        RECOVERY_TOTAL,
+        "Start-up recoveries from --peers, by outcome (recovered, partial, failed)"
+    );
+    metrics::describe_counter!(
+        ERRORS_TOTAL,
+        "Peer recovery errors (logged), by stage (fetch, entry, load, register)"
+    );
+}
+
+/// Where a peer recovery error happened (the `stage` label of [`ERRORS_TOTAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// A peer's dump could not be fetched or parsed.
+    Fetch,
+    /// An entry of a dump was skipped.
+    Entry,
+    /// A partition of a dump, or some of its events, could not be loaded.
+    Load,
+    /// A `--peers` URL could not be recorded in the registry.
+    Register,
+}
+
+impl Stage {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Entry => "entry",
+            Stage::Load => "load",
+            Stage::Register => "register",
+        }
+    }
+}
+
+fn count_error(stage: Stage) {
+    metrics::counter!(ERRORS_TOTAL, "stage" => stage.as_str()).increment(1);
+}
+
+/// How a start-up recovery ended (the `outcome` label of [`RECOVERY_TOTAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A peer's dump was loaded in full.
+    Recovered,
+    /// A peer's dump was loaded, but some entries, partitions or events were not.
+    Partial,
+    /// No peer's dump could be fetched, or loading it failed.
+    Failed,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Recovered => "recovered",
+            Outcome::Partial => "partial",
+            Outcome::Failed => "failed",
+        }
+    }
+}
 
 /// Why one peer could not be used.
 #[derive(Debug, Error)]
@@ -47,19 +122,30 @@ struct DumpEntry {
     routing_group: Option<String>,
 }
 
-/// A parsed dump: partition → (block size, events).
-pub type Dump = BTreeMap<NamespaceKey, (u32, Vec<RouterEvent>)>;
+/// A dump's partitions: partition → (block size, events).
+pub type DumpPartitions = BTreeMap<NamespaceKey, (u32, Vec<RouterEvent>)>;
+
+/// A parsed dump.
+#[derive(Debug, Default)]
+pub struct Dump {
+    /// The usable entries.
+    pub partitions: DumpPartitions,
+    /// Entries skipped (they carried an error or did not parse).
+    pub skipped: usize,
+}
 
 /// Parse a `/dump` body. Entries that carry an error (or do not parse) are skipped with a
-/// warning; keys without explicit names are split at the first `:` like Dynamo.
+/// warning and counted; keys without explicit names are split at the first `:` like Dynamo.
 pub fn parse_dump(body: &[u8]) -> Result<Dump, PeerError> {
     let raw: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(body).map_err(|e| PeerError::Parse(e.to_string()))?;
-    let mut out = Dump::new();
+    let mut out = Dump::default();
     for (key, value) in raw {
         let entry: DumpEntry = match serde_json::from_value(value) {
             Ok(e) => e,
             Err(e) => {
+                count_error(Stage::Entry);
+                out.skipped += 1;
                 tracing::warn!(partition = %key, error = %e, "skipping an unusable dump entry");
                 continue;
             }
@@ -71,7 +157,7 @@ pub fn parse_dump(body: &[u8]) -> Result<Dump, PeerError> {
                 None => (key.clone(), crate::config::DEFAULT_GROUP.to_owned()),
             },
         };
-        out.insert(
+        out.partitions.insert(
             NamespaceKey::new(model, group),
             (entry.block_size, entry.events),
         );
@@ -106,13 +192,29 @@ async fn fetch_dump(peer: &str) -> Result<Dump, PeerError> {
         .map_err(|_| PeerError::Timeout(PEER_TIMEOUT))?
 }
 
-/// Load `dump` into the index through the intake; returns the number of events applied.
-pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: Dump) -> usize {
+/// What [`load_dump`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// Events applied.
+    pub events: usize,
+    /// Failures (each logged and counted): a partition not created, events refused or not
+    /// durable, a partition not flushed.
+    pub failures: usize,
+}
+
+/// Load `dump` into the index through the intake.
+pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: DumpPartitions) -> Loaded {
+    let mut loaded = Loaded::default();
+    let mut failed = |partition: &NamespaceKey, error: &dyn std::fmt::Display, what: &str| {
+        count_error(Stage::Load);
+        loaded.failures += 1;
+        tracing::warn!(%partition, %error, "recovery from peer: {what}");
+    };
     let mut applied = 0;
     for (key, (block_size, events)) in dump {
         if let Err(e) = partitions.ensure_partition(&key.model_name, &key.routing_group, block_size)
         {
-            tracing::warn!(partition = %key, error = %e, "cannot recover this partition");
+            failed(&key, &e, "cannot recover this partition");
             continue;
         }
         tracing::info!(partition = %key, block_size, events = events.len(), "Creating indexer from recovery dump");
@@ -136,42 +238,90 @@ pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: Dump) -> usize 
                     applied += n;
                 }
                 Err(e) => {
-                    tracing::warn!(partition = %key, error = %e, "recovery events refused");
+                    failed(&key, &e, "recovery events refused");
                     break;
                 }
             }
         }
         if let Some(t) = last {
             if let Err(e) = t.wait() {
-                tracing::warn!(partition = %key, error = %e, "recovery events not durable");
+                failed(&key, &e, "recovery events not durable");
             }
         }
-        let _ = ingest.flush(&key);
+        if let Err(e) = ingest.flush(&key) {
+            failed(&key, &e, "recovered events not flushed into the index");
+        }
     }
-    applied
+    loaded.events = applied;
+    loaded
 }
 
-/// Try each peer in order; the first that answers wins. Never fails.
+/// Try each peer in order; the first that answers wins. Never fails; the outcome is logged
+/// and counted.
 pub async fn recover_from_peers(
     peers: &[String],
     partitions: Arc<Partitions>,
     ingest: Arc<Ingest>,
-) {
+) -> Outcome {
+    let outcome = recover(peers, partitions, ingest).await;
+    metrics::counter!(RECOVERY_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    outcome
+}
+
+async fn recover(peers: &[String], partitions: Arc<Partitions>, ingest: Arc<Ingest>) -> Outcome {
     for peer in peers {
-        match fetch_dump(peer).await {
-            Ok(dump) => {
-                let n = tokio::task::spawn_blocking(move || load_dump(&partitions, &ingest, dump))
-                    .await
-                    .unwrap_or(0);
-                tracing::info!(peer = %peer, events = n, "recovered from peer");
-                return;
+        let dump = match fetch_dump(peer).await {
+            Ok(dump) => dump,
+            Err(e) => {
+                count_error(Stage::Fetch);
+                tracing::warn!(peer = %peer, error = %e, "recovery from peer failed, trying next");
+                continue;
+            }
+        };
+        let skipped = dump.skipped;
+        let loaded =
+            tokio::task::spawn_blocking(move || load_dump(&partitions, &ingest, dump.partitions))
+                .await;
+        return match loaded {
+            Ok(l) if l.failures == 0 && skipped == 0 => {
+                tracing::info!(peer = %peer, events = l.events, "recovered from peer");
+                Outcome::Recovered
+            }
+            Ok(l) => {
+                tracing::warn!(
+                    peer = %peer,
+                    events = l.events,
+                    failures = l.failures,
+                    skipped_entries = skipped,
+                    "recovered from peer in part (see the warnings above)"
+                );
+                Outcome::Partial
             }
             Err(e) => {
-                tracing::warn!(peer = %peer, error = %e, "recovery from peer failed, trying next")
+                // The index may hold part of the dump: no other peer's is loaded on top.
+                count_error(Stage::Load);
+                tracing::error!(peer = %peer, error = %e, "loading the dump from peer failed");
+                Outcome::Failed
             }
-        }
+        };
     }
     tracing::warn!("no reachable peers, starting with empty state");
+    Outcome::Failed
+}
+
+/// Record each `--peers` URL in the registry (`GET /peers`). A failure is logged with the peer
+/// and counted, never fatal.
+pub async fn record_peers(peers: &[String], partitions: &Arc<Partitions>) {
+    for peer in peers {
+        let (parts, url) = (Arc::clone(partitions), peer.clone());
+        let error = match tokio::task::spawn_blocking(move || parts.add_peer(&url)).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        count_error(Stage::Register);
+        tracing::warn!(peer = %peer, %error, "cannot record the peer (GET /peers will not list it)");
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +336,8 @@ mod tests {
             "bad": {"error": "boom"}
         }"#;
         let d = parse_dump(body).unwrap();
+        assert_eq!(d.skipped, 1);
+        let d = d.partitions;
         assert!(d.contains_key(&NamespaceKey::new("org/llama:v1", "g:x")));
         assert_eq!(d[&NamespaceKey::new("m", "a:b")].0, 8);
         assert_eq!(d.len(), 2);

@@ -211,10 +211,7 @@ async fn serve_http(
                 Arc::clone(ingest),
             )
             .await;
-            for p in &cfg.peers {
-                let (parts, p) = (Arc::clone(partitions), p.clone());
-                let _ = tokio::task::spawn_blocking(move || parts.add_peer(&p)).await;
-            }
+            crate::peers::record_peers(&cfg.peers, partitions).await;
         }
         if cfg.min_initial_workers > 0 {
             tracing::info!(

@@ -365,3 +365,74 @@ fn bad_http_limits_exit_1_with_a_message() {
         assert!(err.contains(flag), "{err}");
     }
 }
+
+/// Close `c` with a TCP reset (SO_LINGER 0) instead of an orderly FIN.
+fn reset(c: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized `linger`.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_LINGER");
+    drop(c);
+}
+
+/// Open connections on `s`, not counting the scrape that asks.
+fn open_connections(s: &Server) -> f64 {
+    s.metric("kvindex_http_connections_open") - 1.0
+}
+
+/// Poll (bounded) until `cond` holds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A connection `s` serves, with `sent` written: returned once the server has it open.
+fn served_connection(s: &Server, sent: &[u8]) -> TcpStream {
+    wait_for("no other connection open", || open_connections(s) == 0.0);
+    let mut c = connect(s);
+    c.write_all(sent).unwrap();
+    wait_for("the connection served", || open_connections(s) >= 1.0);
+    c
+}
+
+#[test]
+fn connections_the_client_breaks_mid_request_are_logged_and_counted() {
+    let (_d, s) = server();
+    // Half a request head, then an orderly close.
+    let c = served_connection(&s, b"POST /query HTTP/1.1\r\nHost: x\r\nContent-");
+    drop(c);
+    wait_for("the incomplete request counted", || {
+        s.metric("kvindex_http_connection_errors_total{reason=\"incomplete_request\"}") == 1.0
+    });
+    // A head and half the announced body, then a reset.
+    let c = served_connection(
+        &s,
+        b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model",
+    );
+    reset(c);
+    wait_for("the reset counted", || {
+        s.metric("kvindex_http_connection_errors_total{reason=\"io\"}") == 1.0
+    });
+    let log = s.stderr();
+    assert!(log.contains("HTTP connection ended with an error"), "{log}");
+    assert!(log.contains("reason=\"incomplete_request\""), "{log}");
+    assert!(log.contains("peer=127.0.0.1:"), "{log}");
+    alive(&s);
+}

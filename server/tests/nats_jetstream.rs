@@ -236,3 +236,114 @@ fn the_consumer_comes_back_after_the_nats_server_restarts() {
     });
     wait_all_acked(&c);
 }
+
+/// `kvindex_nats_jetstream_errors_total{stage}` on `s`.
+fn js_errors(s: &Server, stage: &str) -> f64 {
+    metric(
+        s,
+        "kvindex_nats_jetstream_errors_total",
+        &[("stage", stage)],
+    )
+}
+
+/// The pull stream reporting an error (`pull`), a message without a `$JS.ACK` reply subject
+/// (`info`) and the acknowledgement it cannot get (`ack`) are each logged and counted; the
+/// consumer keeps delivering. Both are forged on the
+/// consumer's pull inbox, read from its pull request (`$JS.API.CONSUMER.MSG.NEXT...`, which
+/// every subscriber of that subject sees).
+#[test]
+fn pull_info_and_ack_errors_are_logged_and_counted() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let mut pulls = c.subscribe(&format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}"));
+    let s = start_js(&nats, dir.path(), &[]);
+    let inbox = c
+        .next_message(&mut pulls)
+        .reply
+        .expect("a pull request names its inbox")
+        .to_string();
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until("the first event indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}})
+    });
+
+    // A status the client does not expect: an error item in the pull stream.
+    publish_status(&nats, &inbox, 500, "Forged Failure");
+    wait_until("the pull error counted", || js_errors(&s, "pull") >= 1.0);
+    assert!(
+        s.stderr().contains("JetStream pull failed"),
+        "{}",
+        s.stderr()
+    );
+
+    // A message on the inbox without a reply subject: no delivery info, no way to ack. (Its
+    // subject is the inbox, so it is also refused; a genuine stream message without delivery
+    // info would be logged and applied like a core NATS message.)
+    c.publish(&inbox, event(2, 2, 200));
+    wait_until("its info and ack errors counted", || {
+        js_errors(&s, "info") == 1.0 && js_errors(&s, "ack") == 1.0
+    });
+    let log = s.stderr();
+    assert!(
+        log.contains("JetStream message without delivery info"),
+        "{log}"
+    );
+    assert!(log.contains("JetStream acknowledgement not sent"), "{log}");
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_messages_rejected_total",
+            &[("source", "jetstream"), ("reason", "subject")]
+        ),
+        1.0
+    );
+
+    // The consumer still works.
+    c.js_publish("kvindex.events.m.default", None, event(3, 1, 300));
+    wait_until("a later event indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}, "3": {"0": 4}})
+    });
+    wait_all_acked(&c);
+    wait_until("both real messages acked", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
+    });
+    assert_eq!(js_errors(&s, "setup"), 0.0);
+}
+
+/// A stream of the configured name that does not capture the events subjects: the consumer
+/// cannot be created, which is retried, logged and counted (`setup`); HTTP serves meanwhile.
+#[test]
+fn a_consumer_that_cannot_be_set_up_is_logged_and_counted() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    c.create_stream(STREAM, &["elsewhere.>"]);
+    let s = start(
+        dir.path(),
+        &[
+            "--nats-url",
+            &nats.url,
+            "--nats-jetstream-stream",
+            STREAM,
+            "--nats-jetstream-consumer",
+            CONSUMER,
+        ],
+        &[],
+    );
+    wait_until("the setup error counted", || js_errors(&s, "setup") >= 1.0);
+    assert!(
+        s.stderr().contains("JetStream consumer not ready"),
+        "{}",
+        s.stderr()
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_subscription_up",
+            &[("subscription", "jetstream")]
+        ),
+        0.0
+    );
+    assert_eq!(s.get("/health").status, 200);
+}

@@ -55,6 +55,11 @@ fn a_new_replica_recovers_from_the_first_live_peer() {
     assert!(b
         .stderr()
         .contains("recovery from peer failed, trying next"));
+    assert_eq!(
+        b.metric("kvindex_peer_recovery_total{outcome=\"recovered\"}"),
+        1.0
+    );
+    assert_eq!(b.metric("kvindex_peer_errors_total{stage=\"fetch\"}"), 1.0);
 }
 
 #[test]
@@ -69,6 +74,11 @@ fn no_reachable_peer_still_starts() {
     assert!(s
         .stderr()
         .contains("no reachable peers, starting with empty state"));
+    assert_eq!(
+        s.metric("kvindex_peer_recovery_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(s.metric("kvindex_peer_errors_total{stage=\"fetch\"}"), 1.0);
 }
 
 /// Recovered events are logged with source sequence 0: a restored ZMQ listener of the same
@@ -130,8 +140,9 @@ fn recovered_events_do_not_move_a_listeners_resume_point_past_the_engine() {
 
 /// A fake peer on a free port: answers every connection with `reply` (or, when `None`, reads
 /// the request and never answers). Returns its base URL.
-fn fake_peer(reply: Option<&'static str>) -> String {
+fn fake_peer(reply: Option<&str>) -> String {
     use std::io::{Read, Write};
+    let reply = reply.map(str::to_owned);
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
@@ -140,7 +151,7 @@ fn fake_peer(reply: Option<&'static str>) -> String {
             let Ok(mut s) = stream else { continue };
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
-            match reply {
+            match &reply {
                 Some(r) => {
                     let _ = s.write_all(r.as_bytes());
                 }
@@ -200,4 +211,78 @@ fn failing_peers_are_skipped_in_order_until_one_answers() {
             .len(),
         5
     );
+}
+
+/// A fake peer on a free port that answers its first request with `reply`, but only once the
+/// test sends on the returned sender; the receiver tells when the request has arrived.
+fn gated_peer(
+    reply: String,
+) -> (
+    String,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = l.accept() else { return };
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let _ = arrived_tx.send(());
+        if release_rx.recv().is_ok() {
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    (url, arrived, release)
+}
+
+/// A dump entry that carries an error is skipped; and with a registry that cannot be written
+/// any more (`registry.json.tmp` made a directory while the peer's dump is on its way) the
+/// dump's partition cannot be created and the peer cannot be recorded. Each is logged with the
+/// peer and counted, the recovery is `partial`, and the service still starts.
+#[test]
+fn peer_recovery_errors_are_logged_and_counted_and_the_service_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let body =
+        r#"{"bad:default": {"error": "boom"}, "m:default": {"block_size": 4, "events": []}}"#;
+    let (peer, arrived, release) = gated_peer(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let data = dir.path().join("d");
+    let starting = {
+        let (data, peer) = (data.clone(), peer.clone());
+        std::thread::spawn(move || start(&data, &["--peers", &peer], &[]))
+    };
+    // The registry was written at start-up, before recovery asked the peer.
+    arrived
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the peer was asked for its dump");
+    std::fs::create_dir_all(data.join("registry.json.tmp")).unwrap();
+    release.send(()).unwrap();
+    let s = starting.join().expect("the service started");
+    assert_eq!(s.get("/health").status, 200);
+    let errors = |stage: &str| s.metric(&format!("kvindex_peer_errors_total{{stage=\"{stage}\"}}"));
+    assert_eq!(errors("fetch"), 0.0);
+    assert_eq!(errors("entry"), 1.0);
+    assert_eq!(errors("load"), 1.0);
+    assert_eq!(errors("register"), 1.0);
+    assert_eq!(
+        s.metric("kvindex_peer_recovery_total{outcome=\"partial\"}"),
+        1.0
+    );
+    let log = s.stderr();
+    for line in [
+        "skipping an unusable dump entry",
+        "recovery from peer: cannot recover this partition",
+        "recovered from peer in part",
+        "cannot record the peer",
+    ] {
+        assert!(log.contains(line), "{line}: {log}");
+    }
+    assert!(log.contains(&format!("peer={peer}")), "{log}");
+    assert_eq!(s.get("/peers").json(), json!([]));
 }

@@ -16,7 +16,10 @@
 //!
 //! Each bound is counted in `kvindex_http_read_timeouts_total{stage}` or
 //! `kvindex_http_connections_refused_total`; a request head that is not HTTP at all gets hyper's
-//! `400` and is counted in `kvindex_http_malformed_requests_total`.
+//! `400` and is counted in `kvindex_http_malformed_requests_total`. Any other error that ends a
+//! connection (the client closing or resetting it in the middle of a request, an I/O error while
+//! writing the response) is logged with the client's address and counted in
+//! `kvindex_http_connection_errors_total{reason}`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +47,9 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "kvindex_http_connections_refused_to
 /// Counter: connections closed because the request head was not HTTP/1.1 (hyper answers 400,
 /// or 431 for an oversized head).
 pub const MALFORMED_REQUESTS_TOTAL: &str = "kvindex_http_malformed_requests_total";
+/// Counter: connections ended by an error other than a read timeout or a malformed head
+/// (label `reason`, see [`ConnectionError`]).
+pub const CONNECTION_ERRORS_TOTAL: &str = "kvindex_http_connection_errors_total";
 /// Gauge: open HTTP connections.
 pub const CONNECTIONS_OPEN: &str = "kvindex_http_connections_open";
 
@@ -88,7 +94,63 @@ pub fn describe() {
         MALFORMED_REQUESTS_TOTAL,
         "HTTP connections whose request head was not valid HTTP/1.1 (answered 400 or 431)"
     );
+    metrics::describe_counter!(
+        CONNECTION_ERRORS_TOTAL,
+        "HTTP connections ended by an error other than a read timeout or a malformed head, by reason (incomplete_request, io, response_aborted, other)"
+    );
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Open HTTP connections");
+}
+
+/// Why a connection ended with an error, past the read deadline and malformed heads (the
+/// `reason` label of [`CONNECTION_ERRORS_TOTAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionError {
+    /// The client closed the connection in the middle of a request (head or body).
+    IncompleteRequest,
+    /// An I/O error on the socket: reset by the client, broken pipe while writing, ...
+    Io,
+    /// A response body failed while it was being written.
+    ResponseAborted,
+    /// Anything else hyper reports.
+    Other,
+}
+
+impl ConnectionError {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionError::IncompleteRequest => "incomplete_request",
+            ConnectionError::Io => "io",
+            ConnectionError::ResponseAborted => "response_aborted",
+            ConnectionError::Other => "other",
+        }
+    }
+
+    /// Classify an error of hyper's connection future that is neither a timeout nor a parse
+    /// error.
+    fn of(e: &hyper::Error) -> Self {
+        if e.is_incomplete_message() {
+            ConnectionError::IncompleteRequest
+        } else if e.is_body_write_aborted() {
+            ConnectionError::ResponseAborted
+        } else if has_io_source(e) {
+            ConnectionError::Io
+        } else {
+            ConnectionError::Other
+        }
+    }
+}
+
+/// Whether an `std::io::Error` is among `e`'s sources.
+fn has_io_source(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Serve `router` on `listener` until `shutdown` turns `true`, then drain (bounded).
@@ -108,8 +170,8 @@ pub async fn serve(
             // Reap finished connection tasks so the set stays as small as the open connections.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
                 tracing::warn!(error = %e, "accepting an HTTP connection failed");
@@ -132,7 +194,7 @@ pub async fn serve(
         connections.spawn(async move {
             let _permit = permit;
             metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
-            serve_connection(stream, service, limits.read_timeout, stop).await;
+            serve_connection(stream, peer, service, limits.read_timeout, stop).await;
             metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
         });
     }
@@ -154,6 +216,7 @@ pub async fn serve(
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
     service: TowerToHyperService<Router>,
     read_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -183,7 +246,9 @@ async fn serve_connection(
             metrics::counter!(MALFORMED_REQUESTS_TOTAL).increment(1);
             tracing::debug!(error = %e, "HTTP connection closed: malformed request head");
         } else {
-            tracing::debug!(error = %e, "HTTP connection ended with an error");
+            let reason = ConnectionError::of(&e);
+            metrics::counter!(CONNECTION_ERRORS_TOTAL, "reason" => reason.as_str()).increment(1);
+            tracing::info!(%peer, reason = reason.as_str(), error = %e, "HTTP connection ended with an error");
         }
     }
 }

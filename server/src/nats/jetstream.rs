@@ -3,6 +3,13 @@
 //! (at-least-once). A bad message is terminated (`term`: never redelivered) and counted; a log
 //! failure is `nak`ed so the message comes back later. A stream or consumer that cannot be set
 //! up (server down, wrong stream subjects) is retried with backoff and logged.
+//!
+//! Errors on the way are logged and counted in `kvindex_nats_jetstream_errors_total{stage}`:
+//! `setup` (stream or consumer not ready), `pull` (the pull stream reported an error instead of
+//! a message), `info` (a message without a parsable `$JS.ACK` reply subject: it is logged and
+//! applied like a core NATS message, without the stream sequence, so a redelivery of it cannot
+//! be recognised as durable), `ack` (an acknowledgement not sent: the message is redelivered
+//! after the ack wait, and recognised as durable when it was logged).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +20,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::intake::{self, Delivery, Incoming, Outcome, Source};
-use super::metrics::{JS_ACKS, SUBSCRIPTION_UP};
+use super::metrics::{JS_ACKS, JS_ERRORS, SUBSCRIPTION_UP};
 use super::{backoff, stopped, stopping, TestHold};
 use crate::config::JetStreamConfig;
 use crate::http::SharedState;
@@ -58,6 +65,53 @@ fn count_ack(kind: &'static str) {
     metrics::counter!(JS_ACKS, "kind" => kind).increment(1);
 }
 
+/// Where a JetStream error happened (the `stage` label of [`JS_ERRORS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorStage {
+    Setup,
+    Pull,
+    Info,
+    Ack,
+}
+
+impl ErrorStage {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorStage::Setup => "setup",
+            ErrorStage::Pull => "pull",
+            ErrorStage::Info => "info",
+            ErrorStage::Ack => "ack",
+        }
+    }
+}
+
+fn count_error(stage: ErrorStage) {
+    metrics::counter!(JS_ERRORS, "stage" => stage.as_str()).increment(1);
+}
+
+/// The delivery facts of `m`, or `None` (counted and logged) when its reply subject is not a
+/// parsable `$JS.ACK` subject: it is then handled like a core NATS message (logged with its
+/// events' ids rather than refused for the missing info, so its data is not lost), and a
+/// redelivery of it cannot be recognised as already durable.
+fn delivery_of(m: &jetstream::Message) -> Option<Delivery> {
+    match m.info() {
+        Ok(i) => Some(Delivery {
+            stream_sequence: i.stream_sequence,
+            delivered: i.delivered,
+        }),
+        Err(e) => {
+            count_error(ErrorStage::Info);
+            tracing::warn!(
+                subject = %m.subject,
+                reply = m.reply.as_deref().unwrap_or("<none>"),
+                error = %e,
+                "JetStream message without delivery info; handled like a core NATS message (no redelivery deduplication)"
+            );
+            None
+        }
+    }
+}
+
 /// Log, apply and acknowledge one batch. Returns `false` when shutdown came during a test hold.
 async fn handle(
     state: &SharedState,
@@ -68,13 +122,7 @@ async fn handle(
 ) -> bool {
     let batch: Vec<Incoming> = messages
         .iter()
-        .map(|m| {
-            let delivery = m.info().ok().map(|i| Delivery {
-                stream_sequence: i.stream_sequence,
-                delivered: i.delivered,
-            });
-            Incoming::from_message(&m.message, delivery)
-        })
+        .map(|m| Incoming::from_message(&m.message, delivery_of(m)))
         .collect();
     if hold == TestHold::BeforeLog
         && !hold_until_shutdown("before_log", batch.len(), shutdown).await
@@ -108,8 +156,11 @@ async fn handle(
         };
         match m.ack_with(kind).await {
             Ok(()) => count_ack(label),
-            // Redelivered later; the redelivery is recognised as durable.
-            Err(e) => tracing::warn!(error = %e, "JetStream acknowledgement not sent"),
+            // Redelivered after the ack wait; a logged one is then recognised as durable.
+            Err(e) => {
+                count_error(ErrorStage::Ack);
+                tracing::warn!(subject = %m.subject, kind = label, error = %e, "JetStream acknowledgement not sent");
+            }
         }
     }
     true
@@ -145,6 +196,7 @@ pub async fn run(
         let messages = match messages {
             Ok(m) => m,
             Err(e) => {
+                count_error(ErrorStage::Setup);
                 attempt += 1;
                 let wait = backoff(attempt);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "JetStream consumer not ready");
@@ -168,7 +220,10 @@ pub async fn run(
             for r in chunk {
                 match r {
                     Ok(m) => batch.push(m),
-                    Err(e) => tracing::warn!(error = %e, "JetStream pull"),
+                    Err(e) => {
+                        count_error(ErrorStage::Pull);
+                        tracing::warn!(error = %e, "JetStream pull failed");
+                    }
                 }
             }
             if !batch.is_empty() && !handle(&state, &subjects, hold, &mut shutdown, batch).await {

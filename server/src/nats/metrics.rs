@@ -12,6 +12,10 @@ pub const EVENTS_ACCEPTED: &str = "kvindex_nats_events_accepted_total";
 /// JetStream acknowledgements sent, by `kind`: `ack` (durable now), `duplicate` (a
 /// redelivery already durable), `term` (bad message), `nak` (log failure, retried later).
 pub const JS_ACKS: &str = "kvindex_nats_jetstream_acks_total";
+/// JetStream errors, by `stage`: `setup` (stream / consumer not ready), `pull` (the pull
+/// stream reported an error), `info` (a message without delivery info), `ack` (an
+/// acknowledgement not sent).
+pub const JS_ERRORS: &str = "kvindex_nats_jetstream_errors_total";
 /// Query requests answered, by `kind` (`query` / `query_by_hash`) and `outcome`
 /// (`ok` / `error`).
 pub const QUERIES: &str = "kvindex_nats_query_requests_total";
@@ -39,6 +43,10 @@ pub fn describe() {
     describe_counter!(
         JS_ACKS,
         "JetStream acknowledgements sent, by kind (ack, duplicate, term, nak)"
+    );
+    describe_counter!(
+        JS_ERRORS,
+        "JetStream consumer errors (logged), by stage (setup, pull, info, ack)"
     );
     describe_counter!(
         QUERIES,

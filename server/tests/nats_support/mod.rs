@@ -216,6 +216,44 @@ impl Client {
         })
     }
 
+    /// A core subscription to `subject`, known to the server when this returns.
+    pub fn subscribe(&self, subject: &str) -> async_nats::Subscriber {
+        self.rt.block_on(async {
+            let sub = self
+                .inner
+                .subscribe(subject.to_owned())
+                .await
+                .expect("subscribe");
+            self.inner.flush().await.expect("flush");
+            sub
+        })
+    }
+
+    /// The next message of `sub` (bounded: about 60 s, then panics).
+    pub fn next_message(&self, sub: &mut async_nats::Subscriber) -> async_nats::Message {
+        use futures::StreamExt;
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), sub.next())
+                .await
+                .expect("no message within 60 s")
+                .expect("subscription ended")
+        })
+    }
+
+    /// Create stream `name` capturing `subjects` (fails if it exists).
+    pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        self.rt.block_on(async {
+            jetstream::new(self.inner.clone())
+                .create_stream(jetstream::stream::Config {
+                    name: name.to_owned(),
+                    subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                })
+                .await
+                .expect("create stream");
+        })
+    }
+
     /// `(num_ack_pending, num_redelivered, num_pending)` of a durable consumer.
     pub fn consumer_state(&self, stream: &str, consumer: &str) -> (usize, usize, u64) {
         self.rt.block_on(async {
@@ -231,6 +269,33 @@ impl Client {
             (info.num_ack_pending, info.num_redelivered, info.num_pending)
         })
     }
+}
+
+/// Publish an empty message whose header block carries a status line (`NATS/1.0 <code>
+/// <description>`), as only servers send (JetStream's replies to pull requests); a client
+/// library cannot, so this speaks the protocol over a raw connection to `nats`.
+pub fn publish_status(nats: &NatsServer, subject: &str, code: u16, description: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = TcpStream::connect(("127.0.0.1", nats.port)).expect("connect to nats-server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("INFO");
+    assert!(line.starts_with("INFO"), "{line}");
+    let header = format!("NATS/1.0 {code} {description}\r\n\r\n");
+    let mut w = stream;
+    write!(
+        w,
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\n\
+         HPUB {subject} {len} {len}\r\n{header}\r\nPING\r\n",
+        len = header.len()
+    )
+    .expect("publish");
+    line.clear();
+    reader.read_line(&mut line).expect("PONG");
+    assert_eq!(line.trim_end(), "PONG", "nats-server refused the message");
 }
 
 /// Headers with one `(name, value)`.
