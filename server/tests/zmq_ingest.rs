@@ -739,6 +739,105 @@ async fn a_restarted_publisher_is_followed_from_its_new_sequence() {
     assert_eq!(st.last_error, None, "{st:?}");
 }
 
+/// Batches a publisher sent just before its connection closed reach the sink: the listener
+/// takes what is already in its socket before it replaces the socket (there is no replay
+/// endpoint to fill a loss). A relay in front of the publisher closes the connection right
+/// after passing on the last byte of the last batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BATCHES: usize = 50;
+    for round in 0..5u64 {
+        let publisher = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+            .await
+            .unwrap();
+        let real = publisher
+            .endpoint()
+            .strip_prefix("tcp://")
+            .unwrap()
+            .to_string();
+        let front = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let endpoint = format!("tcp://{}", front.local_addr().unwrap());
+        // Armed: count the bytes passed downstream, and close once `close_at` have passed.
+        let armed = Arc::new(AtomicBool::new(false));
+        let passed = Arc::new(AtomicUsize::new(0));
+        let close_at = Arc::new(AtomicUsize::new(usize::MAX));
+        let (a, p, c) = (
+            Arc::clone(&armed),
+            Arc::clone(&passed),
+            Arc::clone(&close_at),
+        );
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = front.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(real.as_str()).await else {
+                    continue;
+                };
+                let (a, p, c) = (Arc::clone(&a), Arc::clone(&p), Arc::clone(&c));
+                tokio::spawn(async move {
+                    let (mut conn_r, mut conn_w) = conn.into_split();
+                    let (mut up_r, mut up_w) = up.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut conn_r, &mut up_w).await;
+                    });
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = up_r.read(&mut buf).await {
+                        if n == 0 || conn_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if a.load(Ordering::SeqCst)
+                            && p.fetch_add(n, Ordering::SeqCst) + n >= c.load(Ordering::SeqCst)
+                        {
+                            // Once: later connections are relayed as usual.
+                            a.store(false, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    // Dropping both halves closes the connection.
+                });
+            }
+        });
+        let sink = Arc::new(CollectingSink::default());
+        let ingest = ingest(&sink, fast_config());
+        ingest
+            .register(ListenerSpec::new(13, 0, endpoint.as_str(), BS))
+            .unwrap();
+        sync_live(&publisher, &ingest, &sink, 13, 0).await;
+        // (Batches published before the subscription took hold count as lost.)
+        let lost_before = status(&ingest, 13, 0).counters.lost_batches;
+        // The bytes of one batch on the wire: count one through.
+        armed.store(true, Ordering::SeqCst);
+        let one = publisher
+            .publish(&PublishBatch::new(Vec::new()))
+            .await
+            .unwrap();
+        wait_until("one counted batch", || sink.has_seq(13, 0, one)).await;
+        let per_message = passed.swap(0, Ordering::SeqCst);
+        close_at.store(BATCHES * per_message, Ordering::SeqCst);
+        let mut last = 0;
+        for _ in 0..BATCHES {
+            last = publisher
+                .publish(&PublishBatch::new(Vec::new()))
+                .await
+                .unwrap();
+        }
+        wait_until("the connection to close", || {
+            status(&ingest, 13, 0).counters.disconnects >= 1
+        })
+        .await;
+        wait_until("the last batch", || sink.has_seq(13, 0, last)).await;
+        let st = status(&ingest, 13, 0);
+        assert_eq!(
+            st.counters.lost_batches, lost_before,
+            "round {round}: {st:?}"
+        );
+        assert_eq!(st.watermark, Some(last), "round {round}: {st:?}");
+        assert!(passed.load(Ordering::SeqCst) >= BATCHES * per_message);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_replies_without_topic_frame_are_accepted_too() {
     // Older / hand-written publishers answer `[b"", seq, payload]` (SERVICE.md §7.2).

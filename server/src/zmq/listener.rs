@@ -718,6 +718,10 @@ fn may_hold(count: usize, bytes: usize, config: &IngestConfig) -> bool {
     count < config.max_held_live_batches && bytes < config.max_held_live_bytes
 }
 
+/// After a publisher connection ended, how long the socket must stay quiet before the listener
+/// takes it that every message sent before the end has been received.
+const END_DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// How long to wait before reconnecting after a connection that lasted `lasted`, the previous
 /// wait having been `previous`: at once after a connection that lasted, with a growing pause
 /// (100 ms doubling up to `connect_backoff_max`) after connections that keep dropping at once,
@@ -783,6 +787,7 @@ impl Listener {
                 tokio::time::sleep(pause).await;
             }
             let (mut sub, mut guard) = self.connect().await;
+            let mut ended = false;
             let connected_at = tokio::time::Instant::now();
             tracing::info!(
                 worker_id = self.spec.worker_id,
@@ -804,7 +809,7 @@ impl Listener {
                         self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
                         m
                     }
-                    None => match self.next_live(&mut sub, &mut guard).await {
+                    None => match self.next_live(&mut sub, &mut guard, &mut ended).await {
                         Some(m) => m,
                         None => break,
                     },
@@ -889,9 +894,28 @@ impl Listener {
     }
 
     /// The next live message, or `None` when the connection to the publisher has ended.
-    async fn next_live(&self, sub: &mut SubSocket, guard: &mut Guard) -> Option<ZmqMessage> {
+    /// Once the guard has reported the end (`ended`), the messages the publisher sent before
+    /// it went may still be in our socket (the guard passes every byte on before it reports,
+    /// but the socket sees them only once the runtime has polled its readiness): they are
+    /// taken first, until the socket has been quiet for [`END_DRAIN_QUIET`], and only then
+    /// `None`.
+    async fn next_live(
+        &self,
+        sub: &mut SubSocket,
+        guard: &mut Guard,
+        ended: &mut bool,
+    ) -> Option<ZmqMessage> {
         loop {
+            if *ended {
+                match tokio::time::timeout(END_DRAIN_QUIET, sub.recv()).await {
+                    Ok(Ok(msg)) => return Some(msg),
+                    // An error (the socket saw the end too) or quiet: all taken.
+                    Ok(Err(_)) | Err(_) => return None,
+                }
+            }
             tokio::select! {
+                // Messages before the end: a message and the end may be ready together.
+                biased;
                 received = sub.recv() => match received {
                     Ok(msg) => return Some(msg),
                     Err(e) => {
@@ -899,7 +923,7 @@ impl Listener {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
-                () = guard.connection_ended() => return None,
+                () = guard.connection_ended() => *ended = true,
             }
         }
     }
