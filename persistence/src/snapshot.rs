@@ -600,9 +600,9 @@ impl SnapshotStore {
         let n = list.len().saturating_sub(keep);
         let mut deleted = Vec::new();
         for meta in list.into_iter().take(n) {
-            std::fs::remove_file(&meta.path)
-                .map_err(|e| PersistError::io("delete", &meta.path, None, e))?;
-            deleted.push(meta.path);
+            if remove_pruned(&meta.path)? {
+                deleted.push(meta.path);
+            }
         }
         if !deleted.is_empty() {
             sync_dir(&self.dir)?;
@@ -611,9 +611,36 @@ impl SnapshotStore {
     }
 }
 
+/// Delete one pruned snapshot; `false` when it is already gone (a snapshot taken at the same
+/// moment pruned it: not an error, or the second snapshot would fail after being written).
+fn remove_pruned(path: &Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(PersistError::io("delete", path, None, e)),
+    }
+}
+
 /// fsync a directory so that creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| PersistError::io("fsync directory", dir, None, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_pruned;
+
+    #[test]
+    fn pruning_a_snapshot_already_gone_is_not_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot-1");
+        std::fs::write(&path, b"x").expect("write");
+        assert!(remove_pruned(&path).expect("first removal"));
+        assert!(!remove_pruned(&path).expect("second removal: already gone"));
+        // Other failures are still errors: a directory is not removed as a file.
+        std::fs::create_dir(&path).expect("mkdir");
+        assert!(remove_pruned(&path).is_err());
+    }
 }

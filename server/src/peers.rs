@@ -111,6 +111,25 @@ pub enum PeerError {
     Status(u16),
     #[error("cannot parse the dump: {0}")]
     Parse(String),
+    #[error("dump larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Largest `/dump` body read from a peer (a dump of the reference workload's index is a few
+/// hundred MB of JSON). A peer sending more is refused rather than allowed to exhaust memory.
+pub const MAX_DUMP_BYTES: usize = 4 << 30;
+
+/// Collect a response body of at most `max` bytes.
+async fn collect_limited<B>(body: B, max: usize) -> Result<Bytes, PeerError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(PeerError::TooLarge(max)),
+        Err(e) => Err(PeerError::Request(e.to_string())),
+    }
 }
 
 /// One partition of a dump. `model_name` / `routing_group` are kvindex's explicit fields.
@@ -179,12 +198,7 @@ async fn fetch_dump(peer: &str) -> Result<Dump, PeerError> {
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status().as_u16()));
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| PeerError::Request(e.to_string()))?
-            .to_bytes();
+        let body = collect_limited(resp.into_body(), MAX_DUMP_BYTES).await?;
         parse_dump(&body)
     };
     tokio::time::timeout(PEER_TIMEOUT, fetch)
@@ -327,6 +341,16 @@ pub async fn record_peers(peers: &[String], partitions: &Arc<Partitions>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dump_body_over_the_limit_is_refused() {
+        let body = || http_body_util::Full::new(Bytes::from(vec![b' '; 100]));
+        assert_eq!(collect_limited(body(), 100).await.expect("fits").len(), 100);
+        assert!(matches!(
+            collect_limited(body(), 99).await,
+            Err(PeerError::TooLarge(99))
+        ));
+    }
 
     #[test]
     fn dump_keys_use_explicit_names_or_split_at_the_first_colon() {

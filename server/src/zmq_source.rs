@@ -296,7 +296,9 @@ fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Op
     pick_resume_point(&marks, spec.dp_rank, single, spec.registered_at_lsn)
 }
 
-/// [`resume_point`] over `(dp_rank, source_seq, lsn)` watermarks.
+/// [`resume_point`] over `(dp_rank, source_seq, lsn)` watermarks. Watermarks tagged as
+/// JetStream sequences (`JETSTREAM_SEQ_TAG`) are another source's numbering: taken as a ZMQ
+/// sequence they would put the listener past every batch its publisher will ever send.
 fn pick_resume_point(
     marks: &[(u32, u64, u64)],
     dp_rank: u32,
@@ -305,7 +307,11 @@ fn pick_resume_point(
 ) -> Option<u64> {
     marks
         .iter()
-        .filter(|(dp, _, lsn)| (*dp == dp_rank || single) && *lsn >= registered_at_lsn)
+        .filter(|(dp, seq, lsn)| {
+            (*dp == dp_rank || single)
+                && *lsn >= registered_at_lsn
+                && seq & crate::nats::intake::JETSTREAM_SEQ_TAG == 0
+        })
         .map(|(_, seq, _)| *seq)
         .max()
 }
@@ -375,6 +381,14 @@ impl ListenerSupervisor for ZmqSupervisor {
 #[cfg(test)]
 mod tests {
     use super::pick_resume_point;
+
+    #[test]
+    fn resume_point_ignores_jetstream_watermarks() {
+        let tagged = crate::nats::intake::JETSTREAM_SEQ_TAG | 5;
+        let marks = [(0, 40, 10), (0, tagged, 12)];
+        assert_eq!(pick_resume_point(&marks, 0, false, 0), Some(40));
+        assert_eq!(pick_resume_point(&[(0, tagged, 12)], 0, true, 0), None);
+    }
 
     #[test]
     fn resume_point_ignores_watermarks_of_an_earlier_registration() {
