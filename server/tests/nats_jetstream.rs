@@ -237,6 +237,33 @@ fn the_consumer_comes_back_after_the_nats_server_restarts() {
     wait_all_acked(&c);
 }
 
+/// A NATS server that comes back without the stream and the consumer (memory storage, a
+/// replaced volume): the message stream of the old consumer only yields errors ("stream not
+/// found", then missed heartbeats; it never ends), and kvindex sets the stream and the
+/// consumer up again at the first. (Without that it stayed stuck: this test timed out.)
+#[test]
+fn the_consumer_is_set_up_again_when_the_server_lost_it() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_js(&nats, dir.path(), &[]);
+    let c = Client::connect(&nats.url);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100));
+    wait_until("first event indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    drop(c);
+    let nats = nats.restart_empty();
+    let c = Client::connect(&nats.url);
+    wait_until("the stream set up again by kvindex", || {
+        c.stream_exists(STREAM)
+    });
+    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
+    wait_until("event after the restart indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
+    });
+    wait_all_acked(&c);
+}
+
 /// `kvindex_nats_jetstream_errors_total{stage}` on `s`.
 fn js_errors(s: &Server, stage: &str) -> f64 {
     metric(
@@ -276,6 +303,19 @@ fn pull_info_and_ack_errors_are_logged_and_counted() {
         "{}",
         s.stderr()
     );
+
+    // A pull error makes kvindex set the consumer up again, with a new pull inbox.
+    let inbox = loop {
+        let next = c
+            .next_message(&mut pulls)
+            .reply
+            .expect("a pull request names its inbox")
+            .to_string();
+        if next != inbox {
+            break next;
+        }
+    };
+    assert_eq!(js_errors(&s, "setup"), 0.0);
 
     // A message on the inbox without a reply subject: no delivery info, no way to ack. (Its
     // subject is the inbox, so it is also refused; a genuine stream message without delivery

@@ -30,6 +30,13 @@ use kvindex_server::nats_subjects::Subjects;
 const BATCH: usize = 256;
 /// Delay before a `nak`ed message (log failure) is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(5);
+/// Pull errors in a row, with no message between them, after which the consumer is set up
+/// again. The client's message stream does not end when the server lost the stream and the
+/// consumer (a restart with memory storage or a new volume): it yields errors for good
+/// ("stream not found", then a missed heartbeat every 30 s). The first error is the clear
+/// one, and setting up again after a transient error costs one consumer lookup, so one is
+/// enough.
+const MAX_PULL_ERRORS_IN_A_ROW: u32 = 1;
 
 async fn setup(
     client: &Client,
@@ -210,6 +217,7 @@ pub async fn run(
         tracing::info!(stream = %cfg.stream, consumer = %cfg.consumer, "JetStream durable consumer started");
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(1.0);
         let mut chunks = Box::pin(messages.ready_chunks(BATCH));
+        let mut errors_in_a_row = 0u32;
         loop {
             let chunk = tokio::select! {
                 _ = stopped(&mut shutdown) => None,
@@ -219,14 +227,25 @@ pub async fn run(
             let mut batch = Vec::with_capacity(chunk.len());
             for r in chunk {
                 match r {
-                    Ok(m) => batch.push(m),
+                    Ok(m) => {
+                        errors_in_a_row = 0;
+                        batch.push(m);
+                    }
                     Err(e) => {
+                        errors_in_a_row += 1;
                         count_error(ErrorStage::Pull);
-                        tracing::warn!(error = %e, "JetStream pull failed");
+                        tracing::warn!(error = %e, errors_in_a_row, "JetStream pull failed");
                     }
                 }
             }
             if !batch.is_empty() && !handle(&state, &subjects, hold, &mut shutdown, batch).await {
+                break;
+            }
+            if errors_in_a_row >= MAX_PULL_ERRORS_IN_A_ROW {
+                tracing::warn!(
+                    errors_in_a_row,
+                    "JetStream pulls keep failing: the server may have lost the consumer"
+                );
                 break;
             }
         }

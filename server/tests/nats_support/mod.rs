@@ -64,6 +64,16 @@ impl NatsServer {
         Self::start_with(port, store)
     }
 
+    /// Kill the server and start it again on the same port with an empty JetStream store: its
+    /// streams and consumers are gone (memory storage, or a replaced volume).
+    pub fn restart_empty(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        drop(self);
+        Self::start_on(port)
+    }
+
     fn start_with(port: u16, store: tempfile::TempDir) -> Self {
         let bin = nats_server_bin().unwrap_or_else(|| {
             panic!(
@@ -213,6 +223,16 @@ impl Client {
                     .expect("js publish"),
             };
             ack.await.expect("js publish ack").sequence
+        })
+    }
+
+    /// Whether JetStream has a stream named `name`.
+    pub fn stream_exists(&self, name: &str) -> bool {
+        self.rt.block_on(async {
+            jetstream::new(self.inner.clone())
+                .get_stream(name)
+                .await
+                .is_ok()
         })
     }
 
