@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::sync::channel::{self, RecvTimeoutError, Sender};
-use kvindex_engine::{Engine, Namespace, NamespaceKey, RouterEvent, WorkerId};
+use kvindex_engine::{Engine, EngineError, Namespace, NamespaceKey, RouterEvent, WorkerId};
 
 use crate::config::LogConfig;
 use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamWatermark};
@@ -90,7 +90,18 @@ impl EngineSink {
         let ns = match self.namespaces.get(&key) {
             Some(ns) if ns.block_size() == bs => ns.clone(),
             _ => {
-                let ns = self.engine.create_namespace(key.clone(), bs)?;
+                let ns = match self.engine.create_namespace(key.clone(), bs) {
+                    // The partition was dropped and created again with another block size
+                    // (`/unregister`, then a new registration): the log has no entry for the
+                    // drop, so the first entry of the new size stands for it, as the live
+                    // service removed the old namespace before creating the new one.
+                    Err(EngineError::BlockSizeMismatch { existing, .. }) => {
+                        tracing::info!(namespace = %key, old_block_size = existing, block_size = bs, "replay: partition re-created with another block size; the old one is dropped");
+                        self.engine.remove_namespace(&key)?;
+                        self.engine.create_namespace(key.clone(), bs)?
+                    }
+                    other => other?,
+                };
                 self.namespaces.insert(key, ns.clone());
                 ns
             }

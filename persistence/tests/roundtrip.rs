@@ -236,6 +236,50 @@ fn replaying_the_log_rebuilds_an_index_equal_to_the_live_one() {
     assert_eq!(mb.canonical(), live_b);
 }
 
+/// A partition dropped and created again with another block size (the service's
+/// `/unregister` then a new registration) replays: the first entry of the new size stands
+/// for the drop, which the log does not record. Recovery refused to start before.
+#[test]
+fn a_partition_recreated_with_another_block_size_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DurableConfig {
+        snapshots: SnapshotPolicy {
+            every_entries: None,
+            every: None,
+            keep: 2,
+        },
+        ..DurableConfig::default()
+    };
+    let old = ns();
+    let new = Arc::new(NamespaceSpec::new(
+        old.key.model_name.clone(),
+        old.key.routing_group.clone(),
+        old.block_size * 2,
+    ));
+    let live;
+    {
+        let (idx, _) = DurableIndex::open(dir.path(), config.clone(), small_engine()).unwrap();
+        let mut gen = EventGen::new(5, streams());
+        for i in 0..50 {
+            let _ = idx.submit(&old, i, gen.next_event()).unwrap();
+        }
+        idx.engine().remove_namespace(&old.key).unwrap();
+        for i in 50..100 {
+            let _ = idx.submit(&new, i, gen.next_event()).unwrap();
+        }
+        idx.engine().flush().unwrap();
+        live = engine_canonical(idx.engine(), &new.key);
+        assert!(!live.is_empty());
+        idx.close().unwrap();
+    }
+    let engine = small_engine();
+    let (_idx, report) = DurableIndex::open(dir.path(), config, engine.clone()).unwrap();
+    assert_eq!(report.entries_replayed, 100);
+    let ns = engine.namespace(&new.key).expect("the partition");
+    assert_eq!(ns.block_size(), new.block_size);
+    assert_eq!(engine_canonical(&engine, &new.key), live);
+}
+
 #[test]
 fn snapshot_write_then_load_restores_an_equal_index() {
     let dir = tempfile::tempdir().unwrap();
