@@ -165,10 +165,24 @@ impl DurableIndex {
         let mut sink = EngineSink::new(engine.clone());
         let (log, report) = EventLog::open(dir, config.log.clone(), &mut sink)?;
         engine.flush()?;
+        let store = SnapshotStore::new(dir);
+        // Snapshots recovery rejected leave retention: counted among the `keep` newest, they
+        // would push the valid older one out and let compaction delete the log it needs.
+        // Renamed, not deleted: they are evidence.
+        for rejected in &report.snapshots_rejected {
+            match store.quarantine(&rejected.path) {
+                Ok(to) => {
+                    tracing::warn!(path = %rejected.path.display(), to = %to.display(), "rejected snapshot set aside")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %rejected.path.display(), error = %e, "rejected snapshot could not be set aside")
+                }
+            }
+        }
         let inner = Arc::new(Inner {
             engine,
             log,
-            store: SnapshotStore::new(dir),
+            store,
             intake: Mutex::new(()),
             since_snapshot: AtomicU64::new(report.entries_replayed),
             last_snapshot: Mutex::new(Instant::now()),

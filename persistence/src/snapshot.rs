@@ -594,6 +594,17 @@ impl SnapshotStore {
         Ok((None, failures))
     }
 
+    /// Set a snapshot aside (renamed with [`REJECTED_SUFFIX`], which listing ignores), so it
+    /// no longer counts as one of the snapshots kept; returns its new path.
+    pub fn quarantine(&self, path: &Path) -> Result<PathBuf> {
+        let mut to = path.as_os_str().to_owned();
+        to.push(REJECTED_SUFFIX);
+        let to = PathBuf::from(to);
+        std::fs::rename(path, &to).map_err(|e| PersistError::io("rename", path, None, e))?;
+        sync_dir(&self.dir)?;
+        Ok(to)
+    }
+
     /// Delete all but the newest `keep` snapshots; returns the deleted paths.
     pub fn prune(&self, keep: usize) -> Result<Vec<PathBuf>> {
         let list = self.list()?;
@@ -610,6 +621,9 @@ impl SnapshotStore {
         Ok(deleted)
     }
 }
+
+/// Suffix of a snapshot set aside after recovery rejected it.
+pub const REJECTED_SUFFIX: &str = ".rejected";
 
 /// Delete one pruned snapshot; `false` when it is already gone (a snapshot taken at the same
 /// moment pruned it: not an error, or the second snapshot would fail after being written).

@@ -649,6 +649,48 @@ fn bit_flip_in_the_newest_snapshot_falls_back_to_the_older_one_with_nothing_lost
     }
 }
 
+/// A snapshot recovery rejected is set aside, so it no longer counts among the snapshots
+/// kept: the next snapshots push out neither the valid older one nor the log it needs.
+#[test]
+fn a_rejected_snapshot_is_set_aside_and_no_longer_counts_as_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = durable_with_snapshots(dir.path());
+    let snaps = snapshot_files(dir.path());
+    assert_eq!(snaps.len(), 2);
+    let len = std::fs::metadata(&snaps[1]).unwrap().len() as usize;
+    flip(&snaps[1], len / 2);
+    let config = DurableConfig {
+        snapshots: SnapshotPolicy {
+            every_entries: None,
+            every: None,
+            keep: 2,
+        },
+        ..DurableConfig::default()
+    };
+    {
+        let (idx, report) = DurableIndex::open(dir.path(), config.clone(), small_engine()).unwrap();
+        assert_eq!(report.snapshots_rejected.len(), 1);
+        let mut aside = snaps[1].clone().into_os_string();
+        aside.push(".rejected");
+        assert!(std::path::Path::new(&aside).exists());
+        assert_eq!(snapshot_files(dir.path()), vec![snaps[0].clone()]);
+        // The next snapshot keeps the valid older one (keep = 2).
+        idx.snapshot_now().unwrap();
+        let now = snapshot_files(dir.path());
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[0], snaps[0]);
+        idx.close().unwrap();
+    }
+    // Should the newest be damaged too, the older one still recovers everything.
+    let newest = snapshot_files(dir.path())[1].clone();
+    let len = std::fs::metadata(&newest).unwrap().len() as usize;
+    flip(&newest, len / 2);
+    let engine = small_engine();
+    let (_idx, report) = DurableIndex::open(dir.path(), config, engine.clone()).unwrap();
+    assert_eq!(report.snapshot.as_ref().unwrap().path, snaps[0]);
+    assert_eq!(engine_canonical(&engine, &ns().key), live);
+}
+
 #[test]
 fn every_snapshot_corrupt_with_a_compacted_log_refuses_unless_skip_corrupt() {
     for policy in POLICIES {
