@@ -134,6 +134,43 @@ fn jetstream_events_are_acked_once_durable_and_bad_ones_are_terminated() {
     );
 }
 
+/// A graceful stop with a message received but not yet logged gives it back at once (a nak),
+/// so after the restart it comes before a newer message of the same worker. Left to the ack
+/// wait, the newer message was logged first, moved the worker's watermark past it, and its
+/// redelivery was acknowledged as a duplicate and never applied.
+#[test]
+fn stopped_with_a_message_not_yet_logged_gives_it_back_first() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_log");
+    let (status, log) = s.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+
+    let s = start_js(&nats, dir.path(), &[]);
+    // A newer event of the same worker, published at once.
+    c.js_publish("kvindex.events.m.default", None, event(1, 1, 900));
+    wait_all_acked(&c);
+    wait_until("both events indexed", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
+    });
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        0.0
+    );
+    let s = s.restart(&[]);
+    let held = scores(&s, 16);
+    assert_eq!(
+        held,
+        json!({"1": {"0": 16}}),
+        "the held 4-block store is indexed"
+    );
+}
+
 #[test]
 fn killed_between_delivery_and_the_log_append_loses_nothing() {
     let nats = NatsServer::start();

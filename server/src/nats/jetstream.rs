@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::Client;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::intake::{self, Delivery, Incoming, Outcome, Source};
@@ -134,6 +134,7 @@ async fn handle(
     if hold == TestHold::BeforeLog
         && !hold_until_shutdown("before_log", batch.len(), shutdown).await
     {
+        give_back(&messages).await;
         return false;
     }
     let (st, subj) = (Arc::clone(state), Arc::clone(subjects));
@@ -171,6 +172,23 @@ async fn handle(
         }
     }
     true
+}
+
+/// Give messages that will not be handled back to the server at once (a nak without delay), so
+/// that they are redelivered before anything newer instead of after the ack wait. Left to the
+/// ack wait, a newer message of the same worker would be logged first and move the worker's
+/// tagged watermark past them, and their redelivery would then pass for one already logged
+/// (acknowledged, never applied). Best effort: a failed nak leaves them to the ack wait.
+async fn give_back(messages: &[jetstream::Message]) {
+    for m in messages {
+        match m.ack_with(AckKind::Nak(None)).await {
+            Ok(()) => count_ack("returned"),
+            Err(e) => {
+                count_error(ErrorStage::Ack);
+                tracing::warn!(subject = %m.subject, error = %e, "JetStream message not given back");
+            }
+        }
+    }
 }
 
 /// Test hook (`KVINDEX_TEST_NATS_HOLD`): stop here until shutdown, so a test can kill the
@@ -248,6 +266,16 @@ pub async fn run(
                 );
                 break;
             }
+        }
+        // Shutdown or a consumer set up again: what the client already received is given back
+        // rather than left to the ack wait. (Bounded: a stream yielding ready errors must not
+        // hold shutdown.)
+        for _ in 0..64 {
+            let Some(Some(rest)) = chunks.next().now_or_never() else {
+                break;
+            };
+            let rest: Vec<_> = rest.into_iter().filter_map(Result::ok).collect();
+            give_back(&rest).await;
         }
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(0.0);
         if !stopping(&shutdown) {
