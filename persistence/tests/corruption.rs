@@ -358,7 +358,7 @@ fn first_record_hit_by_hole(spans: &[(usize, usize)]) -> usize {
 /// refused as damage inside the log.
 #[test]
 fn a_hole_in_the_last_group_commit_is_a_torn_tail_cut_by_tolerate_tail_and_skip_corrupt() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     for policy in [RecoveryPolicy::TolerateTail, RecoveryPolicy::SkipCorrupt] {
         let dir = tempfile::tempdir().unwrap();
         let batches = build_log(dir.path(), 100, 1 << 20);
@@ -401,16 +401,7 @@ fn a_hole_in_the_last_group_commit_is_a_torn_tail_cut_by_tolerate_tail_and_skip_
         assert_eq!(*saved, seg.with_extension(format!("kvlog.cut-{cut_at}")));
         assert_eq!(std::fs::read(saved).unwrap(), damaged[cut_at..]);
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), cut_at as u64);
-        let snap = snapshotter.snapshot().into_vec();
-        let counter = |name: &str| {
-            snap.iter()
-                .filter(|(k, ..)| k.key().name() == name)
-                .map(|(_, _, _, v)| match v {
-                    DebugValue::Counter(c) => *c,
-                    _ => 0,
-                })
-                .sum::<u64>()
-        };
+        let counter = counter_totals(&snapshotter);
         assert_eq!(
             counter("kvindex_recovery_truncated_bytes_total"),
             (len - cut_at) as u64
@@ -601,11 +592,7 @@ fn durable_with_snapshots(dir: &Path) -> Canonical {
             segment_bytes: 2048,
             ..LogConfig::default()
         },
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
     };
     let (idx, _) = DurableIndex::open(dir, config, small_engine()).unwrap();
     let mut gen = EventGen::new(
@@ -660,11 +647,7 @@ fn a_rejected_snapshot_is_set_aside_and_no_longer_counts_as_kept() {
     let len = std::fs::metadata(&snaps[1]).unwrap().len() as usize;
     flip(&snaps[1], len / 2);
     let config = DurableConfig {
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
         ..DurableConfig::default()
     };
     {
@@ -886,7 +869,7 @@ fn skip_corrupt_can_reopen_after_an_open_that_appended_nothing() {
 
 #[test]
 fn skipped_damage_is_exported_as_metrics() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     let dir = tempfile::tempdir().unwrap();
     build_log(dir.path(), 8, 1 << 20);
     let seg = segment_files(dir.path())[0].clone();
@@ -897,16 +880,7 @@ fn skipped_damage_is_exported_as_metrics() {
     metrics::with_local_recorder(&recorder, || {
         open_with(dir.path(), RecoveryPolicy::SkipCorrupt).unwrap();
     });
-    let snap = snapshotter.snapshot().into_vec();
-    let counter = |name: &str| {
-        snap.iter()
-            .filter(|(k, ..)| k.key().name() == name)
-            .map(|(_, _, _, v)| match v {
-                DebugValue::Counter(c) => *c,
-                _ => 0,
-            })
-            .sum::<u64>()
-    };
+    let counter = counter_totals(&snapshotter);
     assert_eq!(
         counter("kvindex_recovery_skipped_bytes_total"),
         (end - start) as u64
@@ -948,4 +922,18 @@ fn concurrent_writes_of_one_position_both_succeed() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// The counters recorded so far, summed over their labels, by name.
+fn counter_totals(snapshotter: &metrics_util::debugging::Snapshotter) -> impl Fn(&str) -> u64 {
+    let snap = snapshotter.snapshot().into_vec();
+    move |name| {
+        snap.iter()
+            .filter(|(k, ..)| k.key().name() == name)
+            .map(|(_, _, _, v)| match v {
+                metrics_util::debugging::DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+            .sum()
+    }
 }

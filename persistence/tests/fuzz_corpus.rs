@@ -26,11 +26,7 @@ fn valid_files() -> (Vec<u8>, Vec<u8>) {
     let (idx, _) = DurableIndex::open(
         dir.path(),
         DurableConfig {
-            snapshots: SnapshotPolicy {
-                every_entries: None,
-                every: None,
-                keep: 5,
-            },
+            snapshots: manual_snapshots(5),
             ..DurableConfig::default()
         },
         small_engine(),

@@ -314,11 +314,7 @@ fn kill_rounds(io: IoBackendChoice) {
         let engine = small_engine();
         let config = DurableConfig {
             log: cfg(io, FsyncPolicy::Always),
-            snapshots: SnapshotPolicy {
-                every_entries: None,
-                every: None,
-                keep: 2,
-            },
+            snapshots: manual_snapshots(2),
         };
         let (idx, rep) = DurableIndex::open(dir.path(), config, engine.clone())
             .unwrap_or_else(|e| panic!("round {round}: {e}"));

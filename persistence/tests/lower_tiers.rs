@@ -49,11 +49,7 @@ fn expected() -> Vec<(WorkerWithDpRank, (u32, u32, u32))> {
 
 fn no_snapshots() -> DurableConfig {
     DurableConfig {
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
         ..DurableConfig::default()
     }
 }

@@ -169,11 +169,7 @@ fn export_before_the_first_retained_lsn_after_compaction_fails_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
     let config = DurableConfig {
         log: log_cfg(STRIDE),
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 1,
-        },
+        snapshots: manual_snapshots(1),
     };
     let (idx, _) = DurableIndex::open(dir.path(), config, small_engine()).unwrap();
     let mut gen = EventGen::new(5, vec![WorkerWithDpRank::new(1, 0)]);

@@ -184,11 +184,7 @@ fn segments_roll_at_the_size_limit_and_replay_across_them() {
 fn replaying_the_log_rebuilds_an_index_equal_to_the_live_one() {
     let dir = tempfile::tempdir().unwrap();
     let config = DurableConfig {
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
         ..DurableConfig::default()
     };
     let (a, b) = (ns(), ns_b());
@@ -243,11 +239,7 @@ fn replaying_the_log_rebuilds_an_index_equal_to_the_live_one() {
 fn a_partition_recreated_with_another_block_size_replays() {
     let dir = tempfile::tempdir().unwrap();
     let config = DurableConfig {
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
         ..DurableConfig::default()
     };
     let old = ns();
@@ -324,11 +316,7 @@ fn recovery_starts_from_the_snapshot_and_replays_only_the_tail_and_compaction_de
             segment_bytes: 2048,
             ..LogConfig::default()
         },
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
     };
     let spec = ns();
     let live;
@@ -379,11 +367,7 @@ fn watermarks_name_the_last_source_sequence_per_stream_and_survive_restart_and_c
     let dir = tempfile::tempdir().unwrap();
     let spec = ns();
     let config = DurableConfig {
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 1,
-        },
+        snapshots: manual_snapshots(1),
         ..DurableConfig::default()
     };
     let wm_of = |wms: &[StreamWatermark], w: u64, dp: u32| {

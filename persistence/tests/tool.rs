@@ -16,11 +16,7 @@ fn no_auto_snapshots() -> DurableConfig {
             segment_bytes: 4096,
             ..LogConfig::default()
         },
-        snapshots: SnapshotPolicy {
-            every_entries: None,
-            every: None,
-            keep: 2,
-        },
+        snapshots: manual_snapshots(2),
     }
 }
 

@@ -245,8 +245,8 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
 }
 
-#[test]
-fn the_consumer_comes_back_after_the_nats_server_restarts() {
+/// A NATS server and a kvindex consuming from it, which has indexed worker 1's first event.
+fn consuming_one_event() -> (NatsServer, tempfile::TempDir, Server) {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let s = start_js(&nats, dir.path(), &[]);
@@ -255,7 +255,22 @@ fn the_consumer_comes_back_after_the_nats_server_restarts() {
     wait_until("first event indexed", || {
         scores(&s, 16) == json!({"1": {"0": 4}})
     });
-    drop(c);
+    (nats, dir, s)
+}
+
+/// Publish worker 2's event (after [`consuming_one_event`]) and wait until it is indexed and
+/// acknowledged.
+fn a_second_event_is_indexed(s: &Server, c: &Client) {
+    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
+    wait_until("event after the restart indexed", || {
+        scores(s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
+    });
+    wait_all_acked(c);
+}
+
+#[test]
+fn the_consumer_comes_back_after_the_nats_server_restarts() {
+    let (nats, _dir, s) = consuming_one_event();
     let nats = nats.restart();
     wait_until("reconnected", || {
         metric(
@@ -267,11 +282,7 @@ fn the_consumer_comes_back_after_the_nats_server_restarts() {
     });
     let c = Client::connect(&nats.url);
     // The stream survived (same store); a message published now reaches the index.
-    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
-    wait_until("event after the restart indexed", || {
-        scores(&s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
-    });
-    wait_all_acked(&c);
+    a_second_event_is_indexed(&s, &c);
 }
 
 /// A NATS server that comes back without the stream and the consumer (memory storage, a
@@ -280,25 +291,13 @@ fn the_consumer_comes_back_after_the_nats_server_restarts() {
 /// consumer up again at the first. (Without that it stayed stuck: this test timed out.)
 #[test]
 fn the_consumer_is_set_up_again_when_the_server_lost_it() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let s = start_js(&nats, dir.path(), &[]);
-    let c = Client::connect(&nats.url);
-    c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100));
-    wait_until("first event indexed", || {
-        scores(&s, 16) == json!({"1": {"0": 4}})
-    });
-    drop(c);
+    let (nats, _dir, s) = consuming_one_event();
     let nats = nats.restart_empty();
     let c = Client::connect(&nats.url);
     wait_until("the stream set up again by kvindex", || {
         c.stream_exists(STREAM)
     });
-    c.js_publish("kvindex.events.m.default", None, event(2, 2, 200));
-    wait_until("event after the restart indexed", || {
-        scores(&s, 16) == json!({"1": {"0": 4}, "2": {"0": 8}})
-    });
-    wait_all_acked(&c);
+    a_second_event_is_indexed(&s, &c);
 }
 
 /// `kvindex_nats_jetstream_errors_total{stage}` on `s`.

@@ -19,6 +19,15 @@ use kvindex_persistence::{
 
 pub type Canonical = BTreeSet<(WorkerWithDpRank, Vec<u64>, u64)>;
 
+/// Snapshots only when a test asks for one, keeping the newest `keep`.
+pub fn manual_snapshots(keep: usize) -> kvindex_persistence::SnapshotPolicy {
+    kvindex_persistence::SnapshotPolicy {
+        every_entries: None,
+        every: None,
+        keep,
+    }
+}
+
 pub fn ns() -> Arc<NamespaceSpec> {
     Arc::new(NamespaceSpec::new("model-a", "default", 16))
 }

@@ -56,8 +56,7 @@ impl NatsServer {
 
     /// Kill the server and start it again on the same port with the same JetStream store.
     pub fn restart(mut self) -> Self {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let port = self.port;
         let store = std::mem::replace(&mut self._store, tempfile::tempdir().expect("temp dir"));
         drop(self);
@@ -67,11 +66,15 @@ impl NatsServer {
     /// Kill the server and start it again on the same port with an empty JetStream store: its
     /// streams and consumers are gone (memory storage, or a replaced volume).
     pub fn restart_empty(mut self) -> Self {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let port = self.port;
         drop(self);
         Self::start_on(port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn start_with(port: u16, store: tempfile::TempDir) -> Self {
@@ -110,8 +113,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
