@@ -191,6 +191,10 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
                 let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize) else {
                     continue;
                 };
+                if e.op.is_drop_namespace() {
+                    // Not an entry of a stream (its worker and rank are 0).
+                    continue;
+                }
                 let key = StreamKey {
                     namespace: NamespaceKey::new(ns.model_name.as_str(), ns.routing_group.as_str()),
                     worker_id: e.worker_id.to_native(),
