@@ -169,6 +169,13 @@ pub enum PersistError {
         line: u64,
         reason: String,
     },
+    /// A file listed in the data directory was deleted before it could be read: a live server
+    /// compacted it away (segments) or pruned it (snapshots). Read-only tools only.
+    #[error(
+        "{path} was deleted while being read (compacted away by the server writing this data \
+             directory); run the command again, or from a later position"
+    )]
+    CompactedAway { path: PathBuf },
     /// The state asked for cannot be rebuilt from what is on disk.
     #[error("{0}")]
     Unavailable(String),

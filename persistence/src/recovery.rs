@@ -325,7 +325,13 @@ pub(crate) fn recover(
         let is_last = i + 1 == segs.len();
         let next_seg_lsn = segs.get(i + 1).map(|(l, _)| *l);
         report.segments_scanned += 1;
-        let reader = SegmentReader::open(path)?;
+        // The process holding the LOCK maps its segments (no writer runs yet); a read-only
+        // reader takes no lock and reads them into memory, since a live server may cut or
+        // delete them meanwhile (a deleted one is `CompactedAway`).
+        let reader = match mode {
+            Mode::ReadWrite => SegmentReader::map(path)?,
+            Mode::ReadOnly => SegmentReader::open(path)?,
+        };
         let bytes = reader.bytes();
         let header_damage = match reader.first_lsn() {
             Ok(l) if l == *name_lsn => None,
