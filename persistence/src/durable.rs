@@ -92,9 +92,10 @@ impl EngineSink {
             _ => {
                 let ns = match self.engine.create_namespace(key.clone(), bs) {
                     // The partition was dropped and created again with another block size
-                    // (`/unregister`, then a new registration): the log has no entry for the
-                    // drop, so the first entry of the new size stands for it, as the live
-                    // service removed the old namespace before creating the new one.
+                    // (`/unregister`, then a new registration) in a log written before drops
+                    // were logged (`DropNamespace`): the first entry of the new size stands for
+                    // the drop, as the live service removed the old namespace before creating
+                    // the new one.
                     Err(EngineError::BlockSizeMismatch { existing, .. }) => {
                         tracing::info!(namespace = %key, old_block_size = existing, block_size = bs, "replay: partition re-created with another block size; the old one is dropped");
                         self.engine.remove_namespace(&key)?;
@@ -117,6 +118,16 @@ impl ReplaySink for EngineSink {
     }
 
     fn apply(&mut self, _lsn: Lsn, view: EntryView<'_>) -> Result<()> {
+        if view.record.op.is_drop_namespace() {
+            // The partition was dropped (docs/log-format.md §2.3): forget it, so that later
+            // entries of the same key create a new, empty namespace, as the live service did.
+            let key = view.namespace_key();
+            self.namespaces.remove(&key);
+            self.last = None;
+            self.engine.remove_namespace(&key)?;
+            self.applied += 1;
+            return Ok(());
+        }
         let ns = self.namespace_for(&view)?;
         let (worker, dp) = (view.worker_id(), view.dp_rank());
         match &view.record.op {
@@ -124,6 +135,8 @@ impl ReplaySink for EngineSink {
             ArchivedOpRecord::RemoveWorker => ns.remove_worker(worker)?,
             ArchivedOpRecord::RemoveWorkerDpRank => ns.remove_worker_dp_rank(worker, dp)?,
             ArchivedOpRecord::ClearAllBlocks => ns.clear_all_blocks(worker)?,
+            // Handled above.
+            ArchivedOpRecord::DropNamespace => {}
         }
         self.applied += 1;
         Ok(())
@@ -255,18 +268,7 @@ impl DurableIndex {
             let _intake = lock(&self.inner.intake);
             let ticket = self.inner.log.append(&entries)?;
             for e in entries {
-                let ns = self
-                    .inner
-                    .engine
-                    .create_namespace(e.namespace.key.clone(), e.namespace.block_size)?;
-                match e.op {
-                    LogOp::Event(ev) => ns.apply(ev)?,
-                    LogOp::RemoveWorker => ns.remove_worker(e.worker_id)?,
-                    LogOp::RemoveWorkerDpRank => {
-                        ns.remove_worker_dp_rank(e.worker_id, e.dp_rank)?
-                    }
-                    LogOp::ClearAllBlocks => ns.clear_all_blocks(e.worker_id)?,
-                }
+                apply_live(&self.inner.engine, e)?;
             }
             ticket
         };
@@ -305,6 +307,23 @@ impl DurableIndex {
         worker_id: WorkerId,
     ) -> Result<AppendTicket> {
         self.submit_control(namespace, worker_id, 0, LogOp::ClearAllBlocks)
+    }
+
+    /// Log that the namespace `key` (a partition) is dropped, and drop it from the engine. The
+    /// entry makes recovery drop it too, so a partition created again under the same key starts
+    /// empty even when no snapshot was taken after the drop. Dropping an unknown key is logged
+    /// all the same (block size 0) and changes nothing.
+    pub fn drop_namespace(&self, key: &NamespaceKey) -> Result<AppendTicket> {
+        let block_size = self
+            .inner
+            .engine
+            .namespace(key)
+            .map_or(0, |ns| ns.block_size());
+        let spec = Arc::new(NamespaceSpec {
+            key: key.clone(),
+            block_size,
+        });
+        self.submit_batch(vec![LogEntry::drop_namespace(spec)])
     }
 
     /// Log and apply one control entry (`op` is never `Event`) as a batch of one.
@@ -352,6 +371,24 @@ impl Drop for DurableIndex {
     fn drop(&mut self) {
         self.stop_snapshotter();
     }
+}
+
+/// Hand one logged entry to the engine, as recovery's [`EngineSink`] does on replay.
+fn apply_live(engine: &Engine, e: LogEntry) -> Result<()> {
+    if let LogOp::DropNamespace = e.op {
+        engine.remove_namespace(&e.namespace.key)?;
+        return Ok(());
+    }
+    let ns = engine.create_namespace(e.namespace.key.clone(), e.namespace.block_size)?;
+    match e.op {
+        LogOp::Event(ev) => ns.apply(ev)?,
+        LogOp::RemoveWorker => ns.remove_worker(e.worker_id)?,
+        LogOp::RemoveWorkerDpRank => ns.remove_worker_dp_rank(e.worker_id, e.dp_rank)?,
+        LogOp::ClearAllBlocks => ns.clear_all_blocks(e.worker_id)?,
+        // Handled above.
+        LogOp::DropNamespace => {}
+    }
+    Ok(())
 }
 
 impl Inner {

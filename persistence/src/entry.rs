@@ -43,6 +43,9 @@ pub enum LogOp {
     RemoveWorkerDpRank,
     /// Every block of every rank of the worker is dropped; the worker stays listed.
     ClearAllBlocks,
+    /// The whole namespace (partition) is dropped: its index, every worker and block in it.
+    /// Written in a version-2 segment (docs/log-format.md §2.1); the entry's stream fields are 0.
+    DropNamespace,
 }
 
 /// One accepted change to the index, as appended to the log.
@@ -83,6 +86,18 @@ impl LogEntry {
             source_seq: 0,
             op,
         }
+    }
+}
+
+impl LogEntry {
+    /// A [`LogOp::DropNamespace`] entry for `namespace` (its block size is informational).
+    pub fn drop_namespace(namespace: Arc<NamespaceSpec>) -> Self {
+        Self::control(namespace, 0, 0, LogOp::DropNamespace)
+    }
+
+    /// Whether this entry needs a version-2 segment (docs/log-format.md §2.1).
+    pub fn needs_v2_segment(&self) -> bool {
+        matches!(self.op, LogOp::DropNamespace)
     }
 }
 

@@ -125,6 +125,25 @@ pub enum PersistError {
         policy: &'static str,
         advice: &'static str,
     },
+    /// The newest snapshot has a format version this build cannot read (version 1, from before
+    /// lower-tier indexing), and the log recovery would fall back to was compacted past the
+    /// position replay must begin at: nothing on disk rebuilds the index. Not damage; refused by
+    /// every policy but `skip-corrupt`, which starts from the log's oldest LSN (the rest lost).
+    #[error(
+        "snapshot {snapshot} has format version {version}, which this build cannot read (it \
+             predates lower-tier indexing), and the log was compacted past it: replay would \
+             have to begin at LSN {replay_from} but the log starts at LSN {log_starts_at}. Run \
+             the kvindex build that wrote it on this data directory, or move the directory \
+             aside and start empty (producers send their state again), or restart with \
+             `--recovery skip-corrupt` to start from LSN {log_starts_at} and lose every \
+             entry before it"
+    )]
+    SnapshotFormatTooOld {
+        snapshot: PathBuf,
+        version: u16,
+        replay_from: Lsn,
+        log_starts_at: Lsn,
+    },
     /// A snapshot file failed validation.
     #[error(
         "corrupt snapshot {path} at byte {offset}: {reason}. Delete it (an older snapshot \
@@ -169,6 +188,13 @@ pub enum PersistError {
         line: u64,
         reason: String,
     },
+    /// A file listed in the data directory was deleted before it could be read: a live server
+    /// compacted it away (segments) or pruned it (snapshots). Read-only tools only.
+    #[error(
+        "{path} was deleted while being read (compacted away by the server writing this data \
+             directory); run the command again, or from a later position"
+    )]
+    CompactedAway { path: PathBuf },
     /// The state asked for cannot be rebuilt from what is on disk.
     #[error("{0}")]
     Unavailable(String),

@@ -12,8 +12,13 @@ use crate::record::ArchivedLogBatch;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"KVIDXLOG";
 /// Magic of a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"KVIDXSNP";
-/// Version of the segment (log) format.
-pub const FORMAT_VERSION: u16 = 1;
+/// Newest version of the segment (log) format: 2 added `OpRecord::DropNamespace`
+/// (docs/log-format.md §2.1). The writer gives a segment version 2 only when it holds (or is
+/// about to hold) such an entry; every other segment stays at [`BASE_FORMAT_VERSION`], so a
+/// build reading only version 1 refuses exactly the logs it would misread.
+pub const FORMAT_VERSION: u16 = 2;
+/// Oldest segment format version this build reads, and the one it writes by default.
+pub const BASE_FORMAT_VERSION: u16 = 1;
 /// Version of the snapshot format: 2 added the lower storage tiers (`NamespaceImage::lower`).
 /// Version-1 snapshots are refused with a clear error; recovery then falls back to an older
 /// snapshot or to the log (docs/log-format.md §3).
@@ -37,11 +42,16 @@ pub fn frame_len(len: usize) -> usize {
     FRAME_HEADER_LEN + len + padding(len)
 }
 
-/// The segment header for a segment starting at `first_lsn`.
+/// The (version 1) segment header for a segment starting at `first_lsn`.
 pub fn encode_segment_header(first_lsn: Lsn) -> [u8; SEGMENT_HEADER_LEN] {
+    encode_segment_header_version(first_lsn, BASE_FORMAT_VERSION)
+}
+
+/// The segment header of format `version` for a segment starting at `first_lsn`.
+pub fn encode_segment_header_version(first_lsn: Lsn, version: u16) -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&version.to_le_bytes());
     h[10..12].copy_from_slice(&(SEGMENT_HEADER_LEN as u16).to_le_bytes());
     // 12..16 flags = 0
     h[16..24].copy_from_slice(&first_lsn.to_le_bytes());
@@ -71,6 +81,11 @@ pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
 
 /// Validate a segment header and return its `first_lsn`.
 pub fn decode_segment_header(bytes: &[u8]) -> Result<Lsn, Damage> {
+    decode_segment_header_version(bytes).map(|(lsn, _)| lsn)
+}
+
+/// Validate a segment header and return its `first_lsn` and format version.
+pub fn decode_segment_header_version(bytes: &[u8]) -> Result<(Lsn, u16), Damage> {
     if bytes.len() < SEGMENT_HEADER_LEN {
         return Err(Damage::BadHeader(format!(
             "file is {} bytes, shorter than the {SEGMENT_HEADER_LEN}-byte header",
@@ -91,9 +106,9 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<Lsn, Damage> {
         )));
     }
     let version = le_u16(h, 8);
-    if version != FORMAT_VERSION {
+    if !(BASE_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Damage::BadHeader(format!(
-            "format version {version}, this build reads {FORMAT_VERSION}"
+            "format version {version}, this build reads {BASE_FORMAT_VERSION} to {FORMAT_VERSION}"
         )));
     }
     if le_u16(h, 10) as usize != SEGMENT_HEADER_LEN || le_u32(h, 12) != 0 || le_u32(h, 24) != 0 {
@@ -101,7 +116,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<Lsn, Damage> {
             "unknown header length, flags or reserved bits".into(),
         ));
     }
-    Ok(le_u64(h, 16))
+    Ok((le_u64(h, 16), version))
 }
 
 /// CRC32C of a frame: its 4 length bytes, then payload and padding.
@@ -282,6 +297,19 @@ mod tests {
             assert!(decode_segment_header(&b).is_err(), "bit {i}");
         }
         assert!(decode_segment_header(&h[..31]).is_err());
+    }
+
+    #[test]
+    fn both_segment_versions_are_read_and_others_refused() {
+        for v in [BASE_FORMAT_VERSION, FORMAT_VERSION] {
+            let h = encode_segment_header_version(7, v);
+            assert_eq!(decode_segment_header_version(&h), Ok((7, v)));
+        }
+        let h = encode_segment_header_version(7, FORMAT_VERSION + 1);
+        assert!(matches!(
+            decode_segment_header(&h),
+            Err(Damage::BadHeader(why)) if why.contains("format version 3")
+        ));
     }
 
     #[test]

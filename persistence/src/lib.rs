@@ -10,7 +10,7 @@
 //! * [`record`]: the rkyv payload types; [`format`]: framing (length + CRC32C + payload);
 //! * [`writer`]: LSN assignment, the bounded queue and the group-commit writer thread, through
 //!   [`io`] (io_uring or portable);
-//! * [`segment`]: memory-mapped reading; `scan`: one walk over a segment's records that
+//! * [`segment`]: reading (into memory; mapped only by the lock holder); `scan`: one walk over a segment's records that
 //!   resumes after damage; [`lsn_index`]: where in a segment an LSN starts;
 //!   [`recovery`]: snapshot + replay + damage policy;
 //! * [`log`]: [`EventLog`], which ties them together for one data directory;

@@ -177,7 +177,9 @@ impl EventLog {
 
 /// Read the log of `dir` without changing anything (no lock, no truncation): the snapshot
 /// (newest valid one covering at most `upto`) and every entry up to `upto` go to `sink`.
-/// Used by the `kvindex replay` tools; safe on a directory a live server is writing.
+/// Used by the `kvindex replay` tools; safe on a directory a live server is writing (segments
+/// are read into memory, never mapped; one compacted away since the listing is
+/// [`PersistError::CompactedAway`](crate::PersistError::CompactedAway)).
 pub fn read_log(
     dir: impl AsRef<Path>,
     policy: RecoveryPolicy,

@@ -1,6 +1,7 @@
 //! The on-disk payload types (rkyv archives) of log records, and their conversion to and from the
 //! engine's protocol types. `docs/log-format.md` §2.3 is the specification; any change to these
-//! types changes the format and must bump [`crate::format::FORMAT_VERSION`].
+//! types changes the format and must bump [`crate::format::FORMAT_VERSION`] (as `DropNamespace`
+//! did: version 2).
 //!
 //! These mirror the engine's types instead of deriving rkyv on them, so the engine stays free of
 //! storage concerns and the format cannot change by accident when the engine evolves.
@@ -60,6 +61,10 @@ pub enum OpRecord {
     RemoveWorkerDpRank,
     /// `Namespace::clear_all_blocks(worker_id)`.
     ClearAllBlocks,
+    /// `Engine::remove_namespace(namespace)`: the partition was dropped. Added with segment
+    /// format version 2; only written into version-2 segments, so that a build reading version 1
+    /// only refuses the segment (bad header version) instead of meeting an unknown variant.
+    DropNamespace,
 }
 
 /// A `RouterEvent` minus the stream (stored in the entry).
@@ -203,6 +208,7 @@ impl OpRecord {
             LogOp::RemoveWorker => OpRecord::RemoveWorker,
             LogOp::RemoveWorkerDpRank => OpRecord::RemoveWorkerDpRank,
             LogOp::ClearAllBlocks => OpRecord::ClearAllBlocks,
+            LogOp::DropNamespace => OpRecord::DropNamespace,
         }
     }
 }
@@ -359,11 +365,17 @@ impl ArchivedOpRecord {
             ArchivedOpRecord::RemoveWorker => LogOp::RemoveWorker,
             ArchivedOpRecord::RemoveWorkerDpRank => LogOp::RemoveWorkerDpRank,
             ArchivedOpRecord::ClearAllBlocks => LogOp::ClearAllBlocks,
+            ArchivedOpRecord::DropNamespace => LogOp::DropNamespace,
         }
     }
 
     /// Whether this is a source event (which moves watermarks).
     pub fn is_event(&self) -> bool {
         matches!(self, ArchivedOpRecord::Event(_))
+    }
+
+    /// Whether this drops the entry's whole namespace.
+    pub fn is_drop_namespace(&self) -> bool {
+        matches!(self, ArchivedOpRecord::DropNamespace)
     }
 }

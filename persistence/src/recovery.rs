@@ -292,6 +292,9 @@ pub(crate) fn recover(
 
     // 2. Segments to scan: from the last one starting at or before `start_lsn`.
     let segs = listing.segments;
+    if policy != RecoveryPolicy::SkipCorrupt {
+        refuse_unreadable_snapshot_over_compacted_log(&report, &segs, start_lsn)?;
+    }
     let first_idx = segs.iter().rposition(|(l, _)| *l <= start_lsn).unwrap_or(0);
     let mut progress = Progress {
         cfg,
@@ -325,7 +328,13 @@ pub(crate) fn recover(
         let is_last = i + 1 == segs.len();
         let next_seg_lsn = segs.get(i + 1).map(|(l, _)| *l);
         report.segments_scanned += 1;
-        let reader = SegmentReader::open(path)?;
+        // The process holding the LOCK maps its segments (no writer runs yet); a read-only
+        // reader takes no lock and reads them into memory, since a live server may cut or
+        // delete them meanwhile (a deleted one is `CompactedAway`).
+        let reader = match mode {
+            Mode::ReadWrite => SegmentReader::map(path)?,
+            Mode::ReadOnly => SegmentReader::open(path)?,
+        };
         let bytes = reader.bytes();
         let header_damage = match reader.first_lsn() {
             Ok(l) if l == *name_lsn => None,
@@ -626,6 +635,50 @@ pub(crate) fn recover(
             tail_marks,
         },
     })
+}
+
+/// A snapshot of an older format (docs/log-format.md §3, "Versions") was rejected, so recovery
+/// falls back to an older snapshot or the log's start; when the log was compacted past that
+/// point, refuse with [`PersistError::SnapshotFormatTooOld`] rather than the generic
+/// `MissingRecords` (nothing is damaged or missing by accident; the advice differs).
+fn refuse_unreadable_snapshot_over_compacted_log(
+    report: &RecoveryReport,
+    segs: &[(Lsn, PathBuf)],
+    start_lsn: Lsn,
+) -> Result<()> {
+    let Some(&(log_starts_at, _)) = segs.first() else {
+        return Ok(());
+    };
+    if log_starts_at <= start_lsn {
+        return Ok(());
+    }
+    let old = report
+        .snapshots_rejected
+        .iter()
+        .find_map(|f| older_snapshot_format(&f.path).map(|v| (f.path.clone(), v)));
+    match old {
+        Some((snapshot, version)) => Err(PersistError::SnapshotFormatTooOld {
+            snapshot,
+            version,
+            replay_from: start_lsn,
+            log_starts_at,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The format version of snapshot `path` when its header is otherwise intact (magic, header
+/// CRC) and the version is older than this build reads; `None` otherwise.
+fn older_snapshot_format(path: &Path) -> Option<u16> {
+    use std::io::Read;
+    let mut h = [0u8; 64];
+    std::fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
+    let crc = u32::from_le_bytes([h[60], h[61], h[62], h[63]]);
+    if h[0..8] != format::SNAPSHOT_MAGIC || crc32c::crc32c(&h[0..60]) != crc {
+        return None;
+    }
+    let version = u16::from_le_bytes([h[8], h[9]]);
+    (version < format::SNAPSHOT_FORMAT_VERSION).then_some(version)
 }
 
 /// Make the LSN index of every scanned segment match its records (docs/log-format.md §2.4) and

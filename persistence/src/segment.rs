@@ -1,10 +1,14 @@
-//! Segment files on disk: their names, the directory listing, and [`SegmentReader`], which maps a
-//! segment read-only and yields its validated records in place.
+//! Segment files on disk: their names, the directory listing, and [`SegmentReader`], which holds
+//! a segment's bytes (read into memory, or mapped by the process that owns the directory) and
+//! yields its validated records in place.
 
 use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rkyv::util::AlignedVec;
 
 use crate::entry::Lsn;
 use crate::error::{Damage, PersistError, Result};
@@ -69,7 +73,37 @@ pub fn list_dir(dir: &Path) -> Result<DirListing> {
     }
     out.segments.sort();
     out.snapshots.sort();
+    test_hooks::after_listing(dir);
     Ok(out)
+}
+
+/// Hooks for tests of readers racing a live writer (compaction between a listing and the read).
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::cell::RefCell;
+    use std::path::Path;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        static AFTER_LISTING: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Run `hook` (on this thread only) after every directory listing, until cleared with
+    /// `None`.
+    pub fn set_after_listing(hook: Option<Hook>) {
+        AFTER_LISTING.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub(crate) fn after_listing(dir: &Path) {
+        AFTER_LISTING.with(|h| {
+            if let Ok(mut h) = h.try_borrow_mut() {
+                if let Some(f) = h.as_mut() {
+                    f(dir);
+                }
+            }
+        });
+    }
 }
 
 /// A read-only memory map of a whole file (empty files are not mapped).
@@ -88,11 +122,13 @@ impl MappedFile {
             return Ok(Self { map: None });
         }
         // SAFETY: the map is read-only and private to this handle. Its soundness rests on the
-        // file not changing underneath it: a data directory belongs to one kvindex process
-        // (LOCK), whose writer only appends past the end of any existing map and truncates only
-        // during recovery, before maps are made, or after a write error, past the last
-        // acknowledged byte. Readers in another process (`kvindex replay`) map only what existed
-        // when they opened the file.
+        // file not shrinking underneath it (a truncated mapped page raises SIGBUS on access).
+        // Only two kinds of file are mapped: snapshots, which are never modified once renamed
+        // into place (deleting one leaves the map valid), and segments read by the process
+        // holding the directory's LOCK (recovery in `EventLog::open`), whose own writer starts
+        // only after recovery and only appends past the end of the map. Readers that take no
+        // lock (`kvindex replay`, `read_log`) never map segments: they read them into memory
+        // ([`SegmentReader::open`]), since a live server may cut a segment's tail at any time.
         let map =
             unsafe { Mmap::map(&file) }.map_err(|e| PersistError::io("mmap", path, None, e))?;
         Ok(Self { map: Some(map) })
@@ -103,27 +139,92 @@ impl MappedFile {
     }
 }
 
-/// A memory-mapped segment: validates the header once, then reads records in place.
+/// A segment's bytes: read into memory, or mapped.
+enum SegmentBytes {
+    Owned(AlignedVec<16>),
+    Mapped(MappedFile),
+}
+
+/// Read the whole of `file` into 16-byte aligned memory with positioned reads. A file cut while
+/// it is read gives a shorter buffer (as if the cut happened first), never a fault; bytes
+/// appended after the `stat` are not read.
+fn read_whole(file: &File, path: &Path) -> Result<AlignedVec<16>> {
+    let len = file
+        .metadata()
+        .map_err(|e| PersistError::io("stat", path, None, e))?
+        .len() as usize;
+    let mut buf = AlignedVec::<16>::with_capacity(len);
+    buf.resize(len, 0);
+    let mut got = 0;
+    while got < len {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(PersistError::io("read", path, Some(got as u64), e)),
+        }
+    }
+    buf.resize(got, 0);
+    Ok(buf)
+}
+
+/// Open a listed file; one deleted since the listing is [`PersistError::CompactedAway`].
+pub(crate) fn open_listed(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| {
+        if e.kind() == ErrorKind::NotFound {
+            PersistError::CompactedAway {
+                path: path.to_path_buf(),
+            }
+        } else {
+            PersistError::io("open", path, None, e)
+        }
+    })
+}
+
+/// A segment: validates the header once, then reads records in place.
 pub struct SegmentReader {
     path: PathBuf,
-    file: MappedFile,
+    file: SegmentBytes,
     /// `Err` when the header is damaged (records can still be searched for by `inspect`).
     first_lsn: Result<Lsn, Damage>,
 }
 
 impl SegmentReader {
-    /// Map `path` and check its header.
+    /// Read `path` into memory and check its header. Safe while a live server writes, cuts or
+    /// deletes the file; a file deleted since it was listed is [`PersistError::CompactedAway`].
     pub fn open(path: &Path) -> Result<Self> {
-        let file = MappedFile::open(path)?;
-        let first_lsn = format::decode_segment_header(file.bytes());
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            first_lsn,
-        })
+        Self::read_from(&open_listed(path)?, path)
     }
 
-    /// The file this reader maps.
+    /// Read the already opened segment `file` (of `path`) into memory and check its header. An
+    /// open file survives its deletion, so a reader holding one is not hurt by compaction.
+    pub fn read_from(file: &File, path: &Path) -> Result<Self> {
+        Ok(Self::new(
+            path,
+            SegmentBytes::Owned(read_whole(file, path)?),
+        ))
+    }
+
+    /// Map `path` and check its header. Only for the process holding the directory's LOCK,
+    /// before its writer starts (see the SAFETY note of the map).
+    pub(crate) fn map(path: &Path) -> Result<Self> {
+        Ok(Self::new(
+            path,
+            SegmentBytes::Mapped(MappedFile::open(path)?),
+        ))
+    }
+
+    fn new(path: &Path, file: SegmentBytes) -> Self {
+        let mut reader = Self {
+            path: path.to_path_buf(),
+            file,
+            first_lsn: Err(Damage::EmptyBatch),
+        };
+        reader.first_lsn = format::decode_segment_header(reader.bytes());
+        reader
+    }
+
+    /// The file this reader holds.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -135,7 +236,10 @@ impl SegmentReader {
 
     /// All bytes of the file (header included).
     pub fn bytes(&self) -> &[u8] {
-        self.file.bytes()
+        match &self.file {
+            SegmentBytes::Owned(v) => v.as_slice(),
+            SegmentBytes::Mapped(m) => m.bytes(),
+        }
     }
 
     /// File length in bytes.

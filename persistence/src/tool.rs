@@ -98,6 +98,9 @@ pub struct InspectReport {
     pub snapshots: Vec<SnapshotInfo>,
     pub streams: Vec<StreamInfo>,
     pub findings: Vec<Finding>,
+    /// Files listed but deleted before they could be read: a live server compacted (segments)
+    /// or pruned (snapshots) them meanwhile. Not damage; left out of the report.
+    pub compacted_away: Vec<PathBuf>,
     /// First and last LSN found in the log.
     pub lsn_range: Option<(Lsn, Lsn)>,
     pub total_entries: u64,
@@ -121,6 +124,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         snapshots: Vec::new(),
         streams: Vec::new(),
         findings: Vec::new(),
+        compacted_away: Vec::new(),
         lsn_range: None,
         total_entries: 0,
     };
@@ -128,7 +132,18 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
     let mut expected: Option<Lsn> = None;
     let n_segs = listing.segments.len();
     for (i, (_, path)) in listing.segments.iter().enumerate() {
-        let reader = SegmentReader::open(path)?;
+        let reader = match SegmentReader::open(path) {
+            Ok(r) => r,
+            Err(PersistError::CompactedAway { path }) => {
+                // Compaction deletes the oldest segments: the LSNs before the next one are
+                // gone, not missing.
+                tracing::warn!(path = %path.display(), "segment compacted away while inspecting; skipped");
+                report.compacted_away.push(path);
+                expected = None;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let bytes = reader.bytes();
         let mut info = SegmentInfo {
             path: path.clone(),
@@ -191,6 +206,10 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
                 let Some(ns) = rec.batch.namespaces.get(e.namespace.to_native() as usize) else {
                     continue;
                 };
+                if e.op.is_drop_namespace() {
+                    // Not an entry of a stream (its worker and rank are 0).
+                    continue;
+                }
                 let key = StreamKey {
                     namespace: NamespaceKey::new(ns.model_name.as_str(), ns.routing_group.as_str()),
                     worker_id: e.worker_id.to_native(),
@@ -222,7 +241,12 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         report.segments.push(info);
     }
     for (next_lsn, path) in &listing.snapshots {
-        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let Ok(meta) = std::fs::metadata(path) else {
+            tracing::warn!(path = %path.display(), "snapshot pruned while inspecting; skipped");
+            report.compacted_away.push(path.clone());
+            continue;
+        };
+        let bytes = meta.len();
         let content = LoadedSnapshot::load(path)
             .and_then(|s| {
                 let img = s.image()?;
@@ -306,6 +330,13 @@ impl fmt::Display for InspectReport {
                 s.last_source_seq.map_or("-".into(), |v| v.to_string()),
             )?;
         }
+        for p in &self.compacted_away {
+            writeln!(
+                f,
+                "note: {} was deleted while inspecting (compacted away by the live server); skipped",
+                p.display()
+            )?;
+        }
         if self.findings.is_empty() {
             writeln!(f, "no damage found")?;
         } else {
@@ -347,11 +378,18 @@ impl fmt::Display for InspectReport {
 // ---------------------------------------------------------------------------------------------
 // export
 
-/// A lazy, in-order walk over the log's records (memory-mapped), yielding entries. It starts in
-/// the segment holding `from`, at the last record its LSN index places at or before `from`
+/// A lazy, in-order walk over the log's records, yielding entries. It starts in the segment
+/// holding `from`, at the last record its LSN index places at or before `from`
 /// (docs/log-format.md §2.4), so the work is the answer plus at most about one index stride.
+///
+/// Safe against the live server writing the directory: every listed segment is opened at once
+/// (an open file survives compaction deleting it) and read into memory when the walk reaches it
+/// (a tail cut meanwhile reads as a shorter file, never as a fault).
 pub struct ReplayCursor {
-    readers: Vec<SegmentReader>,
+    /// The listed segments from the one holding `from` on, opened.
+    files: Vec<(PathBuf, std::fs::File)>,
+    /// The segment being read (`files[seg]`).
+    reader: Option<SegmentReader>,
     seg: usize,
     offset: usize,
     pending: std::collections::VecDeque<LoggedEntry>,
@@ -375,17 +413,23 @@ impl ReplayCursor {
     }
 
     fn open_with(dir: &Path, from: Lsn, to: Lsn, use_index: bool) -> Result<Self> {
-        let listing = list_dir(dir)?;
-        let first_idx = listing
-            .segments
-            .iter()
-            .rposition(|(l, _)| *l <= from)
-            .unwrap_or(0);
-        let readers = listing.segments[first_idx.min(listing.segments.len())..]
-            .iter()
-            .map(|(_, p)| SegmentReader::open(p))
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(first) = readers.first().and_then(|r| r.first_lsn().ok()) {
+        // A segment compacted away between the listing and its opening: list again (the next
+        // listing starts at a later segment, and the check below says what is left).
+        let mut attempts = 0;
+        let files = loop {
+            attempts += 1;
+            match open_segments_from(dir, from) {
+                Err(PersistError::CompactedAway { path }) if attempts < LISTING_ATTEMPTS => {
+                    tracing::info!(path = %path.display(), "segment compacted away since the listing; listing again");
+                }
+                other => break other?,
+            }
+        };
+        let reader = match files.first() {
+            Some((path, file)) => Some(SegmentReader::read_from(file, path)?),
+            None => None,
+        };
+        if let Some(first) = reader.as_ref().and_then(|r| r.first_lsn().ok()) {
             if first > from && from >= FIRST_LSN && first > FIRST_LSN {
                 return Err(PersistError::Unavailable(format!(
                     "LSNs {from}..{first} are no longer in the log of {} (compacted into a \
@@ -394,7 +438,7 @@ impl ReplayCursor {
                 )));
             }
         }
-        let (offset, start) = match readers.first() {
+        let (offset, start) = match &reader {
             Some(r) if use_index => {
                 let s = lsn_index::seek(r, from);
                 (s.offset, s.via)
@@ -402,7 +446,8 @@ impl ReplayCursor {
             _ => (SEGMENT_HEADER_LEN, SeekVia::SegmentStart),
         };
         Ok(Self {
-            readers,
+            files,
+            reader,
             seg: 0,
             offset,
             pending: Default::default(),
@@ -436,7 +481,18 @@ impl Iterator for ReplayCursor {
             if self.failed {
                 return None;
             }
-            let reader = self.readers.get(self.seg)?;
+            if self.reader.is_none() {
+                let (path, file) = self.files.get(self.seg)?;
+                match SegmentReader::read_from(file, path) {
+                    Ok(r) => self.reader = Some(r),
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let reader = self.reader.as_ref()?;
+            let is_last = self.seg + 1 == self.files.len();
             if let Err(d) = reader.first_lsn() {
                 self.failed = true;
                 return Some(Err(corrupt_for_tool(reader.path(), 0, d)));
@@ -444,12 +500,14 @@ impl Iterator for ReplayCursor {
             match format::read_record(reader.bytes(), self.offset) {
                 Ok(None) => {
                     self.seg += 1;
+                    self.reader = None;
                     self.offset = SEGMENT_HEADER_LEN;
                 }
                 Err(d) => {
                     self.failed = true;
-                    // A torn tail of the last segment is the normal end of a crashed log.
-                    if self.seg + 1 == self.readers.len() && d.is_torn_write() {
+                    // A torn tail of the last segment is the normal end of a crashed log (or of
+                    // one whose tail the live server cut after the listing).
+                    if is_last && d.is_torn_write() {
                         return None;
                     }
                     return Some(Err(corrupt_for_tool(reader.path(), self.offset, d)));
@@ -486,6 +544,24 @@ impl Iterator for ReplayCursor {
     }
 }
 
+/// How many times a read-only tool lists the directory again after a listed file was compacted
+/// away before it could be opened.
+const LISTING_ATTEMPTS: u32 = 3;
+
+/// Open the listed segments of `dir` from the one holding `from` on.
+fn open_segments_from(dir: &Path, from: Lsn) -> Result<Vec<(PathBuf, std::fs::File)>> {
+    let listing = list_dir(dir)?;
+    let first_idx = listing
+        .segments
+        .iter()
+        .rposition(|(l, _)| *l <= from)
+        .unwrap_or(0);
+    listing.segments[first_idx.min(listing.segments.len())..]
+        .iter()
+        .map(|(_, p)| Ok((p.clone(), crate::segment::open_listed(p)?)))
+        .collect()
+}
+
 fn corrupt_for_tool(path: &Path, offset: usize, damage: Damage) -> PersistError {
     PersistError::Corrupt {
         path: path.to_path_buf(),
@@ -497,7 +573,7 @@ fn corrupt_for_tool(path: &Path, offset: usize, damage: Damage) -> PersistError 
 }
 
 /// The RouterEvents with `from <= LSN <= to` (of `worker`, if given) in LSN order, read lazily
-/// from the mapped segments. Control operations (worker removals) are not RouterEvents and are
+/// from the segments (read into memory). Control operations (worker removals) are not RouterEvents and are
 /// left out. Damage ends the iteration with an error naming the file and offset.
 pub fn export(
     dir: impl AsRef<Path>,
@@ -697,23 +773,23 @@ fn tool_engine() -> Engine {
 
 /// Rebuild the index as of `at` (inclusive; `None` = everything), read-only.
 pub fn state(source: &StateSource, at: Option<u64>) -> Result<RebuiltState> {
-    let engine = tool_engine();
     match source {
         StateSource::DataDir(dir) => {
-            if let Some(at) = at {
-                check_reachable(dir, at)?;
+            // A file compacted away by the live server between the listing and its read: start
+            // over from a new listing with a fresh engine (the next one starts past it).
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match state_of_dir(dir, at) {
+                    Err(PersistError::CompactedAway { path }) if attempts < LISTING_ATTEMPTS => {
+                        tracing::info!(path = %path.display(), "file compacted away while reading; reading again");
+                    }
+                    other => return other,
+                }
             }
-            let mut sink = EngineSink::new(engine.clone());
-            let report = read_log(dir, RecoveryPolicy::TolerateTail, at, &mut sink)?;
-            engine.flush()?;
-            let reached = report.next_lsn.saturating_sub(1);
-            Ok(RebuiltState {
-                engine,
-                position: at.map_or(reached, |a| a.min(reached)),
-                report: Some(report),
-            })
         }
         StateSource::JsonLines { path, namespace } => {
+            let engine = tool_engine();
             let ns = engine.create_namespace(namespace.key.clone(), namespace.block_size)?;
             let mut applied = 0u64;
             let limit = at.unwrap_or(u64::MAX);
@@ -732,6 +808,23 @@ pub fn state(source: &StateSource, at: Option<u64>) -> Result<RebuiltState> {
             })
         }
     }
+}
+
+/// [`state`] of a data directory, read once.
+fn state_of_dir(dir: &Path, at: Option<u64>) -> Result<RebuiltState> {
+    let engine = tool_engine();
+    if let Some(at) = at {
+        check_reachable(dir, at)?;
+    }
+    let mut sink = EngineSink::new(engine.clone());
+    let report = read_log(dir, RecoveryPolicy::TolerateTail, at, &mut sink)?;
+    engine.flush()?;
+    let reached = report.next_lsn.saturating_sub(1);
+    Ok(RebuiltState {
+        engine,
+        position: at.map_or(reached, |a| a.min(reached)),
+        report: Some(report),
+    })
 }
 
 /// Refuse early (with the earliest reachable position) when `at` predates both the oldest

@@ -102,6 +102,8 @@ struct Request {
     end_lsn: Lsn,
     payload: AlignedVec,
     watermarks: WatermarkMoves,
+    /// The batch holds an entry of segment format version 2 (`DropNamespace`).
+    needs_v2: bool,
 }
 
 enum Msg {
@@ -236,13 +238,14 @@ impl LogWriter {
         let kind = io.kind();
         tracing::info!(backend = %kind, fsync = %cfg.fsync, "log writer starting");
         let mut tail_marks = start.tail_marks;
-        let (seg_first, path, file, offset) = match start.tail {
+        let (seg_first, path, file, offset, seg_version) = match start.tail {
             Some((first, path, end)) => {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open(&path)
                     .map_err(|e| PersistError::io("open", &path, None, e))?;
+                let seg_version = read_segment_version(&file, &path)?;
                 // The records recovered from this segment count as synced from here on
                 // (watermarks included, which acknowledge redeliveries), but recovery read
                 // them from the page cache: the process that wrote them may have died before
@@ -250,12 +253,20 @@ impl LogWriter {
                 io.sync_recovered(&file)
                     .map_err(|e| PersistError::io("fdatasync", &path, None, e))?;
                 crate::snapshot::sync_dir(&start.dir)?;
-                (first, path, file, end)
+                (first, path, file, end, seg_version)
             }
             None => {
-                let (path, file) = create_segment(&mut io, &start.dir, start.next_lsn, cfg.fsync)?;
+                let version = format::BASE_FORMAT_VERSION;
+                let (path, file) =
+                    create_segment(&mut io, &start.dir, start.next_lsn, version, cfg.fsync)?;
                 tail_marks.clear();
-                (start.next_lsn, path, file, SEGMENT_HEADER_LEN as u64)
+                (
+                    start.next_lsn,
+                    path,
+                    file,
+                    SEGMENT_HEADER_LEN as u64,
+                    version,
+                )
             }
         };
         let (index, planner) = open_index(&path, seg_first, cfg.lsn_index_stride, &tail_marks);
@@ -282,6 +293,7 @@ impl LogWriter {
             file,
             path,
             offset,
+            seg_version,
             buf: Vec::with_capacity(1 << 16),
             buf_end_lsn: start.next_lsn,
             index_stride: cfg.lsn_index_stride,
@@ -339,6 +351,7 @@ impl LogWriter {
         let first_lsn = intake.next_lsn;
         patch_first_lsn(&mut payload, first_lsn);
         let watermarks = watermark_moves(entries, first_lsn);
+        let needs_v2 = entries.iter().any(LogEntry::needs_v2_segment);
         let tx = intake
             .tx
             .as_ref()
@@ -350,6 +363,7 @@ impl LogWriter {
             end_lsn: first_lsn + n,
             payload,
             watermarks,
+            needs_v2,
         }))
         .map_err(|_| PersistError::WriterFailed {
             cause: self.failure_cause(),
@@ -497,11 +511,30 @@ fn watermark_moves(entries: &[LogEntry], first_lsn: Lsn) -> WatermarkMoves {
     out
 }
 
-/// Create segment `first_lsn` in `dir` with its header (synced unless `never`).
+/// The format version in the (already validated by recovery) header of segment `file`.
+fn read_segment_version(file: &File, path: &Path) -> Result<u16> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; SEGMENT_HEADER_LEN];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|e| PersistError::io("read header of", path, Some(0), e))?;
+    format::decode_segment_header_version(&h)
+        .map(|(_, v)| v)
+        .map_err(|damage| PersistError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            damage,
+            policy: "writer",
+            advice: crate::error::CORRUPT_ADVICE,
+        })
+}
+
+/// Create segment `first_lsn` of format `version` in `dir` with its header (synced unless
+/// `never`).
 fn create_segment(
     io: &mut SegmentIo,
     dir: &Path,
     first_lsn: Lsn,
+    version: u16,
     policy: FsyncPolicy,
 ) -> Result<(PathBuf, File)> {
     let path = dir.join(segment_file_name(first_lsn));
@@ -512,7 +545,8 @@ fn create_segment(
         .open(&path)
         .map_err(|e| PersistError::io("create", &path, None, e))?;
     let sync = policy != FsyncPolicy::Never;
-    io.write_at(&file, 0, &format::encode_segment_header(first_lsn), sync)
+    let header = format::encode_segment_header_version(first_lsn, version);
+    io.write_at(&file, 0, &header, sync)
         .map_err(|e| PersistError::io("write header of", &path, Some(0), e))?;
     if sync {
         sync_dir(dir)?;
@@ -556,6 +590,8 @@ struct WriterThread {
     path: PathBuf,
     /// End of the valid data in `file`.
     offset: u64,
+    /// Format version of `file`'s header.
+    seg_version: u16,
     /// Frames gathered for the next write.
     buf: Vec<u8>,
     /// End LSN of the last request in `buf` (or of the last written one).
@@ -649,11 +685,25 @@ impl WriterThread {
                 Msg::Append(r) => {
                     let flen = frame_len(r.payload.len()) as u64;
                     let used = self.offset + self.buf.len() as u64;
-                    if used + flen > self.segment_bytes && used > SEGMENT_HEADER_LEN as u64 {
+                    let has_records = used > SEGMENT_HEADER_LEN as u64;
+                    let full = used + flen > self.segment_bytes && has_records;
+                    // A `DropNamespace` goes only into a version-2 segment (docs/log-format.md
+                    // §2.1): a build reading version 1 then refuses the segment by its header.
+                    let upgrade = r.needs_v2 && self.seg_version < format::FORMAT_VERSION;
+                    if full || upgrade {
                         // A closed segment is always synced, whatever the policy: later syncs
                         // only reach the new file.
                         self.flush(true)?;
-                        self.roll()?;
+                        let version = if r.needs_v2 {
+                            format::FORMAT_VERSION
+                        } else {
+                            format::BASE_FORMAT_VERSION
+                        };
+                        if has_records {
+                            self.roll(version)?;
+                        } else {
+                            self.rewrite_empty_header(version)?;
+                        }
                     }
                     // `buf_end_lsn` is still the end of the previous request: this record's
                     // first LSN.
@@ -753,15 +803,34 @@ impl WriterThread {
         }
     }
 
-    /// Close the current segment (already flushed) and start one at `buf_end_lsn`.
-    fn roll(&mut self) -> Result<()> {
+    /// Close the current segment (already flushed) and start one of format `version` at
+    /// `buf_end_lsn`.
+    fn roll(&mut self, version: u16) -> Result<()> {
         let first = self.buf_end_lsn;
-        let (path, file) = create_segment(&mut self.io, &self.dir, first, self.policy)?;
+        let (path, file) = create_segment(&mut self.io, &self.dir, first, version, self.policy)?;
         self.file = file;
         self.path = path.clone();
         self.offset = SEGMENT_HEADER_LEN as u64;
+        self.seg_version = version;
         (self.index, self.planner) = open_index(&path, first, self.index_stride, &[]);
         lock(&self.shared.segments).push((first, path));
+        Ok(())
+    }
+}
+
+impl WriterThread {
+    /// Give the current segment, which holds no record yet (so no reader depends on its
+    /// version), a header of format `version` (its name and first LSN stay). The 32 bytes lie
+    /// in one sector; were the write torn all the same, recovery would meet a damaged header
+    /// on a last segment without records: cut by `tolerate-tail`, refused by `absolute`.
+    fn rewrite_empty_header(&mut self, version: u16) -> Result<()> {
+        let first = self.buf_end_lsn;
+        let header = format::encode_segment_header_version(first, version);
+        let sync = self.policy != FsyncPolicy::Never;
+        self.io
+            .write_at(&self.file, 0, &header, sync)
+            .map_err(|e| PersistError::io("rewrite header of", &self.path, Some(0), e))?;
+        self.seg_version = version;
         Ok(())
     }
 }

@@ -146,7 +146,11 @@ impl ReplayError {
                 | PersistError::MissingRecords { .. }
                 | PersistError::CorruptSnapshot { .. },
             ) => EXIT_DAMAGE,
-            ReplayError::Persist(PersistError::Unavailable(_)) => EXIT_UNAVAILABLE,
+            ReplayError::Persist(
+                PersistError::Unavailable(_)
+                | PersistError::CompactedAway { .. }
+                | PersistError::SnapshotFormatTooOld { .. },
+            ) => EXIT_UNAVAILABLE,
             _ => EXIT_FAILED,
         }
     }

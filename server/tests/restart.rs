@@ -192,3 +192,47 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert_eq!(code, 1);
     assert!(err.contains("locked by another process"), "{err}");
 }
+
+#[test]
+fn a_partition_recreated_with_the_same_block_size_starts_empty_when_an_older_snapshot_is_used() {
+    let (_dir, data) = data_dir();
+    let s = start(&data, &[], &[]);
+    register(&s, 1, "m", 4);
+    register(&s, 3, "x", 4);
+    let t = tokens(8);
+    let h = local_hashes(&t, 4);
+    // Worker 9 is not registered: its blocks leave only with the partition.
+    let r = s.post_json(
+        "/events?model_name=m&routing_group=default",
+        &stored(9, 0, 1, None, &chain(&h, 2, 100)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Dropping "x" takes the snapshot that recovery will fall back to (it holds "m").
+    for (id, model) in [(3, "x"), (1, "m")] {
+        let r = s.post_json(
+            "/unregister",
+            &json!({"instance_id": id, "model_name": model}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    register(&s, 2, "m", 4);
+    let r = s.post_json("/events", &stored(2, 0, 1, None, &chain(&h, 1, 200)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (status, log) = s.terminate();
+    assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+    // The newest snapshot (taken when "m" was dropped) is lost: the older one is used and the
+    // log replayed from before the drop, as after a crash before that snapshot.
+    let mut snaps: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kvsnap"))
+        .collect();
+    snaps.sort();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    std::fs::remove_file(&snaps[1]).unwrap();
+    let s = start(&data, &[], &[]);
+    let v = s
+        .post_json("/query", &json!({"token_ids": t, "model_name": "m"}))
+        .json();
+    assert_eq!(v["scores"], json!({"2": {"0": 4}}), "{}", s.stderr());
+}

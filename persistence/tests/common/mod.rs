@@ -198,6 +198,7 @@ impl Model {
             LogOp::RemoveWorkerDpRank => {
                 self.reference.remove_worker_dp_rank(e.worker_id, e.dp_rank)
             }
+            LogOp::DropNamespace => *self = Model::default(),
         }
     }
 

@@ -123,10 +123,15 @@ pub async fn unregister(
         )?;
         if !outcome.dropped.is_empty() {
             for key in &outcome.dropped {
+                // Logged (DropNamespace) and dropped from the engine, so recovery drops it too
+                // even without the snapshot below; the second call finds nothing left to drop.
+                st.durable
+                    .drop_namespace(key)
+                    .and_then(|t| t.wait())
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
                 st.partitions.forget_engine_namespace(key)?;
             }
-            // The log still holds the dropped partitions' entries; a snapshot without them
-            // keeps recovery from recreating them (possibly with an outdated block size).
+            // The snapshot spares the next recovery the dropped partitions' entries.
             st.durable
                 .snapshot_now()
                 .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -1,0 +1,96 @@
+//! A snapshot of an older format (docs/log-format.md §3, "Versions") over a compacted log: the
+//! fallback to "the log from its start" is impossible, and recovery says so and what to do.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use kvindex_engine::WorkerWithDpRank;
+use kvindex_persistence::*;
+
+/// A data dir whose log was compacted past LSN 1 (small segments, three snapshots).
+fn compacted_dir(dir: &Path) {
+    let config = DurableConfig {
+        log: LogConfig {
+            segment_bytes: 2048,
+            ..LogConfig::default()
+        },
+        snapshots: manual_snapshots(2),
+    };
+    let (idx, _) = DurableIndex::open(dir, config, small_engine()).unwrap();
+    let mut gen = EventGen::new(3, vec![WorkerWithDpRank::new(4, 0)]);
+    for round in 0..3 {
+        for i in 0..60 {
+            let _ = idx
+                .submit(&ns(), round * 100 + i, gen.next_event())
+                .unwrap();
+        }
+        idx.snapshot_now().unwrap();
+    }
+    idx.close().unwrap();
+}
+
+/// Rewrite `path` as a format-version-1 snapshot (header CRC recomputed: only the version is off).
+fn make_version_1(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn version_1_snapshots_over_a_compacted_log_are_refused_with_what_to_do() {
+    for policy in [
+        RecoveryPolicy::Absolute,
+        RecoveryPolicy::TolerateTail,
+        RecoveryPolicy::SkipCorrupt,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        compacted_dir(dir.path());
+        let log_start: u64 = segment_files(dir.path())[0]
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix("seg-"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(log_start > 1);
+        let snaps = snapshot_files(dir.path());
+        for s in &snaps {
+            make_version_1(s);
+        }
+        let res = EventLog::open(dir.path(), cfg_policy(policy), &mut NullSink);
+        match (policy, res) {
+            (RecoveryPolicy::SkipCorrupt, Ok((_, report))) => {
+                assert_eq!(report.lost_lsns[0], (1, log_start - 1));
+            }
+            (
+                _,
+                Err(
+                    e @ PersistError::SnapshotFormatTooOld {
+                        version: 1,
+                        replay_from: 1,
+                        ..
+                    },
+                ),
+            ) => {
+                let PersistError::SnapshotFormatTooOld {
+                    snapshot,
+                    log_starts_at,
+                    ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(*log_starts_at, log_start);
+                assert_eq!(snapshot, snaps.last().unwrap());
+                let msg = e.to_string();
+                assert!(msg.contains("skip-corrupt"), "{msg}");
+                assert!(msg.contains("start empty"), "{msg}");
+            }
+            (p, other) => panic!("{p}: {:?}", other.map(|(_, r)| r)),
+        }
+    }
+}
