@@ -342,6 +342,56 @@ fn a_redelivery_is_recognised_after_recovery_from_a_snapshot_taken_after_it_was_
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
 }
 
+/// A stream deleted and created again restarts its sequences: a redelivery of the new stream's
+/// sequence 1 is not a duplicate of the old stream's sequence 1 (the logged sequences carry
+/// the stream's epoch).
+#[test]
+fn a_redelivery_of_a_recreated_stream_is_not_taken_for_the_old_streams_message() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    // The old stream's sequence 1: worker 1's first block, logged and acknowledged.
+    let s = start_js(&nats, dir.path(), &[]);
+    assert_eq!(
+        c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100)),
+        1
+    );
+    wait_all_acked(&c);
+    wait_until("the first block indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    let (status, _) = s.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    c.delete_stream(STREAM);
+
+    // The new stream's sequence 1 is received, then kvindex is killed before logging it.
+    let s = start_js(&nats, dir.path(), &[("KVINDEX_TEST_NATS_HOLD", "before_log")]);
+    assert_eq!(
+        c.js_publish("kvindex.events.m.default", None, event(1, 4, 100)),
+        1
+    );
+    wait_until("the consumer holding the message", || {
+        s.stderr().contains("test hold before_log")
+    });
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None);
+
+    // Its redelivery is applied.
+    let s = start_js(&nats, dir.path(), &[]);
+    wait_until("the new stream's 4-block store is indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}})
+    });
+    wait_all_acked(&c);
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        0.0
+    );
+}
+
 /// A NATS server and a kvindex consuming from it, which has indexed worker 1's first event.
 fn consuming_one_event() -> (NatsServer, tempfile::TempDir, Server) {
     let nats = NatsServer::start();
