@@ -794,7 +794,62 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::remove_pruned;
+    use super::*;
+
+    fn image(next_lsn: Lsn) -> SnapshotImage {
+        SnapshotImage {
+            next_lsn,
+            ..SnapshotImage::default()
+        }
+    }
+
+    /// A whole file's bytes, 16-byte aligned as a map is.
+    fn aligned(header: &[u8], payload: &[u8]) -> rkyv::util::AlignedVec<16> {
+        let mut v = rkyv::util::AlignedVec::<16>::new();
+        v.extend_from_slice(header);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn a_format_2_snapshot_is_read_without_tagged_sequences() {
+        let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
+        let mut h = encode_header(7, &payload, 0, 0);
+        h[8..10].copy_from_slice(&2u16.to_le_bytes());
+        h[48..56].fill(0);
+        let crc = crc32c::crc32c(&h[0..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        let bytes = aligned(&h, &payload);
+        let (lsn, img, tagged) = validate_snapshot_parts(&bytes).expect("format 2 accepted");
+        assert_eq!(lsn, 7);
+        assert_eq!(img.next_lsn.to_native(), 7);
+        assert!(tagged.is_none());
+    }
+
+    #[test]
+    fn a_format_3_snapshot_carries_its_tagged_sequences() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = TaggedSeqs::default();
+        t.insert_range(3, 1, 10);
+        t.insert_range(3, 12, 12);
+        t.insert_range(4, 1, 1);
+        let meta = SnapshotStore::new(dir.path())
+            .write_with(&image(9), &t)
+            .expect("write");
+        let loaded = LoadedSnapshot::load(&meta.path).expect("load");
+        assert_eq!(loaded.tagged_seqs().expect("tagged"), t);
+        assert_eq!(loaded.image().expect("image").next_lsn.to_native(), 9);
+    }
+
+    #[test]
+    fn an_image_length_past_the_payload_is_refused() {
+        let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
+        let h = encode_header(7, &payload, payload.len() as u64 + 1, 0);
+        let bytes = aligned(&h, &payload);
+        let (offset, reason) = validate_snapshot_parts(&bytes).expect_err("refused");
+        assert_eq!(offset, 48);
+        assert!(reason.contains("image length"), "{reason}");
+    }
 
     #[test]
     fn pruning_a_snapshot_already_gone_is_not_an_error() {
