@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{LogConfig, RecoveryPolicy};
 use crate::entry::{LogEntry, Lsn, StreamWatermark};
-use crate::seq_set::TaggedSeqs;
 use crate::error::{PersistError, Result};
 use crate::format::SEGMENT_HEADER_LEN;
 use crate::io::IoBackendKind;
 use crate::recovery::{self, Mode, RecoveryReport, ReplaySink};
+use crate::seq_set::TaggedSeqs;
 use crate::snapshot::sync_dir;
 use crate::writer::{AppendTicket, LogWriter};
 

@@ -397,8 +397,14 @@ pub fn validate_snapshot_bytes(
 /// which predates them).
 pub fn validate_snapshot_parts(
     bytes: &[u8],
-) -> std::result::Result<(Lsn, &ArchivedSnapshotImage, Option<&ArchivedTaggedSeqsImage>), SnapDamage>
-{
+) -> std::result::Result<
+    (
+        Lsn,
+        &ArchivedSnapshotImage,
+        Option<&ArchivedTaggedSeqsImage>,
+    ),
+    SnapDamage,
+> {
     if bytes.len() < SNAPSHOT_HEADER_LEN {
         return Err((
             0,
@@ -472,10 +478,7 @@ pub fn validate_snapshot_parts(
                     ),
                 )
             })?;
-        (
-            &payload[..at],
-            Some(&payload[tagged_section_at(at)..]),
-        )
+        (&payload[..at], Some(&payload[tagged_section_at(at)..]))
     };
     let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(image_bytes).map_err(|e| {
         (

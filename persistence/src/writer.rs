@@ -834,6 +834,10 @@ impl WriterThread {
         self.shared.set_progress(self.buf_end_lsn, sync);
         if sync {
             self.dirty_since = None;
+            // Ordering: watermarks and tagged sequences become visible in `durable` only after
+            // the write (and fdatasync) above returned, under the `durable` lock readers take:
+            // a JetStream redelivery is never called a duplicate of an entry that could still
+            // be lost.
             let moved = std::mem::take(&mut self.pending);
             lock(&self.shared.durable).merge(moved);
         } else if has_data {

@@ -512,7 +512,10 @@ fn tagged_source_sequences_survive_snapshot_compaction_and_replay() {
         assert_eq!(idx.prune_tagged_seqs(1, 1), 2, "{{2,3}} and {{5}} left");
         idx.snapshot_now().unwrap();
         // After the snapshot: 6 of group 1, and an untagged sequence.
-        idx.submit(&spec, seq(1, 6), ev(10)).unwrap().wait().unwrap();
+        idx.submit(&spec, seq(1, 6), ev(10))
+            .unwrap()
+            .wait()
+            .unwrap();
         idx.submit(&spec, 7, ev(11)).unwrap().wait().unwrap();
         idx.close().unwrap();
     }
@@ -521,7 +524,10 @@ fn tagged_source_sequences_survive_snapshot_compaction_and_replay() {
     for s in [2, 3, 5, 6] {
         assert!(idx.tagged_seq_durable(seq(1, s)), "group 1 seq {s}");
     }
-    assert!(!idx.tagged_seq_durable(seq(1, 1)), "pruned before the snapshot");
+    assert!(
+        !idx.tagged_seq_durable(seq(1, 1)),
+        "pruned before the snapshot"
+    );
     assert!(!idx.tagged_seq_durable(seq(1, 4)), "never logged");
     assert!(!idx.tagged_seq_durable(seq(2, 9)), "group 2 pruned");
     assert!(!idx.tagged_seq_durable(seq(2, 5)), "another group");

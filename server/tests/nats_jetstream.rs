@@ -365,7 +365,11 @@ fn a_redelivery_of_a_recreated_stream_is_not_taken_for_the_old_streams_message()
     c.delete_stream(STREAM);
 
     // The new stream's sequence 1 is received, then kvindex is killed before logging it.
-    let s = start_js(&nats, dir.path(), &[("KVINDEX_TEST_NATS_HOLD", "before_log")]);
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
+    );
     assert_eq!(
         c.js_publish("kvindex.events.m.default", None, event(1, 4, 100)),
         1

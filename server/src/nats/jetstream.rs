@@ -99,7 +99,11 @@ async fn setup(
         )
         .await
         .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))?;
-    prune(state, epoch, consumer.cached_info().ack_floor.stream_sequence);
+    prune(
+        state,
+        epoch,
+        consumer.cached_info().ack_floor.stream_sequence,
+    );
     Ok(Ready { consumer, epoch })
 }
 

@@ -84,11 +84,7 @@ fn write(path: &Path, stored: &Stored) -> Result<(), EpochError> {
 /// The epoch of `identity`: the stored one when the identity is the stored one; otherwise a
 /// new epoch (never 0, which is the layout of logs written before epochs; never one of
 /// `in_use`, the groups still in the durable set), stored durably before it is returned.
-pub fn epoch_for(
-    dir: &Path,
-    identity: &StreamIdentity,
-    in_use: &[u16],
-) -> Result<u16, EpochError> {
+pub fn epoch_for(dir: &Path, identity: &StreamIdentity, in_use: &[u16]) -> Result<u16, EpochError> {
     let path = dir.join(FILE_NAME);
     let stored = read(&path);
     if let Some(s) = &stored {
