@@ -11,7 +11,8 @@
 //! be recognised as durable; also a stream sequence too large for the tagged layout, past
 //! 2^47 - 1), `ack` (an acknowledgement not sent: the message is redelivered after the ack
 //! wait, and recognised as durable when it was logged), `floor` (the consumer's ack floor could
-//! not be read: the set of logged sequences is pruned at the next try).
+//! not be read: the set of logged sequences is pruned at the next try), `identity` (the stored
+//! stream identity unreadable or damaged: a new epoch is used).
 //!
 //! Deduplication: the log keeps the exact set of JetStream sequences it holds, tagged with the
 //! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch,
@@ -79,11 +80,17 @@ async fn setup(
         stream: cfg.stream.clone(),
         created_ns: info.created.unix_timestamp_nanos().to_string(),
     };
-    let epoch = stream_epoch::epoch_for(
-        state.durable.log().dir(),
-        &identity,
-        &state.durable.tagged_groups(),
-    )
+    // File I/O with an fsync: off the async workers.
+    let (dir, in_use) = (
+        state.durable.log().dir().to_path_buf(),
+        state.durable.tagged_groups(),
+    );
+    let epoch = tokio::task::spawn_blocking(move || {
+        stream_epoch::epoch_for(&dir, &identity, &in_use).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
     .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
     let consumer = stream
         .get_or_create_consumer(

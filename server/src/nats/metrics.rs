@@ -14,7 +14,8 @@ pub const EVENTS_ACCEPTED: &str = "kvindex_nats_events_accepted_total";
 pub const JS_ACKS: &str = "kvindex_nats_jetstream_acks_total";
 /// JetStream errors, by `stage`: `setup` (stream / consumer not ready), `pull` (the pull
 /// stream reported an error), `info` (a message without usable delivery info), `ack` (an
-/// acknowledgement not sent), `floor` (the consumer's ack floor not read).
+/// acknowledgement not sent), `floor` (the consumer's ack floor not read), `identity` (the
+/// stored stream identity unreadable or damaged).
 pub const JS_ERRORS: &str = "kvindex_nats_jetstream_errors_total";
 /// Ranges in the set of logged JetStream sequences (after its last pruning).
 pub const JS_DEDUP_RANGES: &str = "kvindex_nats_jetstream_dedup_ranges";
@@ -48,7 +49,7 @@ pub fn describe() {
     );
     describe_counter!(
         JS_ERRORS,
-        "JetStream consumer errors (logged), by stage (setup, pull, info, ack, floor)"
+        "JetStream consumer errors (logged), by stage (setup, pull, info, ack, floor, identity)"
     );
     describe_gauge!(
         JS_DEDUP_RANGES,

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::metrics::JS_ERRORS;
+
 /// File name in the data directory.
 pub const FILE_NAME: &str = "jetstream-stream.json";
 
@@ -41,14 +43,15 @@ pub enum EpochError {
     Exhausted,
 }
 
-/// Read the stored identity; `None` when missing or unreadable (an unreadable file is logged:
-/// its epoch is then allocated afresh, which only costs deduplication of messages logged
-/// before).
+/// Read the stored identity; `None` when missing or unreadable (an unreadable file is logged
+/// and counted: its epoch is then allocated afresh, which only costs deduplication of messages
+/// logged before).
 fn read(path: &Path) -> Option<Stored> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
+            count_unreadable();
             tracing::warn!(path = %path.display(), error = %e, "cannot read the JetStream stream identity; a new epoch is used");
             return None;
         }
@@ -56,10 +59,15 @@ fn read(path: &Path) -> Option<Stored> {
     match serde_json::from_slice(&bytes) {
         Ok(s) => Some(s),
         Err(e) => {
+            count_unreadable();
             tracing::warn!(path = %path.display(), error = %e, "damaged JetStream stream identity; a new epoch is used");
             None
         }
     }
+}
+
+fn count_unreadable() {
+    metrics::counter!(JS_ERRORS, "stage" => "identity").increment(1);
 }
 
 fn write(path: &Path, stored: &Stored) -> Result<(), EpochError> {
