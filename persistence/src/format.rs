@@ -25,6 +25,8 @@ pub const BASE_FORMAT_VERSION: u16 = 1;
 /// refused with a clear error, and recovery then falls back to an older snapshot or to the log
 /// (docs/log-format.md §3).
 pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
+/// Oldest snapshot format version this build reads.
+pub const MIN_SNAPSHOT_FORMAT_VERSION: u16 = 2;
 /// Bytes before the first record of a segment.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Bytes of a record frame before its payload (length, CRC).

@@ -680,7 +680,7 @@ fn older_snapshot_format(path: &Path) -> Option<u16> {
         return None;
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    (version < format::SNAPSHOT_FORMAT_VERSION).then_some(version)
+    (version < format::MIN_SNAPSHOT_FORMAT_VERSION).then_some(version)
 }
 
 /// Make the LSN index of every scanned segment match its records (docs/log-format.md §2.4) and

@@ -16,7 +16,9 @@ use rkyv::{rancor, Archive, Deserialize, Serialize};
 
 use crate::entry::{Lsn, NamespaceSpec, StreamKey, StreamWatermark};
 use crate::error::{PersistError, Result};
-use crate::format::{le_u32, le_u64, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC};
+use crate::format::{
+    le_u32, le_u64, MIN_SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC,
+};
 use crate::record::TierRecord;
 use crate::segment::{list_dir, snapshot_file_name, MappedFile};
 use crate::seq_set::TaggedSeqs;
@@ -433,7 +435,7 @@ pub fn validate_snapshot_parts(
             ),
         ));
     }
-    if version != SNAPSHOT_FORMAT_VERSION && version != 2 {
+    if !(MIN_SNAPSHOT_FORMAT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err((
             8,
             format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
