@@ -353,6 +353,29 @@ impl DurableIndex {
         self.inner.log.durable_watermarks()
     }
 
+    /// Whether the tagged `source_seq` (docs/log-format.md §6) is in the log and durable: the
+    /// exact set, not a watermark.
+    pub fn tagged_seq_durable(&self, source_seq: u64) -> bool {
+        self.inner.log.tagged_seq_durable(source_seq)
+    }
+
+    /// The groups of the durable tagged set.
+    pub fn tagged_groups(&self) -> Vec<u16> {
+        self.inner
+            .log
+            .durable_tagged_seqs()
+            .groups()
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect()
+    }
+
+    /// Bound the durable tagged set: forget every group but `group`, and its sequences
+    /// `<= floor` (the caller knows they are never asked about again). Returns the ranges left.
+    pub fn prune_tagged_seqs(&self, group: u16, floor: u64) -> usize {
+        self.inner.log.prune_tagged_seqs(group, floor)
+    }
+
     /// Stop the snapshot thread, drain and sync the log.
     pub fn close(mut self) -> Result<()> {
         self.stop_snapshotter();
@@ -413,14 +436,16 @@ impl Inner {
             // The snapshot must never cover an LSN the log could still lose.
             self.log.sync()?;
             let wms = self.log.durable_watermarks();
+            let tagged = self.log.durable_tagged_seqs();
             let image = SnapshotImage::capture(&self.engine, next, &wms)?;
             self.since_snapshot.store(0, Ordering::Relaxed);
             *lock(&self.last_snapshot) = Instant::now();
-            image
+            (image, tagged)
         };
+        let (image, tagged) = image;
         // (Re)written even when a snapshot of this position exists: the rename is atomic and
         // replaces a possibly damaged file.
-        let meta = self.store.write(&image)?;
+        let meta = self.store.write_with(&image, &tagged)?;
         self.store.prune(self.policy.keep)?;
         if let Some(oldest) = self.store.list()?.first() {
             self.log.compact(oldest.next_lsn)?;

@@ -19,10 +19,14 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"KVIDXSNP";
 pub const FORMAT_VERSION: u16 = 2;
 /// Oldest segment format version this build reads, and the one it writes by default.
 pub const BASE_FORMAT_VERSION: u16 = 1;
-/// Version of the snapshot format: 2 added the lower storage tiers (`NamespaceImage::lower`).
-/// Version-1 snapshots are refused with a clear error; recovery then falls back to an older
-/// snapshot or to the log (docs/log-format.md §3).
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
+/// Version of the snapshot format: 2 added the lower storage tiers (`NamespaceImage::lower`),
+/// 3 the durable tagged source sequences after the image (header bytes 48..56: the image's
+/// length). Version-2 snapshots are still read (without tagged sequences); version-1 ones are
+/// refused with a clear error, and recovery then falls back to an older snapshot or to the log
+/// (docs/log-format.md §3).
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
+/// Oldest snapshot format version this build reads.
+pub const MIN_SNAPSHOT_FORMAT_VERSION: u16 = 2;
 /// Bytes before the first record of a segment.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Bytes of a record frame before its payload (length, CRC).

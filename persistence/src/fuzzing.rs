@@ -7,7 +7,7 @@ use rkyv::util::AlignedVec;
 use crate::format;
 use crate::recovery::EntryView;
 use crate::scan::{ScanStep, SegmentScan};
-use crate::snapshot::validate_snapshot_bytes;
+use crate::snapshot::validate_snapshot_parts;
 
 /// What reading a segment's bytes found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -54,7 +54,9 @@ pub fn read_segment_bytes(data: &[u8]) -> SegmentSummary {
 pub fn read_snapshot_bytes(data: &[u8]) -> Result<(usize, usize), String> {
     let mut buf: AlignedVec = AlignedVec::with_capacity(data.len());
     buf.extend_from_slice(data);
-    let (_, image) = validate_snapshot_bytes(&buf).map_err(|(o, r)| format!("byte {o}: {r}"))?;
+    let (_, image, tagged) =
+        validate_snapshot_parts(&buf).map_err(|(o, r)| format!("byte {o}: {r}"))?;
+    let _ = tagged.map(|t| t.to_set());
     let mut pairs = 0;
     for ns in image.namespaces.iter() {
         pairs += ns.to_index_snapshot().pairs();

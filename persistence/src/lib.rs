@@ -35,6 +35,7 @@ pub mod record;
 pub mod recovery;
 mod scan;
 pub mod segment;
+pub mod seq_set;
 pub mod snapshot;
 mod sync;
 pub mod tool;
@@ -54,5 +55,8 @@ pub use recovery::{
     CollectingSink, EntryView, NullSink, RecoveryReport, ReplaySink, SkippedRegion, TailCut,
 };
 pub use segment::{SegmentReader, SegmentRecords};
+pub use seq_set::{
+    split_tagged, tagged_source_seq, SeqSet, TaggedSeqs, MAX_TAGGED_SEQ, SOURCE_SEQ_TAG,
+};
 pub use snapshot::{LoadedSnapshot, SnapshotImage, SnapshotMeta, SnapshotStore};
 pub use writer::{AppendTicket, LogWriter};

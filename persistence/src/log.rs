@@ -11,6 +11,7 @@ use crate::error::{PersistError, Result};
 use crate::format::SEGMENT_HEADER_LEN;
 use crate::io::IoBackendKind;
 use crate::recovery::{self, Mode, RecoveryReport, ReplaySink};
+use crate::seq_set::TaggedSeqs;
 use crate::snapshot::sync_dir;
 use crate::writer::{AppendTicket, LogWriter};
 
@@ -121,6 +122,21 @@ impl EventLog {
     /// Per-stream watermarks of what is on disk.
     pub fn durable_watermarks(&self) -> Vec<StreamWatermark> {
         self.writer.durable_watermarks()
+    }
+
+    /// Whether the tagged `source_seq` is durable (docs/log-format.md §6).
+    pub fn tagged_seq_durable(&self, source_seq: u64) -> bool {
+        self.writer.tagged_seq_durable(source_seq)
+    }
+
+    /// The durable tagged source sequences.
+    pub fn durable_tagged_seqs(&self) -> TaggedSeqs {
+        self.writer.durable_tagged_seqs()
+    }
+
+    /// Keep only the durable tagged sequences of `group` above `floor`; the ranges left.
+    pub fn prune_tagged_seqs(&self, group: u16, floor: u64) -> usize {
+        self.writer.prune_tagged_seqs(group, floor)
     }
 
     /// Which write path runs (io_uring or portable).

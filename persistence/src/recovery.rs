@@ -280,6 +280,7 @@ pub(crate) fn recover(
         Some(s) => {
             sink.restore_snapshot(s)?;
             watermarks.insert_all(&s.image()?.watermarks());
+            watermarks.union_tagged(&s.tagged_seqs()?);
             report.snapshot = Some(SnapshotMeta {
                 path: s.path().to_path_buf(),
                 next_lsn: s.next_lsn(),
@@ -494,6 +495,7 @@ pub(crate) fn recover(
                         if !same {
                             last_key = Some(view.namespace_key());
                         }
+                        watermarks.insert_tagged(view.source_seq());
                         if let Some(key) = &last_key {
                             watermarks.set(
                                 key,
@@ -678,7 +680,7 @@ fn older_snapshot_format(path: &Path) -> Option<u16> {
         return None;
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    (version < format::SNAPSHOT_FORMAT_VERSION).then_some(version)
+    (version < format::MIN_SNAPSHOT_FORMAT_VERSION).then_some(version)
 }
 
 /// Make the LSN index of every scanned segment match its records (docs/log-format.md §2.4) and

@@ -16,9 +16,12 @@ use rkyv::{rancor, Archive, Deserialize, Serialize};
 
 use crate::entry::{Lsn, NamespaceSpec, StreamKey, StreamWatermark};
 use crate::error::{PersistError, Result};
-use crate::format::{le_u32, le_u64, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC};
+use crate::format::{
+    le_u32, le_u64, MIN_SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC,
+};
 use crate::record::TierRecord;
 use crate::segment::{list_dir, snapshot_file_name, MappedFile};
+use crate::seq_set::TaggedSeqs;
 
 /// Bytes before a snapshot's payload.
 pub const SNAPSHOT_HEADER_LEN: usize = 64;
@@ -31,6 +34,62 @@ pub struct SnapshotImage {
     pub next_lsn: u64,
     pub namespaces: Vec<NamespaceImage>,
     pub watermarks: Vec<WatermarkRecord>,
+}
+
+/// The durable tagged source sequences (docs/log-format.md §6), stored after the image in a
+/// format-3 snapshot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug))]
+pub struct TaggedSeqsImage {
+    pub groups: Vec<TaggedGroupRecord>,
+}
+
+/// One group's sequences, as ascending disjoint inclusive ranges.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct TaggedGroupRecord {
+    pub group: u16,
+    pub ranges: Vec<SeqRangeRecord>,
+}
+
+/// `first..=last`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct SeqRangeRecord {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl TaggedSeqsImage {
+    /// The image of a set.
+    pub fn of(seqs: &TaggedSeqs) -> Self {
+        TaggedSeqsImage {
+            groups: seqs
+                .groups()
+                .into_iter()
+                .map(|(group, set)| TaggedGroupRecord {
+                    group,
+                    ranges: set
+                        .ranges()
+                        .map(|(first, last)| SeqRangeRecord { first, last })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl ArchivedTaggedSeqsImage {
+    /// The set stored.
+    pub fn to_set(&self) -> TaggedSeqs {
+        let mut t = TaggedSeqs::default();
+        for g in self.groups.iter() {
+            for r in g.ranges.iter() {
+                t.insert_range(g.group.to_native(), r.first.to_native(), r.last.to_native());
+            }
+        }
+        t
+    }
 }
 
 /// One namespace's exact index (the engine's `IndexSnapshot`) and block size.
@@ -299,7 +358,12 @@ impl ArchivedSnapshotImage {
 }
 
 /// Encode the 64-byte snapshot header.
-fn encode_header(next_lsn: Lsn, payload: &[u8], created_ms: u64) -> [u8; SNAPSHOT_HEADER_LEN] {
+fn encode_header(
+    next_lsn: Lsn,
+    payload: &[u8],
+    image_len: u64,
+    created_ms: u64,
+) -> [u8; SNAPSHOT_HEADER_LEN] {
     let mut h = [0u8; SNAPSHOT_HEADER_LEN];
     h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
     h[8..10].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
@@ -308,6 +372,7 @@ fn encode_header(next_lsn: Lsn, payload: &[u8], created_ms: u64) -> [u8; SNAPSHO
     h[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     h[32..36].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     h[40..48].copy_from_slice(&created_ms.to_le_bytes());
+    h[48..56].copy_from_slice(&image_len.to_le_bytes());
     let crc = crc32c::crc32c(&h[0..60]);
     h[60..64].copy_from_slice(&crc.to_le_bytes());
     h
@@ -316,11 +381,32 @@ fn encode_header(next_lsn: Lsn, payload: &[u8], created_ms: u64) -> [u8; SNAPSHO
 /// What is wrong with snapshot bytes: `(offset, reason)`.
 type SnapDamage = (u64, String);
 
+/// Where the tagged-sequence section starts in a format-3 payload whose image is `image_len`
+/// bytes: the next multiple of 16.
+fn tagged_section_at(image_len: usize) -> usize {
+    image_len.div_ceil(16) * 16
+}
+
 /// Validate a whole snapshot file's bytes (must be 16-byte aligned, e.g. a map) and return the
 /// header's `next_lsn` and the archived image.
 pub fn validate_snapshot_bytes(
     bytes: &[u8],
 ) -> std::result::Result<(Lsn, &ArchivedSnapshotImage), SnapDamage> {
+    validate_snapshot_parts(bytes).map(|(lsn, image, _)| (lsn, image))
+}
+
+/// [`validate_snapshot_bytes`], plus the tagged source sequences (`None` in a format-2 file,
+/// which predates them).
+pub fn validate_snapshot_parts(
+    bytes: &[u8],
+) -> std::result::Result<
+    (
+        Lsn,
+        &ArchivedSnapshotImage,
+        Option<&ArchivedTaggedSeqsImage>,
+    ),
+    SnapDamage,
+> {
     if bytes.len() < SNAPSHOT_HEADER_LEN {
         return Err((
             0,
@@ -349,7 +435,7 @@ pub fn validate_snapshot_bytes(
             ),
         ));
     }
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if !(MIN_SNAPSHOT_FORMAT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err((
             8,
             format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
@@ -376,17 +462,60 @@ pub fn validate_snapshot_bytes(
             format!("payload CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"),
         ));
     }
-    let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(payload).map_err(|e| {
+    // Format 2: the payload is the image. Format 3: the image (`image_len` bytes), zeros up to
+    // a multiple of 16, then the tagged sequences.
+    let (image_bytes, tagged_bytes) = if version == 2 {
+        (payload, None)
+    } else {
+        let image_len = le_u64(h, 48);
+        let at = usize::try_from(image_len)
+            .ok()
+            .filter(|&l| l <= payload.len() && tagged_section_at(l) <= payload.len())
+            .ok_or_else(|| {
+                (
+                    48,
+                    format!(
+                        "image length {image_len} past the payload's {} bytes",
+                        payload.len()
+                    ),
+                )
+            })?;
+        (&payload[..at], Some(&payload[tagged_section_at(at)..]))
+    };
+    let image = rkyv::access::<ArchivedSnapshotImage, rancor::Error>(image_bytes).map_err(|e| {
         (
             SNAPSHOT_HEADER_LEN as u64,
             format!("payload fails validation: {e}"),
         )
     })?;
+    let tagged = match tagged_bytes {
+        None => None,
+        Some(b) => {
+            let t = rkyv::access::<ArchivedTaggedSeqsImage, rancor::Error>(b).map_err(|e| {
+                (
+                    SNAPSHOT_HEADER_LEN as u64,
+                    format!("tagged source sequences fail validation: {e}"),
+                )
+            })?;
+            for g in t.groups.iter() {
+                if let Some(r) = g.ranges.iter().find(|r| r.first > r.last) {
+                    return Err((
+                        SNAPSHOT_HEADER_LEN as u64,
+                        format!(
+                            "tagged group {} has the empty range {}..={}",
+                            g.group, r.first, r.last
+                        ),
+                    ));
+                }
+            }
+            Some(t)
+        }
+    };
     if image.next_lsn.to_native() != next_lsn {
         return Err((16, "header and payload disagree on next_lsn".into()));
     }
     check_image(image).map_err(|e| (SNAPSHOT_HEADER_LEN as u64, e))?;
-    Ok((next_lsn, image))
+    Ok((next_lsn, image, tagged))
 }
 
 /// Index invariants rkyv cannot check: parents before children, indices in range.
@@ -488,6 +617,19 @@ impl LoadedSnapshot {
     }
 }
 
+impl LoadedSnapshot {
+    /// The durable tagged source sequences the snapshot carries (empty for a format-2 file).
+    pub fn tagged_seqs(&self) -> Result<TaggedSeqs> {
+        validate_snapshot_parts(self.file.bytes())
+            .map(|(_, _, t)| t.map(ArchivedTaggedSeqsImage::to_set).unwrap_or_default())
+            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
+                path: self.path.clone(),
+                offset,
+                reason,
+            })
+    }
+}
+
 /// A snapshot file as listed (not yet validated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotMeta {
@@ -523,15 +665,28 @@ impl SnapshotStore {
             .collect())
     }
 
-    /// Write `image` atomically: temp file, fsync, rename, fsync the directory.
+    /// Write `image` atomically, with no tagged source sequences.
     pub fn write(&self, image: &SnapshotImage) -> Result<SnapshotMeta> {
-        let payload = rkyv::to_bytes::<rancor::Error>(image)
+        self.write_with(image, &TaggedSeqs::default())
+    }
+
+    /// Write `image` and the durable tagged source sequences atomically: temp file, fsync,
+    /// rename, fsync the directory.
+    pub fn write_with(&self, image: &SnapshotImage, tagged: &TaggedSeqs) -> Result<SnapshotMeta> {
+        let encoded = rkyv::to_bytes::<rancor::Error>(image)
             .map_err(|e| PersistError::Encode(e.to_string()))?;
+        let seqs = rkyv::to_bytes::<rancor::Error>(&TaggedSeqsImage::of(tagged))
+            .map_err(|e| PersistError::Encode(e.to_string()))?;
+        let image_len = encoded.len();
+        let mut payload = Vec::with_capacity(tagged_section_at(image_len) + seqs.len());
+        payload.extend_from_slice(&encoded);
+        payload.resize(tagged_section_at(image_len), 0);
+        payload.extend_from_slice(&seqs);
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let header = encode_header(image.next_lsn, &payload, created);
+        let header = encode_header(image.next_lsn, &payload, image_len as u64, created);
         let name = snapshot_file_name(image.next_lsn);
         let path = self.dir.join(&name);
         // A name of its own per write: two writes of the same position at once (a snapshot
@@ -644,7 +799,62 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::remove_pruned;
+    use super::*;
+
+    fn image(next_lsn: Lsn) -> SnapshotImage {
+        SnapshotImage {
+            next_lsn,
+            ..SnapshotImage::default()
+        }
+    }
+
+    /// A whole file's bytes, 16-byte aligned as a map is.
+    fn aligned(header: &[u8], payload: &[u8]) -> rkyv::util::AlignedVec<16> {
+        let mut v = rkyv::util::AlignedVec::<16>::new();
+        v.extend_from_slice(header);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn a_format_2_snapshot_is_read_without_tagged_sequences() {
+        let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
+        let mut h = encode_header(7, &payload, 0, 0);
+        h[8..10].copy_from_slice(&2u16.to_le_bytes());
+        h[48..56].fill(0);
+        let crc = crc32c::crc32c(&h[0..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        let bytes = aligned(&h, &payload);
+        let (lsn, img, tagged) = validate_snapshot_parts(&bytes).expect("format 2 accepted");
+        assert_eq!(lsn, 7);
+        assert_eq!(img.next_lsn.to_native(), 7);
+        assert!(tagged.is_none());
+    }
+
+    #[test]
+    fn a_format_3_snapshot_carries_its_tagged_sequences() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = TaggedSeqs::default();
+        t.insert_range(3, 1, 10);
+        t.insert_range(3, 12, 12);
+        t.insert_range(4, 1, 1);
+        let meta = SnapshotStore::new(dir.path())
+            .write_with(&image(9), &t)
+            .expect("write");
+        let loaded = LoadedSnapshot::load(&meta.path).expect("load");
+        assert_eq!(loaded.tagged_seqs().expect("tagged"), t);
+        assert_eq!(loaded.image().expect("image").next_lsn.to_native(), 9);
+    }
+
+    #[test]
+    fn an_image_length_past_the_payload_is_refused() {
+        let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
+        let h = encode_header(7, &payload, payload.len() as u64 + 1, 0);
+        let bytes = aligned(&h, &payload);
+        let (offset, reason) = validate_snapshot_parts(&bytes).expect_err("refused");
+        assert_eq!(offset, 48);
+        assert!(reason.contains("image length"), "{reason}");
+    }
 
     #[test]
     fn pruning_a_snapshot_already_gone_is_not_an_error() {

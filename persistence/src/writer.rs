@@ -23,15 +23,18 @@ use crate::io::{IoBackendKind, SegmentIo};
 use crate::lsn_index::{self, IndexAppender, IndexMark, MarkPlanner};
 use crate::record::{ArchivedLogBatch, LogBatch};
 use crate::segment::segment_file_name;
+use crate::seq_set::{split_tagged, TaggedSeqs};
 use crate::snapshot::sync_dir;
 
 /// `(worker_id, dp_rank)` → `(source_seq, lsn)` of the stream's last event entry.
 type StreamMarks = HashMap<(u64, u32), (u64, Lsn)>;
 
-/// Per-stream `(source_seq, lsn)` of the last event entry, by namespace.
+/// Per-stream `(source_seq, lsn)` of the last event entry, by namespace, and the exact set of
+/// tagged source sequences of event entries (docs/log-format.md §6).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct WatermarkTable {
     map: HashMap<NamespaceKey, StreamMarks>,
+    tagged: TaggedSeqs,
 }
 
 impl WatermarkTable {
@@ -46,7 +49,26 @@ impl WatermarkTable {
         }
     }
 
+    /// Record an event entry's source sequence in the tagged set (untagged: ignored).
+    pub(crate) fn insert_tagged(&mut self, source_seq: u64) {
+        self.tagged.insert(source_seq);
+    }
+
+    /// Add a snapshot's (or another table's) tagged sequences.
+    pub(crate) fn union_tagged(&mut self, other: &TaggedSeqs) {
+        self.tagged.union(other);
+    }
+
+    pub(crate) fn tagged(&self) -> &TaggedSeqs {
+        &self.tagged
+    }
+
+    pub(crate) fn tagged_mut(&mut self) -> &mut TaggedSeqs {
+        &mut self.tagged
+    }
+
     pub(crate) fn merge(&mut self, other: WatermarkTable) {
+        self.tagged.union(&other.tagged);
         for (ns, m) in other.map {
             let dst = self.map.entry(ns).or_default();
             for (k, (seq, lsn)) in m {
@@ -104,6 +126,8 @@ struct Request {
     watermarks: WatermarkMoves,
     /// The batch holds an entry of segment format version 2 (`DropNamespace`).
     needs_v2: bool,
+    /// Tagged source sequences of the batch's event entries (usually one).
+    tagged: Vec<u64>,
 }
 
 enum Msg {
@@ -352,6 +376,7 @@ impl LogWriter {
         patch_first_lsn(&mut payload, first_lsn);
         let watermarks = watermark_moves(entries, first_lsn);
         let needs_v2 = entries.iter().any(LogEntry::needs_v2_segment);
+        let tagged = tagged_seqs(entries);
         let tx = intake
             .tx
             .as_ref()
@@ -364,6 +389,7 @@ impl LogWriter {
             payload,
             watermarks,
             needs_v2,
+            tagged,
         }))
         .map_err(|_| PersistError::WriterFailed {
             cause: self.failure_cause(),
@@ -438,6 +464,24 @@ impl LogWriter {
         lock(&self.shared.durable).to_vec()
     }
 
+    /// Whether the tagged `source_seq` is in the durable set (docs/log-format.md §6).
+    pub fn tagged_seq_durable(&self, source_seq: u64) -> bool {
+        lock(&self.shared.durable).tagged().contains(source_seq)
+    }
+
+    /// The durable tagged source sequences (a copy, for a snapshot).
+    pub fn durable_tagged_seqs(&self) -> TaggedSeqs {
+        lock(&self.shared.durable).tagged().clone()
+    }
+
+    /// Forget every durable tagged sequence but those of `group` above `floor`. Returns the
+    /// ranges left.
+    pub fn prune_tagged_seqs(&self, group: u16, floor: u64) -> usize {
+        let mut d = lock(&self.shared.durable);
+        d.tagged_mut().retain_above(group, floor);
+        d.tagged().range_count()
+    }
+
     /// Why the writer stopped, if it has.
     pub fn failure(&self) -> Option<String> {
         lock(&self.shared.progress).failed.clone()
@@ -481,6 +525,20 @@ fn patch_first_lsn(payload: &mut AlignedVec, lsn: Lsn) {
         format::access_batch(payload).map(|b| b.first_lsn.to_native()),
         Ok(lsn)
     );
+}
+
+/// The distinct tagged source sequences of a batch's event entries.
+fn tagged_seqs(entries: &[LogEntry]) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for e in entries {
+        if matches!(e.op, LogOp::Event(_))
+            && split_tagged(e.source_seq).is_some()
+            && !out.contains(&e.source_seq)
+        {
+            out.push(e.source_seq);
+        }
+    }
+    out
 }
 
 /// The last event entry of each stream of a batch.
@@ -716,6 +774,9 @@ impl WriterThread {
                     for (ns, w, d, seq, lsn) in r.watermarks {
                         self.pending.set(&ns.key, w, d, seq, lsn);
                     }
+                    for seq in r.tagged {
+                        self.pending.insert_tagged(seq);
+                    }
                 }
                 Msg::Sync(reply) => replies.push(reply),
             }
@@ -773,6 +834,10 @@ impl WriterThread {
         self.shared.set_progress(self.buf_end_lsn, sync);
         if sync {
             self.dirty_since = None;
+            // Ordering: watermarks and tagged sequences become visible in `durable` only after
+            // the write (and fdatasync) above returned, under the `durable` lock readers take:
+            // a JetStream redelivery is never called a duplicate of an entry that could still
+            // be lost.
             let moved = std::mem::take(&mut self.pending);
             lock(&self.shared.durable).merge(moved);
         } else if has_data {

@@ -486,3 +486,51 @@ fn interval_policy_acknowledges_on_write_and_syncs_within_the_interval_when_idle
         assert_eq!((wms[0].source_seq, wms[0].lsn), (5, 1));
     }
 }
+
+/// The exact set of durable tagged source sequences (docs/log-format.md §6) is rebuilt at
+/// recovery from the snapshot (which carries it: the log before the snapshot is compacted)
+/// plus the log after it; gaps stay gaps, other groups stay apart, pruning is carried over.
+#[test]
+fn tagged_source_sequences_survive_snapshot_compaction_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DurableConfig {
+        snapshots: manual_snapshots(1),
+        ..DurableConfig::default()
+    };
+    let spec = ns();
+    let seq = |g: u16, s: u64| tagged_source_seq(g, s).unwrap();
+    let ev = |id: u64| stored(1, 0, id, None, &[(id, id)]);
+    {
+        let (idx, _) = DurableIndex::open(dir.path(), config.clone(), small_engine()).unwrap();
+        // Before the snapshot: 1..=3 and 5 of group 1 (4 never logged), 9 of group 2.
+        for (i, s) in [seq(1, 1), seq(1, 2), seq(1, 3), seq(1, 5), seq(2, 9)]
+            .into_iter()
+            .enumerate()
+        {
+            idx.submit(&spec, s, ev(i as u64)).unwrap().wait().unwrap();
+        }
+        assert_eq!(idx.prune_tagged_seqs(1, 1), 2, "{{2,3}} and {{5}} left");
+        idx.snapshot_now().unwrap();
+        // After the snapshot: 6 of group 1, and an untagged sequence.
+        idx.submit(&spec, seq(1, 6), ev(10))
+            .unwrap()
+            .wait()
+            .unwrap();
+        idx.submit(&spec, 7, ev(11)).unwrap().wait().unwrap();
+        idx.close().unwrap();
+    }
+    let (idx, report) = DurableIndex::open(dir.path(), config, small_engine()).unwrap();
+    assert!(report.snapshot.is_some(), "recovered from the snapshot");
+    for s in [2, 3, 5, 6] {
+        assert!(idx.tagged_seq_durable(seq(1, s)), "group 1 seq {s}");
+    }
+    assert!(
+        !idx.tagged_seq_durable(seq(1, 1)),
+        "pruned before the snapshot"
+    );
+    assert!(!idx.tagged_seq_durable(seq(1, 4)), "never logged");
+    assert!(!idx.tagged_seq_durable(seq(2, 9)), "group 2 pruned");
+    assert!(!idx.tagged_seq_durable(seq(2, 5)), "another group");
+    assert!(!idx.tagged_seq_durable(7), "untagged");
+    assert_eq!(idx.tagged_groups(), vec![1]);
+}

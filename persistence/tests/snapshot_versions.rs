@@ -94,3 +94,28 @@ fn version_1_snapshots_over_a_compacted_log_are_refused_with_what_to_do() {
         }
     }
 }
+
+/// A format-2 snapshot (still readable) that is damaged is damage, not an older format: over a
+/// compacted log it is refused as missing records, never as `SnapshotFormatTooOld`.
+#[test]
+fn a_damaged_version_2_snapshot_is_not_called_too_old() {
+    let dir = tempfile::tempdir().unwrap();
+    compacted_dir(dir.path());
+    for snap in snapshot_files(dir.path()) {
+        let mut bytes = std::fs::read(&snap).unwrap();
+        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[0..60]);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xFF;
+        std::fs::write(&snap, &bytes).unwrap();
+    }
+    let err = match DurableIndex::open(dir.path(), DurableConfig::default(), small_engine()) {
+        Ok(_) => panic!("a compacted log without a usable snapshot must be refused"),
+        Err(e) => e,
+    };
+    assert!(
+        !matches!(err, PersistError::SnapshotFormatTooOld { .. }),
+        "{err}"
+    );
+}

@@ -14,20 +14,30 @@ const STREAM: &str = "KVEVENTS";
 const CONSUMER: &str = "kvindex-a";
 
 fn start_js(nats: &NatsServer, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
-    let s = start(
-        dir,
-        &[
-            "--nats-url",
-            &nats.url,
-            "--nats-jetstream-stream",
-            STREAM,
-            "--nats-jetstream-consumer",
-            CONSUMER,
-            "--nats-jetstream-ack-wait-secs",
-            "2",
-        ],
-        env,
-    );
+    start_js_with(nats, dir, "2", &[], env)
+}
+
+/// [`start_js`] with the consumer's ack wait (seconds; it is set when the consumer is created)
+/// and more flags.
+fn start_js_with(
+    nats: &NatsServer,
+    dir: &std::path::Path,
+    ack_wait_secs: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Server {
+    let mut flags = vec![
+        "--nats-url",
+        &nats.url,
+        "--nats-jetstream-stream",
+        STREAM,
+        "--nats-jetstream-consumer",
+        CONSUMER,
+        "--nats-jetstream-ack-wait-secs",
+        ack_wait_secs,
+    ];
+    flags.extend_from_slice(extra);
+    let s = start(dir, &flags, env);
     wait_subscribed(&s, "jetstream");
     s
 }
@@ -243,6 +253,147 @@ fn killed_between_the_log_append_and_the_ack_does_not_apply_the_redelivery_again
         metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
     });
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
+}
+
+/// Killed (no chance to give the message back) between delivery and the log append, then a newer
+/// message of the same worker is logged before the old one comes back after the ack wait. The
+/// old one must still be applied: deduplication looks at the exact set of logged sequences,
+/// not at a watermark the newer message moved past it (which acknowledged it as a duplicate
+/// and lost it).
+#[test]
+fn killed_before_the_log_append_and_overtaken_by_a_newer_message_is_still_applied() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    // The ack wait is long enough for the restart and the newer message to come first.
+    let s = start_js_with(
+        &nats,
+        dir.path(),
+        "4",
+        &[],
+        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
+    );
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until("the consumer holding the message", || {
+        s.stderr().contains("test hold before_log")
+    });
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    let s = start_js_with(&nats, dir.path(), "4", &[], &[]);
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 900));
+    wait_until("the newer message acknowledged", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) >= 1.0
+    });
+    // The old message comes back after the ack wait and is applied (late).
+    wait_until("the overtaken 4-block store is indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}})
+    });
+    wait_all_acked(&c);
+    wait_until("both acks counted", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
+    });
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        0.0
+    );
+}
+
+/// The set of logged sequences survives a snapshot that compacts the log past the message:
+/// logged, snapshotted, killed before the ack, the redelivery after the restart (recovered from
+/// the snapshot, not from the message's log record) is still recognised as logged.
+#[test]
+fn a_redelivery_is_recognised_after_recovery_from_a_snapshot_taken_after_it_was_logged() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let snapshots = ["--snapshot-every-entries", "1", "--snapshot-keep", "1"];
+    let s = start_js_with(
+        &nats,
+        dir.path(),
+        "2",
+        &snapshots,
+        &[("KVINDEX_TEST_NATS_HOLD", "before_ack")],
+    );
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    wait_until("the consumer holding the logged message", || {
+        s.stderr().contains("test hold before_ack")
+    });
+    wait_until("a snapshot covering the message", || {
+        metric(&s, "kvindex_snapshots_written_total", &[]) >= 1.0
+    });
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None);
+
+    let s = start_js_with(&nats, dir.path(), "2", &snapshots, &[]);
+    wait_all_acked(&c);
+    wait_until("the duplicate ack is counted", || {
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")],
+        ) == 1.0
+    });
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 0.0);
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
+}
+
+/// A stream deleted and created again restarts its sequences: a redelivery of the new stream's
+/// sequence 1 is not a duplicate of the old stream's sequence 1 (the logged sequences carry
+/// the stream's epoch).
+#[test]
+fn a_redelivery_of_a_recreated_stream_is_not_taken_for_the_old_streams_message() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    // The old stream's sequence 1: worker 1's first block, logged and acknowledged.
+    let s = start_js(&nats, dir.path(), &[]);
+    assert_eq!(
+        c.js_publish("kvindex.events.m.default", bs4(), event(1, 1, 100)),
+        1
+    );
+    wait_all_acked(&c);
+    wait_until("the first block indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    let (status, _) = s.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    c.delete_stream(STREAM);
+
+    // The new stream's sequence 1 is received, then kvindex is killed before logging it.
+    let s = start_js(
+        &nats,
+        dir.path(),
+        &[("KVINDEX_TEST_NATS_HOLD", "before_log")],
+    );
+    assert_eq!(
+        c.js_publish("kvindex.events.m.default", None, event(1, 4, 100)),
+        1
+    );
+    wait_until("the consumer holding the message", || {
+        s.stderr().contains("test hold before_log")
+    });
+    let (status, _) = s.signal(libc::SIGKILL);
+    assert_eq!(status.code(), None);
+
+    // Its redelivery is applied.
+    let s = start_js(&nats, dir.path(), &[]);
+    wait_until("the new stream's 4-block store is indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 16}})
+    });
+    wait_all_acked(&c);
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        0.0
+    );
 }
 
 /// A NATS server and a kvindex consuming from it, which has indexed worker 1's first event.

@@ -11,10 +11,11 @@
 //!   missing (like `POST /events?block_size=`). Unknown partition, wrong block size, bad
 //!   subject or payload: the message is refused, counted in
 //!   `kvindex_nats_messages_rejected_total{reason}` and logged.
-//! * JetStream: every event of a message is logged with source sequence
-//!   `JETSTREAM_SEQ_TAG | stream_sequence`. A redelivered message (delivery count > 1) whose
-//!   streams all have a tagged durable watermark at or past its sequence is already in the
-//!   log: it is acknowledged without being applied again.
+//! * JetStream: every event of a message is logged with the tagged source sequence
+//!   `TAG | epoch << 47 | stream_sequence` (the epoch names the stream's identity, see
+//!   [`super::stream_epoch`]). The log keeps the exact set of these that are durable; a
+//!   redelivered message (delivery count > 1) whose sequence is in it is already in the log: it
+//!   is acknowledged without being applied again.
 
 use bytes::Bytes;
 use kvindex_engine::{NamespaceKey, RouterEvent};
@@ -27,14 +28,14 @@ use crate::http::events::{
     Submitted,
 };
 use crate::http::AppState;
-use crate::ingest::{IngestError, IngestSink};
+use crate::ingest::IngestError;
 use crate::partitions::RegistryError;
 use kvindex_persistence::PersistError;
 use kvindex_server::nats_subjects::Subjects;
 
 /// High bit marking a source sequence as a JetStream stream sequence (never an `event_id` or a
-/// ZMQ sequence in practice), so deduplication ignores watermarks written by other sources.
-pub const JETSTREAM_SEQ_TAG: u64 = 1 << 63;
+/// ZMQ sequence in practice), so ZMQ resumption ignores watermarks written by JetStream.
+pub const JETSTREAM_SEQ_TAG: u64 = kvindex_persistence::SOURCE_SEQ_TAG;
 
 /// Header that creates the subject's partition with this block size when it is missing.
 pub const BLOCK_SIZE_HEADER: &str = "Kvindex-Block-Size";
@@ -58,7 +59,9 @@ impl Source {
 /// JetStream delivery facts of a message.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery {
-    pub stream_sequence: u64,
+    /// The tagged source sequence its events are logged with: `TAG | epoch << 47 |
+    /// stream_sequence` ([`kvindex_persistence::tagged_source_seq`]).
+    pub source_seq: u64,
     pub delivered: i64,
 }
 
@@ -197,24 +200,11 @@ fn parse(
     Ok((key, target, events))
 }
 
-/// A redelivered JetStream message whose every stream is durable past its sequence.
-fn already_durable(
-    state: &AppState,
-    key: &NamespaceKey,
-    events: &[RouterEvent],
-    d: Delivery,
-) -> bool {
-    if d.delivered <= 1 || events.is_empty() {
-        return false;
-    }
-    events.iter().all(|ev| {
-        state
-            .ingest
-            .durable_watermark(key, ev.worker_id, ev.event.dp_rank)
-            .is_some_and(|w| {
-                w & JETSTREAM_SEQ_TAG != 0 && (w & !JETSTREAM_SEQ_TAG) >= d.stream_sequence
-            })
-    })
+/// A redelivered JetStream message whose own stream sequence is in the log: the exact set of
+/// durable sequences, so a message overtaken by a newer one (a crash, a nak) is not taken for
+/// one already logged.
+fn already_durable(state: &AppState, d: Delivery) -> bool {
+    d.delivered > 1 && state.durable.tagged_seq_durable(d.source_seq)
 }
 
 enum Stage {
@@ -236,14 +226,12 @@ pub fn process(
         metrics::counter!(RECEIVED, "source" => label).increment(1);
         let stage = match parse(subjects, m) {
             Err(o) => Stage::Done(o),
-            Ok((key, target, events)) => {
-                if m.delivery
-                    .is_some_and(|d| already_durable(state, &key, &events, d))
-                {
+            Ok((_key, target, events)) => {
+                if m.delivery.is_some_and(|d| already_durable(state, d)) {
                     Stage::Done(Outcome::Duplicate)
                 } else {
                     let seq = match m.delivery {
-                        Some(d) => SourceSeq::Fixed(JETSTREAM_SEQ_TAG | d.stream_sequence),
+                        Some(d) => SourceSeq::Fixed(d.source_seq),
                         None => SourceSeq::EventId,
                     };
                     match submit_events(state, &target, events, seq, None) {

@@ -8,8 +8,16 @@
 //! `setup` (stream or consumer not ready), `pull` (the pull stream reported an error instead of
 //! a message), `info` (a message without a parsable `$JS.ACK` reply subject: it is logged and
 //! applied like a core NATS message, without the stream sequence, so a redelivery of it cannot
-//! be recognised as durable), `ack` (an acknowledgement not sent: the message is redelivered
-//! after the ack wait, and recognised as durable when it was logged).
+//! be recognised as durable; also a stream sequence too large for the tagged layout, past
+//! 2^47 - 1), `ack` (an acknowledgement not sent: the message is redelivered after the ack
+//! wait, and recognised as durable when it was logged), `floor` (the consumer's ack floor could
+//! not be read: the set of logged sequences is pruned at the next try), `identity` (the stored
+//! stream identity unreadable or damaged: a new epoch is used).
+//!
+//! Deduplication: the log keeps the exact set of JetStream sequences it holds, tagged with the
+//! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch,
+//! and the set is pruned of other epochs and of sequences at or below the consumer's ack floor
+//! (JetStream never redelivers those), at setup and every [`PRUNE_EVERY`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +28,12 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::intake::{self, Delivery, Incoming, Outcome, Source};
-use super::metrics::{JS_ACKS, JS_ERRORS, SUBSCRIPTION_UP};
+use super::metrics::{JS_ACKS, JS_DEDUP_RANGES, JS_ERRORS, SUBSCRIPTION_UP};
+use super::stream_epoch::{self, StreamIdentity};
 use super::{backoff, stopped, stopping, TestHold};
 use crate::config::JetStreamConfig;
 use crate::http::SharedState;
+use kvindex_persistence::tagged_source_seq;
 use kvindex_server::nats_subjects::Subjects;
 
 /// Messages handled per log group commit, at most.
@@ -37,12 +47,21 @@ const NAK_DELAY: Duration = Duration::from_secs(5);
 /// one, and setting up again after a transient error costs one consumer lookup, so one is
 /// enough.
 const MAX_PULL_ERRORS_IN_A_ROW: u32 = 1;
+/// How often the set of logged sequences is pruned below the consumer's ack floor.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// A consumer ready to pull, and the epoch of its stream's identity.
+struct Ready {
+    consumer: consumer::PullConsumer,
+    epoch: u16,
+}
 
 async fn setup(
     client: &Client,
     cfg: &JetStreamConfig,
     subjects: &Subjects,
-) -> Result<consumer::PullConsumer, String> {
+    state: &SharedState,
+) -> Result<Ready, String> {
     let js = jetstream::new(client.clone());
     let stream = js
         .get_or_create_stream(stream::Config {
@@ -52,7 +71,28 @@ async fn setup(
         })
         .await
         .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
-    stream
+    // The stream as it is now (a re-created stream has another creation time).
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| format!("stream {} info: {e}", cfg.stream))?;
+    let identity = StreamIdentity {
+        stream: cfg.stream.clone(),
+        created_ns: info.created.unix_timestamp_nanos().to_string(),
+    };
+    // File I/O with an fsync: off the async workers.
+    let (dir, in_use) = (
+        state.durable.log().dir().to_path_buf(),
+        state.durable.tagged_groups(),
+    );
+    let epoch = tokio::task::spawn_blocking(move || {
+        stream_epoch::epoch_for(&dir, &identity, &in_use).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    let consumer = stream
         .get_or_create_consumer(
             &cfg.consumer,
             consumer::pull::Config {
@@ -65,7 +105,31 @@ async fn setup(
             },
         )
         .await
-        .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))
+        .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))?;
+    prune(
+        state,
+        epoch,
+        consumer.cached_info().ack_floor.stream_sequence,
+    );
+    Ok(Ready { consumer, epoch })
+}
+
+/// Forget the logged sequences JetStream will never redeliver: those of other epochs, and
+/// those at or below the ack floor (every message there is acknowledged or terminated).
+fn prune(state: &SharedState, epoch: u16, ack_floor: u64) {
+    let ranges = state.durable.prune_tagged_seqs(epoch, ack_floor);
+    metrics::gauge!(JS_DEDUP_RANGES).set(ranges as f64);
+}
+
+/// [`prune`] with the consumer's current ack floor.
+async fn prune_to_ack_floor(state: &SharedState, consumer: &consumer::PullConsumer, epoch: u16) {
+    match consumer.get_info().await {
+        Ok(info) => prune(state, epoch, info.ack_floor.stream_sequence),
+        Err(e) => {
+            count_error(ErrorStage::Floor);
+            tracing::warn!(error = %e, "JetStream consumer info not read; logged sequences pruned later");
+        }
+    }
 }
 
 fn count_ack(kind: &'static str) {
@@ -79,6 +143,7 @@ enum ErrorStage {
     Pull,
     Info,
     Ack,
+    Floor,
 }
 
 impl ErrorStage {
@@ -88,6 +153,7 @@ impl ErrorStage {
             ErrorStage::Pull => "pull",
             ErrorStage::Info => "info",
             ErrorStage::Ack => "ack",
+            ErrorStage::Floor => "floor",
         }
     }
 }
@@ -97,15 +163,27 @@ fn count_error(stage: ErrorStage) {
 }
 
 /// The delivery facts of `m`, or `None` (counted and logged) when its reply subject is not a
-/// parsable `$JS.ACK` subject: it is then handled like a core NATS message (logged with its
-/// events' ids rather than refused for the missing info, so its data is not lost), and a
-/// redelivery of it cannot be recognised as already durable.
-fn delivery_of(m: &jetstream::Message) -> Option<Delivery> {
+/// parsable `$JS.ACK` subject or its stream sequence does not fit the tagged layout: it is then
+/// handled like a core NATS message (logged with its events' ids rather than refused for the
+/// missing info, so its data is not lost), and a redelivery of it cannot be recognised as
+/// already durable.
+fn delivery_of(m: &jetstream::Message, epoch: u16) -> Option<Delivery> {
     match m.info() {
-        Ok(i) => Some(Delivery {
-            stream_sequence: i.stream_sequence,
-            delivered: i.delivered,
-        }),
+        Ok(i) => match tagged_source_seq(epoch, i.stream_sequence) {
+            Some(source_seq) => Some(Delivery {
+                source_seq,
+                delivered: i.delivered,
+            }),
+            None => {
+                count_error(ErrorStage::Info);
+                tracing::warn!(
+                    subject = %m.subject,
+                    stream_sequence = i.stream_sequence,
+                    "JetStream stream sequence past 2^47 - 1; handled like a core NATS message (no redelivery deduplication)"
+                );
+                None
+            }
+        },
         Err(e) => {
             count_error(ErrorStage::Info);
             tracing::warn!(
@@ -125,11 +203,12 @@ async fn handle(
     subjects: &Arc<Subjects>,
     hold: TestHold,
     shutdown: &mut watch::Receiver<bool>,
+    epoch: u16,
     messages: Vec<jetstream::Message>,
 ) -> bool {
     let batch: Vec<Incoming> = messages
         .iter()
-        .map(|m| Incoming::from_message(&m.message, delivery_of(m)))
+        .map(|m| Incoming::from_message(&m.message, delivery_of(m, epoch)))
         .collect();
     if hold == TestHold::BeforeLog
         && !hold_until_shutdown("before_log", batch.len(), shutdown).await
@@ -175,10 +254,9 @@ async fn handle(
 }
 
 /// Give messages that will not be handled back to the server at once (a nak without delay), so
-/// that they are redelivered before anything newer instead of after the ack wait. Left to the
-/// ack wait, a newer message of the same worker would be logged first and move the worker's
-/// tagged watermark past them, and their redelivery would then pass for one already logged
-/// (acknowledged, never applied). Best effort: a failed nak leaves them to the ack wait.
+/// that they are redelivered before anything newer instead of after the ack wait (which would
+/// apply them late, after newer messages of the same worker). Best effort: a failed nak leaves
+/// them to the ack wait.
 async fn give_back(messages: &[jetstream::Message]) {
     for m in messages {
         match m.ack_with(AckKind::Nak(None)).await {
@@ -212,13 +290,18 @@ pub async fn run(
     while !stopping(&shutdown) {
         let consumer = tokio::select! {
             _ = stopped(&mut shutdown) => return,
-            c = setup(&client, &cfg, &subjects) => c,
+            c = setup(&client, &cfg, &subjects, &state) => c,
         };
         let messages = match consumer {
-            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Ok(r) => r
+                .consumer
+                .messages()
+                .await
+                .map(|m| (m, r))
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        let messages = match messages {
+        let (messages, ready) = match messages {
             Ok(m) => m,
             Err(e) => {
                 count_error(ErrorStage::Setup);
@@ -236,6 +319,7 @@ pub async fn run(
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(1.0);
         let mut chunks = Box::pin(messages.ready_chunks(BATCH));
         let mut errors_in_a_row = 0u32;
+        let mut pruned_at = tokio::time::Instant::now();
         loop {
             let chunk = tokio::select! {
                 _ = stopped(&mut shutdown) => None,
@@ -256,8 +340,14 @@ pub async fn run(
                     }
                 }
             }
-            if !batch.is_empty() && !handle(&state, &subjects, hold, &mut shutdown, batch).await {
+            if !batch.is_empty()
+                && !handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
+            {
                 break;
+            }
+            if pruned_at.elapsed() >= PRUNE_EVERY {
+                pruned_at = tokio::time::Instant::now();
+                prune_to_ack_floor(&state, &ready.consumer, ready.epoch).await;
             }
             if errors_in_a_row >= MAX_PULL_ERRORS_IN_A_ROW {
                 tracing::warn!(

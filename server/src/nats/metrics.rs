@@ -13,9 +13,12 @@ pub const EVENTS_ACCEPTED: &str = "kvindex_nats_events_accepted_total";
 /// redelivery already durable), `term` (bad message), `nak` (log failure, retried later).
 pub const JS_ACKS: &str = "kvindex_nats_jetstream_acks_total";
 /// JetStream errors, by `stage`: `setup` (stream / consumer not ready), `pull` (the pull
-/// stream reported an error), `info` (a message without delivery info), `ack` (an
-/// acknowledgement not sent).
+/// stream reported an error), `info` (a message without usable delivery info), `ack` (an
+/// acknowledgement not sent), `floor` (the consumer's ack floor not read), `identity` (the
+/// stored stream identity unreadable or damaged).
 pub const JS_ERRORS: &str = "kvindex_nats_jetstream_errors_total";
+/// Ranges in the set of logged JetStream sequences (after its last pruning).
+pub const JS_DEDUP_RANGES: &str = "kvindex_nats_jetstream_dedup_ranges";
 /// Query requests answered, by `kind` (`query` / `query_by_hash`) and `outcome`
 /// (`ok` / `error`).
 pub const QUERIES: &str = "kvindex_nats_query_requests_total";
@@ -46,7 +49,11 @@ pub fn describe() {
     );
     describe_counter!(
         JS_ERRORS,
-        "JetStream consumer errors (logged), by stage (setup, pull, info, ack)"
+        "JetStream consumer errors (logged), by stage (setup, pull, info, ack, floor, identity)"
+    );
+    describe_gauge!(
+        JS_DEDUP_RANGES,
+        "Ranges in the set of logged JetStream stream sequences, after its last pruning"
     );
     describe_counter!(
         QUERIES,

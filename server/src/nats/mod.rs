@@ -11,6 +11,7 @@ pub mod intake;
 mod jetstream;
 pub mod metrics;
 mod queries;
+mod stream_epoch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -238,6 +238,16 @@ impl Client {
         })
     }
 
+    /// Delete stream `name` (and its consumers).
+    pub fn delete_stream(&self, name: &str) {
+        self.rt.block_on(async {
+            jetstream::new(self.inner.clone())
+                .delete_stream(name)
+                .await
+                .expect("delete stream");
+        })
+    }
+
     /// A core subscription to `subject`, known to the server when this returns.
     pub fn subscribe(&self, subject: &str) -> async_nats::Subscriber {
         self.rt.block_on(async {
