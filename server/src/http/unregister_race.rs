@@ -266,3 +266,56 @@ fn an_event_racing_the_unregister_of_its_worker_does_not_bring_its_blocks_back()
         "worker 1's block came back after recovery"
     );
 }
+
+/// `POST /events?block_size=` creates the partition again as soon as the unregister that
+/// dropped it lets go of the registry: the new partition gets a new, empty index, and its
+/// events stay (the drop of the old one does not take them along, live or at recovery).
+#[test]
+fn a_partition_created_again_right_after_its_drop_keeps_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open(dir.path());
+    register(&state, 1);
+    post(&state, &EventsTarget::default(), store(1, 1)).unwrap();
+    assert_eq!(holders(&state), vec![1]);
+
+    let created = Arc::new(Mutex::new(None));
+    let hooks = state.partitions.gate_hooks();
+    {
+        let (st, created) = (Arc::clone(&state), Arc::clone(&created));
+        let recreate = EventsTarget {
+            block_size: Some(4),
+            ..explicit()
+        };
+        // Cleared below: the hook holds the state.
+        *hooks.after_unregister.lock().unwrap() = Some(Arc::new(move || {
+            let answer = post(&st, &recreate, store(2, 1)).map(|a| a.accepted);
+            *created.lock().unwrap() = Some(answer.map_err(|e| e.to_string()));
+        }));
+    }
+    let req = serde_json::from_value(serde_json::json!({
+        "instance_id": 1, "model_name": "m", "routing_group": "default"
+    }))
+    .unwrap();
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(handlers::unregister(State(Arc::clone(&state)), Json(req)))
+        .status();
+    *hooks.after_unregister.lock().unwrap() = None;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(created.lock().unwrap().take(), Some(Ok(1)));
+    assert!(state
+        .partitions
+        .view()
+        .partitions
+        .contains_key(&NamespaceKey::new("m", "default")));
+    assert_eq!(holders(&state), vec![2], "the new partition lost its event");
+
+    let state = restart(state, dir.path());
+    assert_eq!(
+        holders(&state),
+        vec![2],
+        "recovery lost the new partition's event"
+    );
+}

@@ -91,17 +91,19 @@ pub(crate) mod hooks {
     /// A test callback.
     pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
-    /// Callbacks that let a test hold an event or an unregister at a chosen point.
+    /// Callbacks that let a test hold an event or an unregister at a chosen point, or act there.
     #[derive(Default)]
     pub struct Hooks {
         /// In an event submission, between its registry check and its log append.
         pub before_log: Mutex<Option<Hook>>,
         /// In `/unregister`, just before it waits for the exclusive side.
         pub before_fence: Mutex<Option<Hook>>,
+        /// When `Partitions::unregister` returns (the registry's write lock released).
+        pub after_unregister: Mutex<Option<Hook>>,
     }
 
     impl Hooks {
-        pub(super) fn run(&self, slot: &Mutex<Option<Hook>>) {
+        pub(in crate::partitions) fn run(&self, slot: &Mutex<Option<Hook>>) {
             let hook = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(hook) = hook {
                 hook();

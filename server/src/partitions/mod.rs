@@ -186,6 +186,14 @@ pub struct Removal {
     pub dp_rank: Option<u32>,
 }
 
+/// Where `/unregister` logs what it removes (the event log, in the service).
+pub struct RemovalLog<'a> {
+    /// Log the worker's (or one rank's) block removal and wait until it is durable.
+    pub drop_blocks: &'a dyn Fn(&Removal) -> Result<(), String>,
+    /// Log the drop of a partition whose last worker left, and wait until it is durable.
+    pub drop_partition: &'a dyn Fn(&NamespaceKey) -> Result<(), String>,
+}
+
 /// What an unregistration did.
 #[derive(Debug, Clone, Default)]
 pub struct UnregisterOutcome {
@@ -516,8 +524,10 @@ impl Partitions {
         self.register(reg)
     }
 
-    /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `drop_blocks` (which logs
-    /// it and waits) before the registry changes; a failure leaves the registry as it was.
+    /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
+    /// logs it and waits) before the registry changes; a failure leaves the registry as it was.
+    /// A partition left without workers is then handed to `log.drop_partition` and its index
+    /// removed from the engine, before the registry's write lock is released.
     ///
     /// Fencing: the listeners of the removed ranks are stopped first (none of their batches
     /// reaches the log afterwards), then the intake gate is closed around the removal and the
@@ -530,9 +540,26 @@ impl Partitions {
         model_name: &str,
         routing_group: Option<&str>,
         dp_rank: Option<u32>,
-        drop_blocks: &dyn Fn(&Removal) -> Result<(), String>,
+        log: &RemovalLog<'_>,
     ) -> Result<UnregisterOutcome, RegistryError> {
-        let _w = self.lock_write();
+        let outcome = {
+            let _w = self.lock_write();
+            self.unregister_held(instance_id, model_name, routing_group, dp_rank, log)
+        };
+        #[cfg(test)]
+        self.gate.hooks.run(&self.gate.hooks.after_unregister);
+        outcome
+    }
+
+    /// [`Self::unregister`] with the registry's write lock held.
+    fn unregister_held(
+        &self,
+        instance_id: u64,
+        model_name: &str,
+        routing_group: Option<&str>,
+        dp_rank: Option<u32>,
+        log: &RemovalLog<'_>,
+    ) -> Result<UnregisterOutcome, RegistryError> {
         let plan = unregister::plan(
             &self.view(),
             instance_id,
@@ -548,7 +575,7 @@ impl Partitions {
         }
         let fenced = self.gate.fence();
         if plan.removal.spec.block_size > 0 {
-            if let Err(e) = drop_blocks(&plan.removal) {
+            if let Err(e) = (log.drop_blocks)(&plan.removal) {
                 drop(fenced);
                 self.restart_listeners(instance_id, &plan.ranks);
                 return Err(RegistryError::Index(e));
@@ -557,8 +584,15 @@ impl Partitions {
         // Published while the gate is closed: events admitted after it see the worker gone.
         let outcome = self.mutate_held(true, |v| Ok(unregister::apply(v, &plan)))?;
         drop(fenced);
+        // Still under the registry's write lock: a registration or `?block_size=` creating the
+        // partition again waits for the old index to be gone, and gets a new, empty one (it
+        // reused the old one, which this drop then removed with the new partition's events).
         for key in &outcome.dropped {
             tracing::info!(partition = %key, "last worker left; partition dropped");
+            (log.drop_partition)(key).map_err(RegistryError::Index)?;
+            self.engine
+                .remove_namespace(key)
+                .map_err(|e| RegistryError::Index(e.to_string()))?;
         }
         Ok(outcome)
     }
@@ -608,13 +642,6 @@ impl Partitions {
             v.partitions.insert(key.clone(), p.clone());
             Ok(p)
         })
-    }
-
-    /// Remove a dropped partition's index from the engine.
-    pub fn forget_engine_namespace(&self, key: &NamespaceKey) -> Result<(), RegistryError> {
-        self.engine
-            .remove_namespace(key)
-            .map_err(|e| RegistryError::Index(e.to_string()))
     }
 
     /// Record a listener's new state (called by the ZMQ listeners). Unknown listeners are
@@ -787,10 +814,19 @@ mod tests {
         p.register(reg(10, "m", "default", 4, 1)).unwrap();
         let calls = Mutex::new(Vec::new());
         let out = p
-            .unregister(10, "m", None, Some(1), &|r| {
-                calls.lock().unwrap().push(r.dp_rank);
-                Ok(())
-            })
+            .unregister(
+                10,
+                "m",
+                None,
+                Some(1),
+                &RemovalLog {
+                    drop_blocks: &|r| {
+                        calls.lock().unwrap().push(r.dp_rank);
+                        Ok(())
+                    },
+                    drop_partition: &|_| Ok(()),
+                },
+            )
             .unwrap();
         assert_eq!(calls.into_inner().unwrap(), vec![None]);
         assert_eq!(out.dropped.len(), 1);
@@ -802,7 +838,10 @@ mod tests {
     fn unregister_errors() {
         let p = registry();
         p.register(reg(10, "m", "default", 4, 0)).unwrap();
-        let ok = |_: &Removal| Ok(());
+        let ok = RemovalLog {
+            drop_blocks: &|_| Ok(()),
+            drop_partition: &|_| Ok(()),
+        };
         assert_eq!(
             p.unregister(5, "m", None, None, &ok)
                 .unwrap_err()
