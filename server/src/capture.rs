@@ -154,6 +154,7 @@ impl EventSink for CaptureSink {
         &self,
         _worker_id: u64,
         _dp_rank: u32,
+        _generation: u64,
         source_seq: u64,
         events: Vec<RouterEvent>,
     ) -> Result<(), SinkError> {

@@ -8,7 +8,7 @@ use kvindex_engine::{DpRank, NamespaceKey, RouterEvent, WorkerId};
 use kvindex_persistence::{AppendTicket, DurableIndex, LogEntry, PersistError};
 use thiserror::Error;
 
-use crate::partitions::{Partition, Partitions};
+use crate::partitions::{Admission, Partition, Partitions, RegistryView};
 
 /// Why events were not accepted.
 #[derive(Debug, Error)]
@@ -82,8 +82,7 @@ impl Ingest {
         }
     }
 
-    fn partition(&self, key: &NamespaceKey) -> Result<Partition, IngestError> {
-        let view = self.partitions.view();
+    fn partition(view: &RegistryView, key: &NamespaceKey) -> Result<Partition, IngestError> {
         let p = view
             .partitions
             .get(key)
@@ -100,6 +99,13 @@ impl Ingest {
         Ok(p.clone())
     }
 
+    /// Enter the registry's intake gate (see [`Partitions::admit`]): resolve partitions and
+    /// workers from the admission's view and submit with [`Self::submit_admitted`], so that no
+    /// `/unregister` logs its removal in between.
+    pub fn admit(&self) -> Admission<'_> {
+        self.partitions.admit()
+    }
+
     /// Log and apply events of several streams of one partition as one record; each item is
     /// `(source_seq, event)` and keeps its own `worker_id` / `dp_rank`.
     pub fn submit_mixed(
@@ -110,7 +116,23 @@ impl Ingest {
         if events.is_empty() {
             return Ok(None);
         }
-        let p = self.partition(namespace)?;
+        let admission = self.admit();
+        self.submit_admitted(&admission, namespace, events)
+    }
+
+    /// [`Self::submit_mixed`] under an admission the caller holds (and resolved the events
+    /// with). The partition must exist in the admission's view: events never create one.
+    pub fn submit_admitted(
+        &self,
+        admission: &Admission<'_>,
+        namespace: &NamespaceKey,
+        events: Vec<(u64, RouterEvent)>,
+    ) -> Result<Option<AppendTicket>, IngestError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let p = Self::partition(admission.view(), namespace)?;
+        admission.before_log();
         let n = events.len() as u64;
         let entries = events
             .into_iter()
@@ -136,10 +158,15 @@ impl Ingest {
             .collect()
     }
 
-    /// Barrier: every event submitted to the partition so far is applied to its index.
+    /// Barrier: every event submitted to the partition so far is applied to its index. A
+    /// partition dropped meanwhile (its last worker unregistered) has nothing left to wait for.
     pub fn flush(&self, namespace: &NamespaceKey) -> Result<(), IngestError> {
-        let p = self.partition(namespace)?;
-        if let Some(ns) = &p.namespace {
+        let view = self.partitions.view();
+        if let Some(ns) = view
+            .partitions
+            .get(namespace)
+            .and_then(|p| p.namespace.as_ref())
+        {
             ns.flush()
                 .map_err(|e| IngestError::Log(PersistError::Engine(e)))?;
         }

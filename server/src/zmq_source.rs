@@ -15,10 +15,12 @@
 //! * **New registrations** (`POST /register`) start with an unset watermark (SERVICE.md §7.5).
 //! * **Stopping** a listener fences its stream first: no batch of it reaches the log after
 //!   [`ListenerSupervisor::stop`] returns, so the removal logged by `/unregister` is final.
+//!   Every listener start gets a new generation ([`Fence`]), so a superseded listener whose
+//!   task still runs after a re-registration of its stream cannot log either.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 use std::time::Duration;
 
 use kvindex_engine::{NamespaceKey, RouterEvent};
@@ -40,12 +42,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Keeps stopped streams out of the log: submits hold the read side, `stop` takes the write
-/// side once after marking the stream stopped.
+/// Counter: ZMQ batches refused by the fence, by `reason` (`stopped`: the stream's listener
+/// was stopped by `/unregister`; `superseded`: the stream was registered again and the batch
+/// comes from the old listener, whose task had not yet ended).
+pub const FENCED_BATCHES: &str = "kvindex_zmq_batches_fenced_total";
+
+/// Keeps stopped and superseded listeners out of the log.
+///
+/// Every start of a stream's listener gets a new generation, which the listener passes with
+/// each batch; a batch is admitted only while its generation is the stream's current one. An
+/// aborted listener task stops only at its next await, so one inside a long replay-apply loop
+/// keeps submitting after `stop` (or after a new listener of the same stream started): its
+/// batches are refused here.
+///
+/// Submits hold the read side of `inflight` from the check to the log append; `stop` takes the
+/// write side once after forgetting the stream, so when it returns no batch of the stream is
+/// between the check and the log.
 #[derive(Default)]
 struct Fence {
     inflight: RwLock<()>,
-    stopped: Mutex<HashSet<StreamId>>,
+    /// The current generation of every started stream.
+    current: Mutex<HashMap<StreamId, u64>>,
+    /// Last generation handed out (unique per process; only uniqueness matters, so `Relaxed`).
+    last: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -56,13 +75,43 @@ impl Fence {
     }
 
     fn stop(&self, id: StreamId) {
-        lock(&self.stopped).insert(id);
+        lock(&self.current).remove(&id);
         // Wait for submits already past the check.
         drop(self.inflight.write().unwrap_or_else(|e| e.into_inner()));
     }
 
-    fn start(&self, id: StreamId) {
-        lock(&self.stopped).remove(&id);
+    /// A new generation for a listener of `id` about to start; older ones are refused from now.
+    fn start(&self, id: StreamId) -> u64 {
+        let generation = self.last.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.current).insert(id, generation);
+        generation
+    }
+
+    /// Let a batch of listener `(id, generation)` through: hold the returned guard until it is
+    /// appended to the log. Refusals of stopped or superseded listeners are counted.
+    fn admit(&self, id: StreamId, generation: u64) -> Result<RwLockReadGuard<'_, ()>, SinkError> {
+        let inflight = self.inflight.read().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(SinkError::Unavailable(
+                "the service is shutting down".into(),
+            ));
+        }
+        let (instance_id, dp_rank) = id;
+        match lock(&self.current).get(&id) {
+            Some(current) if *current == generation => Ok(inflight),
+            Some(_) => {
+                metrics::counter!(FENCED_BATCHES, "reason" => "superseded").increment(1);
+                Err(SinkError::Rejected(format!(
+                    "listener of instance {instance_id} dp_rank {dp_rank} was superseded by a newer registration"
+                )))
+            }
+            None => {
+                metrics::counter!(FENCED_BATCHES, "reason" => "stopped").increment(1);
+                Err(SinkError::Rejected(format!(
+                    "listener of instance {instance_id} dp_rank {dp_rank} is stopped"
+                )))
+            }
+        }
     }
 }
 
@@ -78,24 +127,11 @@ impl EventSink for ServiceSink {
         &self,
         worker_id: u64,
         dp_rank: u32,
+        generation: u64,
         source_seq: u64,
         events: Vec<RouterEvent>,
     ) -> Result<(), SinkError> {
-        let _inflight = self
-            .fence
-            .inflight
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        if self.fence.closed.load(Ordering::SeqCst) {
-            return Err(SinkError::Unavailable(
-                "the service is shutting down".into(),
-            ));
-        }
-        if lock(&self.fence.stopped).contains(&(worker_id, dp_rank)) {
-            return Err(SinkError::Rejected(format!(
-                "listener of instance {worker_id} dp_rank {dp_rank} is stopped"
-            )));
-        }
+        let _inflight = self.fence.admit((worker_id, dp_rank), generation)?;
         if events.is_empty() {
             return Ok(());
         }
@@ -250,13 +286,14 @@ impl ZmqSupervisor {
             self.fence.stop(id);
             let _ = self.zmq.unregister(id.0, id.1);
         }
-        self.fence.start(id);
+        let generation = self.fence.start(id);
         let mut zs = zmq::ListenerSpec::new(
             spec.instance_id,
             spec.dp_rank,
             spec.endpoint.clone(),
             spec.block_size,
-        );
+        )
+        .with_generation(generation);
         if let Some(replay) = &spec.replay_endpoint {
             zs = zs.with_replay(replay.clone());
         }
@@ -380,7 +417,71 @@ impl ListenerSupervisor for ZmqSupervisor {
 
 #[cfg(test)]
 mod tests {
-    use super::pick_resume_point;
+    use super::{pick_resume_point, Fence, FENCED_BATCHES};
+    use kvindex_server::zmq::SinkError;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    fn fenced(snapshotter: &Snapshotter, reason: &str) -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                k.key().name() == FENCED_BATCHES
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == reason)
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => c,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// A re-registration while the old listener's task still runs (an abort lands only at its
+    /// next await, e.g. after a long replay-apply loop): the old task's batches are refused,
+    /// the new listener's pass.
+    #[test]
+    fn batches_of_a_superseded_or_stopped_listener_are_refused_and_counted() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let fence = Fence::default();
+            let stream = (7, 0);
+            let old = fence.start(stream);
+            assert!(fence.admit(stream, old).is_ok());
+            assert!(
+                fence.admit((7, 1), old).is_err(),
+                "another stream's listener"
+            );
+            fence.stop(stream);
+            let new = fence.start(stream);
+            assert_ne!(new, old);
+            match fence.admit(stream, old) {
+                Err(SinkError::Rejected(e)) => assert_eq!(
+                    e,
+                    "listener of instance 7 dp_rank 0 was superseded by a newer registration"
+                ),
+                other => panic!("old listener's batch not refused: {other:?}"),
+            }
+            assert!(fence.admit(stream, new).is_ok());
+            fence.stop(stream);
+            match fence.admit(stream, new) {
+                Err(SinkError::Rejected(e)) => {
+                    assert_eq!(e, "listener of instance 7 dp_rank 0 is stopped")
+                }
+                other => panic!("stopped listener's batch not refused: {other:?}"),
+            }
+            fence.close();
+            assert!(matches!(
+                fence.admit(stream, new),
+                Err(SinkError::Unavailable(_))
+            ));
+        });
+        assert_eq!(fenced(&snapshotter, "superseded"), 1);
+        assert_eq!(fenced(&snapshotter, "stopped"), 2);
+    }
 
     #[test]
     fn resume_point_ignores_jetstream_watermarks() {

@@ -38,6 +38,7 @@ impl EventSink for CollectingSink {
         &self,
         worker_id: u64,
         dp_rank: u32,
+        _generation: u64,
         source_seq: u64,
         events: Vec<RouterEvent>,
     ) -> Result<(), SinkError> {

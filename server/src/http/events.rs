@@ -185,12 +185,18 @@ pub fn submit_events(
             if let Some(bs) = target.block_size {
                 state.partitions.ensure_partition(model, &group, bs)?;
             }
-            state.partitions.view().partition(model, &group)?;
             Some(NamespaceKey::new(model.clone(), group))
         }
         None => None,
     };
-    let view = state.partitions.view();
+    // Held from reading the registry to the log append: no `/unregister` logs its removal in
+    // between (partitions/gate.rs). Entered after `ensure_partition`, which takes the
+    // registry's write lock.
+    let admission = state.ingest.admit();
+    let view = admission.view();
+    if let Some(k) = &explicit {
+        view.partition(&k.model_name, &k.routing_group)?;
+    }
     let mut groups: BTreeMap<NamespaceKey, Vec<(u64, RouterEvent)>> = BTreeMap::new();
     let mut rejected: Vec<(Option<usize>, ApiError)> = Vec::new();
     for (i, ev) in events.into_iter().enumerate() {
@@ -217,7 +223,7 @@ pub fn submit_events(
     let mut submitted = Vec::with_capacity(groups.len());
     for (key, evs) in groups {
         let n = evs.len();
-        match state.ingest.submit_mixed(&key, evs) {
+        match state.ingest.submit_admitted(&admission, &key, evs) {
             Ok(t) => submitted.push((key, n, t)),
             Err(e) => {
                 count_reject(endpoint, "partition");

@@ -7,6 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use kvindex_engine::NamespaceKey;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -14,7 +15,7 @@ use super::errors::ApiError;
 use super::{ModelLabel, SharedState};
 use crate::endpoint::validate_endpoint;
 use crate::listeners::{ListenerDetails, ListenerState, ListenerStatus};
-use crate::partitions::{Registration, Removal};
+use crate::partitions::{Registration, Removal, RemovalLog};
 
 /// `{"status":"ok"}` with `status`.
 pub fn ok(status: StatusCode) -> Response {
@@ -114,23 +115,27 @@ pub async fn unregister(
             ticket.wait().map_err(|e| e.to_string())?;
             Ok(())
         };
+        // Logged (DropNamespace) and dropped from the engine under the registry's write lock,
+        // so recovery drops it too even without the snapshot below, and a partition created
+        // again meanwhile cannot get the old index.
+        let drop_partition = |key: &NamespaceKey| -> Result<(), String> {
+            durable
+                .drop_namespace(key)
+                .and_then(|t| t.wait())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
         let outcome = st.partitions.unregister(
             req.instance_id,
             &req.model_name,
             req.routing_group.as_deref(),
             req.dp_rank,
-            &drop_blocks,
+            &RemovalLog {
+                drop_blocks: &drop_blocks,
+                drop_partition: &drop_partition,
+            },
         )?;
         if !outcome.dropped.is_empty() {
-            for key in &outcome.dropped {
-                // Logged (DropNamespace) and dropped from the engine, so recovery drops it too
-                // even without the snapshot below; the second call finds nothing left to drop.
-                st.durable
-                    .drop_namespace(key)
-                    .and_then(|t| t.wait())
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                st.partitions.forget_engine_namespace(key)?;
-            }
             // The snapshot spares the next recovery the dropped partitions' entries.
             st.durable
                 .snapshot_now()

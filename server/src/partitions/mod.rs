@@ -18,8 +18,12 @@ use thiserror::Error;
 use crate::listeners::{ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor};
 
 mod file;
+mod gate;
+mod unregister;
 
 use file::{file_error, write_atomically, RegistryFile};
+pub use gate::Admission;
+use gate::IntakeGate;
 
 /// File name of the registrations in the data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
@@ -182,6 +186,14 @@ pub struct Removal {
     pub dp_rank: Option<u32>,
 }
 
+/// Where `/unregister` logs what it removes (the event log, in the service).
+pub struct RemovalLog<'a> {
+    /// Log the worker's (or one rank's) block removal and wait until it is durable.
+    pub drop_blocks: &'a dyn Fn(&Removal) -> Result<(), String>,
+    /// Log the drop of a partition whose last worker left, and wait until it is durable.
+    pub drop_partition: &'a dyn Fn(&NamespaceKey) -> Result<(), String>,
+}
+
 /// What an unregistration did.
 #[derive(Debug, Clone, Default)]
 pub struct UnregisterOutcome {
@@ -199,6 +211,8 @@ pub struct Partitions {
     file: Option<PathBuf>,
     supervisor: std::sync::RwLock<Arc<dyn ListenerSupervisor>>,
     lsn_clock: std::sync::RwLock<Option<LsnClock>>,
+    /// Orders event submissions against unregistrations (see [`gate`]).
+    gate: IntakeGate,
 }
 
 /// Reads the event log's next LSN (registrations record it; see
@@ -219,7 +233,21 @@ impl Partitions {
             file: data_dir.map(|d| d.join(REGISTRY_FILE)),
             supervisor: std::sync::RwLock::new(supervisor),
             lsn_clock: std::sync::RwLock::new(None),
+            gate: IntakeGate::default(),
         }
+    }
+
+    /// Enter the intake gate: hold the returned admission from reading the registry (which
+    /// partition, which worker) until the events are appended to the log, so that no
+    /// `/unregister` logs its removal in between. Not re-entrant.
+    pub fn admit(&self) -> Admission<'_> {
+        self.gate.admit(|| self.view())
+    }
+
+    /// Test hooks of the intake gate.
+    #[cfg(test)]
+    pub(crate) fn gate_hooks(&self) -> &gate::hooks::Hooks {
+        &self.gate.hooks
     }
 
     /// Where registrations read the log's next LSN (without one they record 0: every durable
@@ -496,100 +524,92 @@ impl Partitions {
         self.register(reg)
     }
 
-    /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `drop_blocks` (which logs
-    /// it and waits) before the registry changes; a failure leaves the registry as it was.
+    /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
+    /// logs it and waits) before the registry changes; a failure leaves the registry as it was.
+    /// A partition left without workers is then handed to `log.drop_partition` and its index
+    /// removed from the engine, before the registry's write lock is released.
+    ///
+    /// Fencing: the listeners of the removed ranks are stopped first (none of their batches
+    /// reaches the log afterwards), then the intake gate is closed around the removal and the
+    /// publication of the registry without the worker: an HTTP / NATS event that read the
+    /// registry before is logged before the removal (and removed by it), one that reads it
+    /// after is refused (`instance N not found`, `no indexer for ...`).
     pub fn unregister(
         &self,
         instance_id: u64,
         model_name: &str,
         routing_group: Option<&str>,
         dp_rank: Option<u32>,
-        drop_blocks: &dyn Fn(&Removal) -> Result<(), String>,
+        log: &RemovalLog<'_>,
     ) -> Result<UnregisterOutcome, RegistryError> {
-        self.mutate(true, |v| {
-            let inst = v
-                .instances
-                .get(&instance_id)
-                .ok_or(RegistryError::InstanceNotFound(instance_id))?;
-            let wrong = || RegistryError::WrongPartition {
-                instance_id,
-                model: inst.key.model_name.clone(),
-                group: inst.key.routing_group.clone(),
-            };
-            if inst.key.model_name != model_name {
-                return Err(wrong());
+        let outcome = {
+            let _w = self.lock_write();
+            self.unregister_held(instance_id, model_name, routing_group, dp_rank, log)
+        };
+        #[cfg(test)]
+        self.gate.hooks.run(&self.gate.hooks.after_unregister);
+        outcome
+    }
+
+    /// [`Self::unregister`] with the registry's write lock held.
+    fn unregister_held(
+        &self,
+        instance_id: u64,
+        model_name: &str,
+        routing_group: Option<&str>,
+        dp_rank: Option<u32>,
+        log: &RemovalLog<'_>,
+    ) -> Result<UnregisterOutcome, RegistryError> {
+        let plan = unregister::plan(
+            &self.view(),
+            instance_id,
+            model_name,
+            routing_group,
+            dp_rank,
+        )?;
+        // Stop the listeners first: nothing of theirs reaches the index after the removal.
+        // Before the gate: stopping waits for their in-flight batches, which may be waiting
+        // for the gate.
+        for dp in &plan.ranks {
+            self.supervisor().stop(instance_id, *dp);
+        }
+        let fenced = self.gate.fence();
+        if plan.removal.spec.block_size > 0 {
+            if let Err(e) = (log.drop_blocks)(&plan.removal) {
+                drop(fenced);
+                self.restart_listeners(instance_id, &plan.ranks);
+                return Err(RegistryError::Index(e));
             }
-            // Without a routing group: every group of the model, dp_rank ignored (Dynamo).
-            let one_rank = match routing_group {
-                Some(g) if inst.key.routing_group != g => return Err(wrong()),
-                Some(_) => dp_rank,
-                None => None,
-            };
-            if let Some(dp) = one_rank {
-                if !inst.listeners.contains_key(&dp) {
-                    return Err(RegistryError::DpRankNotFound {
-                        instance_id,
-                        dp_rank: dp,
-                    });
-                }
-            }
-            let key = inst.key.clone();
-            let whole = match one_rank {
-                None => true,
-                Some(dp) => inst.listeners.len() == 1 && inst.listeners.contains_key(&dp),
-            };
-            let spec = v
-                .partitions
-                .get(&key)
-                .map(|p| Arc::clone(&p.spec))
-                .ok_or_else(|| RegistryError::NoIndexer {
-                    model: key.model_name.clone(),
-                    group: key.routing_group.clone(),
-                })?;
-            // The last rank going takes the instance (and ranks seen only in batches) with it.
-            let removal = Removal {
-                spec,
-                worker_id: instance_id,
-                dp_rank: if whole { None } else { one_rank },
-            };
-            let ranks: Vec<u32> = match removal.dp_rank {
-                Some(dp) => vec![dp],
-                None => inst.listeners.keys().copied().collect(),
-            };
-            // Stop the listeners first: nothing of theirs reaches the index after the removal.
-            for dp in &ranks {
-                self.supervisor().stop(instance_id, *dp);
-            }
-            let inst = v
-                .instances
-                .get_mut(&instance_id)
-                .ok_or(RegistryError::InstanceNotFound(instance_id))?;
-            if removal.spec.block_size > 0 {
-                if let Err(e) = drop_blocks(&removal) {
-                    // The registration stays: restart its listeners.
-                    let spec_of = inst.clone();
-                    for dp in &ranks {
-                        if let Some(l) = inst.listeners.get_mut(dp) {
-                            l.state = self.supervisor().start(&spec_of.listener_spec(*dp, l));
-                        }
+        }
+        // Published while the gate is closed: events admitted after it see the worker gone.
+        let outcome = self.mutate_held(true, |v| Ok(unregister::apply(v, &plan)))?;
+        drop(fenced);
+        // Still under the registry's write lock: a registration or `?block_size=` creating the
+        // partition again waits for the old index to be gone, and gets a new, empty one (it
+        // reused the old one, which this drop then removed with the new partition's events).
+        for key in &outcome.dropped {
+            tracing::info!(partition = %key, "last worker left; partition dropped");
+            (log.drop_partition)(key).map_err(RegistryError::Index)?;
+            self.engine
+                .remove_namespace(key)
+                .map_err(|e| RegistryError::Index(e.to_string()))?;
+        }
+        Ok(outcome)
+    }
+
+    /// The removal was refused: the registration stays, so its stopped listeners start again.
+    fn restart_listeners(&self, instance_id: u64, ranks: &[u32]) {
+        let _ = self.mutate_held(false, |v| {
+            if let Some(inst) = v.instances.get_mut(&instance_id) {
+                let spec_of = inst.clone();
+                for dp in ranks {
+                    if let Some(l) = inst.listeners.get_mut(dp) {
+                        l.state = self.supervisor().start(&spec_of.listener_spec(*dp, l));
                     }
-                    return Err(RegistryError::Index(e));
                 }
             }
-            for dp in ranks {
-                inst.listeners.remove(&dp);
-            }
-            if removal.dp_rank.is_none() {
-                v.instances.remove(&instance_id);
-            }
-            let mut outcome = UnregisterOutcome::default();
-            if !v.instances.values().any(|i| i.key == key) {
-                v.partitions.remove(&key);
-                tracing::info!(partition = %key, "last worker left; partition dropped");
-                outcome.dropped.push(key);
-            }
-            Ok(outcome)
-        })
+            Ok(())
+        });
     }
 
     /// Create a partition if it does not exist (peer recovery, `POST /events?block_size=`).
@@ -622,13 +642,6 @@ impl Partitions {
             v.partitions.insert(key.clone(), p.clone());
             Ok(p)
         })
-    }
-
-    /// Remove a dropped partition's index from the engine.
-    pub fn forget_engine_namespace(&self, key: &NamespaceKey) -> Result<(), RegistryError> {
-        self.engine
-            .remove_namespace(key)
-            .map_err(|e| RegistryError::Index(e.to_string()))
     }
 
     /// Record a listener's new state (called by the ZMQ listeners). Unknown listeners are
@@ -801,10 +814,19 @@ mod tests {
         p.register(reg(10, "m", "default", 4, 1)).unwrap();
         let calls = Mutex::new(Vec::new());
         let out = p
-            .unregister(10, "m", None, Some(1), &|r| {
-                calls.lock().unwrap().push(r.dp_rank);
-                Ok(())
-            })
+            .unregister(
+                10,
+                "m",
+                None,
+                Some(1),
+                &RemovalLog {
+                    drop_blocks: &|r| {
+                        calls.lock().unwrap().push(r.dp_rank);
+                        Ok(())
+                    },
+                    drop_partition: &|_| Ok(()),
+                },
+            )
             .unwrap();
         assert_eq!(calls.into_inner().unwrap(), vec![None]);
         assert_eq!(out.dropped.len(), 1);
@@ -816,7 +838,10 @@ mod tests {
     fn unregister_errors() {
         let p = registry();
         p.register(reg(10, "m", "default", 4, 0)).unwrap();
-        let ok = |_: &Removal| Ok(());
+        let ok = RemovalLog {
+            drop_blocks: &|_| Ok(()),
+            drop_partition: &|_| Ok(()),
+        };
         assert_eq!(
             p.unregister(5, "m", None, None, &ok)
                 .unwrap_err()

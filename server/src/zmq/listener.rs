@@ -80,10 +80,15 @@ use super::frame_guard::{self, Guard};
 /// nothing in it applies); the sequence number still counts.
 pub trait EventSink: Send + Sync + 'static {
     /// Accept one batch. Called on the listener's task: enqueue and return, do not block on I/O.
+    ///
+    /// `generation` is the listener's [`ListenerSpec::generation`]: a sink that restarts
+    /// listeners can refuse the batches of a superseded one, whose task may still be running
+    /// (an abort takes effect only at the task's next await).
     fn submit(
         &self,
         worker_id: u64,
         dp_rank: u32,
+        generation: u64,
         source_seq: u64,
         events: Vec<RouterEvent>,
     ) -> Result<(), SinkError>;
@@ -169,6 +174,9 @@ pub struct ListenerSpec {
     /// Last sequence already durable for this stream (from the log), or `None` for a fresh
     /// stream. The listener resumes after it and asks for replay from `resume_after + 1`.
     pub resume_after: Option<u64>,
+    /// Which start of the stream's listener this is, as the sink numbers them (0 unless set):
+    /// passed with every batch to [`EventSink::submit`].
+    pub generation: u64,
 }
 
 impl ListenerSpec {
@@ -181,7 +189,14 @@ impl ListenerSpec {
             replay_endpoint: None,
             block_size,
             resume_after: None,
+            generation: 0,
         }
+    }
+
+    /// Set the generation passed with every batch.
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
     }
 
     /// Set the replay endpoint.
@@ -1056,9 +1071,13 @@ impl Listener {
         let rejected = batch.rejected.len() as u64;
         let skipped = batch.skipped.len() as u64;
         let submitted = batch.events.len() as u64;
-        let result = self
-            .sink
-            .submit(self.spec.worker_id, self.spec.dp_rank, seq, batch.events);
+        let result = self.sink.submit(
+            self.spec.worker_id,
+            self.spec.dp_rank,
+            self.spec.generation,
+            seq,
+            batch.events,
+        );
         let advance = match &result {
             Ok(()) => {
                 metrics::counter!(METRIC_BATCHES, "outcome" => "applied").increment(1);

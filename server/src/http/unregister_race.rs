@@ -1,0 +1,321 @@
+//! `/unregister` racing `POST /events` / NATS events, interleaved deterministically with the
+//! intake gate's test hooks: an event is held between its registry check and its log append
+//! while the real `/unregister` handler runs (partitions/gate.rs).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderName, StatusCode};
+use axum::Json;
+use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
+use kvindex_engine::{
+    Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
+    KvCacheStoreData, KvCacheStoredBlockData, NamespaceKey, RouterEvent, WorkerWithDpRank,
+};
+use kvindex_persistence::{DurableConfig, DurableIndex};
+
+use super::body_budget::BodyBudget;
+use super::events::{submit_events, EventsAck, EventsTarget, SourceSeq};
+use super::handlers;
+use super::{AppState, SharedState};
+use crate::ingest::Ingest;
+use crate::listeners::NoListeners;
+use crate::partitions::{Partitions, Registration};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const TOKENS: [u32; 4] = [1, 2, 3, 4];
+
+/// A one-shot signal.
+#[derive(Default)]
+struct Latch {
+    set: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Latch {
+    fn set(&self) {
+        *self.set.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self, what: &str) {
+        let end = Instant::now() + DEADLINE;
+        let mut set = self.set.lock().unwrap();
+        while !*set {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}");
+            set = self.cv.wait_timeout(set, left).unwrap().0;
+        }
+    }
+}
+
+/// The service's state over `dir`, as `kvindex serve` builds it (without listeners).
+fn open(dir: &Path) -> SharedState {
+    let engine = Engine::new(EngineConfig {
+        event_threads: 1,
+        queue_capacity: 64,
+        ..EngineConfig::default()
+    });
+    let (durable, _) = DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
+    let durable = Arc::new(durable);
+    let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
+    partitions.load().unwrap();
+    let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
+    Arc::new(AppState {
+        partitions,
+        ingest,
+        durable,
+        metrics: None,
+        access_log: None,
+        trace_header: HeaderName::from_static("x-request-id"),
+        test_endpoints: false,
+        events_budget: BodyBudget::new(1 << 20),
+    })
+}
+
+/// Stop the service (log synced and closed) and start it again over the same directory.
+fn restart(state: SharedState, dir: &Path) -> SharedState {
+    let AppState {
+        partitions,
+        ingest,
+        durable,
+        ..
+    } = Arc::into_inner(state).expect("no other holder of the state");
+    drop(ingest);
+    drop(partitions);
+    Arc::into_inner(durable)
+        .expect("no other holder of the log")
+        .close()
+        .unwrap();
+    open(dir)
+}
+
+fn register(state: &AppState, instance_id: u64) {
+    state
+        .partitions
+        .register(Registration {
+            instance_id,
+            model_name: "m".into(),
+            routing_group: "default".into(),
+            block_size: 4,
+            dp_rank: 0,
+            endpoint: "tcp://127.0.0.1:1".into(),
+            replay_endpoint: None,
+        })
+        .unwrap();
+}
+
+/// A store of the block of [`TOKENS`] by `worker_id`.
+fn store(worker_id: u64, event_id: u64) -> RouterEvent {
+    let local = compute_block_hash_for_seq(&TOKENS, 4, &HashOptions::default())[0];
+    RouterEvent::new(
+        worker_id,
+        KvCacheEvent {
+            event_id,
+            data: KvCacheEventData::Stored(KvCacheStoreData {
+                parent_hash: None,
+                start_position: None,
+                blocks: vec![KvCacheStoredBlockData {
+                    block_hash: ExternalSequenceBlockHash(100 + worker_id),
+                    tokens_hash: local,
+                    mm_extra_info: None,
+                }],
+            }),
+            dp_rank: 0,
+        },
+    )
+}
+
+fn explicit() -> EventsTarget {
+    EventsTarget {
+        model_name: Some("m".into()),
+        routing_group: Some("default".into()),
+        block_size: None,
+    }
+}
+
+fn post(
+    state: &AppState,
+    target: &EventsTarget,
+    ev: RouterEvent,
+) -> Result<EventsAck, super::errors::ApiError> {
+    submit_events(state, target, vec![ev], SourceSeq::EventId, Some("/events"))
+        .and_then(|s| s.finish(state))
+}
+
+/// Workers holding the block of [`TOKENS`] in `m/default`, as the engine has it (the registry
+/// may have dropped the partition; the engine is what recovery rebuilt and queries read).
+fn holders(state: &AppState) -> Vec<u64> {
+    let key = NamespaceKey::new("m", "default");
+    let Some(ns) = state.durable.engine().namespace(&key) else {
+        return Vec::new();
+    };
+    ns.flush().unwrap();
+    ns.find_matches_for_tokens(&TOKENS, &HashOptions::default())
+        .sorted()
+        .into_iter()
+        .map(|(w, _): (WorkerWithDpRank, _)| w.worker_id)
+        .collect()
+}
+
+/// Submit `ev` on another thread, hold it between its registry check and its log append, run
+/// the `/unregister` handler for worker 1 meanwhile, and let the event go on once the
+/// unregister waits for the intake gate (or, without a gate, once it has answered).
+fn race(state: &SharedState, target: EventsTarget, ev: RouterEvent) -> Result<EventsAck, String> {
+    let reached = Arc::new(Latch::default());
+    let release = Arc::new(Latch::default());
+    let hooks = state.partitions.gate_hooks();
+    let held = AtomicBool::new(false);
+    let (r, g) = (Arc::clone(&reached), Arc::clone(&release));
+    *hooks.before_log.lock().unwrap() = Some(Arc::new(move || {
+        if !held.swap(true, Ordering::SeqCst) {
+            r.set();
+            g.wait("the unregister to start");
+        }
+    }));
+    let g = Arc::clone(&release);
+    *hooks.before_fence.lock().unwrap() = Some(Arc::new(move || g.set()));
+    let event = {
+        let st = Arc::clone(state);
+        std::thread::spawn(move || post(&st, &target, ev).map_err(|e| e.to_string()))
+    };
+    reached.wait("the event to pass its registry check");
+    let unregister = {
+        let st = Arc::clone(state);
+        let release = Arc::clone(&release);
+        std::thread::spawn(move || {
+            let req = serde_json::from_value(serde_json::json!({
+                "instance_id": 1, "model_name": "m", "routing_group": "default"
+            }))
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let status = rt
+                .block_on(handlers::unregister(State(st), Json(req)))
+                .status();
+            release.set();
+            status
+        })
+    };
+    let answer = event.join().unwrap();
+    assert_eq!(unregister.join().unwrap(), StatusCode::OK);
+    *hooks.before_log.lock().unwrap() = None;
+    *hooks.before_fence.lock().unwrap() = None;
+    answer
+}
+
+#[test]
+fn an_event_racing_the_unregister_of_the_last_worker_neither_returns_nor_recreates_the_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open(dir.path());
+    register(&state, 1);
+    let key = NamespaceKey::new("m", "default");
+
+    // Routed by the worker's registration, as `POST /events` without a partition does.
+    let answer = race(&state, EventsTarget::default(), store(1, 1));
+    // Logged before the removal (which removed it): accepted.
+    assert_eq!(answer.map(|a| a.accepted), Ok(1));
+    assert!(!state.partitions.view().partitions.contains_key(&key));
+    assert!(
+        state.durable.engine().namespace(&key).is_none(),
+        "the dropped partition's index came back"
+    );
+    assert_eq!(holders(&state), Vec::<u64>::new());
+
+    // Later events are refused: the worker and the partition are gone.
+    let e = post(&state, &EventsTarget::default(), store(1, 2)).unwrap_err();
+    assert_eq!(e.to_string(), "instance 1 not found");
+    let e = post(&state, &explicit(), store(1, 3)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no indexer for model=m routing_group=default"
+    );
+    assert!(state.durable.engine().namespace(&key).is_none());
+
+    let state = restart(state, dir.path());
+    assert!(
+        !state.partitions.view().partitions.contains_key(&key),
+        "recovery brought the dropped partition back"
+    );
+    assert_eq!(holders(&state), Vec::<u64>::new());
+}
+
+#[test]
+fn an_event_racing_the_unregister_of_its_worker_does_not_bring_its_blocks_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open(dir.path());
+    register(&state, 1);
+    register(&state, 2);
+    post(&state, &EventsTarget::default(), store(2, 1)).unwrap();
+    assert_eq!(holders(&state), vec![2]);
+
+    // Partition named explicitly, as NATS (the subject) and `?model_name=` do.
+    let answer = race(&state, explicit(), store(1, 1));
+    assert_eq!(answer.map(|a| a.accepted), Ok(1));
+    assert_eq!(holders(&state), vec![2], "worker 1's block came back");
+
+    let state = restart(state, dir.path());
+    assert_eq!(
+        holders(&state),
+        vec![2],
+        "worker 1's block came back after recovery"
+    );
+}
+
+/// `POST /events?block_size=` creates the partition again as soon as the unregister that
+/// dropped it lets go of the registry: the new partition gets a new, empty index, and its
+/// events stay (the drop of the old one does not take them along, live or at recovery).
+#[test]
+fn a_partition_created_again_right_after_its_drop_keeps_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open(dir.path());
+    register(&state, 1);
+    post(&state, &EventsTarget::default(), store(1, 1)).unwrap();
+    assert_eq!(holders(&state), vec![1]);
+
+    let created = Arc::new(Mutex::new(None));
+    let hooks = state.partitions.gate_hooks();
+    {
+        let (st, created) = (Arc::clone(&state), Arc::clone(&created));
+        let recreate = EventsTarget {
+            block_size: Some(4),
+            ..explicit()
+        };
+        // Cleared below: the hook holds the state.
+        *hooks.after_unregister.lock().unwrap() = Some(Arc::new(move || {
+            let answer = post(&st, &recreate, store(2, 1)).map(|a| a.accepted);
+            *created.lock().unwrap() = Some(answer.map_err(|e| e.to_string()));
+        }));
+    }
+    let req = serde_json::from_value(serde_json::json!({
+        "instance_id": 1, "model_name": "m", "routing_group": "default"
+    }))
+    .unwrap();
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(handlers::unregister(State(Arc::clone(&state)), Json(req)))
+        .status();
+    *hooks.after_unregister.lock().unwrap() = None;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(created.lock().unwrap().take(), Some(Ok(1)));
+    assert!(state
+        .partitions
+        .view()
+        .partitions
+        .contains_key(&NamespaceKey::new("m", "default")));
+    assert_eq!(holders(&state), vec![2], "the new partition lost its event");
+
+    let state = restart(state, dir.path());
+    assert_eq!(
+        holders(&state),
+        vec![2],
+        "recovery lost the new partition's event"
+    );
+}
