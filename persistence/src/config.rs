@@ -115,7 +115,8 @@ pub struct LogConfig {
     pub fsync: FsyncPolicy,
     pub recovery: RecoveryPolicy,
     pub io: IoBackendChoice,
-    /// A segment is closed once it would grow past this many bytes.
+    /// A segment is closed once it would grow past this many bytes (at most 4 GiB - 128 MiB:
+    /// the `replay` tools read a segment whole).
     pub segment_bytes: u64,
     /// Appends waiting for the writer thread before `append` blocks (backpressure).
     pub queue_capacity: usize,

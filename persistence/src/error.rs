@@ -195,6 +195,13 @@ pub enum PersistError {
              directory); run the command again, or from a later position"
     )]
     CompactedAway { path: PathBuf },
+    /// A segment file larger than any segment kvindex writes: the read-only tools, which read a
+    /// segment whole, refuse it rather than try to allocate its size.
+    #[error(
+        "{path} is {len} bytes, larger than any log segment kvindex writes (at most {max} bytes \
+         here); it is not a segment of this log, or it is damaged"
+    )]
+    SegmentTooLarge { path: PathBuf, len: u64, max: u64 },
     /// The state asked for cannot be rebuilt from what is on disk.
     #[error("{0}")]
     Unavailable(String),

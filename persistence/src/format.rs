@@ -15,7 +15,8 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"KVIDXSNP";
 /// Newest version of the segment (log) format: 2 added `OpRecord::DropNamespace`
 /// (docs/log-format.md §2.1). The writer gives a segment version 2 only when it holds (or is
 /// about to hold) such an entry; every other segment stays at [`BASE_FORMAT_VERSION`], so a
-/// build reading only version 1 refuses exactly the logs it would misread.
+/// build reading only version 1 still reads every log without drops, and meets a segment with
+/// a drop as one it cannot read (docs/operations.md, "Going back to an older build").
 pub const FORMAT_VERSION: u16 = 2;
 /// Oldest segment format version this build reads, and the one it writes by default.
 pub const BASE_FORMAT_VERSION: u16 = 1;

@@ -145,6 +145,11 @@ enum SegmentBytes {
     Mapped(MappedFile),
 }
 
+/// The largest file the tools read whole into memory. kvindex writes segments of at most
+/// `segment_bytes` plus one record (64 MiB + 64 MiB with the defaults), so anything near this
+/// is a foreign or damaged file, which must give an error rather than an allocation of its size.
+pub(crate) const MAX_READ_SEGMENT_BYTES: u64 = 4 << 30;
+
 /// Read the whole of `file` into 16-byte aligned memory with positioned reads. A file cut while
 /// it is read gives a shorter buffer (as if the cut happened first), never a fault; bytes
 /// appended after the `stat` are not read.
@@ -152,7 +157,15 @@ fn read_whole(file: &File, path: &Path) -> Result<AlignedVec<16>> {
     let len = file
         .metadata()
         .map_err(|e| PersistError::io("stat", path, None, e))?
-        .len() as usize;
+        .len();
+    if len > MAX_READ_SEGMENT_BYTES {
+        return Err(PersistError::SegmentTooLarge {
+            path: path.to_path_buf(),
+            len,
+            max: MAX_READ_SEGMENT_BYTES,
+        });
+    }
+    let len = len as usize;
     let mut buf = AlignedVec::<16>::with_capacity(len);
     buf.resize(len, 0);
     let mut got = 0;

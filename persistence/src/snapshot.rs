@@ -736,6 +736,14 @@ impl SnapshotStore {
             }
             match LoadedSnapshot::load(&meta.path) {
                 Ok(s) => return Ok((Some(s), failures)),
+                // Deleted since the listing: pruned by the server writing this directory (a
+                // read-only tool's race; the process holding the directory's lock is the only
+                // one that prunes). Not damage: the caller lists again.
+                Err(PersistError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(PersistError::CompactedAway { path: meta.path });
+                }
                 Err(e) => {
                     tracing::warn!(path = %meta.path.display(), error = %e, "snapshot rejected; trying an older one");
                     metrics::counter!("kvindex_snapshot_load_failures_total").increment(1);

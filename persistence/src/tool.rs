@@ -241,10 +241,14 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         report.segments.push(info);
     }
     for (next_lsn, path) in &listing.snapshots {
-        let Ok(meta) = std::fs::metadata(path) else {
-            tracing::warn!(path = %path.display(), "snapshot pruned while inspecting; skipped");
-            report.compacted_away.push(path.clone());
-            continue;
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %path.display(), "snapshot pruned while inspecting; skipped");
+                report.compacted_away.push(path.clone());
+                continue;
+            }
+            Err(e) => return Err(PersistError::io("stat", path, None, e)),
         };
         let bytes = meta.len();
         let content = LoadedSnapshot::load(path)
@@ -382,12 +386,15 @@ impl fmt::Display for InspectReport {
 /// holding `from`, at the last record its LSN index places at or before `from`
 /// (docs/log-format.md §2.4), so the work is the answer plus at most about one index stride.
 ///
-/// Safe against the live server writing the directory: every listed segment is opened at once
-/// (an open file survives compaction deleting it) and read into memory when the walk reaches it
-/// (a tail cut meanwhile reads as a shorter file, never as a fault).
+/// Safe against the live server writing the directory: the listed segments are opened up to
+/// [`OPEN_AHEAD`] ahead of the walk (an open file survives compaction deleting it) and read into
+/// memory when the walk reaches them (a tail cut meanwhile reads as a shorter file, never as a
+/// fault). A segment deleted before the walk came near it means compaction overtook the walk:
+/// [`PersistError::CompactedAway`].
 pub struct ReplayCursor {
-    /// The listed segments from the one holding `from` on, opened.
-    files: Vec<(PathBuf, std::fs::File)>,
+    /// The listed segments from the one holding `from` on; those within [`OPEN_AHEAD`] of the
+    /// walk are open.
+    files: Vec<(PathBuf, Option<std::fs::File>)>,
     /// The segment being read (`files[seg]`).
     reader: Option<SegmentReader>,
     seg: usize,
@@ -426,8 +433,8 @@ impl ReplayCursor {
             }
         };
         let reader = match files.first() {
-            Some((path, file)) => Some(SegmentReader::read_from(file, path)?),
-            None => None,
+            Some((path, Some(file))) => Some(SegmentReader::read_from(file, path)?),
+            _ => None,
         };
         if let Some(first) = reader.as_ref().and_then(|r| r.first_lsn().ok()) {
             if first > from && from >= FIRST_LSN && first > FIRST_LSN {
@@ -482,7 +489,16 @@ impl Iterator for ReplayCursor {
                 return None;
             }
             if self.reader.is_none() {
-                let (path, file) = self.files.get(self.seg)?;
+                if self.seg >= self.files.len() {
+                    return None;
+                }
+                if let Err(e) = open_window(&mut self.files, self.seg) {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+                let (path, Some(file)) = &self.files[self.seg] else {
+                    return None; // open_window opened it
+                };
                 match SegmentReader::read_from(file, path) {
                     Ok(r) => self.reader = Some(r),
                     Err(e) => {
@@ -499,6 +515,7 @@ impl Iterator for ReplayCursor {
             }
             match format::read_record(reader.bytes(), self.offset) {
                 Ok(None) => {
+                    self.files[self.seg].1 = None; // read: its descriptor is not needed
                     self.seg += 1;
                     self.reader = None;
                     self.offset = SEGMENT_HEADER_LEN;
@@ -548,18 +565,38 @@ impl Iterator for ReplayCursor {
 /// away before it could be opened.
 const LISTING_ATTEMPTS: u32 = 3;
 
-/// Open the listed segments of `dir` from the one holding `from` on.
-fn open_segments_from(dir: &Path, from: Lsn) -> Result<Vec<(PathBuf, std::fs::File)>> {
+/// How many listed segments a [`ReplayCursor`] keeps open from the one it reads on: enough that
+/// compaction (which deletes the oldest segments first) must overtake the walk by that many
+/// segments to pull one from under it, few enough that a log of thousands of segments does not
+/// exhaust the process's file descriptors.
+const OPEN_AHEAD: usize = 16;
+
+/// List the segments of `dir` from the one holding `from` on, the first [`OPEN_AHEAD`] opened.
+fn open_segments_from(dir: &Path, from: Lsn) -> Result<Vec<(PathBuf, Option<std::fs::File>)>> {
     let listing = list_dir(dir)?;
     let first_idx = listing
         .segments
         .iter()
         .rposition(|(l, _)| *l <= from)
         .unwrap_or(0);
-    listing.segments[first_idx.min(listing.segments.len())..]
+    let mut files: Vec<_> = listing.segments[first_idx.min(listing.segments.len())..]
         .iter()
-        .map(|(_, p)| Ok((p.clone(), crate::segment::open_listed(p)?)))
-        .collect()
+        .map(|(_, p)| (p.clone(), None))
+        .collect();
+    open_window(&mut files, 0)?;
+    Ok(files)
+}
+
+/// Open the listed segments `at..at + OPEN_AHEAD` not open yet; one deleted since the listing is
+/// [`PersistError::CompactedAway`].
+fn open_window(files: &mut [(PathBuf, Option<std::fs::File>)], at: usize) -> Result<()> {
+    let end = files.len().min(at.saturating_add(OPEN_AHEAD));
+    for (path, file) in files.get_mut(at..end).unwrap_or_default() {
+        if file.is_none() {
+            *file = Some(crate::segment::open_listed(path)?);
+        }
+    }
+    Ok(())
 }
 
 fn corrupt_for_tool(path: &Path, offset: usize, damage: Damage) -> PersistError {

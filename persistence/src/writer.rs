@@ -312,7 +312,12 @@ impl LogWriter {
             dir: start.dir,
             io,
             policy: cfg.fsync,
-            segment_bytes: cfg.segment_bytes.max(SEGMENT_HEADER_LEN as u64 + 8),
+            // At most what the read-only tools read whole (segment::MAX_READ_SEGMENT_BYTES),
+            // one record past the limit included.
+            segment_bytes: cfg.segment_bytes.clamp(
+                SEGMENT_HEADER_LEN as u64 + 8,
+                crate::segment::MAX_READ_SEGMENT_BYTES - 2 * format::MAX_RECORD_LEN as u64,
+            ),
             max_group_bytes: cfg.max_group_bytes.max(1),
             file,
             path,

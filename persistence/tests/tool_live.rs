@@ -181,3 +181,127 @@ fn state_starts_over_when_compaction_deletes_a_segment_it_listed() {
     assert!(got.report.as_ref().unwrap().snapshot.is_some());
     assert_eq!(engine_canonical(&got.engine, &ns().key), want_canonical);
 }
+
+/// The descriptors this process holds on files of `dir`.
+fn open_files_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+#[test]
+fn export_of_a_long_log_keeps_a_bounded_number_of_segments_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DurableConfig {
+        log: LogConfig {
+            segment_bytes: 4 << 10,
+            ..LogConfig::default()
+        },
+        snapshots: manual_snapshots(2),
+    };
+    let (idx, _) = DurableIndex::open(dir.path(), cfg, small_engine()).unwrap();
+    let mut gen = EventGen::new(7, vec![WorkerWithDpRank::new(1, 0)]);
+    let mut events = Vec::new();
+    while segment_files(dir.path()).len() < 60 {
+        let ev = gen.next_event();
+        let seq = events.len() as u64;
+        idx.submit(&ns(), seq, ev.clone()).unwrap().wait().unwrap();
+        events.push(ev);
+    }
+    idx.close().unwrap();
+    let dir = std::fs::canonicalize(dir.path()).unwrap();
+
+    let mut walk = export(&dir, 1, u64::MAX, None).unwrap();
+    // Every listed segment open at once would be 60 descriptors (a log of thousands of
+    // segments would exhaust the process's limit).
+    let open = open_files_under(&dir);
+    assert!((1..=16).contains(&open), "{open} segment files open");
+    let mut got = Vec::new();
+    for ev in walk.by_ref() {
+        got.push(ev.unwrap());
+        assert!(open_files_under(&dir) <= 16);
+    }
+    assert_eq!(got, events);
+}
+
+#[test]
+fn a_segment_file_too_large_to_be_ours_is_refused_not_read_into_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path());
+    let last = segment_files(dir.path()).pop().unwrap();
+    // A sparse 5 GiB file under a segment's name (no disk space used).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    let err = export(dir.path(), 1, u64::MAX, None)
+        .unwrap()
+        .find_map(|r| r.err())
+        .expect("the oversized segment was read");
+    match err {
+        PersistError::SegmentTooLarge { path, len, .. } => {
+            assert_eq!(path, last);
+            assert_eq!(len, 5 << 30);
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn state_starts_over_when_the_snapshots_it_listed_are_pruned_before_it_loads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path());
+    // Two snapshots, then more events.
+    let (idx, _) = DurableIndex::open(dir.path(), config(), small_engine()).unwrap();
+    let mut gen = EventGen::new(43, vec![WorkerWithDpRank::new(3, 0)]);
+    let mut listed = Vec::new();
+    for round in 0..3u64 {
+        for i in 0..20 {
+            idx.submit(&ns(), 1000 * round + i, gen.next_event())
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        if round < 2 {
+            listed.push(idx.snapshot_now().unwrap().path);
+        }
+    }
+    idx.close().unwrap();
+    let want = state(&StateSource::DataDir(dir.path().to_path_buf()), None).unwrap();
+    let want_canonical = engine_canonical(&want.engine, &ns().key);
+
+    // The newer snapshot the live server writes meanwhile, taken in a copy of the directory.
+    let copy = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let newest: PathBuf = {
+        let (idx, _) = DurableIndex::open(copy.path(), config(), small_engine()).unwrap();
+        let meta = idx.snapshot_now().unwrap();
+        idx.close().unwrap();
+        meta.path
+    };
+    // The log left starts after LSN 1 (compacted): without a snapshot the state is lost.
+    assert!(segment_files(dir.path()).len() < 3);
+    // After the reader listed the snapshots, the server writes a newer one and prunes both
+    // listed ones.
+    on_listing(2, move |d: &Path| {
+        std::fs::copy(&newest, d.join(newest.file_name().unwrap())).unwrap();
+        for s in &listed {
+            std::fs::remove_file(s).unwrap();
+        }
+    });
+    let got = state(&StateSource::DataDir(dir.path().to_path_buf()), None);
+    clear_hook();
+    let got = got.unwrap();
+    let report = got.report.as_ref().unwrap();
+    assert!(report.snapshots_rejected.is_empty(), "{report:?}");
+    assert!(report.snapshot.is_some());
+    assert_eq!(got.position, want.position);
+    assert_eq!(engine_canonical(&got.engine, &ns().key), want_canonical);
+}

@@ -144,7 +144,8 @@ impl ReplayError {
             ReplayError::Persist(
                 PersistError::Corrupt { .. }
                 | PersistError::MissingRecords { .. }
-                | PersistError::CorruptSnapshot { .. },
+                | PersistError::CorruptSnapshot { .. }
+                | PersistError::SegmentTooLarge { .. },
             ) => EXIT_DAMAGE,
             ReplayError::Persist(
                 PersistError::Unavailable(_)
