@@ -49,13 +49,7 @@ fn version_1_snapshots_over_a_compacted_log_are_refused_with_what_to_do() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         compacted_dir(dir.path());
-        let log_start: u64 = segment_files(dir.path())[0]
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.strip_prefix("seg-"))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let log_start = segment_first_lsn(&segment_files(dir.path())[0]);
         assert!(log_start > 1);
         let snaps = snapshot_files(dir.path());
         for s in &snaps {

@@ -61,6 +61,20 @@ fn on_listing(nth: u32, f: impl FnOnce(&Path) + 'static) {
     })));
 }
 
+/// A snapshot of `dir`'s state taken in a copy of `dir` (the one a live server writing `dir`
+/// would take next), to be put into `dir` by a hook; returns the copy and the snapshot's path.
+fn snapshot_in_a_copy(dir: &Path) -> (tempfile::TempDir, PathBuf) {
+    let copy = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let (idx, _) = DurableIndex::open(copy.path(), config(), small_engine()).unwrap();
+    let meta = idx.snapshot_now().unwrap();
+    idx.close().unwrap();
+    (copy, meta.path)
+}
+
 fn clear_hook() {
     test_hooks::set_after_listing(None);
 }
@@ -71,13 +85,7 @@ fn export_survives_the_last_segment_cut_after_it_was_listed() {
     let entries = data_dir(dir.path());
     let segs = segment_files(dir.path());
     let last = segs.last().unwrap().clone();
-    let last_first_lsn: u64 = last
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.strip_prefix("seg-"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let last_first_lsn = segment_first_lsn(&last);
     // Cut at the end of the first record ending in the segment's second page: the pages after
     // it are wholly past the new end of the file.
     let (cut, records_kept) = {
@@ -155,18 +163,8 @@ fn state_starts_over_when_compaction_deletes_a_segment_it_listed() {
     let want_canonical = engine_canonical(&want.engine, &ns().key);
     assert_eq!(want.position, entries.len() as u64);
 
-    // The snapshot the live server is about to write: taken in a copy of the directory.
-    let copy = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(dir.path()).unwrap() {
-        let p = f.unwrap().path();
-        std::fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
-    }
-    let snap: PathBuf = {
-        let (idx, _) = DurableIndex::open(copy.path(), config(), small_engine()).unwrap();
-        let meta = idx.snapshot_now().unwrap();
-        idx.close().unwrap();
-        meta.path
-    };
+    // The snapshot the live server is about to write.
+    let (_copy, snap) = snapshot_in_a_copy(dir.path());
     let first = segment_files(dir.path())[0].clone();
     // After the reader listed the directory and its snapshots (none yet), the server writes
     // the snapshot and compacts the first segment away.
@@ -274,18 +272,8 @@ fn state_starts_over_when_the_snapshots_it_listed_are_pruned_before_it_loads_the
     let want = state(&StateSource::DataDir(dir.path().to_path_buf()), None).unwrap();
     let want_canonical = engine_canonical(&want.engine, &ns().key);
 
-    // The newer snapshot the live server writes meanwhile, taken in a copy of the directory.
-    let copy = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(dir.path()).unwrap() {
-        let p = f.unwrap().path();
-        std::fs::copy(&p, copy.path().join(p.file_name().unwrap())).unwrap();
-    }
-    let newest: PathBuf = {
-        let (idx, _) = DurableIndex::open(copy.path(), config(), small_engine()).unwrap();
-        let meta = idx.snapshot_now().unwrap();
-        idx.close().unwrap();
-        meta.path
-    };
+    // The newer snapshot the live server writes meanwhile.
+    let (_copy, newest) = snapshot_in_a_copy(dir.path());
     // The log left starts after LSN 1 (compacted): without a snapshot the state is lost.
     assert!(segment_files(dir.path()).len() < 3);
     // After the reader listed the snapshots, the server writes a newer one and prunes both

@@ -267,6 +267,15 @@ pub fn entries_of(v: &[LoggedEntry]) -> Vec<LogEntry> {
     v.iter().map(|l| l.entry.clone()).collect()
 }
 
+/// The first LSN of a segment file, from its name (`seg-<first lsn>.kvlog`).
+pub fn segment_first_lsn(path: &Path) -> u64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.strip_prefix("seg-"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a segment file name: {}", path.display()))
+}
+
 pub fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
