@@ -133,6 +133,34 @@ impl Ingest {
         }
         let p = Self::partition(admission.view(), namespace)?;
         admission.before_log();
+        self.append(&p, events)
+    }
+
+    /// [`Self::submit_mixed`] without the registry's intake gate, resolving the partition in
+    /// `view`: only for a source whose streams `/unregister` fences by itself before it logs
+    /// the removal (the ZMQ listeners: `zmq_source.rs` `Fence` holds each batch from its
+    /// registry check to this append, and stopping a stream waits for it). Such a source must
+    /// not wait for the gate: the ZMQ sink runs on the async workers, and `/unregister` holds
+    /// the gate exclusively across a log fsync.
+    pub fn submit_ungated(
+        &self,
+        view: &RegistryView,
+        namespace: &NamespaceKey,
+        events: Vec<(u64, RouterEvent)>,
+    ) -> Result<Option<AppendTicket>, IngestError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let p = Self::partition(view, namespace)?;
+        self.append(&p, events)
+    }
+
+    /// Append `events` to the log as one record of partition `p`.
+    fn append(
+        &self,
+        p: &Partition,
+        events: Vec<(u64, RouterEvent)>,
+    ) -> Result<Option<AppendTicket>, IngestError> {
         let n = events.len() as u64;
         let entries = events
             .into_iter()

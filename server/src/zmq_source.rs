@@ -15,8 +15,12 @@
 //! * **New registrations** (`POST /register`) start with an unset watermark (SERVICE.md §7.5).
 //! * **Stopping** a listener fences its stream first: no batch of it reaches the log after
 //!   [`ListenerSupervisor::stop`] returns, so the removal logged by `/unregister` is final.
-//!   Every listener start gets a new generation ([`Fence`]), so a superseded listener whose
-//!   task still runs after a re-registration of its stream cannot log either.
+//!   Every listener start — registration, re-registration, resume after a pause — gets a new
+//!   generation ([`Fence`]), and a pause stops the stream in the fence, so a paused or
+//!   superseded listener whose task still runs cannot log either.
+//! * **No registry gate.** This fence is what orders ZMQ batches against `/unregister`, so the
+//!   sink does not enter the registry's intake gate (`partitions/gate.rs`): it runs on the async
+//!   workers, and `/unregister` holds that gate exclusively across a log fsync.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +31,7 @@ use kvindex_engine::{NamespaceKey, RouterEvent};
 use kvindex_server::zmq::{self, EventSink, IngestConfig, SinkError, ZmqIngest};
 use tokio::runtime::Handle;
 
-use crate::ingest::{Ingest, IngestError, IngestSink};
+use crate::ingest::{Ingest, IngestError};
 use crate::listeners::{
     ListenerDetails, ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor,
 };
@@ -43,21 +47,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Counter: ZMQ batches refused by the fence, by `reason` (`stopped`: the stream's listener
-/// was stopped by `/unregister`; `superseded`: the stream was registered again and the batch
-/// comes from the old listener, whose task had not yet ended).
+/// was stopped by `/unregister` or paused; `superseded`: the stream was registered again or
+/// resumed and the batch comes from the old listener, whose task had not yet ended).
 pub const FENCED_BATCHES: &str = "kvindex_zmq_batches_fenced_total";
 
 /// Keeps stopped and superseded listeners out of the log.
 ///
-/// Every start of a stream's listener gets a new generation, which the listener passes with
-/// each batch; a batch is admitted only while its generation is the stream's current one. An
-/// aborted listener task stops only at its next await, so one inside a long replay-apply loop
-/// keeps submitting after `stop` (or after a new listener of the same stream started): its
-/// batches are refused here.
+/// Every start of a stream's listener (registration, resume) gets a new generation, which the
+/// listener passes with each batch; a batch is admitted only while its generation is the
+/// stream's current one. An aborted listener task stops only at its next await, so one inside
+/// a long replay-apply loop keeps submitting after `stop` (unregister, pause) or after a new
+/// listener of the same stream started: its batches are refused here
+/// ([`SinkError::Fenced`]: its watermark does not move).
 ///
-/// Submits hold the read side of `inflight` from the check to the log append; `stop` takes the
-/// write side once after forgetting the stream, so when it returns no batch of the stream is
-/// between the check and the log.
+/// Submits hold the read side of `inflight` from the check to the log append (the registry
+/// is read after the check, under it); `stop` takes the write side once after forgetting the
+/// stream, so when it returns no batch of the stream is between the check and the log. This
+/// is the whole ordering of ZMQ batches against `/unregister`, which stops the streams before
+/// it logs the removal: the registry's intake gate is not needed for them.
 #[derive(Default)]
 struct Fence {
     inflight: RwLock<()>,
@@ -66,6 +73,8 @@ struct Fence {
     /// Last generation handed out (unique per process; only uniqueness matters, so `Relaxed`).
     last: AtomicU64,
     closed: AtomicBool,
+    #[cfg(test)]
+    hooks: tests::FenceHooks,
 }
 
 impl Fence {
@@ -90,6 +99,19 @@ impl Fence {
     /// Let a batch of listener `(id, generation)` through: hold the returned guard until it is
     /// appended to the log. Refusals of stopped or superseded listeners are counted.
     fn admit(&self, id: StreamId, generation: u64) -> Result<RwLockReadGuard<'_, ()>, SinkError> {
+        #[cfg(test)]
+        self.hooks.before_admit(id, generation);
+        let result = self.admit_inner(id, generation);
+        #[cfg(test)]
+        self.hooks.admitted(id, generation, &result);
+        result
+    }
+
+    fn admit_inner(
+        &self,
+        id: StreamId,
+        generation: u64,
+    ) -> Result<RwLockReadGuard<'_, ()>, SinkError> {
         let inflight = self.inflight.read().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::SeqCst) {
             return Err(SinkError::Unavailable(
@@ -101,14 +123,14 @@ impl Fence {
             Some(current) if *current == generation => Ok(inflight),
             Some(_) => {
                 metrics::counter!(FENCED_BATCHES, "reason" => "superseded").increment(1);
-                Err(SinkError::Rejected(format!(
-                    "listener of instance {instance_id} dp_rank {dp_rank} was superseded by a newer registration"
+                Err(SinkError::Fenced(format!(
+                    "listener of instance {instance_id} dp_rank {dp_rank} was superseded by a newer start of its stream"
                 )))
             }
             None => {
                 metrics::counter!(FENCED_BATCHES, "reason" => "stopped").increment(1);
-                Err(SinkError::Rejected(format!(
-                    "listener of instance {instance_id} dp_rank {dp_rank} is stopped"
+                Err(SinkError::Fenced(format!(
+                    "listener of instance {instance_id} dp_rank {dp_rank} is stopped or paused"
                 )))
             }
         }
@@ -141,28 +163,26 @@ impl EventSink for ServiceSink {
                 "the service is shutting down".into(),
             ));
         };
+        // Read under the fence: while `_inflight` is held, no `/unregister` of this stream gets
+        // past stopping it, so the worker seen here is still registered when the batch is
+        // appended below (the removal is logged after it). Hence no registry gate.
         let view = partitions.view();
         let Some(inst) = view.instances.get(&worker_id) else {
             return Err(SinkError::Unavailable(format!(
                 "instance {worker_id} is not registered"
             )));
         };
-        // The effective rank: the batch's `data_parallel_rank` when it named one (the decoder
-        // put it on every event), the listener's otherwise. One rank per batch, so one stream
-        // and one all-or-nothing record.
-        let effective = events.first().map_or(dp_rank, |ev| ev.event.dp_rank);
-        let result = if events.iter().all(|ev| ev.event.dp_rank == effective) {
-            ingest.submit_batch(&inst.key, worker_id, effective, source_seq, events)
-        } else {
-            let mixed = events
-                .into_iter()
-                .map(|mut ev| {
-                    ev.worker_id = worker_id;
-                    (source_seq, ev)
-                })
-                .collect();
-            ingest.submit_mixed(&inst.key, mixed)
-        };
+        // Each event keeps its effective rank: the batch's `data_parallel_rank` when it named
+        // one (the decoder put it on every event), the listener's otherwise. One record, all
+        // or nothing.
+        let events = events
+            .into_iter()
+            .map(|mut ev| {
+                ev.worker_id = worker_id;
+                (source_seq, ev)
+            })
+            .collect();
+        let result = ingest.submit_ungated(&view, &inst.key, events);
         // Not waiting for the ticket: the log orders the record before anything later, and a
         // crash before it is durable leaves the watermark behind, so replay asks again.
         match result {
@@ -375,6 +395,9 @@ impl ListenerSupervisor for ZmqSupervisor {
     }
 
     fn pause(&self, instance_id: u64, dp_rank: u32) -> ListenerState {
+        // Fenced first, as `stop` does: the aborted task ends only at its next await, and may
+        // still be applying a replay; none of it reaches the log after this.
+        self.fence.stop((instance_id, dp_rank));
         if let Err(e) = self.zmq.pause(instance_id, dp_rank) {
             tracing::warn!(instance_id, dp_rank, error = %e, "pause");
         }
@@ -388,7 +411,23 @@ impl ListenerSupervisor for ZmqSupervisor {
     }
 
     fn resume(&self, spec: &ListenerSpec) -> ListenerState {
-        match self.zmq.resume(spec.instance_id, spec.dp_rank) {
+        let id = (spec.instance_id, spec.dp_rank);
+        // The registry calls this under its write lock, so the state read here holds until
+        // the resume below. Only a paused listener gets a new generation: starting one for a
+        // running listener would fence it out.
+        let paused = self
+            .zmq
+            .status(id.0, id.1)
+            .is_some_and(|s| s.state == zmq::ListenerState::Paused);
+        let resumed = if paused {
+            // Installed before the task is spawned: its first batch is admitted. The paused
+            // task, if still running, has the old generation and stays refused.
+            let generation = self.fence.start(id);
+            self.zmq.resume_with_generation(id.0, id.1, generation)
+        } else {
+            self.zmq.resume(id.0, id.1)
+        };
+        match resumed {
             Ok(()) => self
                 .zmq
                 .status(spec.instance_id, spec.dp_rank)
@@ -417,9 +456,253 @@ impl ListenerSupervisor for ZmqSupervisor {
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_resume_point, Fence, FENCED_BATCHES};
-    use kvindex_server::zmq::SinkError;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{
+        lock, pick_resume_point, EventSink, Fence, ServiceSink, StreamId, ZmqSupervisor,
+        FENCED_BATCHES,
+    };
+    use crate::ingest::Ingest;
+    use crate::listeners::NoListeners;
+    use crate::partitions::{Partitions, Registration};
+    use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
+    use kvindex_engine::{
+        Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
+        KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
+    };
+    use kvindex_persistence::{DurableConfig, DurableIndex};
+    use kvindex_server::zmq::test_publisher::{PublishBatch, PublisherConfig, VllmPublisher};
+    use kvindex_server::zmq::{IngestConfig, SinkError};
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    type AdmitHook = Arc<dyn Fn(StreamId, u64) + Send + Sync>;
+
+    /// Test hooks of the [`Fence`]: act before a batch's check, and record every outcome.
+    #[derive(Default)]
+    pub(super) struct FenceHooks {
+        before: Mutex<Option<AdmitHook>>,
+        /// `(stream, generation, admitted)` of every check.
+        outcomes: Mutex<Vec<(StreamId, u64, bool)>>,
+    }
+
+    impl FenceHooks {
+        pub(super) fn before_admit(&self, id: StreamId, generation: u64) {
+            let hook = lock(&self.before).clone();
+            if let Some(hook) = hook {
+                hook(id, generation);
+            }
+        }
+
+        pub(super) fn admitted<T>(&self, id: StreamId, generation: u64, r: &Result<T, SinkError>) {
+            lock(&self.outcomes).push((id, generation, r.is_ok()));
+        }
+
+        fn outcome_of(&self, id: StreamId, generation: u64) -> Option<bool> {
+            lock(&self.outcomes)
+                .iter()
+                .find(|(i, g, _)| (*i, *g) == (id, generation))
+                .map(|(.., ok)| *ok)
+        }
+    }
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// A one-shot signal.
+    #[derive(Default)]
+    struct Latch {
+        set: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl Latch {
+        fn set(&self) {
+            *lock(&self.set) = true;
+            self.cv.notify_all();
+        }
+
+        fn is_set(&self) -> bool {
+            *lock(&self.set)
+        }
+
+        fn wait(&self, what: &str) {
+            let end = Instant::now() + DEADLINE;
+            let mut set = lock(&self.set);
+            while !*set {
+                let left = end.saturating_duration_since(Instant::now());
+                assert!(!left.is_zero(), "timed out waiting for {what}");
+                set = self.cv.wait_timeout(set, left).unwrap().0;
+            }
+        }
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + DEADLINE;
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The registry and the durable intake over `dir`, as `kvindex serve` builds them.
+    fn service(dir: &Path) -> (Arc<Partitions>, Arc<Ingest>) {
+        let engine = Engine::new(EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..EngineConfig::default()
+        });
+        let (durable, _) =
+            DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
+        let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
+        partitions.load().unwrap();
+        let ingest = Arc::new(Ingest::new(Arc::new(durable), Arc::clone(&partitions)));
+        (partitions, ingest)
+    }
+
+    fn register(partitions: &Partitions, instance_id: u64, endpoint: &str) {
+        partitions
+            .register(Registration {
+                instance_id,
+                model_name: "m".into(),
+                routing_group: "default".into(),
+                block_size: 4,
+                dp_rank: 0,
+                endpoint: endpoint.into(),
+                replay_endpoint: None,
+            })
+            .unwrap();
+    }
+
+    fn store(worker_id: u64) -> RouterEvent {
+        let local = compute_block_hash_for_seq(&[1, 2, 3, 4], 4, &HashOptions::default())[0];
+        RouterEvent::new(
+            worker_id,
+            KvCacheEvent {
+                event_id: 0,
+                data: KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: None,
+                    start_position: None,
+                    blocks: vec![KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(5),
+                        tokens_hash: local,
+                        mm_extra_info: None,
+                    }],
+                }),
+                dp_rank: 0,
+            },
+        )
+    }
+
+    /// The ZMQ sink runs on the async workers: it must not wait while an `/unregister` holds
+    /// the registry's intake gate (across its removal's fsync); its own fence orders it.
+    #[test]
+    fn the_zmq_sink_does_not_wait_for_the_registry_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (partitions, ingest) = service(dir.path());
+        register(&partitions, 7, "tcp://127.0.0.1:1");
+        let fence = Arc::new(Fence::default());
+        let sink = Arc::new(ServiceSink {
+            ingest: Arc::downgrade(&ingest),
+            partitions: Arc::downgrade(&partitions),
+            fence: Arc::clone(&fence),
+        });
+        let generation = fence.start((7, 0));
+        let closed = partitions.hold_gate();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let submitter = std::thread::spawn(move || {
+            let _ = tx.send(sink.submit(7, 0, generation, 0, vec![store(7)]));
+        });
+        let answer = rx.recv_timeout(DEADLINE);
+        drop(closed);
+        submitter.join().unwrap();
+        assert_eq!(
+            answer,
+            Ok(Ok(())),
+            "the ZMQ sink waited for the registry gate"
+        );
+    }
+
+    /// A real listener task is held inside the sink (as inside a replay's synchronous apply
+    /// loop, where its abort cannot land) while its listener is paused and resumed: once it
+    /// goes on, its batch is refused, and the resumed listener's batches are logged.
+    #[test]
+    fn a_paused_listener_task_still_running_is_refused_after_the_resume() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (partitions, ingest) = service(dir.path());
+        let supervisor = ZmqSupervisor::new(
+            rt.handle().clone(),
+            &partitions,
+            &ingest,
+            IngestConfig::default(),
+        );
+        partitions.set_supervisor(supervisor.clone());
+        supervisor.open(&partitions, &ingest, rt.handle());
+        let publisher = rt
+            .block_on(VllmPublisher::bind(
+                PublisherConfig::loopback_without_replay(),
+            ))
+            .unwrap();
+        register(&partitions, 7, publisher.endpoint());
+        let stream = (7, 0);
+        let fence = &supervisor.fence;
+        let generation = || lock(&fence.current).get(&stream).copied();
+        let old = generation().expect("the listener started");
+        let publish = || {
+            rt.block_on(publisher.publish(&PublishBatch::new(Vec::new())))
+                .unwrap();
+        };
+        // ZMQ's slow joiner: publish until a batch reaches the sink live.
+        wait_until("a live batch", || {
+            publish();
+            fence.hooks.outcome_of(stream, old) == Some(true)
+        });
+
+        // Hold the listener's next batch before its check.
+        let (reached, release) = (Arc::new(Latch::default()), Arc::new(Latch::default()));
+        {
+            let (r, g) = (Arc::clone(&reached), Arc::clone(&release));
+            let held = AtomicBool::new(false);
+            *lock(&fence.hooks.before) = Some(Arc::new(move |id, generation| {
+                if id == stream && generation == old && !held.swap(true, Ordering::SeqCst) {
+                    r.set();
+                    g.wait("the pause and the resume");
+                }
+            }));
+        }
+        wait_until("the listener's next batch", || {
+            publish();
+            reached.is_set()
+        });
+
+        partitions.pause_listener(7, 0).unwrap();
+        partitions.resume_listener(7, 0).unwrap();
+        let new = generation().expect("the listener resumed");
+        // The old task is held: the next outcome of `old` is the held batch's.
+        lock(&fence.hooks.outcomes).clear();
+        release.set();
+        wait_until("the held batch's check", || {
+            fence.hooks.outcome_of(stream, old).is_some()
+        });
+        assert_eq!(
+            fence.hooks.outcome_of(stream, old),
+            Some(false),
+            "the paused listener's task logged a batch after the resume"
+        );
+        *lock(&fence.hooks.before) = None;
+        assert_ne!(new, old);
+        wait_until("a batch of the resumed listener", || {
+            publish();
+            fence.hooks.outcome_of(stream, new) == Some(true)
+        });
+        partitions.shutdown_listeners();
+    }
 
     fn fenced(snapshotter: &Snapshotter, reason: &str) -> u64 {
         snapshotter
@@ -459,17 +742,17 @@ mod tests {
             let new = fence.start(stream);
             assert_ne!(new, old);
             match fence.admit(stream, old) {
-                Err(SinkError::Rejected(e)) => assert_eq!(
+                Err(SinkError::Fenced(e)) => assert_eq!(
                     e,
-                    "listener of instance 7 dp_rank 0 was superseded by a newer registration"
+                    "listener of instance 7 dp_rank 0 was superseded by a newer start of its stream"
                 ),
                 other => panic!("old listener's batch not refused: {other:?}"),
             }
             assert!(fence.admit(stream, new).is_ok());
             fence.stop(stream);
             match fence.admit(stream, new) {
-                Err(SinkError::Rejected(e)) => {
-                    assert_eq!(e, "listener of instance 7 dp_rank 0 is stopped")
+                Err(SinkError::Fenced(e)) => {
+                    assert_eq!(e, "listener of instance 7 dp_rank 0 is stopped or paused")
                 }
                 other => panic!("stopped listener's batch not refused: {other:?}"),
             }

@@ -1081,3 +1081,87 @@ async fn a_refused_connection_is_reported_as_such() {
     assert!(!st.connected);
     assert!(st.counters.connect_failures >= 1, "{st:?}");
 }
+
+/// Refuses, as fenced, the batches of every listener generation but the current one, and
+/// records `(generation, seq)` of every call.
+#[derive(Default)]
+struct FencingSink {
+    current: std::sync::atomic::AtomicU64,
+    calls: Mutex<Vec<(u64, u64)>>,
+}
+
+impl EventSink for FencingSink {
+    fn submit(
+        &self,
+        _worker_id: u64,
+        _dp_rank: u32,
+        generation: u64,
+        source_seq: u64,
+        _events: Vec<RouterEvent>,
+    ) -> Result<(), SinkError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((generation, source_seq));
+        if generation == self.current.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(SinkError::Fenced("superseded".into()))
+        }
+    }
+}
+
+impl FencingSink {
+    fn saw(&self, generation: u64, seq: u64) -> bool {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(generation, seq))
+    }
+}
+
+/// A fenced batch does not move the listener's watermark (its status is shared with the
+/// listener resumed in its place): the resumed listener, with a new generation, fetches the
+/// refused batches again by replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_batches_leave_the_watermark_for_the_resumed_listener() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(FencingSink::default());
+    sink.current.store(1, std::sync::atomic::Ordering::SeqCst);
+    let ingest = ZmqIngest::new(
+        tokio::runtime::Handle::current(),
+        sink.clone(),
+        fast_config(),
+    );
+    // Generation 0: every batch is refused as fenced.
+    ingest.register(spec_for(&publisher, 7, 0)).unwrap();
+    let start = Instant::now();
+    let refused = loop {
+        let seq = publisher
+            .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if sink.saw(0, seq) {
+            break seq;
+        }
+        assert!(start.elapsed() < DEADLINE, "no batch reached the sink");
+    };
+    let st = status(&ingest, 7, 0);
+    assert_eq!(st.watermark, None, "a fenced batch moved the watermark");
+    assert_eq!(st.counters.lost_batches, 0);
+
+    ingest.pause(7, 0).unwrap();
+    ingest.resume_with_generation(7, 0, 1).unwrap();
+    wait_until(
+        "the refused batches, replayed to the resumed listener",
+        || (0..=refused).all(|seq| sink.saw(1, seq)),
+    )
+    .await;
+    assert_eq!(
+        status(&ingest, 7, 0).watermark.map(|w| w >= refused),
+        Some(true)
+    );
+}

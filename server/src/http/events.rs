@@ -192,7 +192,25 @@ pub fn submit_events(
     // Held from reading the registry to the log append: no `/unregister` logs its removal in
     // between (partitions/gate.rs). Entered after `ensure_partition`, which takes the
     // registry's write lock.
-    let admission = state.ingest.admit();
+    let mut admission = state.ingest.admit();
+    if let (Some(k), Some(bs)) = (&explicit, target.block_size) {
+        if admission
+            .view()
+            .partition(&k.model_name, &k.routing_group)
+            .is_err()
+        {
+            // `ensure_partition` found the partition, and an `/unregister` dropped it before
+            // the admission: the caller asked for it to exist, so create it again, once (a
+            // second drop in between is answered 404, as any request racing two would be).
+            // The admission is let go first: `ensure_partition` takes the registry's write
+            // lock, which an unregister holds while it waits for the gate.
+            drop(admission);
+            state
+                .partitions
+                .ensure_partition(&k.model_name, &k.routing_group, bs)?;
+            admission = state.ingest.admit();
+        }
+    }
     let view = admission.view();
     if let Some(k) = &explicit {
         view.partition(&k.model_name, &k.routing_group)?;

@@ -319,3 +319,50 @@ fn a_partition_created_again_right_after_its_drop_keeps_its_events() {
         "recovery lost the new partition's event"
     );
 }
+
+/// `POST /events?block_size=` whose partition is dropped between `ensure_partition` (which
+/// found it) and the intake gate: the partition is created again rather than answered 404.
+#[test]
+fn a_block_size_event_racing_the_drop_of_its_partition_creates_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = open(dir.path());
+    register(&state, 1);
+    post(&state, &EventsTarget::default(), store(1, 1)).unwrap();
+    assert_eq!(holders(&state), vec![1]);
+
+    let hooks = state.partitions.gate_hooks();
+    {
+        let st = Arc::clone(&state);
+        let once = AtomicBool::new(false);
+        // Cleared below: the hook holds the state.
+        *hooks.before_admit.lock().unwrap() = Some(Arc::new(move || {
+            if once.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let req = serde_json::from_value(serde_json::json!({
+                "instance_id": 1, "model_name": "m", "routing_group": "default"
+            }))
+            .unwrap();
+            let status = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(handlers::unregister(State(Arc::clone(&st)), Json(req)))
+                .status();
+            assert_eq!(status, StatusCode::OK);
+        }));
+    }
+    let recreate = EventsTarget {
+        block_size: Some(4),
+        ..explicit()
+    };
+    let answer = post(&state, &recreate, store(2, 1)).map(|a| a.accepted);
+    *hooks.before_admit.lock().unwrap() = None;
+    assert_eq!(answer.map_err(|e| e.to_string()), Ok(1));
+    assert!(state
+        .partitions
+        .view()
+        .partitions
+        .contains_key(&NamespaceKey::new("m", "default")));
+    assert_eq!(holders(&state), vec![2]);
+}

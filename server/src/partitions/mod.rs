@@ -250,6 +250,12 @@ impl Partitions {
         &self.gate.hooks
     }
 
+    /// Hold the intake gate exclusively, as `/unregister` does around its removal (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_gate(&self) -> gate::Fenced<'_> {
+        self.gate.fence()
+    }
+
     /// Where registrations read the log's next LSN (without one they record 0: every durable
     /// watermark of their stream is trusted).
     pub fn set_lsn_clock(&self, clock: LsnClock) {
@@ -525,15 +531,19 @@ impl Partitions {
     }
 
     /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
-    /// logs it and waits) before the registry changes; a failure leaves the registry as it was.
-    /// A partition left without workers is then handed to `log.drop_partition` and its index
-    /// removed from the engine, before the registry's write lock is released.
+    /// logs it and waits) before the registry changes; a failure leaves the registry as it was
+    /// (its listeners started again). A failure to write `registry.json` afterwards does too:
+    /// the worker stays registered, its listeners start again, and its logged removal stands
+    /// (as after an unregister and a re-registration). A partition left without workers is
+    /// then handed to `log.drop_partition` and its index removed from the engine (also when
+    /// logging the drop failed), before the registry's write lock is released.
     ///
     /// Fencing: the listeners of the removed ranks are stopped first (none of their batches
-    /// reaches the log afterwards), then the intake gate is closed around the removal and the
-    /// publication of the registry without the worker: an HTTP / NATS event that read the
-    /// registry before is logged before the removal (and removed by it), one that reads it
-    /// after is refused (`instance N not found`, `no indexer for ...`).
+    /// reaches the log afterwards: ZMQ needs no more), then the intake gate is closed around
+    /// the removal and the publication of the registry without the worker: an HTTP / NATS
+    /// event that read the registry before is logged before the removal (and removed by it),
+    /// one that reads it after is refused (`instance N not found`, `no indexer for ...`) —
+    /// unless it names a partition that still exists, see `docs/api.md`.
     pub fn unregister(
         &self,
         instance_id: u64,
@@ -560,13 +570,9 @@ impl Partitions {
         dp_rank: Option<u32>,
         log: &RemovalLog<'_>,
     ) -> Result<UnregisterOutcome, RegistryError> {
-        let plan = unregister::plan(
-            &self.view(),
-            instance_id,
-            model_name,
-            routing_group,
-            dp_rank,
-        )?;
+        // The view every step below starts from: the registry's write lock keeps it current.
+        let before = self.view();
+        let plan = unregister::plan(&before, instance_id, model_name, routing_group, dp_rank)?;
         // Stop the listeners first: nothing of theirs reaches the index after the removal.
         // Before the gate: stopping waits for their in-flight batches, which may be waiting
         // for the gate.
@@ -582,19 +588,47 @@ impl Partitions {
             }
         }
         // Published while the gate is closed: events admitted after it see the worker gone.
-        let outcome = self.mutate_held(true, |v| Ok(unregister::apply(v, &plan)))?;
+        let mut next = (*before).clone();
+        let outcome = unregister::apply(&mut next, &plan);
+        let next = Arc::new(next);
+        self.view.store(Arc::clone(&next));
+        // The gate opens before `registry.json` is written (two fsyncs): events read the
+        // published view, never the file, and the registry's write lock, still held, keeps
+        // every other change of the registry out until the file is written. A crash before
+        // then leaves the file with the worker and the log with its removal, as a crash
+        // between the two did before.
         drop(fenced);
+        if let Err(e) = self.persist(&next) {
+            // The file and the error answered still have the worker: so must the registry,
+            // with its listeners running (its removal is logged: it starts without blocks).
+            // Events refused meanwhile were refused as those of an unknown worker.
+            self.view.store(before);
+            self.restart_listeners(instance_id, &plan.ranks);
+            return Err(e);
+        }
         // Still under the registry's write lock: a registration or `?block_size=` creating the
         // partition again waits for the old index to be gone, and gets a new, empty one (it
         // reused the old one, which this drop then removed with the new partition's events).
+        let mut failed = None;
         for key in &outcome.dropped {
             tracing::info!(partition = %key, "last worker left; partition dropped");
-            (log.drop_partition)(key).map_err(RegistryError::Index)?;
-            self.engine
+            let logged = (log.drop_partition)(key).map_err(RegistryError::Index);
+            // Removed even when the drop could not be logged: the registry no longer has the
+            // partition, and one created again must not get this index. (Recovery then
+            // replays the partition without its drop; `load` keeps it only if it holds blocks.)
+            let removed = self
+                .engine
                 .remove_namespace(key)
-                .map_err(|e| RegistryError::Index(e.to_string()))?;
+                .map_err(|e| RegistryError::Index(e.to_string()));
+            if let Err(e) = logged.and(removed) {
+                tracing::warn!(partition = %key, error = %e, "partition drop incomplete");
+                failed.get_or_insert(e);
+            }
         }
-        Ok(outcome)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
     }
 
     /// The removal was refused: the registration stays, so its stopped listeners start again.
@@ -832,6 +866,108 @@ mod tests {
         assert_eq!(out.dropped.len(), 1);
         assert!(p.view().instances.is_empty());
         assert!(p.view().partition("m", "default").is_err());
+    }
+
+    /// Records the listener starts and stops.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<(&'static str, u64, u32)>>);
+
+    impl ListenerSupervisor for Recording {
+        fn start(&self, spec: &ListenerSpec) -> ListenerState {
+            self.0
+                .lock()
+                .unwrap()
+                .push(("start", spec.instance_id, spec.dp_rank));
+            ListenerState {
+                status: ListenerStatus::Active,
+                last_error: None,
+            }
+        }
+        fn stop(&self, instance_id: u64, dp_rank: u32) {
+            self.0.lock().unwrap().push(("stop", instance_id, dp_rank));
+        }
+        fn pause(&self, _instance_id: u64, _dp_rank: u32) -> ListenerState {
+            unreachable!()
+        }
+        fn resume(&self, _spec: &ListenerSpec) -> ListenerState {
+            unreachable!()
+        }
+    }
+
+    const LOGGED: RemovalLog<'static> = RemovalLog {
+        drop_blocks: &|_| Ok(()),
+        drop_partition: &|_| Ok(()),
+    };
+
+    /// `registry.json` cannot be written after the removal was logged: the error is answered,
+    /// and the registry keeps the worker, with its listener running again (the file has it).
+    #[test]
+    fn an_unwritable_registry_file_keeps_the_worker_and_restarts_its_listeners() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let supervisor = Arc::new(Recording::default());
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let p = Partitions::new(engine, Some(&data), supervisor.clone());
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        std::fs::remove_dir_all(&data).unwrap();
+        let e = p
+            .unregister(10, "m", Some("default"), None, &LOGGED)
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::File { .. }), "{e}");
+        let view = p.view();
+        assert!(view.instances.contains_key(&10));
+        assert!(view.partition("m", "default").is_ok());
+        assert_eq!(
+            view.instances[&10].listeners[&0].state.status,
+            ListenerStatus::Active
+        );
+        assert_eq!(
+            *supervisor.0.lock().unwrap(),
+            vec![("start", 10, 0), ("stop", 10, 0), ("start", 10, 0)],
+            "the listener was not started again"
+        );
+        assert!(p
+            .engine
+            .namespace(&NamespaceKey::new("m", "default"))
+            .is_some());
+    }
+
+    /// Logging a partition's drop fails: the partition is gone from the registry all the same,
+    /// and so is its index, so a registration creating it again gets a new one (here with
+    /// another block size, which the old index would refuse).
+    #[test]
+    fn an_unlogged_partition_drop_still_removes_its_index() {
+        let p = registry();
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        let e = p
+            .unregister(
+                10,
+                "m",
+                Some("default"),
+                None,
+                &RemovalLog {
+                    drop_blocks: &|_| Ok(()),
+                    drop_partition: &|_| Err("disk full".into()),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        assert!(p.view().partition("m", "default").is_err());
+        assert!(
+            p.engine
+                .namespace(&NamespaceKey::new("m", "default"))
+                .is_none(),
+            "the dropped partition's index stayed"
+        );
+        p.register(reg(11, "m", "default", 8, 0)).unwrap();
+        let view = p.view();
+        let ns = view.partition("m", "default").unwrap().namespace.as_ref();
+        assert_eq!(ns.map(|n| n.block_size()), Some(8));
     }
 
     #[test]

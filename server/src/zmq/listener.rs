@@ -51,7 +51,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvindex_engine::RouterEvent;
@@ -104,6 +104,12 @@ pub enum SinkError {
     /// Permanent: the batch is skipped for good and the watermark advances past it.
     #[error("batch rejected by sink: {0}")]
     Rejected(String),
+    /// The listener is no longer the stream's current one (stopped, paused, or superseded by a
+    /// newer start of the same stream) and its task has not ended yet: the batch is not taken,
+    /// and neither the watermark nor the listener's status moves — a resumed or re-registered
+    /// listener of the stream owns them now, and must still fetch the batch itself.
+    #[error("batch refused by sink: {0}")]
+    Fenced(String),
 }
 
 /// Tuning of every listener of a [`ZmqIngest`].
@@ -538,6 +544,7 @@ impl ZmqIngest {
             config: self.inner.config.clone(),
             held: VecDeque::new(),
             held_bytes: 0,
+            refusals: RefusalLog::default(),
         };
         let gate = self.inner.gate.subscribe();
         self.inner.runtime.spawn(listener.run(gate))
@@ -590,8 +597,29 @@ impl ZmqIngest {
         Ok(())
     }
 
-    /// Restart a paused listener from its kept watermark.
+    /// Restart a paused listener from its kept watermark, with the generation it had.
     pub fn resume(&self, worker_id: u64, dp_rank: u32) -> Result<(), IngestError> {
+        self.resume_inner(worker_id, dp_rank, None)
+    }
+
+    /// [`Self::resume`] with a new [`ListenerSpec::generation`]: a sink that fences streams
+    /// can then tell the resumed task's batches from those of the paused one, whose task may
+    /// still be running (an abort takes effect only at the task's next await).
+    pub fn resume_with_generation(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        generation: u64,
+    ) -> Result<(), IngestError> {
+        self.resume_inner(worker_id, dp_rank, Some(generation))
+    }
+
+    fn resume_inner(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        generation: Option<u64>,
+    ) -> Result<(), IngestError> {
         let mut listeners = lock(&self.inner.listeners);
         let entry = listeners
             .get_mut(&(worker_id, dp_rank))
@@ -610,6 +638,9 @@ impl ZmqIngest {
             status.last_live_seq = None;
             status.watermark
         };
+        if let Some(generation) = generation {
+            entry.spec.generation = generation;
+        }
         let mut spec = entry.spec.clone();
         spec.resume_after = watermark;
         entry.task = Some(self.spawn(spec, entry.status.clone()));
@@ -698,6 +729,8 @@ struct Listener {
     held: VecDeque<ZmqMessage>,
     /// Bytes of the frames in `held`.
     held_bytes: usize,
+    /// Warnings about batches the sink refused, rate-limited.
+    refusals: RefusalLog,
 }
 
 /// The first block-size mismatch among a batch's skipped events (event's and partition's
@@ -720,6 +753,38 @@ fn rejection_log_lines(rejected: usize) -> (usize, Option<usize>) {
     let one_by_one = rejected.min(LOGGED_REJECTIONS_PER_BATCH);
     let more = rejected - one_by_one;
     (one_by_one, (more > 0).then_some(more))
+}
+
+/// At most one warning per this long about batches the sink refused (the counters count every
+/// one).
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// Rate limit of a listener's "sink rejected batch" warnings: a stopped or superseded task
+/// still inside a long replay-apply loop, or a partition that refuses every batch, must not
+/// write a line per batch. The first refusal is logged, then at most one line per
+/// [`REFUSAL_LOG_PERIOD`], saying how many were refused since the last line.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// When the last line was written.
+    last: Option<Instant>,
+    /// Refusals since then, not logged.
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Count one refusal at `now`: `Some(n)` when a line is due now, `n` being the refusals it
+    /// reports (this one and those not logged since the last line).
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= REFUSAL_LOG_PERIOD);
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 /// Bytes of a message's frames.
@@ -1084,9 +1149,17 @@ impl Listener {
                 true
             }
             Err(SinkError::Rejected(reason)) => {
-                tracing::warn!(worker_id = self.spec.worker_id, seq, %reason, "sink rejected batch");
+                self.warn_refused(seq, reason);
                 metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
                 true
+            }
+            Err(SinkError::Fenced(reason)) => {
+                // Not this task's stream any more: leave the watermark and the status (shared
+                // with a resumed task) alone. The rest of a replay it may still be applying
+                // is refused too, until the abort lands at its next await.
+                self.warn_refused(seq, reason);
+                metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
+                return;
             }
             Err(SinkError::Unavailable(reason)) => {
                 tracing::warn!(worker_id = self.spec.worker_id, seq, %reason, "sink unavailable");
@@ -1119,6 +1192,20 @@ impl Listener {
                 s.watermark = Some(seq);
             }
         });
+    }
+
+    /// Log a batch the sink refused, rate-limited ([`RefusalLog`]).
+    fn warn_refused(&mut self, seq: u64, reason: &str) {
+        if let Some(refused) = self.refusals.note(Instant::now()) {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                seq,
+                refused,
+                %reason,
+                "sink refused batch (`refused`: batches refused since the last such line)"
+            );
+        }
     }
 
     /// Ask the replay endpoint for every batch from `from` on and apply what comes back; live
@@ -1504,6 +1591,20 @@ mod tests {
 
     /// A batch with a few rejected events logs each of them; one with thousands logs a few
     /// and one summary line, so that a publisher cannot flood the log.
+    #[test]
+    fn refused_batches_are_logged_first_then_at_most_once_per_period() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.note(t0), Some(1), "the first refusal is logged at once");
+        for _ in 0..999 {
+            assert_eq!(log.note(t0 + Duration::from_millis(10)), None);
+        }
+        // The next line reports every refusal since the last one.
+        assert_eq!(log.note(t0 + REFUSAL_LOG_PERIOD), Some(1000));
+        assert_eq!(log.note(t0 + REFUSAL_LOG_PERIOD), None);
+        assert_eq!(log.note(t0 + REFUSAL_LOG_PERIOD * 3), Some(2));
+    }
+
     #[test]
     fn rejected_events_are_logged_one_by_one_only_up_to_a_few() {
         assert_eq!(rejection_log_lines(0), (0, None));
