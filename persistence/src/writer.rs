@@ -532,17 +532,16 @@ fn patch_first_lsn(payload: &mut AlignedVec, lsn: Lsn) {
     );
 }
 
-/// The distinct tagged source sequences of a batch's event entries.
+/// The distinct tagged source sequences of a batch's event entries, ascending (sorted and
+/// deduplicated: linear-logarithmic in the batch, which is built under the intake lock).
 fn tagged_seqs(entries: &[LogEntry]) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    for e in entries {
-        if matches!(e.op, LogOp::Event(_))
-            && split_tagged(e.source_seq).is_some()
-            && !out.contains(&e.source_seq)
-        {
-            out.push(e.source_seq);
-        }
-    }
+    let mut out: Vec<u64> = entries
+        .iter()
+        .filter(|e| matches!(e.op, LogOp::Event(_)) && split_tagged(e.source_seq).is_some())
+        .map(|e| e.source_seq)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -985,5 +984,29 @@ mod tests {
             rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0xFEED_F00D, &entries))
                 .unwrap();
         assert_eq!(payload.as_slice(), direct.as_slice());
+    }
+
+    #[test]
+    fn a_batch_gives_its_distinct_tagged_sequences_once_each() {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let tag = crate::seq_set::SOURCE_SEQ_TAG;
+        let entries: Vec<LogEntry> = [tag | 9, 4, tag | 2, tag | 9, tag | 2, 4]
+            .into_iter()
+            .map(|seq| {
+                LogEntry::event(
+                    spec.clone(),
+                    seq,
+                    RouterEvent::new(
+                        1,
+                        KvCacheEvent {
+                            event_id: 0,
+                            data: KvCacheEventData::Cleared,
+                            dp_rank: 0,
+                        },
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(tagged_seqs(&entries), vec![tag | 2, tag | 9]);
     }
 }

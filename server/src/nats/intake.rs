@@ -141,6 +141,7 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
             ("too_large", false)
         }
+        ApiError::ReservedEventId { .. } => ("reserved_event_id", false),
         ApiError::Ingest(IngestError::Log(_)) | ApiError::Internal(_) => ("log", true),
         ApiError::Registry(RegistryError::File { .. } | RegistryError::Index(_)) => ("log", true),
         _ => ("invalid", false),
