@@ -479,6 +479,16 @@ impl LogWriter {
         lock(&self.shared.durable).tagged().clone()
     }
 
+    /// The groups of the durable tagged set (the sets are not copied).
+    pub fn durable_tagged_groups(&self) -> Vec<u16> {
+        lock(&self.shared.durable).tagged().group_ids()
+    }
+
+    /// The largest durable tagged sequence of `group`.
+    pub fn durable_tagged_last(&self, group: u16) -> Option<u64> {
+        lock(&self.shared.durable).tagged().last_of(group)
+    }
+
     /// Forget every durable tagged sequence but those of `group` above `floor`. Returns the
     /// ranges left.
     pub fn prune_tagged_seqs(&self, group: u16, floor: u64) -> usize {

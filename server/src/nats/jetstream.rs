@@ -15,9 +15,12 @@
 //! stream identity unreadable or damaged: a new epoch is used).
 //!
 //! Deduplication: the log keeps the exact set of JetStream sequences it holds, tagged with the
-//! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch,
-//! and the set is pruned of other epochs and of sequences at or below the consumer's ack floor
-//! (JetStream never redelivers those), at setup and every [`PRUNE_EVERY`].
+//! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch
+//! (a new one when the log holds a sequence of it past the stream's last one: a stream
+//! restored from a backup), the identity is read again once the consumer exists, and the set
+//! is pruned of other epochs and of sequences at or below the consumer's ack floor (JetStream
+//! never redelivers those), at setup and every [`PRUNE_EVERY`], when the identity is checked
+//! again too (a change sets the consumer up again).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,7 @@ use tokio::sync::watch;
 
 use super::intake::{self, Delivery, Incoming, Outcome, Source};
 use super::metrics::{JS_ACKS, JS_DEDUP_RANGES, JS_ERRORS, SUBSCRIPTION_UP};
-use super::stream_epoch::{self, StreamIdentity};
+use super::stream_epoch::{self, EpochError, LoggedEpochs, StreamIdentity};
 use super::{backoff, stopped, stopping, TestHold};
 use crate::config::JetStreamConfig;
 use crate::http::SharedState;
@@ -50,10 +53,38 @@ const MAX_PULL_ERRORS_IN_A_ROW: u32 = 1;
 /// How often the set of logged sequences is pruned below the consumer's ack floor.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
-/// A consumer ready to pull, and the epoch of its stream's identity.
+/// A consumer ready to pull, its stream, and the identity and epoch it was set up with.
 struct Ready {
     consumer: consumer::PullConsumer,
+    stream: stream::Stream,
+    identity: StreamIdentity,
     epoch: u16,
+}
+
+/// The stream's identity as it is now (a re-created stream has another creation time) and its
+/// last sequence.
+async fn identity_of(stream: &stream::Stream, name: &str) -> Result<(StreamIdentity, u64), String> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| format!("stream {name} info: {e}"))?;
+    Ok((
+        StreamIdentity {
+            stream: name.to_owned(),
+            created_ns: info.created.unix_timestamp_nanos().to_string(),
+        },
+        info.state.last_sequence,
+    ))
+}
+
+/// Run an epoch file operation (file I/O with an fsync) off the async workers.
+async fn epoch_io(
+    f: impl FnOnce() -> Result<u16, EpochError> + Send + 'static,
+) -> Result<u16, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
 async fn setup(
@@ -71,27 +102,35 @@ async fn setup(
         })
         .await
         .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
-    // The stream as it is now (a re-created stream has another creation time).
-    let info = stream
-        .get_info()
-        .await
-        .map_err(|e| format!("stream {} info: {e}", cfg.stream))?;
-    let identity = StreamIdentity {
-        stream: cfg.stream.clone(),
-        created_ns: info.created.unix_timestamp_nanos().to_string(),
+    let (identity, last_sequence) = identity_of(&stream, &cfg.stream).await?;
+    let dir = state.durable.log().dir().to_path_buf();
+    let logged = LoggedEpochs {
+        in_use: state.durable.tagged_groups(),
+        recovered_max: state.durable.recovered_max_tagged_group(),
     };
-    // File I/O with an fsync: off the async workers.
-    let (dir, in_use) = (
-        state.durable.log().dir().to_path_buf(),
-        state.durable.tagged_groups(),
-    );
-    let epoch = tokio::task::spawn_blocking(move || {
-        stream_epoch::epoch_for(&dir, &identity, &in_use).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    let (d, id, l) = (dir.clone(), identity.clone(), logged.clone());
+    let mut epoch = epoch_io(move || stream_epoch::epoch_for(&d, &id, &l))
+        .await
+        .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    // The same identity, but the log holds a sequence of its epoch the stream has not reached:
+    // the stream was restored (from a backup: same creation time) and numbers its messages
+    // again from an older last sequence. Its messages must not be taken for the logged ones.
+    let last_logged = state.durable.tagged_last(epoch);
+    if stream_epoch::sequences_reused(last_logged, last_sequence) {
+        tracing::warn!(
+            stream = %cfg.stream,
+            epoch,
+            last_logged,
+            last_sequence,
+            "the log holds stream sequences past the stream's last one (restored from a backup?): a new epoch is used"
+        );
+        let id = identity.clone();
+        epoch = epoch_io(move || {
+            stream_epoch::new_epoch(&dir, &id, &logged, "stream sequences reused")
+        })
+        .await
+        .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    }
     let consumer = stream
         .get_or_create_consumer(
             &cfg.consumer,
@@ -106,12 +145,26 @@ async fn setup(
         )
         .await
         .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))?;
+    // Re-created between the info read and the consumer: the epoch (and the consumer's ack
+    // floor) would belong to another stream. Set up again.
+    let (now, _) = identity_of(&stream, &cfg.stream).await?;
+    if now != identity {
+        return Err(format!(
+            "stream {} was re-created during the consumer setup (created {} then {})",
+            cfg.stream, identity.created_ns, now.created_ns
+        ));
+    }
     prune(
         state,
         epoch,
         consumer.cached_info().ack_floor.stream_sequence,
     );
-    Ok(Ready { consumer, epoch })
+    Ok(Ready {
+        consumer,
+        stream,
+        identity,
+        epoch,
+    })
 }
 
 /// Forget the logged sequences JetStream will never redeliver: those of other epochs, and
@@ -121,15 +174,34 @@ fn prune(state: &SharedState, epoch: u16, ack_floor: u64) {
     metrics::gauge!(JS_DEDUP_RANGES).set(ranges as f64);
 }
 
-/// [`prune`] with the consumer's current ack floor.
-async fn prune_to_ack_floor(state: &SharedState, consumer: &consumer::PullConsumer, epoch: u16) {
-    match consumer.get_info().await {
-        Ok(info) => prune(state, epoch, info.ack_floor.stream_sequence),
+/// Periodic check: the stream is still the one set up (else `false`: set the consumer up
+/// again, under the new identity's epoch), then [`prune`] to the consumer's current ack floor.
+async fn check_and_prune(state: &SharedState, ready: &Ready) -> bool {
+    match identity_of(&ready.stream, &ready.identity.stream).await {
+        Ok((now, _)) if now != ready.identity => {
+            tracing::warn!(
+                stream = %ready.identity.stream,
+                was = %ready.identity.created_ns,
+                now = %now.created_ns,
+                "JetStream stream re-created; setting the consumer up again"
+            );
+            return false;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            count_error(ErrorStage::Floor);
+            tracing::warn!(error = %e, "JetStream stream info not read; checked again later");
+            return true;
+        }
+    }
+    match ready.consumer.get_info().await {
+        Ok(info) => prune(state, ready.epoch, info.ack_floor.stream_sequence),
         Err(e) => {
             count_error(ErrorStage::Floor);
             tracing::warn!(error = %e, "JetStream consumer info not read; logged sequences pruned later");
         }
     }
+    true
 }
 
 fn count_ack(kind: &'static str) {
@@ -347,7 +419,9 @@ pub async fn run(
             }
             if pruned_at.elapsed() >= PRUNE_EVERY {
                 pruned_at = tokio::time::Instant::now();
-                prune_to_ack_floor(&state, &ready.consumer, ready.epoch).await;
+                if !check_and_prune(&state, &ready).await {
+                    break;
+                }
             }
             if errors_in_a_row >= MAX_PULL_ERRORS_IN_A_ROW {
                 tracing::warn!(
