@@ -576,23 +576,30 @@ pub struct LoadedSnapshot {
     path: PathBuf,
     next_lsn: Lsn,
     file: MappedFile,
+    /// The tagged source sequences, decoded at load (empty for a format-2 file).
+    tagged: TaggedSeqs,
 }
 
 impl LoadedSnapshot {
-    /// Map and fully validate `path`.
+    /// Map and fully validate `path`; the tagged source sequences are decoded once, here.
     pub fn load(path: &Path) -> Result<Self> {
         let file = MappedFile::open(path)?;
-        let next_lsn = validate_snapshot_bytes(file.bytes())
-            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
-                path: path.to_path_buf(),
-                offset,
-                reason,
-            })?
-            .0;
+        let (next_lsn, _, tagged) =
+            validate_snapshot_parts(file.bytes()).map_err(|(offset, reason)| {
+                PersistError::CorruptSnapshot {
+                    path: path.to_path_buf(),
+                    offset,
+                    reason,
+                }
+            })?;
+        let tagged = tagged
+            .map(ArchivedTaggedSeqsImage::to_set)
+            .unwrap_or_default();
         Ok(Self {
             path: path.to_path_buf(),
             next_lsn,
             file,
+            tagged,
         })
     }
 
@@ -625,15 +632,10 @@ impl LoadedSnapshot {
 }
 
 impl LoadedSnapshot {
-    /// The durable tagged source sequences the snapshot carries (empty for a format-2 file).
-    pub fn tagged_seqs(&self) -> Result<TaggedSeqs> {
-        validate_snapshot_parts(self.file.bytes())
-            .map(|(_, _, t)| t.map(ArchivedTaggedSeqsImage::to_set).unwrap_or_default())
-            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
-                path: self.path.clone(),
-                offset,
-                reason,
-            })
+    /// The durable tagged source sequences the snapshot carries (empty for a format-2 file),
+    /// as decoded at load: no validation again.
+    pub fn tagged_seqs(&self) -> &TaggedSeqs {
+        &self.tagged
     }
 }
 
@@ -861,7 +863,7 @@ mod tests {
             .write_with(&image(9), &t)
             .expect("write");
         let loaded = LoadedSnapshot::load(&meta.path).expect("load");
-        assert_eq!(loaded.tagged_seqs().expect("tagged"), t);
+        assert_eq!(loaded.tagged_seqs(), &t);
         assert_eq!(loaded.image().expect("image").next_lsn.to_native(), 9);
     }
 
