@@ -50,6 +50,8 @@ const NAK_DELAY: Duration = Duration::from_secs(5);
 /// one, and setting up again after a transient error costs one consumer lookup, so one is
 /// enough.
 const MAX_PULL_ERRORS_IN_A_ROW: u32 = 1;
+/// How long giving messages back waits for them to be flushed to the server.
+const GIVE_BACK_FLUSH: Duration = Duration::from_secs(2);
 /// How often the set of logged sequences is pruned below the consumer's ack floor.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
@@ -269,7 +271,16 @@ fn delivery_of(m: &jetstream::Message, epoch: u16) -> Option<Delivery> {
     }
 }
 
-/// Log, apply and acknowledge one batch. Returns `false` when shutdown came during a test hold.
+/// What became of a batch.
+enum Handled {
+    /// Logged, applied and acknowledged (or left to the ack wait): go on.
+    Done,
+    /// Shutdown came during a test hold: stop; these messages were not handled and are to be
+    /// given back once unsubscribed ([`give_back`]).
+    Stopped(Vec<jetstream::Message>),
+}
+
+/// Log, apply and acknowledge one batch.
 async fn handle(
     state: &SharedState,
     subjects: &Arc<Subjects>,
@@ -277,7 +288,7 @@ async fn handle(
     shutdown: &mut watch::Receiver<bool>,
     epoch: u16,
     messages: Vec<jetstream::Message>,
-) -> bool {
+) -> Handled {
     let batch: Vec<Incoming> = messages
         .iter()
         .map(|m| Incoming::from_message(&m.message, delivery_of(m, epoch)))
@@ -285,8 +296,7 @@ async fn handle(
     if hold == TestHold::BeforeLog
         && !hold_until_shutdown("before_log", batch.len(), shutdown).await
     {
-        give_back(&messages).await;
-        return false;
+        return Handled::Stopped(messages);
     }
     let (st, subj) = (Arc::clone(state), Arc::clone(subjects));
     let outcomes = match tokio::task::spawn_blocking(move || {
@@ -298,13 +308,14 @@ async fn handle(
         Err(e) => {
             // Nothing acknowledged: JetStream redelivers after the ack wait.
             tracing::error!(error = %e, "JetStream batch processing failed");
-            return true;
+            return Handled::Done;
         }
     };
     if hold == TestHold::BeforeAck
         && !hold_until_shutdown("before_ack", messages.len(), shutdown).await
     {
-        return false;
+        // Logged, not acknowledged: left to the ack wait (the test kills the process here).
+        return Handled::Stopped(Vec::new());
     }
     for (m, o) in messages.iter().zip(&outcomes) {
         let (kind, label) = match o {
@@ -322,21 +333,54 @@ async fn handle(
             }
         }
     }
-    true
+    Handled::Done
 }
 
 /// Give messages that will not be handled back to the server at once (a nak without delay), so
 /// that they are redelivered before anything newer instead of after the ack wait (which would
-/// apply them late, after newer messages of the same worker). Best effort: a failed nak leaves
-/// them to the ack wait.
-async fn give_back(messages: &[jetstream::Message]) {
-    for m in messages {
+/// apply them late, after newer messages of the same worker, or refuse a newer message that
+/// needs the partition an older one creates). Best effort: a failed nak leaves them to the
+/// ack wait.
+///
+/// Call it only once the pull subscription is dropped (unsubscribed): the server redelivers a
+/// nak'd message at once to a pull request with interest, and while we are still subscribed
+/// that is ours, which is going away: the redelivery would be lost in it and wait for the ack
+/// wait after all. The unsubscribe goes out first on the same connection, so the server has
+/// no interest of ours left when the naks arrive. Then flush, so the naks reach the server
+/// before the process exits (publishes are buffered).
+async fn give_back(client: &Client, messages: &[jetstream::Message]) {
+    if messages.is_empty() {
+        return;
+    }
+    // One nak per stream sequence, for its latest delivery: a message redelivered after its
+    // ack wait may be held twice, and each nak queues a redelivery.
+    let mut seen = std::collections::HashSet::new();
+    let mut latest: Vec<&jetstream::Message> = messages
+        .iter()
+        .rev()
+        .filter(|m| m.info().map_or(true, |i| seen.insert(i.stream_sequence)))
+        .collect();
+    latest.reverse();
+    for m in latest {
         match m.ack_with(AckKind::Nak(None)).await {
             Ok(()) => count_ack("returned"),
             Err(e) => {
                 count_error(ErrorStage::Ack);
                 tracing::warn!(subject = %m.subject, error = %e, "JetStream message not given back");
             }
+        }
+    }
+    match tokio::time::timeout(GIVE_BACK_FLUSH, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            count_error(ErrorStage::Ack);
+            tracing::warn!(error = %e, "JetStream messages given back, flush failed; they may wait for the ack wait");
+        }
+        Err(_) => {
+            count_error(ErrorStage::Ack);
+            tracing::warn!(
+                "JetStream messages given back, flush timed out; they may wait for the ack wait"
+            );
         }
     }
 }
@@ -392,6 +436,7 @@ pub async fn run(
         let mut chunks = Box::pin(messages.ready_chunks(BATCH));
         let mut errors_in_a_row = 0u32;
         let mut pruned_at = tokio::time::Instant::now();
+        let mut unhandled = Vec::new();
         loop {
             let chunk = tokio::select! {
                 _ = stopped(&mut shutdown) => None,
@@ -412,10 +457,13 @@ pub async fn run(
                     }
                 }
             }
-            if !batch.is_empty()
-                && !handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
-            {
-                break;
+            if !batch.is_empty() {
+                if let Handled::Stopped(not_handled) =
+                    handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
+                {
+                    unhandled = not_handled;
+                    break;
+                }
             }
             if pruned_at.elapsed() >= PRUNE_EVERY {
                 pruned_at = tokio::time::Instant::now();
@@ -432,15 +480,17 @@ pub async fn run(
             }
         }
         // Shutdown or a consumer set up again: what the client already received is given back
-        // rather than left to the ack wait. (Bounded: a stream yielding ready errors must not
-        // hold shutdown.)
+        // rather than left to the ack wait — after unsubscribing (see `give_back`). (Bounded: a
+        // stream yielding ready errors must not hold shutdown.)
         for _ in 0..64 {
             let Some(Some(rest)) = chunks.next().now_or_never() else {
                 break;
             };
-            let rest: Vec<_> = rest.into_iter().filter_map(Result::ok).collect();
-            give_back(&rest).await;
+            unhandled.extend(rest.into_iter().filter_map(Result::ok));
         }
+        drop(chunks);
+        give_back(&client, &unhandled).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await; // INJECT: a slow exit, still subscribed
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(0.0);
         if !stopping(&shutdown) {
             tracing::warn!("JetStream message stream ended; setting the consumer up again");
