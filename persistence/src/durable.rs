@@ -359,15 +359,20 @@ impl DurableIndex {
         self.inner.log.tagged_seq_durable(source_seq)
     }
 
-    /// The groups of the durable tagged set.
+    /// The groups of the durable tagged set, ascending (the set is not copied).
     pub fn tagged_groups(&self) -> Vec<u16> {
-        self.inner
-            .log
-            .durable_tagged_seqs()
-            .groups()
-            .into_iter()
-            .map(|(g, _)| g)
-            .collect()
+        self.inner.log.durable_tagged_groups()
+    }
+
+    /// The largest durable tagged sequence of `group` (`None`: the group holds none).
+    pub fn tagged_last(&self, group: u16) -> Option<u64> {
+        self.inner.log.durable_tagged_last(group)
+    }
+
+    /// The largest group recovery found in the tagged set (snapshot plus log), before any
+    /// pruning by this process: a group allocated anew must be above it.
+    pub fn recovered_max_tagged_group(&self) -> Option<u16> {
+        self.inner.log.recovered_max_tagged_group()
     }
 
     /// Bound the durable tagged set: forget every group but `group`, and its sequences

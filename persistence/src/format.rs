@@ -22,7 +22,8 @@ pub const FORMAT_VERSION: u16 = 2;
 pub const BASE_FORMAT_VERSION: u16 = 1;
 /// Version of the snapshot format: 2 added the lower storage tiers (`NamespaceImage::lower`),
 /// 3 the durable tagged source sequences after the image (header bytes 48..56: the image's
-/// length). Version-2 snapshots are still read (without tagged sequences); version-1 ones are
+/// length), written only when there are tagged sequences (version 2 otherwise, so that builds
+/// reading only version 2 can go on). Version-2 snapshots are read (without tagged sequences); version-1 ones are
 /// refused with a clear error, and recovery then falls back to an older snapshot or to the log
 /// (docs/log-format.md §3).
 pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;

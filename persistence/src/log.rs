@@ -50,6 +50,8 @@ impl DirLock {
 pub struct EventLog {
     dir: PathBuf,
     writer: LogWriter,
+    /// The largest group of the tagged set as recovered (before any pruning).
+    recovered_max_group: Option<u16>,
     _lock: DirLock,
 }
 
@@ -83,11 +85,13 @@ impl EventLog {
             }
             start.tail_marks.clear();
         }
+        let recovered_max_group = start.watermarks.tagged().group_ids().last().copied();
         let writer = LogWriter::start(start, &config)?;
         Ok((
             Self {
                 dir,
                 writer,
+                recovered_max_group,
                 _lock: lock,
             },
             rec.report,
@@ -132,6 +136,22 @@ impl EventLog {
     /// The durable tagged source sequences.
     pub fn durable_tagged_seqs(&self) -> TaggedSeqs {
         self.writer.durable_tagged_seqs()
+    }
+
+    /// The groups of the durable tagged set.
+    pub fn durable_tagged_groups(&self) -> Vec<u16> {
+        self.writer.durable_tagged_groups()
+    }
+
+    /// The largest durable tagged sequence of `group`.
+    pub fn durable_tagged_last(&self, group: u16) -> Option<u64> {
+        self.writer.durable_tagged_last(group)
+    }
+
+    /// The largest group of the tagged set recovery found (snapshot plus log, before any
+    /// pruning by this process).
+    pub fn recovered_max_tagged_group(&self) -> Option<u16> {
+        self.recovered_max_group
     }
 
     /// Keep only the durable tagged sequences of `group` above `floor`; the ranges left.

@@ -280,7 +280,7 @@ pub(crate) fn recover(
         Some(s) => {
             sink.restore_snapshot(s)?;
             watermarks.insert_all(&s.image()?.watermarks());
-            watermarks.union_tagged(&s.tagged_seqs()?);
+            watermarks.union_tagged(s.tagged_seqs());
             report.snapshot = Some(SnapshotMeta {
                 path: s.path().to_path_buf(),
                 next_lsn: s.next_lsn(),

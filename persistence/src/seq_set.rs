@@ -105,6 +105,11 @@ impl SeqSet {
         self.ranges.iter().map(|(&f, &l)| (f, l))
     }
 
+    /// The largest sequence of the set.
+    pub fn last(&self) -> Option<u64> {
+        self.ranges.values().next_back().copied()
+    }
+
     /// How many ranges the set is made of (its memory, roughly).
     pub fn range_count(&self) -> usize {
         self.ranges.len()
@@ -165,6 +170,23 @@ impl TaggedSeqs {
     pub fn groups(&self) -> Vec<(u16, &SeqSet)> {
         let mut v: Vec<_> = self.groups.iter().map(|(g, s)| (*g, s)).collect();
         v.sort_by_key(|(g, _)| *g);
+        v
+    }
+
+    /// The largest sequence of group `group`.
+    pub fn last_of(&self, group: u16) -> Option<u64> {
+        self.groups.get(&group).and_then(SeqSet::last)
+    }
+
+    /// The groups holding sequences, ascending (without copying the sets).
+    pub fn group_ids(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self
+            .groups
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(g, _)| *g)
+            .collect();
+        v.sort_unstable();
         v
     }
 

@@ -358,7 +358,10 @@ impl ArchivedSnapshotImage {
 }
 
 /// Encode the 64-byte snapshot header.
+/// `version` 2: the payload is the image alone (`image_len` 0); 3: the image (`image_len`
+/// bytes), then the tagged sequences.
 fn encode_header(
+    version: u16,
     next_lsn: Lsn,
     payload: &[u8],
     image_len: u64,
@@ -366,7 +369,7 @@ fn encode_header(
 ) -> [u8; SNAPSHOT_HEADER_LEN] {
     let mut h = [0u8; SNAPSHOT_HEADER_LEN];
     h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-    h[8..10].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&version.to_le_bytes());
     h[10..12].copy_from_slice(&(SNAPSHOT_HEADER_LEN as u16).to_le_bytes());
     h[16..24].copy_from_slice(&next_lsn.to_le_bytes());
     h[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -431,14 +434,18 @@ pub fn validate_snapshot_parts(
             8,
             format!(
                 "snapshot format version 1 predates lower-tier indexing; this build reads \
-                 {SNAPSHOT_FORMAT_VERSION} (an older snapshot or the log is used instead)"
+                 {MIN_SNAPSHOT_FORMAT_VERSION} and {SNAPSHOT_FORMAT_VERSION} (an older snapshot \
+                 or the log is used instead)"
             ),
         ));
     }
     if !(MIN_SNAPSHOT_FORMAT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err((
             8,
-            format!("format version {version}, this build reads {SNAPSHOT_FORMAT_VERSION}"),
+            format!(
+                "format version {version}, this build reads {MIN_SNAPSHOT_FORMAT_VERSION} and \
+                 {SNAPSHOT_FORMAT_VERSION}"
+            ),
         ));
     }
     if u16::from_le_bytes([h[10], h[11]]) as usize != SNAPSHOT_HEADER_LEN || le_u32(h, 12) != 0 {
@@ -569,23 +576,30 @@ pub struct LoadedSnapshot {
     path: PathBuf,
     next_lsn: Lsn,
     file: MappedFile,
+    /// The tagged source sequences, decoded at load (empty for a format-2 file).
+    tagged: TaggedSeqs,
 }
 
 impl LoadedSnapshot {
-    /// Map and fully validate `path`.
+    /// Map and fully validate `path`; the tagged source sequences are decoded once, here.
     pub fn load(path: &Path) -> Result<Self> {
         let file = MappedFile::open(path)?;
-        let next_lsn = validate_snapshot_bytes(file.bytes())
-            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
-                path: path.to_path_buf(),
-                offset,
-                reason,
-            })?
-            .0;
+        let (next_lsn, _, tagged) =
+            validate_snapshot_parts(file.bytes()).map_err(|(offset, reason)| {
+                PersistError::CorruptSnapshot {
+                    path: path.to_path_buf(),
+                    offset,
+                    reason,
+                }
+            })?;
+        let tagged = tagged
+            .map(ArchivedTaggedSeqsImage::to_set)
+            .unwrap_or_default();
         Ok(Self {
             path: path.to_path_buf(),
             next_lsn,
             file,
+            tagged,
         })
     }
 
@@ -618,15 +632,10 @@ impl LoadedSnapshot {
 }
 
 impl LoadedSnapshot {
-    /// The durable tagged source sequences the snapshot carries (empty for a format-2 file).
-    pub fn tagged_seqs(&self) -> Result<TaggedSeqs> {
-        validate_snapshot_parts(self.file.bytes())
-            .map(|(_, _, t)| t.map(ArchivedTaggedSeqsImage::to_set).unwrap_or_default())
-            .map_err(|(offset, reason)| PersistError::CorruptSnapshot {
-                path: self.path.clone(),
-                offset,
-                reason,
-            })
+    /// The durable tagged source sequences the snapshot carries (empty for a format-2 file),
+    /// as decoded at load: no validation again.
+    pub fn tagged_seqs(&self) -> &TaggedSeqs {
+        &self.tagged
     }
 }
 
@@ -671,22 +680,30 @@ impl SnapshotStore {
     }
 
     /// Write `image` and the durable tagged source sequences atomically: temp file, fsync,
-    /// rename, fsync the directory.
+    /// rename, fsync the directory. Format version 3 when there are tagged sequences; version 2
+    /// (the image alone) when there are none, so a data directory that never saw JetStream stays
+    /// readable by builds that read only version 2 (docs/operations.md, "Going back to an older
+    /// build").
     pub fn write_with(&self, image: &SnapshotImage, tagged: &TaggedSeqs) -> Result<SnapshotMeta> {
         let encoded = rkyv::to_bytes::<rancor::Error>(image)
             .map_err(|e| PersistError::Encode(e.to_string()))?;
-        let seqs = rkyv::to_bytes::<rancor::Error>(&TaggedSeqsImage::of(tagged))
-            .map_err(|e| PersistError::Encode(e.to_string()))?;
-        let image_len = encoded.len();
-        let mut payload = Vec::with_capacity(tagged_section_at(image_len) + seqs.len());
-        payload.extend_from_slice(&encoded);
-        payload.resize(tagged_section_at(image_len), 0);
-        payload.extend_from_slice(&seqs);
+        let (version, payload, image_len) = if tagged.is_empty() {
+            (MIN_SNAPSHOT_FORMAT_VERSION, encoded.to_vec(), 0)
+        } else {
+            let seqs = rkyv::to_bytes::<rancor::Error>(&TaggedSeqsImage::of(tagged))
+                .map_err(|e| PersistError::Encode(e.to_string()))?;
+            let image_len = encoded.len();
+            let mut payload = Vec::with_capacity(tagged_section_at(image_len) + seqs.len());
+            payload.extend_from_slice(&encoded);
+            payload.resize(tagged_section_at(image_len), 0);
+            payload.extend_from_slice(&seqs);
+            (SNAPSHOT_FORMAT_VERSION, payload, image_len)
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let header = encode_header(image.next_lsn, &payload, image_len as u64, created);
+        let header = encode_header(version, image.next_lsn, &payload, image_len as u64, created);
         let name = snapshot_file_name(image.next_lsn);
         let path = self.dir.join(&name);
         // A name of its own per write: two writes of the same position at once (a snapshot
@@ -827,11 +844,7 @@ mod tests {
     #[test]
     fn a_format_2_snapshot_is_read_without_tagged_sequences() {
         let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
-        let mut h = encode_header(7, &payload, 0, 0);
-        h[8..10].copy_from_slice(&2u16.to_le_bytes());
-        h[48..56].fill(0);
-        let crc = crc32c::crc32c(&h[0..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        let h = encode_header(2, 7, &payload, 0, 0);
         let bytes = aligned(&h, &payload);
         let (lsn, img, tagged) = validate_snapshot_parts(&bytes).expect("format 2 accepted");
         assert_eq!(lsn, 7);
@@ -850,14 +863,14 @@ mod tests {
             .write_with(&image(9), &t)
             .expect("write");
         let loaded = LoadedSnapshot::load(&meta.path).expect("load");
-        assert_eq!(loaded.tagged_seqs().expect("tagged"), t);
+        assert_eq!(loaded.tagged_seqs(), &t);
         assert_eq!(loaded.image().expect("image").next_lsn.to_native(), 9);
     }
 
     #[test]
     fn an_image_length_past_the_payload_is_refused() {
         let payload = rkyv::to_bytes::<rancor::Error>(&image(7)).expect("encode");
-        let h = encode_header(7, &payload, payload.len() as u64 + 1, 0);
+        let h = encode_header(3, 7, &payload, payload.len() as u64 + 1, 0);
         let bytes = aligned(&h, &payload);
         let (offset, reason) = validate_snapshot_parts(&bytes).expect_err("refused");
         assert_eq!(offset, 48);

@@ -24,6 +24,7 @@ use crate::lsn_index::{self, SeekVia};
 use crate::recovery::{NullSink, RecoveryReport};
 use crate::scan::{torn_group_tail, ScanStep, SegmentScan};
 use crate::segment::{list_dir, SegmentReader};
+use crate::seq_set::split_tagged;
 use crate::snapshot::LoadedSnapshot;
 
 // ---------------------------------------------------------------------------------------------
@@ -702,7 +703,8 @@ pub struct ImportReport {
 
 /// Append the RouterEvents of a JSON-lines file (one object per line, blank lines ignored) to
 /// the log in `to_dir` (created if needed), as namespace `(model, routing_group)` with
-/// `block_size`. Each event's `event_id` becomes its source sequence.
+/// `block_size`. Each event's `event_id` becomes its source sequence; one at or above 2^63
+/// (reserved for JetStream's tagged sequences) is refused with an error naming its line.
 pub fn import(
     jsonl: impl AsRef<Path>,
     to_dir: impl AsRef<Path>,
@@ -723,7 +725,20 @@ pub fn import(
     let first_lsn = log.next_lsn();
     let mut batch = Vec::with_capacity(256);
     let mut events = 0;
-    for_each_jsonl_event(path, |ev| {
+    for_each_jsonl_event(path, |line, ev| {
+        // Bit 63 set: a tagged source sequence, which only JetStream intake may log (the log
+        // would take it for one of its stream sequences, docs/log-format.md §6.1).
+        if split_tagged(ev.event.event_id).is_some() {
+            return Err(PersistError::BadInput {
+                path: path.to_path_buf(),
+                line,
+                reason: format!(
+                    "event_id {} is reserved (kvindex accepts event ids below 2^63; larger \
+                     ones tag JetStream stream sequences in its log)",
+                    ev.event.event_id
+                ),
+            });
+        }
         batch.push(LogEntry::event(spec.clone(), ev.event.event_id, ev));
         events += 1;
         if batch.len() == 256 {
@@ -746,7 +761,10 @@ pub fn import(
 }
 
 /// Call `f` with each RouterEvent of a JSON-lines file; errors name the line.
-fn for_each_jsonl_event(path: &Path, mut f: impl FnMut(RouterEvent) -> Result<()>) -> Result<u64> {
+fn for_each_jsonl_event(
+    path: &Path,
+    mut f: impl FnMut(u64, RouterEvent) -> Result<()>,
+) -> Result<u64> {
     let file = std::fs::File::open(path).map_err(|e| PersistError::io("open", path, None, e))?;
     let reader = std::io::BufReader::new(file);
     let mut n = 0;
@@ -768,7 +786,7 @@ fn for_each_jsonl_event(path: &Path, mut f: impl FnMut(RouterEvent) -> Result<()
                  `kvindex replay export` or a Dynamo dump"
             ),
         })?;
-        f(ev)?;
+        f(line_no, ev)?;
         n += 1;
     }
     Ok(n)
@@ -830,7 +848,7 @@ pub fn state(source: &StateSource, at: Option<u64>) -> Result<RebuiltState> {
             let ns = engine.create_namespace(namespace.key.clone(), namespace.block_size)?;
             let mut applied = 0u64;
             let limit = at.unwrap_or(u64::MAX);
-            for_each_jsonl_event(path, |ev| {
+            for_each_jsonl_event(path, |_, ev| {
                 if applied < limit {
                     ns.apply(ev)?;
                     applied += 1;

@@ -479,6 +479,16 @@ impl LogWriter {
         lock(&self.shared.durable).tagged().clone()
     }
 
+    /// The groups of the durable tagged set (the sets are not copied).
+    pub fn durable_tagged_groups(&self) -> Vec<u16> {
+        lock(&self.shared.durable).tagged().group_ids()
+    }
+
+    /// The largest durable tagged sequence of `group`.
+    pub fn durable_tagged_last(&self, group: u16) -> Option<u64> {
+        lock(&self.shared.durable).tagged().last_of(group)
+    }
+
     /// Forget every durable tagged sequence but those of `group` above `floor`. Returns the
     /// ranges left.
     pub fn prune_tagged_seqs(&self, group: u16, floor: u64) -> usize {
@@ -532,17 +542,16 @@ fn patch_first_lsn(payload: &mut AlignedVec, lsn: Lsn) {
     );
 }
 
-/// The distinct tagged source sequences of a batch's event entries.
+/// The distinct tagged source sequences of a batch's event entries, ascending (sorted and
+/// deduplicated: linear-logarithmic in the batch, which is built under the intake lock).
 fn tagged_seqs(entries: &[LogEntry]) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    for e in entries {
-        if matches!(e.op, LogOp::Event(_))
-            && split_tagged(e.source_seq).is_some()
-            && !out.contains(&e.source_seq)
-        {
-            out.push(e.source_seq);
-        }
-    }
+    let mut out: Vec<u64> = entries
+        .iter()
+        .filter(|e| matches!(e.op, LogOp::Event(_)) && split_tagged(e.source_seq).is_some())
+        .map(|e| e.source_seq)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -985,5 +994,29 @@ mod tests {
             rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0xFEED_F00D, &entries))
                 .unwrap();
         assert_eq!(payload.as_slice(), direct.as_slice());
+    }
+
+    #[test]
+    fn a_batch_gives_its_distinct_tagged_sequences_once_each() {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let tag = crate::seq_set::SOURCE_SEQ_TAG;
+        let entries: Vec<LogEntry> = [tag | 9, 4, tag | 2, tag | 9, tag | 2, 4]
+            .into_iter()
+            .map(|seq| {
+                LogEntry::event(
+                    spec.clone(),
+                    seq,
+                    RouterEvent::new(
+                        1,
+                        KvCacheEvent {
+                            event_id: 0,
+                            data: KvCacheEventData::Cleared,
+                            dp_rank: 0,
+                        },
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(tagged_seqs(&entries), vec![tag | 2, tag | 9]);
     }
 }

@@ -113,3 +113,66 @@ fn a_damaged_version_2_snapshot_is_not_called_too_old() {
         "{err}"
     );
 }
+
+/// The format version in a snapshot file's header.
+fn version_of(path: &Path) -> u16 {
+    let bytes = std::fs::read(path).unwrap();
+    u16::from_le_bytes([bytes[8], bytes[9]])
+}
+
+/// Version 3 only when there are tagged sequences to carry: a data directory that never saw
+/// JetStream (or whose set was pruned empty) keeps writing version 2, which the previous build
+/// reads (docs/operations.md, "Going back to an older build").
+#[test]
+fn snapshots_are_version_2_unless_they_carry_tagged_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DurableConfig {
+        snapshots: manual_snapshots(1),
+        ..DurableConfig::default()
+    };
+    let spec = ns();
+    let ev = |id: u64| stored(1, 0, id, None, &[(id, id)]);
+    let (idx, _) = DurableIndex::open(dir.path(), config.clone(), small_engine()).unwrap();
+    let newest = || snapshot_files(dir.path()).pop().unwrap();
+    idx.submit(&spec, 1, ev(1)).unwrap().wait().unwrap();
+    idx.snapshot_now().unwrap();
+    assert_eq!(version_of(&newest()), 2, "untagged sequences only");
+
+    let tagged = tagged_source_seq(3, 7).unwrap();
+    idx.submit(&spec, tagged, ev(2)).unwrap().wait().unwrap();
+    idx.snapshot_now().unwrap();
+    assert_eq!(version_of(&newest()), 3, "a tagged sequence to carry");
+    let loaded = LoadedSnapshot::load(&newest()).unwrap();
+    assert!(loaded.tagged_seqs().contains(tagged));
+
+    idx.prune_tagged_seqs(3, 7);
+    idx.submit(&spec, 2, ev(3)).unwrap().wait().unwrap();
+    idx.snapshot_now().unwrap();
+    assert_eq!(version_of(&newest()), 2, "the set was pruned empty");
+    idx.close().unwrap();
+    // And a version-2 snapshot reads back with an empty set.
+    let (idx, report) = DurableIndex::open(dir.path(), config, small_engine()).unwrap();
+    assert!(report.snapshot.is_some());
+    assert!(idx.tagged_groups().is_empty());
+}
+
+/// The version error says which versions this build reads.
+#[test]
+fn an_unknown_snapshot_version_names_the_versions_read() {
+    let dir = tempfile::tempdir().unwrap();
+    compacted_dir(dir.path());
+    let snap = snapshot_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&snap).unwrap();
+    bytes[8..10].copy_from_slice(&4u16.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&snap, &bytes).unwrap();
+    let err = LoadedSnapshot::load(&snap)
+        .err()
+        .expect("version 4 refused");
+    assert!(
+        err.to_string()
+            .contains("format version 4, this build reads 2 and 3"),
+        "{err}"
+    );
+}

@@ -172,6 +172,28 @@ fn import_names_the_file_and_line_of_a_bad_event() {
     }
 }
 
+/// An `event_id` at or above 2^63 would be logged as a tagged (JetStream) source sequence and
+/// enter the set of logged JetStream sequences: import refuses it, naming the line.
+#[test]
+fn import_refuses_an_event_id_at_or_above_2_pow_63_naming_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("reserved.jsonl");
+    let good = encode_router_event_json(&stored(1, 0, (1 << 63) - 1, None, &[(1, 1)])).unwrap();
+    let reserved = encode_router_event_json(&stored(1, 0, 1 << 63, Some(1), &[(2, 2)])).unwrap();
+    std::fs::write(&jsonl, format!("{good}\n\n{reserved}\n")).unwrap();
+    match import(&jsonl, dir.path().join("out"), "m", "g", 16) {
+        Err(PersistError::BadInput { path, line, reason }) => {
+            assert_eq!(path, jsonl);
+            assert_eq!(line, 3);
+            assert!(
+                reason.contains("event_id 9223372036854775808 is reserved"),
+                "{reason}"
+            );
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
 #[test]
 fn state_at_an_lsn_equals_the_model_fed_that_prefix_from_a_data_dir_or_json_lines() {
     let dir = tempfile::tempdir().unwrap();

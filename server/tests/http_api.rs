@@ -904,6 +904,42 @@ fn post_events_errors() {
     assert_eq!(r.status, 409);
 }
 
+/// kvindex reserves event ids >= 2^63 (they tag JetStream stream sequences in its log): such
+/// a request is refused whole with a 400 naming the event, nothing is logged, and it is counted.
+#[test]
+fn post_events_refuses_event_ids_at_or_above_2_pow_63() {
+    let (_d, s) = server();
+    register(&s, 1, "m", 4);
+    let h = local_hashes(&T8, 4);
+    let reserved = 1u64 << 63 | 3;
+    let r = s.post_json(
+        "/events",
+        &json!([
+            stored(1, 0, 1, None, &[(101, h[0])]),
+            stored(1, 0, reserved, Some(101), &[(102, h[1])])
+        ]),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("event 1") && error.contains(&format!("event_id {reserved} is reserved")),
+        "{error}"
+    );
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="reserved_event_id"}"#),
+        1.0
+    );
+    // Nothing of the request was applied.
+    let v = query(&s, json!({"token_ids": T8, "model_name": "m"})).json();
+    assert_eq!(v["scores"], json!({}));
+    // The largest id below 2^63 is fine.
+    let r = s.post_json(
+        "/events",
+        &stored(1, 0, (1u64 << 63) - 1, None, &[(101, h[0])]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[test]
 fn concurrent_workers_storing_the_same_prefix_are_all_indexed() {
     let (_d, s) = server();

@@ -249,6 +249,15 @@ fn malformed_and_misaddressed_event_messages_are_counted_and_refused() {
             good(),
             "block_size",
         ),
+        // An event_id at or above 2^63 would pass for a JetStream stream sequence in the log.
+        (
+            "kvindex.events.m.default",
+            None,
+            stored(1, 0, 1 << 63, None, &chain(&h, 2, 10))
+                .to_string()
+                .into_bytes(),
+            "reserved_event_id",
+        ),
     ];
     for (subject, hdrs, payload, _) in &cases {
         let e = error_of(subject, hdrs.clone(), payload.clone());
@@ -258,10 +267,23 @@ fn malformed_and_misaddressed_event_messages_are_counted_and_refused() {
         error_of("kvindex.events.nope.default", None, good()),
         "no indexer for model=nope routing_group=default"
     );
+    assert!(
+        error_of(cases[8].0, None, cases[8].2.clone())
+            .contains("event_id 9223372036854775808 is reserved"),
+        "the reason is said"
+    );
     let m = metrics(&s);
-    for reason in ["decode", "subject", "unknown_partition", "block_size"] {
+    for reason in [
+        "decode",
+        "subject",
+        "unknown_partition",
+        "block_size",
+        "reserved_event_id",
+    ] {
         let expected = cases.iter().filter(|c| c.3 == reason).count() as f64
-            + f64::from(u8::from(reason == "unknown_partition"));
+            + f64::from(u8::from(
+                reason == "unknown_partition" || reason == "reserved_event_id",
+            ));
         assert_eq!(
             metric_sum(
                 &m,

@@ -164,14 +164,10 @@ fn stopped_with_a_message_not_yet_logged_gives_it_back_first() {
     wait_until("both events indexed", || {
         metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 2.0
     });
-    assert_eq!(
-        metric(
-            &s,
-            "kvindex_nats_jetstream_acks_total",
-            &[("kind", "duplicate")]
-        ),
-        0.0
-    );
+    // Each logged once. (A slow stop can make the server deliver the given-back message twice:
+    // the second copy is then a duplicate, see
+    // `a_message_delivered_twice_in_one_batch_is_applied_once`.)
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
     let s = s.restart(&[]);
     let held = scores(&s, 16);
     assert_eq!(
@@ -179,6 +175,49 @@ fn stopped_with_a_message_not_yet_logged_gives_it_back_first() {
         json!({"1": {"0": 16}}),
         "the held 4-block store is indexed"
     );
+}
+
+/// A message given back after its ack wait ran out (held past it: a slow stop) is queued for
+/// redelivery twice by nats-server 2.9 (the nak and the expired ack wait): the restarted
+/// consumer receives it twice, in one batch. It is logged and applied once, the second copy
+/// acknowledged as a duplicate. Before, both copies were logged and acknowledged as applied
+/// (and `stopped_with_a_message_not_yet_logged_gives_it_back_first`, waiting for exactly two
+/// acks, timed out when a loaded machine made the stop that slow).
+#[test]
+fn a_message_delivered_twice_in_one_batch_is_applied_once() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let s = publish_and_hold(&nats, dir.path(), &c, "before_log");
+    // Past the ack wait (2 s) before the stop gives the message back.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (status, log) = s.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "{}", log.join("\n"));
+    // And past it again before a consumer pulls.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let s = start_js(&nats, dir.path(), &[]);
+    wait_all_acked(&c);
+    wait_until("the message acknowledged", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) >= 1.0
+    });
+    let received = metric(
+        &s,
+        "kvindex_nats_messages_received_total",
+        &[("source", "jetstream")],
+    );
+    wait_until("every copy acknowledged", || {
+        let m = metrics(&s);
+        let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
+        acks("ack") + acks("duplicate") == received
+    });
+    eprintln!("copies received: {received}");
+    assert_eq!(
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
+        1.0,
+        "applied once"
+    );
+    assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 1.0);
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));
 }
 
 #[test]

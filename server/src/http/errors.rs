@@ -21,6 +21,13 @@ pub enum ApiError {
     /// A request that is well-formed JSON but unusable (400).
     #[error("{0}")]
     BadRequest(String),
+    /// An event whose `event_id` is at or above 2^63: kvindex reserves those source sequences
+    /// for JetStream (docs/api.md, "Reserved event ids"); Dynamo accepts any u64 (400).
+    #[error(
+        "event {index}: event_id {event_id} is reserved (kvindex accepts event ids below 2^63 = \
+         9223372036854775808; larger ones tag JetStream stream sequences in its log)"
+    )]
+    ReservedEventId { index: usize, event_id: u64 },
     /// Something on our side failed (500).
     #[error("{0}")]
     Internal(String),
@@ -56,7 +63,7 @@ impl ApiError {
                 }
                 IngestError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::ReservedEventId { .. } => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvindex_engine::codec;
 use kvindex_engine::{NamespaceKey, RouterEvent};
-use kvindex_persistence::AppendTicket;
+use kvindex_persistence::{split_tagged, AppendTicket};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -45,7 +45,9 @@ pub struct EventsTarget {
 /// Which source sequence the logged events carry (it moves the stream watermarks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceSeq {
-    /// Each event's own `event_id` (`POST /events`, core NATS).
+    /// Each event's own `event_id` (`POST /events`, core NATS). An `event_id` with bit 63 set
+    /// is refused ([`ApiError::ReservedEventId`]): the log takes every such source sequence for
+    /// a tagged JetStream one (docs/log-format.md §6.1).
     EventId,
     /// One value for every event of the request (a JetStream message's tagged sequence).
     Fixed(u64),
@@ -176,6 +178,9 @@ pub fn submit_events(
     seq: SourceSeq,
     endpoint: Option<&'static str>,
 ) -> Result<Submitted, ApiError> {
+    if seq == SourceSeq::EventId {
+        check_event_ids(&events).inspect_err(|_| count_reject(endpoint, "reserved_event_id"))?;
+    }
     let explicit = match &target.model_name {
         Some(model) => {
             let group = target
@@ -253,6 +258,21 @@ pub fn submit_events(
         groups: submitted,
         rejected,
     })
+}
+
+/// Refuse the request when an `event_id` is at or above 2^63 (a tagged source sequence, kept
+/// for JetStream): logged as one, it would enter the set of logged JetStream sequences.
+fn check_event_ids(events: &[RouterEvent]) -> Result<(), ApiError> {
+    match events
+        .iter()
+        .position(|ev| split_tagged(ev.event.event_id).is_some())
+    {
+        Some(index) => Err(ApiError::ReservedEventId {
+            index,
+            event_id: events[index].event.event_id,
+        }),
+        None => Ok(()),
+    }
 }
 
 impl Submitted {

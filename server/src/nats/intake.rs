@@ -17,6 +17,8 @@
 //!   redelivered message (delivery count > 1) whose sequence is in it is already in the log: it
 //!   is acknowledged without being applied again.
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use kvindex_engine::{NamespaceKey, RouterEvent};
 use serde_json::json;
@@ -99,7 +101,8 @@ impl Incoming {
 pub enum Outcome {
     /// Logged durably and applied.
     Accepted(EventsAck),
-    /// A JetStream redelivery that is already durable: not applied again.
+    /// A JetStream redelivery that is already durable, or a second copy of a message of the
+    /// same batch (delivered twice): not applied again.
     Duplicate,
     /// Refused. `retry`: a failure on our side (the log), not the message's fault.
     Rejected {
@@ -141,6 +144,7 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
             ("too_large", false)
         }
+        ApiError::ReservedEventId { .. } => ("reserved_event_id", false),
         ApiError::Ingest(IngestError::Log(_)) | ApiError::Internal(_) => ("log", true),
         ApiError::Registry(RegistryError::File { .. } | RegistryError::Index(_)) => ("log", true),
         _ => ("invalid", false),
@@ -210,6 +214,26 @@ fn already_durable(state: &AppState, d: Delivery) -> bool {
 enum Stage {
     Done(Outcome),
     Pending(Submitted),
+    /// Another copy of the batch's message at this index (the same tagged source sequence:
+    /// JetStream delivered it twice): not logged again, it shares that message's fate.
+    SameAs(usize),
+}
+
+/// The outcome of a second copy of a message whose first copy had `first`: logged (or already
+/// durable) → a duplicate; refused → refused alike.
+fn outcome_of_copy(first: &Outcome) -> Outcome {
+    match first {
+        Outcome::Accepted(_) | Outcome::Duplicate => Outcome::Duplicate,
+        Outcome::Rejected {
+            reason,
+            error,
+            retry,
+        } => Outcome::Rejected {
+            reason,
+            error: error.clone(),
+            retry: *retry,
+        },
+    }
 }
 
 /// Log and apply a batch of messages in order (blocking: call from a blocking thread). One
@@ -222,8 +246,19 @@ pub fn process(
 ) -> Vec<Outcome> {
     let label = source.as_str();
     let mut stages = Vec::with_capacity(batch.len());
-    for m in batch {
+    // Tagged source sequence → index of its first copy in the batch. A message redelivered
+    // while an earlier delivery of it is still in the batch is in neither the durable set
+    // (not logged yet) nor to be logged twice.
+    let mut first_copy: HashMap<u64, usize> = HashMap::new();
+    for (i, m) in batch.iter().enumerate() {
         metrics::counter!(RECEIVED, "source" => label).increment(1);
+        if let Some(d) = m.delivery {
+            if let Some(&first) = first_copy.get(&d.source_seq) {
+                stages.push(Stage::SameAs(first));
+                continue;
+            }
+            first_copy.insert(d.source_seq, i);
+        }
         let stage = match parse(subjects, m) {
             Err(o) => Stage::Done(o),
             Ok((_key, target, events)) => {
@@ -243,16 +278,26 @@ pub fn process(
         };
         stages.push(stage);
     }
-    let outcomes: Vec<Outcome> = stages
-        .into_iter()
-        .map(|s| match s {
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(stages.len());
+    for s in stages {
+        let o = match s {
             Stage::Done(o) => o,
             Stage::Pending(s) => match s.finish(state) {
                 Ok(ack) => Outcome::Accepted(ack),
                 Err(e) => from_error(e),
             },
-        })
-        .collect();
+            // `first` is an earlier index: its outcome is known.
+            Stage::SameAs(first) => outcomes.get(first).map_or_else(
+                || Outcome::Rejected {
+                    reason: "log",
+                    error: "copy of a message not handled".into(),
+                    retry: true,
+                },
+                outcome_of_copy,
+            ),
+        };
+        outcomes.push(o);
+    }
     for (m, o) in batch.iter().zip(&outcomes) {
         match o {
             Outcome::Accepted(ack) => {

@@ -15,9 +15,12 @@
 //! stream identity unreadable or damaged: a new epoch is used).
 //!
 //! Deduplication: the log keeps the exact set of JetStream sequences it holds, tagged with the
-//! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch,
-//! and the set is pruned of other epochs and of sequences at or below the consumer's ack floor
-//! (JetStream never redelivers those), at setup and every [`PRUNE_EVERY`].
+//! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch
+//! (a new one when the log holds a sequence of it past the stream's last one: a stream
+//! restored from a backup), the identity is read again once the consumer exists, and the set
+//! is pruned of other epochs and of sequences at or below the consumer's ack floor (JetStream
+//! never redelivers those), at setup and every [`PRUNE_EVERY`], when the identity is checked
+//! again too (a change sets the consumer up again).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,7 @@ use tokio::sync::watch;
 
 use super::intake::{self, Delivery, Incoming, Outcome, Source};
 use super::metrics::{JS_ACKS, JS_DEDUP_RANGES, JS_ERRORS, SUBSCRIPTION_UP};
-use super::stream_epoch::{self, StreamIdentity};
+use super::stream_epoch::{self, EpochError, LoggedEpochs, StreamIdentity};
 use super::{backoff, stopped, stopping, TestHold};
 use crate::config::JetStreamConfig;
 use crate::http::SharedState;
@@ -47,13 +50,43 @@ const NAK_DELAY: Duration = Duration::from_secs(5);
 /// one, and setting up again after a transient error costs one consumer lookup, so one is
 /// enough.
 const MAX_PULL_ERRORS_IN_A_ROW: u32 = 1;
+/// How long giving messages back waits for them to be flushed to the server.
+const GIVE_BACK_FLUSH: Duration = Duration::from_secs(2);
 /// How often the set of logged sequences is pruned below the consumer's ack floor.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
-/// A consumer ready to pull, and the epoch of its stream's identity.
+/// A consumer ready to pull, its stream, and the identity and epoch it was set up with.
 struct Ready {
     consumer: consumer::PullConsumer,
+    stream: stream::Stream,
+    identity: StreamIdentity,
     epoch: u16,
+}
+
+/// The stream's identity as it is now (a re-created stream has another creation time) and its
+/// last sequence.
+async fn identity_of(stream: &stream::Stream, name: &str) -> Result<(StreamIdentity, u64), String> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| format!("stream {name} info: {e}"))?;
+    Ok((
+        StreamIdentity {
+            stream: name.to_owned(),
+            created_ns: info.created.unix_timestamp_nanos().to_string(),
+        },
+        info.state.last_sequence,
+    ))
+}
+
+/// Run an epoch file operation (file I/O with an fsync) off the async workers.
+async fn epoch_io(
+    f: impl FnOnce() -> Result<u16, EpochError> + Send + 'static,
+) -> Result<u16, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
 async fn setup(
@@ -71,27 +104,35 @@ async fn setup(
         })
         .await
         .map_err(|e| format!("stream {}: {e}", cfg.stream))?;
-    // The stream as it is now (a re-created stream has another creation time).
-    let info = stream
-        .get_info()
-        .await
-        .map_err(|e| format!("stream {} info: {e}", cfg.stream))?;
-    let identity = StreamIdentity {
-        stream: cfg.stream.clone(),
-        created_ns: info.created.unix_timestamp_nanos().to_string(),
+    let (identity, last_sequence) = identity_of(&stream, &cfg.stream).await?;
+    let dir = state.durable.log().dir().to_path_buf();
+    let logged = LoggedEpochs {
+        in_use: state.durable.tagged_groups(),
+        recovered_max: state.durable.recovered_max_tagged_group(),
     };
-    // File I/O with an fsync: off the async workers.
-    let (dir, in_use) = (
-        state.durable.log().dir().to_path_buf(),
-        state.durable.tagged_groups(),
-    );
-    let epoch = tokio::task::spawn_blocking(move || {
-        stream_epoch::epoch_for(&dir, &identity, &in_use).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    let (d, id, l) = (dir.clone(), identity.clone(), logged.clone());
+    let mut epoch = epoch_io(move || stream_epoch::epoch_for(&d, &id, &l))
+        .await
+        .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    // The same identity, but the log holds a sequence of its epoch the stream has not reached:
+    // the stream was restored (from a backup: same creation time) and numbers its messages
+    // again from an older last sequence. Its messages must not be taken for the logged ones.
+    let last_logged = state.durable.tagged_last(epoch);
+    if stream_epoch::sequences_reused(last_logged, last_sequence) {
+        tracing::warn!(
+            stream = %cfg.stream,
+            epoch,
+            last_logged,
+            last_sequence,
+            "the log holds stream sequences past the stream's last one (restored from a backup?): a new epoch is used"
+        );
+        let id = identity.clone();
+        epoch = epoch_io(move || {
+            stream_epoch::new_epoch(&dir, &id, &logged, "stream sequences reused")
+        })
+        .await
+        .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+    }
     let consumer = stream
         .get_or_create_consumer(
             &cfg.consumer,
@@ -106,12 +147,26 @@ async fn setup(
         )
         .await
         .map_err(|e| format!("consumer {} on stream {}: {e}", cfg.consumer, cfg.stream))?;
+    // Re-created between the info read and the consumer: the epoch (and the consumer's ack
+    // floor) would belong to another stream. Set up again.
+    let (now, _) = identity_of(&stream, &cfg.stream).await?;
+    if now != identity {
+        return Err(format!(
+            "stream {} was re-created during the consumer setup (created {} then {})",
+            cfg.stream, identity.created_ns, now.created_ns
+        ));
+    }
     prune(
         state,
         epoch,
         consumer.cached_info().ack_floor.stream_sequence,
     );
-    Ok(Ready { consumer, epoch })
+    Ok(Ready {
+        consumer,
+        stream,
+        identity,
+        epoch,
+    })
 }
 
 /// Forget the logged sequences JetStream will never redeliver: those of other epochs, and
@@ -121,15 +176,34 @@ fn prune(state: &SharedState, epoch: u16, ack_floor: u64) {
     metrics::gauge!(JS_DEDUP_RANGES).set(ranges as f64);
 }
 
-/// [`prune`] with the consumer's current ack floor.
-async fn prune_to_ack_floor(state: &SharedState, consumer: &consumer::PullConsumer, epoch: u16) {
-    match consumer.get_info().await {
-        Ok(info) => prune(state, epoch, info.ack_floor.stream_sequence),
+/// Periodic check: the stream is still the one set up (else `false`: set the consumer up
+/// again, under the new identity's epoch), then [`prune`] to the consumer's current ack floor.
+async fn check_and_prune(state: &SharedState, ready: &Ready) -> bool {
+    match identity_of(&ready.stream, &ready.identity.stream).await {
+        Ok((now, _)) if now != ready.identity => {
+            tracing::warn!(
+                stream = %ready.identity.stream,
+                was = %ready.identity.created_ns,
+                now = %now.created_ns,
+                "JetStream stream re-created; setting the consumer up again"
+            );
+            return false;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            count_error(ErrorStage::Floor);
+            tracing::warn!(error = %e, "JetStream stream info not read; checked again later");
+            return true;
+        }
+    }
+    match ready.consumer.get_info().await {
+        Ok(info) => prune(state, ready.epoch, info.ack_floor.stream_sequence),
         Err(e) => {
             count_error(ErrorStage::Floor);
             tracing::warn!(error = %e, "JetStream consumer info not read; logged sequences pruned later");
         }
     }
+    true
 }
 
 fn count_ack(kind: &'static str) {
@@ -197,7 +271,16 @@ fn delivery_of(m: &jetstream::Message, epoch: u16) -> Option<Delivery> {
     }
 }
 
-/// Log, apply and acknowledge one batch. Returns `false` when shutdown came during a test hold.
+/// What became of a batch.
+enum Handled {
+    /// Logged, applied and acknowledged (or left to the ack wait): go on.
+    Done,
+    /// Shutdown came during a test hold: stop; these messages were not handled and are to be
+    /// given back once unsubscribed ([`give_back`]).
+    Stopped(Vec<jetstream::Message>),
+}
+
+/// Log, apply and acknowledge one batch.
 async fn handle(
     state: &SharedState,
     subjects: &Arc<Subjects>,
@@ -205,7 +288,7 @@ async fn handle(
     shutdown: &mut watch::Receiver<bool>,
     epoch: u16,
     messages: Vec<jetstream::Message>,
-) -> bool {
+) -> Handled {
     let batch: Vec<Incoming> = messages
         .iter()
         .map(|m| Incoming::from_message(&m.message, delivery_of(m, epoch)))
@@ -213,8 +296,7 @@ async fn handle(
     if hold == TestHold::BeforeLog
         && !hold_until_shutdown("before_log", batch.len(), shutdown).await
     {
-        give_back(&messages).await;
-        return false;
+        return Handled::Stopped(messages);
     }
     let (st, subj) = (Arc::clone(state), Arc::clone(subjects));
     let outcomes = match tokio::task::spawn_blocking(move || {
@@ -226,13 +308,14 @@ async fn handle(
         Err(e) => {
             // Nothing acknowledged: JetStream redelivers after the ack wait.
             tracing::error!(error = %e, "JetStream batch processing failed");
-            return true;
+            return Handled::Done;
         }
     };
     if hold == TestHold::BeforeAck
         && !hold_until_shutdown("before_ack", messages.len(), shutdown).await
     {
-        return false;
+        // Logged, not acknowledged: left to the ack wait (the test kills the process here).
+        return Handled::Stopped(Vec::new());
     }
     for (m, o) in messages.iter().zip(&outcomes) {
         let (kind, label) = match o {
@@ -250,21 +333,54 @@ async fn handle(
             }
         }
     }
-    true
+    Handled::Done
 }
 
 /// Give messages that will not be handled back to the server at once (a nak without delay), so
 /// that they are redelivered before anything newer instead of after the ack wait (which would
-/// apply them late, after newer messages of the same worker). Best effort: a failed nak leaves
-/// them to the ack wait.
-async fn give_back(messages: &[jetstream::Message]) {
-    for m in messages {
+/// apply them late, after newer messages of the same worker, or refuse a newer message that
+/// needs the partition an older one creates). Best effort: a failed nak leaves them to the
+/// ack wait.
+///
+/// Call it only once the pull subscription is dropped (unsubscribed): the server redelivers a
+/// nak'd message at once to a pull request with interest, and while we are still subscribed
+/// that is ours, which is going away: the redelivery would be lost in it and wait for the ack
+/// wait after all. The unsubscribe goes out first on the same connection, so the server has
+/// no interest of ours left when the naks arrive. Then flush, so the naks reach the server
+/// before the process exits (publishes are buffered).
+async fn give_back(client: &Client, messages: &[jetstream::Message]) {
+    if messages.is_empty() {
+        return;
+    }
+    // One nak per stream sequence, for its latest delivery: a message redelivered after its
+    // ack wait may be held twice, and each nak queues a redelivery.
+    let mut seen = std::collections::HashSet::new();
+    let mut latest: Vec<&jetstream::Message> = messages
+        .iter()
+        .rev()
+        .filter(|m| m.info().map_or(true, |i| seen.insert(i.stream_sequence)))
+        .collect();
+    latest.reverse();
+    for m in latest {
         match m.ack_with(AckKind::Nak(None)).await {
             Ok(()) => count_ack("returned"),
             Err(e) => {
                 count_error(ErrorStage::Ack);
                 tracing::warn!(subject = %m.subject, error = %e, "JetStream message not given back");
             }
+        }
+    }
+    match tokio::time::timeout(GIVE_BACK_FLUSH, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            count_error(ErrorStage::Ack);
+            tracing::warn!(error = %e, "JetStream messages given back, flush failed; they may wait for the ack wait");
+        }
+        Err(_) => {
+            count_error(ErrorStage::Ack);
+            tracing::warn!(
+                "JetStream messages given back, flush timed out; they may wait for the ack wait"
+            );
         }
     }
 }
@@ -320,6 +436,7 @@ pub async fn run(
         let mut chunks = Box::pin(messages.ready_chunks(BATCH));
         let mut errors_in_a_row = 0u32;
         let mut pruned_at = tokio::time::Instant::now();
+        let mut unhandled = Vec::new();
         loop {
             let chunk = tokio::select! {
                 _ = stopped(&mut shutdown) => None,
@@ -340,14 +457,19 @@ pub async fn run(
                     }
                 }
             }
-            if !batch.is_empty()
-                && !handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
-            {
-                break;
+            if !batch.is_empty() {
+                if let Handled::Stopped(not_handled) =
+                    handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
+                {
+                    unhandled = not_handled;
+                    break;
+                }
             }
             if pruned_at.elapsed() >= PRUNE_EVERY {
                 pruned_at = tokio::time::Instant::now();
-                prune_to_ack_floor(&state, &ready.consumer, ready.epoch).await;
+                if !check_and_prune(&state, &ready).await {
+                    break;
+                }
             }
             if errors_in_a_row >= MAX_PULL_ERRORS_IN_A_ROW {
                 tracing::warn!(
@@ -358,15 +480,17 @@ pub async fn run(
             }
         }
         // Shutdown or a consumer set up again: what the client already received is given back
-        // rather than left to the ack wait. (Bounded: a stream yielding ready errors must not
-        // hold shutdown.)
+        // rather than left to the ack wait — after unsubscribing (see `give_back`). (Bounded: a
+        // stream yielding ready errors must not hold shutdown.)
         for _ in 0..64 {
             let Some(Some(rest)) = chunks.next().now_or_never() else {
                 break;
             };
-            let rest: Vec<_> = rest.into_iter().filter_map(Result::ok).collect();
-            give_back(&rest).await;
+            unhandled.extend(rest.into_iter().filter_map(Result::ok));
         }
+        drop(chunks);
+        give_back(&client, &unhandled).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await; // INJECT: a slow exit, still subscribed
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(0.0);
         if !stopping(&shutdown) {
             tracing::warn!("JetStream message stream ended; setting the consumer up again");

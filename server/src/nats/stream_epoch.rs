@@ -28,8 +28,18 @@ pub struct StreamIdentity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stored {
     epoch: u16,
+    /// The highest epoch ever allocated here (files written before it existed: `epoch`).
+    /// Epochs are never allocated at or below it again.
+    #[serde(default)]
+    high_water: u16,
     #[serde(flatten)]
     identity: StreamIdentity,
+}
+
+impl Stored {
+    fn high_water(&self) -> u16 {
+        self.high_water.max(self.epoch)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -39,29 +49,47 @@ pub enum EpochError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("every JetStream epoch is in use in the log")]
+    #[error(
+        "every JetStream epoch is used (the highest, {}, was allocated): the logged \
+         sequences of 65535 stream identities cannot be told apart any more",
+        u16::MAX
+    )]
     Exhausted,
 }
 
-/// Read the stored identity; `None` when missing or unreadable (an unreadable file is logged
-/// and counted: its epoch is then allocated afresh, which only costs deduplication of messages
-/// logged before).
-fn read(path: &Path) -> Option<Stored> {
+/// What the log knows of the epochs it used: a new epoch is allocated above all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoggedEpochs {
+    /// The groups of the durable tagged set now (pruned).
+    pub in_use: Vec<u16>,
+    /// The highest group recovery found (snapshot plus log), before any pruning.
+    pub recovered_max: Option<u16>,
+}
+
+impl LoggedEpochs {
+    fn max(&self) -> Option<u16> {
+        self.in_use.iter().copied().max().max(self.recovered_max)
+    }
+}
+
+/// The stored identity file: `Ok(None)` when missing, `Err(())` when unreadable or damaged
+/// (logged and counted; a new epoch is then allocated above what the log holds).
+fn read(path: &Path) -> Result<Option<Stored>, ()> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             count_unreadable();
             tracing::warn!(path = %path.display(), error = %e, "cannot read the JetStream stream identity; a new epoch is used");
-            return None;
+            return Err(());
         }
     };
     match serde_json::from_slice(&bytes) {
-        Ok(s) => Some(s),
+        Ok(s) => Ok(Some(s)),
         Err(e) => {
             count_unreadable();
             tracing::warn!(path = %path.display(), error = %e, "damaged JetStream stream identity; a new epoch is used");
-            None
+            Err(())
         }
     }
 }
@@ -90,25 +118,70 @@ fn write(path: &Path, stored: &Stored) -> Result<(), EpochError> {
 }
 
 /// The epoch of `identity`: the stored one when the identity is the stored one; otherwise a
-/// new epoch (never 0, which is the layout of logs written before epochs; never one of
-/// `in_use`, the groups still in the durable set), stored durably before it is returned.
-pub fn epoch_for(dir: &Path, identity: &StreamIdentity, in_use: &[u16]) -> Result<u16, EpochError> {
+/// new one ([`new_epoch`]).
+pub fn epoch_for(
+    dir: &Path,
+    identity: &StreamIdentity,
+    logged: &LoggedEpochs,
+) -> Result<u16, EpochError> {
     let path = dir.join(FILE_NAME);
     let stored = read(&path);
-    if let Some(s) = &stored {
+    if let Ok(Some(s)) = &stored {
         if s.identity == *identity {
             return Ok(s.epoch);
         }
     }
-    let start = stored.as_ref().map_or(0, |s| s.epoch);
-    let epoch = (1..=u16::MAX)
-        .map(|i| ((u32::from(start) + u32::from(i)) % (u32::from(u16::MAX) + 1)) as u16)
-        .find(|e| *e != 0 && !in_use.contains(e))
-        .ok_or(EpochError::Exhausted)?;
-    write(
+    allocate(
         &path,
+        stored,
+        identity,
+        logged,
+        "new JetStream stream identity",
+    )
+}
+
+/// A new epoch for `identity`, even if it is the stored one (its sequences were reused: a
+/// stream restored from a backup keeps its creation time but not its last sequences).
+pub fn new_epoch(
+    dir: &Path,
+    identity: &StreamIdentity,
+    logged: &LoggedEpochs,
+    why: &'static str,
+) -> Result<u16, EpochError> {
+    let path = dir.join(FILE_NAME);
+    let stored = read(&path);
+    allocate(&path, stored, identity, logged, why)
+}
+
+/// Allocate the epoch above every one used before — the stored high-water mark, the groups in
+/// the log now and at recovery — (never 0, the layout of logs written before epochs; never
+/// going back, even when the file is lost), and store it durably before returning it.
+fn allocate(
+    path: &Path,
+    stored: Result<Option<Stored>, ()>,
+    identity: &StreamIdentity,
+    logged: &LoggedEpochs,
+    why: &'static str,
+) -> Result<u16, EpochError> {
+    if matches!(stored, Ok(None)) && logged.max().is_some() {
+        // The log holds JetStream sequences, so this file was written once: lost (a restore
+        // without it, a deletion). Allocation goes on above the log's epochs.
+        count_unreadable();
+        tracing::warn!(path = %path.display(), highest_logged_epoch = ?logged.max(), "JetStream stream identity file missing although the log holds JetStream sequences; a new epoch above them is used");
+    }
+    // Unreadable: counted by `read`; the log's epochs still bound the allocation.
+    let stored = stored.unwrap_or(None);
+    let floor = stored
+        .as_ref()
+        .map(Stored::high_water)
+        .max(logged.max())
+        .unwrap_or(0);
+    let epoch = floor.checked_add(1).ok_or(EpochError::Exhausted)?;
+    write(
+        path,
         &Stored {
             epoch,
+            high_water: epoch,
             identity: identity.clone(),
         },
     )?;
@@ -117,9 +190,16 @@ pub fn epoch_for(dir: &Path, identity: &StreamIdentity, in_use: &[u16]) -> Resul
         created_ns = %identity.created_ns,
         epoch,
         previous = ?stored.map(|s| s.epoch),
-        "new JetStream stream identity: sequences of the previous one no longer deduplicate"
+        "{why}: sequences of the previous epoch no longer deduplicate"
     );
     Ok(epoch)
+}
+
+/// Whether the stream's sequences were reused under its identity: the log holds a sequence of
+/// the current epoch above the stream's last one (a stream restored from a backup keeps its
+/// name and creation time, and numbers new messages again from its backup's last sequence).
+pub fn sequences_reused(last_logged: Option<u64>, stream_last_sequence: u64) -> bool {
+    last_logged.is_some_and(|l| l > stream_last_sequence)
 }
 
 #[cfg(test)]
@@ -133,28 +213,109 @@ mod tests {
         }
     }
 
+    fn logged(in_use: &[u16], recovered_max: Option<u16>) -> LoggedEpochs {
+        LoggedEpochs {
+            in_use: in_use.to_vec(),
+            recovered_max,
+        }
+    }
+
+    fn none() -> LoggedEpochs {
+        LoggedEpochs::default()
+    }
+
     #[test]
     fn the_same_stream_keeps_its_epoch_and_a_recreated_one_gets_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let a = id("S", "100");
-        let e1 = epoch_for(dir.path(), &a, &[]).unwrap();
+        let e1 = epoch_for(dir.path(), &a, &none()).unwrap();
         assert_eq!(e1, 1);
-        assert_eq!(epoch_for(dir.path(), &a, &[1]).unwrap(), e1);
+        assert_eq!(
+            epoch_for(dir.path(), &a, &logged(&[1], Some(1))).unwrap(),
+            e1
+        );
         let recreated = id("S", "200");
-        let e2 = epoch_for(dir.path(), &recreated, &[1, 2]).unwrap();
-        assert_eq!(e2, 3, "skips the epochs still in the log");
-        assert_eq!(epoch_for(dir.path(), &recreated, &[]).unwrap(), e2);
-        assert_ne!(epoch_for(dir.path(), &a, &[]).unwrap(), e1);
+        let e2 = epoch_for(dir.path(), &recreated, &logged(&[1, 2], None)).unwrap();
+        assert_eq!(e2, 3, "above the epochs still in the log");
+        assert_eq!(epoch_for(dir.path(), &recreated, &none()).unwrap(), e2);
+        assert_eq!(
+            epoch_for(dir.path(), &a, &none()).unwrap(),
+            4,
+            "the first identity again is a new one"
+        );
+    }
+
+    /// Allocation never goes back: not below the stored high-water mark (the pruned set forgot
+    /// the older epochs), nor, when the file is lost or damaged, below the highest epoch
+    /// recovery saw in the log.
+    #[test]
+    fn epochs_are_never_allocated_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        assert_eq!(epoch_for(dir.path(), &id("S", "1"), &none()).unwrap(), 1);
+        assert_eq!(epoch_for(dir.path(), &id("S", "2"), &none()).unwrap(), 2);
+        // The set was pruned to the current epoch only: 1 is not in use, yet not reused.
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "3"), &logged(&[2], None)).unwrap(),
+            3
+        );
+        let stored: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            (stored["epoch"].as_u64(), stored["high_water"].as_u64()),
+            (Some(3), Some(3))
+        );
+        // A file of the first format (no high-water mark): its epoch is the mark.
+        std::fs::write(&path, br#"{"epoch":7,"stream":"S","created_ns":"4"}"#).unwrap();
+        assert_eq!(epoch_for(dir.path(), &id("S", "5"), &none()).unwrap(), 8);
+        // Lost: above the highest group recovery saw, not 1 again.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "6"), &logged(&[], Some(8))).unwrap(),
+            9
+        );
+        // Damaged: the same.
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "7"), &logged(&[9], Some(9))).unwrap(),
+            10
+        );
     }
 
     #[test]
-    fn a_damaged_file_gives_a_fresh_epoch_not_in_use() {
+    fn a_new_epoch_is_allocated_for_the_same_identity_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = id("S", "100");
+        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap(), 1);
+        assert_eq!(
+            new_epoch(dir.path(), &a, &logged(&[1], None), "reused").unwrap(),
+            2
+        );
+        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap(), 2, "kept");
+    }
+
+    /// A stream restored from a backup keeps its identity; the log holding a sequence of the
+    /// current epoch above the stream's last one means its sequences are being reused.
+    #[test]
+    fn sequences_above_the_streams_last_one_mean_reuse() {
+        assert!(!sequences_reused(None, 0));
+        assert!(!sequences_reused(None, 10));
+        assert!(!sequences_reused(Some(10), 10));
+        assert!(!sequences_reused(Some(3), 10));
+        assert!(sequences_reused(Some(11), 10));
+        assert!(sequences_reused(Some(1), 0), "restored empty");
+    }
+
+    #[test]
+    fn past_the_last_epoch_allocation_fails() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
-        assert_eq!(epoch_for(dir.path(), &id("S", "1"), &[1, 2]).unwrap(), 3);
-        let all: Vec<u16> = (1..=u16::MAX).collect();
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "1"), &logged(&[1, 2], None)).unwrap(),
+            3
+        );
         assert!(matches!(
-            epoch_for(dir.path(), &id("S", "2"), &all),
+            epoch_for(dir.path(), &id("S", "2"), &logged(&[u16::MAX], None)),
             Err(EpochError::Exhausted)
         ));
     }

@@ -57,6 +57,10 @@ pub enum FrameError {
     /// The sequence frame is not 8 bytes.
     #[error("Invalid sequence number length: {0}")]
     SeqLength(usize),
+    /// A sequence number at or above 2^63: kvindex reserves those source sequences for
+    /// JetStream (docs/log-format.md §6.1); logged, it would pass for a JetStream one.
+    #[error("Reserved sequence number {0} (kvindex accepts sequence numbers below 2^63)")]
+    ReservedSeq(u64),
 }
 
 impl FrameError {
@@ -65,6 +69,7 @@ impl FrameError {
         match self {
             FrameError::FrameCount(_) => "frame_count",
             FrameError::SeqLength(_) => "seq_length",
+            FrameError::ReservedSeq(_) => "reserved_seq",
         }
     }
 
@@ -73,6 +78,7 @@ impl FrameError {
         match self {
             FrameError::FrameCount(_) => "replay_frame_count",
             FrameError::SeqLength(_) => "replay_seq_length",
+            FrameError::ReservedSeq(_) => "replay_reserved_seq",
         }
     }
 }
@@ -88,12 +94,17 @@ pub struct RawBatch<'a> {
     pub payload: &'a [u8],
 }
 
-/// Parse an 8-byte big-endian sequence frame.
+/// Parse an 8-byte big-endian sequence frame. A sequence with bit 63 set is refused: the log
+/// takes every such source sequence for a tagged JetStream one.
 pub fn parse_seq(frame: &[u8]) -> Result<u64, FrameError> {
     let bytes: [u8; SEQ_FRAME_LEN] = frame
         .try_into()
         .map_err(|_| FrameError::SeqLength(frame.len()))?;
-    Ok(u64::from_be_bytes(bytes))
+    let seq = u64::from_be_bytes(bytes);
+    if kvindex_persistence::split_tagged(seq).is_some() {
+        return Err(FrameError::ReservedSeq(seq));
+    }
+    Ok(seq)
 }
 
 /// Split a live message `[topic, seq, payload]` (SERVICE.md §5.1).
@@ -1243,6 +1254,22 @@ mod tests {
         );
         let none: [&[u8]; 0] = [];
         assert_eq!(split_live_message(&none), Err(FrameError::FrameCount(0)));
+        // Bit 63 set: reserved for JetStream's tagged sequences, dropped like a bad frame.
+        let reserved = [&b"t"[..], &(1u64 << 63 | 5).to_be_bytes()[..], &b"p"[..]];
+        assert_eq!(
+            split_live_message(&reserved),
+            Err(FrameError::ReservedSeq(1 << 63 | 5))
+        );
+        assert_eq!(
+            FrameError::ReservedSeq(1 << 63).label(),
+            "reserved_seq",
+            "counted in kvindex_zmq_messages_dropped_total"
+        );
+        let largest = [&b"t"[..], &((1u64 << 63) - 1).to_be_bytes()[..], &b"p"[..]];
+        assert_eq!(
+            split_live_message(&largest).map(|r| r.seq),
+            Ok((1 << 63) - 1)
+        );
     }
 
     // -- stores ----------------------------------------------------------------------------
