@@ -490,7 +490,6 @@ pub async fn run(
         }
         drop(chunks);
         give_back(&client, &unhandled).await;
-        tokio::time::sleep(Duration::from_millis(1000)).await; // INJECT: a slow exit, still subscribed
         metrics::gauge!(SUBSCRIPTION_UP, "subscription" => "jetstream").set(0.0);
         if !stopping(&shutdown) {
             tracing::warn!("JetStream message stream ended; setting the consumer up again");
