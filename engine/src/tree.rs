@@ -279,7 +279,12 @@ impl Tree {
 
     #[inline]
     fn owner_of(&self, b: u32) -> u32 {
-        self.owner.get(b).load(Ordering::Relaxed) & NODE_MASK
+        // Acquire: pairs with the Release of a split's owner update, so the node read next (a
+        // tail a split just allocated, possibly in an arena chunk this thread has not seen
+        // published) is visible: callers read owners before locking anything (`lock_owner`,
+        // `holds`), and an owner seen before its node's chunk is a null chunk (loom model
+        // `a_store_joining_the_head_of_a_run_being_left_leaves_no_unheld_tail`).
+        self.owner.get(b).load(Ordering::Acquire) & NODE_MASK
     }
 
     #[inline]
@@ -743,12 +748,12 @@ impl Tree {
         for b in start + k..start + len {
             // Keep the OWNS_EXT bit, which the run's creator may be setting right now without
             // this node's lock (see `claim_exts`): a read-modify-write, not a store.
-            // Relaxed: writers read owners only after locking a node, which orders them after
-            // this thread's unlock of `n` (or, lock-free, through the extent's Release below).
+            // Release: another writer may read this owner before locking anything (`owner_of`)
+            // and must then see node `t` and the arena chunk holding it.
             let _ = self
                 .owner
                 .get(b)
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                .fetch_update(Ordering::Release, Ordering::Relaxed, |o| {
                     Some(t | (o & OWNS_EXT))
                 });
         }
@@ -921,6 +926,12 @@ impl Tree {
         // Blocks this stream held under a hash it now reuses for another block: a worker's hash
         // names one block, so the old one is gone. Dropped after the walk, with no lock held.
         let mut displaced: Vec<(u32, u64)> = Vec::new();
+        // Tails split off a run that nobody held when this stream joined its head (its last
+        // holder left and has not unlinked it yet; that holder's unlink then sees this stream
+        // and stops). Such a tail holds nobody either, and when nothing hangs below it, nobody
+        // else would ever unlink it: tried after the walk, with no lock held (an unlink locks
+        // the parent before the child).
+        let mut unheld_tails: Vec<u32> = Vec::new();
         let mut i = 0usize;
         // Invariant: `cur` is locked, `j <= len(cur)` is the next position to match in it.
         loop {
@@ -953,10 +964,15 @@ impl Tree {
                     }
                     let (_, len_now) = self.extent(cur);
                     if m < len_now {
+                        // Relaxed: `cur` is locked, and members change only under its lock.
+                        let unheld = self.node(cur).members.load(Ordering::Relaxed) == 0;
                         let t = self
                             .split(st, cur, m, guard)
                             .inspect_err(|_| self.unlock(cur))?;
                         self.unlock(t);
+                        if unheld {
+                            unheld_tails.push(t);
+                        }
                     }
                     self.add_member(cur, slot, guard);
                     duplicate = false;
@@ -1062,6 +1078,12 @@ impl Tree {
                     break;
                 }
             }
+        }
+        for t in unheld_tails {
+            // `t` cannot have been recycled: ids are reused only after a grace period, and
+            // `guard` has been pinned since the split. `try_unlink` checks again under the
+            // locks (someone may have joined `t`, or hung a child below it, meanwhile).
+            self.try_unlink(st, t, guard);
         }
         for (old, ext) in displaced {
             // Still held under `ext` means it is the block just stored (a re-store): keep it.
