@@ -166,7 +166,7 @@ fn stopped_with_a_message_not_yet_logged_gives_it_back_first() {
     });
     // Each logged once. (A slow stop can make the server deliver the given-back message twice:
     // the second copy is then a duplicate, see
-    // `a_message_delivered_twice_in_one_batch_is_applied_once`.)
+    // `a_message_given_back_after_its_ack_wait_is_applied_once`.)
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 2.0);
     let s = s.restart(&[]);
     let held = scores(&s, 16);
@@ -177,14 +177,15 @@ fn stopped_with_a_message_not_yet_logged_gives_it_back_first() {
     );
 }
 
-/// A message given back after its ack wait ran out (held past it: a slow stop) is queued for
-/// redelivery twice by nats-server 2.9 (the nak and the expired ack wait): the restarted
-/// consumer receives it twice, in one batch. It is logged and applied once, the second copy
-/// acknowledged as a duplicate. Before, both copies were logged and acknowledged as applied
-/// (and `stopped_with_a_message_not_yet_logged_gives_it_back_first`, waiting for exactly two
-/// acks, timed out when a loaded machine made the stop that slow).
+/// A message given back after its ack wait ran out (held past it: a slow stop) may be queued
+/// for redelivery twice (the nak and the expired ack wait; nats-server 2.9 does): the restarted
+/// consumer then receives it twice, often in one batch. However many copies arrive, and in
+/// however many batches, it is logged and applied once; every further copy is acknowledged as
+/// a duplicate. Whether the server delivers two copies, and in one batch, is up to it, so this
+/// test cannot force the same-batch path: `nats::intake::tests::
+/// a_message_delivered_twice_in_one_batch_is_logged_once` covers that one deterministically.
 #[test]
-fn a_message_delivered_twice_in_one_batch_is_applied_once() {
+fn a_message_given_back_after_its_ack_wait_is_applied_once() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let c = Client::connect(&nats.url);
@@ -210,11 +211,20 @@ fn a_message_delivered_twice_in_one_batch_is_applied_once() {
         let acks = |kind| metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", kind)]);
         acks("ack") + acks("duplicate") == received
     });
-    eprintln!("copies received: {received}");
+    assert!(received >= 1.0);
     assert_eq!(
         metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
         1.0,
-        "applied once"
+        "applied once ({received} copies received)"
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        received - 1.0,
+        "every further copy acknowledged as a duplicate"
     );
     assert_eq!(metric(&s, "kvindex_events_logged_total", &[]), 1.0);
     assert_eq!(scores(&s, 16), json!({"1": {"0": 16}}));

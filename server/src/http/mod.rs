@@ -21,7 +21,7 @@ mod observe;
 pub mod query;
 pub mod routes;
 #[cfg(test)]
-mod unregister_race;
+pub(crate) mod unregister_race;
 
 /// Body limit of `/query`, `/query_by_hash` and `/events` (about a million tokens as JSON).
 pub const LARGE_BODY_LIMIT: usize = 8 << 20;

@@ -52,8 +52,9 @@ impl Latch {
     }
 }
 
-/// The service's state over `dir`, as `kvindex serve` builds it (without listeners).
-fn open(dir: &Path) -> SharedState {
+/// The service's state over `dir`, as `kvindex serve` builds it (without listeners). Also used
+/// by the NATS intake's tests.
+pub(crate) fn open(dir: &Path) -> SharedState {
     let engine = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 64,

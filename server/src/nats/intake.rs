@@ -389,6 +389,97 @@ mod tests {
         assert!(events.is_empty());
     }
 
+    /// A JetStream message of stream sequence 5 (epoch 1) with one store of `worker`,
+    /// creating partition `m.default` (block size 4) if needed; `delivered`: its delivery count.
+    fn copy_of_seq_5(worker: u64, delivered: i64) -> Incoming {
+        use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
+        use kvindex_engine::{
+            ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
+            KvCacheStoredBlockData,
+        };
+        let local = compute_block_hash_for_seq(&[1, 2, 3, 4], 4, &HashOptions::default())[0];
+        let event = RouterEvent::new(
+            worker,
+            KvCacheEvent {
+                event_id: 0,
+                data: KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: None,
+                    start_position: None,
+                    blocks: vec![KvCacheStoredBlockData {
+                        block_hash: ExternalSequenceBlockHash(5),
+                        tokens_hash: local,
+                        mm_extra_info: None,
+                    }],
+                }),
+                dp_rank: 0,
+            },
+        );
+        let source_seq =
+            kvindex_persistence::tagged_source_seq(1, 5).expect("sequence 5 fits the layout");
+        Incoming {
+            subject: "kvindex.events.m.default".into(),
+            content_type: Some("application/json".into()),
+            block_size: Some("4".into()),
+            payload: Bytes::from(serde_json::to_vec(&event).expect("an event serializes")),
+            delivery: Some(Delivery {
+                source_seq,
+                delivered,
+            }),
+        }
+    }
+
+    /// JetStream delivered a message twice in one pull batch (a nak and an expired ack wait
+    /// both queued it): the second copy is in neither the durable set (the first is not
+    /// logged yet when it is seen) nor to be logged again. It shares the first copy's outcome
+    /// (a duplicate of an accepted message) and the event is logged once. Without the
+    /// grouping, both copies were logged and accepted.
+    #[test]
+    fn a_message_delivered_twice_in_one_batch_is_logged_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::http::unregister_race::open(dir.path());
+        let subjects = Subjects::new("kvindex");
+        let before = state.durable.log().next_lsn();
+        let batch = [copy_of_seq_5(7, 1), copy_of_seq_5(7, 2)];
+        let outcomes = process(&state, &subjects, Source::JetStream, &batch);
+        assert!(
+            matches!(&outcomes[..], [Outcome::Accepted(ack), Outcome::Duplicate] if ack.accepted == 1),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            state.durable.log().next_lsn() - before,
+            1,
+            "the event was logged once"
+        );
+        // Both copies were copies of one durable message: a later redelivery is a duplicate
+        // too.
+        let again = process(&state, &subjects, Source::JetStream, &[copy_of_seq_5(7, 3)]);
+        assert!(matches!(&again[..], [Outcome::Duplicate]), "{again:?}");
+        assert_eq!(state.durable.log().next_lsn() - before, 1);
+    }
+
+    /// The second copy of a refused message is refused alike (retryable or not): it is the same
+    /// message.
+    #[test]
+    fn a_copy_of_a_refused_message_is_refused_alike() {
+        let first = Outcome::Rejected {
+            reason: "log",
+            error: "disk full".into(),
+            retry: true,
+        };
+        assert!(matches!(
+            outcome_of_copy(&first),
+            Outcome::Rejected {
+                reason: "log",
+                retry: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            outcome_of_copy(&Outcome::Duplicate),
+            Outcome::Duplicate
+        ));
+    }
+
     #[test]
     fn log_failures_are_retryable_and_partition_errors_are_not() {
         let e = ApiError::Registry(RegistryError::NoIndexer {

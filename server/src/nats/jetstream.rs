@@ -20,7 +20,16 @@
 //! restored from a backup), the identity is read again once the consumer exists, and the set
 //! is pruned of other epochs and of sequences at or below the consumer's ack floor (JetStream
 //! never redelivers those), at setup and every [`PRUNE_EVERY`], when the identity is checked
-//! again too (a change sets the consumer up again).
+//! again too (a change sets the consumer up again). That periodic check runs when a pull
+//! brings something once the period has elapsed, before that batch is handled: a stream
+//! re-created while the consumer was idle for the period has none of its messages logged under
+//! the old stream's epoch (the batch is given back, and redelivered to the consumer set up
+//! again). A re-creation less than a period after the last check can still have one period's
+//! messages logged under the old epoch (best effort; a deleted stream usually takes its
+//! consumer along, whose pulls then fail and set the consumer up again at once).
+//!
+//! A log failure naks a message; copies of one stream sequence in a batch (a message delivered
+//! twice) get a single nak, on the latest copy: each nak queues a redelivery.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -271,6 +280,63 @@ fn delivery_of(m: &jetstream::Message, epoch: u16) -> Option<Delivery> {
     }
 }
 
+/// The acknowledgement a handled message gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// Logged and applied.
+    Ack,
+    /// Already durable (or another copy of a message of the batch): acknowledged, not applied.
+    Duplicate,
+    /// Refused for good: never redelivered.
+    Term,
+    /// Not logged (our failure): redelivered after [`NAK_DELAY`].
+    Nak,
+}
+
+impl Reply {
+    fn kind(self) -> AckKind {
+        match self {
+            Reply::Ack | Reply::Duplicate => AckKind::Ack,
+            Reply::Term => AckKind::Term,
+            Reply::Nak => AckKind::Nak(Some(NAK_DELAY)),
+        }
+    }
+
+    /// The `kind` label of [`JS_ACKS`].
+    fn label(self) -> &'static str {
+        match self {
+            Reply::Ack => "ack",
+            Reply::Duplicate => "duplicate",
+            Reply::Term => "term",
+            Reply::Nak => "nak",
+        }
+    }
+}
+
+/// The reply to each message of a batch (stream sequences `seqs`, `None` when unknown) after
+/// its outcome. A nak queues a redelivery, so a message held twice in the batch (delivered
+/// twice: both copies are refused alike) gets one nak, on its latest copy, as in
+/// [`give_back`]; its other copies get no reply (`None`). Acks and terms are sent to every
+/// copy: they queue nothing.
+fn replies(seqs: &[Option<u64>], outcomes: &[Outcome]) -> Vec<Option<Reply>> {
+    let mut naked = std::collections::HashSet::new();
+    let mut replies: Vec<Option<Reply>> = seqs
+        .iter()
+        .zip(outcomes)
+        .rev()
+        .map(|(seq, o)| match o {
+            Outcome::Accepted(_) => Some(Reply::Ack),
+            Outcome::Duplicate => Some(Reply::Duplicate),
+            Outcome::Rejected { retry: false, .. } => Some(Reply::Term),
+            Outcome::Rejected { retry: true, .. } => {
+                seq.is_none_or(|s| naked.insert(s)).then_some(Reply::Nak)
+            }
+        })
+        .collect();
+    replies.reverse();
+    replies
+}
+
 /// What became of a batch.
 enum Handled {
     /// Logged, applied and acknowledged (or left to the ack wait): go on.
@@ -317,14 +383,14 @@ async fn handle(
         // Logged, not acknowledged: left to the ack wait (the test kills the process here).
         return Handled::Stopped(Vec::new());
     }
-    for (m, o) in messages.iter().zip(&outcomes) {
-        let (kind, label) = match o {
-            Outcome::Accepted(_) => (AckKind::Ack, "ack"),
-            Outcome::Duplicate => (AckKind::Ack, "duplicate"),
-            Outcome::Rejected { retry: false, .. } => (AckKind::Term, "term"),
-            Outcome::Rejected { retry: true, .. } => (AckKind::Nak(Some(NAK_DELAY)), "nak"),
-        };
-        match m.ack_with(kind).await {
+    let seqs: Vec<Option<u64>> = messages
+        .iter()
+        .map(|m| m.info().ok().map(|i| i.stream_sequence))
+        .collect();
+    for (m, reply) in messages.iter().zip(replies(&seqs, &outcomes)) {
+        let Some(reply) = reply else { continue };
+        let label = reply.label();
+        match m.ack_with(reply.kind()).await {
             Ok(()) => count_ack(label),
             // Redelivered after the ack wait; a logged one is then recognised as durable.
             Err(e) => {
@@ -457,17 +523,22 @@ pub async fn run(
                     }
                 }
             }
+            // The stream's identity is checked before the batch is handled: a stream
+            // re-created while the consumer was idle must not have its first messages logged
+            // under the old stream's epoch. A changed identity gives the batch back (after
+            // unsubscribing, below) and sets the consumer up again under the new epoch.
+            if pruned_at.elapsed() >= PRUNE_EVERY {
+                pruned_at = tokio::time::Instant::now();
+                if !check_and_prune(&state, &ready).await {
+                    unhandled = batch;
+                    break;
+                }
+            }
             if !batch.is_empty() {
                 if let Handled::Stopped(not_handled) =
                     handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
                 {
                     unhandled = not_handled;
-                    break;
-                }
-            }
-            if pruned_at.elapsed() >= PRUNE_EVERY {
-                pruned_at = tokio::time::Instant::now();
-                if !check_and_prune(&state, &ready).await {
                     break;
                 }
             }
@@ -500,4 +571,72 @@ pub async fn run(
         }
     }
     tracing::info!("JetStream consumer stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(retry: bool) -> Outcome {
+        Outcome::Rejected {
+            reason: if retry { "log" } else { "decode" },
+            error: "refused".into(),
+            retry,
+        }
+    }
+
+    /// Copies of one stream sequence refused for retry get one nak between them, on the
+    /// latest copy: each nak would queue a redelivery. Other replies go to every copy.
+    #[test]
+    fn a_message_held_twice_and_refused_for_retry_is_naked_once() {
+        let seqs = [
+            Some(5),
+            Some(6),
+            Some(5),
+            None,
+            None,
+            Some(7),
+            Some(7),
+            Some(5),
+        ];
+        let outcomes = [
+            refused(true),
+            refused(true),
+            refused(true),
+            refused(true),
+            refused(true),
+            refused(false),
+            refused(false),
+            refused(true),
+        ];
+        assert_eq!(
+            replies(&seqs, &outcomes),
+            [
+                None,
+                Some(Reply::Nak),
+                None,
+                // Without a sequence the copies cannot be told apart: each is naked.
+                Some(Reply::Nak),
+                Some(Reply::Nak),
+                Some(Reply::Term),
+                Some(Reply::Term),
+                Some(Reply::Nak),
+            ]
+        );
+        let outcomes = [
+            Outcome::Duplicate,
+            refused(true),
+            Outcome::Duplicate,
+            refused(true),
+        ];
+        assert_eq!(
+            replies(&[Some(1), Some(2), Some(1), Some(3)], &outcomes),
+            [
+                Some(Reply::Duplicate),
+                Some(Reply::Nak),
+                Some(Reply::Duplicate),
+                Some(Reply::Nak),
+            ]
+        );
+    }
 }

@@ -50,6 +50,7 @@
 //! to the log's group-commit queue), not wait for an fsync.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,8 +107,12 @@ pub enum SinkError {
     Rejected(String),
     /// The listener is no longer the stream's current one (stopped, paused, or superseded by a
     /// newer start of the same stream) and its task has not ended yet: the batch is not taken,
-    /// and neither the watermark nor the listener's status moves — a resumed or re-registered
-    /// listener of the stream owns them now, and must still fetch the batch itself.
+    /// the watermark does not move, and the task ends at once, submitting nothing more (the
+    /// rest of a replay it was applying, its held live messages) — a resumed or re-registered
+    /// listener of the stream owns the stream now, and must still fetch the batch itself.
+    /// Return it only for such a listener: the task it ends is not restarted. (A paused or
+    /// replaced task leaves the status shared with its successor alone whatever the sink
+    /// answers: it changes the status only while [`ZmqIngest`] knows it as the current one.)
     #[error("batch refused by sink: {0}")]
     Fenced(String),
 }
@@ -443,8 +448,23 @@ type StreamKey = (u64, u32);
 
 struct Entry {
     spec: ListenerSpec,
-    status: Arc<Mutex<ListenerStatus>>,
+    status: Arc<Mutex<Shared>>,
     task: Option<JoinHandle<()>>,
+}
+
+/// A listener's status, shared by the listener's entry and its tasks: a pause and a resume
+/// keep the status but replace the task, and an aborted task runs on until its next await
+/// (e.g. through the rest of a replay's apply loop). Only the task named `owner` may change
+/// the status; the others end without touching it.
+///
+/// Ordering: `owner` is only read and written under this mutex, together with the status, so
+/// once a pause (or a resume, unregister, shutdown) has changed it, no update of the replaced
+/// task lands after that.
+struct Shared {
+    status: ListenerStatus,
+    /// The task that owns the status ([`Listener::task_id`]); `None` while none runs (paused,
+    /// stopped).
+    owner: Option<u64>,
 }
 
 struct Inner {
@@ -453,6 +473,9 @@ struct Inner {
     config: IngestConfig,
     gate: watch::Sender<bool>,
     listeners: Mutex<BTreeMap<StreamKey, Entry>>,
+    /// Last listener task id handed out (unique per [`ZmqIngest`]; only uniqueness matters,
+    /// so `Relaxed`).
+    tasks: AtomicU64,
 }
 
 /// The ZMQ listeners of one kvindex process: register, pause, resume, unregister, inspect.
@@ -479,6 +502,7 @@ impl ZmqIngest {
                 config,
                 gate,
                 listeners: Mutex::new(BTreeMap::new()),
+                tasks: AtomicU64::new(0),
             }),
         }
     }
@@ -502,19 +526,22 @@ impl ZmqIngest {
                 dp_rank: spec.dp_rank,
             });
         }
-        let status = Arc::new(Mutex::new(ListenerStatus {
-            worker_id: spec.worker_id,
-            dp_rank: spec.dp_rank,
-            endpoint: spec.endpoint.clone(),
-            replay_endpoint: spec.replay_endpoint.clone(),
-            state: ListenerState::Pending,
-            connected: false,
-            degraded: false,
-            replaying: false,
-            last_error: None,
-            watermark: spec.resume_after,
-            last_live_seq: None,
-            counters: ListenerCounters::default(),
+        let status = Arc::new(Mutex::new(Shared {
+            status: ListenerStatus {
+                worker_id: spec.worker_id,
+                dp_rank: spec.dp_rank,
+                endpoint: spec.endpoint.clone(),
+                replay_endpoint: spec.replay_endpoint.clone(),
+                state: ListenerState::Pending,
+                connected: false,
+                degraded: false,
+                replaying: false,
+                last_error: None,
+                watermark: spec.resume_after,
+                last_live_seq: None,
+                counters: ListenerCounters::default(),
+            },
+            owner: None,
         }));
         let task = self.spawn(spec.clone(), status.clone());
         listeners.insert(
@@ -528,8 +555,14 @@ impl ZmqIngest {
         Ok(())
     }
 
-    fn spawn(&self, spec: ListenerSpec, status: Arc<Mutex<ListenerStatus>>) -> JoinHandle<()> {
+    /// Start a task for `spec`; it owns `status` from now on (an earlier task of the stream no
+    /// longer changes it).
+    fn spawn(&self, spec: ListenerSpec, status: Arc<Mutex<Shared>>) -> JoinHandle<()> {
+        let task_id = self.inner.tasks.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&status).owner = Some(task_id);
         let listener = Listener {
+            task_id,
+            fenced: false,
             ctx: ConvertContext {
                 worker_id: spec.worker_id,
                 dp_rank: spec.dp_rank,
@@ -579,18 +612,21 @@ impl ZmqIngest {
         let entry = listeners
             .get_mut(&(worker_id, dp_rank))
             .ok_or(IngestError::NotFound { worker_id, dp_rank })?;
-        let mut status = lock(&entry.status);
-        if status.state == ListenerState::Paused {
+        let mut shared = lock(&entry.status);
+        if shared.status.state == ListenerState::Paused {
             return Err(IngestError::InvalidTransition {
                 worker_id,
                 dp_rank,
                 action: "paused",
-                from: status.state.as_str(),
+                from: shared.status.state.as_str(),
             });
         }
         if let Some(task) = entry.task.take() {
             task.abort();
         }
+        // The task may run on until its next await: from now on it leaves the status alone.
+        shared.owner = None;
+        let status = &mut shared.status;
         status.state = ListenerState::Paused;
         status.connected = false;
         status.replaying = false;
@@ -625,7 +661,8 @@ impl ZmqIngest {
             .get_mut(&(worker_id, dp_rank))
             .ok_or(IngestError::NotFound { worker_id, dp_rank })?;
         let watermark = {
-            let mut status = lock(&entry.status);
+            let mut shared = lock(&entry.status);
+            let status = &mut shared.status;
             if status.state != ListenerState::Paused {
                 return Err(IngestError::InvalidTransition {
                     worker_id,
@@ -651,14 +688,14 @@ impl ZmqIngest {
     pub fn status(&self, worker_id: u64, dp_rank: u32) -> Option<ListenerStatus> {
         lock(&self.inner.listeners)
             .get(&(worker_id, dp_rank))
-            .map(|e| lock(&e.status).clone())
+            .map(|e| lock(&e.status).status.clone())
     }
 
     /// Status of every listener, ordered by (worker_id, dp_rank).
     pub fn statuses(&self) -> Vec<ListenerStatus> {
         lock(&self.inner.listeners)
             .values()
-            .map(|e| lock(&e.status).clone())
+            .map(|e| lock(&e.status).status.clone())
             .collect()
     }
 
@@ -668,7 +705,9 @@ impl ZmqIngest {
             if let Some(task) = entry.task.take() {
                 task.abort();
             }
-            let mut status = lock(&entry.status);
+            let mut shared = lock(&entry.status);
+            shared.owner = None;
+            let status = &mut shared.status;
             status.state = ListenerState::Paused;
             status.connected = false;
             status.replaying = false;
@@ -705,7 +744,11 @@ fn stop_entry(mut entry: Entry) -> ListenerStatus {
     if let Some(task) = entry.task.take() {
         task.abort();
     }
-    let mut status = lock(&entry.status).clone();
+    let mut status = {
+        let mut shared = lock(&entry.status);
+        shared.owner = None;
+        shared.status.clone()
+    };
     status.connected = false;
     status.replaying = false;
     status
@@ -716,8 +759,13 @@ fn stop_entry(mut entry: Entry) -> ListenerStatus {
 // ---------------------------------------------------------------------------------------------
 
 struct Listener {
+    /// This task's id: it changes the shared status only while it is the status's owner.
+    task_id: u64,
+    /// The sink refused a batch as [`SinkError::Fenced`]: the stream has a newer listener (or
+    /// none), so this task ends without touching anything more.
+    fenced: bool,
     spec: ListenerSpec,
-    status: Arc<Mutex<ListenerStatus>>,
+    status: Arc<Mutex<Shared>>,
     sink: Arc<dyn EventSink>,
     config: IngestConfig,
     ctx: ConvertContext,
@@ -834,8 +882,18 @@ fn unconnectable(endpoint: &str) -> Option<String> {
 }
 
 impl Listener {
-    fn with_status<R>(&self, f: impl FnOnce(&mut ListenerStatus) -> R) -> R {
-        f(&mut lock(&self.status))
+    /// Change the shared status, if this task still owns it (else `None`, nothing done): a
+    /// paused or superseded task whose abort has not landed yet must not change the status of
+    /// the task resumed in its place.
+    fn with_status<R>(&self, f: impl FnOnce(&mut ListenerStatus) -> R) -> Option<R> {
+        let mut shared = lock(&self.status);
+        (shared.owner == Some(self.task_id)).then(|| f(&mut shared.status))
+    }
+
+    /// This task is no longer the stream's listener (paused, stopped, superseded, or fenced by
+    /// the sink): it is to end at once.
+    fn superseded(&self) -> bool {
+        self.fenced || lock(&self.status).owner != Some(self.task_id)
     }
 
     async fn run(mut self, mut gate: watch::Receiver<bool>) {
@@ -884,6 +942,11 @@ impl Listener {
             }
 
             loop {
+                // A superseded task still working through held messages (no await between
+                // them, so its abort does not land) stops here.
+                if self.superseded() {
+                    return;
+                }
                 let msg = match self.held.pop_front() {
                     Some(m) => {
                         self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
@@ -1062,6 +1125,9 @@ impl Listener {
             metrics::counter!(METRIC_GAPS).increment(1);
             self.with_status(|s| s.counters.gaps += 1);
             self.replay(expected, Some(seq), sub).await;
+            if self.superseded() {
+                return;
+            }
             // Replay normally covers the live batch too; then it is stale.
             if self.watermark.is_some_and(|w| seq <= w) {
                 self.drop_stale(seq);
@@ -1155,8 +1221,9 @@ impl Listener {
             }
             Err(SinkError::Fenced(reason)) => {
                 // Not this task's stream any more: leave the watermark and the status (shared
-                // with a resumed task) alone. The rest of a replay it may still be applying
-                // is refused too, until the abort lands at its next await.
+                // with a resumed task) alone, and end the task: the rest of a replay it may
+                // still be applying, and its held messages, are not submitted.
+                self.fenced = true;
                 self.warn_refused(seq, reason);
                 metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
                 return;
@@ -1223,11 +1290,13 @@ impl Listener {
             }
             return;
         };
-        let degraded = self.with_status(|s| {
+        let Some(degraded) = self.with_status(|s| {
             s.counters.replay_requests += 1;
             s.replaying = true;
             s.degraded
-        });
+        }) else {
+            return;
+        };
         let attempts = if degraded {
             1
         } else {
@@ -1281,6 +1350,11 @@ impl Listener {
         let mut contiguous = true;
         let mut prev: Option<u64> = None;
         for (seq, payload) in &fetched.batches {
+            // No await in this loop: a task paused or superseded meanwhile stops here, not
+            // at the end of the replay.
+            if self.superseded() {
+                return;
+            }
             if prev.is_some_and(|p| *seq != p.saturating_add(1)) {
                 contiguous = false;
             }
@@ -1289,6 +1363,9 @@ impl Listener {
                 continue;
             }
             self.apply(*seq, payload);
+        }
+        if self.superseded() {
+            return;
         }
         metrics::counter!(METRIC_REPLAYED_BATCHES).increment(count);
         self.with_status(|s| {
@@ -1539,6 +1616,115 @@ async fn replay_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Holds generation 1's first batch inside `submit` until released; refuses, as fenced,
+    /// every generation but `current`; records `(generation, seq)` of every call.
+    #[derive(Default)]
+    struct HoldingSink {
+        current: AtomicU64,
+        calls: Mutex<Vec<(u64, u64)>>,
+        held: std::sync::atomic::AtomicBool,
+        reached: std::sync::atomic::AtomicBool,
+        release: std::sync::atomic::AtomicBool,
+    }
+
+    impl EventSink for HoldingSink {
+        fn submit(
+            &self,
+            _worker_id: u64,
+            _dp_rank: u32,
+            generation: u64,
+            source_seq: u64,
+            _events: Vec<RouterEvent>,
+        ) -> Result<(), SinkError> {
+            lock(&self.calls).push((generation, source_seq));
+            if generation == 1 && !self.held.swap(true, Ordering::SeqCst) {
+                self.reached.store(true, Ordering::SeqCst);
+                let end = Instant::now() + Duration::from_secs(30);
+                while !self.release.load(Ordering::SeqCst) {
+                    assert!(Instant::now() < end, "never released");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            if generation == self.current.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(SinkError::Fenced("superseded".into()))
+            }
+        }
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A listener task paused while it applies a replay (held inside the sink: no await, so
+    /// its abort cannot land) and resumed: once it goes on, its batch is fenced and it ends
+    /// there. It neither submits the rest of its replay nor touches the status it shares with
+    /// the resumed task (before, it added its replay to the counters, and could clear
+    /// `replaying`, `degraded`, `last_error` or the watermark of its successor).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_task_still_applying_a_replay_leaves_the_resumed_ones_status_alone() {
+        use super::super::test_publisher::{PublishBatch, PublisherConfig, VllmPublisher};
+        let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+            .await
+            .unwrap();
+        // Five batches the listener fetches by replay as it starts.
+        for _ in 0..5 {
+            publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+        }
+        let sink = Arc::new(HoldingSink::default());
+        sink.current.store(1, Ordering::SeqCst);
+        let ingest = ZmqIngest::new(Handle::current(), sink.clone(), IngestConfig::default());
+        let replay = publisher.replay_endpoint().unwrap().to_owned();
+        ingest
+            .register(
+                ListenerSpec::new(7, 0, publisher.endpoint(), 4)
+                    .with_replay(replay)
+                    .with_generation(1),
+            )
+            .unwrap();
+        wait_for("the replay's first batch in the sink", || {
+            sink.reached.load(Ordering::SeqCst)
+        })
+        .await;
+
+        sink.current.store(2, Ordering::SeqCst);
+        ingest.pause(7, 0).unwrap();
+        ingest.resume_with_generation(7, 0, 2).unwrap();
+        wait_for("the resumed listener's replay", || {
+            ingest.status(7, 0).is_some_and(|s| {
+                s.watermark == Some(4) && !s.replaying && s.counters.replayed_batches == 5
+            })
+        })
+        .await;
+        let before = ingest.status(7, 0).unwrap();
+
+        sink.release.store(true, Ordering::SeqCst);
+        // The old task has ended once only the entry and the resumed task hold the status.
+        let shared = Arc::clone(&lock(&ingest.inner.listeners)[&(7, 0)].status);
+        wait_for("the paused task's end", || Arc::strong_count(&shared) == 3).await;
+        drop(shared);
+        assert_eq!(
+            ingest.status(7, 0).unwrap(),
+            before,
+            "the paused task changed its successor's status"
+        );
+        let old: Vec<u64> = lock(&sink.calls)
+            .iter()
+            .filter(|(g, _)| *g == 1)
+            .map(|(_, seq)| *seq)
+            .collect();
+        assert_eq!(
+            old,
+            [0],
+            "the paused task went on submitting after it was fenced"
+        );
+    }
 
     /// Block-size mismatches are found among a batch's skipped events, with both sizes and
     /// their count; other skips are not mistaken for one.
