@@ -245,11 +245,8 @@ mod tests {
     use super::*;
     use crate::listeners::NoListeners;
     use crate::partitions::Registration;
-    use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
-    use kvindex_engine::{
-        Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
-        KvCacheStoreData, KvCacheStoredBlockData,
-    };
+    use kvindex_engine::hashing::HashOptions;
+    use kvindex_engine::{Engine, EngineConfig};
     use kvindex_persistence::DurableConfig;
 
     /// The contract the ZMQ listener relies on: submit with the effective stream, the event is
@@ -280,25 +277,9 @@ mod tests {
         let ingest = Ingest::new(Arc::clone(&durable), Arc::clone(&partitions));
         let sink: &dyn IngestSink = &ingest;
         let key = NamespaceKey::new("m", "default");
-        let tokens = [1, 2, 3, 4];
-        let local = compute_block_hash_for_seq(&tokens, 4, &HashOptions::default())[0];
+        let tokens = crate::test_events::TOKENS;
         // The event claims worker 99 / dp 0; the stream given (7, dp 3) wins.
-        let event = RouterEvent::new(
-            99,
-            KvCacheEvent {
-                event_id: 0,
-                data: KvCacheEventData::Stored(KvCacheStoreData {
-                    parent_hash: None,
-                    start_position: None,
-                    blocks: vec![KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(5),
-                        tokens_hash: local,
-                        mm_extra_info: None,
-                    }],
-                }),
-                dp_rank: 0,
-            },
-        );
+        let event = crate::test_events::one_block_store(99, 0, 5);
         let ticket = sink.submit(&key, 7, 3, 41, event).unwrap();
         ticket.wait().unwrap();
         ingest.flush(&key).unwrap();

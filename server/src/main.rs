@@ -26,6 +26,8 @@ mod partitions;
 mod peers;
 mod replay_cmd;
 mod serve;
+#[cfg(test)]
+mod test_events;
 mod zmq_source;
 
 use cli::{Cli, Command};

@@ -468,11 +468,8 @@ mod tests {
     use crate::ingest::Ingest;
     use crate::listeners::NoListeners;
     use crate::partitions::{Partitions, Registration};
-    use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
-    use kvindex_engine::{
-        Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
-        KvCacheStoreData, KvCacheStoredBlockData, RouterEvent,
-    };
+
+    use kvindex_engine::{Engine, EngineConfig, RouterEvent};
     use kvindex_persistence::{DurableConfig, DurableIndex};
     use kvindex_server::zmq::test_publisher::{PublishBatch, PublisherConfig, VllmPublisher};
     use kvindex_server::zmq::{IngestConfig, SinkError};
@@ -576,23 +573,7 @@ mod tests {
     }
 
     fn store(worker_id: u64) -> RouterEvent {
-        let local = compute_block_hash_for_seq(&[1, 2, 3, 4], 4, &HashOptions::default())[0];
-        RouterEvent::new(
-            worker_id,
-            KvCacheEvent {
-                event_id: 0,
-                data: KvCacheEventData::Stored(KvCacheStoreData {
-                    parent_hash: None,
-                    start_position: None,
-                    blocks: vec![KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(5),
-                        tokens_hash: local,
-                        mm_extra_info: None,
-                    }],
-                }),
-                dp_rank: 0,
-            },
-        )
+        crate::test_events::one_block_store(worker_id, 0, 5)
     }
 
     /// The ZMQ sink runs on the async workers: it must not wait while an `/unregister` holds

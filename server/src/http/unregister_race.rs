@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderName, StatusCode};
 use axum::Json;
-use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
-use kvindex_engine::{
-    Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
-    KvCacheStoreData, KvCacheStoredBlockData, NamespaceKey, RouterEvent, WorkerWithDpRank,
-};
+use kvindex_engine::hashing::HashOptions;
+use kvindex_engine::{Engine, EngineConfig, NamespaceKey, RouterEvent, WorkerWithDpRank};
 use kvindex_persistence::{DurableConfig, DurableIndex};
 
 use super::body_budget::BodyBudget;
@@ -26,7 +23,7 @@ use crate::listeners::NoListeners;
 use crate::partitions::{Partitions, Registration};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const TOKENS: [u32; 4] = [1, 2, 3, 4];
+use crate::test_events::TOKENS;
 
 /// A one-shot signal.
 #[derive(Default)]
@@ -111,23 +108,7 @@ fn register(state: &AppState, instance_id: u64) {
 
 /// A store of the block of [`TOKENS`] by `worker_id`.
 fn store(worker_id: u64, event_id: u64) -> RouterEvent {
-    let local = compute_block_hash_for_seq(&TOKENS, 4, &HashOptions::default())[0];
-    RouterEvent::new(
-        worker_id,
-        KvCacheEvent {
-            event_id,
-            data: KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: None,
-                start_position: None,
-                blocks: vec![KvCacheStoredBlockData {
-                    block_hash: ExternalSequenceBlockHash(100 + worker_id),
-                    tokens_hash: local,
-                    mm_extra_info: None,
-                }],
-            }),
-            dp_rank: 0,
-        },
-    )
+    crate::test_events::one_block_store(worker_id, event_id, 100 + worker_id)
 }
 
 fn explicit() -> EventsTarget {

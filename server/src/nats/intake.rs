@@ -392,28 +392,7 @@ mod tests {
     /// A JetStream message of stream sequence 5 (epoch 1) with one store of `worker`,
     /// creating partition `m.default` (block size 4) if needed; `delivered`: its delivery count.
     fn copy_of_seq_5(worker: u64, delivered: i64) -> Incoming {
-        use kvindex_engine::hashing::{compute_block_hash_for_seq, HashOptions};
-        use kvindex_engine::{
-            ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
-            KvCacheStoredBlockData,
-        };
-        let local = compute_block_hash_for_seq(&[1, 2, 3, 4], 4, &HashOptions::default())[0];
-        let event = RouterEvent::new(
-            worker,
-            KvCacheEvent {
-                event_id: 0,
-                data: KvCacheEventData::Stored(KvCacheStoreData {
-                    parent_hash: None,
-                    start_position: None,
-                    blocks: vec![KvCacheStoredBlockData {
-                        block_hash: ExternalSequenceBlockHash(5),
-                        tokens_hash: local,
-                        mm_extra_info: None,
-                    }],
-                }),
-                dp_rank: 0,
-            },
-        );
+        let event = crate::test_events::one_block_store(worker, 0, 5);
         let source_seq =
             kvindex_persistence::tagged_source_seq(1, 5).expect("sequence 5 fits the layout");
         Incoming {
