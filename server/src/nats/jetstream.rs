@@ -19,7 +19,8 @@
 //! (a new one when the log holds a sequence of it past the stream's last one: a stream
 //! restored from a backup), the identity is read again once the consumer exists, and the set
 //! is pruned of other epochs and of sequences at or below the consumer's ack floor (JetStream
-//! never redelivers those), at setup and every [`PRUNE_EVERY`], when the identity is checked
+//! never redelivers those), at setup and every [`PRUNE_EVERY`] (then to the floor read one
+//! period earlier, so that a copy already delivered is still recognised), when the identity is checked
 //! again too (a change sets the consumer up again). That periodic check runs when a pull
 //! brings something once the period has elapsed, before that batch is handled: a stream
 //! re-created while the consumer was idle for the period has none of its messages logged under
@@ -186,8 +187,12 @@ fn prune(state: &SharedState, epoch: u16, ack_floor: u64) {
 }
 
 /// Periodic check: the stream is still the one set up (else `false`: set the consumer up
-/// again, under the new identity's epoch), then [`prune`] to the consumer's current ack floor.
-async fn check_and_prune(state: &SharedState, ready: &Ready) -> bool {
+/// again, under the new identity's epoch), then [`prune`] to the ack floor read at the
+/// previous check (`floor`, which becomes the current one). Not the current floor: a copy of
+/// a message redelivered before its first copy's ack moved the floor past it may still sit in
+/// the client's buffer or the batch about to be handled, and must still be found in the set;
+/// one period later it has been handled.
+async fn check_and_prune(state: &SharedState, ready: &Ready, floor: &mut Option<u64>) -> bool {
     match identity_of(&ready.stream, &ready.identity.stream).await {
         Ok((now, _)) if now != ready.identity => {
             tracing::warn!(
@@ -206,13 +211,23 @@ async fn check_and_prune(state: &SharedState, ready: &Ready) -> bool {
         }
     }
     match ready.consumer.get_info().await {
-        Ok(info) => prune(state, ready.epoch, info.ack_floor.stream_sequence),
+        Ok(info) => {
+            if let Some(previous) = lagged_floor(floor, info.ack_floor.stream_sequence) {
+                prune(state, ready.epoch, previous);
+            }
+        }
         Err(e) => {
             count_error(ErrorStage::Floor);
             tracing::warn!(error = %e, "JetStream consumer info not read; logged sequences pruned later");
         }
     }
     true
+}
+
+/// The floor to prune to once `read` was read: the one read at the previous check (none at
+/// the first), `read` kept for the next one.
+fn lagged_floor(floor: &mut Option<u64>, read: u64) -> Option<u64> {
+    floor.replace(read)
 }
 
 fn count_ack(kind: &'static str) {
@@ -502,6 +517,8 @@ pub async fn run(
         let mut chunks = Box::pin(messages.ready_chunks(BATCH));
         let mut errors_in_a_row = 0u32;
         let mut pruned_at = tokio::time::Instant::now();
+        // The ack floor read at the last periodic check (see `check_and_prune`).
+        let mut floor = None;
         let mut unhandled = Vec::new();
         loop {
             let chunk = tokio::select! {
@@ -529,7 +546,7 @@ pub async fn run(
             // unsubscribing, below) and sets the consumer up again under the new epoch.
             if pruned_at.elapsed() >= PRUNE_EVERY {
                 pruned_at = tokio::time::Instant::now();
-                if !check_and_prune(&state, &ready).await {
+                if !check_and_prune(&state, &ready, &mut floor).await {
                     unhandled = batch;
                     break;
                 }
@@ -583,6 +600,20 @@ mod tests {
             error: "refused".into(),
             retry,
         }
+    }
+
+    /// The periodic pruning lags one check behind the ack floor: a copy delivered before the
+    /// floor moved past its sequence is still recognised while it is handled.
+    #[test]
+    fn pruning_uses_the_ack_floor_of_the_previous_check() {
+        let mut floor = None;
+        assert_eq!(
+            lagged_floor(&mut floor, 10),
+            None,
+            "nothing pruned at the first check"
+        );
+        assert_eq!(lagged_floor(&mut floor, 25), Some(10));
+        assert_eq!(lagged_floor(&mut floor, 25), Some(25));
     }
 
     /// Copies of one stream sequence refused for retry get one nak between them, on the
