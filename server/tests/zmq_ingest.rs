@@ -1156,6 +1156,12 @@ async fn fenced_batches_leave_the_watermark_for_the_resumed_listener() {
     let st = status(&ingest, 7, 0);
     assert_eq!(st.watermark, None, "a fenced batch moved the watermark");
     assert_eq!(st.counters.lost_batches, 0);
+    // The fenced task ended: its status does not claim a live connection.
+    wait_until("the fenced task's status", || {
+        let st = status(&ingest, 7, 0);
+        !st.connected && st.last_error.is_some_and(|e| e.contains("fenced"))
+    })
+    .await;
 
     ingest.pause(7, 0).unwrap();
     ingest.resume_with_generation(7, 0, 1).unwrap();

@@ -1224,6 +1224,12 @@ impl Listener {
                 // with a resumed task) alone, and end the task: the rest of a replay it may
                 // still be applying, and its held messages, are not submitted.
                 self.fenced = true;
+                // Still the stream's task (a sink fencing it before anyone replaced it): its
+                // status must not say it is connected and receiving.
+                self.with_status(|s| {
+                    s.connected = false;
+                    s.last_error = Some(format!("fenced by the sink: {reason}"));
+                });
                 self.warn_refused(seq, reason);
                 metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
                 return;
