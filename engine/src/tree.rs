@@ -934,7 +934,8 @@ impl Tree {
         let mut unheld_tails: Vec<u32> = Vec::new();
         let mut i = 0usize;
         // Invariant: `cur` is locked, `j <= len(cur)` is the next position to match in it.
-        loop {
+        // An error leaves the walk (with no lock held) but not the tails above.
+        let walked: Result<(), KvCacheEventError> = 'walk: loop {
             let (start, len) = extent_parts(self.node(cur).extent.load(Ordering::Relaxed));
             if j < len {
                 let mut m = 0u32;
@@ -955,9 +956,13 @@ impl Tree {
                     if j > 0 {
                         // Not reachable by the protocol (a stream enters a run it does not hold
                         // only at its first block); handled for safety.
-                        let t = self
+                        let t = match self
                             .split(st, cur, j, guard)
-                            .inspect_err(|_| self.unlock(cur))?;
+                            .inspect_err(|_| self.unlock(cur))
+                        {
+                            Ok(t) => t,
+                            Err(e) => break 'walk Err(e),
+                        };
                         self.unlock(cur);
                         cur = t;
                         j = 0;
@@ -966,9 +971,13 @@ impl Tree {
                     if m < len_now {
                         // Relaxed: `cur` is locked, and members change only under its lock.
                         let unheld = self.node(cur).members.load(Ordering::Relaxed) == 0;
-                        let t = self
+                        let t = match self
                             .split(st, cur, m, guard)
-                            .inspect_err(|_| self.unlock(cur))?;
+                            .inspect_err(|_| self.unlock(cur))
+                        {
+                            Ok(t) => t,
+                            Err(e) => break 'walk Err(e),
+                        };
                         self.unlock(t);
                         if unheld {
                             unheld_tails.push(t);
@@ -1009,18 +1018,22 @@ impl Tree {
                 j += m;
                 if i == blocks.len() {
                     self.unlock(cur);
-                    break;
+                    break 'walk Ok(());
                 }
                 let (_, len_now) = self.extent(cur);
                 if j < len_now {
                     if j == 0 {
                         self.unlock(cur);
-                        return Err(KvCacheEventError::IndexerInvariantViolation);
+                        break 'walk Err(KvCacheEventError::IndexerInvariantViolation);
                     }
                     // The stream's chain leaves this run in its middle: cut it there.
-                    let t = self
+                    let t = match self
                         .split(st, cur, j, guard)
-                        .inspect_err(|_| self.unlock(cur))?;
+                        .inspect_err(|_| self.unlock(cur))
+                    {
+                        Ok(t) => t,
+                        Err(e) => break 'walk Err(e),
+                    };
                     self.unlock(t);
                 }
             }
@@ -1043,7 +1056,7 @@ impl Tree {
                         Ok(grown) => grown,
                         Err(e) => {
                             self.unlock(cur);
-                            return Err(e);
+                            break 'walk Err(e);
                         }
                     };
                     // The grown runs' block ranges, taken while their nodes are still locked:
@@ -1075,16 +1088,17 @@ impl Tree {
                             }
                         }
                     }
-                    break;
+                    break 'walk Ok(());
                 }
             }
-        }
+        };
         for t in unheld_tails {
             // `t` cannot have been recycled: ids are reused only after a grace period, and
             // `guard` has been pinned since the split. `try_unlink` checks again under the
             // locks (someone may have joined `t`, or hung a child below it, meanwhile).
             self.try_unlink(st, t, guard);
         }
+        walked?;
         for (old, ext) in displaced {
             // Still held under `ext` means it is the block just stored (a re-store): keep it.
             if self.resolve(st, ext, guard) != Some(old) && self.holds(st.slot, old, guard) {

@@ -633,7 +633,10 @@ impl ZmqIngest {
         Ok(())
     }
 
-    /// Restart a paused listener from its kept watermark, with the generation it had.
+    /// Restart a paused listener from its kept watermark, with the generation it had. For a
+    /// sink without fencing only: the paused task may still be submitting (an abort lands at
+    /// its next await), and without a new generation ([`Self::resume_with_generation`]) the
+    /// sink cannot refuse those batches, which the resumed task may then submit again.
     pub fn resume(&self, worker_id: u64, dp_rank: u32) -> Result<(), IngestError> {
         self.resume_inner(worker_id, dp_rank, None)
     }
