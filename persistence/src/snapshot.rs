@@ -685,19 +685,19 @@ impl SnapshotStore {
     /// readable by builds that read only version 2 (docs/operations.md, "Going back to an older
     /// build").
     pub fn write_with(&self, image: &SnapshotImage, tagged: &TaggedSeqs) -> Result<SnapshotMeta> {
-        let encoded = rkyv::to_bytes::<rancor::Error>(image)
+        // The image, then (format 3) the tagged sequences appended in place: the image (the
+        // bulk of a snapshot) is never copied.
+        let mut payload = rkyv::to_bytes::<rancor::Error>(image)
             .map_err(|e| PersistError::Encode(e.to_string()))?;
-        let (version, payload, image_len) = if tagged.is_empty() {
-            (MIN_SNAPSHOT_FORMAT_VERSION, encoded.to_vec(), 0)
+        let (version, image_len) = if tagged.is_empty() {
+            (MIN_SNAPSHOT_FORMAT_VERSION, 0)
         } else {
             let seqs = rkyv::to_bytes::<rancor::Error>(&TaggedSeqsImage::of(tagged))
                 .map_err(|e| PersistError::Encode(e.to_string()))?;
-            let image_len = encoded.len();
-            let mut payload = Vec::with_capacity(tagged_section_at(image_len) + seqs.len());
-            payload.extend_from_slice(&encoded);
+            let image_len = payload.len();
             payload.resize(tagged_section_at(image_len), 0);
             payload.extend_from_slice(&seqs);
-            (SNAPSHOT_FORMAT_VERSION, payload, image_len)
+            (SNAPSHOT_FORMAT_VERSION, image_len)
         };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
