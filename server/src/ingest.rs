@@ -277,9 +277,9 @@ mod tests {
         let ingest = Ingest::new(Arc::clone(&durable), Arc::clone(&partitions));
         let sink: &dyn IngestSink = &ingest;
         let key = NamespaceKey::new("m", "default");
-        let tokens = crate::test_events::TOKENS;
+        let tokens = crate::test_support::TOKENS;
         // The event claims worker 99 / dp 0; the stream given (7, dp 3) wins.
-        let event = crate::test_events::one_block_store(99, 0, 5);
+        let event = crate::test_support::one_block_store(99, 0, 5);
         let ticket = sink.submit(&key, 7, 3, 41, event).unwrap();
         ticket.wait().unwrap();
         ingest.flush(&key).unwrap();

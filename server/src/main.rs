@@ -27,7 +27,7 @@ mod peers;
 mod replay_cmd;
 mod serve;
 #[cfg(test)]
-mod test_events;
+mod test_support;
 mod zmq_source;
 
 use cli::{Cli, Command};

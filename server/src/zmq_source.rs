@@ -458,7 +458,7 @@ impl ListenerSupervisor for ZmqSupervisor {
 mod tests {
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Condvar, Mutex};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use super::{
@@ -505,35 +505,7 @@ mod tests {
         }
     }
 
-    const DEADLINE: Duration = Duration::from_secs(30);
-
-    /// A one-shot signal.
-    #[derive(Default)]
-    struct Latch {
-        set: Mutex<bool>,
-        cv: Condvar,
-    }
-
-    impl Latch {
-        fn set(&self) {
-            *lock(&self.set) = true;
-            self.cv.notify_all();
-        }
-
-        fn is_set(&self) -> bool {
-            *lock(&self.set)
-        }
-
-        fn wait(&self, what: &str) {
-            let end = Instant::now() + DEADLINE;
-            let mut set = lock(&self.set);
-            while !*set {
-                let left = end.saturating_duration_since(Instant::now());
-                assert!(!left.is_zero(), "timed out waiting for {what}");
-                set = self.cv.wait_timeout(set, left).unwrap().0;
-            }
-        }
-    }
+    use crate::test_support::{Latch, DEADLINE};
 
     fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         let end = Instant::now() + DEADLINE;
@@ -573,7 +545,7 @@ mod tests {
     }
 
     fn store(worker_id: u64) -> RouterEvent {
-        crate::test_events::one_block_store(worker_id, 0, 5)
+        crate::test_support::one_block_store(worker_id, 0, 5)
     }
 
     /// The ZMQ sink runs on the async workers: it must not wait while an `/unregister` holds

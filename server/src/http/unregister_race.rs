@@ -4,8 +4,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::{HeaderName, StatusCode};
@@ -22,32 +21,7 @@ use crate::ingest::Ingest;
 use crate::listeners::NoListeners;
 use crate::partitions::{Partitions, Registration};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-use crate::test_events::TOKENS;
-
-/// A one-shot signal.
-#[derive(Default)]
-struct Latch {
-    set: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Latch {
-    fn set(&self) {
-        *self.set.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-
-    fn wait(&self, what: &str) {
-        let end = Instant::now() + DEADLINE;
-        let mut set = self.set.lock().unwrap();
-        while !*set {
-            let left = end.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}");
-            set = self.cv.wait_timeout(set, left).unwrap().0;
-        }
-    }
-}
+use crate::test_support::{Latch, TOKENS};
 
 /// The service's state over `dir`, as `kvindex serve` builds it (without listeners). Also used
 /// by the NATS intake's tests.
@@ -108,7 +82,7 @@ fn register(state: &AppState, instance_id: u64) {
 
 /// A store of the block of [`TOKENS`] by `worker_id`.
 fn store(worker_id: u64, event_id: u64) -> RouterEvent {
-    crate::test_events::one_block_store(worker_id, event_id, 100 + worker_id)
+    crate::test_support::one_block_store(worker_id, event_id, 100 + worker_id)
 }
 
 fn explicit() -> EventsTarget {

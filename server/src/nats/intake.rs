@@ -392,7 +392,7 @@ mod tests {
     /// A JetStream message of stream sequence 5 (epoch 1) with one store of `worker`,
     /// creating partition `m.default` (block size 4) if needed; `delivered`: its delivery count.
     fn copy_of_seq_5(worker: u64, delivered: i64) -> Incoming {
-        let event = crate::test_events::one_block_store(worker, 0, 5);
+        let event = crate::test_support::one_block_store(worker, 0, 5);
         let source_seq =
             kvindex_persistence::tagged_source_seq(1, 5).expect("sequence 5 fits the layout");
         Incoming {
