@@ -97,6 +97,14 @@ fn describe() {
         "kvindex_index_lower_tier_blocks",
         "(block, worker) pairs held in a lower tier (host_pinned, disk, external), per partition"
     );
+    describe_gauge!(
+        crate::partitions::DROPS_PENDING,
+        "Dropped partitions whose drop could not be logged yet (a partition of that key is created again only once it is)"
+    );
+    describe_counter!(
+        crate::partitions::CREATIONS_REFUSED,
+        "Partition creations refused because the drop of the key's previous partition still could not be logged"
+    );
     crate::nats::metrics::describe();
     crate::http::connections::describe();
     crate::http::body_budget::describe();

@@ -135,6 +135,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         cfg.replay.ingest_config(),
     );
     partitions.set_supervisor(Arc::clone(&supervisor) as Arc<dyn ListenerSupervisor>);
+    // Before `load`, which logs the drops recovery's namespaces not in `registry.json` lack.
+    partitions.set_drop_log(crate::partitions::durable_drop_log(&durable));
     partitions.load()?;
     for w in &cfg.workers {
         tracing::info!(instance_id = w.instance_id, dp_rank = w.dp_rank, endpoint = %w.endpoint, "Registering initial worker");

@@ -51,6 +51,8 @@ impl ApiError {
                 RegistryError::File { .. } | RegistryError::Index(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
+                // The log refused the drop it needs first: as a log that refuses events.
+                RegistryError::DropNotLogged { .. } => StatusCode::SERVICE_UNAVAILABLE,
             },
             ApiError::Ingest(e) => match e {
                 IngestError::NoIndexer { .. } => StatusCode::NOT_FOUND,

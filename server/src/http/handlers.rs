@@ -117,13 +117,10 @@ pub async fn unregister(
         };
         // Logged (DropNamespace) and dropped from the engine under the registry's write lock,
         // so recovery drops it too even without the snapshot below, and a partition created
-        // again meanwhile cannot get the old index.
+        // again meanwhile cannot get the old index. A drop that cannot be logged stays pending
+        // in the registry: the key is created again only once it is logged.
         let drop_partition = |key: &NamespaceKey| -> Result<(), String> {
-            durable
-                .drop_namespace(key)
-                .and_then(|t| t.wait())
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            crate::partitions::log_drop(durable, key)
         };
         let outcome = st.partitions.unregister(
             req.instance_id,

@@ -26,14 +26,20 @@ use crate::test_support::{Latch, TOKENS};
 /// The service's state over `dir`, as `kvindex serve` builds it (without listeners). Also used
 /// by the NATS intake's tests.
 pub(crate) fn open(dir: &Path) -> SharedState {
+    open_with(dir, DurableConfig::default())
+}
+
+/// [`open`] with the log configured by `config` (fault injection).
+fn open_with(dir: &Path, config: DurableConfig) -> SharedState {
     let engine = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 64,
         ..EngineConfig::default()
     });
-    let (durable, _) = DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
+    let (durable, _) = DurableIndex::open(dir, config, engine.clone()).unwrap();
     let durable = Arc::new(durable);
     let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
+    partitions.set_drop_log(crate::partitions::durable_drop_log(&durable));
     partitions.load().unwrap();
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
     Arc::new(AppState {
@@ -50,6 +56,12 @@ pub(crate) fn open(dir: &Path) -> SharedState {
 
 /// Stop the service (log synced and closed) and start it again over the same directory.
 fn restart(state: SharedState, dir: &Path) -> SharedState {
+    stop(state).unwrap();
+    open(dir)
+}
+
+/// Stop the service: the log is synced and closed (the error of a log that failed).
+fn stop(state: SharedState) -> Result<(), kvindex_persistence::PersistError> {
     let AppState {
         partitions,
         ingest,
@@ -61,8 +73,6 @@ fn restart(state: SharedState, dir: &Path) -> SharedState {
     Arc::into_inner(durable)
         .expect("no other holder of the log")
         .close()
-        .unwrap();
-    open(dir)
 }
 
 fn register(state: &AppState, instance_id: u64) {
@@ -78,6 +88,20 @@ fn register(state: &AppState, instance_id: u64) {
             replay_endpoint: None,
         })
         .unwrap();
+}
+
+/// `POST /unregister` of every rank of `instance_id` in `m/default`, through the real handler.
+fn unregister(state: &SharedState, instance_id: u64) -> StatusCode {
+    let req = serde_json::from_value(serde_json::json!({
+        "instance_id": instance_id, "model_name": "m", "routing_group": "default"
+    }))
+    .unwrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(handlers::unregister(State(Arc::clone(state)), Json(req)))
+        .status()
 }
 
 /// A store of the block of [`TOKENS`] by `worker_id`.
@@ -321,4 +345,137 @@ fn a_block_size_event_racing_the_drop_of_its_partition_creates_it_again() {
         .partitions
         .contains_key(&NamespaceKey::new("m", "default")));
     assert_eq!(holders(&state), vec![2]);
+}
+
+/// Bytes of log segments in `dir`.
+fn segment_bytes(state: &AppState) -> u64 {
+    state
+        .durable
+        .log()
+        .segments()
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+/// Copy the data directory `from` (files and subdirectories) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The bytes the log writes when the service over `dir` is opened and worker 1's removal from
+/// `m/default` is logged, measured on a copy: the room a full disk leaves for the removal but
+/// not for the partition's drop after it.
+fn removal_bytes(dir: &Path) -> u64 {
+    let scratch = tempfile::tempdir().unwrap();
+    copy_dir(dir, scratch.path());
+    let before: u64 = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "kvlog"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let state = open(scratch.path());
+    assert_eq!(
+        segment_bytes(&state),
+        before,
+        "segments are not *.kvlog files, or opening wrote to them"
+    );
+    let spec = Arc::clone(
+        &state
+            .partitions
+            .view()
+            .partition("m", "default")
+            .unwrap()
+            .spec,
+    );
+    state
+        .durable
+        .remove_worker(&spec, 1)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let after = segment_bytes(&state);
+    stop(state).unwrap();
+    after - before
+}
+
+/// The real log fails (a full disk, `IoFaults`) right after logging the removal of a
+/// partition's last worker, at the partition's drop. The log then holds the partition's
+/// entries without a drop, among them a block of worker 9, which was never registered (its
+/// events named the partition), so the worker's removal did not remove it. Creating the
+/// partition again is refused while the drop cannot be logged; after a restart (the disk has
+/// room again) the partition does not come back, and once created again it holds only its own
+/// blocks, also after the next restart.
+#[test]
+fn a_partition_whose_drop_was_not_logged_does_not_lend_its_blocks_to_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = NamespaceKey::new("m", "default");
+    let state = open(dir.path());
+    register(&state, 1);
+    post(&state, &explicit(), store(9, 1)).unwrap();
+    post(&state, &EventsTarget::default(), store(1, 1)).unwrap();
+    assert_eq!(holders(&state), vec![1, 9]);
+    stop(state).unwrap();
+
+    let room = removal_bytes(dir.path());
+    let mut config = DurableConfig::default();
+    config.log.faults = kvindex_persistence::IoFaults {
+        fail_writes_after_bytes: Some(room),
+        ..kvindex_persistence::IoFaults::default()
+    };
+    let state = open_with(dir.path(), config);
+    assert_eq!(unregister(&state, 1), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        state.durable.log().writer_failure().is_some(),
+        "the simulated disk did not fill at the drop"
+    );
+    assert!(!state.partitions.view().partitions.contains_key(&key));
+
+    // `POST /events?block_size=` creating the partition again: refused, nothing created.
+    let recreate = EventsTarget {
+        block_size: Some(4),
+        ..explicit()
+    };
+    let e = post(&state, &recreate, store(2, 1)).unwrap_err();
+    assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        e.to_string()
+            .contains("the drop of its previous partition is not logged yet"),
+        "{e}"
+    );
+    assert!(
+        !state.partitions.view().partitions.contains_key(&key),
+        "the partition was created again without its old entries' drop in the log"
+    );
+    stop(state).unwrap_err();
+
+    let state = open(dir.path());
+    assert!(
+        !state.partitions.view().partitions.contains_key(&key),
+        "recovery brought the dropped partition back"
+    );
+    assert_eq!(holders(&state), Vec::<u64>::new());
+    assert_eq!(
+        post(&state, &recreate, store(2, 1))
+            .map(|a| a.accepted)
+            .ok(),
+        Some(1)
+    );
+    assert_eq!(holders(&state), vec![2]);
+    let state = restart(state, dir.path());
+    assert_eq!(
+        holders(&state),
+        vec![2],
+        "the dropped partition's block landed in the new one"
+    );
 }

@@ -146,7 +146,11 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         }
         ApiError::ReservedEventId { .. } => ("reserved_event_id", false),
         ApiError::Ingest(IngestError::Log(_)) | ApiError::Internal(_) => ("log", true),
-        ApiError::Registry(RegistryError::File { .. } | RegistryError::Index(_)) => ("log", true),
+        ApiError::Registry(
+            RegistryError::File { .. }
+            | RegistryError::Index(_)
+            | RegistryError::DropNotLogged { .. },
+        ) => ("log", true),
         _ => ("invalid", false),
     }
 }

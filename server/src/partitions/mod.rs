@@ -17,10 +17,13 @@ use thiserror::Error;
 
 use crate::listeners::{ListenerSpec, ListenerState, ListenerStatus, ListenerSupervisor};
 
+mod drops;
 mod file;
 mod gate;
 mod unregister;
 
+use drops::PendingDrops;
+pub use drops::{durable_drop_log, log_drop, DropLog, CREATIONS_REFUSED, DROPS_PENDING};
 use file::{file_error, write_atomically, RegistryFile};
 pub use gate::Admission;
 use gate::IntakeGate;
@@ -80,6 +83,14 @@ pub enum RegistryError {
     /// The event log or the engine refused a removal.
     #[error("{0}")]
     Index(String),
+    /// The partition is not created (again): the drop of the previous partition of its key
+    /// could not be logged before, and still cannot be (see [`drops`]).
+    #[error("partition model={model} routing_group={group} cannot be created: the drop of its previous partition is not logged yet and logging it failed: {reason}")]
+    DropNotLogged {
+        model: String,
+        group: String,
+        reason: String,
+    },
 }
 
 /// One listener of an instance.
@@ -206,13 +217,23 @@ pub struct UnregisterOutcome {
 /// The registry: lock-free reads, serialised writes, persisted to `registry.json`.
 pub struct Partitions {
     view: ArcSwap<RegistryView>,
-    write: Mutex<()>,
+    /// Serialises the writers; holds what only they touch.
+    write: Mutex<Locked>,
     engine: Engine,
     file: Option<PathBuf>,
     supervisor: std::sync::RwLock<Arc<dyn ListenerSupervisor>>,
     lsn_clock: std::sync::RwLock<Option<LsnClock>>,
+    /// Where a pending partition drop is logged before its key is created again.
+    drop_log: std::sync::RwLock<Option<DropLog>>,
     /// Orders event submissions against unregistrations (see [`gate`]).
     gate: IntakeGate,
+}
+
+/// What the registry's write mutex guards besides the order of the writers.
+#[derive(Default)]
+struct Locked {
+    /// Keys of dropped partitions whose drop could not be logged (see [`drops`]).
+    pending_drops: PendingDrops,
 }
 
 /// Reads the event log's next LSN (registrations record it; see
@@ -228,11 +249,12 @@ impl Partitions {
     ) -> Self {
         Self {
             view: ArcSwap::from_pointee(RegistryView::default()),
-            write: Mutex::new(()),
+            write: Mutex::new(Locked::default()),
             engine,
             file: data_dir.map(|d| d.join(REGISTRY_FILE)),
             supervisor: std::sync::RwLock::new(supervisor),
             lsn_clock: std::sync::RwLock::new(None),
+            drop_log: std::sync::RwLock::new(None),
             gate: IntakeGate::default(),
         }
     }
@@ -270,6 +292,39 @@ impl Partitions {
             .map_or(0, |c| c())
     }
 
+    /// Where the drop of a partition that could not be logged when it was dropped is logged
+    /// before a partition of its key is created again, or by [`Self::load`] for a recovered
+    /// namespace `registry.json` does not list (before [`Self::load`]; without one, such a
+    /// creation is refused).
+    pub fn set_drop_log(&self, log: DropLog) {
+        *self.drop_log.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    fn drop_log(&self) -> Option<DropLog> {
+        self.drop_log
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Create the partition `key` (not in the registry): first log the drop of an earlier
+    /// partition of that key if it is pending (`locked` proves the write mutex is held).
+    fn create_partition(
+        &self,
+        locked: &mut Locked,
+        key: &NamespaceKey,
+        block_size: u32,
+    ) -> Result<Partition, RegistryError> {
+        // Ordering: the drop is logged (and durable) before the new index exists. Logging it
+        // removes the key's namespace from the engine (an unknown one: nothing), so it must not
+        // follow the creation, and recovery then replays the old entries, the drop, and only
+        // then the new partition's entries.
+        locked
+            .pending_drops
+            .settle(key, self.drop_log().as_deref())?;
+        self.make_partition(key, block_size)
+    }
+
     /// Replace the listener supervisor (before [`Self::load`]; the ZMQ supervisor needs the
     /// registry and the intake, so it is built after them).
     pub fn set_supervisor(&self, supervisor: Arc<dyn ListenerSupervisor>) {
@@ -281,13 +336,20 @@ impl Partitions {
     }
 
     /// Load `registry.json` (if any), reconcile it with what recovery rebuilt in the engine,
-    /// and start a listener for every restored registration. Engine namespaces that the
-    /// registry does not list are adopted as partitions when they hold blocks (e.g. a data
-    /// directory written by `kvindex replay import`) and dropped otherwise (partitions whose
-    /// last worker left before the restart).
+    /// and start a listener for every restored registration.
+    ///
+    /// Engine namespaces that the registry does not list are partitions dropped before the
+    /// restart whose drop is not in the log (logging it failed, or the process died before):
+    /// every partition is in `registry.json` before its first entry is logged, and leaves it
+    /// only when dropped. Their drop is logged now (with the [`Self::set_drop_log`] log), so
+    /// their entries never reach a partition created again under the same key; when that
+    /// fails the key is pending ([`drops`]) and such a creation is refused until it can be
+    /// logged. Without `registry.json` (e.g. a data directory written by `kvindex replay
+    /// import`), namespaces that hold blocks are adopted as partitions instead.
     pub fn load(&self) -> Result<(), RegistryError> {
-        let _w = self.lock_write();
+        let mut w = self.lock_write();
         let mut next = RegistryView::default();
+        let listed = self.file.as_deref().is_some_and(|p| p.exists());
         if let Some(path) = self.file.as_deref().filter(|p| p.exists()) {
             let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
             let file: RegistryFile = serde_json::from_slice(&bytes).map_err(|e| {
@@ -298,13 +360,13 @@ impl Partitions {
             })?;
             for p in file.partitions {
                 let key = NamespaceKey::new(p.model_name, p.routing_group);
-                let part = self.make_partition(&key, p.block_size)?;
+                let part = self.create_partition(&mut w, &key, p.block_size)?;
                 next.partitions.insert(key, part);
             }
             for fi in file.instances {
                 let key = NamespaceKey::new(fi.model_name, fi.routing_group);
                 if !next.partitions.contains_key(&key) {
-                    let part = self.make_partition(&key, fi.block_size)?;
+                    let part = self.create_partition(&mut w, &key, fi.block_size)?;
                     next.partitions.insert(key.clone(), part);
                 }
                 let mut inst = Instance {
@@ -339,6 +401,12 @@ impl Partitions {
             let Some(ns) = self.engine.namespace(&key) else {
                 continue;
             };
+            if listed {
+                tracing::warn!(partition = %key, block_size = ns.block_size(), "a partition found in the log is not in registry.json: it was dropped, but its drop is not in the log; logging it now");
+                drop(ns);
+                self.drop_unlisted(&mut w, key);
+                continue;
+            }
             if ns.current_size() > 0 || ns.lower_tier_size() > 0 {
                 tracing::info!(partition = %key, block_size = ns.block_size(), "adopting a partition found in the log without registrations");
                 let spec = Arc::new(NamespaceSpec {
@@ -353,7 +421,10 @@ impl Partitions {
                     },
                 );
             } else {
-                let _ = self.engine.remove_namespace(&key);
+                // Holds nothing: dropped like an unlisted one, so that its entries do not
+                // precede a partition created again under its key either.
+                drop(ns);
+                self.drop_unlisted(&mut w, key);
             }
         }
         self.persist(&next)?;
@@ -361,12 +432,29 @@ impl Partitions {
         Ok(())
     }
 
+    /// `load`: drop the recovered namespace `key`, which is no partition, logging the drop; if
+    /// that fails, remove it all the same and remember the drop as pending.
+    fn drop_unlisted(&self, locked: &mut Locked, key: NamespaceKey) {
+        let logged = match self.drop_log() {
+            Some(log) => log(&key),
+            None => Err("no event log to record it in".to_owned()),
+        };
+        if let Err(e) = logged {
+            tracing::warn!(partition = %key, error = %e, "partition drop incomplete: a partition of this key is created again only once its drop is logged");
+            locked.pending_drops.insert(key.clone());
+        }
+        // Logging the drop removed it already (the durable log applies it to the engine).
+        if let Err(e) = self.engine.remove_namespace(&key) {
+            tracing::warn!(partition = %key, error = %e, "dropped partition's index not removed");
+        }
+    }
+
     /// The current view (lock-free).
     pub fn view(&self) -> Arc<RegistryView> {
         self.view.load_full()
     }
 
-    fn lock_write(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn lock_write(&self) -> std::sync::MutexGuard<'_, Locked> {
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -442,7 +530,7 @@ impl Partitions {
     /// `POST /register`: add a listener, creating the partition on first use.
     pub fn register(&self, reg: Registration) -> Result<(), RegistryError> {
         let key = NamespaceKey::new(&reg.model_name, &reg.routing_group);
-        let _w = self.lock_write();
+        let mut w = self.lock_write();
         let spec = self.mutate_held(true, |v| {
             if let Some(p) = v.partitions.get(&key) {
                 if p.spec.block_size != reg.block_size {
@@ -471,7 +559,7 @@ impl Partitions {
             }
             if !v.partitions.contains_key(&key) {
                 tracing::info!(partition = %key, block_size = reg.block_size, "Creating new indexer");
-                let part = self.make_partition(&key, reg.block_size)?;
+                let part = self.create_partition(&mut w, &key, reg.block_size)?;
                 v.partitions.insert(key.clone(), part);
             }
             let inst = v.instances.entry(reg.instance_id).or_insert_with(|| Instance {
@@ -536,7 +624,9 @@ impl Partitions {
     /// the worker stays registered, its listeners start again, and its logged removal stands
     /// (as after an unregister and a re-registration). A partition left without workers is
     /// then handed to `log.drop_partition` and its index removed from the engine (also when
-    /// logging the drop failed), before the registry's write lock is released.
+    /// logging the drop failed: the drop is then pending, see [`drops`], and is tried again
+    /// with `log.drop_partition` by the next unregister), before the registry's write lock is
+    /// released.
     ///
     /// Fencing: the listeners of the removed ranks are stopped first (none of their batches
     /// reaches the log afterwards: ZMQ needs no more), then the intake gate is closed around
@@ -553,8 +643,8 @@ impl Partitions {
         log: &RemovalLog<'_>,
     ) -> Result<UnregisterOutcome, RegistryError> {
         let outcome = {
-            let _w = self.lock_write();
-            self.unregister_held(instance_id, model_name, routing_group, dp_rank, log)
+            let mut w = self.lock_write();
+            self.unregister_held(&mut w, instance_id, model_name, routing_group, dp_rank, log)
         };
         #[cfg(test)]
         self.gate.hooks.run(&self.gate.hooks.after_unregister);
@@ -564,6 +654,7 @@ impl Partitions {
     /// [`Self::unregister`] with the registry's write lock held.
     fn unregister_held(
         &self,
+        locked: &mut Locked,
         instance_id: u64,
         model_name: &str,
         routing_group: Option<&str>,
@@ -613,9 +704,15 @@ impl Partitions {
         for key in &outcome.dropped {
             tracing::info!(partition = %key, "last worker left; partition dropped");
             let logged = (log.drop_partition)(key).map_err(RegistryError::Index);
+            if logged.is_err() {
+                // A partition of this key is created again only once the drop is logged
+                // (`create_partition`): recovery would replay the old entries into it.
+                locked.pending_drops.insert(key.clone());
+            }
             // Removed even when the drop could not be logged: the registry no longer has the
             // partition, and one created again must not get this index. (Recovery then
-            // replays the partition without its drop; `load` keeps it only if it holds blocks.)
+            // replays the partition without its drop, unless it is logged later; `load` drops
+            // it, as `registry.json` no longer lists it.)
             let removed = self
                 .engine
                 .remove_namespace(key)
@@ -625,6 +722,10 @@ impl Partitions {
                 failed.get_or_insert(e);
             }
         }
+        // Drops that failed before: one more try, now that the log works again perhaps.
+        locked
+            .pending_drops
+            .retry(log.drop_partition, &outcome.dropped);
         match failed {
             Some(e) => Err(e),
             None => Ok(outcome),
@@ -659,7 +760,8 @@ impl Partitions {
                 return Ok(p.clone());
             }
         }
-        self.mutate(true, |v| {
+        let mut w = self.lock_write();
+        self.mutate_held(true, |v| {
             if let Some(p) = v.partitions.get(&key) {
                 if p.spec.block_size != block_size {
                     return Err(RegistryError::BlockSizeMismatch {
@@ -672,7 +774,7 @@ impl Partitions {
                 return Ok(p.clone());
             }
             tracing::info!(partition = %key, block_size, "Creating new indexer");
-            let p = self.make_partition(&key, block_size)?;
+            let p = self.create_partition(&mut w, &key, block_size)?;
             v.partitions.insert(key.clone(), p.clone());
             Ok(p)
         })
@@ -938,11 +1040,12 @@ mod tests {
     }
 
     /// Logging a partition's drop fails: the partition is gone from the registry all the same,
-    /// and so is its index, so a registration creating it again gets a new one (here with
-    /// another block size, which the old index would refuse).
+    /// and so is its index, so a registration creating it again (once the drop is logged) gets
+    /// a new one (here with another block size, which the old index would refuse).
     #[test]
     fn an_unlogged_partition_drop_still_removes_its_index() {
         let p = registry();
+        FakeDropLog::new(&p, false).install(&p);
         p.register(reg(10, "m", "default", 4, 0)).unwrap();
         let e = p
             .unregister(
@@ -968,6 +1071,270 @@ mod tests {
         let view = p.view();
         let ns = view.partition("m", "default").unwrap().namespace.as_ref();
         assert_eq!(ns.map(|n| n.block_size()), Some(8));
+    }
+
+    /// A fake event log for partition drops: records the keys it is asked to log, and fails
+    /// while `failing` is set. Also records whether the key's index existed at that moment.
+    #[derive(Clone)]
+    struct FakeDropLog {
+        engine: Engine,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        calls: Arc<Mutex<Vec<(NamespaceKey, bool)>>>,
+    }
+
+    impl FakeDropLog {
+        fn new(p: &Partitions, failing: bool) -> Self {
+            Self {
+                engine: p.engine.clone(),
+                failing: Arc::new(std::sync::atomic::AtomicBool::new(failing)),
+                calls: Arc::default(),
+            }
+        }
+
+        fn fail(&self, failing: bool) {
+            self.failing
+                .store(failing, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        fn log(&self, key: &NamespaceKey) -> Result<(), String> {
+            let index_exists = self.engine.namespace(key).is_some();
+            self.calls.lock().unwrap().push((key.clone(), index_exists));
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("disk full".into())
+            } else {
+                Ok(())
+            }
+        }
+
+        fn install(&self, p: &Partitions) {
+            let me = self.clone();
+            p.set_drop_log(Arc::new(move |k| me.log(k)));
+        }
+
+        fn take_calls(&self) -> Vec<(NamespaceKey, bool)> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    fn pending(p: &Partitions, key: &NamespaceKey) -> bool {
+        p.lock_write().pending_drops.contains(key)
+    }
+
+    const UNLOGGED_DROP: RemovalLog<'static> = RemovalLog {
+        drop_blocks: &|_| Ok(()),
+        drop_partition: &|_| Err("disk full".into()),
+    };
+
+    /// The drop of a partition could not be logged: a registration creating a partition of
+    /// the same key (and block size, whose index would get the old entries at the next
+    /// recovery) first logs the drop, before the new index exists; while that fails, it is
+    /// refused (503) and creates nothing.
+    #[test]
+    fn a_partition_whose_drop_is_not_logged_is_created_again_only_once_it_is() {
+        let p = registry();
+        let log = FakeDropLog::new(&p, true);
+        log.install(&p);
+        let key = NamespaceKey::new("m", "default");
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
+            .unwrap_err();
+        assert!(pending(&p, &key));
+
+        let e = p.register(reg(11, "m", "default", 4, 0)).unwrap_err();
+        assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "partition model=m routing_group=default cannot be created: the drop of its previous \
+             partition is not logged yet and logging it failed: disk full"
+        );
+        assert_eq!(
+            crate::http::errors::ApiError::from(e).status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(log.take_calls(), vec![(key.clone(), false)]);
+        let view = p.view();
+        assert!(view.partition("m", "default").is_err());
+        assert!(!view.instances.contains_key(&11));
+        assert!(p.engine.namespace(&key).is_none(), "an index was created");
+        assert!(pending(&p, &key));
+
+        // The log works again: the drop is logged first, with no index of the key yet.
+        log.fail(false);
+        p.register(reg(11, "m", "default", 4, 0)).unwrap();
+        assert_eq!(log.take_calls(), vec![(key.clone(), false)]);
+        assert!(!pending(&p, &key));
+        assert!(p.view().partition("m", "default").is_ok());
+        assert!(p.engine.namespace(&key).is_some());
+        // Logged once: the next creation of the key has nothing to log.
+        p.unregister(11, "m", Some("default"), None, &LOGGED)
+            .unwrap();
+        p.register(reg(12, "m", "default", 4, 0)).unwrap();
+        assert_eq!(log.take_calls(), vec![]);
+    }
+
+    /// The same through `ensure_partition` (`POST /events?block_size=`, the NATS
+    /// `Kvindex-Block-Size` header, peer recovery).
+    #[test]
+    fn ensure_partition_logs_a_pending_drop_before_creating_the_partition() {
+        let p = registry();
+        let log = FakeDropLog::new(&p, true);
+        log.install(&p);
+        let key = NamespaceKey::new("m", "default");
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
+            .unwrap_err();
+
+        let e = p.ensure_partition("m", "default", 4).err().unwrap();
+        assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
+        assert!(p.view().partition("m", "default").is_err());
+        assert!(p.engine.namespace(&key).is_none());
+
+        log.fail(false);
+        let part = p.ensure_partition("m", "default", 4).unwrap();
+        assert_eq!(part.spec.block_size, 4);
+        assert_eq!(
+            log.take_calls(),
+            vec![(key.clone(), false), (key.clone(), false)]
+        );
+        assert!(!pending(&p, &key));
+    }
+
+    /// Without a drop log (none set), a pending drop cannot be logged: the creation is refused.
+    #[test]
+    fn a_pending_drop_without_a_drop_log_refuses_the_creation() {
+        let p = registry();
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
+            .unwrap_err();
+        let e = p.register(reg(10, "m", "default", 8, 0)).unwrap_err();
+        assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
+    }
+
+    /// A later unregister that drops a partition tries the pending drops again with its log.
+    #[test]
+    fn a_later_partition_drop_logs_the_pending_ones_too() {
+        let p = registry();
+        let log = FakeDropLog::new(&p, true);
+        log.install(&p);
+        let (a, b) = (
+            NamespaceKey::new("a", "default"),
+            NamespaceKey::new("b", "default"),
+        );
+        p.register(reg(10, "a", "default", 4, 0)).unwrap();
+        p.register(reg(20, "b", "default", 4, 0)).unwrap();
+        p.unregister(10, "a", Some("default"), None, &UNLOGGED_DROP)
+            .unwrap_err();
+        assert!(pending(&p, &a));
+
+        let logged = Mutex::new(Vec::new());
+        p.unregister(
+            20,
+            "b",
+            Some("default"),
+            None,
+            &RemovalLog {
+                drop_blocks: &|_| Ok(()),
+                drop_partition: &|k| {
+                    logged.lock().unwrap().push(k.clone());
+                    Ok(())
+                },
+            },
+        )
+        .unwrap();
+        assert_eq!(logged.into_inner().unwrap(), vec![b, a.clone()]);
+        assert!(!pending(&p, &a));
+        // Nothing left to log before `a` is created again (the registry's log still fails).
+        p.register(reg(11, "a", "default", 4, 0)).unwrap();
+        assert_eq!(log.take_calls(), vec![]);
+    }
+
+    /// `load` with a `registry.json`: a namespace recovery rebuilt that the file does not list
+    /// is a partition dropped without a logged drop. Its drop is logged then (it does not come
+    /// back, with or without blocks); when that fails, it is pending.
+    #[test]
+    fn load_drops_and_logs_recovered_namespaces_that_registry_json_does_not_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let listed = NamespaceKey::new("kept", "default");
+        {
+            // Writes `registry.json` with the one partition.
+            let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
+            p.load().unwrap();
+            p.ensure_partition("kept", "default", 4).unwrap();
+        }
+        // What recovery rebuilt: the listed partition, a dropped one holding a block, and an
+        // empty one.
+        let (full, empty) = (
+            NamespaceKey::new("m", "default"),
+            NamespaceKey::new("e", "default"),
+        );
+        let ns = engine.create_namespace(full.clone(), 4).unwrap();
+        ns.apply(crate::test_support::one_block_store(9, 1, 109))
+            .unwrap();
+        ns.flush().unwrap();
+        assert!(ns.current_size() > 0);
+        engine.create_namespace(empty.clone(), 4).unwrap();
+
+        let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, false);
+        log.install(&p);
+        p.load().unwrap();
+        let mut calls = log.take_calls();
+        calls.sort();
+        assert_eq!(calls, vec![(empty.clone(), true), (full.clone(), true)]);
+        let view = p.view();
+        assert_eq!(view.partitions.keys().collect::<Vec<_>>(), vec![&listed]);
+        assert!(engine.namespace(&full).is_none());
+        assert!(engine.namespace(&empty).is_none());
+        assert!(!pending(&p, &full));
+
+        // The same with a log that fails: removed all the same, and pending.
+        let ns = engine.create_namespace(full.clone(), 4).unwrap();
+        ns.apply(crate::test_support::one_block_store(9, 1, 109))
+            .unwrap();
+        ns.flush().unwrap();
+        let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, true);
+        log.install(&p);
+        p.load().unwrap();
+        assert!(p.view().partition("m", "default").is_err());
+        assert!(engine.namespace(&full).is_none());
+        assert!(pending(&p, &full));
+        let e = p.ensure_partition("m", "default", 4).err().unwrap();
+        assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
+    }
+
+    /// Without `registry.json` (a directory written by `kvindex replay import`), a recovered
+    /// namespace holding blocks is adopted; an empty one is dropped, its drop logged.
+    #[test]
+    fn load_without_registry_json_adopts_namespaces_that_hold_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let (full, empty) = (
+            NamespaceKey::new("m", "default"),
+            NamespaceKey::new("e", "default"),
+        );
+        let ns = engine.create_namespace(full.clone(), 4).unwrap();
+        ns.apply(crate::test_support::one_block_store(9, 1, 109))
+            .unwrap();
+        ns.flush().unwrap();
+        engine.create_namespace(empty.clone(), 4).unwrap();
+        let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, false);
+        log.install(&p);
+        p.load().unwrap();
+        assert_eq!(log.take_calls(), vec![(empty.clone(), true)]);
+        assert!(p.view().partition("m", "default").is_ok());
+        assert!(engine.namespace(&full).is_some());
+        assert!(engine.namespace(&empty).is_none());
     }
 
     #[test]
