@@ -18,7 +18,7 @@ use super::events::{submit_events, EventsAck, EventsTarget, SourceSeq};
 use super::handlers;
 use super::{AppState, SharedState};
 use crate::ingest::Ingest;
-use crate::listeners::NoListeners;
+use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::partitions::{Partitions, Registration};
 
 use crate::test_support::{Latch, TOKENS};
@@ -26,6 +26,11 @@ use crate::test_support::{Latch, TOKENS};
 /// The service's state over `dir`, as `kvindex serve` builds it (without listeners). Also used
 /// by the NATS intake's tests.
 pub(crate) fn open(dir: &Path) -> SharedState {
+    open_with(dir, Arc::new(NoListeners))
+}
+
+/// [`open`] with the listener supervisor `supervisor`.
+pub(crate) fn open_with(dir: &Path, supervisor: Arc<dyn ListenerSupervisor>) -> SharedState {
     let engine = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 64,
@@ -33,7 +38,7 @@ pub(crate) fn open(dir: &Path) -> SharedState {
     });
     let (durable, _) = DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
     let durable = Arc::new(durable);
-    let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
+    let partitions = Arc::new(Partitions::new(engine, Some(dir), supervisor));
     partitions.load().unwrap();
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
     Arc::new(AppState {
