@@ -188,6 +188,15 @@ pub enum PersistError {
         line: u64,
         reason: String,
     },
+    /// An input that must be read twice is not a regular file: `tool::import` checks every
+    /// line before it writes any, then reads the file again to write it, so a pipe, FIFO,
+    /// terminal or directory cannot be imported.
+    #[error(
+        "{path} is not a regular file: `import` reads its input twice (every line is checked \
+             before anything is written), so it cannot import a pipe, FIFO or device; write \
+             the events to a file first"
+    )]
+    NotAFile { path: PathBuf },
     /// A file listed in the data directory was deleted before it could be read: a live server
     /// compacted it away (segments) or pruned it (snapshots). Read-only tools only.
     #[error(

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -701,10 +701,25 @@ pub struct ImportReport {
     pub next_lsn: Lsn,
 }
 
+/// Events per record `import` writes; a batch too large for one record is split in halves.
+const IMPORT_BATCH: usize = 256;
+
 /// Append the RouterEvents of a JSON-lines file (one object per line, blank lines ignored) to
 /// the log in `to_dir` (created if needed), as namespace `(model, routing_group)` with
-/// `block_size`. Each event's `event_id` becomes its source sequence; one at or above 2^63
-/// (reserved for JetStream's tagged sequences) is refused with an error naming its line.
+/// `block_size`. Each event's `event_id` becomes its source sequence.
+///
+/// All or nothing with respect to the input: a first pass decodes and checks every line and
+/// encodes every batch exactly as the writing pass does, without touching `to_dir`; a line it
+/// refuses ([`PersistError::BadInput`] naming the line: not a RouterEvent, unreadable, an
+/// `event_id` at or above 2^63, which is reserved for JetStream's tagged sequences, or an
+/// event too large for one log record) leaves `to_dir` as it was (not even created). Only then
+/// is the file read a second time and written, in records of up to 256 events. The file must
+/// be a regular file ([`PersistError::NotAFile`] otherwise), and must not change meanwhile:
+/// only the bytes checked are written, and a line that no longer passes fails the import there.
+///
+/// An error while writing (an I/O error such as a full disk, a log that cannot be opened or
+/// synced) is not covered: the records appended before it stay in the log, as a prefix of the
+/// file's events ending at a record boundary (a torn last record is cut by the next open).
 pub fn import(
     jsonl: impl AsRef<Path>,
     to_dir: impl AsRef<Path>,
@@ -717,15 +732,89 @@ pub fn import(
         return Err(PersistError::Config("block_size must be > 0".into()));
     }
     let spec = Arc::new(NamespaceSpec::new(model, routing_group, block_size));
+    let mut file = open_regular_file(path)?;
+    // Pass 1: nothing is written; the target is not even opened.
+    let checked = import_pass(path, std::io::BufReader::new(&file), &spec, &mut |batch| {
+        crate::writer::encode_record(batch).map(|_| ())
+    })?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| PersistError::io("seek", path, Some(0), e))?;
+    // Pass 2: the same bytes (lines appended since the check are left out), written.
     let config = LogConfig {
         fsync: FsyncPolicy::Never,
         ..LogConfig::default()
     };
     let (log, _) = EventLog::open(to_dir.as_ref(), config, &mut NullSink)?;
     let first_lsn = log.next_lsn();
-    let mut batch = Vec::with_capacity(256);
+    let written = import_pass(
+        path,
+        std::io::BufReader::new((&file).take(checked.bytes)),
+        &spec,
+        &mut |batch| log.append(batch).map(|_| ()),
+    )
+    .map_err(|e| match e {
+        PersistError::BadInput { path, line, reason } => PersistError::BadInput {
+            path,
+            line,
+            reason: format!(
+                "{reason} (the file changed while it was being imported, after every line had \
+                 passed the check; events of the lines before this one may be in the target)"
+            ),
+        },
+        other => other,
+    })?;
+    log.sync()?;
+    let next_lsn = log.next_lsn();
+    log.close()?;
+    Ok(ImportReport {
+        events: written.events,
+        first_lsn,
+        next_lsn,
+    })
+}
+
+/// Open `path` for reading, refusing anything but a regular file (which can be read twice).
+fn open_regular_file(path: &Path) -> Result<std::fs::File> {
+    let not_a_file = || PersistError::NotAFile {
+        path: path.to_path_buf(),
+    };
+    // By name first: opening a FIFO for reading would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(|e| PersistError::io("open", path, None, e))?;
+    if !meta.is_file() {
+        return Err(not_a_file());
+    }
+    let file = std::fs::File::open(path).map_err(|e| PersistError::io("open", path, None, e))?;
+    // Again on the handle: the name may have been replaced in between.
+    let meta = file
+        .metadata()
+        .map_err(|e| PersistError::io("open", path, None, e))?;
+    if !meta.is_file() {
+        return Err(not_a_file());
+    }
+    Ok(file)
+}
+
+/// What one pass of `import` went through.
+struct ImportPass {
+    /// Events handed to the sink.
+    events: u64,
+    /// Bytes of the file read.
+    bytes: u64,
+}
+
+/// One pass of `import` over `reader`: decode and check every line, gather the events in
+/// batches of [`IMPORT_BATCH`] and hand each to `sink` (split by [`put_batch`] when too large).
+/// Both passes run this, so the check pass refuses exactly what the writing pass would.
+fn import_pass(
+    path: &Path,
+    reader: impl BufRead,
+    spec: &Arc<NamespaceSpec>,
+    sink: &mut dyn FnMut(&[LogEntry]) -> Result<()>,
+) -> Result<ImportPass> {
+    let mut batch = Vec::with_capacity(IMPORT_BATCH);
+    let mut lines = Vec::with_capacity(IMPORT_BATCH);
     let mut events = 0;
-    for_each_jsonl_event(path, |line, ev| {
+    let bytes = read_jsonl_events(path, reader, |line, ev| {
         // Bit 63 set: a tagged source sequence, which only JetStream intake may log (the log
         // would take it for one of its stream sequences, docs/log-format.md §6.1).
         if split_tagged(ev.event.event_id).is_some() {
@@ -740,41 +829,85 @@ pub fn import(
             });
         }
         batch.push(LogEntry::event(spec.clone(), ev.event.event_id, ev));
+        lines.push(line);
         events += 1;
-        if batch.len() == 256 {
-            let _ = log.append(&batch)?;
+        if batch.len() == IMPORT_BATCH {
+            put_batch(path, &batch, &lines, sink)?;
             batch.clear();
+            lines.clear();
         }
         Ok(())
     })?;
     if !batch.is_empty() {
-        let _ = log.append(&batch)?;
+        put_batch(path, &batch, &lines, sink)?;
     }
-    log.sync()?;
-    let next_lsn = log.next_lsn();
-    log.close()?;
-    Ok(ImportReport {
-        events,
-        first_lsn,
-        next_lsn,
-    })
+    Ok(ImportPass { events, bytes })
+}
+
+/// Hand `batch` (the events of input lines `lines`) to `sink` as one record; when it is too
+/// large for one ([`PersistError::RecordTooLarge`], refused before anything is queued), as its
+/// two halves, recursively. A single event too large for a record is refused naming its line.
+fn put_batch(
+    path: &Path,
+    batch: &[LogEntry],
+    lines: &[u64],
+    sink: &mut dyn FnMut(&[LogEntry]) -> Result<()>,
+) -> Result<()> {
+    match sink(batch) {
+        Err(PersistError::RecordTooLarge { bytes, max }) => {
+            if batch.len() > 1 {
+                let mid = batch.len() / 2;
+                put_batch(path, &batch[..mid], &lines[..mid], sink)?;
+                put_batch(path, &batch[mid..], &lines[mid..], sink)
+            } else {
+                Err(PersistError::BadInput {
+                    path: path.to_path_buf(),
+                    line: lines.first().copied().unwrap_or(0),
+                    reason: format!(
+                        "the event takes {bytes} bytes as a log record, more than a record \
+                         holds ({max} bytes)"
+                    ),
+                })
+            }
+        }
+        other => other,
+    }
 }
 
 /// Call `f` with each RouterEvent of a JSON-lines file; errors name the line.
-fn for_each_jsonl_event(
+fn for_each_jsonl_event(path: &Path, f: impl FnMut(u64, RouterEvent) -> Result<()>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| PersistError::io("open", path, None, e))?;
+    read_jsonl_events(path, std::io::BufReader::new(file), f).map(|_| ())
+}
+
+/// Call `f` with each RouterEvent of the JSON lines of `reader` (read from `path`, which errors
+/// name with the line); returns the bytes read.
+fn read_jsonl_events(
     path: &Path,
+    mut reader: impl BufRead,
     mut f: impl FnMut(u64, RouterEvent) -> Result<()>,
 ) -> Result<u64> {
-    let file = std::fs::File::open(path).map_err(|e| PersistError::io("open", path, None, e))?;
-    let reader = std::io::BufReader::new(file);
-    let mut n = 0;
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.map_err(|e| PersistError::BadInput {
-            path: path.to_path_buf(),
-            line: line_no,
-            reason: format!("cannot read: {e}"),
-        })?;
+    let mut bytes = 0u64;
+    let mut line_no = 0u64;
+    let mut buf = String::new();
+    loop {
+        line_no += 1;
+        buf.clear();
+        let n = reader
+            .read_line(&mut buf)
+            .map_err(|e| PersistError::BadInput {
+                path: path.to_path_buf(),
+                line: line_no,
+                reason: format!("cannot read: {e}"),
+            })?;
+        if n == 0 {
+            return Ok(bytes);
+        }
+        bytes += n as u64;
+        let line = match buf.strip_suffix('\n') {
+            Some(l) => l.strip_suffix('\r').unwrap_or(l),
+            None => buf.as_str(),
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -787,9 +920,7 @@ fn for_each_jsonl_event(
             ),
         })?;
         f(line_no, ev)?;
-        n += 1;
     }
-    Ok(n)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -973,4 +1104,54 @@ pub fn diff(source: &StateSource, from: u64, to: u64) -> Result<Vec<StreamDiff>>
         }
     }
     Ok(out.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch too large for one record is handed on as halves, recursively, in order; a single
+    /// entry too large is refused naming its line. The sink here refuses more than 3 entries.
+    #[test]
+    fn put_batch_splits_a_batch_too_large_for_a_record_and_names_the_line_of_one_event() {
+        let spec = Arc::new(NamespaceSpec::new("m", "g", 16));
+        let entries: Vec<LogEntry> = (0..10)
+            .map(|w| LogEntry::control(spec.clone(), w, 0, LogOp::RemoveWorker))
+            .collect();
+        let lines: Vec<u64> = (0..10).map(|i| 100 + 2 * i).collect();
+        let path = Path::new("events.jsonl");
+        let mut records: Vec<Vec<u64>> = Vec::new();
+        let limit = 3;
+        put_batch(path, &entries, &lines, &mut |b| {
+            if b.len() > limit {
+                return Err(PersistError::RecordTooLarge {
+                    bytes: b.len() as u64,
+                    max: limit as u64,
+                });
+            }
+            records.push(b.iter().map(|e| e.worker_id).collect());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            records,
+            vec![vec![0, 1], vec![2, 3, 4], vec![5, 6], vec![7, 8, 9]]
+        );
+        let mut calls = 0;
+        let refused = put_batch(path, &entries[4..6], &lines[4..6], &mut |_| {
+            calls += 1;
+            Err(PersistError::RecordTooLarge {
+                bytes: 70 << 20,
+                max: 64 << 20,
+            })
+        });
+        match refused {
+            Err(PersistError::BadInput { path, line, reason }) => {
+                assert_eq!((path.as_path(), line), (Path::new("events.jsonl"), 108));
+                assert!(reason.contains("more than a record holds"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(calls, 2, "the pair, then its first half");
+    }
 }

@@ -357,19 +357,8 @@ impl LogWriter {
     /// Append `entries` as one record (all or nothing after a crash). Returns once the batch is
     /// queued; `wait()` on the ticket for the acknowledgement.
     pub fn append(&self, entries: &[LogEntry]) -> Result<AppendTicket> {
-        if entries.is_empty() {
-            return Err(PersistError::EmptyBatch);
-        }
         // Encode outside the lock; the LSN is patched in below.
-        let batch = LogBatch::from_entries(0, entries);
-        let mut payload = rkyv::to_bytes::<rancor::Error>(&batch)
-            .map_err(|e| PersistError::Encode(e.to_string()))?;
-        if payload.len() as u64 > MAX_RECORD_LEN as u64 {
-            return Err(PersistError::RecordTooLarge {
-                bytes: payload.len() as u64,
-                max: MAX_RECORD_LEN as u64,
-            });
-        }
+        let mut payload = encode_record(entries)?;
         let n = entries.len() as u64;
         let mut intake = lock(&self.intake);
         if let Some(cause) = &lock(&self.shared.progress).failed {
@@ -528,6 +517,27 @@ impl Drop for LogWriter {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// Encode `entries` as the payload of one record (its first LSN 0, patched in when it is
+/// appended), refusing what [`LogWriter::append`] refuses before queueing anything: an empty
+/// batch ([`PersistError::EmptyBatch`]) and one over the record limit
+/// ([`PersistError::RecordTooLarge`]). `tool::import` checks its batches with it before it
+/// writes any.
+pub(crate) fn encode_record(entries: &[LogEntry]) -> Result<AlignedVec> {
+    if entries.is_empty() {
+        return Err(PersistError::EmptyBatch);
+    }
+    let batch = LogBatch::from_entries(0, entries);
+    let payload =
+        rkyv::to_bytes::<rancor::Error>(&batch).map_err(|e| PersistError::Encode(e.to_string()))?;
+    if payload.len() as u64 > MAX_RECORD_LEN as u64 {
+        return Err(PersistError::RecordTooLarge {
+            bytes: payload.len() as u64,
+            max: MAX_RECORD_LEN as u64,
+        });
+    }
+    Ok(payload)
 }
 
 /// Overwrite the root's `first_lsn` of an encoded batch. rkyv puts the root object at the end

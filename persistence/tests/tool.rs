@@ -194,6 +194,108 @@ fn import_refuses_an_event_id_at_or_above_2_pow_63_naming_its_line() {
     }
 }
 
+/// `n` JSON lines: stores of one block each by worker 1, event ids 1..=n.
+fn good_lines(n: u64) -> String {
+    (1..=n)
+        .map(|i| {
+            let ev = stored(1, 0, i, None, &[(i, 1000 + i)]);
+            encode_router_event_json(&ev).unwrap() + "\n"
+        })
+        .collect()
+}
+
+/// Every file under `dir` (relative name) with its bytes; `None` when `dir` does not exist.
+fn contents(dir: &std::path::Path) -> Option<std::collections::BTreeMap<String, Vec<u8>>> {
+    if !dir.exists() {
+        return None;
+    }
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let name = path.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Import is all or nothing with respect to its input: a refused line far past the first
+/// batches (256 events each) leaves the target as it was, whether it is new (not even created)
+/// or holds an earlier import (every file byte for byte the same), for each kind of refusal.
+#[test]
+fn import_of_a_file_with_a_refused_line_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let reserved = encode_router_event_json(&stored(1, 0, 1 << 63, None, &[(9, 9)])).unwrap();
+    let cases = [
+        ("{\"worker_id\": -1}", "RouterEvent"),
+        (reserved.as_str(), "is reserved"),
+    ];
+    // An existing target: 300 events imported before.
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, good_lines(300)).unwrap();
+    let existing = dir.path().join("existing");
+    let rep = import(&first, &existing, "m", "g", 16).unwrap();
+    assert_eq!((rep.events, rep.next_lsn), (300, 301));
+    let before = contents(&existing).unwrap();
+    for (i, (bad, why)) in cases.iter().enumerate() {
+        // Lines 1..=600 good (two full batches and more), line 601 refused, one more after it.
+        let jsonl = dir.path().join(format!("bad-{i}.jsonl"));
+        std::fs::write(
+            &jsonl,
+            format!("{}{bad}\n{}", good_lines(600), good_lines(1)),
+        )
+        .unwrap();
+        let fresh = dir.path().join(format!("fresh-{i}"));
+        for target in [&fresh, &existing] {
+            match import(&jsonl, target, "m", "g", 16) {
+                Err(PersistError::BadInput { path, line, reason }) => {
+                    assert_eq!((path, line), (jsonl.clone(), 601));
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(contents(&fresh), None, "the new target was created");
+        assert!(
+            contents(&existing) == Some(before.clone()),
+            "the target changed"
+        );
+    }
+    // The existing target still reads as the first import alone.
+    let r = inspect(&existing).unwrap();
+    assert!(r.is_clean(), "{r}");
+    assert_eq!(r.lsn_range.unwrap().1, 300);
+}
+
+/// Import reads its input twice, so it takes a regular file only; a FIFO (which it does not
+/// even open: that would wait for a writer) or a directory is refused before the target exists.
+#[test]
+fn import_refuses_an_input_it_cannot_read_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("events.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let target = dir.path().join("out");
+    for input in [&fifo, &dir.path().to_path_buf()] {
+        match import(input, &target, "m", "g", 16) {
+            Err(e @ PersistError::NotAFile { .. }) => {
+                assert!(e.to_string().contains("not a regular file"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    assert!(!target.exists());
+}
+
 #[test]
 fn state_at_an_lsn_equals_the_model_fed_that_prefix_from_a_data_dir_or_json_lines() {
     let dir = tempfile::tempdir().unwrap();

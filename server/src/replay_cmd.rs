@@ -74,9 +74,10 @@ pub enum ReplayCommand {
         #[arg(long)]
         worker: Option<u64>,
     },
-    /// Append RouterEvent JSON lines to the log of a (new) data directory.
+    /// Append RouterEvent JSON lines to the log of a (new) data directory. Every line is
+    /// checked before any is written: a refused line leaves the directory as it was.
     Import {
-        /// JSON-lines file (one RouterEvent per line).
+        /// JSON-lines file (one RouterEvent per line); a regular file, since it is read twice.
         file: PathBuf,
         /// Target data directory (created if needed; must not be in use by a server).
         #[arg(long)]

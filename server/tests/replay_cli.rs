@@ -220,3 +220,82 @@ fn usage_errors_exit_2_and_bad_inputs_exit_1() {
     assert_eq!(code, 1);
     assert!(err.contains("bad.jsonl line 1"), "{err}");
 }
+
+/// Names and sizes of the files in `dir`.
+fn listing(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `import` is all or nothing with respect to its input: a refused line (here line 601, past
+/// two full batches of 256 events) exits 1 naming the line, and the target is left as it was:
+/// a new one is not created, an existing one lists the same files and inspects the same.
+#[test]
+fn import_of_a_file_with_a_refused_line_leaves_the_target_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = |n: u64| -> String {
+        (1..=n)
+            .map(|i| format!("{}\n", stored(1, 0, i, None, &[(i, 1000 + i)])))
+            .collect()
+    };
+    let import = |file: &std::path::Path, target: &std::path::Path| {
+        run(
+            &[
+                "replay",
+                "import",
+                p(file),
+                "--to",
+                p(target),
+                "--block-size",
+                "4",
+            ],
+            &[],
+        )
+    };
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, good(3)).unwrap();
+    let existing = dir.path().join("existing");
+    let (code, out, err) = import(&first, &existing);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported 3 events"), "{out}");
+    let files = listing(&existing);
+    let (code, inspected, err) = run(&["replay", "inspect", p(&existing)], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(inspected.contains("log: LSN 1..=3"), "{inspected}");
+
+    let reserved = stored(1, 0, 1 << 63, None, &[(7, 7)]).to_string();
+    for (i, (bad, why)) in [
+        ("{\"nope\":1}", "RouterEvent"),
+        (reserved.as_str(), "is reserved"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let jsonl = dir.path().join(format!("bad-{i}.jsonl"));
+        std::fs::write(&jsonl, format!("{}{bad}\n{}", good(600), good(1))).unwrap();
+        let fresh = dir.path().join(format!("fresh-{i}"));
+        for target in [&fresh, &existing] {
+            let (code, _, err) = import(&jsonl, target);
+            assert_eq!(code, 1, "{err}");
+            assert!(
+                err.contains(&format!("bad-{i}.jsonl line 601")) && err.contains(why),
+                "{err}"
+            );
+        }
+        assert!(!fresh.exists(), "the new target was created");
+        assert_eq!(listing(&existing), files);
+        let (code, out, err) = run(&["replay", "inspect", p(&existing)], &[]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, inspected);
+    }
+}

@@ -323,13 +323,8 @@ pub async fn pause_listener(
     State(state): State<SharedState>,
     Json(req): Json<ListenerRequest>,
 ) -> Response {
-    match state
-        .partitions
-        .pause_listener(req.instance_id, req.dp_rank.unwrap_or(0))
-    {
-        Ok(()) => ok(StatusCode::OK),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    let dp_rank = req.dp_rank.unwrap_or(0);
+    listener_op(move || state.partitions.pause_listener(req.instance_id, dp_rank)).await
 }
 
 /// `POST /test/resume_listener` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`).
@@ -337,12 +332,22 @@ pub async fn resume_listener(
     State(state): State<SharedState>,
     Json(req): Json<ListenerRequest>,
 ) -> Response {
-    match state
-        .partitions
-        .resume_listener(req.instance_id, req.dp_rank.unwrap_or(0))
-    {
-        Ok(()) => ok(StatusCode::OK),
-        Err(e) => ApiError::from(e).into_response(),
+    let dp_rank = req.dp_rank.unwrap_or(0);
+    listener_op(move || state.partitions.resume_listener(req.instance_id, dp_rank)).await
+}
+
+/// Run a test-route listener operation on the blocking pool, as `/register` and `/unregister`
+/// do: it takes the registry's write lock, and pausing a ZMQ listener waits until every batch
+/// of every stream already past the fence is logged (`zmq_source::Fence::stop`: one lock all
+/// streams share), which must not hold up a tokio worker. The answer still waits for the operation to finish, so the fencing is
+/// the same: once the route answers, no batch of the paused listener reaches the log.
+async fn listener_op(
+    op: impl FnOnce() -> Result<(), crate::partitions::RegistryError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(())) => ok(StatusCode::OK),
+        Ok(Err(e)) => ApiError::from(e).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
 }
 
@@ -371,4 +376,99 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+
+    use super::*;
+    use crate::listeners::{ListenerSpec, ListenerSupervisor};
+    use crate::partitions::Registration;
+
+    /// Records the thread each pause and resume runs on.
+    #[derive(Default)]
+    struct ThreadRecorder(Mutex<Vec<(&'static str, ThreadId)>>);
+
+    impl ThreadRecorder {
+        fn record(&self, op: &'static str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((op, std::thread::current().id()));
+        }
+    }
+
+    impl ListenerSupervisor for ThreadRecorder {
+        fn start(&self, _spec: &ListenerSpec) -> ListenerState {
+            ListenerState {
+                status: ListenerStatus::Active,
+                last_error: None,
+            }
+        }
+        fn stop(&self, _instance_id: u64, _dp_rank: u32) {}
+        fn pause(&self, _instance_id: u64, _dp_rank: u32) -> ListenerState {
+            self.record("pause");
+            ListenerState {
+                status: ListenerStatus::Paused,
+                last_error: None,
+            }
+        }
+        fn resume(&self, spec: &ListenerSpec) -> ListenerState {
+            self.record("resume");
+            self.start(spec)
+        }
+    }
+
+    /// The test routes pause and resume a listener off the runtime's thread (the supervisor
+    /// may block: a ZMQ pause waits on a lock every stream shares), and answer once it is done.
+    /// On a current-thread runtime the only worker is the thread running `block_on`.
+    #[test]
+    fn pause_and_resume_routes_run_the_supervisor_off_the_tokio_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let supervisor = Arc::new(ThreadRecorder::default());
+        let state = super::super::unregister_race::open_with(dir.path(), supervisor.clone());
+        state
+            .partitions
+            .register(Registration {
+                instance_id: 1,
+                model_name: "m".into(),
+                routing_group: "default".into(),
+                block_size: 4,
+                dp_rank: 0,
+                endpoint: "tcp://127.0.0.1:1".into(),
+                replay_endpoint: None,
+            })
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let request = || {
+            Json(ListenerRequest {
+                instance_id: 1,
+                dp_rank: None,
+            })
+        };
+        let paused = rt.block_on(pause_listener(State(Arc::clone(&state)), request()));
+        assert_eq!(paused.status(), StatusCode::OK);
+        assert_eq!(
+            state.partitions.view().instances[&1].listeners[&0]
+                .state
+                .status,
+            ListenerStatus::Paused
+        );
+        let resumed = rt.block_on(resume_listener(State(Arc::clone(&state)), request()));
+        assert_eq!(resumed.status(), StatusCode::OK);
+        let worker = std::thread::current().id();
+        let calls = supervisor.0.lock().unwrap().clone();
+        assert_eq!(
+            calls.iter().map(|(op, _)| *op).collect::<Vec<_>>(),
+            ["pause", "resume"]
+        );
+        assert!(
+            calls.iter().all(|(_, thread)| *thread != worker),
+            "a listener operation ran on the tokio worker"
+        );
+    }
 }

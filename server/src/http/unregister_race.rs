@@ -18,7 +18,7 @@ use super::events::{submit_events, EventsAck, EventsTarget, SourceSeq};
 use super::handlers;
 use super::{AppState, SharedState};
 use crate::ingest::Ingest;
-use crate::listeners::NoListeners;
+use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::partitions::{Partitions, Registration};
 
 use crate::test_support::{Latch, TOKENS};
@@ -26,11 +26,20 @@ use crate::test_support::{Latch, TOKENS};
 /// The service's state over `dir`, as `kvindex serve` builds it (without listeners). Also used
 /// by the NATS intake's tests.
 pub(crate) fn open(dir: &Path) -> SharedState {
-    open_with(dir, DurableConfig::default())
+    open_configured(dir, DurableConfig::default(), Arc::new(NoListeners))
 }
 
-/// [`open`] with the log configured by `config` (fault injection).
-fn open_with(dir: &Path, config: DurableConfig) -> SharedState {
+/// [`open`] with the listener supervisor `supervisor`.
+pub(crate) fn open_with(dir: &Path, supervisor: Arc<dyn ListenerSupervisor>) -> SharedState {
+    open_configured(dir, DurableConfig::default(), supervisor)
+}
+
+/// [`open`] with the log configured by `config` (fault injection) and `supervisor`.
+fn open_configured(
+    dir: &Path,
+    config: DurableConfig,
+    supervisor: Arc<dyn ListenerSupervisor>,
+) -> SharedState {
     let engine = Engine::new(EngineConfig {
         event_threads: 1,
         queue_capacity: 64,
@@ -38,7 +47,7 @@ fn open_with(dir: &Path, config: DurableConfig) -> SharedState {
     });
     let (durable, _) = DurableIndex::open(dir, config, engine.clone()).unwrap();
     let durable = Arc::new(durable);
-    let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
+    let partitions = Arc::new(Partitions::new(engine, Some(dir), supervisor));
     partitions.set_drop_log(crate::partitions::durable_drop_log(&durable));
     partitions.load().unwrap();
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
@@ -433,7 +442,7 @@ fn a_partition_whose_drop_was_not_logged_does_not_lend_its_blocks_to_a_new_one()
         fail_writes_after_bytes: Some(room),
         ..kvindex_persistence::IoFaults::default()
     };
-    let state = open_with(dir.path(), config);
+    let state = open_configured(dir.path(), config, Arc::new(NoListeners));
     assert_eq!(unregister(&state, 1), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(
         state.durable.log().writer_failure().is_some(),
