@@ -239,6 +239,9 @@ pub struct LogWriter {
     intake: Mutex<Intake>,
     thread: Mutex<Option<JoinHandle<()>>>,
     kind: IoBackendKind,
+    /// Largest payload of one record ([`LogConfig::max_record_bytes`], clamped to
+    /// `1..=MAX_RECORD_LEN`).
+    max_record: u64,
 }
 
 /// Where the writer starts: the open segment and its valid end.
@@ -346,6 +349,7 @@ impl LogWriter {
             }),
             thread: Mutex::new(Some(handle)),
             kind,
+            max_record: u64::from(cfg.max_record_bytes.clamp(1, MAX_RECORD_LEN)),
         })
     }
 
@@ -364,10 +368,10 @@ impl LogWriter {
         let batch = LogBatch::from_entries(0, entries);
         let mut payload = rkyv::to_bytes::<rancor::Error>(&batch)
             .map_err(|e| PersistError::Encode(e.to_string()))?;
-        if payload.len() as u64 > MAX_RECORD_LEN as u64 {
+        if payload.len() as u64 > self.max_record {
             return Err(PersistError::RecordTooLarge {
                 bytes: payload.len() as u64,
-                max: MAX_RECORD_LEN as u64,
+                max: self.max_record,
             });
         }
         let n = entries.len() as u64;
