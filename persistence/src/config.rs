@@ -130,6 +130,13 @@ pub struct LogConfig {
     /// of "events since LSN X" scans at most about this much before reaching X. 0 writes no
     /// index (readers then scan each segment from its start).
     pub lsn_index_stride: u32,
+    /// Largest payload of one record, in bytes: at most (and by default)
+    /// [`crate::format::MAX_RECORD_LEN`] (64 MiB), at least 1. An append whose batch encodes
+    /// larger fails with [`PersistError::RecordTooLarge`] (which carries this limit) and logs
+    /// nothing: the caller splits the batch. Lower it only to exercise that path in tests
+    /// without building 64 MiB batches; readers accept records up to `MAX_RECORD_LEN` whatever
+    /// it is.
+    pub max_record_bytes: u32,
     /// Called about once a second during recovery, and at its end.
     pub progress: Option<ProgressFn>,
     /// Simulated device failures (tests only).
@@ -147,6 +154,7 @@ impl Default for LogConfig {
             queue_capacity: 1024,
             max_group_bytes: 4 << 20,
             lsn_index_stride: crate::lsn_index::DEFAULT_INDEX_STRIDE,
+            max_record_bytes: crate::format::MAX_RECORD_LEN,
             progress: None,
             faults: IoFaults::default(),
         }
@@ -163,6 +171,7 @@ impl fmt::Debug for LogConfig {
             .field("queue_capacity", &self.queue_capacity)
             .field("max_group_bytes", &self.max_group_bytes)
             .field("lsn_index_stride", &self.lsn_index_stride)
+            .field("max_record_bytes", &self.max_record_bytes)
             .field("faults", &self.faults)
             .finish_non_exhaustive()
     }

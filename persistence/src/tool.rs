@@ -735,7 +735,7 @@ pub fn import(
     let mut file = open_regular_file(path)?;
     // Pass 1: nothing is written; the target is not even opened.
     let checked = import_pass(path, std::io::BufReader::new(&file), &spec, &mut |batch| {
-        crate::writer::encode_record(batch).map(|_| ())
+        crate::writer::encode_record(batch, crate::format::MAX_RECORD_LEN as u64).map(|_| ())
     })?;
     file.seek(SeekFrom::Start(0))
         .map_err(|e| PersistError::io("seek", path, Some(0), e))?;

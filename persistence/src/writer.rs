@@ -239,6 +239,9 @@ pub struct LogWriter {
     intake: Mutex<Intake>,
     thread: Mutex<Option<JoinHandle<()>>>,
     kind: IoBackendKind,
+    /// Largest payload of one record ([`LogConfig::max_record_bytes`], clamped to
+    /// `1..=MAX_RECORD_LEN`).
+    max_record: u64,
 }
 
 /// Where the writer starts: the open segment and its valid end.
@@ -346,6 +349,7 @@ impl LogWriter {
             }),
             thread: Mutex::new(Some(handle)),
             kind,
+            max_record: u64::from(cfg.max_record_bytes.clamp(1, MAX_RECORD_LEN)),
         })
     }
 
@@ -358,7 +362,7 @@ impl LogWriter {
     /// queued; `wait()` on the ticket for the acknowledgement.
     pub fn append(&self, entries: &[LogEntry]) -> Result<AppendTicket> {
         // Encode outside the lock; the LSN is patched in below.
-        let mut payload = encode_record(entries)?;
+        let mut payload = encode_record(entries, self.max_record)?;
         let n = entries.len() as u64;
         let mut intake = lock(&self.intake);
         if let Some(cause) = &lock(&self.shared.progress).failed {
@@ -521,20 +525,20 @@ impl Drop for LogWriter {
 
 /// Encode `entries` as the payload of one record (its first LSN 0, patched in when it is
 /// appended), refusing what [`LogWriter::append`] refuses before queueing anything: an empty
-/// batch ([`PersistError::EmptyBatch`]) and one over the record limit
+/// batch ([`PersistError::EmptyBatch`]) and one over `max_record` bytes (the writer's configured record limit)
 /// ([`PersistError::RecordTooLarge`]). `tool::import` checks its batches with it before it
 /// writes any.
-pub(crate) fn encode_record(entries: &[LogEntry]) -> Result<AlignedVec> {
+pub(crate) fn encode_record(entries: &[LogEntry], max_record: u64) -> Result<AlignedVec> {
     if entries.is_empty() {
         return Err(PersistError::EmptyBatch);
     }
     let batch = LogBatch::from_entries(0, entries);
     let payload =
         rkyv::to_bytes::<rancor::Error>(&batch).map_err(|e| PersistError::Encode(e.to_string()))?;
-    if payload.len() as u64 > MAX_RECORD_LEN as u64 {
+    if payload.len() as u64 > max_record {
         return Err(PersistError::RecordTooLarge {
             bytes: payload.len() as u64,
-            max: MAX_RECORD_LEN as u64,
+            max: max_record,
         });
     }
     Ok(payload)

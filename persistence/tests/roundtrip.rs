@@ -534,3 +534,53 @@ fn tagged_source_sequences_survive_snapshot_compaction_and_replay() {
     assert!(!idx.tagged_seq_durable(7), "untagged");
     assert_eq!(idx.tagged_groups(), vec![1]);
 }
+
+/// `LogConfig::max_record_bytes` bounds one record: a batch that encodes larger is refused with
+/// `RecordTooLarge` carrying the configured limit, and nothing is logged (the next append gets
+/// the LSN the refused one would have had); a batch within it is logged. 0 means 1 byte.
+#[test]
+fn a_batch_over_the_configured_record_limit_is_refused_and_logs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        max_record_bytes: 4096,
+        ..LogConfig::default()
+    };
+    let blocks: Vec<(u64, u64)> = (0..200).map(|i| (i + 1, i + 1_000)).collect();
+    let big: Vec<LogEntry> = (0..2)
+        .map(|i| LogEntry::event(ns(), i, stored(1, 0, i, None, &blocks)))
+        .collect();
+    let small = vec![LogEntry::event(
+        ns(),
+        9,
+        stored(1, 0, 9, None, &blocks[..4]),
+    )];
+    {
+        let (log, _) = EventLog::open(dir.path(), config.clone(), &mut NullSink).unwrap();
+        match log.append(&big) {
+            Err(PersistError::RecordTooLarge { bytes, max }) => {
+                assert_eq!(max, 4096);
+                assert!(bytes > 4096, "{bytes}");
+            }
+            Err(other) => panic!("expected RecordTooLarge, got {other}"),
+            Ok(_) => panic!("a batch over the limit was logged"),
+        }
+        let t = log.append(&small).unwrap();
+        assert_eq!(t.first_lsn(), FIRST_LSN);
+        t.wait().unwrap();
+        log.close().unwrap();
+    }
+    let mut sink = CollectingSink::default();
+    let (_log, report) = EventLog::open(dir.path(), config, &mut sink).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(entries_of(&sink.entries), small);
+    let zero = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        max_record_bytes: 0,
+        ..LogConfig::default()
+    };
+    let (log, _) = EventLog::open(zero.path(), config, &mut NullSink).unwrap();
+    assert!(matches!(
+        log.append(&small),
+        Err(PersistError::RecordTooLarge { max: 1, .. })
+    ));
+}

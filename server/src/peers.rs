@@ -22,12 +22,16 @@ use kvindex_engine::{NamespaceKey, RouterEvent};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::ingest::Ingest;
+use crate::ingest::{Ingest, IngestError};
 use crate::partitions::Partitions;
+use kvindex_persistence::{AppendTicket, PersistError};
 
 /// Per-peer timeout of the dump request (Dynamo's).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Events per logged record while loading a dump.
+/// Events per logged record while loading a dump, at most. A record is also bounded by the
+/// log's record limit (`LogConfig::max_record_bytes`, by default
+/// `kvindex_persistence::format::MAX_RECORD_LEN`, 64 MiB), which 1,024 long chains exceed: a
+/// batch the log refuses as too large is split in halves (see [`load_events`]).
 const CHUNK: usize = 1024;
 
 /// Counter: start-up recoveries from `--peers`, by `outcome` (see [`Outcome`]).
@@ -211,8 +215,12 @@ async fn fetch_dump(peer: &str) -> Result<Dump, PeerError> {
 pub struct Loaded {
     /// Events applied.
     pub events: usize,
+    /// Events of the dump not applied: refused by the log (one too large for a record on its
+    /// own, or every event of its partition from a refusal on, which stops that partition), or
+    /// of a partition not created.
+    pub skipped_events: usize,
     /// Failures (each logged and counted): a partition not created, events refused or not
-    /// durable, a partition not flushed.
+    /// durable, an event too large for a log record, a partition not flushed.
     pub failures: usize,
 }
 
@@ -224,40 +232,19 @@ pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: DumpPartitions)
         loaded.failures += 1;
         tracing::warn!(%partition, %error, "recovery from peer: {what}");
     };
-    let mut applied = 0;
+    let (mut applied, mut skipped) = (0, 0);
     for (key, (block_size, events)) in dump {
         if let Err(e) = partitions.ensure_partition(&key.model_name, &key.routing_group, block_size)
         {
+            skipped += events.len();
             failed(&key, &e, "cannot recover this partition");
             continue;
         }
         tracing::info!(partition = %key, block_size, events = events.len(), "Creating indexer from recovery dump");
-        let mut last = None;
-        let mut events = events.into_iter().peekable();
-        while events.peek().is_some() {
-            let chunk: Vec<_> = events
-                .by_ref()
-                .take(CHUNK)
-                // Source sequence 0, not the dump's `event_id` (renumbered from 0 per tier, it
-                // has nothing to do with the engine's batch sequence): a restart whose last
-                // logged entry of a stream is a recovered one then resumes after 0, re-applying
-                // what the engine still buffers, instead of skipping batches up to an arbitrary
-                // number as stale.
-                .map(|e| (0, e))
-                .collect();
-            let n = chunk.len();
-            match ingest.submit_mixed(&key, chunk) {
-                Ok(t) => {
-                    last = t.or(last);
-                    applied += n;
-                }
-                Err(e) => {
-                    failed(&key, &e, "recovery events refused");
-                    break;
-                }
-            }
-        }
-        if let Some(t) = last {
+        let out = load_events(ingest, &key, events, &mut failed);
+        applied += out.applied;
+        skipped += out.skipped;
+        if let Some(t) = out.last {
             if let Err(e) = t.wait() {
                 failed(&key, &e, "recovery events not durable");
             }
@@ -267,7 +254,87 @@ pub fn load_dump(partitions: &Partitions, ingest: &Ingest, dump: DumpPartitions)
         }
     }
     loaded.events = applied;
+    loaded.skipped_events = skipped;
     loaded
+}
+
+/// What [`load_events`] did with one partition's events.
+struct PartitionLoad {
+    applied: usize,
+    skipped: usize,
+    /// The ticket of the last record logged.
+    last: Option<AppendTicket>,
+}
+
+/// Log and apply `events` of partition `key` in order, in records of at most [`CHUNK`] events.
+/// A batch the log refuses as larger than its record limit is split in halves, recursively,
+/// and both halves are submitted in order (the partition's later batches are made no larger
+/// than the half); a single event too large for a record is skipped as its own failure and the
+/// rest goes on. Any other refusal (the log failed or closed) stops the partition: what is left
+/// of it is skipped, as one failure.
+fn load_events(
+    ingest: &Ingest,
+    key: &NamespaceKey,
+    events: Vec<RouterEvent>,
+    failed: &mut impl FnMut(&NamespaceKey, &dyn std::fmt::Display, &str),
+) -> PartitionLoad {
+    let mut out = PartitionLoad {
+        applied: 0,
+        skipped: 0,
+        last: None,
+    };
+    let mut chunk = CHUNK;
+    let mut rest = events.into_iter();
+    // Halves of refused batches still to submit, the next one last (at most log2(CHUNK) + 1,
+    // all from one batch).
+    let mut halves: Vec<Vec<RouterEvent>> = Vec::new();
+    loop {
+        let batch = match halves.pop() {
+            Some(b) => b,
+            None => {
+                let b: Vec<RouterEvent> = rest.by_ref().take(chunk).collect();
+                if b.is_empty() {
+                    break;
+                }
+                b
+            }
+        };
+        let n = batch.len();
+        // Submitted as a copy, so that a batch refused as too large can be split. Source
+        // sequence 0, not the dump's `event_id` (renumbered from 0 per tier, it has nothing to
+        // do with the engine's batch sequence): a restart whose last logged entry of a stream
+        // is a recovered one then resumes after 0, re-applying what the engine still buffers,
+        // instead of skipping batches up to an arbitrary number as stale.
+        let items = batch.iter().map(|e| (0, e.clone())).collect();
+        match ingest.submit_mixed(key, items) {
+            Ok(t) => {
+                out.last = t.or(out.last);
+                out.applied += n;
+            }
+            Err(IngestError::Log(PersistError::RecordTooLarge { .. })) if n > 1 => {
+                let mut first = batch;
+                let second = first.split_off(n / 2);
+                chunk = chunk.min(first.len());
+                halves.push(second);
+                halves.push(first);
+            }
+            Err(e @ IngestError::Log(PersistError::RecordTooLarge { .. })) => {
+                out.skipped += 1;
+                failed(key, &e, "an event too large for a log record skipped");
+            }
+            Err(e) => {
+                let left = n + halves.iter().map(Vec::len).sum::<usize>() + rest.len();
+                out.skipped += left;
+                failed(
+                    key,
+                    &e,
+                    &format!("recovery events refused; the partition's last {left} events skipped"),
+                );
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Try each peer in order; the first that answers wins. Never fails; the outcome is logged
@@ -305,6 +372,7 @@ async fn recover(peers: &[String], partitions: Arc<Partitions>, ingest: Arc<Inge
                 tracing::warn!(
                     peer = %peer,
                     events = l.events,
+                    skipped_events = l.skipped_events,
                     failures = l.failures,
                     skipped_entries = skipped,
                     "recovered from peer in part (see the warnings above)"
@@ -341,6 +409,154 @@ pub async fn record_peers(peers: &[String], partitions: &Arc<Partitions>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listeners::NoListeners;
+    use kvindex_engine::{
+        Engine, EngineConfig, ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData,
+        KvCacheStoreData, KvCacheStoredBlockData, LocalBlockHash, WorkerWithDpRank,
+    };
+    use kvindex_persistence::{DurableConfig, DurableIndex, LogConfig};
+
+    /// The log's record limit in these tests: far below the real 64 MiB, so that a dump
+    /// whose 1,024-event records would not fit is small to build.
+    const RECORD_LIMIT: u32 = 64 << 10;
+
+    /// An index whose log refuses records over `max_record_bytes`, and its intake.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        partitions: Arc<Partitions>,
+        ingest: Arc<Ingest>,
+    }
+
+    fn fixture(max_record_bytes: u32) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..EngineConfig::default()
+        });
+        let config = DurableConfig {
+            log: LogConfig {
+                max_record_bytes,
+                ..LogConfig::default()
+            },
+            ..DurableConfig::default()
+        };
+        let (durable, _) = DurableIndex::open(dir.path(), config, engine.clone()).unwrap();
+        let partitions = Arc::new(Partitions::new(engine, None, Arc::new(NoListeners)));
+        let ingest = Arc::new(Ingest::new(Arc::new(durable), Arc::clone(&partitions)));
+        Fixture {
+            _dir: dir,
+            partitions,
+            ingest,
+        }
+    }
+
+    /// `worker` stores a chain of `blocks` blocks at the root, hashes counting up from `first`.
+    fn chain(worker: u64, first: u64, blocks: u64) -> RouterEvent {
+        RouterEvent::new(
+            worker,
+            KvCacheEvent {
+                event_id: 0,
+                data: KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: None,
+                    start_position: None,
+                    blocks: (first..first + blocks)
+                        .map(|h| KvCacheStoredBlockData {
+                            block_hash: ExternalSequenceBlockHash(h),
+                            tokens_hash: LocalBlockHash(h),
+                            mm_extra_info: None,
+                        })
+                        .collect(),
+                }),
+                dp_rank: 0,
+            },
+        )
+    }
+
+    /// Blocks per worker (dp_rank 0) in `key`'s index, sorted by worker.
+    fn block_counts(f: &Fixture, key: &NamespaceKey) -> Vec<(WorkerWithDpRank, usize)> {
+        let view = f.partitions.view();
+        let ns = view.partitions[key].namespace.clone().expect("an index");
+        let mut counts = ns.worker_block_counts();
+        counts.sort();
+        counts
+    }
+
+    /// A fake peer on a free port answering every `GET /dump` with `body`. Returns its URL.
+    fn serve_dump(body: String) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in l.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(body.as_bytes());
+            }
+        });
+        url
+    }
+
+    /// A peer's dump whose 1,024-event records exceed the log's record limit (here lowered to
+    /// 64 KiB; in production 1,024 chains of a 32k-token context at block size 16 make a
+    /// 67 MB record, over 64 MiB) is recovered in full: refused batches are split in halves
+    /// until they fit, and every block of every chain is in the index.
+    #[tokio::test]
+    async fn a_dump_over_the_record_limit_per_1024_events_is_recovered_in_full() {
+        let f = fixture(RECORD_LIMIT);
+        let (chains, blocks) = (1_500u64, 64u64);
+        let events: Vec<RouterEvent> = (0..chains)
+            .map(|c| chain(1 + c % 3, 1 + c * blocks, blocks))
+            .collect();
+        let body = serde_json::json!({"m:default": {"block_size": 4, "events": events}});
+        let peer = serve_dump(body.to_string());
+        let outcome = recover_from_peers(
+            std::slice::from_ref(&peer),
+            Arc::clone(&f.partitions),
+            Arc::clone(&f.ingest),
+        )
+        .await;
+        assert_eq!(outcome, Outcome::Recovered);
+        let key = NamespaceKey::new("m", "default");
+        let per_worker = |w: u64| (chains / 3 + u64::from(w <= chains % 3)) * blocks;
+        assert_eq!(
+            block_counts(&f, &key),
+            (1..=3)
+                .map(|w| (WorkerWithDpRank::new(w, 0), per_worker(w) as usize))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// An event too large for a record on its own is one counted failure (`partial`); the
+    /// events before and after it, in the same 1,024-event batch, are all loaded.
+    #[test]
+    fn an_event_too_large_for_a_record_is_skipped_and_the_rest_loads() {
+        let f = fixture(RECORD_LIMIT);
+        let key = NamespaceKey::new("m", "default");
+        let mut events: Vec<RouterEvent> = (0..40u64).map(|c| chain(1, 1 + c * 8, 8)).collect();
+        // Worker 2's one chain, far over 64 KiB by itself.
+        events.insert(20, chain(2, 1_000_000, 8_192));
+        let dump = DumpPartitions::from([(key.clone(), (4, events))]);
+        let loaded = load_dump(&f.partitions, &f.ingest, dump);
+        assert_eq!(
+            loaded,
+            Loaded {
+                events: 40,
+                skipped_events: 1,
+                failures: 1,
+            }
+        );
+        assert_eq!(
+            block_counts(&f, &key),
+            vec![(WorkerWithDpRank::new(1, 0), 320)]
+        );
+    }
 
     #[tokio::test]
     async fn a_dump_body_over_the_limit_is_refused() {

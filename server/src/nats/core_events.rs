@@ -17,7 +17,7 @@ use crate::http::SharedState;
 use kvindex_server::nats_subjects::Subjects;
 
 /// Messages handled per log group commit, at most.
-const BATCH: usize = 256;
+pub(super) const BATCH: usize = 256;
 
 async fn subscribe(
     client: &Client,

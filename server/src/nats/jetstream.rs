@@ -51,6 +51,14 @@ use kvindex_server::nats_subjects::Subjects;
 
 /// Messages handled per log group commit, at most.
 const BATCH: usize = 256;
+/// Messages asked for per pull request (async-nats' default for `Consumer::messages`, made
+/// explicit because the client's subscription buffer, [`super::connect::SUBSCRIPTION_CAPACITY`],
+/// must hold what is in flight: the client asks for the next batch once half of one is
+/// delivered, so at most 1.5 batches), capped at the consumer's `max_batch` as the client does.
+pub(super) const PULL_BATCH: usize = 200;
+/// Idle heartbeat of the pull requests (async-nats' default for `Consumer::messages`; the
+/// client lowers it to half the request expiry if needed).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
 /// Delay before a `nak`ed message (log failure) is redelivered.
 const NAK_DELAY: Duration = Duration::from_secs(5);
 /// Pull errors in a row, with no message between them, after which the consumer is set up
@@ -177,6 +185,15 @@ async fn setup(
         identity,
         epoch,
     })
+}
+
+/// [`PULL_BATCH`], capped at the consumer's `max_batch` (0 or less: no cap; a pull request
+/// above it is refused with `409 Exceeded MaxRequestBatch`).
+fn pull_batch(max_batch: i64) -> usize {
+    match usize::try_from(max_batch) {
+        Ok(max) if max > 0 => PULL_BATCH.min(max),
+        _ => PULL_BATCH,
+    }
 }
 
 /// Forget the logged sequences JetStream will never redeliver: those of other epochs, and
@@ -490,12 +507,17 @@ pub async fn run(
             c = setup(&client, &cfg, &subjects, &state) => c,
         };
         let messages = match consumer {
-            Ok(r) => r
-                .consumer
-                .messages()
-                .await
-                .map(|m| (m, r))
-                .map_err(|e| e.to_string()),
+            Ok(r) => {
+                let batch = pull_batch(r.consumer.cached_info().config.max_batch);
+                r.consumer
+                    .stream()
+                    .max_messages_per_batch(batch)
+                    .heartbeat(PULL_HEARTBEAT)
+                    .messages()
+                    .await
+                    .map(|m| (m, r))
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e),
         };
         let (messages, ready) = match messages {
@@ -593,6 +615,14 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pull_batch_is_capped_at_the_consumers_max_batch() {
+        assert_eq!(pull_batch(0), PULL_BATCH);
+        assert_eq!(pull_batch(-1), PULL_BATCH);
+        assert_eq!(pull_batch(50), 50);
+        assert_eq!(pull_batch(10_000), PULL_BATCH);
+    }
 
     fn refused(retry: bool) -> Outcome {
         Outcome::Rejected {

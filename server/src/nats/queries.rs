@@ -25,7 +25,7 @@ use kvindex_engine::NamespaceKey;
 use kvindex_server::nats_subjects::{QueryKind, Subjects};
 
 /// Query requests of one subscription answered at once; more wait in the subscription.
-const MAX_INFLIGHT_QUERIES: usize = 256;
+pub(super) const MAX_INFLIGHT_QUERIES: usize = 256;
 
 /// Reap the finished tasks of `inflight`, then wait until fewer than `limit` are running.
 async fn admit(inflight: &mut tokio::task::JoinSet<()>, limit: usize) {
