@@ -135,7 +135,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         cfg.replay.ingest_config(),
     );
     partitions.set_supervisor(Arc::clone(&supervisor) as Arc<dyn ListenerSupervisor>);
-    // Before `load`, which logs the drops recovery's namespaces not in `registry.json` lack.
+    // Before `load`, which logs the drops of the partitions `registry.json` lists as dropping
+    // (and asks the log whether one was withdrawn).
     partitions.set_drop_log(crate::partitions::durable_drop_log(&durable));
     partitions.load()?;
     for w in &cfg.workers {

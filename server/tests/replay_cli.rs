@@ -297,5 +297,57 @@ fn import_of_a_file_with_a_refused_line_leaves_the_target_unchanged() {
         let (code, out, err) = run(&["replay", "inspect", p(&existing)], &[]);
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, inspected);
+
+/// `kvindex replay import` appends to the data directory of a stopped server: the partition it
+/// imports, which `registry.json` does not list, is served after the restart (adopted, not
+/// dropped) and after the next one too, next to the registered one.
+#[test]
+fn events_imported_into_a_servers_directory_survive_its_restarts() {
+    let (d, data, _) = populated();
+    let (_, exported, _) = run(&["replay", "export", p(&data)], &[]);
+    let jsonl = d.path().join("events.jsonl");
+    std::fs::write(&jsonl, exported).unwrap();
+    let (code, out, err) = run(
+        &[
+            "replay",
+            "import",
+            p(&jsonl),
+            "--to",
+            p(&data),
+            "--model",
+            "imported",
+            "--routing-group",
+            "default",
+            "--block-size",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported 3 events"), "{out}");
+    let t: Vec<u32> = (1..=12).collect();
+    for restart in 0..2 {
+        let s = start(&data, &[], &[]);
+        for model in ["imported", "m"] {
+            let v = s
+                .post_json("/query", &json!({"token_ids": t, "model_name": model}))
+                .json();
+            assert_eq!(
+                v["scores"],
+                json!({"1": {"0": 8}, "2": {"0": 4}}),
+                "model {model} after restart {restart}: {v}"
+            );
+        }
+        let (status, _) = s.terminate();
+        assert_eq!(status.code(), Some(0));
+        let registry: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data.join("registry.json")).unwrap()).unwrap();
+        let models: Vec<&str> = registry["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["model_name"].as_str().unwrap())
+            .collect();
+        assert_eq!(models, vec!["imported", "m"], "{registry}");
     }
 }

@@ -472,5 +472,13 @@ mod tests {
         assert_eq!(classify(&e), ("unknown_partition", false));
         let e = ApiError::Ingest(IngestError::Log(PersistError::EmptyBatch));
         assert_eq!(classify(&e), ("log", true));
+        // `Kvindex-Block-Size` would create the partition, but the drop of its previous one
+        // still cannot be logged: a log failure, redelivered (JetStream) once it may work.
+        let e = ApiError::Registry(RegistryError::DropNotLogged {
+            model: "m".into(),
+            group: "g".into(),
+            reason: "disk full".into(),
+        });
+        assert_eq!(classify(&e), ("log", true));
     }
 }

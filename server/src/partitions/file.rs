@@ -1,11 +1,17 @@
-//! `registry.json`: the registry's on-disk form (partitions, registrations, peers), written
-//! atomically so a crash leaves the old or the new file, never a torn one.
+//! `registry.json`: the registry's on-disk form (partitions, registrations, peers, and the keys
+//! of partitions being dropped), written atomically so a crash leaves the old or the new file,
+//! never a torn one.
+//!
+//! Unknown fields are ignored when reading (no `deny_unknown_fields`, in this build and the
+//! builds before it): a file with `dropping` loads in a build that does not know it, which then
+//! ignores it, and a file without it (written before it existed) loads here with none.
 
 use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::drops::PendingDrops;
 use super::{RegistryError, RegistryView};
 
 #[derive(Serialize, Deserialize)]
@@ -36,16 +42,32 @@ pub(super) struct FilePartition {
     pub block_size: u32,
 }
 
+/// A partition being dropped: its last worker left, and its `DropNamespace` may not be in the
+/// log yet (see `drops.rs`).
+#[derive(Serialize, Deserialize)]
+pub(super) struct FileDropping {
+    pub model_name: String,
+    pub routing_group: String,
+    /// The log's next LSN when the drop was decided: event entries of the partition at or
+    /// after it mean the drop was withdrawn (absent: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_at_lsn: Option<u64>,
+}
+
 #[derive(Serialize, Deserialize)]
 pub(super) struct RegistryFile {
     pub version: u32,
     pub partitions: Vec<FilePartition>,
     pub instances: Vec<FileInstance>,
     pub peers: Vec<String>,
+    /// Partitions being dropped (absent in files written before it existed, and left out when
+    /// empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropping: Vec<FileDropping>,
 }
 
 impl RegistryFile {
-    pub(super) fn from_view(v: &RegistryView) -> Self {
+    pub(super) fn from_view(v: &RegistryView, dropping: &PendingDrops) -> Self {
         let mut partitions: Vec<_> = v
             .partitions
             .values()
@@ -84,6 +106,14 @@ impl RegistryFile {
             partitions,
             instances,
             peers: v.peers.clone(),
+            dropping: dropping
+                .iter()
+                .map(|(k, lsn)| FileDropping {
+                    model_name: k.model_name.clone(),
+                    routing_group: k.routing_group.clone(),
+                    dropped_at_lsn: lsn,
+                })
+                .collect(),
         }
     }
 }
@@ -95,15 +125,37 @@ pub(super) fn file_error(path: &Path, reason: impl std::fmt::Display) -> Registr
     }
 }
 
-/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory.
-pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+/// A simulated failure of [`write_atomically`] (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WriteFault {
+    /// The temp file cannot be written: the file is unchanged.
+    BeforeRename,
+    /// The directory's fsync fails, after the rename.
+    AfterRename,
+}
+
+/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync the directory. An error
+/// does not mean the file is unchanged: the rename may have happened (a failed directory
+/// fsync), and the new file may or may not survive a power loss. `fault` (tests) fails on
+/// purpose.
+pub(super) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    fault: Option<WriteFault>,
+) -> Result<(), RegistryError> {
     let tmp = path.with_extension("json.tmp");
+    if fault == Some(WriteFault::BeforeRename) {
+        return Err(file_error(&tmp, "simulated failure to write the temp file"));
+    }
     let mut f = std::fs::File::create(&tmp).map_err(|e| file_error(&tmp, e))?;
     f.write_all(bytes).map_err(|e| file_error(&tmp, e))?;
     f.sync_all().map_err(|e| file_error(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))?;
     // The rename is durable only once the directory is: a failure here is the caller's too.
+    if fault == Some(WriteFault::AfterRename) {
+        return Err(file_error(path, "simulated failure of the directory fsync"));
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())

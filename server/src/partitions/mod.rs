@@ -6,7 +6,7 @@
 //! writers serialise on one mutex, build the next view, write `registry.json` in the data
 //! directory (so partitions and registrations survive a restart) and publish it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +23,11 @@ mod gate;
 mod unregister;
 
 use drops::PendingDrops;
-pub use drops::{durable_drop_log, log_drop, DropLog, CREATIONS_REFUSED, DROPS_PENDING};
+pub use drops::{
+    durable_drop_log, log_drop, DropLog, DropLogger, CREATIONS_REFUSED, DROPS_PENDING,
+};
+#[cfg(test)]
+use file::WriteFault;
 use file::{file_error, write_atomically, RegistryFile};
 pub use gate::Admission;
 use gate::IntakeGate;
@@ -227,12 +231,16 @@ pub struct Partitions {
     drop_log: std::sync::RwLock<Option<DropLog>>,
     /// Orders event submissions against unregistrations (see [`gate`]).
     gate: IntakeGate,
+    /// Tests: how the next writes of `registry.json` fail (`None`: they do not), in order.
+    #[cfg(test)]
+    write_faults: Mutex<std::collections::VecDeque<Option<WriteFault>>>,
 }
 
 /// What the registry's write mutex guards besides the order of the writers.
 #[derive(Default)]
 struct Locked {
-    /// Keys of dropped partitions whose drop could not be logged (see [`drops`]).
+    /// Keys of dropped partitions whose drop is not logged yet (see [`drops`]); written to
+    /// `registry.json` as `dropping`.
     pending_drops: PendingDrops,
 }
 
@@ -256,6 +264,8 @@ impl Partitions {
             lsn_clock: std::sync::RwLock::new(None),
             drop_log: std::sync::RwLock::new(None),
             gate: IntakeGate::default(),
+            #[cfg(test)]
+            write_faults: Mutex::default(),
         }
     }
 
@@ -293,9 +303,10 @@ impl Partitions {
     }
 
     /// Where the drop of a partition that could not be logged when it was dropped is logged
-    /// before a partition of its key is created again, or by [`Self::load`] for a recovered
-    /// namespace `registry.json` does not list (before [`Self::load`]; without one, such a
-    /// creation is refused).
+    /// before a partition of its key is created again, or by [`Self::load`] for a key in
+    /// `registry.json`'s `dropping` (set it before [`Self::load`]; without one, such a creation
+    /// is refused). Its [`DropLogger::next_lsn`] is recorded with every drop's intent, and
+    /// [`Self::load`] asks its [`DropLogger::last_event_lsn`] whether a drop was withdrawn.
     pub fn set_drop_log(&self, log: DropLog) {
         *self.drop_log.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
     }
@@ -307,8 +318,15 @@ impl Partitions {
             .clone()
     }
 
+    /// The log's next LSN, as the drop log knows it (`None`: no drop log, or it does not know).
+    fn drop_log_next_lsn(&self) -> Option<u64> {
+        self.drop_log().and_then(|l| l.next_lsn())
+    }
+
     /// Create the partition `key` (not in the registry): first log the drop of an earlier
-    /// partition of that key if it is pending (`locked` proves the write mutex is held).
+    /// partition of that key if it is pending (`locked` proves the write mutex is held). The
+    /// caller's write of `registry.json` then lists the key as a partition, no longer as
+    /// dropping.
     fn create_partition(
         &self,
         locked: &mut Locked,
@@ -338,35 +356,47 @@ impl Partitions {
     /// Load `registry.json` (if any), reconcile it with what recovery rebuilt in the engine,
     /// and start a listener for every restored registration.
     ///
-    /// Engine namespaces that the registry does not list are partitions dropped before the
-    /// restart whose drop is not in the log (logging it failed, or the process died before):
-    /// every partition is in `registry.json` before its first entry is logged, and leaves it
-    /// only when dropped. Their drop is logged now (with the [`Self::set_drop_log`] log), so
-    /// their entries never reach a partition created again under the same key; when that
-    /// fails the key is pending ([`drops`]) and such a creation is refused until it can be
-    /// logged. Without `registry.json` (e.g. a data directory written by `kvindex replay
-    /// import`), namespaces that hold blocks are adopted as partitions instead.
+    /// The file's `dropping` lists the partitions whose drop may not be in the log (see
+    /// [`drops`]). A key there that is also a listed partition was created again after its drop
+    /// was logged: it is only cleared. Any other key's drop is logged now (with the
+    /// [`Self::set_drop_log`] log; again, when it is in the log already, which changes
+    /// nothing), so its entries never reach a partition created again under the same key; when
+    /// that fails the key stays pending and such a creation is refused until it can be logged.
+    /// Unless the drop was withdrawn: recovery found event entries of the key logged at or after
+    /// the drop was decided (its `/unregister` failed after writing the file, and the worker
+    /// went on), and the key is then handled as an unlisted one.
+    ///
+    /// Other recovered namespaces that the file does not list (imported with `kvindex replay
+    /// import`, or left out of a hand-edited file; or every one without `registry.json`) are
+    /// adopted as partitions when they hold blocks (WARN when the file exists), and dropped
+    /// (logged, as above) when they hold none.
     pub fn load(&self) -> Result<(), RegistryError> {
         let mut w = self.lock_write();
         let mut next = RegistryView::default();
+        let mut dropping = Vec::new();
         let listed = self.file.as_deref().is_some_and(|p| p.exists());
         if let Some(path) = self.file.as_deref().filter(|p| p.exists()) {
             let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
             let file: RegistryFile = serde_json::from_slice(&bytes).map_err(|e| {
                 file_error(
                     path,
-                    format!("{e}; fix or delete the file (registrations are then lost, the index is kept)"),
+                    format!(
+                        "{e}; fix or delete the file (a deleted file loses the registrations, \
+                         the peers and the partitions being dropped; a partition in the log \
+                         that the file neither lists nor has in `dropping` is kept if it holds \
+                         blocks)"
+                    ),
                 )
             })?;
             for p in file.partitions {
                 let key = NamespaceKey::new(p.model_name, p.routing_group);
-                let part = self.create_partition(&mut w, &key, p.block_size)?;
+                let part = self.make_partition(&key, p.block_size)?;
                 next.partitions.insert(key, part);
             }
             for fi in file.instances {
                 let key = NamespaceKey::new(fi.model_name, fi.routing_group);
                 if !next.partitions.contains_key(&key) {
-                    let part = self.create_partition(&mut w, &key, fi.block_size)?;
+                    let part = self.make_partition(&key, fi.block_size)?;
                     next.partitions.insert(key.clone(), part);
                 }
                 let mut inst = Instance {
@@ -393,22 +423,40 @@ impl Partitions {
                 next.instances.insert(fi.instance_id, inst);
             }
             next.peers = file.peers;
+            dropping = file.dropping;
+        }
+        // The partitions being dropped.
+        let mut dropped = HashSet::new();
+        for d in dropping {
+            let key = NamespaceKey::new(d.model_name, d.routing_group);
+            if next.partitions.contains_key(&key) {
+                tracing::info!(partition = %key, "registry.json lists the partition as dropping and as a partition: it was created again after its drop was logged; no longer dropping");
+                continue;
+            }
+            let last_event = self.drop_log().and_then(|l| l.last_event_lsn(&key));
+            if let (Some(at), Some(last)) = (d.dropped_at_lsn, last_event) {
+                if last >= at {
+                    tracing::warn!(partition = %key, dropped_at_lsn = at, last_event_lsn = last, "registry.json lists the partition as dropping, but the log holds events of it logged after the drop was decided: the drop was withdrawn (its unregister failed), the partition is not dropped");
+                    continue;
+                }
+            }
+            tracing::info!(partition = %key, "registry.json lists the partition as dropping: logging its drop");
+            self.drop_unlisted(&mut w, key.clone(), d.dropped_at_lsn);
+            dropped.insert(key);
         }
         for key in self.engine.namespaces() {
-            if next.partitions.contains_key(&key) {
+            if next.partitions.contains_key(&key) || dropped.contains(&key) {
                 continue;
             }
             let Some(ns) = self.engine.namespace(&key) else {
                 continue;
             };
-            if listed {
-                tracing::warn!(partition = %key, block_size = ns.block_size(), "a partition found in the log is not in registry.json: it was dropped, but its drop is not in the log; logging it now");
-                drop(ns);
-                self.drop_unlisted(&mut w, key);
-                continue;
-            }
             if ns.current_size() > 0 || ns.lower_tier_size() > 0 {
-                tracing::info!(partition = %key, block_size = ns.block_size(), "adopting a partition found in the log without registrations");
+                if listed {
+                    tracing::warn!(partition = %key, block_size = ns.block_size(), "a partition found in the log is not in registry.json: adopting it (events imported with `kvindex replay import`, or a partition left out of an edited registry.json); it has no registrations");
+                } else {
+                    tracing::info!(partition = %key, block_size = ns.block_size(), "adopting a partition found in the log without registrations");
+                }
                 let spec = Arc::new(NamespaceSpec {
                     key: key.clone(),
                     block_size: ns.block_size(),
@@ -421,27 +469,28 @@ impl Partitions {
                     },
                 );
             } else {
-                // Holds nothing: dropped like an unlisted one, so that its entries do not
-                // precede a partition created again under its key either.
+                // Holds nothing: dropped, its drop logged, so that its entries do not precede a
+                // partition created again under its key.
                 drop(ns);
-                self.drop_unlisted(&mut w, key);
+                let at = self.drop_log_next_lsn();
+                self.drop_unlisted(&mut w, key, at);
             }
         }
-        self.persist(&next)?;
+        self.persist(&next, &w.pending_drops)?;
         self.view.store(Arc::new(next));
         Ok(())
     }
 
     /// `load`: drop the recovered namespace `key`, which is no partition, logging the drop; if
-    /// that fails, remove it all the same and remember the drop as pending.
-    fn drop_unlisted(&self, locked: &mut Locked, key: NamespaceKey) {
+    /// that fails, remove it all the same and remember the drop as pending (decided at `at`).
+    fn drop_unlisted(&self, locked: &mut Locked, key: NamespaceKey, at: Option<u64>) {
         let logged = match self.drop_log() {
-            Some(log) => log(&key),
+            Some(log) => log.log_drop(&key),
             None => Err("no event log to record it in".to_owned()),
         };
         if let Err(e) = logged {
             tracing::warn!(partition = %key, error = %e, "partition drop incomplete: a partition of this key is created again only once its drop is logged");
-            locked.pending_drops.insert(key.clone());
+            locked.pending_drops.insert(key.clone(), at);
         }
         // Logging the drop removed it already (the durable log applies it to the engine).
         if let Err(e) = self.engine.remove_namespace(&key) {
@@ -458,13 +507,25 @@ impl Partitions {
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn persist(&self, v: &RegistryView) -> Result<(), RegistryError> {
+    /// Write `registry.json`: the view's partitions, registrations and peers, and the
+    /// partitions being dropped. An error may leave the new file in place (see
+    /// [`file::write_atomically`]).
+    fn persist(&self, v: &RegistryView, dropping: &PendingDrops) -> Result<(), RegistryError> {
         let Some(path) = &self.file else {
             return Ok(());
         };
-        let bytes = serde_json::to_vec_pretty(&RegistryFile::from_view(v))
+        let bytes = serde_json::to_vec_pretty(&RegistryFile::from_view(v, dropping))
             .map_err(|e| file_error(path, e))?;
-        write_atomically(path, &bytes)
+        #[cfg(test)]
+        let fault = self
+            .write_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+            .flatten();
+        #[cfg(not(test))]
+        let fault = None;
+        write_atomically(path, &bytes, fault)
     }
 
     fn make_partition(
@@ -508,20 +569,22 @@ impl Partitions {
         persist: bool,
         f: impl FnOnce(&mut RegistryView) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
-        let _w = self.lock_write();
-        self.mutate_held(persist, f)
+        let mut w = self.lock_write();
+        self.mutate_held(&mut w, persist, |v, _| f(v))
     }
 
-    /// [`Self::mutate`] with the write lock already held by the caller.
+    /// [`Self::mutate`] with the write lock already held by the caller (`locked`, handed to
+    /// `f` too).
     fn mutate_held<R>(
         &self,
+        locked: &mut Locked,
         persist: bool,
-        f: impl FnOnce(&mut RegistryView) -> Result<R, RegistryError>,
+        f: impl FnOnce(&mut RegistryView, &mut Locked) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
         let mut next = (**self.view.load()).clone();
-        let r = f(&mut next)?;
+        let r = f(&mut next, locked)?;
         if persist {
-            self.persist(&next)?;
+            self.persist(&next, &locked.pending_drops)?;
         }
         self.view.store(Arc::new(next));
         Ok(r)
@@ -531,7 +594,7 @@ impl Partitions {
     pub fn register(&self, reg: Registration) -> Result<(), RegistryError> {
         let key = NamespaceKey::new(&reg.model_name, &reg.routing_group);
         let mut w = self.lock_write();
-        let spec = self.mutate_held(true, |v| {
+        let spec = self.mutate_held(&mut w, true, |v, w| {
             if let Some(p) = v.partitions.get(&key) {
                 if p.spec.block_size != reg.block_size {
                     return Err(RegistryError::BlockSizeMismatch {
@@ -559,7 +622,7 @@ impl Partitions {
             }
             if !v.partitions.contains_key(&key) {
                 tracing::info!(partition = %key, block_size = reg.block_size, "Creating new indexer");
-                let part = self.create_partition(&mut w, &key, reg.block_size)?;
+                let part = self.create_partition(w, &key, reg.block_size)?;
                 v.partitions.insert(key.clone(), part);
             }
             let inst = v.instances.entry(reg.instance_id).or_insert_with(|| Instance {
@@ -587,7 +650,7 @@ impl Partitions {
         // the view, and were refused ("instance is not registered") when it started earlier.
         // The write lock is still held, so no unregister can slip in between.
         let state = self.supervisor().start(&spec);
-        self.mutate_held(false, |v| {
+        self.mutate_held(&mut w, false, |v, _| {
             if let Some(l) = v
                 .instances
                 .get_mut(&reg.instance_id)
@@ -620,13 +683,18 @@ impl Partitions {
 
     /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
     /// logs it and waits) before the registry changes; a failure leaves the registry as it was
-    /// (its listeners started again). A failure to write `registry.json` afterwards does too:
-    /// the worker stays registered, its listeners start again, and its logged removal stands
-    /// (as after an unregister and a re-registration). A partition left without workers is
-    /// then handed to `log.drop_partition` and its index removed from the engine (also when
-    /// logging the drop failed: the drop is then pending, see [`drops`], and is tried again
-    /// with `log.drop_partition` by the next unregister), before the registry's write lock is
-    /// released.
+    /// (its listeners started again). Then `registry.json` is written without the worker, and
+    /// with a partition left without workers moved from `partitions` to `dropping` (the intent,
+    /// see [`drops`]). A failure to write it leaves the registry as it was too: the worker
+    /// stays registered, its listeners start again, the file is written back as it was (the
+    /// failed write may have replaced it), and its logged removal stands (as after an
+    /// unregister and a re-registration). A partition left without workers is then handed to
+    /// `log.drop_partition` (which logs the drop and waits until it is on disk) and its index
+    /// removed from the engine (also when logging the drop failed: the drop then stays pending,
+    /// see [`drops`]); before the registry's write lock is released. Every unregister that gets
+    /// this far also tries again the drops pending from before, with `log.drop_partition`; the
+    /// drops logged leave `dropping` with one more write of the file (a failure of that write
+    /// is only logged).
     ///
     /// Fencing: the listeners of the removed ranks are stopped first (none of their batches
     /// reaches the log afterwards: ZMQ needs no more), then the intake gate is closed around
@@ -674,7 +742,7 @@ impl Partitions {
         if plan.removal.spec.block_size > 0 {
             if let Err(e) = (log.drop_blocks)(&plan.removal) {
                 drop(fenced);
-                self.restart_listeners(instance_id, &plan.ranks);
+                self.restart_listeners(locked, instance_id, &plan.ranks);
                 return Err(RegistryError::Index(e));
             }
         }
@@ -689,30 +757,48 @@ impl Partitions {
         // then leaves the file with the worker and the log with its removal, as a crash
         // between the two did before.
         drop(fenced);
-        if let Err(e) = self.persist(&next) {
+        // The intent to drop, written with the registry: a restart logs the drop of a key in
+        // `dropping` (unless events of it were logged after this LSN: see `load`). Read once
+        // the gate has drained and the view without the partitions is published: no entry of
+        // theirs is logged from here on, until a creation logs their drop first.
+        let decided_at = self.drop_log_next_lsn();
+        for key in &outcome.dropped {
+            locked.pending_drops.insert(key.clone(), decided_at);
+        }
+        if let Err(e) = self.persist(&next, &locked.pending_drops) {
             // The file and the error answered still have the worker: so must the registry,
             // with its listeners running (its removal is logged: it starts without blocks).
             // Events refused meanwhile were refused as those of an unknown worker.
-            self.view.store(before);
-            self.restart_listeners(instance_id, &plan.ranks);
+            for key in &outcome.dropped {
+                locked.pending_drops.remove(key);
+            }
+            self.view.store(Arc::clone(&before));
+            // The failed write may have replaced the file all the same (the directory's fsync
+            // failed after the rename): write the registry as it was again, so that a restart
+            // does not read this drop as decided nor miss the worker.
+            if let Err(undo) = self.persist(&before, &locked.pending_drops) {
+                tracing::warn!(error = %undo, "registry.json not written back after a failed unregister: until the next write of it, it may lack the worker, and list its partition as dropping (a restart keeps such a partition when events of it were logged since)");
+            }
+            self.restart_listeners(locked, instance_id, &plan.ranks);
             return Err(e);
         }
         // Still under the registry's write lock: a registration or `?block_size=` creating the
         // partition again waits for the old index to be gone, and gets a new, empty one (it
         // reused the old one, which this drop then removed with the new partition's events).
         let mut failed = None;
+        let mut logged_any = false;
         for key in &outcome.dropped {
             tracing::info!(partition = %key, "last worker left; partition dropped");
             let logged = (log.drop_partition)(key).map_err(RegistryError::Index);
-            if logged.is_err() {
-                // A partition of this key is created again only once the drop is logged
-                // (`create_partition`): recovery would replay the old entries into it.
-                locked.pending_drops.insert(key.clone());
+            if logged.is_ok() {
+                // On disk: no longer pending.
+                logged_any |= locked.pending_drops.remove(key);
             }
-            // Removed even when the drop could not be logged: the registry no longer has the
-            // partition, and one created again must not get this index. (Recovery then
-            // replays the partition without its drop, unless it is logged later; `load` drops
-            // it, as `registry.json` no longer lists it.)
+            // Otherwise it stays pending (and in `dropping`): a partition of this key is
+            // created again only once the drop is logged (`create_partition`), as recovery
+            // would replay the old entries into it. Removed even when the drop could not be
+            // logged: the registry no longer has the partition, and one created again must not
+            // get this index.
             let removed = self
                 .engine
                 .remove_namespace(key)
@@ -723,9 +809,17 @@ impl Partitions {
             }
         }
         // Drops that failed before: one more try, now that the log works again perhaps.
-        locked
+        logged_any |= locked
             .pending_drops
             .retry(log.drop_partition, &outcome.dropped);
+        if logged_any {
+            // Take the logged drops out of `dropping`. Should this fail, they stay listed: a
+            // restart logs them again, which changes nothing (and a key created again by then
+            // is listed as a partition, which `load` only clears from `dropping`).
+            if let Err(e) = self.persist(&self.view(), &locked.pending_drops) {
+                tracing::warn!(error = %e, "registry.json still lists logged partition drops as dropping; a restart logs them again");
+            }
+        }
         match failed {
             Some(e) => Err(e),
             None => Ok(outcome),
@@ -733,8 +827,8 @@ impl Partitions {
     }
 
     /// The removal was refused: the registration stays, so its stopped listeners start again.
-    fn restart_listeners(&self, instance_id: u64, ranks: &[u32]) {
-        let _ = self.mutate_held(false, |v| {
+    fn restart_listeners(&self, locked: &mut Locked, instance_id: u64, ranks: &[u32]) {
+        let _ = self.mutate_held(locked, false, |v, _| {
             if let Some(inst) = v.instances.get_mut(&instance_id) {
                 let spec_of = inst.clone();
                 for dp in ranks {
@@ -761,7 +855,7 @@ impl Partitions {
             }
         }
         let mut w = self.lock_write();
-        self.mutate_held(true, |v| {
+        self.mutate_held(&mut w, true, |v, w| {
             if let Some(p) = v.partitions.get(&key) {
                 if p.spec.block_size != block_size {
                     return Err(RegistryError::BlockSizeMismatch {
@@ -774,7 +868,7 @@ impl Partitions {
                 return Ok(p.clone());
             }
             tracing::info!(partition = %key, block_size, "Creating new indexer");
-            let p = self.create_partition(&mut w, &key, block_size)?;
+            let p = self.create_partition(w, &key, block_size)?;
             v.partitions.insert(key.clone(), p.clone());
             Ok(p)
         })
@@ -1107,12 +1201,17 @@ mod tests {
         }
 
         fn install(&self, p: &Partitions) {
-            let me = self.clone();
-            p.set_drop_log(Arc::new(move |k| me.log(k)));
+            p.set_drop_log(Arc::new(self.clone()));
         }
 
         fn take_calls(&self) -> Vec<(NamespaceKey, bool)> {
             std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    impl DropLogger for FakeDropLog {
+        fn log_drop(&self, key: &NamespaceKey) -> Result<(), String> {
+            self.log(key)
         }
     }
 
@@ -1248,11 +1347,13 @@ mod tests {
         assert_eq!(log.take_calls(), vec![]);
     }
 
-    /// `load` with a `registry.json`: a namespace recovery rebuilt that the file does not list
-    /// is a partition dropped without a logged drop. Its drop is logged then (it does not come
-    /// back, with or without blocks); when that fails, it is pending.
+    /// `load` with a `registry.json`: a namespace recovery rebuilt that the file does not list,
+    /// and that is not in its `dropping`, is no dropped partition (events appended by `kvindex
+    /// replay import`, or a partition left out of a hand-edited file): kept when it holds
+    /// blocks, no drop logged; an empty one is dropped, its drop logged (and pending, listed in
+    /// `dropping`, when that fails).
     #[test]
-    fn load_drops_and_logs_recovered_namespaces_that_registry_json_does_not_list() {
+    fn load_adopts_unlisted_namespaces_that_hold_blocks_and_drops_empty_ones() {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::new(kvindex_engine::EngineConfig {
             event_threads: 1,
@@ -1266,7 +1367,7 @@ mod tests {
             p.load().unwrap();
             p.ensure_partition("kept", "default", 4).unwrap();
         }
-        // What recovery rebuilt: the listed partition, a dropped one holding a block, and an
+        // What recovery rebuilt: the listed partition, an imported one holding a block, and an
         // empty one.
         let (full, empty) = (
             NamespaceKey::new("m", "default"),
@@ -1283,29 +1384,461 @@ mod tests {
         let log = FakeDropLog::new(&p, false);
         log.install(&p);
         p.load().unwrap();
-        let mut calls = log.take_calls();
-        calls.sort();
-        assert_eq!(calls, vec![(empty.clone(), true), (full.clone(), true)]);
+        assert_eq!(log.take_calls(), vec![(empty.clone(), true)]);
         let view = p.view();
-        assert_eq!(view.partitions.keys().collect::<Vec<_>>(), vec![&listed]);
-        assert!(engine.namespace(&full).is_none());
+        let mut keys: Vec<_> = view.partitions.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, vec![listed.clone(), full.clone()]);
+        assert!(
+            engine.namespace(&full).is_some(),
+            "the imported blocks are gone"
+        );
         assert!(engine.namespace(&empty).is_none());
-        assert!(!pending(&p, &full));
+        assert!(!pending(&p, &empty));
+        // From now on `registry.json` lists it.
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![listed, full.clone()]);
+        assert!(file_keys(&file, "dropping").is_empty());
 
-        // The same with a log that fails: removed all the same, and pending.
-        let ns = engine.create_namespace(full.clone(), 4).unwrap();
-        ns.apply(crate::test_support::one_block_store(9, 1, 109))
-            .unwrap();
-        ns.flush().unwrap();
+        // The same with a log that fails: the empty one is removed all the same, and pending,
+        // in `dropping` on disk; the one holding blocks is kept.
+        engine.create_namespace(empty.clone(), 4).unwrap();
         let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
         let log = FakeDropLog::new(&p, true);
         log.install(&p);
         p.load().unwrap();
-        assert!(p.view().partition("m", "default").is_err());
-        assert!(engine.namespace(&full).is_none());
-        assert!(pending(&p, &full));
-        let e = p.ensure_partition("m", "default", 4).err().unwrap();
+        assert_eq!(log.take_calls(), vec![(empty.clone(), true)]);
+        assert!(p.view().partition("m", "default").is_ok());
+        assert!(p.view().partition("e", "default").is_err());
+        assert!(engine.namespace(&empty).is_none());
+        assert!(pending(&p, &empty));
+        assert_eq!(
+            file_keys(&read_file(dir.path()), "dropping"),
+            vec![empty.clone()]
+        );
+        let e = p.ensure_partition("e", "default", 4).err().unwrap();
         assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
+    }
+
+    fn read_file(dir: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join(REGISTRY_FILE)).unwrap()).unwrap()
+    }
+
+    /// The keys of `registry.json`'s `partitions` or `dropping`, in file order (none when the
+    /// list is absent).
+    fn file_keys(file: &serde_json::Value, list: &str) -> Vec<NamespaceKey> {
+        file.get(list)
+            .and_then(|l| l.as_array())
+            .map(|l| {
+                l.iter()
+                    .map(|p| {
+                        NamespaceKey::new(
+                            p["model_name"].as_str().unwrap(),
+                            p["routing_group"].as_str().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A registry over a real event log in `dir`, wired as `kvindex serve` wires it (drop log,
+    /// LSN clock), loaded.
+    fn open_durable(
+        dir: &Path,
+        fsync: kvindex_persistence::FsyncPolicy,
+    ) -> (Arc<kvindex_persistence::DurableIndex>, Partitions) {
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let mut config = kvindex_persistence::DurableConfig::default();
+        config.log.fsync = fsync;
+        let (durable, _) =
+            kvindex_persistence::DurableIndex::open(dir, config, engine.clone()).unwrap();
+        let durable = Arc::new(durable);
+        let p = Partitions::new(engine, Some(dir), Arc::new(NoListeners));
+        p.set_drop_log(durable_drop_log(&durable));
+        p.load().unwrap();
+        (durable, p)
+    }
+
+    /// Stop: the registry goes, the log is synced and closed.
+    fn close_durable(durable: Arc<kvindex_persistence::DurableIndex>, p: Partitions) {
+        drop(p);
+        Arc::into_inner(durable).unwrap().close().unwrap();
+    }
+
+    /// Log and apply `worker`'s store of the block of `TOKENS` in `m/default`.
+    fn store_block(durable: &kvindex_persistence::DurableIndex, p: &Partitions, worker: u64) {
+        let spec = Arc::clone(&p.view().partition("m", "default").unwrap().spec);
+        durable
+            .submit(
+                &spec,
+                worker,
+                crate::test_support::one_block_store(worker, worker, 100 + worker),
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+
+    /// Workers holding the block of `TOKENS` in `m/default`, as the engine has it.
+    fn holders(durable: &kvindex_persistence::DurableIndex) -> Vec<u64> {
+        let Some(ns) = durable
+            .engine()
+            .namespace(&NamespaceKey::new("m", "default"))
+        else {
+            return Vec::new();
+        };
+        ns.flush().unwrap();
+        let mut w: Vec<u64> = ns
+            .find_matches_for_tokens(
+                &crate::test_support::TOKENS,
+                &kvindex_engine::hashing::HashOptions::default(),
+            )
+            .sorted()
+            .into_iter()
+            .map(|(w, _): (kvindex_engine::WorkerWithDpRank, _)| w.worker_id)
+            .collect();
+        w.sort();
+        w
+    }
+
+    /// `/unregister` of `instance_id` in `m/default` with the real log: the removal logged, the
+    /// drop logged (`log_drop`) or, when `drop_fails`, not.
+    fn unregister_real(
+        durable: &kvindex_persistence::DurableIndex,
+        p: &Partitions,
+        instance_id: u64,
+        drop_fails: bool,
+    ) -> Result<UnregisterOutcome, RegistryError> {
+        p.unregister(
+            instance_id,
+            "m",
+            Some("default"),
+            None,
+            &RemovalLog {
+                drop_blocks: &|r| {
+                    durable
+                        .remove_worker(&r.spec, r.worker_id)
+                        .and_then(|t| t.wait())
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                },
+                drop_partition: &|k| {
+                    if drop_fails {
+                        Err("disk full".into())
+                    } else {
+                        log_drop(durable, k)
+                    }
+                },
+            },
+        )
+    }
+
+    /// A partition whose last worker left is in `registry.json`'s `dropping` until its drop is
+    /// logged; when that never happened (the log failed, then the process stopped), the next
+    /// start-up logs the drop: the old partition does not come back, and its block (here one
+    /// of a worker never registered, which no removal covers) does not land in a partition
+    /// created again under the key, also after one more restart.
+    #[test]
+    fn a_dropping_key_whose_drop_was_never_logged_is_dropped_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = NamespaceKey::new("m", "default");
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        p.register(reg(1, "m", "default", 4, 0)).unwrap();
+        store_block(&durable, &p, 9);
+        store_block(&durable, &p, 1);
+        assert_eq!(holders(&durable), vec![1, 9]);
+        let e = unregister_real(&durable, &p, 1, true).unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        assert!(pending(&p, &key));
+        let file = read_file(dir.path());
+        assert!(file_keys(&file, "partitions").is_empty());
+        assert_eq!(file_keys(&file, "dropping"), vec![key.clone()]);
+        assert!(file["dropping"][0]["dropped_at_lsn"].as_u64().is_some());
+        close_durable(durable, p);
+
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert!(
+            p.view().partition("m", "default").is_err(),
+            "the dropped partition came back"
+        );
+        assert_eq!(holders(&durable), Vec::<u64>::new());
+        assert!(!pending(&p, &key));
+        assert!(file_keys(&read_file(dir.path()), "dropping").is_empty());
+        p.register(reg(2, "m", "default", 4, 0)).unwrap();
+        store_block(&durable, &p, 2);
+        assert_eq!(holders(&durable), vec![2]);
+        close_durable(durable, p);
+
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert!(p.view().instances.contains_key(&2));
+        assert_eq!(
+            holders(&durable),
+            vec![2],
+            "the dropped partition's block landed in the new one"
+        );
+        close_durable(durable, p);
+    }
+
+    /// A key listed both in `partitions` and in `dropping` was created again after its drop
+    /// was logged (a creation logs a pending drop first; a failed write took it out of
+    /// `dropping` late): `load` keeps the partition, logs no drop, and clears `dropping`.
+    #[test]
+    fn a_key_in_dropping_and_in_partitions_is_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let key = NamespaceKey::new("m", "default");
+        std::fs::write(
+            dir.path().join(REGISTRY_FILE),
+            serde_json::to_vec(&serde_json::json!({
+                "version": 1,
+                "partitions": [{"model_name": "m", "routing_group": "default", "block_size": 4}],
+                "instances": [],
+                "peers": [],
+                "dropping": [{"model_name": "m", "routing_group": "default", "dropped_at_lsn": 1}],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let ns = engine.create_namespace(key.clone(), 4).unwrap();
+        ns.apply(crate::test_support::one_block_store(9, 1, 109))
+            .unwrap();
+        ns.flush().unwrap();
+        let p = Partitions::new(engine.clone(), Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, false);
+        log.install(&p);
+        p.load().unwrap();
+        assert_eq!(log.take_calls(), vec![]);
+        assert!(p.view().partition("m", "default").is_ok());
+        assert!(engine.namespace(&key).is_some_and(|n| n.current_size() > 0));
+        assert!(!pending(&p, &key));
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![key]);
+        assert!(file.get("dropping").is_none(), "{file}");
+    }
+
+    /// `registry.json` written before `dropping` existed loads (none), and unknown fields are
+    /// ignored, as the loaders before this one ignore `dropping`.
+    #[test]
+    fn registry_json_without_dropping_loads_and_unknown_fields_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(REGISTRY_FILE),
+            serde_json::to_vec(&serde_json::json!({
+                "version": 1,
+                "partitions": [{"model_name": "m", "routing_group": "default", "block_size": 4}],
+                "instances": [{"instance_id": 1, "model_name": "m", "routing_group": "default",
+                    "block_size": 4, "listeners": [{"dp_rank": 0, "endpoint": "tcp://127.0.0.1:5557"}]}],
+                "peers": ["http://peer:8090"],
+                "from_a_later_build": {"x": 1},
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let p = Partitions::new(engine, Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, false);
+        log.install(&p);
+        p.load().unwrap();
+        assert_eq!(log.take_calls(), vec![]);
+        let view = p.view();
+        assert!(view.partition("m", "default").is_ok());
+        assert!(view.instances.contains_key(&1));
+        assert_eq!(view.peers, vec!["http://peer:8090".to_owned()]);
+    }
+
+    /// `registry.json`'s write fails after its rename (the directory's fsync): the unregister
+    /// answers the error and keeps the worker, and writes the file back as it was, so that it
+    /// does not list the partition as dropping.
+    #[test]
+    fn a_failed_unregister_writes_registry_json_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = NamespaceKey::new("m", "default");
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        p.register(reg(1, "m", "default", 4, 0)).unwrap();
+        p.write_faults
+            .lock()
+            .unwrap()
+            .push_back(Some(WriteFault::AfterRename));
+        let e = unregister_real(&durable, &p, 1, false).unwrap_err();
+        assert!(matches!(e, RegistryError::File { .. }), "{e}");
+        assert!(p.view().instances.contains_key(&1));
+        assert!(!pending(&p, &key));
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![key]);
+        assert!(file.get("dropping").is_none(), "{file}");
+        assert_eq!(file["instances"][0]["instance_id"], 1);
+        close_durable(durable, p);
+    }
+
+    /// The same when writing the file back fails too: the file lists the partition as dropping
+    /// while the service keeps it, with the worker, whose events go on. A restart then finds
+    /// events of the partition logged after its drop was decided: the drop was withdrawn, and
+    /// the partition is kept with its blocks (adopted: the registration is lost with the file).
+    #[test]
+    fn a_withdrawn_drop_is_not_logged_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = NamespaceKey::new("m", "default");
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        p.register(reg(1, "m", "default", 4, 0)).unwrap();
+        p.write_faults.lock().unwrap().extend([
+            Some(WriteFault::AfterRename),
+            Some(WriteFault::BeforeRename),
+        ]);
+        let e = unregister_real(&durable, &p, 1, false).unwrap_err();
+        assert!(matches!(e, RegistryError::File { .. }), "{e}");
+        assert!(p.view().instances.contains_key(&1));
+        assert!(!pending(&p, &key));
+        // The file the failed writes left: the partition being dropped.
+        let file = read_file(dir.path());
+        assert!(file_keys(&file, "partitions").is_empty(), "{file}");
+        assert_eq!(file_keys(&file, "dropping"), vec![key.clone()]);
+        // The worker goes on.
+        store_block(&durable, &p, 1);
+        assert_eq!(holders(&durable), vec![1]);
+        close_durable(durable, p);
+
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert!(
+            p.view().partition("m", "default").is_ok(),
+            "the partition was dropped"
+        );
+        assert_eq!(holders(&durable), vec![1], "its events were dropped");
+        assert!(!pending(&p, &key));
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![key]);
+        assert!(file.get("dropping").is_none(), "{file}");
+        close_durable(durable, p);
+    }
+
+    /// `registry.json`'s `dropping` follows the pending drops: a drop that cannot be logged is
+    /// listed (and stays so while a creation of the key is refused), a creation that logs it
+    /// lists the key as a partition instead, and a drop logged at once leaves no trace.
+    #[test]
+    fn registry_json_lists_the_pending_drops_as_dropping() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        });
+        let p = Partitions::new(engine, Some(dir.path()), Arc::new(NoListeners));
+        let log = FakeDropLog::new(&p, true);
+        log.install(&p);
+        p.load().unwrap();
+        let key = NamespaceKey::new("m", "default");
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
+            .unwrap_err();
+        let file = read_file(dir.path());
+        assert!(file_keys(&file, "partitions").is_empty());
+        assert_eq!(file_keys(&file, "dropping"), vec![key.clone()]);
+
+        p.register(reg(11, "m", "default", 4, 0)).unwrap_err();
+        assert_eq!(
+            file_keys(&read_file(dir.path()), "dropping"),
+            vec![key.clone()]
+        );
+
+        log.fail(false);
+        p.register(reg(11, "m", "default", 4, 0)).unwrap();
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![key.clone()]);
+        assert!(file.get("dropping").is_none(), "{file}");
+
+        p.unregister(11, "m", Some("default"), None, &LOGGED)
+            .unwrap();
+        let file = read_file(dir.path());
+        assert!(file_keys(&file, "partitions").is_empty());
+        assert!(file.get("dropping").is_none(), "{file}");
+    }
+
+    /// The drop is logged, but the write taking it out of `dropping` fails: the unregister
+    /// succeeds all the same, the key stays listed, and a restart logs the drop again, which
+    /// changes nothing; a partition created again under the key meanwhile is listed as a
+    /// partition and no longer as dropping.
+    #[test]
+    fn a_logged_drop_left_in_dropping_is_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = NamespaceKey::new("m", "default");
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        p.register(reg(1, "m", "default", 4, 0)).unwrap();
+        store_block(&durable, &p, 1);
+        p.write_faults
+            .lock()
+            .unwrap()
+            .extend([None, Some(WriteFault::BeforeRename)]);
+        let out = unregister_real(&durable, &p, 1, false).unwrap();
+        assert_eq!(out.dropped, vec![key.clone()]);
+        assert!(!pending(&p, &key));
+        assert_eq!(
+            file_keys(&read_file(dir.path()), "dropping"),
+            vec![key.clone()]
+        );
+        close_durable(durable, p);
+
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert!(p.view().partition("m", "default").is_err());
+        assert_eq!(holders(&durable), Vec::<u64>::new());
+        assert!(file_keys(&read_file(dir.path()), "dropping").is_empty());
+        p.register(reg(2, "m", "default", 4, 0)).unwrap();
+        store_block(&durable, &p, 2);
+        close_durable(durable, p);
+
+        // Left in `dropping` again (the clearing write fails), then created again: the
+        // creation's write lists it as a partition only.
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert_eq!(holders(&durable), vec![2]);
+        p.write_faults
+            .lock()
+            .unwrap()
+            .extend([None, Some(WriteFault::BeforeRename)]);
+        unregister_real(&durable, &p, 2, false).unwrap();
+        assert_eq!(
+            file_keys(&read_file(dir.path()), "dropping"),
+            vec![key.clone()]
+        );
+        p.register(reg(3, "m", "default", 4, 0)).unwrap();
+        store_block(&durable, &p, 3);
+        let file = read_file(dir.path());
+        assert_eq!(file_keys(&file, "partitions"), vec![key]);
+        assert!(file.get("dropping").is_none(), "{file}");
+        close_durable(durable, p);
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Always);
+        assert_eq!(holders(&durable), vec![3]);
+        close_durable(durable, p);
+    }
+
+    /// A drop logged by `log_drop` is on disk when it returns, also under `--fsync never`
+    /// (whose append tickets return once the entry is written, not synced).
+    #[test]
+    fn log_drop_waits_until_the_drop_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (durable, p) = open_durable(dir.path(), kvindex_persistence::FsyncPolicy::Never);
+        p.ensure_partition("m", "default", 4).unwrap();
+        store_block(&durable, &p, 1);
+        let log = durable.log();
+        let drop_lsn = log.next_lsn();
+        log_drop(&durable, &NamespaceKey::new("m", "default")).unwrap();
+        assert_eq!(log.next_lsn(), drop_lsn + 1);
+        assert!(
+            log.synced_lsn() > drop_lsn,
+            "the drop (LSN {drop_lsn}) is not synced: synced below {}",
+            log.synced_lsn()
+        );
+        close_durable(durable, p);
     }
 
     /// Without `registry.json` (a directory written by `kvindex replay import`), a recovered
