@@ -297,6 +297,8 @@ fn import_of_a_file_with_a_refused_line_leaves_the_target_unchanged() {
         let (code, out, err) = run(&["replay", "inspect", p(&existing)], &[]);
         assert_eq!(code, 0, "{err}");
         assert_eq!(out, inspected);
+    }
+}
 
 /// `kvindex replay import` appends to the data directory of a stopped server: the partition it
 /// imports, which `registry.json` does not list, is served after the restart (adopted, not
