@@ -135,10 +135,26 @@ pub struct ServeArgs {
     /// [default: 4096].
     #[arg(long, value_name = "N")]
     pub http_max_connections: Option<usize>,
-    /// MiB of `POST /events` bodies read and decoded at once; more requests wait their turn
-    /// (msgpack events decode to about 16 times their body) [default: 32].
+    /// Deadline in ms for a response write to make progress: a client that stops reading its
+    /// response is disconnected after it [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub http_write_timeout_ms: Option<u64>,
+    /// MiB of `POST /events` bodies received and not yet submitted at once; more requests wait
+    /// their turn (msgpack events decode to about 16 times their body) [default: 32].
     #[arg(long, value_name = "MIB")]
     pub http_events_inflight_mib: Option<usize>,
+    /// MiB of `POST /query` and `POST /query_by_hash` bodies received and not yet answered at
+    /// once; more requests wait their turn [default: 32].
+    #[arg(long, value_name = "MIB")]
+    pub http_query_inflight_mib: Option<usize>,
+    /// `GET /dump` responses built or sent at once; more are answered 503 [default: 2].
+    #[arg(long, value_name = "N")]
+    pub http_max_dumps: Option<usize>,
+    /// Events (`POST /events?block_size=`, the NATS `Kvindex-Block-Size` header) create a
+    /// partition only while fewer partitions than this have no registered worker; 0: events
+    /// never create partitions. Registrations are not limited [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_event_partitions: Option<usize>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

@@ -93,6 +93,10 @@ struct FileConfig {
     http_read_timeout_ms: Option<u64>,
     http_max_connections: Option<usize>,
     http_events_inflight_mib: Option<usize>,
+    http_write_timeout_ms: Option<u64>,
+    http_query_inflight_mib: Option<usize>,
+    http_max_dumps: Option<usize>,
+    max_event_partitions: Option<usize>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -216,6 +220,8 @@ pub struct ServeConfig {
     pub nats: Option<NatsConfig>,
     /// Read deadline and connection cap of the HTTP server.
     pub http: ConnectionLimits,
+    /// Partitions without a registered worker beyond which events create none.
+    pub max_event_partitions: usize,
 }
 
 /// Default first token of the NATS subjects.
@@ -434,6 +440,10 @@ impl ServeConfig {
         };
         let nats = resolve_nats(args, &file)?;
         let http = resolve_http_limits(args, &file)?;
+        let max_event_partitions = args
+            .max_event_partitions
+            .or(file.max_event_partitions)
+            .unwrap_or(crate::http::DEFAULT_MAX_EVENT_PARTITIONS);
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -568,6 +578,7 @@ impl ServeConfig {
             replay,
             nats,
             http,
+            max_event_partitions,
         })
     }
 }
@@ -575,25 +586,39 @@ impl ServeConfig {
 /// Longest `--http-read-timeout-ms` (1 hour).
 pub const MAX_HTTP_READ_TIMEOUT_MS: u64 = 3_600_000;
 
-/// Largest `--http-events-inflight-mib` (64 GiB).
+/// Largest `--http-events-inflight-mib` and `--http-query-inflight-mib` (64 GiB).
 pub const MAX_HTTP_EVENTS_INFLIGHT_MIB: usize = 65_536;
 
-/// Merge `--http-read-timeout-ms`, `--http-max-connections` and `--http-events-inflight-mib`
-/// with the file and defaults.
+/// Merge the `--http-*` limits with the file and defaults.
 fn resolve_http_limits(
     args: &ServeArgs,
     file: &FileConfig,
 ) -> Result<ConnectionLimits, ConfigError> {
     let defaults = ConnectionLimits::default();
-    let read_timeout = match args.http_read_timeout_ms.or(file.http_read_timeout_ms) {
-        None => defaults.read_timeout,
-        Some(ms) if (1..=MAX_HTTP_READ_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
-        Some(ms) => {
-            return Err(ConfigError::Invalid(format!(
-                "--http-read-timeout-ms must be between 1 and {MAX_HTTP_READ_TIMEOUT_MS}, got {ms}"
-            )))
-        }
+    let ms = |flag: &str, v: Option<u64>, default: Duration| match v {
+        None => Ok(default),
+        Some(ms) if (1..=MAX_HTTP_READ_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        Some(ms) => Err(ConfigError::Invalid(format!(
+            "--{flag} must be between 1 and {MAX_HTTP_READ_TIMEOUT_MS}, got {ms}"
+        ))),
     };
+    let mib = |flag: &str, v: Option<usize>, default: usize| match v {
+        None => Ok(default),
+        Some(mib) if (1..=MAX_HTTP_EVENTS_INFLIGHT_MIB).contains(&mib) => Ok(mib << 20),
+        Some(mib) => Err(ConfigError::Invalid(format!(
+            "--{flag} must be between 1 and {MAX_HTTP_EVENTS_INFLIGHT_MIB}, got {mib}"
+        ))),
+    };
+    let read_timeout = ms(
+        "http-read-timeout-ms",
+        args.http_read_timeout_ms.or(file.http_read_timeout_ms),
+        defaults.read_timeout,
+    )?;
+    let write_timeout = ms(
+        "http-write-timeout-ms",
+        args.http_write_timeout_ms.or(file.http_write_timeout_ms),
+        defaults.write_timeout,
+    )?;
     let max_connections = match args.http_max_connections.or(file.http_max_connections) {
         None => defaults.max_connections,
         Some(0) => {
@@ -603,22 +628,34 @@ fn resolve_http_limits(
         }
         Some(n) => n,
     };
-    let events_body_budget = match args
-        .http_events_inflight_mib
-        .or(file.http_events_inflight_mib)
-    {
-        None => defaults.events_body_budget,
-        Some(mib) if (1..=MAX_HTTP_EVENTS_INFLIGHT_MIB).contains(&mib) => mib << 20,
-        Some(mib) => {
-            return Err(ConfigError::Invalid(format!(
-                "--http-events-inflight-mib must be between 1 and {MAX_HTTP_EVENTS_INFLIGHT_MIB}, got {mib}"
-            )))
+    let events_body_budget = mib(
+        "http-events-inflight-mib",
+        args.http_events_inflight_mib
+            .or(file.http_events_inflight_mib),
+        defaults.events_body_budget,
+    )?;
+    let query_body_budget = mib(
+        "http-query-inflight-mib",
+        args.http_query_inflight_mib
+            .or(file.http_query_inflight_mib),
+        defaults.query_body_budget,
+    )?;
+    let max_dumps = match args.http_max_dumps.or(file.http_max_dumps) {
+        None => defaults.max_dumps,
+        Some(0) => {
+            return Err(ConfigError::Invalid(
+                "--http-max-dumps must be at least 1".into(),
+            ))
         }
+        Some(n) => n,
     };
     Ok(ConnectionLimits {
         read_timeout,
+        write_timeout,
         max_connections,
         events_body_budget,
+        query_body_budget,
+        max_dumps,
     })
 }
 
@@ -663,6 +700,10 @@ mod tests {
         );
         assert!(!c.access_log_local_time && c.access_log.is_none() && c.peers.is_empty());
         assert_eq!(c.http, ConnectionLimits::default());
+        assert_eq!(
+            c.max_event_partitions,
+            crate::http::DEFAULT_MAX_EVENT_PARTITIONS
+        );
     }
 
     #[test]
@@ -671,7 +712,9 @@ mod tests {
         let path = dir.path().join("k.toml");
         std::fs::write(
             &path,
-            "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n",
+            "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n\
+             http_write_timeout_ms = 750\nhttp_query_inflight_mib = 6\nhttp_max_dumps = 3\n\
+             max_event_partitions = 0\n",
         )
         .unwrap();
         let file = ServeArgs {
@@ -682,6 +725,10 @@ mod tests {
         assert_eq!(c.http.read_timeout, Duration::from_millis(250));
         assert_eq!(c.http.max_connections, 9);
         assert_eq!(c.http.events_body_budget, 5 << 20);
+        assert_eq!(c.http.write_timeout, Duration::from_millis(750));
+        assert_eq!(c.http.query_body_budget, 6 << 20);
+        assert_eq!(c.http.max_dumps, 3);
+        assert_eq!(c.max_event_partitions, 0);
         let flags = ServeArgs {
             http_max_connections: Some(3),
             ..file.clone()
@@ -709,6 +756,18 @@ mod tests {
             },
             ServeArgs {
                 http_events_inflight_mib: Some(MAX_HTTP_EVENTS_INFLIGHT_MIB + 1),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_write_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_query_inflight_mib: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_max_dumps: Some(0),
                 ..Default::default()
             },
             ServeArgs {

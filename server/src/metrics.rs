@@ -108,6 +108,7 @@ fn describe() {
     crate::nats::metrics::describe();
     crate::http::connections::describe();
     crate::http::body_budget::describe();
+    crate::http::dump::describe();
     crate::peers::describe();
 }
 

@@ -21,6 +21,7 @@ use kvindex_persistence::{DurableIndex, RecoveryReport};
 use crate::access_log::AccessLog;
 use crate::cli::ServeArgs;
 use crate::config::{ServeConfig, TEST_ENDPOINTS_ENV};
+use crate::http::body_budget::{self, BodyBudget};
 use crate::http::{connections, routes, AppState};
 use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
@@ -173,7 +174,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         access_log,
         trace_header,
         test_endpoints: cfg.test_endpoints,
-        events_budget: crate::http::body_budget::BodyBudget::new(cfg.http.events_body_budget),
+        events_budget: BodyBudget::new(cfg.http.events_body_budget, body_budget::EVENTS_METRICS),
+        query_budget: BodyBudget::new(cfg.http.query_body_budget, body_budget::QUERY_METRICS),
+        dumps: crate::http::dump::DumpLimit::new(cfg.http.max_dumps),
+        max_event_partitions: cfg.max_event_partitions,
     });
 
     let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest));

@@ -436,3 +436,157 @@ fn connections_the_client_breaks_mid_request_are_logged_and_counted() {
     assert!(log.contains("peer=127.0.0.1:"), "{log}");
     alive(&s);
 }
+
+/// Connections that send a request head declaring an 8 MiB `/events` body and then nothing
+/// used to claim that much of the events body budget before any byte arrived: four of them
+/// (32 MiB) made every other `POST /events` wait for the read deadline, and fail. Bytes are
+/// claimed as they arrive now, so they hold nothing. The server's read deadline is ten
+/// minutes here, far beyond the client's 60 s: the old behaviour makes the request fail.
+#[test]
+fn heads_declaring_large_bodies_without_sending_them_do_not_starve_post_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-read-timeout-ms", "600000"],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    let heads: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = connect(&s);
+            c.write_all(
+                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8388608\r\n\r\n",
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    wait_for("the four connections open", || open_connections(&s) == 4.0);
+    // Not an assertion: gives the heads time to reach the handler, so that a build claiming
+    // declared lengths up front shows it.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.post_raw_json(
+        "/events",
+        br#"[{"worker_id":1,"event":{"event_id":1,"data":"cleared"}}]"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 1);
+    assert_eq!(s.metric("kvindex_http_events_body_bytes_in_flight"), 0.0);
+    drop(heads);
+    alive(&s);
+}
+
+/// Store about 180,000 blocks (a `/dump` of about 15 MiB, more than the socket buffers of a
+/// connection on loopback hold) for worker 1 of partition `m`.
+fn fill_for_a_large_dump(s: &Server) {
+    register(s, 1, "m", 4);
+    let mut id = 0u64;
+    for _ in 0..2 {
+        let events: Vec<serde_json::Value> = (0..90)
+            .map(|_| {
+                let blocks: Vec<(u64, u64)> = (0..1000)
+                    .map(|_| {
+                        id += 1;
+                        (
+                            1_000_000_000_000_000_000 + id,
+                            12_000_000_000_000_000_000 + id,
+                        )
+                    })
+                    .collect();
+                stored(1, 0, id, None, &blocks)
+            })
+            .collect();
+        let r = s.post_json("/events", &json!(events));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+/// A `GET /dump` sent on a fresh connection whose response is never read.
+fn unread_dump(s: &Server) -> TcpStream {
+    let mut c = connect(s);
+    c.write_all(b"GET /dump HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    c
+}
+
+/// A dump is built whole and held until the client has read it: 40 clients asking for one
+/// and never reading held about 1.1 GB. At most `--http-max-dumps` are built or sent at once;
+/// beyond that `/dump` answers 503 at once (a recovering peer moves on to its next peer),
+/// counted; a slot is free again once its dump is gone.
+#[test]
+fn dumps_beyond_the_limit_are_refused_while_clients_hold_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-max-dumps", "1", "--fsync", "never"],
+        &[],
+    );
+    fill_for_a_large_dump(&s);
+    let held = unread_dump(&s);
+    wait_for("the unread dump in progress", || {
+        s.metric("kvindex_http_dumps_in_progress") == 1.0
+    });
+    let r = s.get("/dump");
+    assert_eq!(r.status, 503, "{}", &r.text()[..r.text().len().min(200)]);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("--http-max-dumps"), "{error}");
+    assert_eq!(s.metric("kvindex_http_dumps_refused_total"), 1.0);
+    // The client goes away: its connection fails, its dump is dropped, the slot is free.
+    reset(held);
+    wait_for("the slot given back", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    let r = s.get("/dump");
+    assert_eq!(r.status, 200);
+    let events = r.json()["m:default"]["events"].as_array().map(Vec::len);
+    assert_eq!(events, Some(180));
+    alive(&s);
+}
+
+/// A client that stops reading its response is disconnected once a write has made no
+/// progress for `--http-write-timeout-ms`, and counted: its response (here a dump of about
+/// 15 MiB) is not held beyond that.
+#[test]
+fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-write-timeout-ms", "500", "--fsync", "never"],
+        &[],
+    );
+    fill_for_a_large_dump(&s);
+    let mut c = unread_dump(&s);
+    wait_for("the write timeout counted", || {
+        s.metric("kvindex_http_write_timeouts_total") == 1.0
+    });
+    wait_for("the dump dropped", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    // What the client reads now is what the socket buffers held: a cut response.
+    let got = read_until_closed(&mut c);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    let length: usize = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("a content-length");
+    assert!(
+        got.len() < length,
+        "{} bytes of a {length}-byte body",
+        got.len()
+    );
+    assert!(s
+        .stderr()
+        .contains("the client did not read the response in time"));
+    alive(&s);
+}

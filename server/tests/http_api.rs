@@ -262,55 +262,98 @@ fn body_limits_are_8_mib_for_queries_and_2_mib_elsewhere() {
 /// `POST /events` bodies in flight are bounded by `--http-events-inflight-mib`: a request
 /// arriving while a body of the whole budget is being read waits, is counted, and is served
 /// once that body is done.
-#[test]
-fn events_bodies_in_flight_are_bounded_by_the_budget() {
-    use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let s = start(
-        &dir.path().join("data"),
-        &["--http-events-inflight-mib", "1"],
-        &[],
-    );
-    register(&s, 1, "m", 4);
-    let event =
-        |id: u64| format!(r#"[{{"worker_id":1,"event":{{"event_id":{id},"data":"cleared"}}}}]"#);
-    // A body of exactly the budget, sent in two halves.
-    let mut big = event(1).into_bytes();
-    big.resize(1 << 20, b' ');
-    let mut a = std::net::TcpStream::connect(&s.addr).unwrap();
-    a.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+/// Poll (bounded) until `series` equals `want`.
+fn poll_metric(s: &Server, series: &str, want: f64) {
+    for _ in 0..600 {
+        if s.metric(series) == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{series} never reached {want}: {}", s.metric(series));
+}
+
+/// A raw request head announcing `len` bytes of JSON, on a fresh connection.
+fn post_head(s: &Server, path: &str, len: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
     let head = format!(
-        "POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        big.len()
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
     );
-    a.write_all(head.as_bytes()).unwrap();
-    a.write_all(&big[..1 << 19]).unwrap();
-    let poll = |series: &str, want: f64| {
-        for _ in 0..600 {
-            if s.metric(series) == want {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("{series} never reached {want}: {}", s.metric(series));
-    };
-    poll(
-        "kvindex_http_events_body_bytes_in_flight",
-        (1u64 << 20) as f64,
-    );
+    c.write_all(head.as_bytes()).unwrap();
+    c
+}
 
+/// Bodies are claimed from the budget as they arrive: a body that cannot be claimed without
+/// leaving the partly read ones unable to finish waits (counted) until they are done, and
+/// the claimed bytes never exceed the budget.
+fn bodies_in_flight_are_bounded_by_the_budget(
+    path: &str,
+    flag: &str,
+    body: &dyn Fn(u64) -> String,
+    in_flight: &str,
+    waits: &str,
+) {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &[flag, "1"], &[]);
+    register(&s, 1, "m", 4);
+    let padded = |id: u64| {
+        let mut b = body(id).into_bytes();
+        b.resize(1 << 20, b' ');
+        b
+    };
+    // A body of exactly the budget, sent in two halves: half of it is claimed.
+    let big = padded(1);
+    let mut a = post_head(&s, path, big.len());
+    a.write_all(&big[..1 << 19]).unwrap();
+    poll_metric(&s, in_flight, (1u64 << 19) as f64);
+    // A second body of the budget's size: claiming any of it would leave neither able to
+    // finish, so it waits for the first, however much of it arrives.
+    let second = padded(2);
     std::thread::scope(|scope| {
-        let small = scope.spawn(|| s.post_raw_json("/events", event(2).as_bytes()));
-        poll("kvindex_http_events_body_budget_waits_total", 1.0);
+        let waiting = scope.spawn(|| {
+            let mut b = post_head(&s, path, second.len());
+            b.write_all(&second).unwrap();
+            let mut answer = String::new();
+            b.read_to_string(&mut answer).unwrap();
+            answer
+        });
+        poll_metric(&s, waits, 1.0);
+        assert_eq!(s.metric(in_flight), (1u64 << 19) as f64);
         a.write_all(&big[1 << 19..]).unwrap();
         let mut answer = String::new();
         a.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let r = small.join().unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
+        let answer = waiting.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     });
-    poll("kvindex_http_events_body_bytes_in_flight", 0.0);
+    poll_metric(&s, in_flight, 0.0);
+}
+
+#[test]
+fn events_bodies_in_flight_are_bounded_by_the_budget() {
+    bodies_in_flight_are_bounded_by_the_budget(
+        "/events",
+        "--http-events-inflight-mib",
+        &|id| format!(r#"[{{"worker_id":1,"event":{{"event_id":{id},"data":"cleared"}}}}]"#),
+        "kvindex_http_events_body_bytes_in_flight",
+        "kvindex_http_events_body_budget_waits_total",
+    );
+}
+
+/// `/query` and `/query_by_hash` bodies (8 MiB each) have a budget of their own.
+#[test]
+fn query_bodies_in_flight_are_bounded_by_the_budget() {
+    bodies_in_flight_are_bounded_by_the_budget(
+        "/query",
+        "--http-query-inflight-mib",
+        &|_| r#"{"token_ids":[1,2,3,4],"model_name":"m"}"#.to_owned(),
+        "kvindex_http_query_body_bytes_in_flight",
+        "kvindex_http_query_body_budget_waits_total",
+    );
 }
 
 #[test]
@@ -902,6 +945,113 @@ fn post_events_errors() {
         &stored(77, 0, 1, None, &[(5, h[0])]),
     );
     assert_eq!(r.status, 409);
+}
+
+/// Refusals of `?model_name=` / `&block_size=` are counted like the other refused events,
+/// with the reasons of the NATS intake.
+#[test]
+fn post_events_partition_refusals_are_counted() {
+    let (_d, s) = server();
+    let h = local_hashes(&T8, 4);
+    let r = s.post_json(
+        "/events?model_name=nope",
+        &stored(77, 0, 1, None, &[(5, h[0])]),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="unknown_partition"}"#),
+        1.0
+    );
+    register(&s, 1, "m", 4);
+    let r = s.post_json(
+        "/events?model_name=m&block_size=8",
+        &stored(77, 0, 1, None, &[(5, h[0])]),
+    );
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            409,
+            json!({"error": "block_size mismatch for model=m routing_group=default: existing=4, requested=8"})
+        )
+    );
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="block_size"}"#),
+        1.0
+    );
+}
+
+/// `?block_size=0` would create a partition that indexes nothing and keeps every later
+/// registration of its model out (409, persisted): refused with a 400, counted, nothing
+/// created. A request without events creates no partition either.
+#[test]
+fn post_events_refuses_block_size_0_and_creates_no_partition_without_events() {
+    let (_d, s) = server();
+    for body in [json!([]), stored(77, 0, 1, None, &[(5, 6)])] {
+        let r = s.post_json("/events?model_name=llama&block_size=0", &body);
+        assert_eq!(r.status, 400, "{}", r.text());
+        let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains("block_size must be at least 1"), "{error}");
+    }
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="block_size"}"#),
+        2.0
+    );
+    // An empty list: nothing to do, nothing created.
+    let r = s.post_json("/events?model_name=other&block_size=16", &json!([]));
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            200,
+            json!({"status": "ok", "accepted": 0, "rejected": [], "last_lsn": null})
+        )
+    );
+    assert_eq!(s.metric("dynamo_kvindexer_models"), 0.0);
+    let r = query(&s, json!({"token_ids": T8, "model_name": "other"}));
+    assert_eq!(r.status, 404, "{}", r.text());
+    // The model can still be registered with its real block size, also after a restart.
+    register(&s, 1, "llama", 16);
+    let s = s.restart(&[]);
+    let r = s.post_json(
+        "/register",
+        &json!({"instance_id": 2, "endpoint": "tcp://127.0.0.1:18101", "model_name": "llama", "block_size": 16}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// Events create partitions only while fewer than `--max-event-partitions` partitions have
+/// no registered worker; registrations are not limited.
+#[test]
+fn events_create_partitions_only_up_to_max_event_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--max-event-partitions", "2"],
+        &[],
+    );
+    let h = local_hashes(&T8, 4);
+    let post = |model: &str| {
+        s.post_json(
+            &format!("/events?model_name={model}&block_size=4"),
+            &stored(77, 0, 1, None, &[(5, h[0])]),
+        )
+    };
+    assert_eq!(post("a").status, 200);
+    assert_eq!(post("b").status, 200);
+    let r = post("c");
+    assert_eq!(r.status, 409, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("--max-event-partitions"), "{error}");
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="partition_limit"}"#),
+        1.0
+    );
+    // Existing partitions still take events; a registration creates a partition anyway, and
+    // one that takes a worker no longer counts.
+    assert_eq!(post("a").status, 200);
+    register(&s, 1, "c", 4);
+    register(&s, 2, "a", 4);
+    assert_eq!(post("d").status, 200);
+    assert_eq!(s.metric("dynamo_kvindexer_models"), 4.0);
 }
 
 /// kvindex reserves event ids >= 2^63 (they tag JetStream stream sequences in its log): such

@@ -10,16 +10,19 @@
 //!   (hyper closes the connection otherwise; an idle keep-alive connection is closed the same
 //!   way), and the body within it too, counted from when the head arrived (the request then
 //!   fails with axum's `400 Failed to buffer the request body: ...`);
+//! * **a write deadline** (`--http-write-timeout-ms`): a response write that makes no progress
+//!   for that long (a client that stops reading) closes the connection, and so frees the
+//!   response (a `/dump` of many MiB included);
 //! * **a connection cap** (`--http-max-connections`): a connection beyond it is closed at once;
 //! * **a bounded drain** at shutdown: open connections get a graceful close and at most one read
 //!   deadline to finish, then they are dropped, so SIGTERM / SIGINT always ends the process.
 //!
-//! Each bound is counted in `kvindex_http_read_timeouts_total{stage}` or
-//! `kvindex_http_connections_refused_total`; a request head that is not HTTP at all gets hyper's
-//! `400` and is counted in `kvindex_http_malformed_requests_total`. Any other error that ends a
-//! connection (the client closing or resetting it in the middle of a request, an I/O error while
-//! writing the response) is logged with the client's address and counted in
-//! `kvindex_http_connection_errors_total{reason}`.
+//! Each bound is counted in `kvindex_http_read_timeouts_total{stage}`,
+//! `kvindex_http_write_timeouts_total` or `kvindex_http_connections_refused_total`; a request
+//! head that is not HTTP at all gets hyper's `400` and is counted in
+//! `kvindex_http_malformed_requests_total`. Any other error that ends a connection (the client
+//! closing or resetting it in the middle of a request, an I/O error while writing the response)
+//! is logged with the client's address and counted in `kvindex_http_connection_errors_total{reason}`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +38,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -42,6 +46,9 @@ use tokio::task::JoinSet;
 /// Counter: connections or requests ended by the read deadline (label `stage`: `headers` or
 /// `body`).
 pub const READ_TIMEOUTS_TOTAL: &str = "kvindex_http_read_timeouts_total";
+/// Counter: connections closed because a response write made no progress within
+/// `--http-write-timeout-ms`.
+pub const WRITE_TIMEOUTS_TOTAL: &str = "kvindex_http_write_timeouts_total";
 /// Counter: connections closed at accept because `--http-max-connections` were open.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "kvindex_http_connections_refused_total";
 /// Counter: connections closed because the request head was not HTTP/1.1 (hyper answers 400,
@@ -55,27 +62,38 @@ pub const CONNECTIONS_OPEN: &str = "kvindex_http_connections_open";
 
 /// Default read deadline (hyper's own default header timeout).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default write deadline.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default connection cap.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
-/// How long a client may take, how many may be connected at once, and how much of their
-/// `POST /events` bodies is read at once.
+/// How long a client may take, how many may be connected at once, how much of their bodies is
+/// read at once, and how many `/dump`s are built and sent at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Deadline for a request head, and (from then on) for its body.
     pub read_timeout: Duration,
+    /// Longest time a response write may make no progress.
+    pub write_timeout: Duration,
     /// Open connections at most; more are closed at accept.
     pub max_connections: usize,
     /// Bytes of `POST /events` bodies read and decoded at once (`super::body_budget`).
     pub events_body_budget: usize,
+    /// Bytes of `POST /query` and `POST /query_by_hash` bodies read and decoded at once.
+    pub query_body_budget: usize,
+    /// `GET /dump` responses built or being sent at once (`super::dump`).
+    pub max_dumps: usize,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             read_timeout: DEFAULT_READ_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             events_body_budget: super::body_budget::DEFAULT_EVENTS_BODY_BUDGET,
+            query_body_budget: super::body_budget::DEFAULT_QUERY_BODY_BUDGET,
+            max_dumps: super::dump::DEFAULT_MAX_DUMPS,
         }
     }
 }
@@ -85,6 +103,10 @@ pub fn describe() {
     metrics::describe_counter!(
         READ_TIMEOUTS_TOTAL,
         "HTTP connections (stage=headers, idle keep-alive included) or requests (stage=body) cut off by --http-read-timeout-ms"
+    );
+    metrics::describe_counter!(
+        WRITE_TIMEOUTS_TOTAL,
+        "HTTP connections closed because a response write made no progress within --http-write-timeout-ms"
     );
     metrics::describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
@@ -194,7 +216,7 @@ pub async fn serve(
         connections.spawn(async move {
             let _permit = permit;
             metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
-            serve_connection(stream, peer, service, limits.read_timeout, stop).await;
+            serve_connection(stream, peer, service, limits, stop).await;
             metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
         });
     }
@@ -218,13 +240,14 @@ async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     service: TowerToHyperService<Router>,
-    read_timeout: Duration,
+    limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let io = WriteDeadline::new(stream, limits.write_timeout);
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout)
-        .serve_connection(TokioIo::new(stream), service);
+        .header_read_timeout(limits.read_timeout)
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let finished = tokio::select! {
         result = conn.as_mut() => Some(result),
@@ -238,7 +261,10 @@ async fn serve_connection(
         }
     };
     if let Err(e) = result {
-        if e.is_timeout() {
+        if is_write_timeout(&e) {
+            metrics::counter!(WRITE_TIMEOUTS_TOTAL).increment(1);
+            tracing::info!(%peer, "HTTP connection closed: the client did not read the response in time");
+        } else if e.is_timeout() {
             metrics::counter!(READ_TIMEOUTS_TOTAL, "stage" => "headers").increment(1);
             tracing::debug!("HTTP connection closed: request head not received in time");
         } else if e.is_parse() || e.is_parse_too_large() {
@@ -253,11 +279,23 @@ async fn serve_connection(
     }
 }
 
+/// Request extension: when the request's body must have arrived (a wait for a body budget,
+/// `super::body_budget`, ends there too).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    pub at: tokio::time::Instant,
+    pub timeout: Duration,
+}
+
 /// Middleware: give the request body the read deadline.
-async fn body_deadline(State(timeout): State<Duration>, req: Request) -> Request {
+async fn body_deadline(State(timeout): State<Duration>, mut req: Request) -> Request {
     if req.body().is_end_stream() {
         return req;
     }
+    req.extensions_mut().insert(BodyDeadline {
+        at: tokio::time::Instant::now() + timeout,
+        timeout,
+    });
     req.map(|body| Body::new(DeadlineBody::new(body, timeout)))
 }
 
@@ -265,6 +303,13 @@ async fn body_deadline(State(timeout): State<Duration>, req: Request) -> Request
 #[derive(Debug, thiserror::Error)]
 #[error("request body not received within {0} ms")]
 pub struct BodyTimeout(u128);
+
+impl BodyTimeout {
+    /// The error of a body not received within `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        BodyTimeout(timeout.as_millis())
+    }
+}
 
 /// A request body that fails once its deadline passes (counted as a `body` read timeout).
 struct DeadlineBody {
@@ -316,10 +361,127 @@ impl HttpBody for DeadlineBody {
     }
 }
 
+/// Why a connection was closed: a response write made no progress within the write deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("response write made no progress within {0} ms")]
+pub struct WriteTimeout(u128);
+
+/// Whether `e` (a connection's error) comes from [`WriteDeadline`].
+fn is_write_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<WriteTimeout>()) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A connection's socket whose writes fail once one has made no progress for `timeout`: a
+/// client that stops reading its response cannot keep the connection, and the response it
+/// holds, forever.
+struct WriteDeadline<T> {
+    inner: T,
+    timeout: Duration,
+    /// Armed when a write could not proceed; disarmed by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Pass on a write's outcome, failing it once the socket has been stuck for the deadline.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                WriteTimeout(timeout.as_millis()),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_fails_at_the_deadline() {
+        let (near, _far) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(near, Duration::from_millis(50));
+        let err = io.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(is_write_timeout(&err), "{err}");
+    }
 
     #[tokio::test]
     async fn a_body_that_never_finishes_fails_at_the_deadline() {

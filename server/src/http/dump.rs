@@ -1,16 +1,94 @@
 //! `GET /dump` (SERVICE.md §3.8): every partition as `"<model>:<group>": {"block_size", "events"}`
 //! in Dynamo's RouterEvent shape, plus explicit `model_name` / `routing_group` fields so names
 //! containing `:` survive a peer recovery (Dynamo's parser ignores them).
+//!
+//! A dump is built whole in memory (many MiB for a large index) and held until the client has
+//! read it, so at most `--http-max-dumps` are built or sent at once: a request beyond that is
+//! answered `503` at once (a recovering peer moves on to its next peer) and counted. A client
+//! that stops reading its dump is cut off by the write deadline (`super::connections`), which
+//! frees the dump and its slot.
 
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kvindex_engine::RouterEvent;
 use serde::Serialize;
 use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::errors::ApiError;
 use super::SharedState;
+
+/// Default `--http-max-dumps`.
+pub const DEFAULT_MAX_DUMPS: usize = 2;
+/// Gauge: `/dump` responses being built or sent.
+pub const DUMPS_IN_PROGRESS: &str = "kvindex_http_dumps_in_progress";
+/// Counter: `/dump` requests refused (503) because `--http-max-dumps` were in progress.
+pub const DUMPS_REFUSED_TOTAL: &str = "kvindex_http_dumps_refused_total";
+
+/// Describe this module's metrics (help text on `/metrics`).
+pub fn describe() {
+    metrics::describe_gauge!(
+        DUMPS_IN_PROGRESS,
+        "GET /dump responses being built or sent (at most --http-max-dumps)"
+    );
+    metrics::describe_counter!(
+        DUMPS_REFUSED_TOTAL,
+        "GET /dump requests answered 503 because --http-max-dumps dumps were being built or sent"
+    );
+}
+
+/// How many dumps may be built or sent at once.
+#[derive(Debug, Clone)]
+pub struct DumpLimit {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl DumpLimit {
+    /// At most `max` (at least 1) dumps at once.
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        DumpLimit {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
+/// A slot of the [`DumpLimit`], counted in the gauge while held.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!(DUMPS_IN_PROGRESS).increment(1.0);
+        Slot { _permit: permit }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!(DUMPS_IN_PROGRESS).decrement(1.0);
+    }
+}
+
+/// A dump's bytes, owning their slot: the slot is free again only once the bytes are gone
+/// (written, or dropped with the connection), wherever hyper keeps them meanwhile.
+struct DumpBytes {
+    json: String,
+    _slot: Slot,
+}
+
+impl AsRef<[u8]> for DumpBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.json.as_bytes()
+    }
+}
 
 /// One partition of the dump (Dynamo's fields first).
 #[derive(Serialize)]
@@ -23,6 +101,27 @@ struct DumpEntry<'a> {
 
 /// `GET /dump`.
 pub async fn dump(State(state): State<SharedState>) -> Response {
+    let limit = &state.dumps;
+    let Ok(permit) = Arc::clone(&limit.slots).try_acquire_owned() else {
+        metrics::counter!(DUMPS_REFUSED_TOTAL).increment(1);
+        tracing::warn!(
+            max = limit.max,
+            "GET /dump refused: --http-max-dumps dumps in progress"
+        );
+        let body = json!({
+            "error": format!(
+                "too many dumps in progress (at most {} at once, --http-max-dumps); retry later",
+                limit.max
+            )
+        });
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            axum::Json(body),
+        )
+            .into_response();
+    };
+    let slot = Slot::new(permit);
     let view = state.partitions.view();
     let mut parts: Vec<_> = view.partitions.values().cloned().collect();
     parts.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
@@ -58,7 +157,11 @@ pub async fn dump(State(state): State<SharedState>) -> Response {
     })
     .await;
     match result {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(json) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from(Bytes::from_owner(DumpBytes { json, _slot: slot })),
+        )
+            .into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
 }

@@ -28,6 +28,13 @@ pub enum ApiError {
          9223372036854775808; larger ones tag JetStream stream sequences in its log)"
     )]
     ReservedEventId { index: usize, event_id: u64 },
+    /// `POST /events?block_size=0` or a NATS `Kvindex-Block-Size: 0` (400): a partition of
+    /// block size 0 cannot index events, and would keep later registrations of its model out
+    /// (409). Dynamo's `/register` accepts 0, and so does kvindex's.
+    #[error(
+        "block_size must be at least 1 (got 0): a partition of block size 0 cannot index events"
+    )]
+    ZeroBlockSize,
     /// Something on our side failed (500).
     #[error("{0}")]
     Internal(String),
@@ -42,7 +49,8 @@ impl ApiError {
                 | RegistryError::RegisteredForOther { .. }
                 | RegistryError::BlockSizeMismatch { .. }
                 | RegistryError::CannotPause { .. }
-                | RegistryError::CannotResume { .. } => StatusCode::CONFLICT,
+                | RegistryError::CannotResume { .. }
+                | RegistryError::PartitionLimit { .. } => StatusCode::CONFLICT,
                 RegistryError::InstanceNotFound(_)
                 | RegistryError::WrongPartition { .. }
                 | RegistryError::DpRankNotFound { .. }
@@ -65,7 +73,9 @@ impl ApiError {
                 }
                 IngestError::Log(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            ApiError::BadRequest(_) | ApiError::ReservedEventId { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_)
+            | ApiError::ReservedEventId { .. }
+            | ApiError::ZeroBlockSize => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

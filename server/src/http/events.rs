@@ -114,8 +114,21 @@ fn count_reject(endpoint: Option<&'static str>, reason: &'static str) {
     }
 }
 
-/// `POST /events`. The body is read only once the request has its share of the body budget
-/// (`super::body_budget`), which it keeps until its events are submitted.
+/// Count a refused partition lookup or creation in `kvindex_http_rejected_total` (the reasons
+/// of the NATS intake: `unknown_partition`, `block_size`, `partition_limit`); failures on our
+/// side (registry file, log) are not the request's fault and are not counted here.
+fn count_partition_reject(endpoint: Option<&'static str>, e: &RegistryError) {
+    let reason = match e {
+        RegistryError::NoIndexer { .. } => "unknown_partition",
+        RegistryError::BlockSizeMismatch { .. } => "block_size",
+        RegistryError::PartitionLimit { .. } => "partition_limit",
+        _ => return,
+    };
+    count_reject(endpoint, reason);
+}
+
+/// `POST /events`. The body's bytes are claimed from the body budget as they arrive
+/// (`super::body_budget`); the request keeps its claim until its events are submitted.
 pub async fn post_events(
     State(state): State<SharedState>,
     Query(target): Query<EventsTarget>,
@@ -127,10 +140,7 @@ pub async fn post_events(
         reject("media_type");
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, EVENTS_MEDIA_TYPE).into_response();
     };
-    let budget = &state.events_budget;
-    let claim = budget
-        .claim(budget.claim_size(&headers, LARGE_BODY_LIMIT))
-        .await;
+    let (request, claim) = state.events_budget.wrap(request, LARGE_BODY_LIMIT);
     // The body extractor itself, so that its errors (413 over the limit, 400 past the read
     // deadline) keep axum's wording.
     let body = match Bytes::from_request(request, &()).await {
@@ -178,9 +188,26 @@ pub fn submit_events(
     seq: SourceSeq,
     endpoint: Option<&'static str>,
 ) -> Result<Submitted, ApiError> {
+    if target.block_size == Some(0) {
+        count_reject(endpoint, "block_size");
+        return Err(ApiError::ZeroBlockSize);
+    }
     if seq == SourceSeq::EventId {
         check_event_ids(&events).inspect_err(|_| count_reject(endpoint, "reserved_event_id"))?;
     }
+    if events.is_empty() {
+        // Nothing to index: no partition is created, looked up or logged to.
+        return Ok(Submitted {
+            groups: Vec::new(),
+            rejected: Vec::new(),
+        });
+    }
+    let ensure = |model: &str, group: &str, bs: u32| {
+        state
+            .partitions
+            .ensure_partition_for_events(model, group, bs, state.max_event_partitions)
+            .inspect_err(|e| count_partition_reject(endpoint, e))
+    };
     let explicit = match &target.model_name {
         Some(model) => {
             let group = target
@@ -188,7 +215,7 @@ pub fn submit_events(
                 .clone()
                 .unwrap_or_else(|| crate::config::DEFAULT_GROUP.to_owned());
             if let Some(bs) = target.block_size {
-                state.partitions.ensure_partition(model, &group, bs)?;
+                ensure(model, &group, bs)?;
             }
             Some(NamespaceKey::new(model.clone(), group))
         }
@@ -210,15 +237,14 @@ pub fn submit_events(
             // The admission is let go first: `ensure_partition` takes the registry's write
             // lock, which an unregister holds while it waits for the gate.
             drop(admission);
-            state
-                .partitions
-                .ensure_partition(&k.model_name, &k.routing_group, bs)?;
+            ensure(&k.model_name, &k.routing_group, bs)?;
             admission = state.ingest.admit();
         }
     }
     let view = admission.view();
     if let Some(k) = &explicit {
-        view.partition(&k.model_name, &k.routing_group)?;
+        view.partition(&k.model_name, &k.routing_group)
+            .inspect_err(|e| count_partition_reject(endpoint, e))?;
     }
     let mut groups: BTreeMap<NamespaceKey, Vec<(u64, RouterEvent)>> = BTreeMap::new();
     let mut rejected: Vec<(Option<usize>, ApiError)> = Vec::new();

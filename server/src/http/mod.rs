@@ -13,7 +13,7 @@ use crate::partitions::Partitions;
 
 pub mod body_budget;
 pub mod connections;
-mod dump;
+pub mod dump;
 pub mod errors;
 pub mod events;
 mod handlers;
@@ -39,7 +39,17 @@ pub struct AppState {
     pub test_endpoints: bool,
     /// Bounds the `POST /events` bodies read and decoded at once.
     pub events_budget: body_budget::BodyBudget,
+    /// Bounds the `POST /query` and `POST /query_by_hash` bodies read and decoded at once.
+    pub query_budget: body_budget::BodyBudget,
+    /// Bounds the `GET /dump` responses built or sent at once.
+    pub dumps: dump::DumpLimit,
+    /// Events (`?block_size=`, `Kvindex-Block-Size`) create a partition only while fewer
+    /// partitions than this have no registered worker (`--max-event-partitions`).
+    pub max_event_partitions: usize,
 }
+
+/// Default `--max-event-partitions`.
+pub const DEFAULT_MAX_EVENT_PARTITIONS: usize = 256;
 
 /// Shared state handle.
 pub type SharedState = Arc<AppState>;

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
 use axum::response::Response;
 use axum::Json;
 use kvindex_engine::hashing::HashOptions;
@@ -15,7 +16,7 @@ use serde_json::Value;
 
 use super::errors::ApiError;
 use super::handlers::with_model;
-use super::{AppState, SharedState};
+use super::{AppState, SharedState, LARGE_BODY_LIMIT};
 
 /// Body of `POST /query` (`tenant_id`, `medium`, `instance_id`, ... ignored).
 #[derive(Deserialize)]
@@ -175,6 +176,15 @@ fn respond(model: &str, answer: Result<ScoreResponse, ApiError>) -> Response {
         Ok(body) => with_model(model, Json(body)),
         Err(e) => with_model(model, e),
     }
+}
+
+/// Middleware of `POST /query` and `POST /query_by_hash`: the body's bytes are claimed from the
+/// query body budget as they arrive (`super::body_budget`), and given back once answered.
+pub async fn budgeted(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let (req, claim) = state.query_budget.wrap(req, LARGE_BODY_LIMIT);
+    let response = next.run(req).await;
+    drop(claim);
+    response
 }
 
 /// `POST /query`.

@@ -14,13 +14,22 @@ use super::{
 /// Build the service's router.
 pub fn router(state: SharedState) -> Router {
     let large = || DefaultBodyLimit::max(LARGE_BODY_LIMIT);
+    let query_budget = || from_fn_with_state(state.clone(), query::budgeted);
     let mut api = Router::new()
         .route("/health", get(handlers::health))
         .route("/register", post(handlers::register))
         .route("/unregister", post(handlers::unregister))
         .route("/workers", get(handlers::workers))
-        .route("/query", post(query::query).layer(large()))
-        .route("/query_by_hash", post(query::query_by_hash).layer(large()))
+        .route(
+            "/query",
+            post(query::query).layer(large()).layer(query_budget()),
+        )
+        .route(
+            "/query_by_hash",
+            post(query::query_by_hash)
+                .layer(large())
+                .layer(query_budget()),
+        )
         .route("/dump", get(dump::dump))
         .route("/register_peer", post(handlers::register_peer))
         .route("/deregister_peer", post(handlers::deregister_peer))

@@ -59,7 +59,10 @@ fn open_configured(
         access_log: None,
         trace_header: HeaderName::from_static("x-request-id"),
         test_endpoints: false,
-        events_budget: BodyBudget::new(1 << 20),
+        events_budget: BodyBudget::new(1 << 20, crate::http::body_budget::EVENTS_METRICS),
+        query_budget: BodyBudget::new(1 << 20, crate::http::body_budget::QUERY_METRICS),
+        dumps: crate::http::dump::DumpLimit::new(1),
+        max_event_partitions: crate::http::DEFAULT_MAX_EVENT_PARTITIONS,
     })
 }
 

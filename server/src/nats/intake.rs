@@ -140,7 +140,9 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         ApiError::Registry(RegistryError::NoIndexer { .. })
         | ApiError::Ingest(IngestError::NoIndexer { .. }) => ("unknown_partition", false),
         ApiError::Registry(RegistryError::BlockSizeMismatch { .. })
-        | ApiError::Ingest(IngestError::ZeroBlockSize { .. }) => ("block_size", false),
+        | ApiError::Ingest(IngestError::ZeroBlockSize { .. })
+        | ApiError::ZeroBlockSize => ("block_size", false),
+        ApiError::Registry(RegistryError::PartitionLimit { .. }) => ("partition_limit", false),
         ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
             ("too_large", false)
         }
@@ -181,12 +183,24 @@ fn parse(
         .map_err(|e| rejected("subject", e))?;
     let block_size = match &m.block_size {
         None => None,
-        Some(v) => Some(v.trim().parse::<u32>().map_err(|e| {
-            rejected(
-                "block_size",
-                format!("invalid {BLOCK_SIZE_HEADER} header {v:?}: {e}"),
-            )
-        })?),
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(0) => {
+                return Err(rejected(
+                    "block_size",
+                    format!(
+                        "invalid {BLOCK_SIZE_HEADER} header {v:?}: {}",
+                        ApiError::ZeroBlockSize
+                    ),
+                ))
+            }
+            Ok(bs) => Some(bs),
+            Err(e) => {
+                return Err(rejected(
+                    "block_size",
+                    format!("invalid {BLOCK_SIZE_HEADER} header {v:?}: {e}"),
+                ))
+            }
+        },
     };
     let format = match &m.content_type {
         Some(ct) => format_of_media_type(ct).ok_or_else(|| {
@@ -379,6 +393,10 @@ mod tests {
             reason(&msg("kvindex.events.m.g", None, Some("x"), b"[]")),
             "block_size"
         );
+        assert_eq!(
+            reason(&msg("kvindex.events.m.g", None, Some("0"), b"[]")),
+            "block_size"
+        );
         let ok = msg(
             "kvindex.events.m%2E1.g",
             Some("application/json"),
@@ -391,6 +409,97 @@ mod tests {
         assert_eq!(key, NamespaceKey::new("m.1", "g"));
         assert_eq!(target.block_size, Some(16));
         assert!(events.is_empty());
+    }
+
+    /// `Kvindex-Block-Size: 0` would create a partition of block size 0, which indexes
+    /// nothing and keeps every later registration of its model out (409): refused, as
+    /// `POST /events?block_size=0` is, and nothing is created. A message without events
+    /// creates no partition either.
+    #[test]
+    fn a_zero_block_size_header_and_an_empty_message_create_no_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::http::unregister_race::open(dir.path());
+        let subjects = Subjects::new("kvindex");
+        let msg = |bs: &str, payload: &'static [u8]| Incoming {
+            subject: "kvindex.events.m.default".into(),
+            content_type: Some("application/json".into()),
+            block_size: Some(bs.into()),
+            payload: Bytes::from_static(payload),
+            delivery: None,
+        };
+        let event = serde_json::to_vec(&crate::test_support::one_block_store(7, 0, 1)).unwrap();
+        let with_event = Incoming {
+            payload: Bytes::from(event),
+            ..msg("0", b"")
+        };
+        let outcomes = process(
+            &state,
+            &subjects,
+            Source::Core,
+            &[with_event, msg("0", b"[]")],
+        );
+        for o in &outcomes {
+            match o {
+                Outcome::Rejected {
+                    reason,
+                    error,
+                    retry,
+                } => {
+                    assert_eq!(*reason, "block_size");
+                    assert!(error.contains("at least 1"), "{error}");
+                    assert!(!retry);
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        let outcomes = process(&state, &subjects, Source::Core, &[msg("16", b"[]")]);
+        assert!(
+            matches!(&outcomes[..], [Outcome::Accepted(ack)] if ack.accepted == 0),
+            "{outcomes:?}"
+        );
+        assert!(state.partitions.view().partitions.is_empty());
+    }
+
+    /// `Kvindex-Block-Size` creates partitions only up to `--max-event-partitions`
+    /// partitions without a registered worker; past it the message is refused for good.
+    #[test]
+    fn events_create_partitions_only_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = crate::http::unregister_race::open(dir.path());
+        std::sync::Arc::get_mut(&mut state)
+            .expect("the only holder")
+            .max_event_partitions = 1;
+        let subjects = Subjects::new("kvindex");
+        let event = serde_json::to_vec(&crate::test_support::one_block_store(7, 0, 1)).unwrap();
+        let msg = |model: &str| Incoming {
+            subject: format!("kvindex.events.{model}.default"),
+            content_type: Some("application/json".into()),
+            block_size: Some("4".into()),
+            payload: Bytes::from(event.clone()),
+            delivery: None,
+        };
+        let outcomes = process(
+            &state,
+            &subjects,
+            Source::Core,
+            &[msg("a"), msg("b"), msg("a")],
+        );
+        assert!(
+            matches!(
+                &outcomes[..],
+                [
+                    Outcome::Accepted(_),
+                    Outcome::Rejected {
+                        reason: "partition_limit",
+                        retry: false,
+                        ..
+                    },
+                    Outcome::Accepted(_)
+                ]
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(state.partitions.view().partitions.len(), 1);
     }
 
     /// A JetStream message of stream sequence 5 (epoch 1) with one store of `worker`,

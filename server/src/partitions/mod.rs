@@ -95,6 +95,14 @@ pub enum RegistryError {
         group: String,
         reason: String,
     },
+    /// Events asked for a new partition while `limit` partitions without a registered worker
+    /// exist (`--max-event-partitions`); registrations are not limited.
+    #[error("partition model={model} routing_group={group} not created: {limit} partitions without a registered worker exist, the most events may create (--max-event-partitions); register a worker to create it")]
+    PartitionLimit {
+        model: String,
+        group: String,
+        limit: usize,
+    },
 }
 
 /// One listener of an instance.
@@ -157,6 +165,17 @@ impl RegistryView {
                 model: model.to_owned(),
                 group: group.to_owned(),
             })
+    }
+
+    /// Partitions no registered instance belongs to: those created by events or by a peer
+    /// recovery (a partition goes with its last worker otherwise).
+    pub fn partitions_without_workers(&self) -> usize {
+        let owned: std::collections::HashSet<&NamespaceKey> =
+            self.instances.values().map(|i| &i.key).collect();
+        self.partitions
+            .keys()
+            .filter(|k| !owned.contains(k))
+            .count()
     }
 
     /// Listeners per status, in [`ListenerStatus::ALL`] order; a listener's status comes from
@@ -848,6 +867,29 @@ impl Partitions {
         group: &str,
         block_size: u32,
     ) -> Result<Partition, RegistryError> {
+        self.ensure_partition_limited(model, group, block_size, None)
+    }
+
+    /// [`Self::ensure_partition`] for events (`POST /events?block_size=`, the NATS
+    /// `Kvindex-Block-Size` header): a missing partition is created only while fewer than
+    /// `limit` partitions have no registered worker ([`RegistryError::PartitionLimit`]).
+    pub fn ensure_partition_for_events(
+        &self,
+        model: &str,
+        group: &str,
+        block_size: u32,
+        limit: usize,
+    ) -> Result<Partition, RegistryError> {
+        self.ensure_partition_limited(model, group, block_size, Some(limit))
+    }
+
+    fn ensure_partition_limited(
+        &self,
+        model: &str,
+        group: &str,
+        block_size: u32,
+        limit: Option<usize>,
+    ) -> Result<Partition, RegistryError> {
         let key = NamespaceKey::new(model, group);
         if let Some(p) = self.view().partitions.get(&key) {
             if p.spec.block_size == block_size {
@@ -866,6 +908,15 @@ impl Partitions {
                     });
                 }
                 return Ok(p.clone());
+            }
+            if let Some(limit) = limit {
+                if v.partitions_without_workers() >= limit {
+                    return Err(RegistryError::PartitionLimit {
+                        model: model.to_owned(),
+                        group: group.to_owned(),
+                        limit,
+                    });
+                }
             }
             tracing::info!(partition = %key, block_size, "Creating new indexer");
             let p = self.create_partition(w, &key, block_size)?;
