@@ -64,7 +64,7 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSoc
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
     split_live_message, ConvertContext, ConvertedBatch, FrameError, SkipReason,
-    METRIC_MESSAGES_DROPPED,
+    MAX_DETAILED_REJECTIONS, METRIC_MESSAGES_DROPPED,
 };
 use super::frame_guard::{self, Guard};
 
@@ -795,8 +795,10 @@ fn block_size_mismatch(skipped: &[(usize, SkipReason)]) -> Option<(u64, u32, usi
     Some((event, partition, 1 + sizes.count()))
 }
 
-/// Rejected events of one batch logged one by one; the rest get a single line.
+/// Rejected events of one batch logged one by one; the rest get a single line. At most
+/// [`MAX_DETAILED_REJECTIONS`], which a batch keeps in detail.
 const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
+const _: () = assert!(LOGGED_REJECTIONS_PER_BATCH <= MAX_DETAILED_REJECTIONS);
 
 /// How a batch's `rejected` events are logged: the first ones one line each, and how many
 /// more share a summary line (none when all were logged).
@@ -1178,8 +1180,9 @@ impl Listener {
         record_batch_metrics(&batch);
         // One line per rejected event up to a few, then one line for the rest: a batch of
         // thousands of bad events must not flood the log (the counters count every one).
-        let (one_by_one, more) = rejection_log_lines(batch.rejected.len());
-        for rejected in &batch.rejected[..one_by_one] {
+        // The batch keeps the first `MAX_DETAILED_REJECTIONS` (≥ the lines logged) in detail.
+        let (one_by_one, more) = rejection_log_lines(batch.rejected.total());
+        for rejected in batch.rejected.detailed().iter().take(one_by_one) {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
         }
         if let Some(more) = more {
@@ -1202,7 +1205,7 @@ impl Listener {
                 "events skipped: their block size differs from the partition's"
             );
         }
-        let rejected = batch.rejected.len() as u64;
+        let rejected = batch.rejected.total() as u64;
         let skipped = batch.skipped.len() as u64;
         let submitted = batch.events.len() as u64;
         let result = self.sink.submit(

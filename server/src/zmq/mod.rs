@@ -53,7 +53,7 @@ pub mod listener;
 mod msgpack;
 pub mod test_publisher;
 
-pub use decode::{BatchError, ConvertContext, EventError, FrameError, SkipReason};
+pub use decode::{BatchError, ConvertContext, EventError, FrameError, Rejections, SkipReason};
 pub use listener::{
     validate_endpoint, EndpointError, EventSink, IngestConfig, IngestError, ListenerSpec,
     ListenerState, ListenerStatus, SinkError, ZmqIngest,
