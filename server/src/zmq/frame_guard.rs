@@ -720,7 +720,13 @@ mod tests {
         all.extend(&bad);
         theirs.write_all(&all).await.expect("write");
         let mut got = Vec::new();
-        let _ = ours.read_to_end(&mut got).await;
+        // Bounded: without the message limit the connection stays open.
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            ours.read_to_end(&mut got),
+        )
+        .await;
+        assert!(closed.is_ok(), "the guard kept the connection open");
         // The first 800 bytes of the second message may pass (they were within the limit),
         // nothing of its third frame does.
         let cut_at = good.len() + 2 * (9 + 400);
