@@ -541,13 +541,16 @@ mod tests {
 
     /// The registry and the durable intake over `dir`, as `kvindex serve` builds them.
     fn service(dir: &Path) -> (Arc<Partitions>, Arc<Ingest>) {
+        service_with(dir, DurableConfig::default())
+    }
+
+    fn service_with(dir: &Path, config: DurableConfig) -> (Arc<Partitions>, Arc<Ingest>) {
         let engine = Engine::new(EngineConfig {
             event_threads: 1,
             queue_capacity: 64,
             ..EngineConfig::default()
         });
-        let (durable, _) =
-            DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
+        let (durable, _) = DurableIndex::open(dir, config, engine.clone()).unwrap();
         let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
         partitions.load().unwrap();
         let ingest = Arc::new(Ingest::new(Arc::new(durable), Arc::clone(&partitions)));
@@ -814,7 +817,10 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let dir = tempfile::tempdir().unwrap();
-        let (partitions, ingest) = service(dir.path());
+        // A record limit of 64 KiB (the default is 64 MiB) keeps the batch small.
+        let mut config = DurableConfig::default();
+        config.log.max_record_bytes = 64 << 10;
+        let (partitions, ingest) = service_with(dir.path(), config);
         register(&partitions, 7, "tcp://127.0.0.1:1");
         let fence = Arc::new(Fence::default());
         let sink = ServiceSink {
@@ -823,8 +829,8 @@ mod tests {
             fence: Arc::clone(&fence),
         };
         let generation = fence.start((7, 0));
-        // One store of 4 million blocks: over 64 MiB as a log record.
-        let blocks = (0..4_000_000u64)
+        // One store of 10,000 blocks: over 64 KiB as a log record.
+        let blocks = (0..10_000u64)
             .map(|i| KvCacheStoredBlockData {
                 block_hash: ExternalSequenceBlockHash(i),
                 tokens_hash: LocalBlockHash(i),
