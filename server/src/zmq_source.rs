@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 use std::time::Duration;
 
 use kvindex_engine::{NamespaceKey, RouterEvent};
+use kvindex_persistence::PersistError;
 use kvindex_server::zmq::{self, EventSink, IngestConfig, SinkError, ZmqIngest};
 use tokio::runtime::Handle;
 
@@ -185,12 +186,35 @@ impl EventSink for ServiceSink {
         let result = ingest.submit_ungated(&view, &inst.key, events);
         // Not waiting for the ticket: the log orders the record before anything later, and a
         // crash before it is durable leaves the watermark behind, so replay asks again.
-        match result {
-            Ok(_ticket) => Ok(()),
-            Err(e @ IngestError::ZeroBlockSize { .. }) => Err(SinkError::Rejected(e.to_string())),
-            Err(e) => Err(SinkError::Unavailable(e.to_string())),
-        }
+        result.map(|_ticket| ()).map_err(sink_error)
     }
+}
+
+/// Counter: ZMQ batches the service refused for good, by `reason`: `too_large` (its events
+/// encode to more than one log record may hold, 64 MiB), `block_size` (its partition has
+/// block size 0). The listener skips such a batch: its watermark moves past it (the batch is
+/// also counted in `kvindex_zmq_batches_total{outcome="sink_rejected"}`).
+pub const REJECTED_BATCHES: &str = "kvindex_zmq_batches_rejected_total";
+
+/// What the listener is told about a batch the intake did not take: for good
+/// ([`SinkError::Rejected`], counted in [`REJECTED_BATCHES`]) when the same batch can never be
+/// taken, else for now ([`SinkError::Unavailable`]: the watermark stays and the batch is asked
+/// for again).
+///
+/// A batch too large for one log record is refused for good: asking for it again brings the
+/// same batch (and a replay per later batch, and in the end a batch counted lost). It is not
+/// split into several records either: a batch is logged all or nothing, with its sequence
+/// number as the stream's watermark; split, a crash between its records would leave the
+/// watermark at its sequence with only part of it durable, and the restart's replay (from
+/// the next sequence) would never bring the rest.
+fn sink_error(e: IngestError) -> SinkError {
+    let reason = match &e {
+        IngestError::Log(PersistError::RecordTooLarge { .. }) => "too_large",
+        IngestError::ZeroBlockSize { .. } => "block_size",
+        _ => return SinkError::Unavailable(e.to_string()),
+    };
+    metrics::counter!(REJECTED_BATCHES, "reason" => reason).increment(1);
+    SinkError::Rejected(e.to_string())
 }
 
 /// Turn a ZMQ listener status into the registry's state and `/workers` details.
@@ -462,8 +486,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::{
-        lock, pick_resume_point, EventSink, Fence, ServiceSink, StreamId, ZmqSupervisor,
-        FENCED_BATCHES,
+        lock, pick_resume_point, sink_error, EventSink, Fence, ServiceSink, StreamId,
+        ZmqSupervisor, FENCED_BATCHES, REJECTED_BATCHES,
     };
     use crate::ingest::Ingest;
     use crate::listeners::NoListeners;
@@ -517,13 +541,16 @@ mod tests {
 
     /// The registry and the durable intake over `dir`, as `kvindex serve` builds them.
     fn service(dir: &Path) -> (Arc<Partitions>, Arc<Ingest>) {
+        service_with(dir, DurableConfig::default())
+    }
+
+    fn service_with(dir: &Path, config: DurableConfig) -> (Arc<Partitions>, Arc<Ingest>) {
         let engine = Engine::new(EngineConfig {
             event_threads: 1,
             queue_capacity: 64,
             ..EngineConfig::default()
         });
-        let (durable, _) =
-            DurableIndex::open(dir, DurableConfig::default(), engine.clone()).unwrap();
+        let (durable, _) = DurableIndex::open(dir, config, engine.clone()).unwrap();
         let partitions = Arc::new(Partitions::new(engine, Some(dir), Arc::new(NoListeners)));
         partitions.load().unwrap();
         let ingest = Arc::new(Ingest::new(Arc::new(durable), Arc::clone(&partitions)));
@@ -717,6 +744,130 @@ mod tests {
         });
         assert_eq!(fenced(&snapshotter, "superseded"), 1);
         assert_eq!(fenced(&snapshotter, "stopped"), 2);
+    }
+
+    fn rejected(snapshotter: &Snapshotter, reason: &str) -> u64 {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                k.key().name() == REJECTED_BATCHES
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == reason)
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => c,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// A batch too large for one log record can never be logged: the listener is told it is
+    /// refused for good (its watermark moves past it, no replay asks for it again), with its
+    /// own counted reason; other intake failures stay temporary.
+    #[test]
+    fn intake_errors_are_classified_for_the_listener() {
+        use crate::ingest::IngestError;
+        use kvindex_persistence::PersistError;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let too_large = IngestError::Log(PersistError::RecordTooLarge {
+                bytes: 70 << 20,
+                max: 64 << 20,
+            });
+            let text = too_large.to_string();
+            assert_eq!(sink_error(too_large), SinkError::Rejected(text));
+            assert!(matches!(
+                sink_error(IngestError::ZeroBlockSize {
+                    model: "m".into(),
+                    group: "g".into()
+                }),
+                SinkError::Rejected(_)
+            ));
+            assert!(matches!(
+                sink_error(IngestError::Log(PersistError::WriterFailed {
+                    cause: "disk full".into()
+                })),
+                SinkError::Unavailable(_)
+            ));
+            assert!(matches!(
+                sink_error(IngestError::NoIndexer {
+                    model: "m".into(),
+                    group: "g".into()
+                }),
+                SinkError::Unavailable(_)
+            ));
+        });
+        assert_eq!(rejected(&snapshotter, "too_large"), 1);
+        assert_eq!(rejected(&snapshotter, "block_size"), 1);
+    }
+
+    /// End to end through the service's sink and the real log: a batch whose events encode
+    /// past the record limit is rejected for good and counted, nothing of it is applied, and
+    /// the stream's next batch is logged.
+    #[test]
+    fn a_batch_too_large_for_one_log_record_is_rejected_for_good() {
+        use kvindex_engine::{
+            ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
+            KvCacheStoredBlockData, LocalBlockHash,
+        };
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let dir = tempfile::tempdir().unwrap();
+        // A record limit of 64 KiB (the default is 64 MiB) keeps the batch small.
+        let mut config = DurableConfig::default();
+        config.log.max_record_bytes = 64 << 10;
+        let (partitions, ingest) = service_with(dir.path(), config);
+        register(&partitions, 7, "tcp://127.0.0.1:1");
+        let fence = Arc::new(Fence::default());
+        let sink = ServiceSink {
+            ingest: Arc::downgrade(&ingest),
+            partitions: Arc::downgrade(&partitions),
+            fence: Arc::clone(&fence),
+        };
+        let generation = fence.start((7, 0));
+        // One store of 10,000 blocks: over 64 KiB as a log record.
+        let blocks = (0..10_000u64)
+            .map(|i| KvCacheStoredBlockData {
+                block_hash: ExternalSequenceBlockHash(i),
+                tokens_hash: LocalBlockHash(i),
+                mm_extra_info: None,
+            })
+            .collect();
+        let huge = RouterEvent::new(
+            7,
+            KvCacheEvent {
+                event_id: 5,
+                data: KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: None,
+                    start_position: None,
+                    blocks,
+                }),
+                dp_rank: 0,
+            },
+        );
+        metrics::with_local_recorder(&recorder, || {
+            match sink.submit(7, 0, generation, 5, vec![huge]) {
+                Err(SinkError::Rejected(e)) => assert!(e.contains("record limit"), "{e}"),
+                other => panic!("not refused for good: {other:?}"),
+            }
+            assert_eq!(sink.submit(7, 0, generation, 6, vec![store(7)]), Ok(()));
+        });
+        assert_eq!(rejected(&snapshotter, "too_large"), 1);
+        // The stream's durable watermark becomes the next batch's, never the refused one's.
+        let key = kvindex_engine::NamespaceKey::new("m", "default");
+        let marks = || -> Vec<(u32, u64)> {
+            ingest
+                .worker_watermarks(&key, 7)
+                .into_iter()
+                .map(|(dp, seq, _)| (dp, seq))
+                .collect()
+        };
+        wait_until("the next batch durable", || !marks().is_empty());
+        assert_eq!(marks(), [(0, 6)], "only the next batch was logged");
     }
 
     #[test]

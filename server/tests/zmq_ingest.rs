@@ -1005,6 +1005,65 @@ async fn a_publisher_announcing_a_huge_frame_is_cut_off_and_the_process_survives
     );
 }
 
+/// A publisher whose frames are each within the message limit but, with MORE flags, add up
+/// to one message over it (the review's 128 frames of 16 MiB grew the process by 2 GiB with
+/// every counter at 0), or to more frames than the limit, is cut off at the frame that crosses
+/// it: the listener says why in `last_error` (kept after it reconnects), counts the
+/// disconnect, reconnects and delivers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_message_over_the_limits_cuts_the_connection_and_says_why() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(
+        &sink,
+        IngestConfig {
+            max_message_bytes: 1 << 20,
+            ..fast_config()
+        },
+    );
+    ingest.register(spec_for(&publisher, 12, 0)).unwrap();
+    sync_live(&publisher, &ingest, &sink, 12, 0).await;
+
+    let cases: [(Vec<Vec<u8>>, &str); 2] = [
+        // Five frames of 300 KiB: each under 1 MiB, 1.5 MiB together.
+        (
+            vec![vec![0u8; 300 << 10]; 5],
+            "multipart message of at least 1228800 bytes, over the limit of 1048576 bytes",
+        ),
+        // Twelve empty frames.
+        (
+            vec![Vec::new(); 12],
+            "multipart message of more than 8 frames",
+        ),
+    ];
+    for (round, (frames, reason)) in cases.into_iter().enumerate() {
+        let before = status(&ingest, 12, 0).counters.disconnects;
+        publisher.send_raw(frames).await.unwrap();
+        wait_until("the cut-off in the status", || {
+            let st = status(&ingest, 12, 0);
+            st.counters.disconnects > before
+                && st.last_error.as_deref().is_some_and(|e| e.contains(reason))
+        })
+        .await;
+        // It reconnects and delivers again; the cause stays the last problem.
+        let seq = sync_live(&publisher, &ingest, &sink, 12, 0).await;
+        assert!(sink.has_seq(12, 0, seq));
+        let st = status(&ingest, 12, 0);
+        assert_eq!(st.state, ListenerState::Active, "round {round}: {st:?}");
+        let error = st.last_error.clone().unwrap_or_default();
+        assert!(
+            error.contains("connection closed by the frame guard") && error.contains(reason),
+            "round {round}: {error}"
+        );
+        assert_eq!(
+            st.counters.malformed_messages, 0,
+            "never handed over: {st:?}"
+        );
+    }
+}
+
 /// A replay that would bring back more payload bytes than `replay_max_bytes` stops at the
 /// batch that crosses it: the batches before it are applied, the rest are counted lost, and
 /// live batches keep flowing.

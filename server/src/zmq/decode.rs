@@ -15,6 +15,9 @@
 //!   structurally, then decoded in isolation; a failure becomes a [`RejectedEvent`] (counted
 //!   under `kvindex_zmq_events_rejected_total{reason}`) and the others are kept. Only a payload
 //!   whose *structure* is broken (not msgpack, not a batch) fails as a whole ([`BatchError`]).
+//!   A batch keeps the first [`MAX_DETAILED_REJECTIONS`] rejected events in detail and only
+//!   counts the others ([`Rejections`]): a 60 MiB batch of one-byte bad events would otherwise
+//!   become 63 million entries (3.4 GiB).
 //! * **Hashes** (§4): ints (i64 or u64, normalised by bit reinterpretation) or msgpack `bin`
 //!   (vLLM with `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`, accepted per §0.4). A `bin` hash maps to
 //!   the same u64 vLLM would have published in integer mode: the big-endian value of its last
@@ -133,7 +136,59 @@ pub struct EngineBatch {
     /// Events that decoded, with their position in the batch.
     pub events: Vec<(usize, EngineEvent)>,
     /// Events that did not decode; the others are unaffected.
-    pub rejected: Vec<RejectedEvent>,
+    pub rejected: Rejections,
+}
+
+/// Rejected events of one batch kept in detail ([`Rejections::detailed`]); the others are
+/// only counted. The listener logs the first 8 one by one and the rest in one line.
+pub const MAX_DETAILED_REJECTIONS: usize = 16;
+
+/// The events of one batch that could not be decoded: every one counted (in total and by
+/// metric label), the first [`MAX_DETAILED_REJECTIONS`] kept in detail. Its size does not
+/// depend on how many there are.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rejections {
+    /// The first rejected events, in batch order.
+    detailed: Vec<RejectedEvent>,
+    /// Every rejected event, by [`EventError::label`] (a handful of labels).
+    by_label: Vec<(&'static str, usize)>,
+    /// Every rejected event.
+    total: usize,
+}
+
+impl Rejections {
+    /// Count a rejected event; keep it in detail while there is room.
+    pub fn push(&mut self, rejected: RejectedEvent) {
+        let label = rejected.error.label();
+        match self.by_label.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => self.by_label.push((label, 1)),
+        }
+        self.total += 1;
+        if self.detailed.len() < MAX_DETAILED_REJECTIONS {
+            self.detailed.push(rejected);
+        }
+    }
+
+    /// How many events were rejected.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The first [`MAX_DETAILED_REJECTIONS`] rejected events, in batch order.
+    pub fn detailed(&self) -> &[RejectedEvent] {
+        &self.detailed
+    }
+
+    /// How many were rejected, by [`EventError::label`] (labels with none left out).
+    pub fn by_label(&self) -> impl Iterator<Item = (&'static str, usize)> + '_ {
+        self.by_label.iter().copied()
+    }
 }
 
 /// One event of a batch that could not be decoded.
@@ -364,7 +419,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EngineBatch, BatchError> {
     // the payload, but a decoded event is two orders of magnitude larger than that byte, so
     // the reservation is capped too and the vector grows past it only with events that decode.
     let mut events = Vec::with_capacity(count.min(events_bytes.len()).min(MAX_RESERVED_EVENTS));
-    let mut rejected = Vec::new();
+    let mut rejected = Rejections::default();
     let mut er = Reader::new(events_bytes);
     for index in 0..count {
         // Delimit the event first (a structural failure here means the batch itself is broken),
@@ -911,8 +966,8 @@ pub struct ConvertedBatch {
     pub events: Vec<RouterEvent>,
     /// Well-formed events that produce nothing, with their batch index.
     pub skipped: Vec<(usize, SkipReason)>,
-    /// Undecodable events, with their batch index.
-    pub rejected: Vec<RejectedEvent>,
+    /// Undecodable events: all counted, the first ones with their batch index.
+    pub rejected: Rejections,
     /// Stores cut short because `token_ids` ended before the last hash's block.
     pub truncated_stores: usize,
     /// The effective dp_rank of the batch's events.
@@ -1076,8 +1131,8 @@ pub fn record_batch_error(_err: &BatchError) {
 
 /// Count the outcome of one converted batch.
 pub fn record_batch_metrics(batch: &ConvertedBatch) {
-    for rejected in &batch.rejected {
-        metrics::counter!(METRIC_EVENTS_REJECTED, "reason" => rejected.error.label()).increment(1);
+    for (label, n) in batch.rejected.by_label() {
+        metrics::counter!(METRIC_EVENTS_REJECTED, "reason" => label).increment(n as u64);
     }
     for (_, reason) in &batch.skipped {
         metrics::counter!(METRIC_EVENTS_SKIPPED, "reason" => reason.label()).increment(1);
@@ -1461,13 +1516,13 @@ mod tests {
         ));
         assert_eq!(out.events.len(), 1);
         assert_eq!(stored_blocks(&out.events[0]), vec![(12, H1234)]);
-        assert_eq!(out.rejected.len(), 1);
-        assert_eq!(out.rejected[0].index, 0);
+        assert_eq!(out.rejected.total(), 1);
+        assert_eq!(out.rejected.detailed()[0].index, 0);
         assert_eq!(
-            out.rejected[0].error,
+            out.rejected.detailed()[0].error,
             EventError::UnknownMedium("FOO".into())
         );
-        assert_eq!(out.rejected[0].error.label(), "unknown_medium");
+        assert_eq!(out.rejected.detailed()[0].error.label(), "unknown_medium");
     }
 
     #[test]
@@ -1529,6 +1584,7 @@ mod tests {
         assert_eq!(out.events.len(), 2);
         let labels: Vec<_> = out
             .rejected
+            .detailed()
             .iter()
             .map(|r| (r.index, r.error.label()))
             .collect();
@@ -1545,7 +1601,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            out.rejected[0].error.to_string(),
+            out.rejected.detailed()[0].error.to_string(),
             "unknown event type `Bogus`"
         );
     }
@@ -1864,12 +1920,63 @@ mod tests {
         let mut msg = Mp::default().arr(2).f(1.0).arr(n).0;
         msg.extend(std::iter::repeat_n(0xc0u8, n as usize));
         let out = decode_batch(&msg).expect("the batch itself is well formed");
-        assert_eq!(out.rejected.len(), n as usize);
+        assert_eq!(out.rejected.total(), n as usize);
         assert!(out.events.is_empty());
         assert!(
             out.events.capacity() <= MAX_RESERVED_EVENTS,
             "reserved {} events for a batch with none",
             out.events.capacity()
+        );
+    }
+
+    /// A large batch of one-byte bad events (the review's 60 MiB of nils became 63 million
+    /// 56-byte entries, 3.4 GiB) keeps only the first few in detail, in batch order, while the
+    /// counts, in total, by label and in the metric, are exact.
+    #[test]
+    fn a_large_batch_of_bad_events_keeps_a_few_in_detail_and_counts_every_one() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let nils = 1_000_000usize;
+        let tags = 3usize;
+        let good = stored_pos(&[11], None, &[1, 2, 3, 4], None);
+        let mut msg = Mp::default().arr(2).f(1.0).arr((nils + tags + 1) as u32).0;
+        msg.extend(std::iter::repeat_n(0xc0u8, nils));
+        for _ in 0..tags {
+            msg.extend(Mp::default().arr(1).s("Bogus").0);
+        }
+        msg.extend(good.0);
+        let out = convert(&msg);
+        assert_eq!(out.events.len(), 1, "the good event is kept");
+        assert_eq!(out.rejected.total(), nils + tags);
+        assert!(!out.rejected.is_empty());
+        let indexes: Vec<usize> = out.rejected.detailed().iter().map(|r| r.index).collect();
+        assert_eq!(indexes, (0..MAX_DETAILED_REJECTIONS).collect::<Vec<_>>());
+        let mut by_label: Vec<_> = out.rejected.by_label().collect();
+        by_label.sort();
+        assert_eq!(by_label, [("malformed", nils), ("unknown_tag", tags)]);
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || record_batch_metrics(&out));
+        let mut counted: Vec<(String, u64)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == METRIC_EVENTS_REJECTED)
+            .filter_map(|(key, _, _, value)| match value {
+                DebugValue::Counter(v) => Some((
+                    key.key().labels().map(|l| l.value().to_owned()).collect(),
+                    v,
+                )),
+                _ => None,
+            })
+            .collect();
+        counted.sort();
+        assert_eq!(
+            counted,
+            [
+                ("malformed".to_owned(), nils as u64),
+                ("unknown_tag".to_owned(), tags as u64)
+            ]
         );
     }
 

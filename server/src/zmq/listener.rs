@@ -64,9 +64,9 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSoc
 use super::decode::{
     decode_payload, parse_seq, record_batch_error, record_batch_metrics, record_frame_error,
     split_live_message, ConvertContext, ConvertedBatch, FrameError, SkipReason,
-    METRIC_MESSAGES_DROPPED,
+    MAX_DETAILED_REJECTIONS, METRIC_MESSAGES_DROPPED,
 };
-use super::frame_guard::{self, Guard};
+use super::frame_guard::{self, Guard, MessageLimits};
 
 // ---------------------------------------------------------------------------------------------
 // Public API: sink, configuration, specs, status
@@ -142,12 +142,26 @@ pub struct IngestConfig {
     pub connect_timeout: Duration,
     /// Longest delay between SUB connect attempts (they start at 100 ms and double).
     pub connect_backoff_max: Duration,
-    /// Longest frame accepted from a publisher (live or replay); a longer one closes the
-    /// connection before its body is read (`zmq::frame_guard`).
-    pub max_frame_bytes: u64,
+    /// Most bytes of one message from a publisher (live or replay), all its frames together,
+    /// and so of any one frame: a frame that would go past it closes the connection before
+    /// its body is read (`zmq::frame_guard`).
+    pub max_message_bytes: u64,
+    /// Most frames of one message from a publisher (live or replay); one more closes the
+    /// connection the same way.
+    pub max_message_frames: u32,
     /// Whether listeners start draining at once; if false they stay `pending` until
     /// [`ZmqIngest::open`] (the start-up "ready gate", SERVICE.md §1.3).
     pub start_open: bool,
+}
+
+impl IngestConfig {
+    /// The limits the frame guard holds publishers to.
+    fn message_limits(&self) -> MessageLimits {
+        MessageLimits {
+            max_bytes: self.max_message_bytes,
+            max_frames: self.max_message_frames,
+        }
+    }
 }
 
 impl Default for IngestConfig {
@@ -163,7 +177,8 @@ impl Default for IngestConfig {
             max_held_live_bytes: 256 << 20,
             connect_timeout: Duration::from_secs(5),
             connect_backoff_max: Duration::from_secs(5),
-            max_frame_bytes: super::frame_guard::DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: frame_guard::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_frames: frame_guard::DEFAULT_MAX_MESSAGE_FRAMES,
             start_open: true,
         }
     }
@@ -795,8 +810,10 @@ fn block_size_mismatch(skipped: &[(usize, SkipReason)]) -> Option<(u64, u32, usi
     Some((event, partition, 1 + sizes.count()))
 }
 
-/// Rejected events of one batch logged one by one; the rest get a single line.
+/// Rejected events of one batch logged one by one; the rest get a single line. At most
+/// [`MAX_DETAILED_REJECTIONS`], which a batch keeps in detail.
 const LOGGED_REJECTIONS_PER_BATCH: usize = 8;
+const _: () = assert!(LOGGED_REJECTIONS_PER_BATCH <= MAX_DETAILED_REJECTIONS);
 
 /// How a batch's `rejected` events are logged: the first ones one line each, and how many
 /// more share a summary line (none when all were logged).
@@ -867,6 +884,9 @@ fn reconnect_pause(previous: Duration, lasted: Duration, config: &IngestConfig) 
     }
 }
 
+/// How a listener's `last_error` about a failed connect attempt starts.
+const CONNECT_ERROR_PREFIX: &str = "failed to connect ZMQ SUB socket to";
+
 /// Why a SUB endpoint can never be connected to (the listener is `failed`, SERVICE.md §2).
 fn unconnectable(endpoint: &str) -> Option<String> {
     let reason = if endpoint.starts_with("inproc://") {
@@ -879,9 +899,7 @@ fn unconnectable(endpoint: &str) -> Option<String> {
     } else {
         return None;
     };
-    Some(format!(
-        "failed to connect ZMQ SUB socket to {endpoint}: {reason}"
-    ))
+    Some(format!("{CONNECT_ERROR_PREFIX} {endpoint}: {reason}"))
 }
 
 impl Listener {
@@ -962,7 +980,7 @@ impl Listener {
                 };
                 self.on_live(msg, &mut sub).await;
             }
-            self.on_disconnect();
+            self.on_disconnect(guard.take_error());
             pause = reconnect_pause(pause, connected_at.elapsed(), &self.config);
         }
     }
@@ -976,7 +994,7 @@ impl Listener {
             options.connect_timeout(self.config.connect_timeout);
             let mut sub = SubSocket::with_options(options);
             let result = async {
-                let guard = frame_guard::start(&self.spec.endpoint, self.config.max_frame_bytes)
+                let guard = frame_guard::start(&self.spec.endpoint, self.config.message_limits())
                     .await
                     .map_err(|e| e.to_string())?;
                 // The empty prefix: every topic is accepted (SERVICE.md §5.1). Remembered by the
@@ -994,15 +1012,19 @@ impl Listener {
                 Ok(guard) => {
                     self.with_status(|s| {
                         s.connected = true;
-                        s.last_error = None;
+                        // Only the connect problems are over: a connection cut off by the
+                        // frame guard (or a failed replay) stays the last problem.
+                        if s.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with(CONNECT_ERROR_PREFIX))
+                        {
+                            s.last_error = None;
+                        }
                     });
                     return (sub, guard);
                 }
                 Err(e) => {
-                    let error = format!(
-                        "failed to connect ZMQ SUB socket to {}: {e}",
-                        self.spec.endpoint
-                    );
+                    let error = format!("{CONNECT_ERROR_PREFIX} {}: {e}", self.spec.endpoint);
                     tracing::debug!(worker_id = self.spec.worker_id, %error, "retrying");
                     record_connection_error("connect");
                     self.with_status(|s| {
@@ -1024,18 +1046,24 @@ impl Listener {
         self.with_status(|s| s.counters.receive_errors += 1);
     }
 
-    /// The connection to the publisher was lost: the socket is about to be replaced.
-    fn on_disconnect(&self) {
+    /// The connection to the publisher was lost: the socket is about to be replaced. `cause`:
+    /// why the frame guard closed it, if it did (a publisher over the message limits); it
+    /// becomes the listener's `last_error`, kept until another problem replaces it.
+    fn on_disconnect(&self, cause: Option<String>) {
         tracing::info!(
             worker_id = self.spec.worker_id,
             dp_rank = self.spec.dp_rank,
             endpoint = %self.spec.endpoint,
+            cause = cause.as_deref().unwrap_or("closed"),
             "ZMQ publisher connection lost; reconnecting"
         );
         record_connection_error("disconnect");
         self.with_status(|s| {
             s.connected = false;
             s.counters.disconnects += 1;
+            if let Some(cause) = cause {
+                s.last_error = Some(format!("connection to {}: {cause}", self.spec.endpoint));
+            }
         });
     }
 
@@ -1178,8 +1206,9 @@ impl Listener {
         record_batch_metrics(&batch);
         // One line per rejected event up to a few, then one line for the rest: a batch of
         // thousands of bad events must not flood the log (the counters count every one).
-        let (one_by_one, more) = rejection_log_lines(batch.rejected.len());
-        for rejected in &batch.rejected[..one_by_one] {
+        // The batch keeps the first `MAX_DETAILED_REJECTIONS` (≥ the lines logged) in detail.
+        let (one_by_one, more) = rejection_log_lines(batch.rejected.total());
+        for rejected in batch.rejected.detailed().iter().take(one_by_one) {
             tracing::warn!(worker_id = self.spec.worker_id, seq, index = rejected.index, error = %rejected.error, "event rejected");
         }
         if let Some(more) = more {
@@ -1202,7 +1231,7 @@ impl Listener {
                 "events skipped: their block size differs from the partition's"
             );
         }
-        let rejected = batch.rejected.len() as u64;
+        let rejected = batch.rejected.total() as u64;
         let skipped = batch.skipped.len() as u64;
         let submitted = batch.events.len() as u64;
         let result = self.sink.submit(
@@ -1463,16 +1492,25 @@ pub enum ReplayError {
     /// More batches than [`IngestConfig::replay_max_batches`].
     #[error("replay exceeded {0} batches")]
     TooLong(usize),
-    /// More payload bytes than [`IngestConfig::replay_max_bytes`].
+    /// More bytes than [`IngestConfig::replay_max_bytes`].
     #[error("replay exceeded {0} bytes")]
     TooLarge(usize),
+    /// The frame guard closed the connection: the publisher sent a frame or a message over
+    /// the limits ([`IngestConfig::max_message_bytes`], [`IngestConfig::max_message_frames`]).
+    #[error("{0}")]
+    Cut(String),
 }
 
 /// What a replay request brought back.
 #[derive(Debug, Default)]
 pub struct ReplayFetch {
-    /// Replayed batches `(seq, payload)` in the order received.
+    /// Replayed batches `(seq, payload)` in the order received. Each payload is a copy: as
+    /// received it shares the socket's read buffer with the other frames of its message (and
+    /// their neighbours), which it would keep alive.
     pub batches: Vec<(u64, Bytes)>,
+    /// Bytes of the messages of those batches, every frame counted (what
+    /// [`IngestConfig::replay_max_bytes`] bounds).
+    pub bytes: usize,
     /// `None` when the end-of-replay marker arrived; the last attempt's error otherwise.
     pub error: Option<ReplayError>,
     /// Attempts made (1 + retries).
@@ -1540,8 +1578,9 @@ pub async fn fetch_replay(
                 fetched.error = None;
                 return fetched;
             }
-            Err(e @ (ReplayError::TooLong(_) | ReplayError::TooLarge(_))) => {
-                // Another attempt would only bring more: keep what fits, give up on the rest.
+            Err(e @ (ReplayError::TooLong(_) | ReplayError::TooLarge(_) | ReplayError::Cut(_))) => {
+                // Another attempt would only bring more (or the same message over the limits
+                // again): keep what fits, give up on the rest.
                 tracing::warn!(%endpoint, attempt, error = %e, "replay over its limit");
                 fetched.error = Some(e);
                 return fetched;
@@ -1564,13 +1603,12 @@ async fn replay_once(
     config: &IngestConfig,
     fetched: &mut ReplayFetch,
 ) -> Result<(), ReplayError> {
-    let out = &mut fetched.batches;
     let timeout = config.replay_timeout;
     let mut options = SocketOptions::default();
     options.connect_timeout(timeout);
     let mut dealer = DealerSocket::with_options(options);
     // Through a frame guard, like the SUB socket; dropped with the dealer at the end.
-    let guard = frame_guard::start(endpoint, config.max_frame_bytes)
+    let mut guard = frame_guard::start(endpoint, config.message_limits())
         .await
         .map_err(|e| ReplayError::Connect(e.to_string()))?;
     match tokio::time::timeout(timeout, dealer.connect(guard.endpoint())).await {
@@ -1594,14 +1632,36 @@ async fn replay_once(
         Ok(Err(e)) => return Err(ReplayError::Send(e.to_string())),
         Ok(Ok(())) => {}
     }
-    // What earlier attempts of this request brought back counts too.
-    let mut bytes: usize = out.iter().map(|(_, p)| p.len()).sum();
+    // What earlier attempts of this request brought back counts too (`fetched.bytes`).
+    let mut ended = false;
+    // Why the frame guard cut the connection off: the messages already in the socket are
+    // still taken (until it is quiet for `END_DRAIN_QUIET`), then the attempt fails.
+    let mut cut: Option<String> = None;
     loop {
-        let msg = match tokio::time::timeout(timeout, dealer.recv()).await {
-            Err(_) => return Err(ReplayError::Idle(timeout)),
-            Ok(Err(e)) => return Err(ReplayError::Receive(e.to_string())),
-            Ok(Ok(msg)) => msg,
+        let wait = if cut.is_some() {
+            END_DRAIN_QUIET
+        } else {
+            timeout
         };
+        let received = tokio::select! {
+            biased;
+            received = tokio::time::timeout(wait, dealer.recv()) => received,
+            () = guard.connection_ended(), if !ended => {
+                ended = true;
+                cut = guard.take_error();
+                continue;
+            }
+        };
+        let msg = match (received, cut.take()) {
+            (Err(_) | Ok(Err(_)), Some(cause)) => return Err(ReplayError::Cut(cause)),
+            (Err(_), None) => return Err(ReplayError::Idle(timeout)),
+            (Ok(Err(e)), None) => return Err(ReplayError::Receive(e.to_string())),
+            (Ok(Ok(msg)), still) => {
+                cut = still;
+                msg
+            }
+        };
+        let size = message_bytes(&msg);
         match parse_replay_frames(&msg.into_vec()) {
             ReplayFrame::End => return Ok(()),
             ReplayFrame::Malformed(e) => {
@@ -1609,14 +1669,21 @@ async fn replay_once(
                 return Ok(());
             }
             ReplayFrame::Batch { seq, payload } => {
-                if out.len() >= config.replay_max_batches {
+                if fetched.batches.len() >= config.replay_max_batches {
                     return Err(ReplayError::TooLong(config.replay_max_batches));
                 }
-                bytes = bytes.saturating_add(payload.len());
-                if bytes > config.replay_max_bytes {
+                // Every frame counts: a payload of a few bytes can come with a topic of
+                // megabytes.
+                fetched.bytes = fetched.bytes.saturating_add(size);
+                if fetched.bytes > config.replay_max_bytes {
                     return Err(ReplayError::TooLarge(config.replay_max_bytes));
                 }
-                out.push((seq, payload));
+                // A copy of its own: the received frame keeps the whole read buffer it was
+                // cut from alive (a 32 MiB topic frame, say), for as long as the replay is
+                // held.
+                fetched
+                    .batches
+                    .push((seq, Bytes::copy_from_slice(&payload)));
             }
         }
     }
@@ -1886,6 +1953,126 @@ mod tests {
             ]),
             ReplayFrame::Malformed(FrameError::SeqLength(3))
         );
+    }
+
+    /// A ROUTER that answers every replay request with `replies` (the frames of each message
+    /// after the requester's identity), then the end marker. Returns its endpoint.
+    async fn scripted_router(replies: Vec<Vec<Bytes>>) -> String {
+        use zeromq::RouterSocket;
+        let mut router = RouterSocket::new();
+        let endpoint = router
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .expect("bind")
+            .to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok(msg) = router.recv().await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let Some(identity) = msg.into_vec().first().cloned() else {
+                    continue;
+                };
+                for frames in &replies {
+                    let mut f = vec![identity.clone()];
+                    f.extend(frames.iter().cloned());
+                    let m = ZmqMessage::try_from(f).expect("message");
+                    if router.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                let end = vec![
+                    identity,
+                    Bytes::new(),
+                    Bytes::new(),
+                    Bytes::copy_from_slice(&(-1i64).to_be_bytes()),
+                    Bytes::new(),
+                ];
+                let _ = router.send(ZmqMessage::try_from(end).expect("end")).await;
+            }
+        });
+        endpoint
+    }
+
+    fn seq_frame(seq: u64) -> Bytes {
+        Bytes::copy_from_slice(&seq.to_be_bytes())
+    }
+
+    /// The replay byte cap counts every frame of a reply, not only the payload: before, 40
+    /// replayed batches with a 32 MiB topic each and a 1-byte payload counted 40 bytes and
+    /// held 1.3 GB (each payload kept its read buffer, topic included, alive). Here replies
+    /// with a 1 MiB topic stop a replay capped at 3.5 MiB after 3 batches.
+    #[tokio::test]
+    async fn the_replay_byte_cap_counts_every_frame_of_a_reply() {
+        let topic = Bytes::from(vec![b't'; 1 << 20]);
+        let replies = (0..10u64)
+            .map(|seq| {
+                vec![
+                    Bytes::new(),
+                    topic.clone(),
+                    seq_frame(seq),
+                    Bytes::from_static(b"\x90"),
+                ]
+            })
+            .collect();
+        let endpoint = scripted_router(replies).await;
+        let config = IngestConfig {
+            replay_max_bytes: (7 << 20) / 2,
+            replay_timeout: Duration::from_secs(5),
+            ..IngestConfig::default()
+        };
+        let fetched = fetch_replay(&endpoint, 0, 3, &config).await;
+        assert_eq!(
+            fetched.error,
+            Some(ReplayError::TooLarge(config.replay_max_bytes))
+        );
+        assert_eq!(fetched.attempts, 1, "a replay over its cap is not retried");
+        let seqs: Vec<u64> = fetched.batches.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        let per_reply = (1 << 20) + 8 + 1;
+        assert_eq!(
+            fetched.bytes,
+            4 * per_reply,
+            "the crossing reply counted too"
+        );
+        assert!(fetched.batches.iter().all(|(_, p)| p.as_ref() == b"\x90"));
+    }
+
+    /// A replay reply of more frames than the message limit is cut off by the frame guard:
+    /// the attempt fails at once with the guard's reason and is not retried (it would bring
+    /// the same reply), and the batch before it is kept.
+    #[tokio::test]
+    async fn a_replay_reply_over_the_message_limits_ends_the_replay_with_the_reason() {
+        let good = vec![
+            Bytes::new(),
+            Bytes::from_static(b"kv"),
+            seq_frame(0),
+            Bytes::from_static(b"\x90"),
+        ];
+        // One frame more than the limit (the ROUTER strips only the identity).
+        let endless = vec![Bytes::new(); frame_guard::DEFAULT_MAX_MESSAGE_FRAMES as usize + 1];
+        let endpoint = scripted_router(vec![good, endless]).await;
+        let config = IngestConfig {
+            // Long enough that only the guard's report can end the attempt in time.
+            replay_timeout: Duration::from_secs(60),
+            ..IngestConfig::default()
+        };
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(30),
+            fetch_replay(&endpoint, 0, 3, &config),
+        )
+        .await
+        .expect("the cut ends the attempt before its timeout");
+        match &fetched.error {
+            Some(ReplayError::Cut(e)) => {
+                assert!(e.contains("multipart message of more than 8 frames"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fetched.attempts, 1);
+        let seqs: Vec<u64> = fetched.batches.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [0], "the reply before the cut is kept");
     }
 
     #[test]

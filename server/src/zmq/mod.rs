@@ -38,10 +38,12 @@
 //! * a DEALER does not reconnect by itself: each replay request uses a fresh DEALER (connect
 //!   timeout, request, stream, drop), which is indistinguishable on the wire for the publisher's
 //!   ROUTER and cannot get stuck on a dead connection;
-//! * no maximum message size: its decoder reserves whatever length a frame header announces,
-//!   and a failed allocation aborts the process. Every SUB and DEALER connection therefore goes
-//!   through [`frame_guard`], a loopback relay that reads the publisher's frame headers and
-//!   cuts off a connection announcing a frame over `IngestConfig::max_frame_bytes` (64 MiB).
+//! * no maximum message size: its decoder reserves whatever length a frame header announces
+//!   (a failed allocation aborts the process), and appends frames to one message for as long
+//!   as they carry the MORE flag. Every SUB and DEALER connection therefore goes through
+//!   [`frame_guard`], a loopback relay that reads the publisher's frame headers and cuts off a
+//!   connection whose message would go past `IngestConfig::max_message_bytes` (64 MiB, all its
+//!   frames together) or `IngestConfig::max_message_frames` (8 frames).
 //!
 //! It requires Rust ≥ 1.89 (the toolchain here is newer).
 
@@ -53,7 +55,7 @@ pub mod listener;
 mod msgpack;
 pub mod test_publisher;
 
-pub use decode::{BatchError, ConvertContext, EventError, FrameError, SkipReason};
+pub use decode::{BatchError, ConvertContext, EventError, FrameError, Rejections, SkipReason};
 pub use listener::{
     validate_endpoint, EndpointError, EventSink, IngestConfig, IngestError, ListenerSpec,
     ListenerState, ListenerStatus, SinkError, ZmqIngest,
