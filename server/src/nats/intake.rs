@@ -142,7 +142,9 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         ApiError::Registry(RegistryError::BlockSizeMismatch { .. })
         | ApiError::Ingest(IngestError::ZeroBlockSize { .. })
         | ApiError::ZeroBlockSize => ("block_size", false),
-        ApiError::Registry(RegistryError::PartitionLimit { .. }) => ("partition_limit", false),
+        // Retryable: a limit the operator can raise (`--max-event-partitions`), or that frees
+        // up when a worker registers; a JetStream message is then naked, not terminated.
+        ApiError::Registry(RegistryError::PartitionLimit { .. }) => ("partition_limit", true),
         ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
             ("too_large", false)
         }
@@ -491,7 +493,7 @@ mod tests {
                     Outcome::Accepted(_),
                     Outcome::Rejected {
                         reason: "partition_limit",
-                        retry: false,
+                        retry: true,
                         ..
                     },
                     Outcome::Accepted(_)
