@@ -590,3 +590,52 @@ fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_deadline() {
         .contains("the client did not read the response in time"));
     alive(&s);
 }
+
+/// A server whose dump builds tests can hold (`/test/hold_dumps`), with `--http-max-dumps 1`.
+fn held_dumps_server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-max-dumps", "1"],
+        &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")],
+    );
+    register(&s, 1, "m", 4);
+    (dir, s)
+}
+
+fn hold_dumps(s: &Server, hold: bool) {
+    let route = if hold {
+        "/test/hold_dumps"
+    } else {
+        "/test/release_dumps"
+    };
+    assert_eq!(s.post_raw_json(route, b"").status, 200);
+}
+
+/// A client that asks for a dump and resets its connection while the dump is being built
+/// used to give its slot back at once, while the build went on: a loop of "GET /dump, close"
+/// started builds without bound. The slot now lasts as long as the build (and then as long as
+/// the dump is sent): the limit holds until the build ends.
+#[test]
+fn a_dump_whose_client_left_during_the_build_keeps_its_slot_until_the_build_ends() {
+    let (_d, s) = held_dumps_server();
+    hold_dumps(&s, true);
+    let c = served_connection(&s, b"GET /dump HTTP/1.1\r\nHost: x\r\n\r\n");
+    wait_for("the dump in progress", || {
+        s.metric("kvindex_http_dumps_in_progress") == 1.0
+    });
+    reset(c);
+    // The connection is gone, and hyper has dropped its handler with it.
+    wait_for("the connection closed", || open_connections(&s) == 0.0);
+    assert_eq!(s.metric("kvindex_http_dumps_in_progress"), 1.0);
+    let r = s.get("/dump");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(s.metric("kvindex_http_dumps_in_progress"), 1.0);
+    hold_dumps(&s, false);
+    wait_for("the build ended", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    let r = s.get("/dump");
+    assert_eq!(r.status, 200, "{}", r.text());
+    alive(&s);
+}

@@ -8,7 +8,7 @@
 //! that stops reading its dump is cut off by the write deadline (`super::connections`), which
 //! frees the dump and its slot.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -46,6 +46,7 @@ pub fn describe() {
 pub struct DumpLimit {
     slots: Arc<Semaphore>,
     max: usize,
+    hold: Arc<BuildHold>,
 }
 
 impl DumpLimit {
@@ -55,6 +56,41 @@ impl DumpLimit {
         DumpLimit {
             slots: Arc::new(Semaphore::new(max)),
             max,
+            hold: Arc::default(),
+        }
+    }
+
+    /// Test route `POST /test/hold_dumps`: dump builds started from now on wait, before they
+    /// read the index, until [`Self::release_builds`] (tests make a build last as long as they
+    /// need, without timing).
+    pub fn hold_builds(&self) {
+        self.hold.set(true);
+    }
+
+    /// Test route `POST /test/release_dumps`: held dump builds go on.
+    pub fn release_builds(&self) {
+        self.hold.set(false);
+    }
+}
+
+/// Whether dump builds are held (test routes only; never set otherwise).
+#[derive(Debug, Default)]
+struct BuildHold {
+    held: Mutex<bool>,
+    released: Condvar,
+}
+
+impl BuildHold {
+    fn set(&self, held: bool) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+        self.released.notify_all();
+    }
+
+    /// Block (a blocking-pool thread) while builds are held.
+    fn wait(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
@@ -126,8 +162,13 @@ pub async fn dump(State(state): State<SharedState>) -> Response {
     let mut parts: Vec<_> = view.partitions.values().cloned().collect();
     parts.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
     // Written by hand so that each entry keeps its field order (a `serde_json::Value` would
-    // sort the keys of every object, RouterEvents included).
+    // sort the keys of every object, RouterEvents included). The slot goes into the build and
+    // comes back with its result: a client that goes away during the build drops this handler,
+    // not the build (a blocking task runs to its end), so the slot must last as long as the
+    // build does.
+    let hold = Arc::clone(&limit.hold);
     let result = tokio::task::spawn_blocking(move || {
+        hold.wait();
         let mut out = String::from("{");
         for (i, p) in parts.iter().enumerate() {
             let key = &p.spec.key;
@@ -153,15 +194,28 @@ pub async fn dump(State(state): State<SharedState>) -> Response {
             out.push_str(&value);
         }
         out.push('}');
-        out
+        (out, slot)
     })
     .await;
     match result {
-        Ok(json) => (
+        Ok((json, slot)) => (
             [(header::CONTENT_TYPE, "application/json")],
             Body::from(Bytes::from_owner(DumpBytes { json, _slot: slot })),
         )
             .into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }
+}
+
+/// `POST /test/hold_dumps` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`): dump builds wait until
+/// `POST /test/release_dumps`.
+pub async fn hold_dumps(State(state): State<SharedState>) -> Response {
+    state.dumps.hold_builds();
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// `POST /test/release_dumps` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`).
+pub async fn release_dumps(State(state): State<SharedState>) -> Response {
+    state.dumps.release_builds();
+    axum::Json(json!({"status": "ok"})).into_response()
 }
