@@ -511,8 +511,8 @@ fn unread_dump(s: &Server) -> TcpStream {
 
 /// A dump is built whole and held until the client has read it: 40 clients asking for one
 /// and never reading held about 1.1 GB. At most `--http-max-dumps` are built or sent at once;
-/// beyond that `/dump` answers 503 at once (a recovering peer moves on to its next peer),
-/// counted; a slot is free again once its dump is gone.
+/// beyond that `/dump` waits up to 5 s for a slot, then answers 503 (a recovering Dynamo peer
+/// moves on to its next peer), counted; a slot is free again once its dump is gone.
 #[test]
 fn dumps_beyond_the_limit_are_refused_while_clients_hold_theirs() {
     let dir = tempfile::tempdir().unwrap();
@@ -637,5 +637,34 @@ fn a_dump_whose_client_left_during_the_build_keeps_its_slot_until_the_build_ends
     });
     let r = s.get("/dump");
     assert_eq!(r.status, 200, "{}", r.text());
+    alive(&s);
+}
+
+/// A `/dump` beyond `--http-max-dumps` waits for a slot (a few seconds, below a recovering
+/// peer's 10 s) instead of being refused at once: replicas that start together and ask the same
+/// peer all get a dump. Here the second request is waiting when the first build is let go.
+#[test]
+fn a_dump_beyond_the_limit_waits_for_a_slot_freed_in_time() {
+    let (_d, s) = held_dumps_server();
+    hold_dumps(&s, true);
+    let request = b"GET /dump HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut first = connect(&s);
+    first.write_all(request).unwrap();
+    wait_for("the first dump in progress", || {
+        s.metric("kvindex_http_dumps_in_progress") == 1.0
+    });
+    let mut second = connect(&s);
+    second.write_all(request).unwrap();
+    wait_for("the second dump waiting for a slot", || {
+        s.metric("kvindex_http_dumps_waiting") == 1.0
+    });
+    hold_dumps(&s, false);
+    for (which, c) in [("first", &mut first), ("second", &mut second)] {
+        let reply = String::from_utf8_lossy(&read_until_closed(c)).into_owned();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{which}: {reply}");
+        assert!(reply.contains("\"m:default\""), "{which}: {reply}");
+    }
+    assert_eq!(s.metric("kvindex_http_dumps_refused_total"), 0.0);
+    assert_eq!(s.metric("kvindex_http_dumps_waiting"), 0.0);
     alive(&s);
 }
