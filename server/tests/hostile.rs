@@ -668,3 +668,62 @@ fn a_dump_beyond_the_limit_waits_for_a_slot_freed_in_time() {
     assert_eq!(s.metric("kvindex_http_dumps_waiting"), 0.0);
     alive(&s);
 }
+
+/// A request whose body deadline passes while it waits for the body budget (the server busy
+/// reading other bodies) used to get axum's `400 Failed to buffer the request body`, counted as
+/// a client read timeout: overload looked like a client error, which routers do not retry on
+/// `/query`. It is a `503` with `Retry-After` now, counted under `stage="budget"`.
+#[test]
+fn a_body_deadline_passing_while_waiting_for_the_budget_is_a_503() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--http-read-timeout-ms",
+            "3000",
+            "--http-query-inflight-mib",
+            "1",
+        ],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    let head = |length: usize| {
+        format!(
+            "POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // The waiting request: its first 1,000 bytes claimed, so its body deadline runs from
+    // before the holder's head arrives (the holder times out after it).
+    let mut waiting = served_connection(&s, head(MIB).as_bytes());
+    waiting.write_all(&[b' '; 1000]).unwrap();
+    wait_for("the waiting request's first bytes claimed", || {
+        s.metric("kvindex_http_query_body_bytes_in_flight") == 1000.0
+    });
+    // The holder: all but one byte of its body, claimed (the budget is full but one byte, and
+    // both requests can still finish, the holder first), and then nothing more.
+    let length = MIB - 1000;
+    let mut holder = connect(&s);
+    holder.write_all(head(length).as_bytes()).unwrap();
+    holder.write_all(&vec![b' '; length - 1]).unwrap();
+    wait_for("the holder's bytes claimed", || {
+        s.metric("kvindex_http_query_body_bytes_in_flight") == (MIB - 1) as f64
+    });
+    // The waiting request's next bytes do not fit: it waits, until its deadline.
+    waiting.write_all(&[b' '; 1000]).unwrap();
+    let reply = String::from_utf8_lossy(&read_until_closed(&mut waiting)).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("retry-after: 1"),
+        "{reply}"
+    );
+    assert!(reply.contains("--http-query-inflight-mib"), "{reply}");
+    assert!(metric_reaches(
+        &s,
+        "kvindex_http_read_timeouts_total{stage=\"budget\"}",
+        1.0
+    ));
+    assert_eq!(s.metric("kvindex_http_query_body_budget_waits_total"), 1.0);
+    drop(holder);
+    alive(&s);
+}
