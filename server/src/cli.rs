@@ -147,7 +147,8 @@ pub struct ServeArgs {
     /// once; more requests wait their turn [default: 32].
     #[arg(long, value_name = "MIB")]
     pub http_query_inflight_mib: Option<usize>,
-    /// `GET /dump` responses built or sent at once; more are answered 503 [default: 2].
+    /// `GET /dump` responses built or sent at once; more wait up to 5 s for one to end, then
+    /// are answered 503 [default: 2].
     #[arg(long, value_name = "N")]
     pub http_max_dumps: Option<usize>,
     /// Events (`POST /events?block_size=`, the NATS `Kvindex-Block-Size` header) create a

@@ -1,5 +1,7 @@
 //! Start-up recovery from peer indexers (SERVICE.md §9): `GET {peer}/dump` for each `--peers`
-//! URL in order, 10 s timeout each; the first success wins; its partitions are created when
+//! URL in order, 10 s timeout each; a peer answering `503` (a kvindex peer busy with
+//! `--http-max-dumps` dumps) is asked again after its `Retry-After`, up to [`BUSY_RETRIES`] times
+//! within those 10 s (Dynamo never retries); the first success wins; its partitions are created when
 //! missing and its events go through the normal intake (so they are logged too, with source
 //! sequence 0). Start-up never fails because of recovery.
 //!
@@ -188,24 +190,54 @@ pub fn parse_dump(body: &[u8]) -> Result<Dump, PeerError> {
     Ok(out)
 }
 
+/// How many times a peer answering `503` (busy: a kvindex peer with `--http-max-dumps` dumps in
+/// progress) is asked again, within [`PEER_TIMEOUT`].
+pub const BUSY_RETRIES: usize = 3;
+/// Wait before asking a busy peer again when its `Retry-After` is missing or not a number of
+/// seconds.
+const BUSY_RETRY_DEFAULT: Duration = Duration::from_secs(1);
+
+/// A `Retry-After` given in seconds (an HTTP date is not used: `None`).
+fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 async fn fetch_dump(peer: &str) -> Result<Dump, PeerError> {
     let url = format!("{}/dump", peer.trim_end_matches('/'));
     let uri: hyper::Uri = url
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| PeerError::Url(peer.into(), e.to_string()))?;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = tokio::time::Instant::now() + PEER_TIMEOUT;
     let fetch = async {
-        let resp = client
-            .get(uri)
-            .await
-            .map_err(|e| PeerError::Request(e.to_string()))?;
+        let mut retries = 0;
+        let resp = loop {
+            let resp = client
+                .get(uri.clone())
+                .await
+                .map_err(|e| PeerError::Request(e.to_string()))?;
+            let status = resp.status();
+            if status != hyper::StatusCode::SERVICE_UNAVAILABLE || retries == BUSY_RETRIES {
+                break resp;
+            }
+            // Busy: ask again after its Retry-After, if that is still within the deadline.
+            let wait = retry_after(resp.headers()).unwrap_or(BUSY_RETRY_DEFAULT);
+            if tokio::time::Instant::now() + wait >= deadline {
+                break resp;
+            }
+            drop(resp);
+            retries += 1;
+            tracing::info!(peer = %peer, retries, wait_ms = wait.as_millis(), "peer busy (503), asking again");
+            tokio::time::sleep(wait).await;
+        };
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status().as_u16()));
         }
         let body = collect_limited(resp.into_body(), MAX_DUMP_BYTES).await?;
         parse_dump(&body)
     };
-    tokio::time::timeout(PEER_TIMEOUT, fetch)
+    tokio::time::timeout_at(deadline, fetch)
         .await
         .map_err(|_| PeerError::Timeout(PEER_TIMEOUT))?
 }
@@ -484,14 +516,25 @@ mod tests {
 
     /// A fake peer on a free port answering every `GET /dump` with `body`. Returns its URL.
     fn serve_dump(body: String) -> String {
+        serve_dump_after_busy(body, 0)
+    }
+
+    /// [`serve_dump`], answering the first `busy` requests `503` with `Retry-After: 0`.
+    fn serve_dump_after_busy(body: String, busy: usize) -> String {
         use std::io::{Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         std::thread::spawn(move || {
-            for stream in l.incoming() {
+            for (i, stream) in l.incoming().enumerate() {
                 let Ok(mut s) = stream else { continue };
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf);
+                if i < busy {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
@@ -531,6 +574,32 @@ mod tests {
                 .map(|w| (WorkerWithDpRank::new(w, 0), per_worker(w) as usize))
                 .collect::<Vec<_>>()
         );
+    }
+
+    /// A peer busy with its dump limit (503, `Retry-After`) is asked again, within the peer
+    /// timeout, instead of being given up at once.
+    #[tokio::test]
+    async fn a_busy_peer_is_asked_again_after_its_retry_after() {
+        let f = fixture(RECORD_LIMIT);
+        let body = serde_json::json!({"m:default": {"block_size": 4, "events": [chain(1, 1, 2)]}});
+        let peer = serve_dump_after_busy(body.to_string(), BUSY_RETRIES);
+        let outcome = recover_from_peers(
+            std::slice::from_ref(&peer),
+            Arc::clone(&f.partitions),
+            Arc::clone(&f.ingest),
+        )
+        .await;
+        assert_eq!(outcome, Outcome::Recovered);
+        assert_eq!(
+            block_counts(&f, &NamespaceKey::new("m", "default")),
+            vec![(WorkerWithDpRank::new(1, 0), 2)]
+        );
+        // One more 503 than it retries: given up, with the status.
+        let peer = serve_dump_after_busy(body.to_string(), BUSY_RETRIES + 1);
+        assert!(matches!(
+            fetch_dump(&peer).await,
+            Err(PeerError::Status(503))
+        ));
     }
 
     /// An event too large for a record on its own is one counted failure (`partial`); the

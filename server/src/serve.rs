@@ -162,7 +162,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         None => None,
     };
     if cfg.test_endpoints {
-        tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener and /test/resume_listener are mounted");
+        tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener, /test/resume_listener, /test/hold_dumps and /test/release_dumps are mounted");
     }
     let trace_header = HeaderName::from_bytes(cfg.trace_id_header.as_bytes())
         .with_context(|| format!("invalid --trace-id-header {:?}", cfg.trace_id_header))?;

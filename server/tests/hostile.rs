@@ -437,11 +437,12 @@ fn connections_the_client_breaks_mid_request_are_logged_and_counted() {
     alive(&s);
 }
 
-/// Connections that send a request head declaring an 8 MiB `/events` body and then nothing
-/// used to claim that much of the events body budget before any byte arrived: four of them
-/// (32 MiB) made every other `POST /events` wait for the read deadline, and fail. Bytes are
-/// claimed as they arrive now, so they hold nothing. The server's read deadline is ten
-/// minutes here, far beyond the client's 60 s: the old behaviour makes the request fail.
+/// Connections that send a request head declaring an 8 MiB `/events` body and then (almost)
+/// nothing used to claim that much of the events body budget before any byte arrived: four of
+/// them (32 MiB) made every other `POST /events` wait for the read deadline, and fail. Bytes
+/// are claimed as they arrive now, so they hold only what they sent (one byte each here). The
+/// server's read deadline is ten minutes here, far beyond the client's 60 s: the old behaviour
+/// makes the request fail.
 #[test]
 fn heads_declaring_large_bodies_without_sending_them_do_not_starve_post_events() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,27 +452,30 @@ fn heads_declaring_large_bodies_without_sending_them_do_not_starve_post_events()
         &[],
     );
     register(&s, 1, "m", 4);
+    // Each head followed by one byte of its body: once the four bytes are claimed, the four
+    // requests are in their handlers (a build claiming declared lengths up front would hold
+    // the whole budget by then).
     let heads: Vec<TcpStream> = (0..4)
         .map(|_| {
             let mut c = connect(&s);
             c.write_all(
-                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8388608\r\n\r\n",
+                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8388608\r\n\r\n[",
             )
             .unwrap();
             c
         })
         .collect();
-    wait_for("the four connections open", || open_connections(&s) == 4.0);
-    // Not an assertion: gives the heads time to reach the handler, so that a build claiming
-    // declared lengths up front shows it.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("one byte of each body claimed", || {
+        s.metric("kvindex_http_events_body_bytes_in_flight") == 4.0
+    });
     let r = s.post_raw_json(
         "/events",
         br#"[{"worker_id":1,"event":{"event_id":1,"data":"cleared"}}]"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["accepted"], 1);
-    assert_eq!(s.metric("kvindex_http_events_body_bytes_in_flight"), 0.0);
+    // The small request gave its bytes back; the four heads still hold one byte each.
+    assert_eq!(s.metric("kvindex_http_events_body_bytes_in_flight"), 4.0);
     drop(heads);
     alive(&s);
 }
@@ -511,8 +515,8 @@ fn unread_dump(s: &Server) -> TcpStream {
 
 /// A dump is built whole and held until the client has read it: 40 clients asking for one
 /// and never reading held about 1.1 GB. At most `--http-max-dumps` are built or sent at once;
-/// beyond that `/dump` answers 503 at once (a recovering peer moves on to its next peer),
-/// counted; a slot is free again once its dump is gone.
+/// beyond that `/dump` waits up to 5 s for a slot, then answers 503 (a recovering Dynamo peer
+/// moves on to its next peer), counted; a slot is free again once its dump is gone.
 #[test]
 fn dumps_beyond_the_limit_are_refused_while_clients_hold_theirs() {
     let dir = tempfile::tempdir().unwrap();
@@ -588,5 +592,142 @@ fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_deadline() {
     assert!(s
         .stderr()
         .contains("the client did not read the response in time"));
+    alive(&s);
+}
+
+/// A server whose dump builds tests can hold (`/test/hold_dumps`), with `--http-max-dumps 1`.
+fn held_dumps_server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--http-max-dumps", "1"],
+        &[("DYN_KV_INDEXER_TEST_ENDPOINTS", "1")],
+    );
+    register(&s, 1, "m", 4);
+    (dir, s)
+}
+
+fn hold_dumps(s: &Server, hold: bool) {
+    let route = if hold {
+        "/test/hold_dumps"
+    } else {
+        "/test/release_dumps"
+    };
+    assert_eq!(s.post_raw_json(route, b"").status, 200);
+}
+
+/// A client that asks for a dump and resets its connection while the dump is being built
+/// used to give its slot back at once, while the build went on: a loop of "GET /dump, close"
+/// started builds without bound. The slot now lasts as long as the build (and then as long as
+/// the dump is sent): the limit holds until the build ends.
+#[test]
+fn a_dump_whose_client_left_during_the_build_keeps_its_slot_until_the_build_ends() {
+    let (_d, s) = held_dumps_server();
+    hold_dumps(&s, true);
+    let c = served_connection(&s, b"GET /dump HTTP/1.1\r\nHost: x\r\n\r\n");
+    wait_for("the dump in progress", || {
+        s.metric("kvindex_http_dumps_in_progress") == 1.0
+    });
+    reset(c);
+    // The connection is gone, and hyper has dropped its handler with it.
+    wait_for("the connection closed", || open_connections(&s) == 0.0);
+    assert_eq!(s.metric("kvindex_http_dumps_in_progress"), 1.0);
+    let r = s.get("/dump");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(s.metric("kvindex_http_dumps_in_progress"), 1.0);
+    hold_dumps(&s, false);
+    wait_for("the build ended", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    let r = s.get("/dump");
+    assert_eq!(r.status, 200, "{}", r.text());
+    alive(&s);
+}
+
+/// A `/dump` beyond `--http-max-dumps` waits for a slot (a few seconds, below a recovering
+/// peer's 10 s) instead of being refused at once: replicas that start together and ask the same
+/// peer all get a dump. Here the second request is waiting when the first build is let go.
+#[test]
+fn a_dump_beyond_the_limit_waits_for_a_slot_freed_in_time() {
+    let (_d, s) = held_dumps_server();
+    hold_dumps(&s, true);
+    let request = b"GET /dump HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut first = connect(&s);
+    first.write_all(request).unwrap();
+    wait_for("the first dump in progress", || {
+        s.metric("kvindex_http_dumps_in_progress") == 1.0
+    });
+    let mut second = connect(&s);
+    second.write_all(request).unwrap();
+    wait_for("the second dump waiting for a slot", || {
+        s.metric("kvindex_http_dumps_waiting") == 1.0
+    });
+    hold_dumps(&s, false);
+    for (which, c) in [("first", &mut first), ("second", &mut second)] {
+        let reply = String::from_utf8_lossy(&read_until_closed(c)).into_owned();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{which}: {reply}");
+        assert!(reply.contains("\"m:default\""), "{which}: {reply}");
+    }
+    assert_eq!(s.metric("kvindex_http_dumps_refused_total"), 0.0);
+    assert_eq!(s.metric("kvindex_http_dumps_waiting"), 0.0);
+    alive(&s);
+}
+
+/// A request whose body deadline passes while it waits for the body budget (the server busy
+/// reading other bodies) used to get axum's `400 Failed to buffer the request body`, counted as
+/// a client read timeout: overload looked like a client error, which routers do not retry on
+/// `/query`. It is a `503` with `Retry-After` now, counted under `stage="budget"`.
+#[test]
+fn a_body_deadline_passing_while_waiting_for_the_budget_is_a_503() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--http-read-timeout-ms",
+            "3000",
+            "--http-query-inflight-mib",
+            "1",
+        ],
+        &[],
+    );
+    register(&s, 1, "m", 4);
+    let head = |length: usize| {
+        format!(
+            "POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // The waiting request: its first 1,000 bytes claimed, so its body deadline runs from
+    // before the holder's head arrives (the holder times out after it).
+    let mut waiting = served_connection(&s, head(MIB).as_bytes());
+    waiting.write_all(&[b' '; 1000]).unwrap();
+    wait_for("the waiting request's first bytes claimed", || {
+        s.metric("kvindex_http_query_body_bytes_in_flight") == 1000.0
+    });
+    // The holder: all but one byte of its body, claimed (the budget is full but one byte, and
+    // both requests can still finish, the holder first), and then nothing more.
+    let length = MIB - 1000;
+    let mut holder = connect(&s);
+    holder.write_all(head(length).as_bytes()).unwrap();
+    holder.write_all(&vec![b' '; length - 1]).unwrap();
+    wait_for("the holder's bytes claimed", || {
+        s.metric("kvindex_http_query_body_bytes_in_flight") == (MIB - 1) as f64
+    });
+    // The waiting request's next bytes do not fit: it waits, until its deadline.
+    waiting.write_all(&[b' '; 1000]).unwrap();
+    let reply = String::from_utf8_lossy(&read_until_closed(&mut waiting)).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("retry-after: 1"),
+        "{reply}"
+    );
+    assert!(reply.contains("--http-query-inflight-mib"), "{reply}");
+    assert!(metric_reaches(
+        &s,
+        "kvindex_http_read_timeouts_total{stage=\"budget\"}",
+        1.0
+    ));
+    assert_eq!(s.metric("kvindex_http_query_body_budget_waits_total"), 1.0);
+    drop(holder);
     alive(&s);
 }

@@ -1010,6 +1010,14 @@ fn post_events_refuses_block_size_0_and_creates_no_partition_without_events() {
     assert_eq!(r.status, 404, "{}", r.text());
     // The model can still be registered with its real block size, also after a restart.
     register(&s, 1, "llama", 16);
+    // `?block_size=0` without `model_name` (events of a registered worker) is refused too.
+    let r = s.post_json("/events?block_size=0", &stored(1, 0, 1, None, &[(5, 6)]));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("block_size must be at least 1"),
+        "{}",
+        r.text()
+    );
     let s = s.restart(&[]);
     let r = s.post_json(
         "/register",

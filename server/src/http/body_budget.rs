@@ -14,7 +14,9 @@
 //! cannot starve the others (they did when a request claimed its whole `Content-Length` before
 //! the first byte arrived). A chunk that does not fit waits, and while it waits the request
 //! reads nothing more from its socket; the wait counts against the request's body deadline
-//! (`--http-read-timeout-ms`), past which the request fails as a slow body does.
+//! (`--http-read-timeout-ms`). A request whose deadline passes while it waits for the budget
+//! is not slow, the server is busy: it is answered `503` with `Retry-After` (not the `400` of a
+//! slow body) and counted in `kvindex_http_read_timeouts_total{stage="budget"}`.
 //!
 //! **No deadlock between partly read bodies.** Each request's *need* is known up front: its
 //! `Content-Length`, or the body limit when it declares none (never more than the whole budget;
@@ -41,7 +43,7 @@ use axum::http::{header, HeaderMap};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::Notify;
 
-use super::connections::{BodyDeadline, BodyTimeout, READ_TIMEOUTS_TOTAL};
+use super::connections::{BodyDeadline, READ_TIMEOUTS_TOTAL};
 
 /// Gauge: bytes of `POST /events` bodies claimed (read, being decoded or submitted).
 pub const BODY_BYTES_IN_FLIGHT: &str = "kvindex_http_events_body_bytes_in_flight";
@@ -58,25 +60,41 @@ pub const DEFAULT_EVENTS_BODY_BUDGET: usize = 32 << 20;
 /// Default `/query` + `/query_by_hash` budget: 32 MiB of bodies.
 pub const DEFAULT_QUERY_BODY_BUDGET: usize = 32 << 20;
 
-/// The metrics of one budget.
+/// The metrics of one budget, and the flag that sets it (named in its `503`).
 #[derive(Debug, Clone, Copy)]
 pub struct BudgetMetrics {
     /// Gauge of the bytes claimed.
     pub in_flight: &'static str,
     /// Counter of the requests that waited.
     pub waits: &'static str,
+    /// The command-line flag of the budget.
+    pub flag: &'static str,
 }
 
 /// Metrics of the `POST /events` budget.
 pub const EVENTS_METRICS: BudgetMetrics = BudgetMetrics {
     in_flight: BODY_BYTES_IN_FLIGHT,
     waits: BODY_BUDGET_WAITS_TOTAL,
+    flag: "--http-events-inflight-mib",
 };
 /// Metrics of the query budget.
 pub const QUERY_METRICS: BudgetMetrics = BudgetMetrics {
     in_flight: QUERY_BODY_BYTES_IN_FLIGHT,
     waits: QUERY_BODY_BUDGET_WAITS_TOTAL,
+    flag: "--http-query-inflight-mib",
 };
+
+/// Why a request body stopped: its deadline passed while it waited for the budget (the server
+/// was busy reading other bodies). Answered `503` by the routes, not as a slow body.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "request body not read within {timeout_ms} ms: the server is busy reading other request \
+     bodies ({flag} in flight); retry later"
+)]
+pub struct BudgetTimeout {
+    pub timeout_ms: u128,
+    pub flag: &'static str,
+}
 
 /// Describe this module's metrics (help text on `/metrics`).
 pub fn describe() {
@@ -213,6 +231,8 @@ struct ClaimInner {
     /// What the request may claim in all.
     cap: usize,
     waited: AtomicBool,
+    /// Set when the body's deadline passed while it waited for the budget.
+    timed_out: Mutex<Option<BudgetTimeout>>,
 }
 
 /// A request's claim on a budget: keep it while the request still holds its body's bytes (or
@@ -261,6 +281,16 @@ impl ClaimInner {
         self.shared.ledger().complete(self.id);
         self.shared.released.notify_waiters();
     }
+
+    /// The body's deadline (of `timeout`) passed while it waited for the budget.
+    fn time_out(&self, timeout: std::time::Duration) -> BudgetTimeout {
+        let e = BudgetTimeout {
+            timeout_ms: timeout.as_millis(),
+            flag: self.shared.metrics.flag,
+        };
+        *self.timed_out.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+        e
+    }
 }
 
 impl Drop for ClaimInner {
@@ -274,6 +304,12 @@ impl Drop for ClaimInner {
 }
 
 impl Claim {
+    /// Why the request's body failed if its deadline passed while it waited for the budget
+    /// (the route answers `503` then, instead of the body extractor's `400`).
+    pub fn budget_timeout(&self) -> Option<BudgetTimeout> {
+        *self.0.timed_out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Claim `bytes` more, waiting while they do not fit (tests drive the ledger with it).
     #[cfg(test)]
     pub(crate) async fn claim(&self, bytes: usize) {
@@ -322,6 +358,7 @@ impl BodyBudget {
             id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             cap: cap.min(self.shared.total),
             waited: AtomicBool::new(false),
+            timed_out: Mutex::new(None),
         }))
     }
 
@@ -400,18 +437,22 @@ impl HttpBody for ClaimedBody {
                 }
             }
         };
-        if waiting.grant.as_mut().poll(cx).is_ready() {
+        // The deadline first: a grant that comes once the deadline has passed (the request
+        // that held the budget timed out in the same timer tick) is too late.
+        let now = tokio::time::Instant::now();
+        let expired = waiting.deadline.as_mut().is_some_and(|d| {
+            let fired = d.as_mut().poll(cx).is_ready();
+            fired || d.deadline() <= now
+        });
+        if !expired && waiting.grant.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Ok(waiting.frame)));
         }
-        let expired = waiting
-            .deadline
-            .as_mut()
-            .is_some_and(|d| d.as_mut().poll(cx).is_ready());
         if expired {
+            // Not a slow client: the server is busy (the route answers 503).
             self.failed = true;
-            metrics::counter!(READ_TIMEOUTS_TOTAL, "stage" => "body").increment(1);
+            metrics::counter!(READ_TIMEOUTS_TOTAL, "stage" => "budget").increment(1);
             let timeout = self.deadline.map(|d| d.timeout).unwrap_or_default();
-            return Poll::Ready(Some(Err(Box::new(BodyTimeout::new(timeout)))));
+            return Poll::Ready(Some(Err(Box::new(self.claim.time_out(timeout)))));
         }
         self.waiting = Some(waiting);
         Poll::Pending
@@ -538,5 +579,34 @@ mod tests {
         assert!(fits(&b, 2, 2).await);
         drop(claim);
         assert!(fits(&b, 10, 10).await);
+    }
+
+    /// A chunk still waiting for the budget when the body's deadline passes fails the body with
+    /// [`BudgetTimeout`], recorded on the claim (the routes answer 503 with it).
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_passing_while_waiting_for_the_budget_is_a_budget_timeout() {
+        let b = BodyBudget::new(10, QUERY_METRICS);
+        let holder = b.claimant(10);
+        holder.claim(10).await;
+        let timeout = std::time::Duration::from_millis(50);
+        let chunks = [Ok::<_, std::io::Error>(Bytes::from_static(b"abcd"))];
+        let mut req = Request::builder()
+            .header(header::CONTENT_LENGTH, "4")
+            .body(Body::from_stream(futures::stream::iter(chunks)))
+            .unwrap();
+        req.extensions_mut().insert(BodyDeadline {
+            at: tokio::time::Instant::now() + timeout,
+            timeout,
+        });
+        let (req, claim) = b.wrap(req, 100);
+        assert!(claim.budget_timeout().is_none());
+        let err = req.into_body().collect().await.unwrap_err();
+        assert!(
+            err.to_string().contains("--http-query-inflight-mib"),
+            "{err}"
+        );
+        let e = claim.budget_timeout().expect("a budget timeout");
+        assert_eq!((e.timeout_ms, e.flag), (50, "--http-query-inflight-mib"));
+        drop(holder);
     }
 }

@@ -9,7 +9,8 @@
 //! * **a read deadline** (`--http-read-timeout-ms`): the request head must arrive within it
 //!   (hyper closes the connection otherwise; an idle keep-alive connection is closed the same
 //!   way), and the body within it too, counted from when the head arrived (the request then
-//!   fails with axum's `400 Failed to buffer the request body: ...`);
+//!   fails with axum's `400 Failed to buffer the request body: ...`, or with a `503` when the
+//!   deadline passed while the body waited for its budget, `super::body_budget`);
 //! * **a write deadline** (`--http-write-timeout-ms`): a response write that makes no progress
 //!   for that long (a client that stops reading) closes the connection, and so frees the
 //!   response (a `/dump` of many MiB included);
@@ -43,8 +44,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-/// Counter: connections or requests ended by the read deadline (label `stage`: `headers` or
-/// `body`).
+/// Counter: connections or requests ended by the read deadline (label `stage`: `headers`,
+/// `body`, or `budget` for a body whose deadline passed while it waited for a body budget).
 pub const READ_TIMEOUTS_TOTAL: &str = "kvindex_http_read_timeouts_total";
 /// Counter: connections closed because a response write made no progress within
 /// `--http-write-timeout-ms`.
@@ -102,7 +103,7 @@ impl Default for ConnectionLimits {
 pub fn describe() {
     metrics::describe_counter!(
         READ_TIMEOUTS_TOTAL,
-        "HTTP connections (stage=headers, idle keep-alive included) or requests (stage=body) cut off by --http-read-timeout-ms"
+        "HTTP connections (stage=headers, idle keep-alive included) or requests (stage=body: answered 400; stage=budget: waiting for a body budget, answered 503) cut off by --http-read-timeout-ms"
     );
     metrics::describe_counter!(
         WRITE_TIMEOUTS_TOTAL,
@@ -303,13 +304,6 @@ async fn body_deadline(State(timeout): State<Duration>, mut req: Request) -> Req
 #[derive(Debug, thiserror::Error)]
 #[error("request body not received within {0} ms")]
 pub struct BodyTimeout(u128);
-
-impl BodyTimeout {
-    /// The error of a body not received within `timeout`.
-    pub fn new(timeout: Duration) -> Self {
-        BodyTimeout(timeout.as_millis())
-    }
-}
 
 /// A request body that fails once its deadline passes (counted as a `body` read timeout).
 struct DeadlineBody {

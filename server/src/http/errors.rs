@@ -2,7 +2,7 @@
 //! intake becomes a status code and Dynamo's `{"error": "<message>"}` body (SERVICE.md §3.1).
 //! Framework (extractor) errors never come here: axum answers them in plain text itself.
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvindex_persistence::PersistError;
@@ -35,6 +35,10 @@ pub enum ApiError {
         "block_size must be at least 1 (got 0): a partition of block size 0 cannot index events"
     )]
     ZeroBlockSize,
+    /// A request body whose read deadline passed while it waited for a body budget: the
+    /// server is busy, not the client slow (503, `Retry-After: 1`).
+    #[error(transparent)]
+    BudgetTimeout(#[from] crate::http::body_budget::BudgetTimeout),
     /// Something on our side failed (500).
     #[error("{0}")]
     Internal(String),
@@ -77,6 +81,7 @@ impl ApiError {
             | ApiError::ReservedEventId { .. }
             | ApiError::ZeroBlockSize => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BudgetTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -84,13 +89,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        if let ApiError::BudgetTimeout(_) = self {
+            // Overload, counted in kvindex_http_read_timeouts_total{stage="budget"}.
+            tracing::warn!(error = %self, "request refused");
+            return (status, [(header::RETRY_AFTER, "1")], body).into_response();
+        }
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        (status, body).into_response()
     }
 }

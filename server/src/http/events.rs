@@ -142,10 +142,16 @@ pub async fn post_events(
     };
     let (request, claim) = state.events_budget.wrap(request, LARGE_BODY_LIMIT);
     // The body extractor itself, so that its errors (413 over the limit, 400 past the read
-    // deadline) keep axum's wording.
+    // deadline) keep axum's wording; but a deadline that passed while the request waited for
+    // the budget is the server's overload, a 503.
     let body = match Bytes::from_request(request, &()).await {
         Ok(body) => body,
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => {
+            return match claim.budget_timeout() {
+                Some(e) => with_model(&model_label, ApiError::from(e)),
+                None => rejection.into_response(),
+            }
+        }
     };
     let events = match decode(format, &body) {
         Ok(evs) => evs,

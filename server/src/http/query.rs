@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvindex_engine::hashing::HashOptions;
 use kvindex_engine::{LocalBlockHash, Namespace, TieredScores};
@@ -179,12 +179,18 @@ fn respond(model: &str, answer: Result<ScoreResponse, ApiError>) -> Response {
 }
 
 /// Middleware of `POST /query` and `POST /query_by_hash`: the body's bytes are claimed from the
-/// query body budget as they arrive (`super::body_budget`), and given back once answered.
+/// query body budget as they arrive (`super::body_budget`), and given back once answered. A
+/// request whose body deadline passed while it waited for the budget is answered `503` (the
+/// JSON extractor's `400` replaced).
 pub async fn budgeted(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let (req, claim) = state.query_budget.wrap(req, LARGE_BODY_LIMIT);
     let response = next.run(req).await;
+    let busy = claim.budget_timeout();
     drop(claim);
-    response
+    match busy {
+        Some(e) => ApiError::from(e).into_response(),
+        None => response,
+    }
 }
 
 /// `POST /query`.

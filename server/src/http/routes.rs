@@ -39,7 +39,9 @@ pub fn router(state: SharedState) -> Router {
     if state.test_endpoints {
         api = api
             .route("/test/pause_listener", post(handlers::pause_listener))
-            .route("/test/resume_listener", post(handlers::resume_listener));
+            .route("/test/resume_listener", post(handlers::resume_listener))
+            .route("/test/hold_dumps", post(dump::hold_dumps))
+            .route("/test/release_dumps", post(dump::release_dumps));
     }
     api.layer(DefaultBodyLimit::max(DEFAULT_BODY_LIMIT))
         .layer(from_fn_with_state(state.clone(), observe::observe))
