@@ -1043,6 +1043,15 @@ mod tests {
     use super::*;
     use crate::listeners::NoListeners;
 
+    /// An engine with one event thread and short queues, as the registry tests use it.
+    fn small_engine() -> Engine {
+        Engine::new(kvindex_engine::EngineConfig {
+            event_threads: 1,
+            queue_capacity: 64,
+            ..kvindex_engine::EngineConfig::default()
+        })
+    }
+
     fn reg(id: u64, model: &str, group: &str, bs: u32, dp: u32) -> Registration {
         Registration {
             instance_id: id,
@@ -1056,11 +1065,7 @@ mod tests {
     }
 
     fn registry() -> Partitions {
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         Partitions::new(engine, None, Arc::new(NoListeners))
     }
 
@@ -1154,11 +1159,7 @@ mod tests {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let supervisor = Arc::new(Recording::default());
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let p = Partitions::new(engine, Some(&data), supervisor.clone());
         p.register(reg(10, "m", "default", 4, 0)).unwrap();
         std::fs::remove_dir_all(&data).unwrap();
@@ -1406,11 +1407,7 @@ mod tests {
     #[test]
     fn load_adopts_unlisted_namespaces_that_hold_blocks_and_drops_empty_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let listed = NamespaceKey::new("kept", "default");
         {
             // Writes `registry.json` with the one partition.
@@ -1499,11 +1496,7 @@ mod tests {
         dir: &Path,
         fsync: kvindex_persistence::FsyncPolicy,
     ) -> (Arc<kvindex_persistence::DurableIndex>, Partitions) {
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let mut config = kvindex_persistence::DurableConfig::default();
         config.log.fsync = fsync;
         let (durable, _) =
@@ -1641,11 +1634,7 @@ mod tests {
     #[test]
     fn a_key_in_dropping_and_in_partitions_is_not_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let key = NamespaceKey::new("m", "default");
         std::fs::write(
             dir.path().join(REGISTRY_FILE),
@@ -1694,11 +1683,7 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let p = Partitions::new(engine, Some(dir.path()), Arc::new(NoListeners));
         let log = FakeDropLog::new(&p, false);
         log.install(&p);
@@ -1780,11 +1765,7 @@ mod tests {
     #[test]
     fn registry_json_lists_the_pending_drops_as_dropping() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let p = Partitions::new(engine, Some(dir.path()), Arc::new(NoListeners));
         let log = FakeDropLog::new(&p, true);
         log.install(&p);
@@ -1897,11 +1878,7 @@ mod tests {
     #[test]
     fn load_without_registry_json_adopts_namespaces_that_hold_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::new(kvindex_engine::EngineConfig {
-            event_threads: 1,
-            queue_capacity: 64,
-            ..kvindex_engine::EngineConfig::default()
-        });
+        let engine = small_engine();
         let (full, empty) = (
             NamespaceKey::new("m", "default"),
             NamespaceKey::new("e", "default"),
