@@ -684,13 +684,14 @@ mod tests {
         partitions.shutdown_listeners();
     }
 
-    fn fenced(snapshotter: &Snapshotter, reason: &str) -> u64 {
+    /// The counter `name{reason}` as recorded by `snapshotter`.
+    fn counted(snapshotter: &Snapshotter, name: &str, reason: &str) -> u64 {
         snapshotter
             .snapshot()
             .into_vec()
             .into_iter()
             .filter(|(k, ..)| {
-                k.key().name() == FENCED_BATCHES
+                k.key().name() == name
                     && k.key()
                         .labels()
                         .any(|l| l.key() == "reason" && l.value() == reason)
@@ -746,22 +747,12 @@ mod tests {
         assert_eq!(fenced(&snapshotter, "stopped"), 2);
     }
 
+    fn fenced(snapshotter: &Snapshotter, reason: &str) -> u64 {
+        counted(snapshotter, FENCED_BATCHES, reason)
+    }
+
     fn rejected(snapshotter: &Snapshotter, reason: &str) -> u64 {
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(k, ..)| {
-                k.key().name() == REJECTED_BATCHES
-                    && k.key()
-                        .labels()
-                        .any(|l| l.key() == "reason" && l.value() == reason)
-            })
-            .map(|(.., v)| match v {
-                DebugValue::Counter(c) => c,
-                _ => 0,
-            })
-            .sum()
+        counted(snapshotter, REJECTED_BATCHES, reason)
     }
 
     /// A batch too large for one log record can never be logged: the listener is told it is
