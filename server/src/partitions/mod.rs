@@ -1276,12 +1276,9 @@ mod tests {
         drop_partition: &|_| Err("disk full".into()),
     };
 
-    /// The drop of a partition could not be logged: a registration creating a partition of
-    /// the same key (and block size, whose index would get the old entries at the next
-    /// recovery) first logs the drop, before the new index exists; while that fails, it is
-    /// refused (503) and creates nothing.
-    #[test]
-    fn a_partition_whose_drop_is_not_logged_is_created_again_only_once_it_is() {
+    /// A registry with a failing drop log (`FakeDropLog`, failing) whose partition `m.default`
+    /// lost its last worker, so that its drop is pending.
+    fn registry_with_a_pending_drop() -> (Partitions, FakeDropLog, NamespaceKey) {
         let p = registry();
         let log = FakeDropLog::new(&p, true);
         log.install(&p);
@@ -1289,6 +1286,16 @@ mod tests {
         p.register(reg(10, "m", "default", 4, 0)).unwrap();
         p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
             .unwrap_err();
+        (p, log, key)
+    }
+
+    /// The drop of a partition could not be logged: a registration creating a partition of
+    /// the same key (and block size, whose index would get the old entries at the next
+    /// recovery) first logs the drop, before the new index exists; while that fails, it is
+    /// refused (503) and creates nothing.
+    #[test]
+    fn a_partition_whose_drop_is_not_logged_is_created_again_only_once_it_is() {
+        let (p, log, key) = registry_with_a_pending_drop();
         assert!(pending(&p, &key));
 
         let e = p.register(reg(11, "m", "default", 4, 0)).unwrap_err();
@@ -1327,13 +1334,7 @@ mod tests {
     /// `Kvindex-Block-Size` header, peer recovery).
     #[test]
     fn ensure_partition_logs_a_pending_drop_before_creating_the_partition() {
-        let p = registry();
-        let log = FakeDropLog::new(&p, true);
-        log.install(&p);
-        let key = NamespaceKey::new("m", "default");
-        p.register(reg(10, "m", "default", 4, 0)).unwrap();
-        p.unregister(10, "m", Some("default"), None, &UNLOGGED_DROP)
-            .unwrap_err();
+        let (p, log, key) = registry_with_a_pending_drop();
 
         let e = p.ensure_partition("m", "default", 4).err().unwrap();
         assert!(matches!(e, RegistryError::DropNotLogged { .. }), "{e}");
