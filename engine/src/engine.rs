@@ -33,6 +33,8 @@ pub struct EngineConfig {
     /// a shard lock) while the index fills; past it, the map grows as usual. About 11.5 bytes
     /// per expected block, allocated when the namespace is created. 0 (the default): start
     /// empty and grow. At most [`MAX_EXPECTED_BLOCKS`] (larger values are clamped to it).
+    /// Applies to every namespace; to size only some, leave it 0 and call
+    /// [`Namespace::presize_map`] on those.
     pub expected_blocks: usize,
 }
 
@@ -626,6 +628,29 @@ impl Namespace {
             self.engine.lanes.wait(&rx)?;
         }
         Ok(())
+    }
+
+    /// Size this namespace's `external hash -> block` map for `expected_blocks` distinct
+    /// blocks, as [`EngineConfig::expected_blocks`] does at creation for every namespace of an
+    /// engine (same cost, same clamp to [`MAX_EXPECTED_BLOCKS`]); a map that large already is
+    /// left as it is (never shrunk). It exists for services that pre-size only some
+    /// namespaces: kvindex sizes the partitions of registered workers, not those that events
+    /// create, so it runs its engine with `expected_blocks` 0 and calls this on the former,
+    /// at creation or after recovery rebuilt them. On a namespace holding blocks each map shard
+    /// is rebuilt under its lock (every entry re-placed once), and events touching that shard
+    /// wait meanwhile; queries never wait. [`Namespace::memory`]'s `map_bytes` shows the result.
+    pub fn presize_map(&self, expected_blocks: usize) {
+        self.shared
+            .tree
+            .presize_map(expected_blocks.min(MAX_EXPECTED_BLOCKS));
+    }
+
+    /// Bytes of this namespace's `external hash -> block` map: [`Namespace::memory`]'s
+    /// `map_bytes` without walking the tree (it takes each map shard's lock in turn), cheap
+    /// enough for a metrics scrape. What [`Namespace::presize_map`] and
+    /// [`EngineConfig::expected_blocks`] allocate shows here.
+    pub fn map_bytes(&self) -> usize {
+        self.shared.tree.map_bytes()
     }
 
     /// Memory used by this namespace's index.

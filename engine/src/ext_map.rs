@@ -170,7 +170,21 @@ impl ExtTable {
 
     /// Grow by half (not by doubling: the map is a large share of the index's memory).
     fn grow(&mut self) {
-        let n = (self.buckets.len() + self.buckets.len() / 2).max(2);
+        self.rebuild((self.buckets.len() + self.buckets.len() / 2).max(2));
+    }
+
+    /// Make the table hold `entries` without growing, as `with_capacity(entries)` does: every
+    /// entry is re-placed into a larger table. A table that large already is left as it is
+    /// (never shrunk).
+    pub(crate) fn reserve(&mut self, entries: usize) {
+        let n = Self::buckets_for(entries);
+        if n > self.buckets.len() {
+            self.rebuild(n);
+        }
+    }
+
+    /// Move every entry into a new table of `n` buckets (at least as many as now).
+    fn rebuild(&mut self, n: usize) {
         let old = std::mem::replace(&mut self.buckets, vec![Bucket::default(); n]);
         for b in old {
             for e in b.e.into_iter().filter(|&e| e != 0) {
@@ -265,6 +279,34 @@ mod tests {
         }
         assert_eq!(ExtTable::with_capacity(0).bucket_count(), 0);
         assert_eq!(ExtTable::bytes_for(n), buckets * 64);
+    }
+
+    /// `reserve` on a table holding entries keeps them all and then holds the reserved count
+    /// without growing; it never shrinks a table.
+    #[test]
+    fn reserve_keeps_the_entries_and_presizes_the_table() {
+        let mut t = ExtTable::default();
+        for key in 1..=1000u64 {
+            assert!(t.claim(hash(key), key as u32, |_| false));
+        }
+        let n = 20_000;
+        t.reserve(n);
+        let (at, buckets) = t.location();
+        assert_eq!(buckets, ExtTable::with_capacity(n).bucket_count());
+        for key in 1..=1000u64 {
+            assert_eq!(t.find(hash(key), |id| id as u64 == key), Some(key as u32));
+        }
+        for key in 1001..=n as u64 {
+            assert!(t.claim(mix(key), key as u32, |_| false));
+        }
+        assert_eq!(
+            t.location(),
+            (at, buckets),
+            "the table grew before its reserve"
+        );
+        t.reserve(10);
+        assert_eq!(t.location(), (at, buckets), "reserve shrank the table");
+        assert_eq!(t.len(), n);
     }
 
     /// Random claims and removals against a HashMap.

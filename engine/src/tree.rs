@@ -246,6 +246,23 @@ impl Tree {
         Arc::new(t)
     }
 
+    /// Size the shared map for `expected` blocks, as [`Tree::with_expected_blocks`] does,
+    /// unless it is that large already (see [`ExtTable::reserve`]). Each shard is re-placed
+    /// under its lock: the events touching that shard wait meanwhile.
+    pub(crate) fn presize_map(&self, expected: usize) {
+        let per_shard = expected.div_ceil(EXT_SHARDS);
+        for (shard, map) in self.ext_map.iter().enumerate() {
+            let mut table = map.lock();
+            table.reserve(per_shard);
+            let (at, cap) = table.location();
+            // Relaxed: a prefetch hint only (see `ext_group`).
+            self.ext_hints[shard].at.store(at as u64, Ordering::Relaxed);
+            self.ext_hints[shard]
+                .cap
+                .store(cap as u64, Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     fn node(&self, i: u32) -> &Node {
         self.nodes.get(i)
@@ -1775,6 +1792,11 @@ impl Tree {
         Ok(start)
     }
 
+    /// Heap bytes of the shared map's shard tables (one lock per shard, no walk).
+    pub(crate) fn map_bytes(&self) -> usize {
+        self.ext_map.iter().map(|m| m.lock().bytes()).sum()
+    }
+
     /// Current memory use of this tree.
     pub(crate) fn memory(&self) -> MemoryReport {
         let guard = epoch::pin();
@@ -1793,7 +1815,7 @@ impl Tree {
             }
             r.child_bytes += children::heap_bytes(node.children.load(Ordering::Acquire), &guard);
         }
-        r.map_bytes = self.ext_map.iter().map(|m| m.lock().bytes()).sum();
+        r.map_bytes = self.map_bytes();
         r.heap_bytes = r.member_bytes + r.child_bytes + r.map_bytes;
         r.block_ids = self.locals.high_water() as usize;
         r.node_bytes = self.nodes.allocated_bytes()

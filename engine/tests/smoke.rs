@@ -359,3 +359,38 @@ fn expected_blocks_presizes_the_map_and_changes_no_answer() {
     ns_p.apply_and_wait(rm(17, &rest)).unwrap();
     assert_eq!(ns_p.current_size(), 29_500);
 }
+
+/// `Namespace::presize_map` sizes one namespace's map as `expected_blocks` sizes every one
+/// (an empty map, or one holding blocks, whose answers do not change), never shrinks it, and
+/// leaves the engine's other namespaces growing as needed.
+#[test]
+fn presize_map_sizes_one_namespace_and_changes_no_answer() {
+    let (e, ns) = engine();
+    let other = e
+        .create_namespace(NamespaceKey::new("m", "other"), 16)
+        .unwrap();
+    let blocks: Vec<(u64, u64)> = (1..=2000u64).map(|i| (i, i)).collect();
+    ns.apply_and_wait(st(1, 0, &blocks, None)).unwrap();
+    let locals: Vec<u64> = (1..=2000u64).collect();
+    let before = q(&ns, &locals);
+    assert_eq!(before, vec![(1, 0, 2000)]);
+    assert!(ns.memory().map_bytes < expected_blocks_map_bytes(50_000));
+
+    ns.presize_map(50_000);
+    assert_eq!(ns.memory().map_bytes, expected_blocks_map_bytes(50_000));
+    assert_eq!(ns.map_bytes(), ns.memory().map_bytes);
+    assert_eq!(q(&ns, &locals), before);
+    assert_eq!(other.memory().map_bytes, 0, "another namespace was sized");
+    // Every block is still found by its hash: removing them empties the namespace.
+    let hashes: Vec<u64> = (1..=2000u64).rev().collect();
+    ns.apply_and_wait(rm(1, &hashes)).unwrap();
+    assert_eq!(ns.current_size(), 0);
+    ns.presize_map(10);
+    assert_eq!(
+        ns.memory().map_bytes,
+        expected_blocks_map_bytes(50_000),
+        "presize_map shrank the map"
+    );
+    other.presize_map(50_000);
+    assert_eq!(other.memory().map_bytes, expected_blocks_map_bytes(50_000));
+}

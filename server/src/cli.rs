@@ -153,9 +153,14 @@ pub struct ServeArgs {
     pub http_max_dumps: Option<usize>,
     /// Events (`POST /events?block_size=`, the NATS `Kvindex-Block-Size` header) create a
     /// partition only while fewer partitions than this have no registered worker; 0: events
-    /// never create partitions. Registrations are not limited [default: 256].
+    /// never create partitions. --max-partitions bounds them too [default: 256].
     #[arg(long, value_name = "N")]
     pub max_event_partitions: Option<usize>,
+    /// Registrations and events create a partition only while fewer partitions than this
+    /// exist (at least 1); partitions restored at start-up, recovered from peers or of
+    /// --workers are never refused [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_partitions: Option<usize>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

@@ -97,6 +97,7 @@ struct FileConfig {
     http_query_inflight_mib: Option<usize>,
     http_max_dumps: Option<usize>,
     max_event_partitions: Option<usize>,
+    max_partitions: Option<usize>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -222,6 +223,8 @@ pub struct ServeConfig {
     pub http: ConnectionLimits,
     /// Partitions without a registered worker beyond which events create none.
     pub max_event_partitions: usize,
+    /// Partitions beyond which registrations and events create none (`--max-partitions`).
+    pub max_partitions: usize,
 }
 
 /// Default first token of the NATS subjects.
@@ -444,6 +447,15 @@ impl ServeConfig {
             .max_event_partitions
             .or(file.max_event_partitions)
             .unwrap_or(crate::http::DEFAULT_MAX_EVENT_PARTITIONS);
+        let max_partitions = args
+            .max_partitions
+            .or(file.max_partitions)
+            .unwrap_or(crate::partitions::DEFAULT_MAX_PARTITIONS);
+        if max_partitions == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-partitions must be at least 1, got 0".into(),
+            ));
+        }
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -579,6 +591,7 @@ impl ServeConfig {
             nats,
             http,
             max_event_partitions,
+            max_partitions,
         })
     }
 }
@@ -704,6 +717,7 @@ mod tests {
             c.max_event_partitions,
             crate::http::DEFAULT_MAX_EVENT_PARTITIONS
         );
+        assert_eq!(c.max_partitions, crate::partitions::DEFAULT_MAX_PARTITIONS);
     }
 
     #[test]
@@ -714,7 +728,7 @@ mod tests {
             &path,
             "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n\
              http_write_timeout_ms = 750\nhttp_query_inflight_mib = 6\nhttp_max_dumps = 3\n\
-             max_event_partitions = 0\n",
+             max_event_partitions = 0\nmax_partitions = 7\n",
         )
         .unwrap();
         let file = ServeArgs {
@@ -729,6 +743,7 @@ mod tests {
         assert_eq!(c.http.query_body_budget, 6 << 20);
         assert_eq!(c.http.max_dumps, 3);
         assert_eq!(c.max_event_partitions, 0);
+        assert_eq!(c.max_partitions, 7);
         let flags = ServeArgs {
             http_max_connections: Some(3),
             ..file.clone()
@@ -772,6 +787,10 @@ mod tests {
             },
             ServeArgs {
                 expected_blocks: Some(kvindex_engine::MAX_EXPECTED_BLOCKS + 1),
+                ..Default::default()
+            },
+            ServeArgs {
+                max_partitions: Some(0),
                 ..Default::default()
             },
         ] {

@@ -25,6 +25,9 @@ pub const WORKERS: &str = "dynamo_kvindexer_workers";
 pub const LISTENERS: &str = "dynamo_kvindexer_listeners";
 /// Requests rejected before reaching the index, by reason (ours).
 pub const REJECTED_TOTAL: &str = "kvindex_http_rejected_total";
+/// Gauge, per partition (`model_name`, `routing_group`): bytes of its index's external-hash
+/// map, so that what `--expected-blocks` allocates (and for which partitions) can be seen.
+pub const MAP_BYTES: &str = "kvindex_index_map_bytes";
 
 /// Dynamo's request-duration buckets: 0.0001 × 2^k seconds, k = 0..19.
 pub fn request_buckets() -> Vec<f64> {
@@ -98,12 +101,16 @@ fn describe() {
         "(block, worker) pairs held in a lower tier (host_pinned, disk, external), per partition"
     );
     describe_gauge!(
+        MAP_BYTES,
+        "Bytes of the external-hash map of a partition's index, per partition (sized up front by --expected-blocks for partitions with a registered worker)"
+    );
+    describe_gauge!(
         crate::partitions::DROPS_PENDING,
         "Dropped partitions whose drop could not be logged yet (a partition of that key is created again only once it is)"
     );
     describe_counter!(
         crate::partitions::CREATIONS_REFUSED,
-        "Partition creations refused because the drop of the key's previous partition still could not be logged"
+        "Partition creations refused, by reason: max_partitions (--max-partitions reached), max_event_partitions (--max-event-partitions reached by events), drop_not_logged (the drop of the key's previous partition still cannot be logged)"
     );
     crate::nats::metrics::describe();
     crate::http::connections::describe();
@@ -144,6 +151,13 @@ pub fn refresh(
             "routing_group" => p.spec.key.routing_group.clone()
         )
         .set(blocks as f64);
+        let map_bytes = p.namespace.as_ref().map_or(0, |ns| ns.map_bytes());
+        metrics::gauge!(
+            MAP_BYTES,
+            "model_name" => p.spec.key.model_name.clone(),
+            "routing_group" => p.spec.key.routing_group.clone()
+        )
+        .set(map_bytes as f64);
         let mut per_tier = [0usize; 3];
         if let Some(ns) = &p.namespace {
             for (_, tier, n) in ns.lower_tier_block_counts() {

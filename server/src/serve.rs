@@ -26,7 +26,7 @@ use crate::http::{connections, routes, AppState};
 use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::nats::NatsTransport;
-use crate::partitions::{Partitions, Registration};
+use crate::partitions::{PartitionLimits, Partitions, Registration};
 use crate::zmq_source::ZmqSupervisor;
 use kvindex_server::zmq::IngestConfig;
 
@@ -98,12 +98,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         tracing::info!(
             expected_blocks = cfg.expected_blocks,
             map_mib = kvindex_engine::expected_blocks_map_bytes(cfg.expected_blocks) >> 20,
-            "each index partition's hash map is sized up front (--expected-blocks)"
+            "the hash map of each partition with a registered worker is sized up front (--expected-blocks); partitions created by events or peer recovery grow as needed"
         );
     }
+    // `expected_blocks` 0: what the engine creates on its own (recovery, the log) grows as
+    // needed; the registry sizes the partitions of registered workers (`PartitionLimits`).
     let engine = Engine::new(EngineConfig {
         event_threads: cfg.event_threads,
-        expected_blocks: cfg.expected_blocks,
+        expected_blocks: 0,
         ..EngineConfig::default()
     });
     let opened = Instant::now();
@@ -112,11 +114,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     log_recovery(&report);
     tracing::debug!(total_ms = opened.elapsed().as_millis() as u64, "index open");
     let durable = Arc::new(durable);
-    let partitions = Arc::new(Partitions::new(
-        engine.clone(),
-        Some(&cfg.data_dir),
-        Arc::new(NoListeners),
-    ));
+    let partitions = Arc::new(
+        Partitions::new(engine.clone(), Some(&cfg.data_dir), Arc::new(NoListeners)).with_limits(
+            PartitionLimits {
+                max_partitions: cfg.max_partitions,
+                expected_blocks: cfg.expected_blocks,
+            },
+        ),
+    );
     let ingest = Arc::new(Ingest::new(Arc::clone(&durable), Arc::clone(&partitions)));
     {
         let durable = Arc::downgrade(&durable);

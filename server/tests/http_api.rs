@@ -1027,7 +1027,7 @@ fn post_events_refuses_block_size_0_and_creates_no_partition_without_events() {
 }
 
 /// Events create partitions only while fewer than `--max-event-partitions` partitions have
-/// no registered worker; registrations are not limited.
+/// no registered worker; registrations are not held to that limit (only to `--max-partitions`).
 #[test]
 fn events_create_partitions_only_up_to_max_event_partitions() {
     let dir = tempfile::tempdir().unwrap();
@@ -1060,6 +1060,107 @@ fn events_create_partitions_only_up_to_max_event_partitions() {
     register(&s, 2, "a", 4);
     assert_eq!(post("d").status, 200);
     assert_eq!(s.metric("dynamo_kvindexer_models"), 4.0);
+}
+
+/// `--max-partitions` bounds the partitions registrations and events create (409, counted),
+/// never a registration joining an existing partition; a restart with more partitions than the
+/// limit keeps them all (WARN), and creations stay refused until fewer exist.
+#[test]
+fn max_partitions_bounds_registrations_and_events_and_a_restart_keeps_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(&dir.path().join("data"), &["--max-partitions", "2"], &[]);
+    let h = local_hashes(&T8, 4);
+    let post = |s: &Server, model: &str| {
+        s.post_json(
+            &format!("/events?model_name={model}&block_size=4"),
+            &stored(77, 0, 1, None, &[(5, h[0])]),
+        )
+    };
+    let register_c = |s: &Server| {
+        s.post_json(
+            "/register",
+            &json!({"instance_id": 3, "endpoint": "tcp://127.0.0.1:18101", "model_name": "c", "block_size": 4}),
+        )
+    };
+    register(&s, 1, "a", 4);
+    assert_eq!(post(&s, "b").status, 200);
+    let r = register_c(&s);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        "partition model=c routing_group=default not created: 2 partitions exist, the most \
+         this service holds (--max-partitions)"
+    );
+    let r = post(&s, "c");
+    assert_eq!(r.status, 409, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("--max-partitions"), "{error}");
+    assert_eq!(
+        s.metric(r#"kvindex_http_rejected_total{endpoint="/events",reason="partition_limit"}"#),
+        1.0
+    );
+    assert_eq!(
+        s.metric(r#"kvindex_partition_creations_refused_total{reason="max_partitions"}"#),
+        2.0
+    );
+    // Existing partitions take registrations and events.
+    register(&s, 2, "a", 4);
+    register(&s, 4, "b", 4);
+    assert_eq!(post(&s, "b").status, 200);
+    assert_eq!(s.metric("dynamo_kvindexer_models"), 2.0);
+
+    let s = s.restart(&["--max-partitions", "1"]);
+    assert_eq!(
+        s.metric("dynamo_kvindexer_models"),
+        2.0,
+        "a partition was lost"
+    );
+    let r = query(&s, json!({"token_ids": T8, "model_name": "b"}));
+    assert_eq!(r.json()["scores"], json!({"77": {"0": 4}}), "{}", r.text());
+    let r = register_c(&s);
+    assert_eq!(r.status, 409, "{}", r.text());
+    register(&s, 5, "a", 4);
+    let (status, log) = s.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("WARN")
+                && l.contains("more partitions restored than --max-partitions")),
+        "{log:?}"
+    );
+}
+
+/// `--expected-blocks` sizes up front the map of the partitions created for a registered
+/// worker only: a partition created by events starts empty and grows (it used to take the
+/// whole map too, up to `--max-event-partitions` of them); the same after a restart.
+#[test]
+fn expected_blocks_presizes_the_partitions_of_registered_workers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &["--expected-blocks", "100000"],
+        &[],
+    );
+    let presized = kvindex_engine::expected_blocks_map_bytes(100_000) as f64;
+    let map_bytes = |s: &Server, model: &str| {
+        s.metric(&format!(
+            r#"kvindex_index_map_bytes{{model_name="{model}",routing_group="default"}}"#
+        ))
+    };
+    register(&s, 1, "registered", 4);
+    let h = local_hashes(&T8, 4);
+    let r = s.post_json(
+        "/events?model_name=events&block_size=4",
+        &stored(77, 0, 1, None, &[(5, h[0])]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let check = |s: &Server| {
+        assert_eq!(map_bytes(s, "registered"), presized);
+        let events = map_bytes(s, "events");
+        assert!(events > 0.0 && events < presized / 100.0, "{events}");
+    };
+    check(&s);
+    check(&s.restart(&["--expected-blocks", "100000"]));
 }
 
 /// kvindex reserves event ids >= 2^63 (they tag JetStream stream sequences in its log): such

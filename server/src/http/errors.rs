@@ -54,7 +54,8 @@ impl ApiError {
                 | RegistryError::BlockSizeMismatch { .. }
                 | RegistryError::CannotPause { .. }
                 | RegistryError::CannotResume { .. }
-                | RegistryError::PartitionLimit { .. } => StatusCode::CONFLICT,
+                | RegistryError::PartitionLimit { .. }
+                | RegistryError::TooManyPartitions { .. } => StatusCode::CONFLICT,
                 RegistryError::InstanceNotFound(_)
                 | RegistryError::WrongPartition { .. }
                 | RegistryError::DpRankNotFound { .. }

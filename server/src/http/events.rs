@@ -121,7 +121,9 @@ fn count_partition_reject(endpoint: Option<&'static str>, e: &RegistryError) {
     let reason = match e {
         RegistryError::NoIndexer { .. } => "unknown_partition",
         RegistryError::BlockSizeMismatch { .. } => "block_size",
-        RegistryError::PartitionLimit { .. } => "partition_limit",
+        RegistryError::PartitionLimit { .. } | RegistryError::TooManyPartitions { .. } => {
+            "partition_limit"
+        }
         _ => return,
     };
     count_reject(endpoint, reason);

@@ -142,9 +142,12 @@ fn classify(e: &ApiError) -> (&'static str, bool) {
         ApiError::Registry(RegistryError::BlockSizeMismatch { .. })
         | ApiError::Ingest(IngestError::ZeroBlockSize { .. })
         | ApiError::ZeroBlockSize => ("block_size", false),
-        // Retryable: a limit the operator can raise (`--max-event-partitions`), or that frees
-        // up when a worker registers; a JetStream message is then naked, not terminated.
-        ApiError::Registry(RegistryError::PartitionLimit { .. }) => ("partition_limit", true),
+        // Retryable: a limit the operator can raise (`--max-event-partitions`,
+        // `--max-partitions`), or that frees up when a worker registers (or a partition is
+        // dropped); a JetStream message is then naked, not terminated.
+        ApiError::Registry(
+            RegistryError::PartitionLimit { .. } | RegistryError::TooManyPartitions { .. },
+        ) => ("partition_limit", true),
         ApiError::Ingest(IngestError::Log(PersistError::RecordTooLarge { .. })) => {
             ("too_large", false)
         }

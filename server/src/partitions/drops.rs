@@ -74,9 +74,6 @@ pub type DropLog = Arc<dyn DropLogger>;
 
 /// Gauge: keys whose drop is not logged yet.
 pub const DROPS_PENDING: &str = "kvindex_partition_drops_pending";
-/// Counter: partition creations refused because the drop of the key's previous partition still
-/// could not be logged.
-pub const CREATIONS_REFUSED: &str = "kvindex_partition_creations_refused_total";
 
 /// Log the drop of partition `key` in `durable` and wait until it is on disk: the append's
 /// ticket only waits for what `--fsync` promises (written to the kernel under `interval:<ms>`
@@ -194,7 +191,7 @@ impl PendingDrops {
             }
             Err(reason) => {
                 tracing::warn!(partition = %key, error = %reason, "partition not created: the drop of its previous partition still cannot be logged");
-                metrics::counter!(CREATIONS_REFUSED).increment(1);
+                super::limits::RefusalReason::DropNotLogged.count();
                 Err(RegistryError::DropNotLogged {
                     model: key.model_name.clone(),
                     group: key.routing_group.clone(),

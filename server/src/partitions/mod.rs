@@ -20,17 +20,17 @@ use crate::listeners::{ListenerSpec, ListenerState, ListenerStatus, ListenerSupe
 mod drops;
 mod file;
 mod gate;
+mod limits;
 mod unregister;
 
 use drops::PendingDrops;
-pub use drops::{
-    durable_drop_log, log_drop, DropLog, DropLogger, CREATIONS_REFUSED, DROPS_PENDING,
-};
+pub use drops::{durable_drop_log, log_drop, DropLog, DropLogger, DROPS_PENDING};
 #[cfg(test)]
 use file::WriteFault;
 use file::{file_error, write_atomically, RegistryFile};
 pub use gate::Admission;
 use gate::IntakeGate;
+pub use limits::{Creator, PartitionLimits, CREATIONS_REFUSED, DEFAULT_MAX_PARTITIONS};
 
 /// File name of the registrations in the data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
@@ -96,9 +96,17 @@ pub enum RegistryError {
         reason: String,
     },
     /// Events asked for a new partition while `limit` partitions without a registered worker
-    /// exist (`--max-event-partitions`); registrations are not limited.
+    /// exist (`--max-event-partitions`; see [`limits`]).
     #[error("partition model={model} routing_group={group} not created: {limit} partitions without a registered worker exist, the most events may create (--max-event-partitions); register a worker to create it")]
     PartitionLimit {
+        model: String,
+        group: String,
+        limit: usize,
+    },
+    /// A registration or events asked for a new partition while `limit` partitions exist
+    /// (`--max-partitions`; see [`limits`]).
+    #[error("partition model={model} routing_group={group} not created: {limit} partitions exist, the most this service holds (--max-partitions)")]
+    TooManyPartitions {
         model: String,
         group: String,
         limit: usize,
@@ -250,6 +258,8 @@ pub struct Partitions {
     drop_log: std::sync::RwLock<Option<DropLog>>,
     /// Orders event submissions against unregistrations (see [`gate`]).
     gate: IntakeGate,
+    /// How many partitions may be created, and which get a pre-sized map (see [`limits`]).
+    limits: PartitionLimits,
     /// Tests: how the next writes of `registry.json` fail (`None`: they do not), in order.
     #[cfg(test)]
     write_faults: Mutex<std::collections::VecDeque<Option<WriteFault>>>,
@@ -283,9 +293,17 @@ impl Partitions {
             lsn_clock: std::sync::RwLock::new(None),
             drop_log: std::sync::RwLock::new(None),
             gate: IntakeGate::default(),
+            limits: PartitionLimits::default(),
             #[cfg(test)]
             write_faults: Mutex::default(),
         }
+    }
+
+    /// The registry with `limits` (the default ones otherwise: [`DEFAULT_MAX_PARTITIONS`],
+    /// no pre-sized maps).
+    pub fn with_limits(mut self, limits: PartitionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Enter the intake gate: hold the returned admission from reading the registry (which
@@ -351,6 +369,7 @@ impl Partitions {
         locked: &mut Locked,
         key: &NamespaceKey,
         block_size: u32,
+        creator: Creator,
     ) -> Result<Partition, RegistryError> {
         // Ordering: the drop is logged (and durable) before the new index exists. Logging it
         // removes the key's namespace from the engine (an unknown one: nothing), so it must not
@@ -359,7 +378,7 @@ impl Partitions {
         locked
             .pending_drops
             .settle(key, self.drop_log().as_deref())?;
-        self.make_partition(key, block_size)
+        self.make_partition(key, block_size, self.limits.expected_blocks_for(creator))
     }
 
     /// Replace the listener supervisor (before [`Self::load`]; the ZMQ supervisor needs the
@@ -389,6 +408,10 @@ impl Partitions {
     /// import`, or left out of a hand-edited file; or every one without `registry.json`) are
     /// adopted as partitions when they hold blocks (WARN when the file exists), and dropped
     /// (logged, as above) when they hold none.
+    ///
+    /// Every partition is kept, also past `--max-partitions` (a WARN; see [`limits`]). The maps
+    /// of the partitions with a registered worker are sized for `--expected-blocks` (recovery
+    /// rebuilt them growing as needed); the others keep growing as needed.
     pub fn load(&self) -> Result<(), RegistryError> {
         let mut w = self.lock_write();
         let mut next = RegistryView::default();
@@ -407,15 +430,27 @@ impl Partitions {
                     ),
                 )
             })?;
+            let registered: HashSet<NamespaceKey> = file
+                .instances
+                .iter()
+                .map(|i| NamespaceKey::new(&i.model_name, &i.routing_group))
+                .collect();
+            let expected = |key: &NamespaceKey| {
+                if registered.contains(key) {
+                    self.limits.expected_blocks_for(Creator::Registration)
+                } else {
+                    0
+                }
+            };
             for p in file.partitions {
                 let key = NamespaceKey::new(p.model_name, p.routing_group);
-                let part = self.make_partition(&key, p.block_size)?;
+                let part = self.make_partition(&key, p.block_size, expected(&key))?;
                 next.partitions.insert(key, part);
             }
             for fi in file.instances {
                 let key = NamespaceKey::new(fi.model_name, fi.routing_group);
                 if !next.partitions.contains_key(&key) {
-                    let part = self.make_partition(&key, fi.block_size)?;
+                    let part = self.make_partition(&key, fi.block_size, expected(&key))?;
                     next.partitions.insert(key.clone(), part);
                 }
                 let mut inst = Instance {
@@ -495,6 +530,7 @@ impl Partitions {
                 self.drop_unlisted(&mut w, key, at);
             }
         }
+        self.limits.check_restored(next.partitions.len());
         self.persist(&next, &w.pending_drops)?;
         self.view.store(Arc::new(next));
         Ok(())
@@ -547,10 +583,13 @@ impl Partitions {
         write_atomically(path, &bytes, fault)
     }
 
+    /// The partition `key`: its engine namespace (the existing one, e.g. rebuilt by recovery,
+    /// when it has `block_size`), its map sized for `expected_blocks` (0: as it is).
     fn make_partition(
         &self,
         key: &NamespaceKey,
         block_size: u32,
+        expected_blocks: usize,
     ) -> Result<Partition, RegistryError> {
         let namespace = if block_size == 0 {
             None
@@ -573,6 +612,9 @@ impl Partitions {
                     })?,
             )
         };
+        if let Some(ns) = namespace.as_ref().filter(|_| expected_blocks > 0) {
+            ns.presize_map(expected_blocks);
+        }
         Ok(Partition {
             spec: Arc::new(NamespaceSpec {
                 key: key.clone(),
@@ -609,8 +651,15 @@ impl Partitions {
         Ok(r)
     }
 
-    /// `POST /register`: add a listener, creating the partition on first use.
+    /// `POST /register`: add a listener, creating the partition on first use (while fewer than
+    /// `--max-partitions` exist: [`RegistryError::TooManyPartitions`]; its map sized for
+    /// `--expected-blocks`).
     pub fn register(&self, reg: Registration) -> Result<(), RegistryError> {
+        self.register_as(reg, Creator::Registration)
+    }
+
+    /// [`Self::register`] by `creator` ([`Creator::Registration`] or [`Creator::Configured`]).
+    fn register_as(&self, reg: Registration, creator: Creator) -> Result<(), RegistryError> {
         let key = NamespaceKey::new(&reg.model_name, &reg.routing_group);
         let mut w = self.lock_write();
         let spec = self.mutate_held(&mut w, true, |v, w| {
@@ -640,8 +689,9 @@ impl Partitions {
                 }
             }
             if !v.partitions.contains_key(&key) {
+                self.limits.admit(v, &key, creator)?;
                 tracing::info!(partition = %key, block_size = reg.block_size, "Creating new indexer");
-                let part = self.create_partition(w, &key, reg.block_size)?;
+                let part = self.create_partition(w, &key, reg.block_size, creator)?;
                 v.partitions.insert(key.clone(), part);
             }
             let inst = v.instances.entry(reg.instance_id).or_insert_with(|| Instance {
@@ -682,7 +732,8 @@ impl Partitions {
     }
 
     /// Start-up registration from `--workers`: like [`Self::register`], but an identical
-    /// registration restored from `registry.json` is accepted (a restart with the same flags).
+    /// registration restored from `registry.json` is accepted (a restart with the same flags),
+    /// and its partition is created also past `--max-partitions` (a WARN: it is configured).
     pub fn register_initial(&self, reg: Registration) -> Result<(), RegistryError> {
         let view = self.view();
         if let Some(inst) = view.instances.get(&reg.instance_id) {
@@ -697,7 +748,7 @@ impl Partitions {
                 return Ok(());
             }
         }
-        self.register(reg)
+        self.register_as(reg, Creator::Configured)
     }
 
     /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
@@ -860,19 +911,22 @@ impl Partitions {
         });
     }
 
-    /// Create a partition if it does not exist (peer recovery, `POST /events?block_size=`).
+    /// Create a partition if it does not exist, for peer recovery: never refused (see
+    /// [`Creator::PeerRecovery`]); its map grows as needed.
     pub fn ensure_partition(
         &self,
         model: &str,
         group: &str,
         block_size: u32,
     ) -> Result<Partition, RegistryError> {
-        self.ensure_partition_limited(model, group, block_size, None)
+        self.ensure_partition_as(model, group, block_size, Creator::PeerRecovery)
     }
 
     /// [`Self::ensure_partition`] for events (`POST /events?block_size=`, the NATS
     /// `Kvindex-Block-Size` header): a missing partition is created only while fewer than
-    /// `limit` partitions have no registered worker ([`RegistryError::PartitionLimit`]).
+    /// `limit` partitions have no registered worker ([`RegistryError::PartitionLimit`]) and
+    /// fewer than `--max-partitions` exist ([`RegistryError::TooManyPartitions`]); its map
+    /// grows as needed.
     pub fn ensure_partition_for_events(
         &self,
         model: &str,
@@ -880,15 +934,18 @@ impl Partitions {
         block_size: u32,
         limit: usize,
     ) -> Result<Partition, RegistryError> {
-        self.ensure_partition_limited(model, group, block_size, Some(limit))
+        let creator = Creator::Events {
+            max_event_partitions: limit,
+        };
+        self.ensure_partition_as(model, group, block_size, creator)
     }
 
-    fn ensure_partition_limited(
+    fn ensure_partition_as(
         &self,
         model: &str,
         group: &str,
         block_size: u32,
-        limit: Option<usize>,
+        creator: Creator,
     ) -> Result<Partition, RegistryError> {
         let key = NamespaceKey::new(model, group);
         if let Some(p) = self.view().partitions.get(&key) {
@@ -909,17 +966,9 @@ impl Partitions {
                 }
                 return Ok(p.clone());
             }
-            if let Some(limit) = limit {
-                if v.partitions_without_workers() >= limit {
-                    return Err(RegistryError::PartitionLimit {
-                        model: model.to_owned(),
-                        group: group.to_owned(),
-                        limit,
-                    });
-                }
-            }
+            self.limits.admit(v, &key, creator)?;
             tracing::info!(partition = %key, block_size, "Creating new indexer");
-            let p = self.create_partition(w, &key, block_size)?;
+            let p = self.create_partition(w, &key, block_size, creator)?;
             v.partitions.insert(key.clone(), p.clone());
             Ok(p)
         })
