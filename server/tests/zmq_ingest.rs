@@ -111,9 +111,21 @@ fn spec_for(publisher: &VllmPublisher, worker_id: u64, dp_rank: u32) -> Listener
     }
 }
 
+/// Whether the listener is done with batch `seq`: the sink has it *and* the listener's status
+/// accounts for it. The listener updates its status (watermark, `lost_batches`, ...) only once
+/// the sink has returned, so a batch seen in the sink is not yet in the status counters: a
+/// test reads the status only after the status watermark has reached the batch.
+fn settled(ingest: &ZmqIngest, sink: &CollectingSink, worker_id: u64, dp: u32, seq: u64) -> bool {
+    sink.has_seq(worker_id, dp, seq)
+        && ingest
+            .status(worker_id, dp)
+            .is_some_and(|s| s.watermark >= Some(seq))
+}
+
 /// Publish empty batches until one reaches the listener *live* (not through replay): from
 /// then on the SUB socket is subscribed and live batches flow (ZMQ's slow-joiner window is
-/// over). Returns the last seq.
+/// over). Returns the last seq, once the listener is done with it ([`settled`]: its status
+/// counters, `lost_batches` included, are final up to it).
 async fn sync_live(
     publisher: &VllmPublisher,
     ingest: &ZmqIngest,
@@ -133,7 +145,7 @@ async fn sync_live(
                 .status(worker_id, dp)
                 .and_then(|s| s.last_live_seq)
                 .is_some_and(|l| l >= seq);
-            if live && sink.has_seq(worker_id, dp, seq) {
+            if live && settled(ingest, sink, worker_id, dp, seq) {
                 return seq;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -765,6 +777,10 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
             .unwrap();
         let endpoint = format!("tcp://{}", front.local_addr().unwrap());
         // Armed: count the bytes passed downstream, and close once `close_at` have passed.
+        // A piece is counted (and `armed` read) *before* it is written on: the listener may
+        // have the batch, and the test read the count, before this task runs again after the
+        // write (a count after the write measured a batch as 0 bytes, or counted the last
+        // batch of `sync_live` into it).
         let armed = Arc::new(AtomicBool::new(false));
         let passed = Arc::new(AtomicUsize::new(0));
         let close_at = Arc::new(AtomicUsize::new(usize::MAX));
@@ -787,12 +803,16 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
                     });
                     let mut buf = vec![0u8; 1 << 16];
                     while let Ok(n) = up_r.read(&mut buf).await {
-                        if n == 0 || conn_w.write_all(&buf[..n]).await.is_err() {
+                        if n == 0 {
                             break;
                         }
-                        if a.load(Ordering::SeqCst)
-                            && p.fetch_add(n, Ordering::SeqCst) + n >= c.load(Ordering::SeqCst)
-                        {
+                        let counted = a
+                            .load(Ordering::SeqCst)
+                            .then(|| p.fetch_add(n, Ordering::SeqCst) + n);
+                        if conn_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if counted.is_some_and(|total| total >= c.load(Ordering::SeqCst)) {
                             // Once: later connections are relayed as usual.
                             a.store(false, Ordering::SeqCst);
                             break;
@@ -830,7 +850,7 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
             status(&ingest, 13, 0).counters.disconnects >= 1
         })
         .await;
-        wait_until("the last batch", || sink.has_seq(13, 0, last)).await;
+        wait_until("the last batch", || settled(&ingest, &sink, 13, 0, last)).await;
         let st = status(&ingest, 13, 0);
         assert_eq!(
             st.counters.lost_batches, lost_before,
