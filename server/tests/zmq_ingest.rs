@@ -216,7 +216,7 @@ async fn registered_listener_delivers_stores_removes_and_clears_in_order() {
         publisher.publish(b).await.unwrap();
     }
     let last = warm + batches.len() as u64;
-    wait_until("all four batches", || sink.has_seq(1, 0, last)).await;
+    wait_until("all four batches", || settled(&ingest, &sink, 1, 0, last)).await;
 
     let got: Vec<Submitted> = sink.of(1, 0).into_iter().filter(|b| b.seq > warm).collect();
     assert_eq!(
@@ -310,7 +310,7 @@ async fn gap_is_filled_by_replay_with_exactly_the_missing_batches() {
         .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![24])]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(2, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 2, 0, live)).await;
 
     let after: Vec<Submitted> = sink.of(2, 0).into_iter().filter(|b| b.seq > warm).collect();
     assert_eq!(
@@ -365,7 +365,7 @@ async fn a_malformed_replay_reply_ends_the_replay_and_is_counted() {
         .publish(&PublishBatch::new(Vec::new()))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(12, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 12, 0, live)).await;
     assert!(sink.has_seq(12, 0, replayed));
     assert!(!sink.has_seq(12, 0, malformed));
     assert!(!sink.has_seq(12, 0, lost));
@@ -393,7 +393,7 @@ async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
         .await
         .unwrap();
     wait_until("the live batch after the failed replay", || {
-        sink.has_seq(3, 0, live)
+        settled(&ingest, &sink, 3, 0, live)
     })
     .await;
     let st = status(&ingest, 3, 0);
@@ -414,7 +414,7 @@ async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
         .await
         .unwrap();
     wait_until("batches after the degraded gap", || {
-        sink.has_seq(3, 0, after_gap)
+        settled(&ingest, &sink, 3, 0, after_gap)
     })
     .await;
     let seqs: Vec<u64> = sink.seqs(3, 0).into_iter().filter(|&s| s > warm).collect();
@@ -472,7 +472,10 @@ async fn garbage_frames_are_counted_and_never_crash_the_listener() {
         .await
         .unwrap();
     let good_seq = u64::from_be_bytes(next.as_slice().try_into().unwrap());
-    wait_until("the mixed batch", || sink.has_seq(4, 0, good_seq)).await;
+    wait_until("the mixed batch", || {
+        settled(&ingest, &sink, 4, 0, good_seq)
+    })
+    .await;
 
     let st = status(&ingest, 4, 0);
     // Four malformed frame sets and the reserved sequence; the batch that is not msgpack is
@@ -500,7 +503,10 @@ async fn garbage_frames_are_counted_and_never_crash_the_listener() {
         .publish(&PublishBatch::new(Vec::new()))
         .await
         .unwrap();
-    wait_until("a batch after the garbage", || sink.has_seq(4, 0, after)).await;
+    wait_until("a batch after the garbage", || {
+        settled(&ingest, &sink, 4, 0, after)
+    })
+    .await;
     let st = status(&ingest, 4, 0);
     assert_eq!(st.counters.publisher_restarts, 0);
     assert_eq!(st.counters.lost_batches, 0);
@@ -615,7 +621,7 @@ async fn pause_keeps_the_watermark_and_resume_catches_up_by_replay() {
     ingest.resume(7, 0).unwrap();
     assert!(ingest.resume(7, 0).is_err());
     wait_until("the batch published while paused", || {
-        sink.has_seq(7, 0, during)
+        settled(&ingest, &sink, 7, 0, during)
     })
     .await;
     assert_eq!(
@@ -880,7 +886,7 @@ async fn replay_replies_without_topic_frame_are_accepted_too() {
         .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(10, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 10, 0, live)).await;
     assert_eq!(
         sink.seqs(10, 0)
             .into_iter()
@@ -915,7 +921,10 @@ async fn replay_endpoint_that_never_existed_degrades_but_live_batches_flow() {
         .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
         .await
         .unwrap();
-    wait_until("a live batch after a gap", || sink.has_seq(11, 0, live)).await;
+    wait_until("a live batch after a gap", || {
+        settled(&ingest, &sink, 11, 0, live)
+    })
+    .await;
     let st = status(&ingest, 11, 0);
     assert!(st.degraded);
     assert!(st.counters.lost_batches >= 2);
@@ -1123,7 +1132,7 @@ async fn a_replay_over_its_byte_limit_keeps_what_fits_and_loses_the_rest() {
         .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![7])]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(9, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 9, 0, live)).await;
 
     let after: Vec<u64> = sink.seqs(9, 0).into_iter().filter(|&s| s > warm).collect();
     assert_eq!(
@@ -1244,13 +1253,13 @@ async fn fenced_batches_leave_the_watermark_for_the_resumed_listener() {
 
     ingest.pause(7, 0).unwrap();
     ingest.resume_with_generation(7, 0, 1).unwrap();
+    // The status watermark moves only once the sink has returned: both are waited for.
     wait_until(
-        "the refused batches, replayed to the resumed listener",
-        || (0..=refused).all(|seq| sink.saw(1, seq)),
+        "the refused batches, replayed to the resumed listener and in its watermark",
+        || {
+            (0..=refused).all(|seq| sink.saw(1, seq))
+                && status(&ingest, 7, 0).watermark >= Some(refused)
+        },
     )
     .await;
-    assert_eq!(
-        status(&ingest, 7, 0).watermark.map(|w| w >= refused),
-        Some(true)
-    );
 }
