@@ -534,11 +534,7 @@ fn pull_info_and_ack_errors_are_logged_and_counted() {
     // A status the client does not expect: an error item in the pull stream.
     publish_status(&nats, &inbox, 500, "Forged Failure");
     wait_until("the pull error counted", || js_errors(&s, "pull") >= 1.0);
-    assert!(
-        s.stderr().contains("JetStream pull failed"),
-        "{}",
-        s.stderr()
-    );
+    wait_logged(&s, "JetStream pull failed");
 
     // A pull error makes kvindex set the consumer up again, with a new pull inbox.
     let inbox = loop {
@@ -560,12 +556,8 @@ fn pull_info_and_ack_errors_are_logged_and_counted() {
     wait_until("its info and ack errors counted", || {
         js_errors(&s, "info") == 1.0 && js_errors(&s, "ack") == 1.0
     });
-    let log = s.stderr();
-    assert!(
-        log.contains("JetStream message without delivery info"),
-        "{log}"
-    );
-    assert!(log.contains("JetStream acknowledgement not sent"), "{log}");
+    wait_logged(&s, "JetStream message without delivery info");
+    wait_logged(&s, "JetStream acknowledgement not sent");
     assert_eq!(
         metric(
             &s,
@@ -608,11 +600,7 @@ fn a_consumer_that_cannot_be_set_up_is_logged_and_counted() {
         &[],
     );
     wait_until("the setup error counted", || js_errors(&s, "setup") >= 1.0);
-    assert!(
-        s.stderr().contains("JetStream consumer not ready"),
-        "{}",
-        s.stderr()
-    );
+    wait_logged(&s, "JetStream consumer not ready");
     assert_eq!(
         metric(
             &s,

@@ -111,9 +111,21 @@ fn spec_for(publisher: &VllmPublisher, worker_id: u64, dp_rank: u32) -> Listener
     }
 }
 
+/// Whether the listener is done with batch `seq`: the sink has it *and* the listener's status
+/// accounts for it. The listener updates its status (watermark, `lost_batches`, ...) only once
+/// the sink has returned, so a batch seen in the sink is not yet in the status counters: a
+/// test reads the status only after the status watermark has reached the batch.
+fn settled(ingest: &ZmqIngest, sink: &CollectingSink, worker_id: u64, dp: u32, seq: u64) -> bool {
+    sink.has_seq(worker_id, dp, seq)
+        && ingest
+            .status(worker_id, dp)
+            .is_some_and(|s| s.watermark >= Some(seq))
+}
+
 /// Publish empty batches until one reaches the listener *live* (not through replay): from
 /// then on the SUB socket is subscribed and live batches flow (ZMQ's slow-joiner window is
-/// over). Returns the last seq.
+/// over). Returns the last seq, once the listener is done with it ([`settled`]: its status
+/// counters, `lost_batches` included, are final up to it).
 async fn sync_live(
     publisher: &VllmPublisher,
     ingest: &ZmqIngest,
@@ -133,7 +145,7 @@ async fn sync_live(
                 .status(worker_id, dp)
                 .and_then(|s| s.last_live_seq)
                 .is_some_and(|l| l >= seq);
-            if live && sink.has_seq(worker_id, dp, seq) {
+            if live && settled(ingest, sink, worker_id, dp, seq) {
                 return seq;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -204,7 +216,7 @@ async fn registered_listener_delivers_stores_removes_and_clears_in_order() {
         publisher.publish(b).await.unwrap();
     }
     let last = warm + batches.len() as u64;
-    wait_until("all four batches", || sink.has_seq(1, 0, last)).await;
+    wait_until("all four batches", || settled(&ingest, &sink, 1, 0, last)).await;
 
     let got: Vec<Submitted> = sink.of(1, 0).into_iter().filter(|b| b.seq > warm).collect();
     assert_eq!(
@@ -298,7 +310,7 @@ async fn gap_is_filled_by_replay_with_exactly_the_missing_batches() {
         .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![24])]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(2, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 2, 0, live)).await;
 
     let after: Vec<Submitted> = sink.of(2, 0).into_iter().filter(|b| b.seq > warm).collect();
     assert_eq!(
@@ -353,7 +365,7 @@ async fn a_malformed_replay_reply_ends_the_replay_and_is_counted() {
         .publish(&PublishBatch::new(Vec::new()))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(12, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 12, 0, live)).await;
     assert!(sink.has_seq(12, 0, replayed));
     assert!(!sink.has_seq(12, 0, malformed));
     assert!(!sink.has_seq(12, 0, lost));
@@ -381,7 +393,7 @@ async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
         .await
         .unwrap();
     wait_until("the live batch after the failed replay", || {
-        sink.has_seq(3, 0, live)
+        settled(&ingest, &sink, 3, 0, live)
     })
     .await;
     let st = status(&ingest, 3, 0);
@@ -402,7 +414,7 @@ async fn dead_replay_endpoint_degrades_the_listener_without_stalling_it() {
         .await
         .unwrap();
     wait_until("batches after the degraded gap", || {
-        sink.has_seq(3, 0, after_gap)
+        settled(&ingest, &sink, 3, 0, after_gap)
     })
     .await;
     let seqs: Vec<u64> = sink.seqs(3, 0).into_iter().filter(|&s| s > warm).collect();
@@ -460,7 +472,10 @@ async fn garbage_frames_are_counted_and_never_crash_the_listener() {
         .await
         .unwrap();
     let good_seq = u64::from_be_bytes(next.as_slice().try_into().unwrap());
-    wait_until("the mixed batch", || sink.has_seq(4, 0, good_seq)).await;
+    wait_until("the mixed batch", || {
+        settled(&ingest, &sink, 4, 0, good_seq)
+    })
+    .await;
 
     let st = status(&ingest, 4, 0);
     // Four malformed frame sets and the reserved sequence; the batch that is not msgpack is
@@ -488,7 +503,10 @@ async fn garbage_frames_are_counted_and_never_crash_the_listener() {
         .publish(&PublishBatch::new(Vec::new()))
         .await
         .unwrap();
-    wait_until("a batch after the garbage", || sink.has_seq(4, 0, after)).await;
+    wait_until("a batch after the garbage", || {
+        settled(&ingest, &sink, 4, 0, after)
+    })
+    .await;
     let st = status(&ingest, 4, 0);
     assert_eq!(st.counters.publisher_restarts, 0);
     assert_eq!(st.counters.lost_batches, 0);
@@ -603,7 +621,7 @@ async fn pause_keeps_the_watermark_and_resume_catches_up_by_replay() {
     ingest.resume(7, 0).unwrap();
     assert!(ingest.resume(7, 0).is_err());
     wait_until("the batch published while paused", || {
-        sink.has_seq(7, 0, during)
+        settled(&ingest, &sink, 7, 0, during)
     })
     .await;
     assert_eq!(
@@ -765,6 +783,10 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
             .unwrap();
         let endpoint = format!("tcp://{}", front.local_addr().unwrap());
         // Armed: count the bytes passed downstream, and close once `close_at` have passed.
+        // A piece is counted (and `armed` read) *before* it is written on: the listener may
+        // have the batch, and the test read the count, before this task runs again after the
+        // write (a count after the write measured a batch as 0 bytes, or counted the last
+        // batch of `sync_live` into it).
         let armed = Arc::new(AtomicBool::new(false));
         let passed = Arc::new(AtomicUsize::new(0));
         let close_at = Arc::new(AtomicUsize::new(usize::MAX));
@@ -787,12 +809,16 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
                     });
                     let mut buf = vec![0u8; 1 << 16];
                     while let Ok(n) = up_r.read(&mut buf).await {
-                        if n == 0 || conn_w.write_all(&buf[..n]).await.is_err() {
+                        if n == 0 {
                             break;
                         }
-                        if a.load(Ordering::SeqCst)
-                            && p.fetch_add(n, Ordering::SeqCst) + n >= c.load(Ordering::SeqCst)
-                        {
+                        let counted = a
+                            .load(Ordering::SeqCst)
+                            .then(|| p.fetch_add(n, Ordering::SeqCst) + n);
+                        if conn_w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        if counted.is_some_and(|total| total >= c.load(Ordering::SeqCst)) {
                             // Once: later connections are relayed as usual.
                             a.store(false, Ordering::SeqCst);
                             break;
@@ -830,7 +856,7 @@ async fn batches_sent_just_before_the_connection_closes_are_not_lost() {
             status(&ingest, 13, 0).counters.disconnects >= 1
         })
         .await;
-        wait_until("the last batch", || sink.has_seq(13, 0, last)).await;
+        wait_until("the last batch", || settled(&ingest, &sink, 13, 0, last)).await;
         let st = status(&ingest, 13, 0);
         assert_eq!(
             st.counters.lost_batches, lost_before,
@@ -860,7 +886,7 @@ async fn replay_replies_without_topic_frame_are_accepted_too() {
         .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(10, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 10, 0, live)).await;
     assert_eq!(
         sink.seqs(10, 0)
             .into_iter()
@@ -895,7 +921,10 @@ async fn replay_endpoint_that_never_existed_degrades_but_live_batches_flow() {
         .publish(&PublishBatch::new(vec![PublishEvent::Cleared]))
         .await
         .unwrap();
-    wait_until("a live batch after a gap", || sink.has_seq(11, 0, live)).await;
+    wait_until("a live batch after a gap", || {
+        settled(&ingest, &sink, 11, 0, live)
+    })
+    .await;
     let st = status(&ingest, 11, 0);
     assert!(st.degraded);
     assert!(st.counters.lost_batches >= 2);
@@ -1103,7 +1132,7 @@ async fn a_replay_over_its_byte_limit_keeps_what_fits_and_loses_the_rest() {
         .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![7])]))
         .await
         .unwrap();
-    wait_until("the live batch", || sink.has_seq(9, 0, live)).await;
+    wait_until("the live batch", || settled(&ingest, &sink, 9, 0, live)).await;
 
     let after: Vec<u64> = sink.seqs(9, 0).into_iter().filter(|&s| s > warm).collect();
     assert_eq!(
@@ -1224,13 +1253,13 @@ async fn fenced_batches_leave_the_watermark_for_the_resumed_listener() {
 
     ingest.pause(7, 0).unwrap();
     ingest.resume_with_generation(7, 0, 1).unwrap();
+    // The status watermark moves only once the sink has returned: both are waited for.
     wait_until(
-        "the refused batches, replayed to the resumed listener",
-        || (0..=refused).all(|seq| sink.saw(1, seq)),
+        "the refused batches, replayed to the resumed listener and in its watermark",
+        || {
+            (0..=refused).all(|seq| sink.saw(1, seq))
+                && status(&ingest, 7, 0).watermark >= Some(refused)
+        },
     )
     .await;
-    assert_eq!(
-        status(&ingest, 7, 0).watermark.map(|w| w >= refused),
-        Some(true)
-    );
 }

@@ -383,6 +383,20 @@ pub fn wait_subscribed(s: &Server, subscription: &str) {
     });
 }
 
+/// Wait (bounded, like [`wait_until`]) until `s` has logged a line containing `text`; panic
+/// with the log otherwise. A line is never asserted at once after the metric that counts the
+/// same event was seen: kvindex counts before it logs, and its log reaches [`Server::stderr`]
+/// through a pipe and a reader thread, so the line may not be there yet.
+pub fn wait_logged(s: &Server, text: &str) {
+    for _ in 0..600 {
+        if s.stderr().contains(text) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {text:?} in the log:\n{}", s.stderr());
+}
+
 /// Wait (bounded, generous) until `cond` holds; panic with `what` otherwise.
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..600 {
