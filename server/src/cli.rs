@@ -147,10 +147,18 @@ pub struct ServeArgs {
     /// once; more requests wait their turn [default: 32].
     #[arg(long, value_name = "MIB")]
     pub http_query_inflight_mib: Option<usize>,
-    /// `GET /dump` responses built or sent at once; more wait up to 5 s for one to end, then
-    /// are answered 503 [default: 2].
+    /// `GET /dump` responses built or sent at once; more wait up to --http-dump-wait-ms for
+    /// one to end, then are answered 503 [default: 2].
     #[arg(long, value_name = "N")]
     pub http_max_dumps: Option<usize>,
+    /// How long a `GET /dump` beyond --http-max-dumps waits for a slot, in ms; 0: answered 503
+    /// at once [default: 5000].
+    #[arg(long, value_name = "MS")]
+    pub http_dump_wait_ms: Option<u64>,
+    /// Deadline in seconds for one `GET /dump` response, from its slot to its last byte: a
+    /// client still reading it then is disconnected and its slot freed [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub http_dump_timeout_s: Option<u64>,
     /// Events (`POST /events?block_size=`, the NATS `Kvindex-Block-Size` header) create a
     /// partition only while fewer partitions than this have no registered worker; 0: events
     /// never create partitions. --max-partitions bounds them too [default: 256].

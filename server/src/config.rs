@@ -96,6 +96,8 @@ struct FileConfig {
     http_write_timeout_ms: Option<u64>,
     http_query_inflight_mib: Option<usize>,
     http_max_dumps: Option<usize>,
+    http_dump_wait_ms: Option<u64>,
+    http_dump_timeout_s: Option<u64>,
     max_event_partitions: Option<usize>,
     max_partitions: Option<usize>,
 }
@@ -602,6 +604,9 @@ pub const MAX_HTTP_READ_TIMEOUT_MS: u64 = 3_600_000;
 /// Largest `--http-events-inflight-mib` and `--http-query-inflight-mib` (64 GiB).
 pub const MAX_HTTP_EVENTS_INFLIGHT_MIB: usize = 65_536;
 
+/// Longest `--http-dump-timeout-s` (1 day).
+pub const MAX_HTTP_DUMP_TIMEOUT_S: u64 = 86_400;
+
 /// Merge the `--http-*` limits with the file and defaults.
 fn resolve_http_limits(
     args: &ServeArgs,
@@ -662,6 +667,24 @@ fn resolve_http_limits(
         }
         Some(n) => n,
     };
+    let dump_wait = match args.http_dump_wait_ms.or(file.http_dump_wait_ms) {
+        None => defaults.dump_wait,
+        Some(ms) if ms <= MAX_HTTP_READ_TIMEOUT_MS => Duration::from_millis(ms),
+        Some(ms) => {
+            return Err(ConfigError::Invalid(format!(
+                "--http-dump-wait-ms must be between 0 and {MAX_HTTP_READ_TIMEOUT_MS}, got {ms}"
+            )))
+        }
+    };
+    let dump_timeout = match args.http_dump_timeout_s.or(file.http_dump_timeout_s) {
+        None => defaults.dump_timeout,
+        Some(s) if (1..=MAX_HTTP_DUMP_TIMEOUT_S).contains(&s) => Duration::from_secs(s),
+        Some(s) => {
+            return Err(ConfigError::Invalid(format!(
+                "--http-dump-timeout-s must be between 1 and {MAX_HTTP_DUMP_TIMEOUT_S}, got {s}"
+            )))
+        }
+    };
     Ok(ConnectionLimits {
         read_timeout,
         write_timeout,
@@ -669,6 +692,8 @@ fn resolve_http_limits(
         events_body_budget,
         query_body_budget,
         max_dumps,
+        dump_wait,
+        dump_timeout,
     })
 }
 
@@ -728,7 +753,8 @@ mod tests {
             &path,
             "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n\
              http_write_timeout_ms = 750\nhttp_query_inflight_mib = 6\nhttp_max_dumps = 3\n\
-             max_event_partitions = 0\nmax_partitions = 7\n",
+             http_dump_wait_ms = 0\nhttp_dump_timeout_s = 60\nmax_event_partitions = 0\n\
+             max_partitions = 7\n",
         )
         .unwrap();
         let file = ServeArgs {
@@ -742,6 +768,8 @@ mod tests {
         assert_eq!(c.http.write_timeout, Duration::from_millis(750));
         assert_eq!(c.http.query_body_budget, 6 << 20);
         assert_eq!(c.http.max_dumps, 3);
+        assert_eq!(c.http.dump_wait, Duration::ZERO);
+        assert_eq!(c.http.dump_timeout, Duration::from_secs(60));
         assert_eq!(c.max_event_partitions, 0);
         assert_eq!(c.max_partitions, 7);
         let flags = ServeArgs {
@@ -783,6 +811,18 @@ mod tests {
             },
             ServeArgs {
                 http_max_dumps: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_dump_wait_ms: Some(MAX_HTTP_READ_TIMEOUT_MS + 1),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_dump_timeout_s: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                http_dump_timeout_s: Some(MAX_HTTP_DUMP_TIMEOUT_S + 1),
                 ..Default::default()
             },
             ServeArgs {

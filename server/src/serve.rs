@@ -181,7 +181,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         test_endpoints: cfg.test_endpoints,
         events_budget: BodyBudget::new(cfg.http.events_body_budget, body_budget::EVENTS_METRICS),
         query_budget: BodyBudget::new(cfg.http.query_body_budget, body_budget::QUERY_METRICS),
-        dumps: crate::http::dump::DumpLimit::new(cfg.http.max_dumps),
+        dumps: crate::http::dump::DumpLimit::new(cfg.http.max_dumps)
+            .with_wait(cfg.http.dump_wait)
+            .with_timeout(cfg.http.dump_timeout),
         max_event_partitions: cfg.max_event_partitions,
     });
 

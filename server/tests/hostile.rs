@@ -359,6 +359,7 @@ fn bad_http_limits_exit_1_with_a_message() {
     for (flag, value) in [
         ("--http-read-timeout-ms", "0"),
         ("--http-max-connections", "0"),
+        ("--http-dump-timeout-s", "0"),
     ] {
         let (code, _, err) = run(&["serve", flag, value], &[]);
         assert_eq!(code, 1, "{flag} {value}");
@@ -513,10 +514,10 @@ fn unread_dump(s: &Server) -> TcpStream {
     c
 }
 
-/// A dump is built whole and held until the client has read it: 40 clients asking for one
-/// and never reading held about 1.1 GB. At most `--http-max-dumps` are built or sent at once;
-/// beyond that `/dump` waits up to 5 s for a slot, then answers 503 (a recovering Dynamo peer
-/// moves on to its next peer), counted; a slot is free again once its dump is gone.
+/// A dump used to be built whole and held until the client had read it: 40 clients asking for
+/// one and never reading held about 1.1 GB. At most `--http-max-dumps` are built or sent at
+/// once; beyond that `/dump` waits up to 5 s for a slot, then answers 503 (a recovering Dynamo
+/// peer moves on to its next peer), counted; a slot is free again once its dump is gone.
 #[test]
 fn dumps_beyond_the_limit_are_refused_while_clients_hold_theirs() {
     let dir = tempfile::tempdir().unwrap();
@@ -550,7 +551,7 @@ fn dumps_beyond_the_limit_are_refused_while_clients_hold_theirs() {
 
 /// A client that stops reading its response is disconnected once a write has made no
 /// progress for `--http-write-timeout-ms`, and counted: its response (here a dump of about
-/// 15 MiB) is not held beyond that.
+/// 15 MiB, streamed) is not held beyond that.
 #[test]
 fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_deadline() {
     let dir = tempfile::tempdir().unwrap();
@@ -568,30 +569,130 @@ fn a_client_that_does_not_read_its_response_is_cut_off_at_the_write_deadline() {
         s.metric("kvindex_http_dumps_in_progress") == 0.0
     });
     // What the client reads now is what the socket buffers held: a cut response.
-    let got = read_until_closed(&mut c);
-    let text = String::from_utf8_lossy(&got);
-    assert!(
-        text.starts_with("HTTP/1.1 200"),
-        "{}",
-        &text[..text.len().min(200)]
-    );
-    let length: usize = text
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().to_owned())
-        })
-        .and_then(|v| v.parse().ok())
-        .expect("a content-length");
-    assert!(
-        got.len() < length,
-        "{} bytes of a {length}-byte body",
-        got.len()
-    );
+    assert_cut_dump(&read_until_closed(&mut c));
     assert!(s
         .stderr()
         .contains("the client did not read the response in time"));
+    alive(&s);
+}
+
+/// `got` is a streamed response that was cut: a `200` with a chunked body that never got its
+/// last chunk.
+fn assert_cut_response(got: &[u8]) {
+    let text = String::from_utf8_lossy(got);
+    let head = &text[..text.len().min(300)];
+    assert!(text.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert!(!got.ends_with(b"\r\n0\r\n\r\n"), "the whole body was sent");
+}
+
+/// `got` is the start of a `/dump` of [`fill_for_a_large_dump`] that was cut.
+fn assert_cut_dump(got: &[u8]) {
+    assert_cut_response(got);
+    let text = String::from_utf8_lossy(got);
+    assert!(
+        text.contains("{\"m:default\":{\"block_size\":4,\"events\":["),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+}
+
+/// Read from `c` until `n` bytes arrived, or (with `n` 0) until a response head has.
+fn read_at_least(c: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < n || (n == 0 && !out.windows(4).any(|w| w == b"\r\n\r\n")) {
+        match c.read(&mut buf) {
+            Ok(0) => panic!("closed after {} bytes", out.len()),
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(e) => panic!("after {} bytes: {e}", out.len()),
+        }
+    }
+    out
+}
+
+/// A dump is streamed: the client gets its first partition's bytes while the rest is still
+/// to be sent, and the dump keeps its slot until it has been sent or its client has gone. A
+/// client leaving mid-stream frees the slot; beyond the limit `/dump` is refused at once with
+/// `--http-dump-wait-ms 0`.
+#[test]
+fn a_streamed_dump_keeps_its_slot_until_its_client_leaves_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--http-max-dumps",
+            "1",
+            "--http-dump-wait-ms",
+            "0",
+            "--fsync",
+            "never",
+        ],
+        &[],
+    );
+    fill_for_a_large_dump(&s);
+    let mut c = unread_dump(&s);
+    let got = read_at_least(&mut c, 256 << 10);
+    assert_cut_dump(&got);
+    assert_eq!(s.metric("kvindex_http_dumps_in_progress"), 1.0);
+    let r = s.get("/dump");
+    assert_eq!(r.status, 503, "{}", &r.text()[..r.text().len().min(200)]);
+    assert_eq!(s.metric("kvindex_http_dumps_refused_total"), 1.0);
+    reset(c);
+    wait_for("the slot given back", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    let r = s.get("/dump");
+    assert_eq!(r.status, 200);
+    let events = r.json()["m:default"]["events"].as_array().map(Vec::len);
+    assert_eq!(events, Some(180));
+    assert_eq!(s.metric("kvindex_http_dump_timeouts_total"), 0.0);
+    alive(&s);
+}
+
+/// A client that keeps reading its dump, too slowly to finish it, never trips the write
+/// deadline (it makes progress) and used to keep a dump slot as long as it liked. The dump's
+/// own deadline (`--http-dump-timeout-s`, 1 s here) cuts it off: the connection is closed, the
+/// slot freed, the cut counted and logged. (The write deadline here is ten minutes: only the
+/// dump's deadline can end it.)
+#[test]
+fn a_dump_not_sent_within_its_deadline_is_cut_off_and_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(
+        &dir.path().join("data"),
+        &[
+            "--http-max-dumps",
+            "1",
+            "--http-dump-timeout-s",
+            "1",
+            "--http-write-timeout-ms",
+            "600000",
+            "--fsync",
+            "never",
+        ],
+        &[],
+    );
+    fill_for_a_large_dump(&s);
+    let mut c = unread_dump(&s);
+    // The client reads the head of its dump (sent before any partition is built), then (from
+    // the server's side) is slow.
+    let mut got = read_at_least(&mut c, 0);
+    wait_for("the dump cut off", || {
+        s.metric("kvindex_http_dump_timeouts_total") == 1.0
+    });
+    wait_for("the slot given back", || {
+        s.metric("kvindex_http_dumps_in_progress") == 0.0
+    });
+    got.extend(read_until_closed(&mut c));
+    assert_cut_response(&got);
+    assert_eq!(s.metric("kvindex_http_write_timeouts_total"), 0.0);
+    assert!(s
+        .stderr()
+        .contains("GET /dump cut off: not sent within --http-dump-timeout-s"));
     alive(&s);
 }
 

@@ -672,6 +672,20 @@ fn dump_is_dynamo_compatible_with_explicit_partition_names() {
     assert_eq!(other["events"], json!([]));
     assert_eq!(other["model_name"], "org/llama:v1");
     assert_eq!(other["routing_group"], "g:x");
+    // Byte for byte what the dump was when it was built whole (recorded from that build): the
+    // streamed dump keeps Dynamo's field order, the partitions' order and the compact form.
+    let expected = concat!(
+        r#"{"m:default":{"block_size":4,"events":[{"worker_id":1,"storage_tier":"device","#,
+        r#""residency_domain":"worker","event":{"event_id":0,"data":{"stored":{"parent_hash":null,"#,
+        r#""start_position":null,"blocks":[{"block_hash":101,"tokens_hash":T0,"mm_extra_info":null},"#,
+        r#"{"block_hash":102,"tokens_hash":T1,"mm_extra_info":null}]}},"dp_rank":0}}],"#,
+        r#""model_name":"m","routing_group":"default"},"org/llama:v1:g:x":{"block_size":8,"#,
+        r#""events":[],"model_name":"org/llama:v1","routing_group":"g:x"}}"#
+    )
+    .replace("T0", &h[0].to_string())
+    .replace("T1", &h[1].to_string());
+    assert_eq!(r.text(), expected);
+    assert_eq!(r.header("content-type"), Some("application/json"));
 }
 
 #[test]

@@ -13,7 +13,10 @@
 //!   deadline passed while the body waited for its budget, `super::body_budget`);
 //! * **a write deadline** (`--http-write-timeout-ms`): a response write that makes no progress
 //!   for that long (a client that stops reading) closes the connection, and so frees the
-//!   response (a `/dump` of many MiB included);
+//!   response;
+//! * **a response deadline** when a handler arms one (`super::response_deadline`; `/dump`:
+//!   `--http-dump-timeout-s`): the connection is closed when it passes, also for a client that
+//!   keeps reading, slowly;
 //! * **a connection cap** (`--http-max-connections`): a connection beyond it is closed at once;
 //! * **a bounded drain** at shutdown: open connections get a graceful close and at most one read
 //!   deadline to finish, then they are dropped, so SIGTERM / SIGINT always ends the process.
@@ -43,6 +46,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+
+use super::response_deadline::ResponseDeadline;
 
 /// Counter: connections or requests ended by the read deadline (label `stage`: `headers`,
 /// `body`, or `budget` for a body whose deadline passed while it waited for a body budget).
@@ -84,6 +89,10 @@ pub struct ConnectionLimits {
     pub query_body_budget: usize,
     /// `GET /dump` responses built or being sent at once (`super::dump`).
     pub max_dumps: usize,
+    /// How long a `GET /dump` beyond `max_dumps` waits for a slot.
+    pub dump_wait: Duration,
+    /// How long one `GET /dump` response may take to send.
+    pub dump_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -95,6 +104,8 @@ impl Default for ConnectionLimits {
             events_body_budget: super::body_budget::DEFAULT_EVENTS_BODY_BUDGET,
             query_body_budget: super::body_budget::DEFAULT_QUERY_BODY_BUDGET,
             max_dumps: super::dump::DEFAULT_MAX_DUMPS,
+            dump_wait: super::dump::DEFAULT_DUMP_WAIT,
+            dump_timeout: super::dump::DEFAULT_DUMP_TIMEOUT,
         }
     }
 }
@@ -212,7 +223,10 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = WithResponseDeadline {
+            inner: TowerToHyperService::new(app.clone()),
+            deadline: ResponseDeadline::default(),
+        };
         let stop = shutdown.clone();
         connections.spawn(async move {
             let _permit = permit;
@@ -240,26 +254,35 @@ pub async fn serve(
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    service: TowerToHyperService<Router>,
+    service: WithResponseDeadline,
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let deadline = service.deadline.clone();
+    let deadline_passed = deadline.passed();
+    tokio::pin!(deadline_passed);
     let io = WriteDeadline::new(stream, limits.write_timeout);
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.read_timeout)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let finished = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        _ = shutdown.wait_for(|stop| *stop) => None,
+    let mut ended = tokio::select! {
+        result = conn.as_mut() => Ended::Served(result),
+        _ = shutdown.wait_for(|stop| *stop) => Ended::ShuttingDown,
+        _ = deadline_passed.as_mut() => Ended::ResponseDeadline,
     };
-    let result = match finished {
-        Some(result) => result,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+    if let Ended::ShuttingDown = ended {
+        conn.as_mut().graceful_shutdown();
+        ended = tokio::select! {
+            result = conn.as_mut() => Ended::Served(result),
+            _ = deadline_passed.as_mut() => Ended::ResponseDeadline,
+        };
+    }
+    let Ended::Served(result) = ended else {
+        // Dropping the connection drops the response (its owner counts and logs the cut).
+        tracing::debug!(%peer, "HTTP connection closed: its response's deadline passed");
+        return;
     };
     if let Err(e) = result {
         if is_write_timeout(&e) {
@@ -277,6 +300,37 @@ async fn serve_connection(
             metrics::counter!(CONNECTION_ERRORS_TOTAL, "reason" => reason.as_str()).increment(1);
             tracing::info!(%peer, reason = reason.as_str(), error = %e, "HTTP connection ended with an error");
         }
+    }
+}
+
+/// Why [`serve_connection`] stopped waiting for its connection.
+enum Ended {
+    /// hyper finished with the connection.
+    Served(Result<(), hyper::Error>),
+    /// The server is shutting down (the connection then gets a graceful close).
+    ShuttingDown,
+    /// The deadline of the response being sent passed.
+    ResponseDeadline,
+}
+
+/// The router as a hyper service, giving each request its connection's [`ResponseDeadline`]
+/// (an extension) so that a handler can bound how long its response may take to send.
+struct WithResponseDeadline {
+    inner: TowerToHyperService<Router>,
+    deadline: ResponseDeadline,
+}
+
+impl<B> hyper::service::Service<Request<B>> for WithResponseDeadline
+where
+    TowerToHyperService<Router>: hyper::service::Service<Request<B>>,
+{
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<Request<B>>>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<Request<B>>>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<Request<B>>>::Future;
+
+    fn call(&self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.deadline.clone());
+        self.inner.call(req)
     }
 }
 

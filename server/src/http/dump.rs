@@ -2,29 +2,35 @@
 //! in Dynamo's RouterEvent shape, plus explicit `model_name` / `routing_group` fields so names
 //! containing `:` survive a peer recovery (Dynamo's parser ignores them).
 //!
-//! A dump is built whole in memory (many MiB for a large index) and held until the client has
-//! read it, so at most `--http-max-dumps` are built or sent at once. A slot is taken before the
-//! build and held until the build has ended (even when the client went away meanwhile) and then
-//! until the dump is sent. A request beyond the limit waits for a slot, up to
-//! [`DUMP_SLOT_WAIT`] (below the 10 s a recovering peer gives a peer), and is answered `503`
-//! (`Retry-After: 1`) and counted if none frees up: a recovering Dynamo peer then moves on to
-//! its next peer, a kvindex peer retries. A client that stops reading its dump is cut off by
-//! the write deadline (`super::connections`), which frees the dump and its slot.
+//! A dump is streamed one partition at a time (`super::dump_stream`): it holds about one
+//! partition's events at once, not the whole dump. Still, a dump costs a build per partition and
+//! a connection for as long as its client takes, so at most `--http-max-dumps` are built or sent
+//! at once. A slot is taken before the first build and held until the response has been sent
+//! or dropped (client gone), and, when a build is running on a blocking thread by then, until
+//! that build has ended. A request beyond the limit waits for a slot, up to
+//! `--http-dump-wait-ms` ([`DEFAULT_DUMP_WAIT`], below the 10 s a recovering peer gives a peer),
+//! and is answered `503` (`Retry-After: 1`) and counted if none frees up: a recovering Dynamo
+//! peer then moves on to its next peer, a kvindex peer retries. A client that stops reading its
+//! dump is cut off by the write deadline (`super::connections`); one that reads, but too slowly
+//! to finish within `--http-dump-timeout-s` ([`DEFAULT_DUMP_TIMEOUT`]), by the dump's own
+//! deadline (`super::response_deadline`), counted in [`DUMP_TIMEOUTS_TOTAL`]. Either frees the
+//! slot.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{Extension, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kvindex_engine::RouterEvent;
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::errors::ApiError;
+use super::dump_stream::{BuildPartition, DumpBody};
+use super::response_deadline::ResponseDeadline;
 use super::SharedState;
+use crate::partitions::Partition;
 
 /// Default `--http-max-dumps`.
 pub const DEFAULT_MAX_DUMPS: usize = 2;
@@ -34,10 +40,17 @@ pub const DUMPS_IN_PROGRESS: &str = "kvindex_http_dumps_in_progress";
 pub const DUMPS_REFUSED_TOTAL: &str = "kvindex_http_dumps_refused_total";
 /// Gauge: `/dump` requests waiting for a slot.
 pub const DUMPS_WAITING: &str = "kvindex_http_dumps_waiting";
-/// How long a `/dump` beyond `--http-max-dumps` waits for a slot before it is answered 503:
-/// half the 10 s a recovering peer (Dynamo's or ours) gives one peer, so that replicas
-/// starting together get their dumps one after the other instead of recovering nothing.
-pub const DUMP_SLOT_WAIT: Duration = Duration::from_secs(5);
+/// Counter: `/dump` responses cut off because they were not sent within `--http-dump-timeout-s`.
+pub const DUMP_TIMEOUTS_TOTAL: &str = "kvindex_http_dump_timeouts_total";
+/// Default `--http-dump-wait-ms`: how long a `/dump` beyond `--http-max-dumps` waits for a slot
+/// before it is answered 503. Half the 10 s a recovering peer (Dynamo's or ours) gives one
+/// peer, so that replicas starting together get their dumps one after the other instead of
+/// recovering nothing.
+pub const DEFAULT_DUMP_WAIT: Duration = Duration::from_secs(5);
+/// Default `--http-dump-timeout-s`: how long one `/dump` response may take, from its slot to
+/// its last byte. Generous (a dump of a large index is hundreds of MiB), but a bound: a client
+/// reading slowly, never slowly enough for the write deadline, cannot keep a slot forever.
+pub const DEFAULT_DUMP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Describe this module's metrics (help text on `/metrics`).
 pub fn describe() {
@@ -47,37 +60,57 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         DUMPS_REFUSED_TOTAL,
-        "GET /dump requests answered 503 because --http-max-dumps dumps were being built or sent for 5 s"
+        "GET /dump requests answered 503 because --http-max-dumps dumps were being built or sent for --http-dump-wait-ms"
     );
     metrics::describe_gauge!(
         DUMPS_WAITING,
-        "GET /dump requests waiting (at most 5 s) for one of --http-max-dumps slots"
+        "GET /dump requests waiting (at most --http-dump-wait-ms) for one of --http-max-dumps slots"
+    );
+    metrics::describe_counter!(
+        DUMP_TIMEOUTS_TOTAL,
+        "GET /dump responses cut off (connection closed, slot freed) because they were not sent within --http-dump-timeout-s"
     );
 }
 
-/// How many dumps may be built or sent at once.
+/// How many dumps may be built or sent at once, how long a request waits for a slot, and how
+/// long a dump may take.
 #[derive(Debug, Clone)]
 pub struct DumpLimit {
     slots: Arc<Semaphore>,
     max: usize,
     /// How long a request waits for a slot.
     wait: Duration,
+    /// How long a response may take, from its slot to its last byte.
+    timeout: Duration,
     hold: Arc<BuildHold>,
 }
 
 impl DumpLimit {
-    /// At most `max` (at least 1) dumps at once.
+    /// At most `max` (at least 1) dumps at once, with the default wait and timeout.
     pub fn new(max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         DumpLimit {
             slots: Arc::new(Semaphore::new(max)),
             max,
-            wait: DUMP_SLOT_WAIT,
+            wait: DEFAULT_DUMP_WAIT,
+            timeout: DEFAULT_DUMP_TIMEOUT,
             hold: Arc::default(),
         }
     }
 
-    /// A slot, waiting for one up to [`DUMP_SLOT_WAIT`] when all are taken; `None` if none
+    /// A request waits at most `wait` for a slot (`--http-dump-wait-ms`; zero: refused at once).
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// A response is cut off once it has taken `timeout` (`--http-dump-timeout-s`).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// A slot, waiting for one up to `--http-dump-wait-ms` when all are taken; `None` if none
     /// freed up in time.
     async fn slot(&self) -> Option<Slot> {
         if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
@@ -93,9 +126,9 @@ impl DumpLimit {
         }
     }
 
-    /// Test route `POST /test/hold_dumps`: dump builds started from now on wait, before they
-    /// read the index, until [`Self::release_builds`] (tests make a build last as long as they
-    /// need, without timing).
+    /// Test route `POST /test/hold_dumps`: partition builds started from now on (of dumps in
+    /// progress too) wait, before they read the index, until [`Self::release_builds`] (tests
+    /// make a build last as long as they need, without timing).
     pub fn hold_builds(&self) {
         self.hold.set(true);
     }
@@ -162,30 +195,29 @@ impl Drop for Slot {
     }
 }
 
-/// A dump's bytes, owning their slot: the slot is free again only once the bytes are gone
-/// (written, or dropped with the connection), wherever hyper keeps them meanwhile.
-struct DumpBytes {
-    json: String,
+/// Builds a dump's partitions, holding the dump's slot: shared by the response body and by a
+/// build running on a blocking thread, the slot is free again once both are gone (the response
+/// sent or dropped with its connection, the build ended).
+struct PartitionBuilder {
     _slot: Slot,
+    hold: Arc<BuildHold>,
 }
 
-impl AsRef<[u8]> for DumpBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.json.as_bytes()
+impl BuildPartition for PartitionBuilder {
+    fn build(&self, partition: &Partition) -> Result<Vec<RouterEvent>, String> {
+        self.hold.wait();
+        match &partition.namespace {
+            None => Ok(Vec::new()),
+            Some(ns) => ns.dump().map_err(|e| e.to_string()),
+        }
     }
 }
 
-/// One partition of the dump (Dynamo's fields first).
-#[derive(Serialize)]
-struct DumpEntry<'a> {
-    block_size: u32,
-    events: Vec<RouterEvent>,
-    model_name: &'a str,
-    routing_group: &'a str,
-}
-
 /// `GET /dump`.
-pub async fn dump(State(state): State<SharedState>) -> Response {
+pub async fn dump(
+    State(state): State<SharedState>,
+    deadline: Option<Extension<ResponseDeadline>>,
+) -> Response {
     let limit = &state.dumps;
     let Some(slot) = limit.slot().await else {
         metrics::counter!(DUMPS_REFUSED_TOTAL).increment(1);
@@ -207,57 +239,27 @@ pub async fn dump(State(state): State<SharedState>) -> Response {
         )
             .into_response();
     };
+    let at = tokio::time::Instant::now() + limit.timeout;
+    // Outside a served connection (handler tests) there is none: the body's own deadline then
+    // acts whenever the body is asked for more.
+    let armed = deadline.map(|Extension(d)| d.arm(at));
     let view = state.partitions.view();
-    let mut parts: Vec<_> = view.partitions.values().cloned().collect();
+    let mut parts: Vec<Partition> = view.partitions.values().cloned().collect();
     parts.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
-    // Written by hand so that each entry keeps its field order (a `serde_json::Value` would
-    // sort the keys of every object, RouterEvents included). The slot goes into the build and
-    // comes back with its result: a client that goes away during the build drops this handler,
-    // not the build (a blocking task runs to its end), so the slot must last as long as the
-    // build does.
-    let hold = Arc::clone(&limit.hold);
-    let result = tokio::task::spawn_blocking(move || {
-        hold.wait();
-        let mut out = String::from("{");
-        for (i, p) in parts.iter().enumerate() {
-            let key = &p.spec.key;
-            let entry = match &p.namespace {
-                None => Ok(Vec::new()),
-                Some(ns) => ns.dump().map_err(|e| e.to_string()),
-            }
-            .and_then(|events| {
-                serde_json::to_string(&DumpEntry {
-                    block_size: p.spec.block_size,
-                    events,
-                    model_name: &key.model_name,
-                    routing_group: &key.routing_group,
-                })
-                .map_err(|e| e.to_string())
-            });
-            let value = entry.unwrap_or_else(|e| json!({ "error": e }).to_string());
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&Value::String(key.to_string()).to_string());
-            out.push(':');
-            out.push_str(&value);
-        }
-        out.push('}');
-        (out, slot)
-    })
-    .await;
-    match result {
-        Ok((json, slot)) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from(Bytes::from_owner(DumpBytes { json, _slot: slot })),
-        )
-            .into_response(),
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
-    }
+    let builder = Arc::new(PartitionBuilder {
+        _slot: slot,
+        hold: Arc::clone(&limit.hold),
+    });
+    let body = DumpBody::new(parts, builder, at, limit.timeout, armed);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::new(body),
+    )
+        .into_response()
 }
 
-/// `POST /test/hold_dumps` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`): dump builds wait until
-/// `POST /test/release_dumps`.
+/// `POST /test/hold_dumps` (only with `DYN_KV_INDEXER_TEST_ENDPOINTS`): partition builds of
+/// dumps wait until `POST /test/release_dumps`.
 pub async fn hold_dumps(State(state): State<SharedState>) -> Response {
     state.dumps.hold_builds();
     axum::Json(json!({"status": "ok"})).into_response()

@@ -14,11 +14,13 @@ use crate::partitions::Partitions;
 pub mod body_budget;
 pub mod connections;
 pub mod dump;
+mod dump_stream;
 pub mod errors;
 pub mod events;
 mod handlers;
 mod observe;
 pub mod query;
+pub mod response_deadline;
 pub mod routes;
 #[cfg(test)]
 pub(crate) mod unregister_race;
