@@ -49,7 +49,7 @@ pub use entry::{
     LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, StreamWatermark, FIRST_LSN,
 };
 pub use error::{Damage, PersistError, Result};
-pub use io::{io_uring_available, IoBackendChoice, IoBackendKind, IoFaults};
+pub use io::{io_uring_available, IoBackendChoice, IoBackendKind, IoFaults, SnapshotFault};
 pub use log::{read_log, EventLog};
 pub use recovery::{
     CollectingSink, EntryView, NullSink, RecoveryReport, ReplaySink, SkippedRegion, TailCut,
