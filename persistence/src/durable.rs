@@ -171,8 +171,22 @@ struct Inner {
 struct Backoff {
     /// Failed attempts since the last snapshot written.
     failed_in_a_row: u32,
+    /// When the last failed attempt ended.
+    failed_at: Option<Instant>,
     /// No periodic attempt before this.
     retry_at: Option<Instant>,
+}
+
+/// Why no snapshot is being taken for now: the failures since the last snapshot written, and
+/// when the periodic snapshot tries again ([`DurableIndex::snapshot_retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotRetry {
+    /// Failed attempts in a row.
+    pub failed_in_a_row: u32,
+    /// When the last of them ended.
+    pub failed_at: Instant,
+    /// No periodic attempt starts before this.
+    pub retry_at: Instant,
 }
 
 /// The wait before the first retry of a failed snapshot; it doubles with each failure in a
@@ -383,6 +397,17 @@ impl DurableIndex {
         self.inner.failures.load(Ordering::Relaxed)
     }
 
+    /// The periodic snapshot's back-off after failed attempts; `None` once a snapshot was
+    /// written (or none failed).
+    pub fn snapshot_retry(&self) -> Option<SnapshotRetry> {
+        let b = lock(&self.inner.backoff);
+        Some(SnapshotRetry {
+            failed_in_a_row: b.failed_in_a_row,
+            failed_at: b.failed_at?,
+            retry_at: b.retry_at?,
+        })
+    }
+
     /// Per-stream watermarks of what is on disk: what to ask producers to replay after.
     pub fn watermarks(&self) -> Vec<StreamWatermark> {
         self.inner.log.durable_watermarks()
@@ -524,9 +549,11 @@ impl Inner {
             Err(_) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("kvindex_snapshot_failures_total").increment(1);
+                let now = Instant::now();
                 backoff.failed_in_a_row = backoff.failed_in_a_row.saturating_add(1);
+                backoff.failed_at = Some(now);
                 backoff.retry_at =
-                    Some(Instant::now() + retry_delay(backoff.failed_in_a_row, self.policy.every));
+                    Some(now + retry_delay(backoff.failed_in_a_row, self.policy.every));
             }
         }
         result

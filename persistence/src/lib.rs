@@ -44,7 +44,7 @@ pub mod writer;
 pub use config::{
     FsyncPolicy, LogConfig, ProgressFn, RecoveryPolicy, RecoveryProgress, DEFAULT_DATA_DIR,
 };
-pub use durable::{DurableConfig, DurableIndex, EngineSink, SnapshotPolicy};
+pub use durable::{DurableConfig, DurableIndex, EngineSink, SnapshotPolicy, SnapshotRetry};
 pub use entry::{
     LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, StreamWatermark, FIRST_LSN,
 };

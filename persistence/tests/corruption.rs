@@ -1062,8 +1062,9 @@ fn a_snapshot_temporary_file_left_by_a_crash_is_deleted_at_start_up() {
 }
 
 /// A periodic snapshot that keeps failing (its write: a full disk) stays due and is tried
-/// again, but after a wait that doubles (1 s, 2 s, ...), not at every 500 ms poll; each
-/// attempt is counted once.
+/// again, but only once the wait set by the previous failure has passed, and that wait doubles
+/// (1 s, 2 s, ...) instead of a retry at every 500 ms poll; each attempt is counted once. The
+/// instants come from the index itself, so a slow machine only makes the waits longer.
 #[test]
 fn a_failing_periodic_snapshot_is_retried_with_a_backoff() {
     let dir = tempfile::tempdir().unwrap();
@@ -1073,12 +1074,38 @@ fn a_failing_periodic_snapshot_is_retried_with_a_backoff() {
         keep: 2,
     };
     let idx = durable_with_snapshot_fault(dir.path(), SnapshotFault::WriteAfterBytes(0), policy, 1);
-    std::thread::sleep(std::time::Duration::from_millis(3200));
-    let attempts = idx.snapshot_failures();
-    // Attempts at about 0 s, 1 s and 3 s; polling every 500 ms without a backoff makes 6 or 7.
-    assert!((2..=3).contains(&attempts), "{attempts} attempts in 3.2 s");
+    let first = wait_for_retry(&idx, 0);
+    assert_eq!(
+        first.retry_at - first.failed_at,
+        durable::SNAPSHOT_RETRY_FIRST
+    );
+    let later = wait_for_retry(&idx, first.failed_in_a_row);
+    assert!(
+        later.failed_at >= first.retry_at,
+        "an attempt ended {:?} before the retry time the failure before it set",
+        first.retry_at - later.failed_at
+    );
+    assert!(later.failed_in_a_row > first.failed_in_a_row);
+    assert!(later.retry_at - later.failed_at >= 2 * durable::SNAPSHOT_RETRY_FIRST);
+    // Counted once per attempt: read while no attempt runs (the next is seconds away).
+    let failures = idx.snapshot_failures();
+    if idx.snapshot_retry() == Some(later) {
+        assert_eq!(failures, u64::from(later.failed_in_a_row));
+    }
     assert_eq!(snapshot_temps(dir.path()), Vec::<String>::new());
     idx.close().unwrap();
+}
+
+/// The back-off of `idx`'s periodic snapshot once more than `after` attempts in a row have
+/// failed (bounded wait).
+fn wait_for_retry(idx: &DurableIndex, after: u32) -> SnapshotRetry {
+    for _ in 0..3000 {
+        if let Some(r) = idx.snapshot_retry().filter(|r| r.failed_in_a_row > after) {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("no snapshot attempt failed after {after} failures in a row");
 }
 
 /// Once the log writer has failed (it stays failed until the process restarts), the periodic
