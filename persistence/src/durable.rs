@@ -14,7 +14,7 @@ use kvindex_engine::{Engine, EngineError, Namespace, NamespaceKey, RouterEvent, 
 
 use crate::config::LogConfig;
 use crate::entry::{LogEntry, LogOp, Lsn, NamespaceSpec, StreamWatermark};
-use crate::error::Result;
+use crate::error::{PersistError, Result};
 use crate::log::EventLog;
 use crate::record::ArchivedOpRecord;
 use crate::recovery::{EntryView, RecoveryReport, ReplaySink};
@@ -150,9 +150,61 @@ struct Inner {
     /// Held while an entry is appended and handed to the engine, and while a snapshot is
     /// captured: so queue order equals LSN order per stream, and a snapshot matches its LSN.
     intake: Mutex<()>,
-    since_snapshot: AtomicU64,
+    /// Entries replayed at open plus entries appended since.
+    appended: AtomicU64,
+    /// `appended` as of the capture of the last snapshot written (entries since then are not
+    /// covered by a snapshot). Moves only when a snapshot is written: a failed one leaves it,
+    /// so the snapshot stays due and is tried again.
+    covered: AtomicU64,
+    /// When the last snapshot written was captured.
     last_snapshot: Mutex<Instant>,
+    /// Failed snapshot attempts in a row, and when the next periodic one may start.
+    backoff: Mutex<Backoff>,
+    /// Failed snapshot attempts since open (each also counted in
+    /// `kvindex_snapshot_failures_total`).
+    failures: AtomicU64,
     policy: SnapshotPolicy,
+}
+
+/// The periodic snapshot's retry state after failures.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Failed attempts since the last snapshot written.
+    failed_in_a_row: u32,
+    /// When the last failed attempt ended.
+    failed_at: Option<Instant>,
+    /// No periodic attempt before this.
+    retry_at: Option<Instant>,
+}
+
+/// Why no snapshot is being taken for now: the failures since the last snapshot written, and
+/// when the periodic snapshot tries again ([`DurableIndex::snapshot_retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotRetry {
+    /// Failed attempts in a row.
+    pub failed_in_a_row: u32,
+    /// When the last of them ended.
+    pub failed_at: Instant,
+    /// No periodic attempt starts before this.
+    pub retry_at: Instant,
+}
+
+/// The wait before the first retry of a failed snapshot; it doubles with each failure in a
+/// row, up to the snapshot interval ([`SnapshotPolicy::every`], or [`SNAPSHOT_RETRY_MAX`] when
+/// snapshots are not taken by time).
+pub const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest wait between retries of a failed snapshot when [`SnapshotPolicy::every`] is
+/// `None`.
+pub const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// How long the periodic snapshot waits after `failed_in_a_row` (at least 1) failures.
+fn retry_delay(failed_in_a_row: u32, every: Option<Duration>) -> Duration {
+    let cap = every.unwrap_or(SNAPSHOT_RETRY_MAX);
+    let doublings = failed_in_a_row.saturating_sub(1).min(20);
+    SNAPSHOT_RETRY_FIRST
+        .saturating_mul(1u32 << doublings)
+        .min(cap)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,7 +230,7 @@ impl DurableIndex {
         let mut sink = EngineSink::new(engine.clone());
         let (log, report) = EventLog::open(dir, config.log.clone(), &mut sink)?;
         engine.flush()?;
-        let store = SnapshotStore::new(dir);
+        let store = SnapshotStore::new(dir).with_fault(config.log.faults.snapshot);
         // Snapshots recovery rejected leave retention: counted among the `keep` newest, they
         // would push the valid older one out and let compaction delete the log it needs.
         // Renamed, not deleted: they are evidence.
@@ -197,8 +249,11 @@ impl DurableIndex {
             log,
             store,
             intake: Mutex::new(()),
-            since_snapshot: AtomicU64::new(report.entries_replayed),
+            appended: AtomicU64::new(report.entries_replayed),
+            covered: AtomicU64::new(0),
             last_snapshot: Mutex::new(Instant::now()),
+            backoff: Mutex::new(Backoff::default()),
+            failures: AtomicU64::new(0),
             policy: SnapshotPolicy {
                 keep: config.snapshots.keep.max(1),
                 ..config.snapshots
@@ -212,20 +267,7 @@ impl DurableIndex {
             let bg = Arc::clone(&inner);
             let handle = std::thread::Builder::new()
                 .name("kvindex-snapshotter".into())
-                .spawn(move || loop {
-                    match rx.recv_timeout(Duration::from_millis(500)) {
-                        Ok(()) | Err(RecvTimeoutError::Timeout) => {
-                            if bg.snapshot_due() {
-                                if let Err(e) = bg.snapshot() {
-                                    tracing::error!(error = %e, "periodic snapshot failed");
-                                    metrics::counter!("kvindex_snapshot_failures_total")
-                                        .increment(1);
-                                }
-                            }
-                        }
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                })
+                .spawn(move || bg.run_snapshotter(&rx))
                 .map_err(|e| crate::PersistError::io("spawn snapshot thread", dir, None, e))?;
             Some((tx, handle))
         } else {
@@ -272,7 +314,7 @@ impl DurableIndex {
             }
             ticket
         };
-        let since = self.inner.since_snapshot.fetch_add(n, Ordering::Relaxed) + n;
+        let since = self.inner.since_snapshot_after(n);
         if let (Some(every), Some((tx, _))) = (self.inner.policy.every_entries, &self.snapshotter) {
             if since >= every {
                 let _ = tx.try_send(());
@@ -343,9 +385,27 @@ impl DurableIndex {
     }
 
     /// Take a snapshot now (intake pauses while the index is copied), prune old snapshots and
-    /// compact the log.
+    /// compact the log. A failure is counted (`kvindex_snapshot_failures_total`) and makes the
+    /// periodic snapshot wait before it tries again, as its own failures do.
     pub fn snapshot_now(&self) -> Result<SnapshotMeta> {
         self.inner.snapshot()
+    }
+
+    /// Snapshot attempts that failed since open (periodic, [`Self::snapshot_now`] and the one
+    /// after a recovery that skipped damage).
+    pub fn snapshot_failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// The periodic snapshot's back-off after failed attempts; `None` once a snapshot was
+    /// written (or none failed).
+    pub fn snapshot_retry(&self) -> Option<SnapshotRetry> {
+        let b = lock(&self.inner.backoff);
+        Some(SnapshotRetry {
+            failed_in_a_row: b.failed_in_a_row,
+            failed_at: b.failed_at?,
+            retry_at: b.retry_at?,
+        })
     }
 
     /// Per-stream watermarks of what is on disk: what to ask producers to replay after.
@@ -420,9 +480,24 @@ fn apply_live(engine: &Engine, e: LogEntry) -> Result<()> {
 }
 
 impl Inner {
+    /// Count `n` entries just appended; the entries not covered by a snapshot.
+    fn since_snapshot_after(&self, n: u64) -> u64 {
+        let appended = self.appended.fetch_add(n, Ordering::Relaxed) + n;
+        appended.saturating_sub(self.covered.load(Ordering::Relaxed))
+    }
+
     fn snapshot_due(&self) -> bool {
-        let since = self.since_snapshot.load(Ordering::Relaxed);
+        let since = self
+            .appended
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.covered.load(Ordering::Relaxed));
         if since == 0 {
+            return false;
+        }
+        if lock(&self.backoff)
+            .retry_at
+            .is_some_and(|at| Instant::now() < at)
+        {
             return false;
         }
         if self.policy.every_entries.is_some_and(|n| since >= n) {
@@ -433,9 +508,60 @@ impl Inner {
             .is_some_and(|d| lock(&self.last_snapshot).elapsed() >= d)
     }
 
+    /// The snapshot thread: every 500 ms (or when woken by the entry count), a snapshot if one
+    /// is due. After a failure the next attempt waits ([`retry_delay`]); once the log writer has
+    /// failed, which lasts until the process restarts, it logs that once and stops.
+    fn run_snapshotter(&self, rx: &channel::Receiver<()>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if let Some(cause) = self.log.writer_failure() {
+                tracing::error!(%cause, "the log writer has failed: no more periodic snapshots until the process restarts");
+                return;
+            }
+            if !self.snapshot_due() {
+                continue;
+            }
+            match self.snapshot() {
+                Ok(_) => {}
+                Err(e @ PersistError::WriterFailed { .. }) => {
+                    tracing::error!(error = %e, "periodic snapshot failed: the log writer has failed, no more periodic snapshots until the process restarts");
+                    return;
+                }
+                Err(e) => {
+                    let retry_in = lock(&self.backoff).retry_at.map_or(Duration::ZERO, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    });
+                    tracing::error!(error = %e, retry_in_ms = retry_in.as_millis() as u64, "periodic snapshot failed; trying again later");
+                }
+            }
+        }
+    }
+
+    /// Take a snapshot; a failure is counted and delays the next periodic attempt.
     fn snapshot(&self) -> Result<SnapshotMeta> {
+        let result = self.take_snapshot();
+        let mut backoff = lock(&self.backoff);
+        match &result {
+            Ok(_) => *backoff = Backoff::default(),
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("kvindex_snapshot_failures_total").increment(1);
+                let now = Instant::now();
+                backoff.failed_in_a_row = backoff.failed_in_a_row.saturating_add(1);
+                backoff.failed_at = Some(now);
+                backoff.retry_at =
+                    Some(now + retry_delay(backoff.failed_in_a_row, self.policy.every));
+            }
+        }
+        result
+    }
+
+    fn take_snapshot(&self) -> Result<SnapshotMeta> {
         let started = Instant::now();
-        let image = {
+        let (image, tagged, appended) = {
             let _intake = lock(&self.intake);
             let next = self.log.next_lsn();
             // The snapshot must never cover an LSN the log could still lose.
@@ -443,14 +569,15 @@ impl Inner {
             let wms = self.log.durable_watermarks();
             let tagged = self.log.durable_tagged_seqs();
             let image = SnapshotImage::capture(&self.engine, next, &wms)?;
-            self.since_snapshot.store(0, Ordering::Relaxed);
-            *lock(&self.last_snapshot) = Instant::now();
-            (image, tagged)
+            (image, tagged, self.appended.load(Ordering::Relaxed))
         };
-        let (image, tagged) = image;
         // (Re)written even when a snapshot of this position exists: the rename is atomic and
         // replaces a possibly damaged file.
         let meta = self.store.write_with(&image, &tagged)?;
+        // Written: what it covers is no longer due (entries appended since the capture still
+        // count). Not before: a failed snapshot stays due, and is tried again after a backoff.
+        self.covered.fetch_max(appended, Ordering::Relaxed);
+        *lock(&self.last_snapshot) = started;
         self.store.prune(self.policy.keep)?;
         if let Some(oldest) = self.store.list()?.first() {
             self.log.compact(oldest.next_lsn)?;
@@ -463,5 +590,24 @@ impl Inner {
         );
         metrics::histogram!("kvindex_snapshot_seconds").record(started.elapsed().as_secs_f64());
         Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_delay_doubles_up_to_the_snapshot_interval() {
+        let every = Some(Duration::from_secs(600));
+        let delays: Vec<u64> = (1..=12).map(|n| retry_delay(n, every).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        assert_eq!(retry_delay(u32::MAX, every), Duration::from_secs(600));
+        // Never longer than a short interval; the default cap without one.
+        assert_eq!(
+            retry_delay(3, Some(Duration::from_millis(300))),
+            Duration::from_millis(300)
+        );
+        assert_eq!(retry_delay(u32::MAX, None), SNAPSHOT_RETRY_MAX);
     }
 }

@@ -217,6 +217,18 @@ pub enum PersistError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A snapshot could not be opened, stat'ed or mapped (EACCES, EMFILE, ENOMEM, EIO...): an
+    /// error of the system, not of the file's content, which was not checked. Recovery stops
+    /// rather than take it for damage (and set a valid snapshot aside).
+    #[error(
+        "snapshot {path} could not be read ({op}: {source}); this says nothing about its              content, which was left as it is. Fix the cause (permissions, open-file limit,              memory, the device) and start again"
+    )]
+    SnapshotUnreadable {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl PersistError {

@@ -49,6 +49,21 @@ pub struct IoFaults {
     pub fail_sync: bool,
     /// The `fdatasync` of the recovered tail segment when a writer starts fails with `EIO`.
     pub fail_reopen_sync: bool,
+    /// Every snapshot write of a [`crate::DurableIndex`] fails at this step (the log itself is
+    /// not affected).
+    pub snapshot: Option<SnapshotFault>,
+}
+
+/// Where a simulated snapshot write fails (tests only; [`IoFaults::snapshot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotFault {
+    /// The temporary file gets this many bytes, then the write fails with `ENOSPC` (a full
+    /// disk).
+    WriteAfterBytes(u64),
+    /// The temporary file is written, its `fsync` fails with `EIO`.
+    Sync,
+    /// The temporary file is written and synced, its rename fails with `EIO`.
+    Rename,
 }
 
 /// The chosen backend plus fault injection.

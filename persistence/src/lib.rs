@@ -44,12 +44,12 @@ pub mod writer;
 pub use config::{
     FsyncPolicy, LogConfig, ProgressFn, RecoveryPolicy, RecoveryProgress, DEFAULT_DATA_DIR,
 };
-pub use durable::{DurableConfig, DurableIndex, EngineSink, SnapshotPolicy};
+pub use durable::{DurableConfig, DurableIndex, EngineSink, SnapshotPolicy, SnapshotRetry};
 pub use entry::{
     LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, StreamWatermark, FIRST_LSN,
 };
 pub use error::{Damage, PersistError, Result};
-pub use io::{io_uring_available, IoBackendChoice, IoBackendKind, IoFaults};
+pub use io::{io_uring_available, IoBackendChoice, IoBackendKind, IoFaults, SnapshotFault};
 pub use log::{read_log, EventLog};
 pub use recovery::{
     CollectingSink, EntryView, NullSink, RecoveryReport, ReplaySink, SkippedRegion, TailCut,

@@ -19,6 +19,7 @@ use crate::error::{PersistError, Result};
 use crate::format::{
     le_u32, le_u64, MIN_SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION, SNAPSHOT_MAGIC,
 };
+use crate::io::SnapshotFault;
 use crate::record::TierRecord;
 use crate::segment::{list_dir, snapshot_file_name, MappedFile};
 use crate::seq_set::TaggedSeqs;
@@ -583,6 +584,14 @@ pub struct LoadedSnapshot {
 impl LoadedSnapshot {
     /// Map and fully validate `path`; the tagged source sequences are decoded once, here.
     pub fn load(path: &Path) -> Result<Self> {
+        if let Some((op, errno)) = test_hooks::load_fault() {
+            return Err(PersistError::io(
+                op,
+                path,
+                None,
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
         let file = MappedFile::open(path)?;
         let (next_lsn, _, tagged) =
             validate_snapshot_parts(file.bytes()).map_err(|(offset, reason)| {
@@ -657,12 +666,24 @@ pub struct SnapshotFailure {
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     dir: PathBuf,
+    /// Simulated write failure (tests only).
+    fault: Option<SnapshotFault>,
 }
 
 impl SnapshotStore {
     /// The store of data directory `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            fault: None,
+        }
+    }
+
+    /// The same store, its writes failing as `fault` says (tests only).
+    #[doc(hidden)]
+    pub fn with_fault(mut self, fault: Option<SnapshotFault>) -> Self {
+        self.fault = fault;
+        self
     }
 
     /// Snapshots on disk, oldest first.
@@ -713,26 +734,50 @@ impl SnapshotStore {
         let tmp = self
             .dir
             .join(format!("{name}.{}-{n}.tmp", std::process::id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| PersistError::io("create", &tmp, None, e))?;
-        f.write_all(&header)
-            .and_then(|_| f.write_all(&payload))
-            .map_err(|e| PersistError::io("write", &tmp, None, e))?;
-        f.sync_all()
-            .map_err(|e| PersistError::io("fsync", &tmp, None, e))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(|e| PersistError::io("rename", &tmp, None, e))?;
-        sync_dir(&self.dir)?;
+        // A failed write must not leave its (partial) temporary file: every attempt has a name
+        // of its own, so on a nearly full disk they would pile up until the log itself has no
+        // room left.
+        if let Err(e) = self.write_and_rename(&tmp, &path, &header, &payload) {
+            discard_temp(&tmp, &e);
+            return Err(e);
+        }
         metrics::counter!("kvindex_snapshots_written_total").increment(1);
         metrics::gauge!("kvindex_snapshot_bytes").set((SNAPSHOT_HEADER_LEN + payload.len()) as f64);
         Ok(SnapshotMeta {
             path,
             next_lsn: image.next_lsn,
         })
+    }
+
+    /// Write `header` and `payload` to `tmp`, fsync it, rename it to `path`, fsync the
+    /// directory. The caller deletes `tmp` when this fails.
+    fn write_and_rename(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        header: &[u8],
+        payload: &[u8],
+    ) -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)
+            .map_err(|e| PersistError::io("create", tmp, None, e))?;
+        write_parts(&mut f, &[header, payload], self.fault)
+            .map_err(|e| PersistError::io("write", tmp, None, e))?;
+        match self.fault {
+            Some(SnapshotFault::Sync) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => f.sync_all(),
+        }
+        .map_err(|e| PersistError::io("fsync", tmp, None, e))?;
+        drop(f);
+        match self.fault {
+            Some(SnapshotFault::Rename) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => std::fs::rename(tmp, path),
+        }
+        .map_err(|e| PersistError::io("rename", tmp, None, e))?;
+        sync_dir(&self.dir)
     }
 
     /// Load and validate one snapshot.
@@ -761,7 +806,16 @@ impl SnapshotStore {
                 {
                     return Err(PersistError::CompactedAway { path: meta.path });
                 }
-                Err(e) => {
+                // Not the file's content but the system refused to open, stat or map it (EACCES,
+                // EMFILE, ENOMEM, EIO...): the file was not checked, so it is not taken for
+                // damaged (which would set a valid snapshot aside for good): stop here.
+                Err(PersistError::Io {
+                    op, path, source, ..
+                }) => {
+                    tracing::error!(path = %path.display(), op, error = %source, "snapshot could not be read (an I/O error, not damage)");
+                    return Err(PersistError::SnapshotUnreadable { path, op, source });
+                }
+                Err(e @ PersistError::CorruptSnapshot { .. }) => {
                     tracing::warn!(path = %meta.path.display(), error = %e, "snapshot rejected; trying an older one");
                     metrics::counter!("kvindex_snapshot_load_failures_total").increment(1);
                     failures.push(SnapshotFailure {
@@ -769,6 +823,7 @@ impl SnapshotStore {
                         error: e.to_string(),
                     });
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok((None, failures))
@@ -815,11 +870,64 @@ fn remove_pruned(path: &Path) -> Result<bool> {
     }
 }
 
+/// Write `parts` one after the other; with [`SnapshotFault::WriteAfterBytes`], as a full disk
+/// does: the bytes up to the limit, then `ENOSPC`.
+fn write_parts(f: &mut File, parts: &[&[u8]], fault: Option<SnapshotFault>) -> std::io::Result<()> {
+    let mut room = match fault {
+        Some(SnapshotFault::WriteAfterBytes(n)) => n,
+        _ => u64::MAX,
+    };
+    for part in parts {
+        let n = (part.len() as u64).min(room) as usize;
+        f.write_all(&part[..n])?;
+        room -= n as u64;
+        if n < part.len() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+    }
+    Ok(())
+}
+
+/// Delete the temporary file of a snapshot write that failed with `cause` (best effort: a file
+/// left behind is deleted at the next start-up, docs/log-format.md §5).
+fn discard_temp(tmp: &Path, cause: &PersistError) {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {
+            tracing::warn!(path = %tmp.display(), error = %cause, "snapshot write failed; its temporary file was deleted")
+        }
+        // Never created, or already renamed into place (the directory's fsync failed after).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %tmp.display(), error = %e, cause = %cause, "snapshot write failed and its temporary file could not be deleted; the next start-up deletes it")
+        }
+    }
+}
+
 /// fsync a directory so that creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| PersistError::io("fsync directory", dir, None, e))
+}
+
+/// Hooks for tests of snapshot loads failing for reasons other than the file's content.
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::cell::Cell;
+
+    thread_local! {
+        static LOAD_FAULT: Cell<Option<(&'static str, i32)>> = const { Cell::new(None) };
+    }
+
+    /// Make every snapshot load on this thread fail at step `op` with OS error `errno` (for
+    /// instance `("open", libc::EMFILE)`), until cleared with `None`.
+    pub fn fail_loads(fault: Option<(&'static str, i32)>) {
+        LOAD_FAULT.with(|f| f.set(fault));
+    }
+
+    pub(crate) fn load_fault() -> Option<(&'static str, i32)> {
+        LOAD_FAULT.with(Cell::get)
+    }
 }
 
 #[cfg(test)]

@@ -392,6 +392,10 @@ impl fmt::Display for InspectReport {
 /// memory when the walk reaches them (a tail cut meanwhile reads as a shorter file, never as a
 /// fault). A segment deleted before the walk came near it means compaction overtook the walk:
 /// [`PersistError::CompactedAway`].
+///
+/// LSNs are checked to be dense, as recovery checks them: LSNs missing inside `from..=to` end
+/// the walk with [`PersistError::MissingRecords`], a record repeating or going back with
+/// [`PersistError::Corrupt`]; the walk never yields an incomplete range as if it were whole.
 pub struct ReplayCursor {
     /// The listed segments from the one holding `from` on; those within [`OPEN_AHEAD`] of the
     /// walk are open.
@@ -406,6 +410,9 @@ pub struct ReplayCursor {
     failed: bool,
     start: SeekVia,
     records_read: u64,
+    /// The first LSN the next record must start at (none before the first record read): LSNs
+    /// are dense, so anything else is a gap (a segment deleted or cut) or damage.
+    expected: Option<Lsn>,
 }
 
 impl ReplayCursor {
@@ -464,6 +471,7 @@ impl ReplayCursor {
             failed: false,
             start,
             records_read: 0,
+            expected: None,
         })
     }
 
@@ -534,6 +542,17 @@ impl Iterator for ReplayCursor {
                     self.offset = rec.end;
                     self.records_read += 1;
                     let first = rec.batch.first_lsn.to_native();
+                    let next = first.saturating_add(format::batch_len(rec.batch));
+                    let continuity = check_continuity(
+                        &mut self.expected,
+                        self.from,
+                        (reader.path(), rec.offset),
+                        (first, next),
+                    );
+                    if let Err(e) = continuity {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
                     for (k, e) in rec.batch.entries.iter().enumerate() {
                         let lsn = first + k as u64;
                         if lsn < self.from {
@@ -556,10 +575,54 @@ impl Iterator for ReplayCursor {
                             entry: view.to_entry(),
                         });
                     }
+                    if next > self.to {
+                        // Done: what follows (a gap included) is past the range asked for.
+                        self.failed = true;
+                    }
                 }
             }
         }
     }
+}
+
+/// Check that a record of LSNs `first..next` follows the previous one read (`expected`), as
+/// recovery does (`state` refuses a gap too): a gap that reaches `from` or beyond is
+/// [`PersistError::MissingRecords`], a record starting before the expected LSN (a duplicate or
+/// out of order) is [`PersistError::Corrupt`] ([`Damage::LsnMismatch`]). Moves `expected` past
+/// the record.
+fn check_continuity(
+    expected: &mut Option<Lsn>,
+    from: Lsn,
+    (path, offset): (&Path, usize),
+    (first, next): (Lsn, Lsn),
+) -> Result<()> {
+    if let Some(exp) = *expected {
+        if first < exp {
+            return Err(corrupt_for_tool(
+                path,
+                offset,
+                Damage::LsnMismatch {
+                    expected: exp,
+                    found: first,
+                },
+            ));
+        }
+        // The walk stops once past `to` (so `exp <= to` here); a gap wholly before `from` (in
+        // the records read only to reach it) takes nothing from the answer.
+        if first > exp && first > from {
+            return Err(PersistError::MissingRecords {
+                first: exp,
+                last: first - 1,
+                next_file: path.display().to_string(),
+                policy: "export",
+                advice: "a segment file is missing or was cut short, so the export would \
+                         silently lack these entries. Restore the file from a backup, or \
+                         export the ranges on either side of the gap (`--to`, `--from`)",
+            });
+        }
+    }
+    *expected = Some(next);
+    Ok(())
 }
 
 /// How many times a read-only tool lists the directory again after a listed file was compacted

@@ -674,6 +674,58 @@ fn a_rejected_snapshot_is_set_aside_and_no_longer_counts_as_kept() {
     assert_eq!(engine_canonical(&engine, &ns().key), live);
 }
 
+/// A snapshot the system cannot read (an I/O error opening or mapping it: EMFILE, ENOMEM,
+/// EACCES; nothing about its content) fails the start-up with a typed error, and is neither
+/// rejected nor set aside: once the cause is gone, the same start-up uses it.
+#[test]
+fn a_snapshot_that_cannot_be_read_fails_the_start_up_and_is_not_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = durable_with_snapshots(dir.path());
+    let snaps = snapshot_files(dir.path());
+    assert_eq!(snaps.len(), 2);
+    let files = |dir: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(dir.path());
+    for (op, errno) in [
+        ("open", libc::EMFILE),
+        ("mmap", libc::ENOMEM),
+        ("open", libc::EACCES),
+    ] {
+        snapshot::test_hooks::fail_loads(Some((op, errno)));
+        let res = DurableIndex::open(dir.path(), DurableConfig::default(), small_engine());
+        snapshot::test_hooks::fail_loads(None);
+        match res.map(|_| ()) {
+            Err(PersistError::SnapshotUnreadable {
+                path,
+                op: failed,
+                source,
+            }) => {
+                assert_eq!(path, snaps[1]);
+                assert_eq!(failed, op);
+                assert_eq!(source.raw_os_error(), Some(errno));
+            }
+            other => panic!("{op} {errno}: {other:?}"),
+        }
+        assert_eq!(
+            files(dir.path()),
+            before,
+            "{op} {errno}: the directory changed"
+        );
+    }
+    let engine = small_engine();
+    let (_idx, report) =
+        DurableIndex::open(dir.path(), DurableConfig::default(), engine.clone()).unwrap();
+    assert!(report.snapshots_rejected.is_empty());
+    assert_eq!(report.snapshot.as_ref().unwrap().path, snaps[1]);
+    assert_eq!(engine_canonical(&engine, &ns().key), live);
+}
+
 #[test]
 fn every_snapshot_corrupt_with_a_compacted_log_refuses_unless_skip_corrupt() {
     for policy in POLICIES {
@@ -922,6 +974,181 @@ fn concurrent_writes_of_one_position_both_succeed() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Files of `dir` named like a snapshot being written.
+fn snapshot_temps(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap-") && n.ends_with(".tmp"))
+        .collect()
+}
+
+/// A DurableIndex over `dir` whose snapshot writes fail with `fault`, `policy` deciding when
+/// periodic snapshots are due, holding `events` logged events.
+fn durable_with_snapshot_fault(
+    dir: &Path,
+    fault: SnapshotFault,
+    policy: SnapshotPolicy,
+    events: u64,
+) -> DurableIndex {
+    let config = DurableConfig {
+        log: LogConfig {
+            faults: IoFaults {
+                snapshot: Some(fault),
+                ..IoFaults::default()
+            },
+            ..cfg(IoBackendChoice::Portable, FsyncPolicy::Always)
+        },
+        snapshots: policy,
+    };
+    let (idx, _) = DurableIndex::open(dir, config, small_engine()).unwrap();
+    let mut gen = EventGen::new(5, vec![WorkerWithDpRank::new(1, 0)]);
+    for i in 0..events {
+        idx.submit(&ns(), i + 1, gen.next_event())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    idx
+}
+
+/// A snapshot write that fails — a full disk part-way through the temporary file, its fsync,
+/// its rename — deletes its temporary file: each attempt has a name of its own, so partial
+/// files would otherwise pile up until the log has no room left.
+#[test]
+fn a_failed_snapshot_write_leaves_no_temporary_file() {
+    for fault in [
+        SnapshotFault::WriteAfterBytes(100),
+        SnapshotFault::WriteAfterBytes(0),
+        SnapshotFault::Sync,
+        SnapshotFault::Rename,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = durable_with_snapshot_fault(dir.path(), fault, manual_snapshots(2), 50);
+        for _ in 0..3 {
+            let e = idx.snapshot_now().unwrap_err();
+            assert!(matches!(e, PersistError::Io { .. }), "{fault:?}: {e}");
+        }
+        assert_eq!(
+            snapshot_temps(dir.path()),
+            Vec::<String>::new(),
+            "{fault:?}"
+        );
+        assert!(snapshot_files(dir.path()).is_empty(), "{fault:?}");
+        assert_eq!(
+            idx.snapshot_failures(),
+            3,
+            "{fault:?}: one count per attempt"
+        );
+        idx.close().unwrap();
+    }
+}
+
+/// The temporary file of a snapshot write a crash interrupted (named as the writer names them,
+/// `<snapshot>.<pid>-<n>.tmp`) is deleted when the directory is opened.
+#[test]
+fn a_snapshot_temporary_file_left_by_a_crash_is_deleted_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir
+        .path()
+        .join("snap-00000000000000000005.kvsnap.4242-7.tmp");
+    std::fs::write(&tmp, b"partial").unwrap();
+    let (idx, _) =
+        DurableIndex::open(dir.path(), DurableConfig::default(), small_engine()).unwrap();
+    assert!(!tmp.exists());
+    idx.close().unwrap();
+}
+
+/// A periodic snapshot that keeps failing (its write: a full disk) stays due and is tried
+/// again, but only once the wait set by the previous failure has passed, and that wait doubles
+/// (1 s, 2 s, ...) instead of a retry at every 500 ms poll; each attempt is counted once. The
+/// instants come from the index itself, so a slow machine only makes the waits longer.
+#[test]
+fn a_failing_periodic_snapshot_is_retried_with_a_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = SnapshotPolicy {
+        every_entries: Some(1),
+        every: Some(std::time::Duration::from_secs(600)),
+        keep: 2,
+    };
+    let idx = durable_with_snapshot_fault(dir.path(), SnapshotFault::WriteAfterBytes(0), policy, 1);
+    let first = wait_for_retry(&idx, 0);
+    assert_eq!(
+        first.retry_at - first.failed_at,
+        durable::SNAPSHOT_RETRY_FIRST
+    );
+    let later = wait_for_retry(&idx, first.failed_in_a_row);
+    assert!(
+        later.failed_at >= first.retry_at,
+        "an attempt ended {:?} before the retry time the failure before it set",
+        first.retry_at - later.failed_at
+    );
+    assert!(later.failed_in_a_row > first.failed_in_a_row);
+    assert!(later.retry_at - later.failed_at >= 2 * durable::SNAPSHOT_RETRY_FIRST);
+    // Counted once per attempt: read while no attempt runs (the next is seconds away).
+    let failures = idx.snapshot_failures();
+    if idx.snapshot_retry() == Some(later) {
+        assert_eq!(failures, u64::from(later.failed_in_a_row));
+    }
+    assert_eq!(snapshot_temps(dir.path()), Vec::<String>::new());
+    idx.close().unwrap();
+}
+
+/// The back-off of `idx`'s periodic snapshot once more than `after` attempts in a row have
+/// failed (bounded wait).
+fn wait_for_retry(idx: &DurableIndex, after: u32) -> SnapshotRetry {
+    for _ in 0..3000 {
+        if let Some(r) = idx.snapshot_retry().filter(|r| r.failed_in_a_row > after) {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("no snapshot attempt failed after {after} failures in a row");
+}
+
+/// Once the log writer has failed (it stays failed until the process restarts), the periodic
+/// snapshot, which must sync the log first, stops trying instead of failing every 500 ms.
+#[test]
+fn periodic_snapshots_stop_once_the_log_writer_has_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = SnapshotPolicy {
+        every_entries: Some(1),
+        every: Some(std::time::Duration::from_millis(100)),
+        keep: 2,
+    };
+    let plain = DurableConfig {
+        log: cfg(IoBackendChoice::Portable, FsyncPolicy::Always),
+        snapshots: manual_snapshots(2),
+    };
+    let (idx, _) = DurableIndex::open(dir.path(), plain.clone(), small_engine()).unwrap();
+    let mut gen = EventGen::new(6, vec![WorkerWithDpRank::new(1, 0)]);
+    idx.submit(&ns(), 1, gen.next_event())
+        .unwrap()
+        .wait()
+        .unwrap();
+    idx.close().unwrap();
+    // The disk is full: the next append fails and stops the writer.
+    let config = DurableConfig {
+        log: LogConfig {
+            faults: IoFaults {
+                fail_writes_after_bytes: Some(0),
+                ..IoFaults::default()
+            },
+            ..plain.log
+        },
+        snapshots: policy,
+    };
+    let (idx, _) = DurableIndex::open(dir.path(), config, small_engine()).unwrap();
+    if let Ok(t) = idx.submit(&ns(), 2, gen.next_event()) {
+        assert!(t.wait().is_err());
+    }
+    assert!(idx.log().writer_failure().is_some());
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let attempts = idx.snapshot_failures();
+    assert!(attempts <= 1, "{attempts} attempts after the writer failed");
+    drop(idx);
 }
 
 /// The counters recorded so far, summed over their labels, by name.

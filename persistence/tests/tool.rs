@@ -112,6 +112,96 @@ fn export_yields_router_events_in_lsn_order_filtered_by_range_and_worker() {
     );
 }
 
+/// The LSN range a segment's valid records hold.
+fn lsns_of(path: &std::path::Path) -> (Lsn, Lsn) {
+    let r = SegmentReader::open(path).unwrap();
+    let recs: Vec<_> = r.records().map(|x| x.unwrap()).collect();
+    let first = recs[0].batch.first_lsn.to_native();
+    let last = recs.last().unwrap();
+    (
+        first,
+        last.batch.first_lsn.to_native() + last.batch.entries.len() as u64 - 1,
+    )
+}
+
+/// Every `export` result of `from..=to`: the events, or the error that ended the walk.
+fn export_all(
+    dir: &std::path::Path,
+    from: Lsn,
+    to: Lsn,
+) -> Result<Vec<kvindex_engine::RouterEvent>> {
+    export(dir, from, to, None)?.collect()
+}
+
+/// A segment deleted from the middle of the log: `export` over its LSNs fails with the range
+/// missing (as `state` does), instead of returning the rest as if complete; the ranges on either
+/// side of the gap still export.
+#[test]
+fn export_over_a_missing_segment_fails_with_the_missing_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = data_dir(dir.path(), None);
+    let segs = segment_files(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let (gone_first, gone_last) = lsns_of(&segs[1]);
+    std::fs::remove_file(&segs[1]).unwrap();
+    for (from, to) in [
+        (1, u64::MAX),
+        (gone_first, gone_last),
+        (gone_last, gone_last + 1),
+        (gone_first - 1, gone_first),
+    ] {
+        match export_all(dir.path(), from, to) {
+            Err(PersistError::MissingRecords {
+                first,
+                last,
+                next_file,
+                ..
+            }) => {
+                assert_eq!((first, last), (gone_first, gone_last), "{from}..={to}");
+                assert!(next_file.contains(segs[2].file_name().unwrap().to_str().unwrap()));
+            }
+            other => panic!("{from}..={to}: {:?}", other.map(|v| v.len())),
+        }
+    }
+    let e = export_jsonl(dir.path(), 1, u64::MAX, None, &mut std::io::sink()).unwrap_err();
+    assert!(e.to_string().contains("missing LSNs"), "{e}");
+    // Before and after the gap: complete, so no error.
+    let before = export_all(dir.path(), 1, gone_first - 1).unwrap();
+    assert_eq!(before, events[..gone_first as usize - 1]);
+    let after = export_all(dir.path(), gone_last + 1, u64::MAX).unwrap();
+    assert_eq!(after, events[gone_last as usize..]);
+}
+
+/// A segment whose records repeat LSNs already read (a copy of an older segment under a later
+/// name) is damage: `export` fails naming the file, rather than yield the entries twice.
+#[test]
+fn export_over_repeated_lsns_fails_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path(), None);
+    let segs = segment_files(dir.path());
+    let (_, last) = lsns_of(segs.last().unwrap());
+    let copy = dir.path().join(format!("seg-{:020}.kvlog", last + 1));
+    std::fs::copy(&segs[0], &copy).unwrap();
+    match export_all(dir.path(), 1, u64::MAX) {
+        Err(PersistError::Corrupt { path, damage, .. }) => {
+            assert_eq!(path, copy);
+            assert_eq!(
+                damage,
+                Damage::LsnMismatch {
+                    expected: last + 1,
+                    found: 1
+                }
+            );
+        }
+        other => panic!("{:?}", other.map(|v| v.len())),
+    }
+    // Up to the end of the real log: complete.
+    assert_eq!(
+        export_all(dir.path(), 1, last).unwrap().len(),
+        last as usize
+    );
+}
+
 #[test]
 fn export_of_compacted_lsns_says_where_the_log_starts() {
     let dir = tempfile::tempdir().unwrap();

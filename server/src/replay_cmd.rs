@@ -7,7 +7,7 @@
 //! * 1 — the command failed: I/O error, unreadable input line, bad argument value;
 //! * 2 — usage error (unknown flag, missing argument; clap's own code);
 //! * 3 — damage found: `inspect` found damaged regions or LSN gaps, or another command hit a
-//!   corrupt segment or snapshot;
+//!   corrupt segment or snapshot, or LSNs missing from the log (`export`, `state`);
 //! * 4 — the position asked for is no longer available (compacted into a snapshot).
 
 use std::io::{BufRead, BufWriter, Write};

@@ -100,6 +100,47 @@ fn export_writes_router_event_json_lines_with_filters() {
     assert!(out.contains("\"worker_id\":2"));
 }
 
+/// A segment deleted from the middle of the log: `export` exits 3 naming the missing LSNs (as
+/// `state` and `inspect` do), instead of exiting 0 with those events silently left out.
+#[test]
+fn export_over_a_missing_segment_exits_3() {
+    use kvindex_persistence::{EventLog, LogConfig, LogEntry, NamespaceSpec, NullSink};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = LogConfig {
+        segment_bytes: 1024,
+        ..LogConfig::default()
+    };
+    let (log, _) = EventLog::open(&data, config, &mut NullSink).unwrap();
+    let spec = std::sync::Arc::new(NamespaceSpec::new("m", "default", 4));
+    for i in 1..=60u64 {
+        let ev = stored(1, 0, i, None, &[(1000 + i, 2000 + i)]);
+        let ev =
+            kvindex_engine::codec::decode_router_event_json(ev.to_string().as_bytes()).unwrap();
+        log.append(&[LogEntry::event(std::sync::Arc::clone(&spec), i, ev)])
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    log.close().unwrap();
+    let mut segs: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kvlog"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 3, "{segs:?}");
+    std::fs::remove_file(&segs[1]).unwrap();
+    let (code, out, err) = run(&["replay", "export", p(&data)], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("missing LSNs"), "{err}");
+    assert!(!err.contains("exported"), "{err}");
+    // The events before the gap were written before the error was found.
+    assert!(out.lines().count() > 0);
+    let (code, _, err) = run(&["replay", "state", p(&data)], &[]);
+    assert_eq!(code, 3, "{err}");
+}
+
 #[test]
 fn import_then_state_answers_queries_like_the_server() {
     let (d, data, h) = populated();

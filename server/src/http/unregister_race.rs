@@ -491,3 +491,36 @@ fn a_partition_whose_drop_was_not_logged_does_not_lend_its_blocks_to_a_new_one()
         "the dropped partition's block landed in the new one"
     );
 }
+
+/// The snapshot `/unregister` takes after dropping a partition fails (here its write: a full
+/// disk). The unregister is done all the same — its removal and the drop are logged and synced,
+/// `registry.json` no longer lists the partition — so it answers 200 (a 500 would make a retry
+/// answer 404), and the failure is counted. A restart does not bring the partition back.
+#[test]
+fn a_failed_snapshot_after_a_partition_drop_still_answers_200() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = NamespaceKey::new("m", "default");
+    let mut config = DurableConfig::default();
+    config.log.faults = kvindex_persistence::IoFaults {
+        snapshot: Some(kvindex_persistence::SnapshotFault::WriteAfterBytes(0)),
+        ..kvindex_persistence::IoFaults::default()
+    };
+    let state = open_configured(dir.path(), config, Arc::new(NoListeners));
+    register(&state, 1);
+    post(&state, &EventsTarget::default(), store(1, 1)).unwrap();
+    assert_eq!(holders(&state), vec![1]);
+    assert_eq!(unregister(&state, 1), StatusCode::OK);
+    assert_eq!(state.durable.snapshot_failures(), 1);
+    assert!(!state.partitions.view().partitions.contains_key(&key));
+    assert_eq!(holders(&state), Vec::<u64>::new());
+    let registry = std::fs::read_to_string(dir.path().join("registry.json")).unwrap();
+    assert!(!registry.contains("\"m\""), "{registry}");
+    stop(state).unwrap();
+
+    let state = open(dir.path());
+    assert!(
+        !state.partitions.view().partitions.contains_key(&key),
+        "recovery brought the dropped partition back"
+    );
+    assert_eq!(holders(&state), Vec::<u64>::new());
+}
