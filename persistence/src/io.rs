@@ -49,6 +49,9 @@ pub struct IoFaults {
     pub fail_sync: bool,
     /// The `fdatasync` of the recovered tail segment when a writer starts fails with `EIO`.
     pub fail_reopen_sync: bool,
+    /// Every `fsync` of the data directory by the writer (after creating a segment, or in a
+    /// sync that follows one) fails with `EIO`.
+    pub fail_dir_sync: bool,
 }
 
 /// The chosen backend plus fault injection.
@@ -109,6 +112,14 @@ impl SegmentIo {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         file.sync_data()
+    }
+
+    /// `fsync` the data directory `dir`, so that the segments created in it are durable.
+    pub(crate) fn sync_dir(&self, dir: &std::path::Path) -> io::Result<()> {
+        if self.faults.fail_dir_sync {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        File::open(dir)?.sync_all()
     }
 
     /// Write all of `buf` at `offset`, then `fdatasync` when `sync`.
