@@ -21,6 +21,10 @@ pub enum Damage {
     ZeroFilledTail,
     /// A frame length of 0 followed by non-zero bytes, or above the record limit.
     BadLength { len: u32 },
+    /// The frame's length points past the end of the file, but the record is all there: with
+    /// one bit of the length flipped (`actual`) the frame fits in the file and its CRC32C
+    /// matches. Bit rot in a written record, not a torn write (docs/log-format.md §5).
+    LengthBitFlip { stored: u32, actual: u32 },
     /// The frame's CRC32C does not match its bytes.
     ChecksumMismatch { stored: u32, computed: u32 },
     /// The CRC matched but rkyv's checked access rejected the payload.
@@ -43,6 +47,7 @@ impl Damage {
             Damage::IncompleteFrame { .. } => "incomplete_frame",
             Damage::ZeroFilledTail => "zero_filled_tail",
             Damage::BadLength { .. } => "bad_length",
+            Damage::LengthBitFlip { .. } => "length_bit_flip",
             Damage::ChecksumMismatch { .. } => "checksum_mismatch",
             Damage::InvalidArchive(_) => "invalid_archive",
             Damage::BadNamespaceIndex { .. } => "bad_namespace_index",
@@ -71,6 +76,11 @@ impl std::fmt::Display for Damage {
             ),
             Damage::ZeroFilledTail => write!(f, "zero-filled tail"),
             Damage::BadLength { len } => write!(f, "invalid record length {len}"),
+            Damage::LengthBitFlip { stored, actual } => write!(
+                f,
+                "record length {stored} has a flipped bit: the record is complete and its CRC32C \
+                 matches length {actual} (damage to a written record, not a torn write)"
+            ),
             Damage::ChecksumMismatch { stored, computed } => write!(
                 f,
                 "CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -211,6 +221,20 @@ pub enum PersistError {
          here); it is not a segment of this log, or it is damaged"
     )]
     SegmentTooLarge { path: PathBuf, len: u64, max: u64 },
+    /// The writer was handed a segment to resume at an offset where appending would destroy
+    /// data: inside the segment header, or not at the end of the file. Nothing was written.
+    #[error(
+        "refusing to resume log segment {path} at byte {offset}: the file is {file_len} bytes, \
+             and appends must start after the {header_len}-byte header, exactly at the end of \
+             the file. Nothing was written; inspect the directory with `kvindex replay inspect` \
+             and report this"
+    )]
+    UnsafeTail {
+        path: PathBuf,
+        offset: u64,
+        file_len: u64,
+        header_len: u64,
+    },
     /// The state asked for cannot be rebuilt from what is on disk.
     #[error("{0}")]
     Unavailable(String),

@@ -190,6 +190,12 @@ pub fn read_frame(bytes: &[u8], offset: usize) -> Result<Option<Frame<'_>>, Dama
     }
     let total = frame_len(len as usize);
     if available < total {
+        if let Some(actual) = flipped_length(bytes, offset, len) {
+            return Err(Damage::LengthBitFlip {
+                stored: len,
+                actual,
+            });
+        }
         return Err(Damage::IncompleteFrame {
             needed: total as u64,
             available: available as u64,
@@ -206,6 +212,31 @@ pub fn read_frame(bytes: &[u8], offset: usize) -> Result<Option<Frame<'_>>, Dama
         payload: &body[..len as usize],
         end: offset + total,
     }))
+}
+
+/// The frame at `offset` claims length `len`, which runs past the end of `bytes`. A crash
+/// during the write leaves exactly that (a correct length, then a prefix of the frame); so does
+/// a flipped bit in the length of a record that was written whole, though, and only the CRC
+/// tells them apart, since it covers the length: try each of the 32 single-bit flips of `len`
+/// that fits in the file and return the one whose frame is a valid batch with a matching CRC.
+/// At most 32 candidates (in practice those clearing one of the few set bits of `len`), each
+/// checked for rkyv's structure before its CRC is computed; this runs only where a frame
+/// overruns the file, i.e. at most once at the end of a segment.
+fn flipped_length(bytes: &[u8], offset: usize, len: u32) -> Option<u32> {
+    let available = bytes.len().saturating_sub(offset);
+    let stored = le_u32(bytes, offset + 4);
+    (0..32).map(|bit| len ^ (1 << bit)).find(|&candidate| {
+        if candidate == 0 || candidate > MAX_RECORD_LEN {
+            return false;
+        }
+        let total = frame_len(candidate as usize);
+        if total > available {
+            return false;
+        }
+        let body = &bytes[offset + FRAME_HEADER_LEN..offset + total];
+        access_batch(&body[..candidate as usize]).is_ok()
+            && frame_crc(candidate.to_le_bytes(), body) == stored
+    })
 }
 
 /// rkyv's checked access to a payload, plus the invariants rkyv cannot know (non-empty batch,

@@ -52,6 +52,9 @@ pub struct IoFaults {
     /// Every snapshot write of a [`crate::DurableIndex`] fails at this step (the log itself is
     /// not affected).
     pub snapshot: Option<SnapshotFault>,
+    /// Every `fsync` of the data directory by the writer (after creating a segment, or in a
+    /// sync that follows one) fails with `EIO`.
+    pub fail_dir_sync: bool,
 }
 
 /// Where a simulated snapshot write fails (tests only; [`IoFaults::snapshot`]).
@@ -124,6 +127,14 @@ impl SegmentIo {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         file.sync_data()
+    }
+
+    /// `fsync` the data directory `dir`, so that the segments created in it are durable.
+    pub(crate) fn sync_dir(&self, dir: &std::path::Path) -> io::Result<()> {
+        if self.faults.fail_dir_sync {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        File::open(dir)?.sync_all()
     }
 
     /// Write all of `buf` at `offset`, then `fdatasync` when `sync`.

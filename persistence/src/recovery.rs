@@ -309,20 +309,22 @@ pub(crate) fn recover(
     };
 
     let mut expected: Option<Lsn> = None;
-    // Survivors, oldest first: `(first_lsn, path, valid_end, holds records)`.
-    let mut kept: Vec<(Lsn, PathBuf, u64, bool)> = segs[..first_idx]
+    // Survivors, oldest first. Those before `first_idx` (wholly below the snapshot) and after
+    // `upto` are not read.
+    let mut kept: Vec<KeptSegment> = segs[..first_idx]
         .iter()
-        .map(|(l, p)| (*l, p.clone(), 0, true))
+        .map(|(l, p)| KeptSegment::unscanned(*l, p))
         .collect();
     // LSN index marks of each scanned segment that survives: `(first_lsn, path, marks)`.
     let mut scanned_marks: Vec<(Lsn, PathBuf, Vec<IndexMark>)> = Vec::new();
-    let mut skipped_in_last = false;
     let mut done = false;
     let mut last_key: Option<NamespaceKey> = None;
+    // Tails to cut (at most one: only the last segment has a tail), applied after the scan.
+    let mut cuts: Vec<PendingCut> = Vec::new();
 
     for i in first_idx..segs.len() {
         if done {
-            kept.push((segs[i].0, segs[i].1.clone(), 0, true));
+            kept.push(KeptSegment::unscanned(segs[i].0, &segs[i].1));
             continue;
         }
         let (name_lsn, path) = (&segs[i].0, &segs[i].1);
@@ -355,6 +357,8 @@ pub(crate) fn recover(
         let mut planner = MarkPlanner::new(cfg.lsn_index_stride);
         let mut marks = Vec::new();
         let mut has_records = false;
+        // Damage was skipped in this segment (skip-corrupt): the writer never appends to it.
+        let mut skipped_here = false;
         // (offset, damage, remove the file, save the cut bytes)
         let mut cut: Option<(u64, Damage, bool, bool)> = None;
 
@@ -413,9 +417,7 @@ pub(crate) fn recover(
                             damage,
                             covered_by_snapshot: false,
                         });
-                        if is_last {
-                            skipped_in_last = true;
-                        }
+                        skipped_here = true;
                     } else {
                         return Err(corrupt(path, at, damage, policy));
                     }
@@ -529,62 +531,97 @@ pub(crate) fn recover(
 
         match cut {
             Some((offset, damage, remove, save)) => {
-                let bytes_cut = file_len - offset;
-                let mut saved_to = None;
-                if mode == Mode::ReadWrite {
-                    if save {
-                        saved_to = Some(save_cut(path, offset)?);
-                    }
-                    if remove {
-                        std::fs::remove_file(path)
-                            .map_err(|e| PersistError::io("delete", path, None, e))?;
-                        remove_index(path);
-                    } else {
-                        truncate(path, offset)?;
-                    }
-                }
-                tracing::warn!(path = %path.display(), offset, bytes = bytes_cut, %damage, removed = remove, "cut a damaged log tail");
-                metrics::counter!("kvindex_recovery_truncated_bytes_total").increment(bytes_cut);
-                metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
-                    .increment(1);
-                report.truncated.push(TailCut {
+                // Cut once the whole log was read: a refusal below changes nothing on disk.
+                cuts.push(PendingCut {
                     path: path.clone(),
                     offset,
-                    bytes: bytes_cut,
+                    bytes: file_len - offset,
                     damage,
-                    saved_to,
-                    file_removed: remove,
+                    remove,
+                    save,
                 });
                 if !remove {
-                    kept.push((*name_lsn, path.clone(), offset, has_records));
+                    kept.push(KeptSegment {
+                        first: *name_lsn,
+                        path: path.clone(),
+                        end: offset,
+                        has_records,
+                        scanned: true,
+                        damaged: skipped_here,
+                    });
                     scanned_marks.push((*name_lsn, path.clone(), marks));
                 }
             }
             None => {
-                kept.push((*name_lsn, path.clone(), file_len, has_records));
+                kept.push(KeptSegment {
+                    first: *name_lsn,
+                    path: path.clone(),
+                    end: file_len,
+                    has_records,
+                    scanned: true,
+                    damaged: skipped_here,
+                });
                 scanned_marks.push((*name_lsn, path.clone(), marks));
             }
         }
+    }
+    let log_end = expected.unwrap_or(start_lsn);
+    let mut next_lsn = log_end.max(start_lsn);
+    if upto.is_none() {
+        // Segment i holds LSNs [name_i, name_{i+1}) (docs/log-format.md §1): the writer names a
+        // segment for the LSN after everything before it, so the newest segment's name, even
+        // one holding no record (or just removed as a torn creation), says every LSN below it
+        // was written. When the records end before it (damage at the end of an earlier segment,
+        // skipped by skip-corrupt; or a segment missing), those LSNs are lost, and the next one
+        // must not be given again: a segment named below an existing one breaks the rule that
+        // compaction and recovery's choice of the first segment to read rely on.
+        if let Some((named, named_path)) = segs.last() {
+            if *named > next_lsn {
+                let range = (next_lsn, *named - 1);
+                if policy != RecoveryPolicy::SkipCorrupt {
+                    return Err(missing(range, named_path, policy));
+                }
+                tracing::warn!(first = range.0, last = range.1, before = %named_path.display(), "LSNs missing from the end of the log; skipped");
+                metrics::counter!("kvindex_recovery_lost_lsns_total")
+                    .increment(range.1 - range.0 + 1);
+                report.lost_lsns.push(range);
+                next_lsn = *named;
+            }
+        }
+    }
+    report.next_lsn = next_lsn;
+
+    // Nothing was refused: cut the damaged tail and bring the LSN indexes up to date.
+    for c in cuts {
+        apply_cut(c, mode, &mut report)?;
     }
     if mode == Mode::ReadWrite {
         report.lsn_indexes_rebuilt =
             rebuild_indexes(&scanned_marks, cfg.lsn_index_stride, &listing.indexes);
     }
     progress.tick(0, report.entries_replayed, true);
-
-    let log_end = expected.unwrap_or(start_lsn);
-    let next_lsn = log_end.max(start_lsn);
-    report.next_lsn = next_lsn;
     metrics::counter!("kvindex_recovery_replayed_entries_total").increment(report.entries_replayed);
 
     // 3. Where the writer starts.
     let mut tail = None;
     let mut tail_marks = Vec::new();
-    if let Some((first, path, end, has_records)) = kept.last().cloned() {
-        let appendable = !skipped_in_last
+    if let Some(KeptSegment {
+        first,
+        path,
+        end,
+        has_records,
+        scanned,
+        damaged,
+    }) = kept.last().cloned()
+    {
+        // Only a segment this recovery read, whose valid end it knows, can be resumed: one
+        // below the snapshot was not read (its `end` means nothing), and the writer would
+        // overwrite it from there. Its records must also end exactly at `next_lsn`.
+        let appendable = scanned
+            && !damaged
             && upto.is_none()
             && if has_records {
-                log_end >= start_lsn
+                log_end == next_lsn
             } else {
                 first == next_lsn
             };
@@ -596,7 +633,7 @@ pub(crate) fn recover(
                 .map(|(_, _, m)| m.clone())
                 .unwrap_or_default();
             tail = Some((first, path, end));
-        } else if first == next_lsn && end <= SEGMENT_HEADER_LEN as u64 {
+        } else if scanned && first == next_lsn && end <= SEGMENT_HEADER_LEN as u64 {
             // An empty segment already named for the next LSN: reuse it.
             kept.pop();
             tail = Some((first, path, SEGMENT_HEADER_LEN as u64));
@@ -632,11 +669,97 @@ pub(crate) fn recover(
             dir: dir.to_path_buf(),
             tail,
             next_lsn,
-            older_segments: kept.into_iter().map(|(l, p, _, _)| (l, p)).collect(),
+            older_segments: kept.into_iter().map(|k| (k.first, k.path)).collect(),
             watermarks,
             tail_marks,
         },
     })
+}
+
+/// A damaged tail recovery cuts once it has read the whole log.
+struct PendingCut {
+    path: PathBuf,
+    offset: u64,
+    bytes: u64,
+    damage: Damage,
+    /// Remove the whole file (its header is incomplete or damaged).
+    remove: bool,
+    /// Save the cut bytes to `<path>.cut-<offset>` first.
+    save: bool,
+}
+
+/// Cut a damaged tail (files change only in read-write mode), logged, counted and reported.
+fn apply_cut(c: PendingCut, mode: Mode, report: &mut RecoveryReport) -> Result<()> {
+    let PendingCut {
+        path,
+        offset,
+        bytes,
+        damage,
+        remove,
+        save,
+    } = c;
+    let mut saved_to = None;
+    if mode == Mode::ReadWrite {
+        if save {
+            let saved = save_cut(&path, offset)?;
+            // The saved copy's name is durable before the bytes are cut from the segment.
+            let dir = saved
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            crate::snapshot::sync_dir(dir)?;
+            saved_to = Some(saved);
+        }
+        if remove {
+            std::fs::remove_file(&path).map_err(|e| PersistError::io("delete", &path, None, e))?;
+            remove_index(&path);
+        } else {
+            truncate(&path, offset)?;
+        }
+    }
+    tracing::warn!(path = %path.display(), offset, bytes, %damage, removed = remove, saved_to = ?saved_to, "cut a damaged log tail");
+    metrics::counter!("kvindex_recovery_truncated_bytes_total").increment(bytes);
+    metrics::counter!("kvindex_recovery_skipped_regions_total", "reason" => damage.label())
+        .increment(1);
+    report.truncated.push(TailCut {
+        path,
+        offset,
+        bytes,
+        damage,
+        saved_to,
+        file_removed: remove,
+    });
+    Ok(())
+}
+
+/// A segment that survives recovery.
+#[derive(Clone)]
+struct KeptSegment {
+    /// The LSN in its name.
+    first: Lsn,
+    path: PathBuf,
+    /// End of its valid data (only known when `scanned`).
+    end: u64,
+    /// It holds at least one valid record (assumed for a segment not read).
+    has_records: bool,
+    /// Recovery read it: only such a segment may become the writer's tail.
+    scanned: bool,
+    /// Recovery skipped damage inside it.
+    damaged: bool,
+}
+
+impl KeptSegment {
+    /// A segment recovery did not read (wholly below the snapshot, or after `upto`).
+    fn unscanned(first: Lsn, path: &Path) -> Self {
+        Self {
+            first,
+            path: path.to_path_buf(),
+            end: 0,
+            has_records: true,
+            scanned: false,
+            damaged: false,
+        }
+    }
 }
 
 /// A snapshot of an older format (docs/log-format.md §3, "Versions") was rejected, so recovery
@@ -761,16 +884,43 @@ fn truncate(path: &Path, len: u64) -> Result<()> {
         .map_err(|e| PersistError::io("fsync", path, None, e))
 }
 
-/// Copy the bytes from `offset` to the end into `<path>.cut-<offset>`.
+/// How many `.cut-<offset>` names [`save_cut`] tries (`.cut-<offset>`, then `.cut-<offset>.1`,
+/// ...) before giving up.
+const CUT_NAME_ATTEMPTS: u32 = 1000;
+
+/// Copy the bytes from `offset` to the end into a new file `<path>.cut-<offset>`, or
+/// `<path>.cut-<offset>.<n>` when an earlier cut at the same offset already saved its bytes
+/// there: evidence is never overwritten.
 fn save_cut(path: &Path, offset: u64) -> Result<PathBuf> {
     let data = std::fs::read(path).map_err(|e| PersistError::io("read", path, None, e))?;
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".cut-{offset}"));
-    let out = PathBuf::from(name);
-    let mut f =
-        std::fs::File::create(&out).map_err(|e| PersistError::io("create", &out, None, e))?;
+    let (out, mut f) = create_cut_file(path, offset)?;
     f.write_all(data.get(offset as usize..).unwrap_or(&[]))
         .and_then(|_| f.sync_all())
         .map_err(|e| PersistError::io("write", &out, None, e))?;
     Ok(out)
+}
+
+/// Create (never open an existing) file for the bytes cut from `path` at `offset`.
+fn create_cut_file(path: &Path, offset: u64) -> Result<(PathBuf, std::fs::File)> {
+    let mut last_err = None;
+    for n in 0..CUT_NAME_ATTEMPTS {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".cut-{offset}"));
+        if n > 0 {
+            name.push(format!(".{n}"));
+        }
+        let out = PathBuf::from(name);
+        match OpenOptions::new().write(true).create_new(true).open(&out) {
+            Ok(f) => return Ok((out, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_err = Some((out, e)),
+            Err(e) => return Err(PersistError::io("create", &out, None, e)),
+        }
+    }
+    let (out, e) = last_err.unwrap_or_else(|| {
+        (
+            path.to_path_buf(),
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        )
+    });
+    Err(PersistError::io("create", out, None, e))
 }

@@ -83,6 +83,14 @@ pub(crate) fn resume_after(bytes: &[u8], at: usize, damage: &Damage) -> Option<u
             format::find_next_record(bytes, SEGMENT_HEADER_LEN)
         };
     }
+    if let Damage::LengthBitFlip { actual, .. } = damage {
+        // The record is whole (its CRC matches the length with the bit put back): what follows
+        // it starts where the true length says.
+        let next = at.saturating_add(format::frame_len(*actual as usize));
+        if next <= bytes.len() && matches!(format::read_record(bytes, next), Ok(Some(_))) {
+            return Some(next);
+        }
+    }
     if let Damage::ChecksumMismatch { .. }
     | Damage::InvalidArchive(_)
     | Damage::EmptyBatch

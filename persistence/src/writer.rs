@@ -24,7 +24,6 @@ use crate::lsn_index::{self, IndexAppender, IndexMark, MarkPlanner};
 use crate::record::{ArchivedLogBatch, LogBatch};
 use crate::segment::segment_file_name;
 use crate::seq_set::{split_tagged, TaggedSeqs};
-use crate::snapshot::sync_dir;
 
 /// `(worker_id, dp_rank)` → `(source_seq, lsn)` of the stream's last event entry.
 type StreamMarks = HashMap<(u64, u32), (u64, Lsn)>;
@@ -265,6 +264,9 @@ impl LogWriter {
         let kind = io.kind();
         tracing::info!(backend = %kind, fsync = %cfg.fsync, "log writer starting");
         let mut tail_marks = start.tail_marks;
+        // A segment created here under `never` has neither its header nor its directory entry
+        // synced yet: the next sync (`EventLog::sync`, hence every snapshot) must do both.
+        let mut created_unsynced = false;
         let (seg_first, path, file, offset, seg_version) = match start.tail {
             Some((first, path, end)) => {
                 let file = OpenOptions::new()
@@ -272,6 +274,7 @@ impl LogWriter {
                     .write(true)
                     .open(&path)
                     .map_err(|e| PersistError::io("open", &path, None, e))?;
+                check_resume_point(&file, &path, end)?;
                 let seg_version = read_segment_version(&file, &path)?;
                 // The records recovered from this segment count as synced from here on
                 // (watermarks included, which acknowledge redeliveries), but recovery read
@@ -279,13 +282,15 @@ impl LogWriter {
                 // its fdatasync. Make them, and the segment's directory entry, durable first.
                 io.sync_recovered(&file)
                     .map_err(|e| PersistError::io("fdatasync", &path, None, e))?;
-                crate::snapshot::sync_dir(&start.dir)?;
+                io.sync_dir(&start.dir)
+                    .map_err(|e| PersistError::io("fsync directory", &start.dir, None, e))?;
                 (first, path, file, end, seg_version)
             }
             None => {
                 let version = format::BASE_FORMAT_VERSION;
                 let (path, file) =
                     create_segment(&mut io, &start.dir, start.next_lsn, version, cfg.fsync)?;
+                created_unsynced = cfg.fsync == FsyncPolicy::Never;
                 tail_marks.clear();
                 (
                     start.next_lsn,
@@ -332,7 +337,8 @@ impl LogWriter {
             index,
             planner,
             pending_marks: Vec::new(),
-            dirty_since: None,
+            dirty_since: created_unsynced.then(Instant::now),
+            dir_dirty: created_unsynced,
             pending: WatermarkTable::default(),
             shared: Arc::clone(&shared),
             rx,
@@ -614,8 +620,28 @@ fn read_segment_version(file: &File, path: &Path) -> Result<u16> {
         })
 }
 
-/// Create segment `first_lsn` of format `version` in `dir` with its header (synced unless
-/// `never`).
+/// Refuse to resume a segment at `end` unless that is past its header and exactly at the end
+/// of the file: anywhere else the next write would overwrite what the segment holds (its
+/// header, or records recovery did not read).
+fn check_resume_point(file: &File, path: &Path, end: u64) -> Result<()> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| PersistError::io("stat", path, None, e))?
+        .len();
+    if end < SEGMENT_HEADER_LEN as u64 || end != file_len {
+        tracing::error!(path = %path.display(), offset = end, file_len, "refusing to resume a log segment at that offset");
+        return Err(PersistError::UnsafeTail {
+            path: path.to_path_buf(),
+            offset: end,
+            file_len,
+            header_len: SEGMENT_HEADER_LEN as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Create segment `first_lsn` of format `version` in `dir` with its header (synced, with the
+/// directory, unless `never`: then the caller marks both for the next sync).
 fn create_segment(
     io: &mut SegmentIo,
     dir: &Path,
@@ -635,7 +661,8 @@ fn create_segment(
     io.write_at(&file, 0, &header, sync)
         .map_err(|e| PersistError::io("write header of", &path, Some(0), e))?;
     if sync {
-        sync_dir(dir)?;
+        io.sync_dir(dir)
+            .map_err(|e| PersistError::io("fsync directory", dir, None, e))?;
     }
     metrics::counter!("kvindex_log_segments_created_total").increment(1);
     Ok((path, file))
@@ -688,8 +715,11 @@ struct WriterThread {
     planner: MarkPlanner,
     /// Marks of records in `buf`, appended to the index once `buf` is written.
     pending_marks: Vec<IndexMark>,
-    /// When the oldest written but not yet synced data was written.
+    /// When the oldest written but not yet synced data was written (or, under `never`, the
+    /// current segment's unsynced header).
     dirty_since: Option<Instant>,
+    /// A segment was created (under `never`) since the directory was last synced.
+    dir_dirty: bool,
     /// Watermarks of written, not yet synced entries.
     pending: WatermarkTable,
     shared: Arc<Shared>,
@@ -830,23 +860,43 @@ impl WriterThread {
     /// Write the gathered frames (and `fdatasync` when `sync`), then publish progress.
     fn flush(&mut self, sync: bool) -> Result<()> {
         let has_data = !self.buf.is_empty();
-        let sync = sync && (has_data || self.dirty_since.is_some());
+        let sync = sync && (has_data || self.dirty_since.is_some() || self.dir_dirty);
         if !has_data && !sync {
             return Ok(());
         }
         let started = Instant::now();
-        if let Err(e) = self.io.write_at(&self.file, self.offset, &self.buf, sync) {
+        let written = self
+            .io
+            .write_at(&self.file, self.offset, &self.buf, sync)
+            .map_err(|e| {
+                PersistError::io(
+                    if sync { "write+fdatasync" } else { "write" },
+                    &self.path,
+                    Some(self.offset),
+                    e,
+                )
+            })
+            .and_then(|()| {
+                // A synced segment is durable only once its directory entry is: segments
+                // created under `never` are not, until here (docs/log-format.md §4).
+                if sync && self.dir_dirty {
+                    self.io
+                        .sync_dir(&self.dir)
+                        .map_err(|e| PersistError::io("fsync directory", &self.dir, None, e))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = written {
             // Cut whatever part of this group reached the file: none of it was acknowledged.
             self.pending_marks.clear();
             if let Err(te) = self.file.set_len(self.offset) {
                 tracing::error!(path = %self.path.display(), error = %te, "could not truncate after a failed write");
             }
-            return Err(PersistError::io(
-                if sync { "write+fdatasync" } else { "write" },
-                &self.path,
-                Some(self.offset),
-                e,
-            ));
+            return Err(e);
+        }
+        if sync {
+            self.dir_dirty = false;
         }
         if has_data {
             metrics::counter!("kvindex_log_bytes_written_total").increment(self.buf.len() as u64);
@@ -901,6 +951,11 @@ impl WriterThread {
     fn roll(&mut self, version: u16) -> Result<()> {
         let first = self.buf_end_lsn;
         let (path, file) = create_segment(&mut self.io, &self.dir, first, version, self.policy)?;
+        if self.policy == FsyncPolicy::Never {
+            // Neither the header nor the directory entry is synced yet: the next sync does both.
+            self.dirty_since.get_or_insert_with(Instant::now);
+            self.dir_dirty = true;
+        }
         self.file = file;
         self.path = path.clone();
         self.offset = SEGMENT_HEADER_LEN as u64;
@@ -1008,6 +1063,41 @@ mod tests {
             rkyv::to_bytes::<rancor::Error>(&LogBatch::from_entries(0xFEED_F00D, &entries))
                 .unwrap();
         assert_eq!(payload.as_slice(), direct.as_slice());
+    }
+
+    /// A writer handed a tail to resume inside its header, or anywhere but the end of the file,
+    /// refuses with a typed error and writes nothing (docs/log-format.md §5): appending there
+    /// would overwrite the header or records recovery never read.
+    #[test]
+    fn a_tail_resumed_inside_its_header_or_before_its_end_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(segment_file_name(5));
+        let mut bytes = format::encode_segment_header(5).to_vec();
+        format::append_frame(&mut bytes, &[1u8; 40]);
+        std::fs::write(&path, &bytes).expect("write the segment");
+        let len = bytes.len() as u64;
+        for end in [0, 8, SEGMENT_HEADER_LEN as u64, len - 8, len + 8] {
+            let start = WriterStart {
+                dir: dir.path().to_path_buf(),
+                tail: Some((5, path.clone(), end)),
+                next_lsn: 6,
+                older_segments: Vec::new(),
+                watermarks: WatermarkTable::default(),
+                tail_marks: Vec::new(),
+            };
+            let cfg = LogConfig {
+                io: crate::io::IoBackendChoice::Portable,
+                ..LogConfig::default()
+            };
+            match LogWriter::start(start, &cfg) {
+                Err(PersistError::UnsafeTail {
+                    offset, file_len, ..
+                }) => assert_eq!((offset, file_len), (end, len)),
+                Err(e) => panic!("end {end}: {e}"),
+                Ok(_) => panic!("end {end}: the writer resumed the segment there"),
+            }
+            assert_eq!(std::fs::read(&path).expect("read"), bytes, "end {end}");
+        }
     }
 
     #[test]
