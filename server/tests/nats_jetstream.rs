@@ -445,6 +445,125 @@ fn a_redelivery_of_a_recreated_stream_is_not_taken_for_the_old_streams_message()
     );
 }
 
+/// Worker `worker`'s "all blocks cleared" event.
+fn cleared(worker: u64, id: u64) -> Vec<u8> {
+    json!({"worker_id": worker, "event": {"event_id": id, "dp_rank": 0, "data": "cleared"}})
+        .to_string()
+        .into_bytes()
+}
+
+/// The positions (`next_lsn`) of the snapshot files in `dir`.
+fn snapshot_lsns(dir: &std::path::Path) -> impl Iterator<Item = u64> {
+    std::fs::read_dir(dir)
+        .expect("data directory")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("snap-")?
+                .strip_suffix(".kvsnap")?
+                .parse()
+                .ok()
+        })
+}
+
+/// After kvindex (`s`) was started with a consumer that (re)delivers `old` messages of the
+/// stream first: publish `marker` (a new message), wait until it is acknowledged, and check
+/// that every old message was acknowledged as a duplicate (none delivered when `old` is 0)
+/// and that only the marker's event was logged.
+fn only_the_marker_is_logged(s: &Server, c: &Client, old: f64, marker: Vec<u8>) {
+    c.js_publish("kvindex.events.m.default", None, marker);
+    wait_until("the marker acknowledged", || {
+        metric(s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) >= 1.0
+    });
+    wait_all_acked(c);
+    let m = metrics(s);
+    assert_eq!(
+        metric_sum(&m, "kvindex_events_logged_total", &[]),
+        1.0,
+        "only the marker's event is logged again"
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "kvindex_nats_jetstream_acks_total",
+            &[("kind", "duplicate")]
+        ),
+        old
+    );
+    assert_eq!(
+        metric_sum(&m, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]),
+        1.0
+    );
+}
+
+/// The durable consumer deleted while the data directory is kept, then created again: every
+/// message the stream retains comes back as a first delivery (delivery count 1). None of them
+/// may be applied again — old `cleared` events would wipe the worker's current blocks and old
+/// stores come back until the replay caught up. Three ways: (1) the messages are still in the
+/// set of logged sequences: checked whatever the delivery count (it was skipped for first
+/// deliveries); (2) the set was pruned below the ack floor and a snapshot made that stick:
+/// kvindex creates the consumer after the stored floor (`jetstream-stream.json`), so nothing
+/// old is delivered; (3) the consumer was created again by someone else, delivering all:
+/// messages at or below the stored floor are acknowledged as duplicates.
+#[test]
+fn a_consumer_created_again_over_a_kept_data_directory_applies_nothing_twice() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Client::connect(&nats.url);
+    let snapshots = ["--snapshot-every-entries", "1", "--snapshot-keep", "1"];
+    let start = || start_js_with(&nats, dir.path(), "2", &snapshots, &[]);
+    let s = start();
+    c.js_publish("kvindex.events.m.default", bs4(), event(1, 4, 100));
+    c.js_publish("kvindex.events.m.default", None, cleared(1, 2));
+    c.js_publish("kvindex.events.m.default", None, event(1, 1, 900));
+    wait_all_acked(&c);
+    wait_until("worker 1's last block indexed", || {
+        scores(&s, 16) == json!({"1": {"0": 4}})
+    });
+    let stop = |s: Server| {
+        let (status, _) = s.signal(libc::SIGTERM);
+        assert_eq!(status.code(), Some(0));
+    };
+    stop(s);
+
+    // (1) Deleted and created again by kvindex; the set still holds sequences 1..=3.
+    c.delete_consumer(STREAM, CONSUMER);
+    let s = start();
+    only_the_marker_is_logged(&s, &c, 3.0, event(2, 2, 200));
+    assert_eq!(scores(&s, 16), json!({"1": {"0": 4}, "2": {"0": 8}}));
+    stop(s);
+
+    // (2) Set up on the existing consumer: its ack floor (4) is stored, then the set pruned
+    // below it; a snapshot taken after a newer message keeps only that one (5).
+    let s = start();
+    c.js_publish("kvindex.events.m.default", None, event(3, 1, 300));
+    wait_all_acked(&c);
+    wait_until("the newer message acknowledged", || {
+        metric(&s, "kvindex_nats_jetstream_acks_total", &[("kind", "ack")]) == 1.0
+    });
+    let next_lsn = metric(&s, "kvindex_log_next_lsn", &[]) as u64;
+    wait_until(
+        "a snapshot covering the whole log (taken after the pruning)",
+        || snapshot_lsns(dir.path()).any(|l| l >= next_lsn),
+    );
+    stop(s);
+    c.delete_consumer(STREAM, CONSUMER);
+    let s = start();
+    // Created from sequence 5 on: only 5 comes back (in the set: a duplicate).
+    only_the_marker_is_logged(&s, &c, 1.0, event(4, 1, 400));
+    stop(s);
+
+    // (3) Created again by an operator, delivering all: 1..=4 are at or below the stored
+    // floor, 5 and 6 in the set.
+    c.delete_consumer(STREAM, CONSUMER);
+    c.create_consumer_delivering_all(STREAM, CONSUMER, "kvindex.events.>");
+    let s = start();
+    only_the_marker_is_logged(&s, &c, 6.0, event(5, 1, 500));
+    assert_eq!(
+        scores(&s, 16),
+        json!({"1": {"0": 4}, "2": {"0": 8}, "3": {"0": 4}, "4": {"0": 4}, "5": {"0": 4}})
+    );
+}
+
 /// A NATS server and a kvindex consuming from it, which has indexed worker 1's first event.
 fn consuming_one_event() -> (NatsServer, tempfile::TempDir, Server) {
     let nats = NatsServer::start();

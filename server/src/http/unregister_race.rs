@@ -34,8 +34,9 @@ pub(crate) fn open_with(dir: &Path, supervisor: Arc<dyn ListenerSupervisor>) -> 
     open_configured(dir, DurableConfig::default(), supervisor)
 }
 
-/// [`open`] with the log configured by `config` (fault injection) and `supervisor`.
-fn open_configured(
+/// [`open`] with the log configured by `config` (fault injection, an fsync policy) and
+/// `supervisor`.
+pub(crate) fn open_configured(
     dir: &Path,
     config: DurableConfig,
     supervisor: Arc<dyn ListenerSupervisor>,

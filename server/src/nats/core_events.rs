@@ -91,7 +91,7 @@ pub async fn run(
             .collect();
         let (st, subj) = (Arc::clone(&state), Arc::clone(&subjects));
         let outcomes = match tokio::task::spawn_blocking(move || {
-            intake::process(&st, &subj, Source::Core, &batch)
+            intake::process(&st, &subj, Source::Core, &batch, None)
         })
         .await
         {

@@ -13,11 +13,14 @@
 //!   `kvindex_nats_messages_rejected_total{reason}` and logged.
 //! * JetStream: every event of a message is logged with the tagged source sequence
 //!   `TAG | epoch << 47 | stream_sequence` (the epoch names the stream's identity, see
-//!   [`super::stream_epoch`]). The log keeps the exact set of these that are durable; a
-//!   redelivered message (delivery count > 1) whose sequence is in it is already in the log: it
-//!   is acknowledged without being applied again.
+//!   [`super::stream_epoch`]). The log keeps the exact set of these that are durable; a message
+//!   whose sequence is in it, or at or below the epoch's handled floor, or logged by this
+//!   process and not yet in that set ([`HandledSeqs`]), was handled already: it is
+//!   acknowledged without being applied again, whatever its delivery count (a consumer created
+//!   again delivers everything the stream retains as first deliveries).
 
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use kvindex_engine::{NamespaceKey, RouterEvent};
@@ -32,7 +35,7 @@ use crate::http::events::{
 use crate::http::AppState;
 use crate::ingest::IngestError;
 use crate::partitions::RegistryError;
-use kvindex_persistence::PersistError;
+use kvindex_persistence::{split_tagged, PersistError, TaggedSeqs};
 use kvindex_server::nats_subjects::Subjects;
 
 /// High bit marking a source sequence as a JetStream stream sequence (never an `event_id` or a
@@ -65,6 +68,84 @@ pub struct Delivery {
     /// stream_sequence` ([`kvindex_persistence::tagged_source_seq`]).
     pub source_seq: u64,
     pub delivered: i64,
+}
+
+/// What the JetStream consumer knows it handled besides the log's durable set (which it also
+/// checks, [`HandledSeqs::covers`]):
+///
+/// * the **handled floor** of the current epoch: every stream sequence at or below it was
+///   handled (logged, or refused for good) and acknowledged. It is stored in
+///   `jetstream-stream.json` before the durable set is pruned to it, so the messages the pruning
+///   forgets are still recognised when a consumer created again delivers them;
+/// * the sequences this process **logged** whose acknowledgement condition was met (the record
+///   written; under `--fsync interval:<ms>` the durable set takes them in only at the next
+///   fsync, so a redelivery arriving meanwhile — an ack wait that ran out, a lost ack — would be
+///   applied a second time, possibly after newer events of the same worker). After a crash the
+///   log's recovery rebuilds the durable set from what the log kept, which these are part of
+///   unless the machine lost them too (then the acknowledged message is lost, as `interval`
+///   allows, and a redelivery of it is applied).
+///
+/// The logged sequences are pruned with the durable set: to the current epoch, and above the
+/// floor.
+#[derive(Debug, Default)]
+pub struct HandledSeqs {
+    inner: Mutex<HandledInner>,
+}
+
+#[derive(Debug, Default)]
+struct HandledInner {
+    /// `(epoch, floor)`.
+    floor: Option<(u16, u64)>,
+    logged: TaggedSeqs,
+}
+
+impl HandledSeqs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandledInner> {
+        // The data stays consistent whatever panicked while holding the lock (each change is
+        // one call on it).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the message of tagged sequence `source_seq` was handled already: at or below the
+    /// floor, logged by this process, or in the log's durable set.
+    pub fn covers(&self, state: &AppState, source_seq: u64) -> bool {
+        {
+            let h = self.lock();
+            let below_floor = match (h.floor, split_tagged(source_seq)) {
+                (Some((epoch, floor)), Some((group, seq))) => group == epoch && seq <= floor,
+                _ => false,
+            };
+            if below_floor || h.logged.contains(source_seq) {
+                return true;
+            }
+        }
+        state.durable.tagged_seq_durable(source_seq)
+    }
+
+    /// `source_seq` was logged and its acknowledgement condition met.
+    pub fn record(&self, source_seq: u64) {
+        self.lock().logged.insert(source_seq);
+    }
+
+    /// The handled floor of `epoch` (0: none known).
+    pub fn floor(&self, epoch: u16) -> u64 {
+        match self.lock().floor {
+            Some((e, f)) if e == epoch => f,
+            _ => 0,
+        }
+    }
+
+    /// The handled floor of `epoch` is `floor` (stored): raise it (a floor of another epoch is
+    /// replaced), and forget the logged sequences of other epochs and at or below it.
+    pub fn set_floor(&self, epoch: u16, floor: u64) {
+        let mut h = self.lock();
+        let floor = match h.floor {
+            Some((e, f)) if e == epoch => f.max(floor),
+            _ => floor,
+        };
+        h.floor = Some((epoch, floor));
+        h.logged.retain_above(epoch, floor);
+    }
 }
 
 /// One event message, transport details stripped.
@@ -227,11 +308,17 @@ fn parse(
     Ok((key, target, events))
 }
 
-/// A redelivered JetStream message whose own stream sequence is in the log: the exact set of
-/// durable sequences, so a message overtaken by a newer one (a crash, a nak) is not taken for
-/// one already logged.
-fn already_durable(state: &AppState, d: Delivery) -> bool {
-    d.delivered > 1 && state.durable.tagged_seq_durable(d.source_seq)
+/// A JetStream message handled already, whatever its delivery count: its own stream sequence
+/// is in the exact set of logged ones, or at or below the handled floor ([`HandledSeqs`]), so a
+/// message overtaken by a newer one (a crash, a nak) is not taken for one already logged. Not
+/// only redeliveries: a consumer created again (deleted, the data directory kept) delivers the
+/// stream's messages anew, with a delivery count of 1. Without `handled` (a batch handled
+/// outside the consumer), only the log's durable set.
+fn already_handled(state: &AppState, handled: Option<&HandledSeqs>, d: Delivery) -> bool {
+    match handled {
+        Some(h) => h.covers(state, d.source_seq),
+        None => state.durable.tagged_seq_durable(d.source_seq),
+    }
 }
 
 enum Stage {
@@ -261,11 +348,14 @@ fn outcome_of_copy(first: &Outcome) -> Outcome {
 
 /// Log and apply a batch of messages in order (blocking: call from a blocking thread). One
 /// outcome per message, in the same order. Counted in the `kvindex_nats_*` metrics and logged.
+/// `handled`: the JetStream consumer's [`HandledSeqs`], checked for every message with a
+/// stream sequence and told of each one logged.
 pub fn process(
     state: &AppState,
     subjects: &Subjects,
     source: Source,
     batch: &[Incoming],
+    handled: Option<&HandledSeqs>,
 ) -> Vec<Outcome> {
     let label = source.as_str();
     let mut stages = Vec::with_capacity(batch.len());
@@ -285,7 +375,9 @@ pub fn process(
         let stage = match parse(subjects, m) {
             Err(o) => Stage::Done(o),
             Ok((_key, target, events)) => {
-                if m.delivery.is_some_and(|d| already_durable(state, d)) {
+                if m.delivery
+                    .is_some_and(|d| already_handled(state, handled, d))
+                {
                     Stage::Done(Outcome::Duplicate)
                 } else {
                     let seq = match m.delivery {
@@ -326,9 +418,18 @@ pub fn process(
             Outcome::Accepted(ack) => {
                 metrics::counter!(EVENTS_ACCEPTED, "source" => label)
                     .increment(ack.accepted as u64);
+                // Its acknowledgement condition is met: a copy of it is a duplicate from now
+                // on, even before the log's durable set takes it in (the next fsync).
+                if let (Some(h), Some(d)) = (handled, m.delivery) {
+                    h.record(d.source_seq);
+                }
             }
             Outcome::Duplicate => {
-                tracing::debug!(subject = %m.subject, "JetStream redelivery already durable; not applied again");
+                tracing::debug!(
+                    subject = %m.subject,
+                    delivered = m.delivery.map(|d| d.delivered),
+                    "JetStream message already handled; not applied again"
+                );
             }
             Outcome::Rejected {
                 reason,
@@ -442,6 +543,7 @@ mod tests {
             &subjects,
             Source::Core,
             &[with_event, msg("0", b"[]")],
+            None,
         );
         for o in &outcomes {
             match o {
@@ -457,7 +559,7 @@ mod tests {
                 other => panic!("expected a refusal, got {other:?}"),
             }
         }
-        let outcomes = process(&state, &subjects, Source::Core, &[msg("16", b"[]")]);
+        let outcomes = process(&state, &subjects, Source::Core, &[msg("16", b"[]")], None);
         assert!(
             matches!(&outcomes[..], [Outcome::Accepted(ack)] if ack.accepted == 0),
             "{outcomes:?}"
@@ -488,6 +590,7 @@ mod tests {
             &subjects,
             Source::Core,
             &[msg("a"), msg("b"), msg("a")],
+            None,
         );
         assert!(
             matches!(
@@ -537,7 +640,7 @@ mod tests {
         let subjects = Subjects::new("kvindex");
         let before = state.durable.log().next_lsn();
         let batch = [copy_of_seq_5(7, 1), copy_of_seq_5(7, 2)];
-        let outcomes = process(&state, &subjects, Source::JetStream, &batch);
+        let outcomes = process(&state, &subjects, Source::JetStream, &batch, None);
         assert!(
             matches!(&outcomes[..], [Outcome::Accepted(ack), Outcome::Duplicate] if ack.accepted == 1),
             "{outcomes:?}"
@@ -549,9 +652,126 @@ mod tests {
         );
         // Both copies were copies of one durable message: a later redelivery is a duplicate
         // too.
-        let again = process(&state, &subjects, Source::JetStream, &[copy_of_seq_5(7, 3)]);
+        let again = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 3)],
+            None,
+        );
         assert!(matches!(&again[..], [Outcome::Duplicate]), "{again:?}");
         assert_eq!(state.durable.log().next_lsn() - before, 1);
+    }
+
+    /// A consumer created again (deleted, the data directory kept) delivers the stream's
+    /// messages anew with a delivery count of 1: one whose sequence is in the log's durable set
+    /// is a duplicate all the same. (The check was skipped for first deliveries: logged and
+    /// applied again.)
+    #[test]
+    fn a_first_delivery_already_in_the_log_is_not_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::http::unregister_race::open(dir.path());
+        let subjects = Subjects::new("kvindex");
+        let first = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 1)],
+            None,
+        );
+        assert!(matches!(&first[..], [Outcome::Accepted(_)]), "{first:?}");
+        let after = state.durable.log().next_lsn();
+        for handled in [None, Some(&HandledSeqs::default())] {
+            let again = process(
+                &state,
+                &subjects,
+                Source::JetStream,
+                &[copy_of_seq_5(7, 1)],
+                handled,
+            );
+            assert!(matches!(&again[..], [Outcome::Duplicate]), "{again:?}");
+        }
+        assert_eq!(state.durable.log().next_lsn(), after, "not logged again");
+    }
+
+    /// The set of logged sequences forgets what is at or below the ack floor; the handled floor
+    /// (stored with the epoch) still recognises those messages, whatever their delivery count,
+    /// but only in its own epoch.
+    #[test]
+    fn a_message_at_or_below_the_handled_floor_is_not_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::http::unregister_race::open(dir.path());
+        let subjects = Subjects::new("kvindex");
+        let handled = HandledSeqs::default();
+        handled.set_floor(1, 5);
+        handled.set_floor(1, 3);
+        let before = state.durable.log().next_lsn();
+        let out = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 1)],
+            Some(&handled),
+        );
+        assert!(matches!(&out[..], [Outcome::Duplicate]), "{out:?}");
+        assert_eq!(state.durable.log().next_lsn(), before, "nothing logged");
+        // The floor of another epoch says nothing of epoch 1's sequence 5.
+        handled.set_floor(2, 10);
+        let out = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 1)],
+            Some(&handled),
+        );
+        assert!(matches!(&out[..], [Outcome::Accepted(_)]), "{out:?}");
+    }
+
+    /// Under `--fsync interval:<ms>` a message is acknowledged once written, and the log's
+    /// durable set takes its sequence in only at the next fsync. A redelivery arriving
+    /// meanwhile (an ack wait that ran out, a lost ack) is a duplicate all the same: the
+    /// consumer's [`HandledSeqs`] holds what it logged. (It was applied a second time.)
+    #[test]
+    fn under_fsync_interval_a_redelivery_before_the_fsync_is_not_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = kvindex_persistence::DurableConfig::default();
+        config.log.fsync =
+            kvindex_persistence::FsyncPolicy::Interval(std::time::Duration::from_secs(3600));
+        let state = crate::http::unregister_race::open_configured(
+            dir.path(),
+            config,
+            std::sync::Arc::new(crate::listeners::NoListeners),
+        );
+        let subjects = Subjects::new("kvindex");
+        let handled = HandledSeqs::default();
+        handled.set_floor(1, 0);
+        let first = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 1)],
+            Some(&handled),
+        );
+        assert!(matches!(&first[..], [Outcome::Accepted(_)]), "{first:?}");
+        let seq = kvindex_persistence::tagged_source_seq(1, 5).expect("fits");
+        assert!(
+            !state.durable.tagged_seq_durable(seq),
+            "written, not yet synced: not in the durable set"
+        );
+        let after = state.durable.log().next_lsn();
+        let again = process(
+            &state,
+            &subjects,
+            Source::JetStream,
+            &[copy_of_seq_5(7, 2)],
+            Some(&handled),
+        );
+        assert!(matches!(&again[..], [Outcome::Duplicate]), "{again:?}");
+        assert_eq!(state.durable.log().next_lsn(), after, "not logged again");
+        // Pruned with the durable set: at or below the floor it is the floor that tells.
+        handled.set_floor(1, 5);
+        assert!(handled.covers(&state, seq));
+        assert!(handled.lock().logged.is_empty());
     }
 
     /// The second copy of a refused message is refused alike (retryable or not): it is the same

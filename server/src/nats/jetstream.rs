@@ -11,23 +11,35 @@
 //! be recognised as durable; also a stream sequence too large for the tagged layout, past
 //! 2^47 - 1), `ack` (an acknowledgement not sent: the message is redelivered after the ack
 //! wait, and recognised as durable when it was logged), `floor` (the consumer's ack floor could
-//! not be read: the set of logged sequences is pruned at the next try), `identity` (the stored
-//! stream identity unreadable or damaged: a new epoch is used).
+//! not be read, or not stored as the handled floor: the set of logged sequences is pruned at
+//! the next try), `identity` (the stored stream identity unreadable or damaged: a new epoch is
+//! used).
 //!
 //! Deduplication: the log keeps the exact set of JetStream sequences it holds, tagged with the
 //! stream's epoch ([`super::stream_epoch`]); at setup the stream's identity picks the epoch
-//! (a new one when the log holds a sequence of it past the stream's last one: a stream
-//! restored from a backup), the identity is read again once the consumer exists, and the set
-//! is pruned of other epochs and of sequences at or below the consumer's ack floor (JetStream
-//! never redelivers those), at setup and every [`PRUNE_EVERY`] (then to the floor read one
-//! period earlier, so that a copy already delivered is still recognised), when the identity is checked
-//! again too (a change sets the consumer up again). That periodic check runs when a pull
-//! brings something once the period has elapsed, before that batch is handled: a stream
-//! re-created while the consumer was idle for the period has none of its messages logged under
-//! the old stream's epoch (the batch is given back, and redelivered to the consumer set up
-//! again). A re-creation less than a period after the last check can still have one period's
-//! messages logged under the old epoch (best effort; a deleted stream usually takes its
-//! consumer along, whose pulls then fail and set the consumer up again at once).
+//! (a new one when the log holds a sequence of it, or its handled floor is, past the stream's
+//! last one: a stream restored from a backup), the identity is read again once the consumer
+//! exists, and the set is pruned of other epochs and of sequences at or below the consumer's
+//! ack floor (JetStream never redelivers those), at setup and every [`PRUNE_EVERY`] (then to
+//! the floor read one period earlier, so that a copy already delivered is still recognised),
+//! when the identity is checked again too (a change sets the consumer up again). That periodic
+//! check runs when a pull brings something once the period has elapsed, before that batch is
+//! handled: a stream re-created while the consumer was idle for the period has none of its
+//! messages logged under the old stream's epoch (the batch is given back, and redelivered to
+//! the consumer set up again). A re-creation less than a period after the last check can still
+//! have one period's messages logged under the old epoch (best effort; a deleted stream usually
+//! takes its consumer along, whose pulls then fail and set the consumer up again at once).
+//!
+//! Before the set is pruned to a floor, the floor is stored with the epoch
+//! (`jetstream-stream.json`) as the *handled floor* ([`advance_floor`]): a consumer deleted and
+//! created again (the data directory kept) delivers the whole stream anew, with delivery counts
+//! of 1, and the pruned set (and the snapshots taken of it) no longer knows those messages. A
+//! consumer kvindex creates starts after the handled floor ([`deliver_policy`]), and a message
+//! at or below it (a consumer created by someone else, delivering all) is acknowledged as a
+//! duplicate. Every message is checked, whatever its delivery count; besides the durable set
+//! and the floor, against the sequences this process logged that the durable set does not hold
+//! yet ([`HandledSeqs`]: under `--fsync interval` the set takes them in at the next fsync,
+//! after their ack).
 //!
 //! A log failure naks a message; copies of one stream sequence in a batch (a message delivered
 //! twice) get a single nak, on the latest copy: each nak queues a redelivery.
@@ -40,9 +52,9 @@ use async_nats::Client;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::intake::{self, Delivery, Incoming, Outcome, Source};
+use super::intake::{self, Delivery, HandledSeqs, Incoming, Outcome, Source};
 use super::metrics::{JS_ACKS, JS_DEDUP_RANGES, JS_ERRORS, SUBSCRIPTION_UP};
-use super::stream_epoch::{self, EpochError, LoggedEpochs, StreamIdentity};
+use super::stream_epoch::{self, Epoch, EpochError, LoggedEpochs, StreamIdentity};
 use super::{backoff, stopped, stopping, TestHold};
 use crate::config::JetStreamConfig;
 use crate::http::SharedState;
@@ -98,9 +110,9 @@ async fn identity_of(stream: &stream::Stream, name: &str) -> Result<(StreamIdent
 }
 
 /// Run an epoch file operation (file I/O with an fsync) off the async workers.
-async fn epoch_io(
-    f: impl FnOnce() -> Result<u16, EpochError> + Send + 'static,
-) -> Result<u16, String> {
+async fn epoch_io<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EpochError> + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| e.to_string())
@@ -112,6 +124,7 @@ async fn setup(
     cfg: &JetStreamConfig,
     subjects: &Subjects,
     state: &SharedState,
+    handled: &HandledSeqs,
 ) -> Result<Ready, String> {
     let js = jetstream::new(client.clone());
     let stream = js
@@ -129,27 +142,28 @@ async fn setup(
         recovered_max: state.durable.recovered_max_tagged_group(),
     };
     let (d, id, l) = (dir.clone(), identity.clone(), logged.clone());
-    let mut epoch = epoch_io(move || stream_epoch::epoch_for(&d, &id, &l))
+    let mut current = epoch_io(move || stream_epoch::epoch_for(&d, &id, &l))
         .await
         .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
-    // The same identity, but the log holds a sequence of its epoch the stream has not reached:
-    // the stream was restored (from a backup: same creation time) and numbers its messages
-    // again from an older last sequence. Its messages must not be taken for the logged ones.
-    let last_logged = state.durable.tagged_last(epoch);
-    if stream_epoch::sequences_reused(last_logged, last_sequence) {
+    // The same identity, but the log holds a sequence of its epoch the stream has not reached,
+    // or the handled floor is past it: the stream was restored (from a backup: same creation
+    // time) and numbers its messages again from an older last sequence. Its messages must not
+    // be taken for the logged ones.
+    let last_logged = state.durable.tagged_last(current.epoch);
+    if stream_epoch::sequences_reused(last_logged, current.floor, last_sequence) {
         tracing::warn!(
             stream = %cfg.stream,
-            epoch,
+            epoch = current.epoch,
             last_logged,
+            handled_floor = current.floor,
             last_sequence,
             "the log holds stream sequences past the stream's last one (restored from a backup?): a new epoch is used"
         );
-        let id = identity.clone();
-        epoch = epoch_io(move || {
-            stream_epoch::new_epoch(&dir, &id, &logged, "stream sequences reused")
-        })
-        .await
-        .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
+        let (d, id) = (dir.clone(), identity.clone());
+        current =
+            epoch_io(move || stream_epoch::new_epoch(&d, &id, &logged, "stream sequences reused"))
+                .await
+                .map_err(|e| format!("stream {} epoch: {e}", cfg.stream))?;
     }
     let consumer = stream
         .get_or_create_consumer(
@@ -157,7 +171,7 @@ async fn setup(
             consumer::pull::Config {
                 durable_name: Some(cfg.consumer.clone()),
                 ack_policy: consumer::AckPolicy::Explicit,
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: deliver_policy(current.floor),
                 filter_subject: subjects.events_wildcard(),
                 ack_wait: cfg.ack_wait,
                 ..Default::default()
@@ -169,22 +183,92 @@ async fn setup(
     // floor) would belong to another stream. Set up again.
     let (now, _) = identity_of(&stream, &cfg.stream).await?;
     if now != identity {
+        // Created just now on the new stream, it would start after the old stream's floor and
+        // skip the new stream's first messages for good: deleted, to be created again under
+        // the new stream's epoch.
+        if created_from_floor(&consumer.cached_info().config.deliver_policy, current.floor) {
+            if let Err(e) = stream.delete_consumer(&cfg.consumer).await {
+                tracing::warn!(
+                    stream = %cfg.stream,
+                    consumer = %cfg.consumer,
+                    error = %e,
+                    "consumer created from the floor of the stream's previous identity not deleted; delete it so that the new stream is consumed from its start"
+                );
+            }
+        }
         return Err(format!(
             "stream {} was re-created during the consumer setup (created {} then {})",
             cfg.stream, identity.created_ns, now.created_ns
         ));
     }
-    prune(
+    let Epoch { epoch, floor } = current;
+    // The messages handled before (at or below the stored floor) are recognised from here on,
+    // even if this consumer (created again) delivers them.
+    handled.set_floor(epoch, floor);
+    advance_floor(
         state,
+        handled,
+        &identity,
         epoch,
         consumer.cached_info().ack_floor.stream_sequence,
-    );
+    )
+    .await;
     Ok(Ready {
         consumer,
         stream,
         identity,
         epoch,
     })
+}
+
+/// Where a consumer kvindex creates starts: after the epoch's handled floor (everything at or
+/// below it was handled, and acknowledged by a consumer since deleted), or at the stream's
+/// first message.
+fn deliver_policy(handled_floor: u64) -> consumer::DeliverPolicy {
+    if handled_floor == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: handled_floor.saturating_add(1),
+        }
+    }
+}
+
+/// Whether a consumer of deliver policy `policy` starts where [`deliver_policy`] starts one
+/// after the handled floor `handled_floor` (a consumer created from it).
+fn created_from_floor(policy: &consumer::DeliverPolicy, handled_floor: u64) -> bool {
+    handled_floor > 0 && *policy == deliver_policy(handled_floor)
+}
+
+/// Every message at or below `ack_floor` was handled: store it as the epoch's handled floor
+/// (when above the stored one), then prune the set of logged sequences and `handled` to it.
+/// Stored first: the set (and the snapshots taken of it) forgets those sequences, and the
+/// stored floor is what still recognises them when a consumer created again delivers them. If
+/// it cannot be stored (counted as a `floor` error, logged) nothing is pruned below the floor
+/// stored before; tried again at the next check.
+async fn advance_floor(
+    state: &SharedState,
+    handled: &HandledSeqs,
+    identity: &StreamIdentity,
+    epoch: u16,
+    ack_floor: u64,
+) {
+    let dir = state.durable.log().dir().to_path_buf();
+    let id = identity.clone();
+    match epoch_io(move || stream_epoch::raise_floor(&dir, &id, epoch, ack_floor)).await {
+        Ok(_) => handled.set_floor(epoch, ack_floor),
+        Err(e) => {
+            count_error(ErrorStage::Floor);
+            tracing::warn!(
+                stream = %identity.stream,
+                epoch,
+                ack_floor,
+                error = %e,
+                "JetStream handled floor not stored; logged sequences pruned later"
+            );
+        }
+    }
+    prune(state, epoch, handled.floor(epoch));
 }
 
 /// [`PULL_BATCH`], capped at the consumer's `max_batch` (0 or less: no cap; a pull request
@@ -196,20 +280,25 @@ fn pull_batch(max_batch: i64) -> usize {
     }
 }
 
-/// Forget the logged sequences JetStream will never redeliver: those of other epochs, and
-/// those at or below the ack floor (every message there is acknowledged or terminated).
-fn prune(state: &SharedState, epoch: u16, ack_floor: u64) {
-    let ranges = state.durable.prune_tagged_seqs(epoch, ack_floor);
+/// Forget the logged sequences the handled floor covers: those of other epochs, and those at
+/// or below `handled_floor` (stored: every message there is acknowledged or terminated).
+fn prune(state: &SharedState, epoch: u16, handled_floor: u64) {
+    let ranges = state.durable.prune_tagged_seqs(epoch, handled_floor);
     metrics::gauge!(JS_DEDUP_RANGES).set(ranges as f64);
 }
 
 /// Periodic check: the stream is still the one set up (else `false`: set the consumer up
-/// again, under the new identity's epoch), then [`prune`] to the ack floor read at the
+/// again, under the new identity's epoch), then [`advance_floor`] to the ack floor read at the
 /// previous check (`floor`, which becomes the current one). Not the current floor: a copy of
 /// a message redelivered before its first copy's ack moved the floor past it may still sit in
 /// the client's buffer or the batch about to be handled, and must still be found in the set;
 /// one period later it has been handled.
-async fn check_and_prune(state: &SharedState, ready: &Ready, floor: &mut Option<u64>) -> bool {
+async fn check_and_prune(
+    state: &SharedState,
+    handled: &HandledSeqs,
+    ready: &Ready,
+    floor: &mut Option<u64>,
+) -> bool {
     match identity_of(&ready.stream, &ready.identity.stream).await {
         Ok((now, _)) if now != ready.identity => {
             tracing::warn!(
@@ -230,7 +319,7 @@ async fn check_and_prune(state: &SharedState, ready: &Ready, floor: &mut Option<
     match ready.consumer.get_info().await {
         Ok(info) => {
             if let Some(previous) = lagged_floor(floor, info.ack_floor.stream_sequence) {
-                prune(state, ready.epoch, previous);
+                advance_floor(state, handled, &ready.identity, ready.epoch, previous).await;
             }
         }
         Err(e) => {
@@ -382,6 +471,7 @@ enum Handled {
 async fn handle(
     state: &SharedState,
     subjects: &Arc<Subjects>,
+    handled: &Arc<HandledSeqs>,
     hold: TestHold,
     shutdown: &mut watch::Receiver<bool>,
     epoch: u16,
@@ -396,9 +486,9 @@ async fn handle(
     {
         return Handled::Stopped(messages);
     }
-    let (st, subj) = (Arc::clone(state), Arc::clone(subjects));
+    let (st, subj, h) = (Arc::clone(state), Arc::clone(subjects), Arc::clone(handled));
     let outcomes = match tokio::task::spawn_blocking(move || {
-        intake::process(&st, &subj, Source::JetStream, &batch)
+        intake::process(&st, &subj, Source::JetStream, &batch, Some(&h))
     })
     .await
     {
@@ -501,10 +591,12 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
+    // Kept across setups: what this process logged stays recognised under the same epoch.
+    let handled = Arc::new(HandledSeqs::default());
     while !stopping(&shutdown) {
         let consumer = tokio::select! {
             _ = stopped(&mut shutdown) => return,
-            c = setup(&client, &cfg, &subjects, &state) => c,
+            c = setup(&client, &cfg, &subjects, &state, &handled) => c,
         };
         let messages = match consumer {
             Ok(r) => {
@@ -568,14 +660,22 @@ pub async fn run(
             // unsubscribing, below) and sets the consumer up again under the new epoch.
             if pruned_at.elapsed() >= PRUNE_EVERY {
                 pruned_at = tokio::time::Instant::now();
-                if !check_and_prune(&state, &ready, &mut floor).await {
+                if !check_and_prune(&state, &handled, &ready, &mut floor).await {
                     unhandled = batch;
                     break;
                 }
             }
             if !batch.is_empty() {
-                if let Handled::Stopped(not_handled) =
-                    handle(&state, &subjects, hold, &mut shutdown, ready.epoch, batch).await
+                if let Handled::Stopped(not_handled) = handle(
+                    &state,
+                    &subjects,
+                    &handled,
+                    hold,
+                    &mut shutdown,
+                    ready.epoch,
+                    batch,
+                )
+                .await
                 {
                     unhandled = not_handled;
                     break;
@@ -630,6 +730,23 @@ mod tests {
             error: "refused".into(),
             retry,
         }
+    }
+
+    /// A consumer kvindex creates starts after the handled floor; with none, at the first
+    /// message of the stream.
+    #[test]
+    fn a_created_consumer_starts_after_the_handled_floor() {
+        assert_eq!(deliver_policy(0), consumer::DeliverPolicy::All);
+        assert_eq!(
+            deliver_policy(41),
+            consumer::DeliverPolicy::ByStartSequence { start_sequence: 42 }
+        );
+        // A stream re-created during the setup: only a consumer started from the floor is
+        // taken for one created from it (and deleted).
+        assert!(created_from_floor(&deliver_policy(41), 41));
+        assert!(!created_from_floor(&deliver_policy(41), 40));
+        assert!(!created_from_floor(&consumer::DeliverPolicy::All, 41));
+        assert!(!created_from_floor(&consumer::DeliverPolicy::All, 0));
     }
 
     /// The periodic pruning lags one check behind the ack floor: a copy delivered before the

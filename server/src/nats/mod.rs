@@ -94,7 +94,11 @@ impl NatsTransport {
         let mut tasks = Vec::new();
         if cfg.core_events {
             if cfg.jetstream.is_some() {
-                tracing::warn!("core NATS events and the JetStream consumer are both on: messages the stream captures are ingested twice (idempotent, but wasteful)");
+                // Not idempotent: the two copies of the events are applied independently and
+                // interleave, so the index is only eventually consistent — a block removed by
+                // one path comes back when the slower path applies its older store, until that
+                // path applies the removal too.
+                tracing::warn!("core NATS events and the JetStream consumer are both on: messages the stream captures are ingested twice, and the two copies interleave (only eventually consistent: a removed block can reappear until the slower path catches up; also wasteful)");
             }
             tasks.push(tokio::spawn(core_events::run(
                 client.clone(),

@@ -3,7 +3,11 @@
 //! identity (name and creation time) gets an epoch, written into every logged sequence
 //! (`TAG | epoch << 47 | stream_sequence`, docs/log-format.md §6); this module keeps the current
 //! identity and its epoch in `<data-dir>/jetstream-stream.json`, written atomically before
-//! anything is logged under a new epoch.
+//! anything is logged under a new epoch, with the epoch's *handled floor*: every stream
+//! sequence at or below it was handled (logged, or refused for good) and acknowledged. The set
+//! of logged sequences forgets what is at or below the floor, so the floor is what still
+//! recognises those messages when a consumer created again delivers them (with a delivery
+//! count of 1); it is stored before the set is pruned to it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,9 @@ struct Stored {
     high_water: u16,
     #[serde(flatten)]
     identity: StreamIdentity,
+    /// The handled floor of `epoch` (files written before it existed: 0).
+    #[serde(default)]
+    floor: u64,
 }
 
 impl Stored {
@@ -48,6 +55,15 @@ pub enum EpochError {
     Write {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "the handled floor of epoch {epoch} not stored: {path} no longer holds that epoch \
+         of stream {stream}"
+    )]
+    FloorOfAnotherEpoch {
+        path: PathBuf,
+        epoch: u16,
+        stream: String,
     },
     #[error(
         "every JetStream epoch is used (the highest, {}, was allocated): the logged \
@@ -117,18 +133,29 @@ fn write(path: &Path, stored: &Stored) -> Result<(), EpochError> {
     Ok(())
 }
 
-/// The epoch of `identity`: the stored one when the identity is the stored one; otherwise a
-/// new one ([`new_epoch`]).
+/// An epoch and its handled floor (0 for a new epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    pub epoch: u16,
+    /// Every stream sequence of the epoch at or below it was handled and acknowledged.
+    pub floor: u64,
+}
+
+/// The epoch of `identity`: the stored one (with its floor) when the identity is the stored
+/// one; otherwise a new one ([`new_epoch`]).
 pub fn epoch_for(
     dir: &Path,
     identity: &StreamIdentity,
     logged: &LoggedEpochs,
-) -> Result<u16, EpochError> {
+) -> Result<Epoch, EpochError> {
     let path = dir.join(FILE_NAME);
     let stored = read(&path);
     if let Ok(Some(s)) = &stored {
         if s.identity == *identity {
-            return Ok(s.epoch);
+            return Ok(Epoch {
+                epoch: s.epoch,
+                floor: s.floor,
+            });
         }
     }
     allocate(
@@ -147,10 +174,38 @@ pub fn new_epoch(
     identity: &StreamIdentity,
     logged: &LoggedEpochs,
     why: &'static str,
-) -> Result<u16, EpochError> {
+) -> Result<Epoch, EpochError> {
     let path = dir.join(FILE_NAME);
     let stored = read(&path);
     allocate(&path, stored, identity, logged, why)
+}
+
+/// Store `floor` as the handled floor of `epoch` (the stored epoch, of `identity`) when it is
+/// above the stored one; `Ok(false)` when it is not (nothing written). The file must still hold
+/// that epoch: otherwise (lost, damaged, or another epoch) nothing is written and the caller
+/// must not prune below the floor it had.
+pub fn raise_floor(
+    dir: &Path,
+    identity: &StreamIdentity,
+    epoch: u16,
+    floor: u64,
+) -> Result<bool, EpochError> {
+    let path = dir.join(FILE_NAME);
+    let stored = match read(&path) {
+        Ok(Some(s)) if s.epoch == epoch && s.identity == *identity => s,
+        _ => {
+            return Err(EpochError::FloorOfAnotherEpoch {
+                path,
+                epoch,
+                stream: identity.stream.clone(),
+            })
+        }
+    };
+    if floor <= stored.floor {
+        return Ok(false);
+    }
+    write(&path, &Stored { floor, ..stored })?;
+    Ok(true)
 }
 
 /// Allocate the epoch above every one used before — the stored high-water mark, the groups in
@@ -162,7 +217,7 @@ fn allocate(
     identity: &StreamIdentity,
     logged: &LoggedEpochs,
     why: &'static str,
-) -> Result<u16, EpochError> {
+) -> Result<Epoch, EpochError> {
     if matches!(stored, Ok(None)) && logged.max().is_some() {
         // The log holds JetStream sequences, so this file was written once: lost (a restore
         // without it, a deletion). Allocation goes on above the log's epochs.
@@ -183,6 +238,7 @@ fn allocate(
             epoch,
             high_water: epoch,
             identity: identity.clone(),
+            floor: 0,
         },
     )?;
     tracing::info!(
@@ -192,14 +248,16 @@ fn allocate(
         previous = ?stored.map(|s| s.epoch),
         "{why}: sequences of the previous epoch no longer deduplicate"
     );
-    Ok(epoch)
+    Ok(Epoch { epoch, floor: 0 })
 }
 
 /// Whether the stream's sequences were reused under its identity: the log holds a sequence of
-/// the current epoch above the stream's last one (a stream restored from a backup keeps its
-/// name and creation time, and numbers new messages again from its backup's last sequence).
-pub fn sequences_reused(last_logged: Option<u64>, stream_last_sequence: u64) -> bool {
-    last_logged.is_some_and(|l| l > stream_last_sequence)
+/// the current epoch above the stream's last one, or the epoch's handled floor is above it (a
+/// stream restored from a backup keeps its name and creation time, and numbers new messages
+/// again from its backup's last sequence). The floor matters once the set was pruned: new
+/// messages at or below it would be taken for handled ones.
+pub fn sequences_reused(last_logged: Option<u64>, floor: u64, stream_last_sequence: u64) -> bool {
+    last_logged.unwrap_or(0).max(floor) > stream_last_sequence
 }
 
 #[cfg(test)]
@@ -228,18 +286,25 @@ mod tests {
     fn the_same_stream_keeps_its_epoch_and_a_recreated_one_gets_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let a = id("S", "100");
-        let e1 = epoch_for(dir.path(), &a, &none()).unwrap();
+        let e1 = epoch_for(dir.path(), &a, &none()).unwrap().epoch;
         assert_eq!(e1, 1);
         assert_eq!(
-            epoch_for(dir.path(), &a, &logged(&[1], Some(1))).unwrap(),
+            epoch_for(dir.path(), &a, &logged(&[1], Some(1)))
+                .unwrap()
+                .epoch,
             e1
         );
         let recreated = id("S", "200");
-        let e2 = epoch_for(dir.path(), &recreated, &logged(&[1, 2], None)).unwrap();
+        let e2 = epoch_for(dir.path(), &recreated, &logged(&[1, 2], None))
+            .unwrap()
+            .epoch;
         assert_eq!(e2, 3, "above the epochs still in the log");
-        assert_eq!(epoch_for(dir.path(), &recreated, &none()).unwrap(), e2);
         assert_eq!(
-            epoch_for(dir.path(), &a, &none()).unwrap(),
+            epoch_for(dir.path(), &recreated, &none()).unwrap().epoch,
+            e2
+        );
+        assert_eq!(
+            epoch_for(dir.path(), &a, &none()).unwrap().epoch,
             4,
             "the first identity again is a new one"
         );
@@ -252,11 +317,19 @@ mod tests {
     fn epochs_are_never_allocated_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        assert_eq!(epoch_for(dir.path(), &id("S", "1"), &none()).unwrap(), 1);
-        assert_eq!(epoch_for(dir.path(), &id("S", "2"), &none()).unwrap(), 2);
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "1"), &none()).unwrap().epoch,
+            1
+        );
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "2"), &none()).unwrap().epoch,
+            2
+        );
         // The set was pruned to the current epoch only: 1 is not in use, yet not reused.
         assert_eq!(
-            epoch_for(dir.path(), &id("S", "3"), &logged(&[2], None)).unwrap(),
+            epoch_for(dir.path(), &id("S", "3"), &logged(&[2], None))
+                .unwrap()
+                .epoch,
             3
         );
         let stored: serde_json::Value =
@@ -267,17 +340,24 @@ mod tests {
         );
         // A file of the first format (no high-water mark): its epoch is the mark.
         std::fs::write(&path, br#"{"epoch":7,"stream":"S","created_ns":"4"}"#).unwrap();
-        assert_eq!(epoch_for(dir.path(), &id("S", "5"), &none()).unwrap(), 8);
+        assert_eq!(
+            epoch_for(dir.path(), &id("S", "5"), &none()).unwrap().epoch,
+            8
+        );
         // Lost: above the highest group recovery saw, not 1 again.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
-            epoch_for(dir.path(), &id("S", "6"), &logged(&[], Some(8))).unwrap(),
+            epoch_for(dir.path(), &id("S", "6"), &logged(&[], Some(8)))
+                .unwrap()
+                .epoch,
             9
         );
         // Damaged: the same.
         std::fs::write(&path, b"{not json").unwrap();
         assert_eq!(
-            epoch_for(dir.path(), &id("S", "7"), &logged(&[9], Some(9))).unwrap(),
+            epoch_for(dir.path(), &id("S", "7"), &logged(&[9], Some(9)))
+                .unwrap()
+                .epoch,
             10
         );
     }
@@ -286,24 +366,82 @@ mod tests {
     fn a_new_epoch_is_allocated_for_the_same_identity_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let a = id("S", "100");
-        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap(), 1);
+        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap().epoch, 1);
         assert_eq!(
-            new_epoch(dir.path(), &a, &logged(&[1], None), "reused").unwrap(),
+            new_epoch(dir.path(), &a, &logged(&[1], None), "reused")
+                .unwrap()
+                .epoch,
             2
         );
-        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap(), 2, "kept");
+        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap().epoch, 2, "kept");
     }
 
     /// A stream restored from a backup keeps its identity; the log holding a sequence of the
     /// current epoch above the stream's last one means its sequences are being reused.
     #[test]
     fn sequences_above_the_streams_last_one_mean_reuse() {
-        assert!(!sequences_reused(None, 0));
-        assert!(!sequences_reused(None, 10));
-        assert!(!sequences_reused(Some(10), 10));
-        assert!(!sequences_reused(Some(3), 10));
-        assert!(sequences_reused(Some(11), 10));
-        assert!(sequences_reused(Some(1), 0), "restored empty");
+        assert!(!sequences_reused(None, 0, 0));
+        assert!(!sequences_reused(None, 0, 10));
+        assert!(!sequences_reused(Some(10), 0, 10));
+        assert!(!sequences_reused(Some(3), 0, 10));
+        assert!(sequences_reused(Some(11), 0, 10));
+        assert!(sequences_reused(Some(1), 0, 0), "restored empty");
+        // The set pruned: the handled floor still tells.
+        assert!(!sequences_reused(None, 10, 10));
+        assert!(!sequences_reused(Some(12), 10, 12));
+        assert!(sequences_reused(None, 11, 10));
+        assert!(sequences_reused(Some(5), 11, 10));
+    }
+
+    /// The handled floor is kept with its epoch: it only rises, a new epoch starts at 0, a file
+    /// written before floors existed reads as 0, and a file no longer holding the epoch is not
+    /// written (the caller must not prune below its old floor).
+    #[test]
+    fn the_handled_floor_belongs_to_its_epoch_and_only_rises() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let a = id("S", "100");
+        let first = epoch_for(dir.path(), &a, &none()).unwrap();
+        assert_eq!(first, Epoch { epoch: 1, floor: 0 });
+        assert!(raise_floor(dir.path(), &a, 1, 40).unwrap());
+        assert!(!raise_floor(dir.path(), &a, 1, 40).unwrap(), "not above");
+        assert!(!raise_floor(dir.path(), &a, 1, 7).unwrap(), "never lowered");
+        assert_eq!(
+            epoch_for(dir.path(), &a, &none()).unwrap(),
+            Epoch {
+                epoch: 1,
+                floor: 40
+            }
+        );
+        // Not the stored epoch (or identity): refused, nothing written.
+        assert!(matches!(
+            raise_floor(dir.path(), &a, 2, 50),
+            Err(EpochError::FloorOfAnotherEpoch { epoch: 2, .. })
+        ));
+        assert!(matches!(
+            raise_floor(dir.path(), &id("S", "200"), 1, 50),
+            Err(EpochError::FloorOfAnotherEpoch { .. })
+        ));
+        assert_eq!(epoch_for(dir.path(), &a, &none()).unwrap().floor, 40);
+        // A new epoch (the stream's sequences reused) starts from nothing handled.
+        assert_eq!(
+            new_epoch(dir.path(), &a, &none(), "reused").unwrap(),
+            Epoch { epoch: 2, floor: 0 }
+        );
+        // Written before floors existed.
+        std::fs::write(
+            &path,
+            br#"{"epoch":3,"high_water":3,"stream":"S","created_ns":"100"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            epoch_for(dir.path(), &a, &none()).unwrap(),
+            Epoch { epoch: 3, floor: 0 }
+        );
+        // Lost: refused.
+        std::fs::remove_file(&path).unwrap();
+        assert!(raise_floor(dir.path(), &a, 3, 9).is_err());
+        assert!(!path.exists());
     }
 
     #[test]
@@ -311,7 +449,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
         assert_eq!(
-            epoch_for(dir.path(), &id("S", "1"), &logged(&[1, 2], None)).unwrap(),
+            epoch_for(dir.path(), &id("S", "1"), &logged(&[1, 2], None))
+                .unwrap()
+                .epoch,
             3
         );
         assert!(matches!(

@@ -248,6 +248,39 @@ impl Client {
         })
     }
 
+    /// Delete the durable consumer `name` of stream `stream`.
+    pub fn delete_consumer(&self, stream: &str, name: &str) {
+        self.rt.block_on(async {
+            jetstream::new(self.inner.clone())
+                .get_stream(stream)
+                .await
+                .expect("stream")
+                .delete_consumer(name)
+                .await
+                .expect("delete consumer");
+        })
+    }
+
+    /// Create the durable pull consumer `name` of stream `stream` as an operator might: explicit
+    /// acks, every message of the stream (deliver all), filter `filter`.
+    pub fn create_consumer_delivering_all(&self, stream: &str, name: &str, filter: &str) {
+        self.rt.block_on(async {
+            jetstream::new(self.inner.clone())
+                .get_stream(stream)
+                .await
+                .expect("stream")
+                .create_consumer(jetstream::consumer::pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    filter_subject: filter.to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .expect("create consumer");
+        })
+    }
+
     /// A core subscription to `subject`, known to the server when this returns.
     pub fn subscribe(&self, subject: &str) -> async_nats::Subscriber {
         self.rt.block_on(async {
