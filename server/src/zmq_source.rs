@@ -11,7 +11,10 @@
 //!   [`ZmqSupervisor::open`], which starts each listener *after* its durable watermark: the
 //!   listener asks the publisher's replay endpoint for everything the log is missing. When an
 //!   instance has one listener, batches it received under another rank (override) count for it
-//!   too; with several listeners only the listener's own rank counts.
+//!   too (it resumes after the watermark logged last); with several listeners only the
+//!   listener's own rank counts. A resume point past the publisher (an engine restarted while
+//!   kvindex was down, another source's numbering) shows with the first live batch, which the
+//!   listener then takes for a publisher restart (`zmq::listener`).
 //! * **New registrations** (`POST /register`) start with an unset watermark (SERVICE.md §7.5).
 //! * **Stopping** a listener fences its stream first: no batch of it reaches the log after
 //!   [`ListenerSupervisor::stop`] returns, so the removal logged by `/unregister` is final.
@@ -198,8 +201,10 @@ pub const REJECTED_BATCHES: &str = "kvindex_zmq_batches_rejected_total";
 
 /// What the listener is told about a batch the intake did not take: for good
 /// ([`SinkError::Rejected`], counted in [`REJECTED_BATCHES`]) when the same batch can never be
-/// taken, else for now ([`SinkError::Unavailable`]: the watermark stays and the batch is asked
-/// for again).
+/// taken; [`SinkError::Failed`] when the log writer has stopped (nothing is appended until the
+/// process restarts: the listener stops submitting and replaying, and the restart resumes after
+/// the durable watermark); else for now ([`SinkError::Unavailable`]: the watermark stays and the
+/// batch is asked for again after the listener's backoff).
 ///
 /// A batch too large for one log record is refused for good: asking for it again brings the
 /// same batch (and a replay per later batch, and in the end a batch counted lost). It is not
@@ -211,6 +216,9 @@ fn sink_error(e: IngestError) -> SinkError {
     let reason = match &e {
         IngestError::Log(PersistError::RecordTooLarge { .. }) => "too_large",
         IngestError::ZeroBlockSize { .. } => "block_size",
+        IngestError::Log(PersistError::WriterFailed { .. }) => {
+            return SinkError::Failed(e.to_string())
+        }
         _ => return SinkError::Unavailable(e.to_string()),
     };
     metrics::counter!(REJECTED_BATCHES, "reason" => reason).increment(1);
@@ -362,11 +370,20 @@ impl ZmqSupervisor {
 }
 
 /// Where a restored listener resumes: the durable watermark of its stream, or — for an
-/// instance with a single listener — the highest watermark of any of the instance's streams
-/// that no other listener owns (batches that named their own dp_rank). Only watermarks this
-/// registration wrote count (logged at or after its `registered_at_lsn`): after an unregister
-/// and a re-register of the same stream, the old registration's watermark says nothing about
-/// the new one (SERVICE.md §7.5), which starts from scratch like any new registration.
+/// instance with a single listener — the watermark logged last (highest LSN) of any of the
+/// instance's streams (batches that named their own dp_rank count for the single listener).
+/// Only watermarks this registration wrote count (logged at or after its `registered_at_lsn`):
+/// after an unregister and a re-register of the same stream, the old registration's watermark
+/// says nothing about the new one (SERVICE.md §7.5), which starts from scratch like any new
+/// registration.
+///
+/// The last one logged, not the highest sequence: the ranks' last batches may come from
+/// different engine incarnations (an engine that restarted counts from 0 again, and its new
+/// batches named only one rank so far), or another source may have logged its own numbering
+/// (`event_id`s of `POST /events` or core NATS) for another rank of the instance. The log does
+/// not record which source wrote an entry, so a watermark of another numbering can still be
+/// the last one; the listener then sees its first live batch at or below the resume point, takes
+/// it for an engine restarted while kvindex was down, and replays from 0 (`zmq::listener`).
 fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Option<u64> {
     let key = NamespaceKey::new(&spec.model_name, &spec.routing_group);
     let marks = ingest.worker_watermarks(&key, spec.instance_id);
@@ -377,9 +394,10 @@ fn resume_point(view: &RegistryView, ingest: &Ingest, spec: &ListenerSpec) -> Op
     pick_resume_point(&marks, spec.dp_rank, single, spec.registered_at_lsn)
 }
 
-/// [`resume_point`] over `(dp_rank, source_seq, lsn)` watermarks. Watermarks tagged as
-/// JetStream sequences (`JETSTREAM_SEQ_TAG`) are another source's numbering: taken as a ZMQ
-/// sequence they would put the listener past every batch its publisher will ever send.
+/// [`resume_point`] over `(dp_rank, source_seq, lsn)` watermarks: the eligible one with the
+/// highest LSN. Watermarks tagged as JetStream sequences (`JETSTREAM_SEQ_TAG`) are another
+/// source's numbering: taken as a ZMQ sequence they would put the listener past every batch
+/// its publisher will ever send.
 fn pick_resume_point(
     marks: &[(u32, u64, u64)],
     dp_rank: u32,
@@ -393,8 +411,8 @@ fn pick_resume_point(
                 && *lsn >= registered_at_lsn
                 && seq & crate::nats::intake::JETSTREAM_SEQ_TAG == 0
         })
+        .max_by_key(|(_, _, lsn)| *lsn)
         .map(|(_, seq, _)| *seq)
-        .max()
 }
 
 impl ListenerSupervisor for ZmqSupervisor {
@@ -757,7 +775,8 @@ mod tests {
 
     /// A batch too large for one log record can never be logged: the listener is told it is
     /// refused for good (its watermark moves past it, no replay asks for it again), with its
-    /// own counted reason; other intake failures stay temporary.
+    /// own counted reason; a stopped log writer is a failure for good (until a restart); other
+    /// intake failures stay temporary.
     #[test]
     fn intake_errors_are_classified_for_the_listener() {
         use crate::ingest::IngestError;
@@ -778,11 +797,13 @@ mod tests {
                 }),
                 SinkError::Rejected(_)
             ));
+            // The writer stopped: nothing is appended until a restart, so the listener stops
+            // replaying (else each later batch would ask the engine for its whole buffer).
             assert!(matches!(
                 sink_error(IngestError::Log(PersistError::WriterFailed {
                     cause: "disk full".into()
                 })),
-                SinkError::Unavailable(_)
+                SinkError::Failed(_)
             ));
             assert!(matches!(
                 sink_error(IngestError::NoIndexer {
@@ -874,7 +895,8 @@ mod tests {
         // (dp_rank, source_seq, lsn)
         let marks = [(0, 40, 10), (1, 7, 12)];
         assert_eq!(pick_resume_point(&marks, 0, false, 0), Some(40));
-        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(40));
+        // A single listener resumes after the batch logged last, whatever its rank.
+        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(7));
         // Re-registered at LSN 11: dp 0's watermark is the old registration's.
         assert_eq!(pick_resume_point(&marks, 0, false, 11), None);
         // A single listener counts its other-rank batches, if they are its own.
@@ -882,5 +904,24 @@ mod tests {
         assert_eq!(pick_resume_point(&marks, 0, true, 13), None);
         // The registration's own first batch sits exactly at its LSN.
         assert_eq!(pick_resume_point(&marks, 0, false, 10), Some(40));
+    }
+
+    /// A single listener resumes after the watermark logged last, not after the highest
+    /// sequence of any rank: here rank 1's last batch (seq 900) came from the engine's earlier
+    /// incarnation, or from another source's numbering (`POST /events` `event_id`s), and rank
+    /// 0's (seq 12) was logged after it. Resuming after 900 would skip the engine's batches
+    /// 13..=900 (before, every one of them was dropped as stale).
+    #[test]
+    fn a_single_listener_resumes_after_the_watermark_logged_last() {
+        // (dp_rank, source_seq, lsn)
+        let marks = [(1, 900, 50), (0, 12, 80), (2, 3, 70)];
+        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(12));
+        // Several listeners: each its own rank's, as before.
+        assert_eq!(pick_resume_point(&marks, 1, false, 0), Some(900));
+        assert_eq!(pick_resume_point(&marks, 2, false, 0), Some(3));
+        // Tagged (JetStream) watermarks never count, even logged last.
+        let tagged = crate::nats::intake::JETSTREAM_SEQ_TAG | 5;
+        let marks = [(0, 12, 80), (1, tagged, 90)];
+        assert_eq!(pick_resume_point(&marks, 0, true, 0), Some(12));
     }
 }

@@ -1263,3 +1263,316 @@ async fn fenced_batches_leave_the_watermark_for_the_resumed_listener() {
     )
     .await;
 }
+
+/// Publish empty batches until the listener has seen one live (ZMQ's slow joiner), whatever
+/// it did with it; returns the last one published.
+async fn until_seen_live(publisher: &VllmPublisher, ingest: &ZmqIngest, worker_id: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let seq = publisher
+            .publish(&PublishBatch::new(Vec::new()))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if status(ingest, worker_id, 0).last_live_seq.is_some() {
+            return seq;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no live batch: {:?}",
+            status(ingest, worker_id, 0)
+        );
+    }
+}
+
+/// The engine restarted while kvindex was down (it counts from 0 again): kvindex resumes after
+/// the old incarnation's durable watermark (1000), the catch-up replay from 1001 finds nothing,
+/// and the first live batch is at or below 1000 — which a PUB socket only sends if its engine
+/// restarted. It is taken as a publisher restart: the new incarnation's batches are replayed
+/// from 0 and indexed. Before, every one of them was dropped as stale until the engine's
+/// sequence passed 1000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restarted_while_the_listener_was_down_is_followed_from_0() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    // The new incarnation's first batches, published while kvindex was down.
+    for h in 0..3u64 {
+        publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::removed(vec![h])]));
+    }
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest
+        .register(spec_for(&publisher, 6, 0).resuming_after(1000))
+        .unwrap();
+    until_seen_live(&publisher, &ingest, 6).await;
+    let marker = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![99])]))
+        .await
+        .unwrap();
+    wait_until("the new incarnation's batches in the sink", || {
+        settled(&ingest, &sink, 6, 0, marker)
+    })
+    .await;
+    assert_eq!(
+        sink.seqs(6, 0),
+        (0..=marker).collect::<Vec<_>>(),
+        "every batch of the new incarnation, once, in order"
+    );
+    let st = status(&ingest, 6, 0);
+    assert_eq!(st.counters.publisher_restarts, 1, "{st:?}");
+    assert_eq!(st.counters.lost_batches, 0, "{st:?}");
+    assert_eq!(
+        publisher.replay_requests()[..2],
+        [1001, 0],
+        "the catch-up after the old watermark, then the new incarnation from 0"
+    );
+}
+
+/// The same after a pause: the engine restarts while the listener is paused; the resumed
+/// listener's first live batch is below the kept watermark, and the new incarnation is
+/// followed from 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restarted_while_the_listener_was_paused_is_followed_from_0() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    // The old incarnation is well ahead of where the new one gets during the test.
+    for _ in 0..1000 {
+        publisher.publish_unsent(&PublishBatch::new(Vec::new()));
+    }
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 7, 0)).unwrap();
+    let old = sync_live(&publisher, &ingest, &sink, 7, 0).await;
+    assert!(old >= 1000);
+    ingest.pause(7, 0).unwrap();
+    let before = sink.seqs(7, 0).len();
+
+    publisher.restart_sequence();
+    for h in 0..3u64 {
+        publisher.publish_unsent(&PublishBatch::new(vec![PublishEvent::removed(vec![h])]));
+    }
+    ingest.resume(7, 0).unwrap();
+    until_seen_live(&publisher, &ingest, 7).await;
+    let marker = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![99])]))
+        .await
+        .unwrap();
+    assert!(marker < old);
+    wait_until("the new incarnation's batches in the sink", || {
+        sink.has_seq(7, 0, marker)
+            && status(&ingest, 7, 0).watermark == Some(marker)
+            && sink.seqs(7, 0).len() > before
+    })
+    .await;
+    assert_eq!(
+        sink.seqs(7, 0)[before..],
+        (0..=marker).collect::<Vec<_>>(),
+        "every batch of the new incarnation, once, in order"
+    );
+    let st = status(&ingest, 7, 0);
+    assert_eq!(st.counters.publisher_restarts, 1, "{st:?}");
+    assert_eq!(st.counters.lost_batches, 0, "{st:?}");
+}
+
+/// A sink that refuses one batch once (`once`), and every batch from a sequence on (`from`);
+/// collects what it takes.
+#[derive(Default)]
+struct RefusingSink {
+    taken: CollectingSink,
+    once: Mutex<Option<(u64, SinkError)>>,
+    from: Mutex<Option<(u64, SinkError)>>,
+    refused: Mutex<Vec<u64>>,
+}
+
+impl EventSink for RefusingSink {
+    fn submit(
+        &self,
+        worker_id: u64,
+        dp_rank: u32,
+        generation: u64,
+        source_seq: u64,
+        events: Vec<RouterEvent>,
+    ) -> Result<(), SinkError> {
+        let lock = |m: &Mutex<Option<(u64, SinkError)>>| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        let once = {
+            let mut once = self.once.lock().unwrap_or_else(|e| e.into_inner());
+            match once.take() {
+                Some((seq, e)) if seq == source_seq => Some(e),
+                other => {
+                    *once = other;
+                    None
+                }
+            }
+        };
+        let refusal =
+            once.or_else(|| lock(&self.from).and_then(|(s, e)| (source_seq >= s).then_some(e)));
+        if let Some(e) = refusal {
+            self.refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(source_seq);
+            return Err(e);
+        }
+        self.taken
+            .submit(worker_id, dp_rank, generation, source_seq, events)
+    }
+}
+
+impl RefusingSink {
+    fn refused(&self) -> Vec<u64> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn refusing_ingest(sink: &Arc<RefusingSink>, config: IngestConfig) -> ZmqIngest {
+    ZmqIngest::new(tokio::runtime::Handle::current(), sink.clone(), config)
+}
+
+/// A transient `SinkError::Unavailable` on one batch in the middle of a replay: the replay
+/// stops there (the watermark stays before it), and once the sink's backoff is over — the
+/// engine idle meanwhile — the refused batch and those after it are asked for again. Before,
+/// the replay went on with the next batch, the watermark jumped over the refused one, which
+/// was counted lost and never asked for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_sink_refuses_for_now_inside_a_replay_is_asked_for_again() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(RefusingSink::default());
+    let config = IngestConfig {
+        sink_retry_backoff: Duration::from_millis(50),
+        ..fast_config()
+    };
+    let ingest = refusing_ingest(&sink, config);
+    ingest.register(spec_for(&publisher, 6, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink.taken, 6, 0).await;
+
+    let removed = |h| PublishBatch::new(vec![PublishEvent::removed(vec![h])]);
+    let a = publisher.publish_unsent(&removed(201));
+    let b = publisher.publish_unsent(&removed(202));
+    let c = publisher.publish_unsent(&removed(203));
+    *sink.once.lock().unwrap() = Some((b, SinkError::Unavailable("transient".into())));
+    // Its gap asks for a, b, c; the sink refuses b.
+    let live = publisher.publish(&removed(204)).await.unwrap();
+    wait_until("the live batch, after the refused one", || {
+        settled(&ingest, &sink.taken, 6, 0, live)
+    })
+    .await;
+    let next = publisher.publish(&removed(205)).await.unwrap();
+    wait_until("the next live batch", || {
+        settled(&ingest, &sink.taken, 6, 0, next)
+    })
+    .await;
+
+    assert_eq!(sink.refused(), [b]);
+    let after: Vec<u64> = sink
+        .taken
+        .seqs(6, 0)
+        .into_iter()
+        .filter(|&s| s > warm)
+        .collect();
+    assert_eq!(after, [a, b, c, live, next], "each once, in order");
+    assert!(
+        publisher.replay_requests().contains(&b),
+        "{:?}",
+        publisher.replay_requests()
+    );
+    let st = status(&ingest, 6, 0);
+    assert_eq!(st.counters.lost_batches, 0, "{st:?}");
+    assert_eq!(st.counters.sink_errors, 1, "{st:?}");
+}
+
+/// While the sink refuses batches as unavailable, live batches do not each start a replay of
+/// the engine's whole buffer: until the backoff is over (here an hour: never during the test)
+/// they are counted as deferred and the engine is asked for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_unavailable_for_a_while_gets_no_replay_per_live_batch() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(RefusingSink::default());
+    let config = IngestConfig {
+        sink_retry_backoff: Duration::from_secs(3600),
+        sink_retry_backoff_max: Duration::from_secs(3600),
+        ..fast_config()
+    };
+    let ingest = refusing_ingest(&sink, config);
+    ingest.register(spec_for(&publisher, 6, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink.taken, 6, 0).await;
+    let replays = publisher.replay_requests().len();
+
+    *sink.from.lock().unwrap() = Some((warm + 1, SinkError::Unavailable("log busy".into())));
+    let mut last = 0;
+    for h in 0..21u64 {
+        last = publisher
+            .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![h])]))
+            .await
+            .unwrap();
+    }
+    wait_until("every live batch seen", || {
+        status(&ingest, 6, 0).last_live_seq == Some(last)
+    })
+    .await;
+    // A replay per batch would have run before the last one was even read.
+    assert_eq!(
+        publisher.replay_requests().len(),
+        replays,
+        "{:?}",
+        publisher.replay_requests()
+    );
+    wait_until("the last batch deferred", || {
+        status(&ingest, 6, 0).counters.deferred_batches == 20
+    })
+    .await;
+    let st = status(&ingest, 6, 0);
+    assert_eq!(sink.refused(), [warm + 1]);
+    assert_eq!(st.counters.sink_errors, 1, "{st:?}");
+    assert_eq!(st.watermark, Some(warm), "{st:?}");
+    assert_eq!(st.counters.lost_batches, 0, "{st:?}");
+    assert_eq!(publisher.replay_requests().len(), replays);
+}
+
+/// A sink failed for good (the log writer stopped): the listener submits nothing more and
+/// makes no more replays; what it receives is counted as deferred, and the failure is its
+/// `last_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sink_gets_no_more_batches_or_replays() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback())
+        .await
+        .unwrap();
+    let sink = Arc::new(RefusingSink::default());
+    let ingest = refusing_ingest(&sink, fast_config());
+    ingest.register(spec_for(&publisher, 6, 0)).unwrap();
+    let warm = sync_live(&publisher, &ingest, &sink.taken, 6, 0).await;
+    let replays = publisher.replay_requests().len();
+
+    *sink.from.lock().unwrap() = Some((warm + 1, SinkError::Failed("writer stopped".into())));
+    let mut last = 0;
+    for h in 0..21u64 {
+        last = publisher
+            .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![h])]))
+            .await
+            .unwrap();
+    }
+    wait_until("the last batch deferred", || {
+        let st = status(&ingest, 6, 0);
+        st.last_live_seq == Some(last) && st.counters.deferred_batches == 20
+    })
+    .await;
+    let st = status(&ingest, 6, 0);
+    assert_eq!(sink.refused(), [warm + 1], "submitted after the failure");
+    assert_eq!(publisher.replay_requests().len(), replays);
+    assert_eq!(st.watermark, Some(warm), "{st:?}");
+    assert_eq!(
+        st.last_error.as_deref(),
+        Some("sink failed: writer stopped"),
+        "{st:?}"
+    );
+}

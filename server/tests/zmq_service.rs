@@ -480,6 +480,59 @@ fn restart_after_sigterm_replays_missed_events() {
     restart_replays_what_the_log_is_missing(libc::SIGTERM);
 }
 
+/// The engine restarts while kvindex is down: kvindex resumes after the old incarnation's
+/// durable watermark, the catch-up replay after it finds nothing, and the first live batch is
+/// below it — a PUB socket only sends such a batch if its engine restarted. The listener takes
+/// it as a publisher restart and replays the new incarnation from 0. Before, every batch of the
+/// new engine was dropped as stale until its sequence passed the old watermark.
+#[test]
+fn an_engine_restarted_while_kvindex_was_down_is_indexed_after_the_restart() {
+    let rt = runtime();
+    let p = Pub::bind(&rt, true);
+    // The old incarnation: 30 stores before the registration (fetched by its start-up replay).
+    for _ in 0..30 {
+        p.p.publish_unsent(&batch(vec![store(100, &TOKENS)]));
+    }
+    let (_d, dir) = data_dir();
+    let s = serve_with_worker_1(&dir, &p, &[], &[]);
+    wait_for(
+        "the old incarnation's stores",
+        &s,
+        || {},
+        || listener(&s, 1, 0)["watermark"] == json!(29),
+    );
+    let (_status, _log) = s.signal(libc::SIGTERM);
+
+    // While kvindex is down the engine restarts and publishes its first batches.
+    p.p.restart_sequence();
+    let b = [41, 42, 43, 44, 45, 46, 47, 48];
+    let c = [61, 62, 63, 64];
+    p.p.publish_unsent(&batch(vec![store(500, &b)]));
+    p.p.publish_unsent(&batch(vec![store(700, &c)]));
+    let requests_before = p.p.replay_requests().len();
+
+    let s = start(&dir, &[], &[]);
+    wait_for(
+        "the new engine's batches",
+        &s,
+        // The engine goes on publishing (the restart shows with its first live batch).
+        || {
+            p.publish(&batch(Vec::new()));
+        },
+        || scores(&s, &b) == json!({"1": {"0": 8}}) && scores(&s, &c) == json!({"1": {"0": 4}}),
+    );
+    let asked: Vec<u64> = p.p.replay_requests()[requests_before..].to_vec();
+    assert_eq!(asked[..2], [30, 0], "{asked:?}");
+    let d = [81, 82, 83, 84];
+    publish_until(
+        "a live store of the new engine",
+        &s,
+        &p,
+        &batch(vec![store(900, &d)]),
+        || scores(&s, &d) == json!({"1": {"0": 4}}),
+    );
+}
+
 /// Unregister, re-register the same `(instance, dp_rank)` with a restarted engine (its sequence
 /// starts at 0 again), then restart kvindex before the new registration logged anything: the
 /// listener must start from scratch (replay from 0), not after the old registration's

@@ -22,8 +22,19 @@
 //! fresh registration. Only batches whose payload decodes take part (the payload is decoded
 //! before any sequence logic), so one corrupt message with a wild sequence number cannot fake a
 //! restart or a gap. Without this, a restarted engine's batches would all be "stale" until it
-//! passed the old watermark. (A restart that happens while kvindex itself is down is invisible
-//! to the protocol: the publisher sends no incarnation id.)
+//! passed the old watermark.
+//!
+//! A task that starts from a watermark ([`ListenerSpec::resume_after`]: a kvindex restart, a
+//! resume after a pause) has no previous live `s` to compare with, so its *first* live `s` is
+//! compared with the watermark it resumed after: a PUB socket never sends a new subscriber a
+//! message published before it connected, and batch `resume_after` was published before this
+//! task started, so a first live `s <= resume_after` can only come from an engine that restarted
+//! while the listener was away. It is handled like the restart above (the catch-up replay from
+//! `resume_after + 1` found nothing, the watermark is reset, `[0, s)` is replayed). A restart
+//! while the listener was away stays invisible only once the new incarnation has gone past the
+//! old watermark before the listener comes back (the publisher sends no incarnation id): the
+//! catch-up replay then brings the new incarnation's batches after the old watermark, and its
+//! earlier ones are never asked for.
 //!
 //! # Replay (SERVICE.md §0.2, §7.2, §7.3, §7.6)
 //!
@@ -42,6 +53,20 @@
 //!
 //! On start with a replay endpoint, the listener asks for replay from `w + 1` (or 0) as soon as
 //! its SUB socket is connected, so a restart catches up even if the engine is idle.
+//!
+//! # A sink that does not take batches (SERVICE.md §7.3)
+//!
+//! [`SinkError::Unavailable`] leaves the watermark before the refused batch. Inside a replay
+//! the apply loop stops there (the batches after it would move the watermark past it, and it
+//! would be counted lost and never asked for again). With a replay endpoint the listener then
+//! backs off: no replay for [`IngestConfig::sink_retry_backoff`] (doubling, up to
+//! [`IngestConfig::sink_retry_backoff_max`], while the sink keeps refusing); live batches that
+//! arrive meanwhile are not submitted (`deferred_batches`), and when the delay is over one
+//! replay from `w + 1` asks for the refused batch and everything after it — at once if the
+//! engine is idle. Without the backoff, each live batch after a refusal would show a gap and
+//! ask the engine for its whole buffer (10,000 batches by default). [`SinkError::Failed`] (the
+//! service's log writer stopped: nothing is taken until a restart) stops replays for good: every
+//! later batch is deferred to the restart, which resumes after the durable watermark.
 //!
 //! # Threading
 //!
@@ -98,10 +123,17 @@ pub trait EventSink: Send + Sync + 'static {
 /// Why the sink did not take a batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
-    /// Transient: the watermark does not advance, so the batch is asked for again by the replay
-    /// that the next batch's gap triggers.
+    /// Transient: the watermark does not advance, so the batch is asked for again by a later
+    /// replay, made once [`IngestConfig::sink_retry_backoff`] is over (meanwhile live batches
+    /// are not submitted, and no replay is made).
     #[error("sink unavailable: {0}")]
     Unavailable(String),
+    /// The sink takes nothing more until the process restarts (the service's log writer
+    /// stopped): the watermark does not advance, the listener makes no more replays and submits
+    /// nothing more (it counts what it receives as `deferred_batches`); the restart resumes
+    /// after the durable watermark.
+    #[error("sink failed: {0}")]
+    Failed(String),
     /// Permanent: the batch is skipped for good and the watermark advances past it.
     #[error("batch rejected by sink: {0}")]
     Rejected(String),
@@ -138,6 +170,13 @@ pub struct IngestConfig {
     pub max_held_live_batches: usize,
     /// Most bytes of live messages held while a replay runs (same treatment past it).
     pub max_held_live_bytes: usize,
+    /// After the sink refused a batch as [`SinkError::Unavailable`], how long the listener
+    /// waits before it asks for it again by replay (no replay meanwhile; live batches are not
+    /// submitted). Doubles while the sink keeps refusing, up to
+    /// [`Self::sink_retry_backoff_max`]; back to this after a batch is taken.
+    pub sink_retry_backoff: Duration,
+    /// Cap of [`Self::sink_retry_backoff`].
+    pub sink_retry_backoff_max: Duration,
     /// Longest single SUB connect attempt before it is retried.
     pub connect_timeout: Duration,
     /// Longest delay between SUB connect attempts (they start at 100 ms and double).
@@ -175,6 +214,8 @@ impl Default for IngestConfig {
             replay_max_bytes: 1 << 30,
             max_held_live_batches: 100_000,
             max_held_live_bytes: 256 << 20,
+            sink_retry_backoff: Duration::from_secs(1),
+            sink_retry_backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             connect_backoff_max: Duration::from_secs(5),
             max_message_bytes: frame_guard::DEFAULT_MAX_MESSAGE_BYTES,
@@ -198,7 +239,9 @@ pub struct ListenerSpec {
     /// The partition's block size (local hashes are computed with it).
     pub block_size: u32,
     /// Last sequence already durable for this stream (from the log), or `None` for a fresh
-    /// stream. The listener resumes after it and asks for replay from `resume_after + 1`.
+    /// stream. The listener resumes after it and asks for replay from `resume_after + 1`; a
+    /// first live batch at or below it means the publisher restarted meanwhile (it is then
+    /// followed from 0, see the module documentation).
     pub resume_after: Option<u64>,
     /// Which start of the stream's listener this is, as the sink numbers them (0 unless set):
     /// passed with every batch to [`EventSink::submit`].
@@ -298,6 +341,10 @@ pub struct ListenerCounters {
     pub publisher_restarts: u64,
     /// Batches the sink refused.
     pub sink_errors: u64,
+    /// Batches received (live, or by a replay that the sink stopped) but not submitted because
+    /// the sink was unavailable or has failed: the watermark stays before them, and the replay
+    /// after the sink's backoff (or the restart's) asks for them again.
+    pub deferred_batches: u64,
     /// Failed attempts to connect the SUB socket (the cause is in `last_error`).
     pub connect_failures: u64,
     /// Errors receiving from the SUB socket (a dropped connection, bad ZMTP); it reconnects.
@@ -440,7 +487,8 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), EndpointError> {
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
-/// Counter: live batches by `outcome` (`applied`, `stale`, `sink_rejected`, `sink_unavailable`).
+/// Counter: live batches by `outcome` (`applied`, `stale`, `sink_rejected`, `sink_unavailable`,
+/// `sink_failed`, `deferred`).
 pub const METRIC_BATCHES: &str = "kvindex_zmq_batches_total";
 /// Counter: sequence gaps detected.
 pub const METRIC_GAPS: &str = "kvindex_zmq_gaps_total";
@@ -593,6 +641,10 @@ impl ZmqIngest {
             held: VecDeque::new(),
             held_bytes: 0,
             refusals: RefusalLog::default(),
+            sink_delay: Duration::ZERO,
+            sink_retry_at: None,
+            sink_failed: None,
+            deferrals: RefusalLog::default(),
         };
         let gate = self.inner.gate.subscribe();
         self.inner.runtime.spawn(listener.run(gate))
@@ -797,6 +849,16 @@ struct Listener {
     held_bytes: usize,
     /// Warnings about batches the sink refused, rate-limited.
     refusals: RefusalLog,
+    /// The current backoff after [`SinkError::Unavailable`] (zero: the sink took the last
+    /// batch).
+    sink_delay: Duration,
+    /// Set after [`SinkError::Unavailable`] with a replay endpoint: no replay before this, and
+    /// the refused batch is asked for again then. Cleared by any replay.
+    sink_retry_at: Option<tokio::time::Instant>,
+    /// Why the sink failed for good ([`SinkError::Failed`]): nothing more is submitted.
+    sink_failed: Option<String>,
+    /// Lines about batches deferred while the sink does not take any, rate-limited.
+    deferrals: RefusalLog,
 }
 
 /// The first block-size mismatch among a batch's skipped events (event's and partition's
@@ -865,6 +927,21 @@ fn message_bytes(msg: &ZmqMessage) -> usize {
 fn may_hold(count: usize, bytes: usize, config: &IngestConfig) -> bool {
     count < config.max_held_live_batches && bytes < config.max_held_live_bytes
 }
+
+/// The backoff after the sink refused a batch as unavailable, the previous one having been
+/// `previous` (zero: the sink took the batch before).
+fn next_sink_delay(previous: Duration, config: &IngestConfig) -> Duration {
+    // Never zero: a sink that keeps refusing must not make the listener replay in a loop.
+    let first = config.sink_retry_backoff.max(MIN_SINK_DELAY);
+    if previous.is_zero() {
+        first
+    } else {
+        (previous * 2).min(config.sink_retry_backoff_max.max(first))
+    }
+}
+
+/// Shortest backoff after the sink refused a batch, whatever the configuration says.
+const MIN_SINK_DELAY: Duration = Duration::from_millis(10);
 
 /// After a publisher connection ended, how long the socket must stay quiet before the listener
 /// takes it that every message sent before the end has been received.
@@ -956,8 +1033,9 @@ impl Listener {
             );
 
             // Catch up at once (restart, resume, reconnection, or a publisher that was
-            // already running).
-            if self.spec.replay_endpoint.is_some() {
+            // already running) — unless the sink does not take batches now: the retry after
+            // its backoff catches up then.
+            if self.spec.replay_endpoint.is_some() && !self.sink_blocked() {
                 let from = self.watermark.map_or(0, |w| w.saturating_add(1));
                 self.replay(from, None, &mut sub).await;
             }
@@ -973,10 +1051,25 @@ impl Listener {
                         self.held_bytes = self.held_bytes.saturating_sub(message_bytes(&m));
                         m
                     }
-                    None => match self.next_live(&mut sub, &mut guard, &mut ended).await {
-                        Some(m) => m,
-                        None => break,
-                    },
+                    None => {
+                        // The sink refused a batch: once its backoff is over, the batch is
+                        // asked for again even if the engine stays idle.
+                        let next = match self.sink_retry_at.filter(|_| self.sink_failed.is_none()) {
+                            Some(at) => tokio::select! {
+                                next = self.next_live(&mut sub, &mut guard, &mut ended) => Some(next),
+                                () = tokio::time::sleep_until(at) => None,
+                            },
+                            None => Some(self.next_live(&mut sub, &mut guard, &mut ended).await),
+                        };
+                        match next {
+                            Some(Some(m)) => m,
+                            Some(None) => break,
+                            None => {
+                                self.retry_after_sink_backoff(&mut sub).await;
+                                continue;
+                            }
+                        }
+                    }
                 };
                 self.on_live(msg, &mut sub).await;
             }
@@ -1067,6 +1160,51 @@ impl Listener {
         });
     }
 
+    /// Whether the sink is not to be given batches now: it failed for good, or it refused one
+    /// as unavailable and its backoff is not over (only with a replay endpoint: without one
+    /// there is nothing to ask for again, and every batch is tried).
+    fn sink_blocked(&self) -> bool {
+        self.sink_failed.is_some()
+            || self
+                .sink_retry_at
+                .is_some_and(|at| tokio::time::Instant::now() < at)
+    }
+
+    /// The sink's backoff is over: ask for the batch it refused, and everything after it.
+    async fn retry_after_sink_backoff(&mut self, sub: &mut SubSocket) {
+        let from = self.watermark.map_or(0, |w| w.saturating_add(1));
+        tracing::info!(
+            worker_id = self.spec.worker_id,
+            dp_rank = self.spec.dp_rank,
+            from,
+            "the sink was unavailable: asking again for the batches it did not take"
+        );
+        self.replay(from, None, sub).await;
+    }
+
+    /// A batch not submitted because the sink does not take batches now: counted, and logged
+    /// rate-limited. The watermark stays before it, so a later replay asks for it again.
+    fn defer(&mut self, seq: u64) {
+        metrics::counter!(METRIC_BATCHES, "outcome" => "deferred").increment(1);
+        self.with_status(|s| s.counters.deferred_batches += 1);
+        let reason = self
+            .sink_failed
+            .as_deref()
+            .unwrap_or("unavailable")
+            .to_owned();
+        if let Some(deferred) = self.deferrals.note(Instant::now()) {
+            tracing::warn!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                seq,
+                deferred,
+                watermark = self.watermark,
+                sink = %reason,
+                "batch not submitted: the sink does not take batches now (`deferred`: such batches since the last such line)"
+            );
+        }
+    }
+
     /// The next live message, or `None` when the connection to the publisher has ended.
     /// Once the guard has reported the end (`ended`), the messages the publisher sent before
     /// it went may still be in our socket (the guard passes every byte on before it reports,
@@ -1124,14 +1262,40 @@ impl Listener {
         let Some(batch) = self.decode(seq, raw.payload) else {
             return;
         };
-        if self.last_live.is_some_and(|last| seq <= last) {
-            tracing::warn!(
-                worker_id = self.spec.worker_id,
-                dp_rank = self.spec.dp_rank,
-                seq,
-                last = self.last_live,
-                "publisher sequence went backwards: treating it as a restarted publisher"
-            );
+        let restarted = match (self.last_live, self.spec.resume_after) {
+            (Some(last), _) => {
+                let backwards = seq <= last;
+                if backwards {
+                    tracing::warn!(
+                        worker_id = self.spec.worker_id,
+                        dp_rank = self.spec.dp_rank,
+                        seq,
+                        last,
+                        "publisher sequence went backwards: treating it as a restarted publisher"
+                    );
+                }
+                backwards
+            }
+            // This task's first live batch: a new subscriber never gets a batch published
+            // before it connected, and the batch this task resumed after was published before
+            // it started, so one not above it comes from an engine that restarted meanwhile
+            // (while kvindex was down, or the listener paused).
+            (None, Some(resumed_after)) => {
+                let behind = seq <= resumed_after;
+                if behind {
+                    tracing::warn!(
+                        worker_id = self.spec.worker_id,
+                        dp_rank = self.spec.dp_rank,
+                        seq,
+                        resumed_after,
+                        "first live sequence is not above the watermark the listener resumed after: the publisher restarted while the listener was away; treating it as a restarted publisher"
+                    );
+                }
+                behind
+            }
+            (None, None) => false,
+        };
+        if restarted {
             metrics::counter!(METRIC_PUBLISHER_RESTARTS).increment(1);
             self.watermark = None;
             self.with_status(|s| {
@@ -1147,7 +1311,18 @@ impl Listener {
             self.drop_stale(seq);
             return;
         }
+        if self.sink_failed.is_some() {
+            self.defer(seq);
+            return;
+        }
         if seq > expected {
+            // The sink refused a batch and its backoff is not over: not another replay (nor
+            // this batch, which would move the watermark past the refused one). The replay
+            // once the backoff is over asks for this one too.
+            if self.sink_blocked() {
+                self.defer(seq);
+                return;
+            }
             tracing::warn!(
                 worker_id = self.spec.worker_id,
                 dp_rank = self.spec.dp_rank,
@@ -1164,8 +1339,15 @@ impl Listener {
                 self.drop_stale(seq);
                 return;
             }
+            // The sink did not take a batch of the replay (the replay cleared the retry
+            // time, the refusal set it again): this one must not move the watermark past it.
+            if self.sink_retry_at.is_some() || self.sink_failed.is_some() {
+                self.defer(seq);
+                return;
+            }
         }
-        self.submit(seq, batch);
+        // A refusal here is dealt with by the backoff `submit` sets up.
+        let _taken = self.submit(seq, batch);
     }
 
     fn drop_stale(&self, seq: u64) {
@@ -1174,10 +1356,13 @@ impl Listener {
         self.with_status(|s| s.counters.stale_dropped += 1);
     }
 
-    /// Decode batch `seq` and hand it to the sink.
-    fn apply(&mut self, seq: u64, payload: &[u8]) {
-        if let Some(batch) = self.decode(seq, payload) {
-            self.submit(seq, batch);
+    /// Decode batch `seq` and hand it to the sink. `false` when the sink did not take it and
+    /// the watermark stays before it ([`Self::submit`]); a batch that does not decode is
+    /// skipped (`true`): asking for it again would bring the same bytes.
+    fn apply(&mut self, seq: u64, payload: &[u8]) -> bool {
+        match self.decode(seq, payload) {
+            Some(batch) => self.submit(seq, batch),
+            None => true,
         }
     }
 
@@ -1201,8 +1386,12 @@ impl Listener {
         }
     }
 
-    /// Hand a decoded batch to the sink; advances the watermark unless the sink is unavailable.
-    fn submit(&mut self, seq: u64, batch: ConvertedBatch) {
+    /// Hand a decoded batch to the sink; advances the watermark unless the sink is unavailable
+    /// or failed (or fenced this task). Returns `false` when the sink did not take the batch
+    /// ([`SinkError::Unavailable`], [`SinkError::Failed`]): nothing after it may be submitted
+    /// before it, and the backoff (or the end of replays) is set up. `true` otherwise: taken,
+    /// refused for good, or fenced (the task then ends, [`Self::superseded`]).
+    fn submit(&mut self, seq: u64, batch: ConvertedBatch) -> bool {
         record_batch_metrics(&batch);
         // One line per rejected event up to a few, then one line for the rest: a batch of
         // thousands of bad events must not flood the log (the counters count every one).
@@ -1264,14 +1453,50 @@ impl Listener {
                 });
                 self.warn_refused(seq, reason);
                 metrics::counter!(METRIC_BATCHES, "outcome" => "sink_rejected").increment(1);
-                return;
+                return true;
             }
             Err(SinkError::Unavailable(reason)) => {
-                tracing::warn!(worker_id = self.spec.worker_id, seq, %reason, "sink unavailable");
                 metrics::counter!(METRIC_BATCHES, "outcome" => "sink_unavailable").increment(1);
+                if self.spec.replay_endpoint.is_some() {
+                    self.sink_delay = next_sink_delay(self.sink_delay, &self.config);
+                    self.sink_retry_at = Some(tokio::time::Instant::now() + self.sink_delay);
+                    tracing::warn!(
+                        worker_id = self.spec.worker_id,
+                        dp_rank = self.spec.dp_rank,
+                        seq,
+                        %reason,
+                        retry_in = ?self.sink_delay,
+                        "sink unavailable: the batch is asked for again by replay after a pause"
+                    );
+                } else {
+                    tracing::warn!(
+                        worker_id = self.spec.worker_id,
+                        dp_rank = self.spec.dp_rank,
+                        seq,
+                        %reason,
+                        "sink unavailable (no replay endpoint: the batch is lost once the next one is taken)"
+                    );
+                }
+                false
+            }
+            Err(SinkError::Failed(reason)) => {
+                tracing::error!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    seq,
+                    %reason,
+                    "sink failed: nothing more is submitted or replayed until kvindex restarts"
+                );
+                metrics::counter!(METRIC_BATCHES, "outcome" => "sink_failed").increment(1);
+                self.sink_failed = Some(reason.clone());
+                let error = format!("sink failed: {reason}");
+                self.with_status(|s| s.last_error = Some(error));
                 false
             }
         };
+        if advance {
+            self.sink_delay = Duration::ZERO;
+        }
         let lost = if advance {
             let expected = self.watermark.map_or(0, |w| w.saturating_add(1));
             self.watermark = Some(seq);
@@ -1297,6 +1522,7 @@ impl Listener {
                 s.watermark = Some(seq);
             }
         });
+        advance
     }
 
     /// Log a batch the sink refused, rate-limited ([`RefusalLog`]).
@@ -1328,6 +1554,8 @@ impl Listener {
             }
             return;
         };
+        // This replay is the retry a sink backoff was waiting for, if one was.
+        self.sink_retry_at = None;
         let Some(degraded) = self.with_status(|s| {
             s.counters.replay_requests += 1;
             s.replaying = true;
@@ -1385,22 +1613,35 @@ impl Listener {
         self.with_status(|s| s.counters.replay_attempts += u64::from(fetched.attempts));
         let first = fetched.batches.first().map(|b| b.0);
         let last = fetched.batches.last().map(|b| b.0);
-        let mut contiguous = true;
-        let mut prev: Option<u64> = None;
-        for (seq, payload) in &fetched.batches {
+        let contiguous = fetched
+            .batches
+            .windows(2)
+            .all(|w| w[1].0 == w[0].0.saturating_add(1));
+        for (i, (seq, payload)) in fetched.batches.iter().enumerate() {
             // No await in this loop: a task paused or superseded meanwhile stops here, not
             // at the end of the replay.
             if self.superseded() {
                 return;
             }
-            if prev.is_some_and(|p| *seq != p.saturating_add(1)) {
-                contiguous = false;
-            }
-            prev = Some(*seq);
             if self.watermark.is_some_and(|w| *seq <= w) {
                 continue;
             }
-            self.apply(*seq, payload);
+            if !self.apply(*seq, payload) {
+                // The sink did not take it: the batches after it would move the watermark
+                // past it (counted lost, never asked for again). They are left for the
+                // replay after the sink's backoff.
+                let rest = (fetched.batches.len() - i - 1) as u64;
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    seq,
+                    not_submitted = rest,
+                    "replay stopped: the sink did not take a batch"
+                );
+                metrics::counter!(METRIC_BATCHES, "outcome" => "deferred").increment(rest);
+                self.with_status(|s| s.counters.deferred_batches += rest);
+                break;
+            }
         }
         if self.superseded() {
             return;
@@ -1814,6 +2055,35 @@ mod tests {
         assert_eq!(reconnect_pause(first, quick, &config), first * 2);
         assert_eq!(reconnect_pause(max, quick, &config), max);
         assert_eq!(reconnect_pause(max, max * 2, &config), Duration::ZERO);
+    }
+
+    /// After the sink refused a batch as unavailable, the pause before the replay that asks for
+    /// it again starts at the configured backoff, doubles up to its cap, and is never zero.
+    #[test]
+    fn the_pause_after_a_sink_refusal_doubles_up_to_its_cap() {
+        let config = IngestConfig {
+            sink_retry_backoff: Duration::from_millis(100),
+            sink_retry_backoff_max: Duration::from_millis(350),
+            ..IngestConfig::default()
+        };
+        let first = next_sink_delay(Duration::ZERO, &config);
+        assert_eq!(first, Duration::from_millis(100));
+        assert_eq!(next_sink_delay(first, &config), Duration::from_millis(200));
+        assert_eq!(
+            next_sink_delay(Duration::from_millis(200), &config),
+            Duration::from_millis(350)
+        );
+        assert_eq!(
+            next_sink_delay(Duration::from_millis(350), &config),
+            Duration::from_millis(350)
+        );
+        let zero = IngestConfig {
+            sink_retry_backoff: Duration::ZERO,
+            sink_retry_backoff_max: Duration::ZERO,
+            ..IngestConfig::default()
+        };
+        assert_eq!(next_sink_delay(Duration::ZERO, &zero), MIN_SINK_DELAY);
+        assert_eq!(next_sink_delay(MIN_SINK_DELAY, &zero), MIN_SINK_DELAY);
     }
 
     #[test]

@@ -477,6 +477,15 @@ impl VllmPublisher {
         lock(&self.ring).next_seq += n;
     }
 
+    /// Behave like an engine restarted on the same endpoints: count from 0 again, with an empty
+    /// replay buffer. (Connected subscribers stay connected; a restarted engine would drop
+    /// them, which matters only to a listener connected across the restart.)
+    pub fn restart_sequence(&self) {
+        let mut ring = lock(&self.ring);
+        ring.next_seq = 0;
+        ring.buffer.clear();
+    }
+
     /// Send arbitrary frames on the PUB socket (garbage tests). An empty list sends nothing.
     pub async fn send_raw(&self, frames: Vec<Vec<u8>>) -> Result<(), PublisherError> {
         if frames.is_empty() {
