@@ -101,6 +101,20 @@ pub trait ListenerSupervisor: Send + Sync {
     fn start(&self, spec: &ListenerSpec) -> ListenerState;
     /// The registration is gone: stop and forget the listener (and its watermark).
     fn stop(&self, instance_id: u64, dp_rank: u32);
+    /// [`Self::stop`], returning the listener's watermark at that moment (the last sequence it
+    /// handed to the index; `None`: unset, or not tracked), for [`Self::restart`] should the
+    /// removal that stopped it fail.
+    fn stop_with_watermark(&self, instance_id: u64, dp_rank: u32) -> Option<u64> {
+        self.stop(instance_id, dp_rank);
+        None
+    }
+    /// Start again a listener that [`Self::stop_with_watermark`] stopped for a removal that then
+    /// failed: after `resume_after`, the watermark it had, so that it goes on where it stopped
+    /// (a fresh start would replay the publisher's buffer from 0 over the live index).
+    fn restart(&self, spec: &ListenerSpec, resume_after: Option<u64>) -> ListenerState {
+        let _ = resume_after;
+        self.start(spec)
+    }
     /// Test route: stop receiving, keep the watermark.
     fn pause(&self, instance_id: u64, dp_rank: u32) -> ListenerState;
     /// Test route: receive again.

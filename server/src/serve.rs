@@ -4,8 +4,9 @@
 //! 1. settings (exit 1 on invalid ones); metrics recorder;
 //! 2. recovery: `DurableIndex::open` (snapshot + log) and `registry.json` (partitions,
 //!    registrations, peers);
-//! 3. `--workers` registrations; `--peers` recovery (after 1 s); the
-//!    `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
+//! 3. `--workers` registrations; the ZMQ listeners connect behind the ready gate, holding what
+//!    they receive; `--peers` recovery (after 1 s); the ready gate opens (live events are
+//!    applied on top of the dump); the `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
 //! 4. bind HTTP, start the NATS transport (with `--nats-url`; connects in the background) and
 //!    serve until SIGINT / SIGTERM; then stop HTTP, drain the NATS subscriptions, stop the
 //!    listeners, sync and close the log, exit 0.
@@ -30,13 +31,18 @@ use crate::partitions::{PartitionLimits, Partitions, Registration};
 use crate::zmq_source::ZmqSupervisor;
 use kvindex_server::zmq::IngestConfig;
 
-/// The event-source hook: the ZMQ listeners (one per registration), feeding `ingest`.
+/// The event-source hook: the ZMQ listeners (one per registration), feeding `ingest`, behind
+/// a closed ready gate ([`ZmqSupervisor::ready`] opens it once peer recovery is loaded).
 fn listener_supervisor(
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
     runtime: tokio::runtime::Handle,
     config: IngestConfig,
 ) -> Arc<ZmqSupervisor> {
+    let config = IngestConfig {
+        start_open: false,
+        ..config
+    };
     ZmqSupervisor::new(runtime, partitions, ingest, config)
 }
 
@@ -157,7 +163,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             replay_endpoint: None,
         })?;
     }
-    // Restored and `--workers` listeners start now, after their durable watermarks.
+    // Restored and `--workers` listeners start now, after their durable watermarks: they
+    // connect, and hold what they receive until the ready gate opens after peer recovery.
     supervisor.open(&partitions, &ingest, runtime.handle());
     let access_log = match &cfg.access_log {
         Some(p) => Some(Arc::new(
@@ -187,7 +194,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         max_event_partitions: cfg.max_event_partitions,
     });
 
-    let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest));
+    let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest, &supervisor));
     partitions.shutdown_listeners();
     runtime.shutdown_timeout(Duration::from_secs(5));
     served?;
@@ -213,11 +220,13 @@ async fn serve_http(
     state: Arc<AppState>,
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
+    supervisor: &ZmqSupervisor,
 ) -> Result<()> {
     let shutdown = shutdown_watch()?;
     let start_up = async {
         if !cfg.peers.is_empty() {
-            // ZMQ slow-joiner window, as in Dynamo.
+            // ZMQ slow-joiner window, as in Dynamo: the listeners are connected (holding what
+            // they receive), so what the engines publish from about now on is not missed.
             tokio::time::sleep(Duration::from_secs(1)).await;
             crate::peers::recover_from_peers(
                 &cfg.peers,
@@ -227,6 +236,12 @@ async fn serve_http(
             .await;
             crate::peers::record_peers(&cfg.peers, partitions).await;
         }
+        // The ready gate (SERVICE.md §1.3, §9): the live events the listeners held during the
+        // recovery are applied now, on top of the dump; applied under it, a block the engine
+        // removed after the peer's dump was taken would come back for good. HTTP (`POST
+        // /events`, `/register`) and NATS start after this, so nothing else ran before it.
+        supervisor.ready();
+        tracing::info!("ready gate open: the ZMQ listeners apply their events");
         if cfg.min_initial_workers > 0 {
             tracing::info!(
                 min = cfg.min_initial_workers,

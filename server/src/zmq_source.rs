@@ -316,6 +316,15 @@ impl ZmqSupervisor {
         });
     }
 
+    /// Open the ready gate (SERVICE.md §1.3): the listeners started by [`Self::open`] connected
+    /// then and held what they received; from now on they catch up and apply it, and every
+    /// later listener applies at once. `kvindex serve` calls it once its peer recovery is
+    /// loaded, so live events are applied on top of the dump. (Only with
+    /// `IngestConfig::start_open` false does the gate start closed.)
+    pub fn ready(&self) {
+        self.zmq.open();
+    }
+
     /// Copy changed listener states into the registry view (worker status, metrics).
     fn sync_states(&self, partitions: &Partitions) {
         let view = partitions.view();
@@ -417,6 +426,10 @@ fn pick_resume_point(
 
 impl ListenerSupervisor for ZmqSupervisor {
     fn start(&self, spec: &ListenerSpec) -> ListenerState {
+        self.restart(spec, None)
+    }
+
+    fn restart(&self, spec: &ListenerSpec, resume_after: Option<u64>) -> ListenerState {
         {
             let mut deferred = lock(&self.deferred);
             if let Some(list) = deferred.as_mut() {
@@ -425,15 +438,26 @@ impl ListenerSupervisor for ZmqSupervisor {
                 return pending();
             }
         }
-        self.register(spec, None)
+        self.register(spec, resume_after)
     }
 
     fn stop(&self, instance_id: u64, dp_rank: u32) {
+        self.stop_with_watermark(instance_id, dp_rank);
+    }
+
+    fn stop_with_watermark(&self, instance_id: u64, dp_rank: u32) -> Option<u64> {
         if let Some(list) = lock(&self.deferred).as_mut() {
             list.retain(|s| (s.instance_id, s.dp_rank) != (instance_id, dp_rank));
         }
         self.fence.stop((instance_id, dp_rank));
-        let _ = self.zmq.unregister(instance_id, dp_rank);
+        // Fenced first: no batch is logged after this, and a fenced one leaves the watermark.
+        // (A batch the sink took just before may not be in the status yet, its task updating
+        // it right after: a restart from here takes that one batch once more, which changes
+        // nothing — its stores are there, its removals find nothing.)
+        self.zmq
+            .unregister(instance_id, dp_rank)
+            .ok()
+            .and_then(|s| s.watermark)
     }
 
     fn pause(&self, instance_id: u64, dp_rank: u32) -> ListenerState {
@@ -699,6 +723,66 @@ mod tests {
             publish();
             fence.hooks.outcome_of(stream, new) == Some(true)
         });
+        partitions.shutdown_listeners();
+    }
+
+    /// An unregister whose removal fails (here: it cannot be logged) keeps the worker and
+    /// starts its listener again after the watermark it had, not from scratch: a fresh start
+    /// would replay the publisher's buffer from 0 over the live index, while a restart of
+    /// kvindex resumes after the logged watermark.
+    #[test]
+    fn a_failed_unregister_restarts_the_listener_after_its_watermark() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (partitions, ingest) = service(dir.path());
+        let supervisor = ZmqSupervisor::new(
+            rt.handle().clone(),
+            &partitions,
+            &ingest,
+            IngestConfig::default(),
+        );
+        partitions.set_supervisor(supervisor.clone());
+        supervisor.open(&partitions, &ingest, rt.handle());
+        let publisher = rt
+            .block_on(VllmPublisher::bind(
+                PublisherConfig::loopback_without_replay(),
+            ))
+            .unwrap();
+        register(&partitions, 7, publisher.endpoint());
+        let watermark = || {
+            partitions
+                .live_listener(7, 0)
+                .and_then(|(_, details)| details.watermark)
+        };
+        // ZMQ's slow joiner: publish until a batch arrives; every later one arrives too.
+        wait_until("a live batch", || {
+            rt.block_on(publisher.publish(&PublishBatch::new(Vec::new())))
+                .unwrap();
+            watermark().is_some()
+        });
+        for _ in 0..3 {
+            rt.block_on(publisher.publish(&PublishBatch::new(Vec::new())))
+                .unwrap();
+        }
+        let last = publisher.next_seq() - 1;
+        wait_until("every batch published", || watermark() == Some(last));
+        let failing = crate::partitions::RemovalLog {
+            drop_blocks: &|_| Err("disk full".into()),
+            drop_partition: &|_| Ok(()),
+        };
+        let e = partitions
+            .unregister(7, "m", Some("default"), None, &failing)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        assert_eq!(
+            watermark(),
+            Some(last),
+            "the listener was not restarted after its watermark"
+        );
         partitions.shutdown_listeners();
     }
 

@@ -286,3 +286,114 @@ fn peer_recovery_errors_are_logged_and_counted_and_the_service_still_starts() {
     assert!(log.contains(&format!("peer={peer}")), "{log}");
     assert_eq!(s.get("/peers").json(), json!([]));
 }
+
+/// Poll `cond` (bounded) until it holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SERVICE.md §9: live events are applied on top of the peer's dump, never under it. The dump
+/// says worker 1 holds block 501; while it is on its way, the engine stores the block and then
+/// evicts it. The listener holds both batches until the dump is loaded, then applies them: the
+/// block stays gone (applied before the dump, the dump's store brought it back for good — the
+/// engine never sends its removal again), also after a restart, which replays the log in the
+/// same order.
+#[test]
+fn live_events_received_during_peer_recovery_are_applied_on_top_of_the_dump() {
+    use kvindex_server::zmq::test_publisher::{
+        PublishBatch, PublishEvent, PublisherConfig, VllmPublisher,
+    };
+    let rt = runtime();
+    let engine = rt
+        .block_on(VllmPublisher::bind(
+            PublisherConfig::loopback_without_replay(),
+        ))
+        .unwrap();
+    let tokens = [1u32, 2, 3, 4];
+    let h = local_hashes(&tokens, 4)[0];
+    let body =
+        json!({"m:default": {"block_size": 4, "events": [stored(1, 0, 0, None, &[(501, h)])]}})
+            .to_string();
+    let (peer, arrived, release) = gated_peer(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("b");
+    let workers = format!("1={}", engine.endpoint());
+    let flags = [
+        "--workers",
+        &workers,
+        "--block-size",
+        "4",
+        "--model-name",
+        "m",
+    ];
+    let mut with_peers = flags.to_vec();
+    with_peers.extend(["--peers", &peer]);
+    let starting = spawn(
+        &data,
+        &with_peers,
+        &[("RUST_LOG", "info,kvindex_server::zmq::listener=debug")],
+    );
+    arrived
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the peer was asked for its dump");
+    // The listener has batch `seq`: held behind the ready gate, or (as before the gate) logged
+    // and applied already, its event (`needle`) in the log.
+    let received = |seq: u64, needle: &str| {
+        starting.logged(&[
+            "live batch held until the ready gate opens",
+            &format!("seq=Some({seq})"),
+        ]) || run(&["replay", "export", data.to_str().unwrap()], &[])
+            .1
+            .contains(needle)
+    };
+    // ZMQ's slow joiner: publish until a batch is received; every later one is received too.
+    // (Another block, of other tokens.)
+    let other = PublishBatch::new(vec![PublishEvent::stored(
+        vec![900],
+        None,
+        vec![9, 10, 11, 12],
+        4,
+    )]);
+    wait_until("a live batch received", || {
+        let seq = rt.block_on(engine.publish(&other)).unwrap();
+        received(seq, "\"block_hash\":900")
+    });
+    rt.block_on(engine.publish(&PublishBatch::new(vec![PublishEvent::stored(
+        vec![501],
+        None,
+        tokens.to_vec(),
+        4,
+    )])))
+    .unwrap();
+    let removal = rt
+        .block_on(engine.publish(&PublishBatch::new(vec![PublishEvent::removed(vec![501])])))
+        .unwrap();
+    wait_until("the removal received", || {
+        received(removal, "\"block_hashes\":[501]")
+    });
+    release.send(()).unwrap();
+    let b = starting.listening().expect("the service started");
+    let watermark = |s: &Server| s.get("/workers").json()[0]["listeners"]["0"]["watermark"].clone();
+    wait_until("the held batches applied", || {
+        watermark(&b) == json!(removal)
+    });
+    let query = json!({"token_ids": tokens, "model_name": "m"});
+    assert_eq!(
+        b.post_json("/query", &query).json()["scores"],
+        json!({}),
+        "the dump's block, removed by the engine since, came back"
+    );
+    let b = b.restart(&flags);
+    assert_eq!(b.post_json("/query", &query).json()["scores"], json!({}));
+    assert_eq!(watermark(&b), json!(removal));
+}

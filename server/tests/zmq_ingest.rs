@@ -699,6 +699,92 @@ async fn listeners_stay_pending_until_the_gate_opens() {
     assert_eq!(status(&ingest, 8, 0).state, ListenerState::Active);
 }
 
+/// Behind the ready gate a listener connects and holds the live batches it receives, submitting
+/// nothing; once the gate opens it submits them in order, then what follows. (`kvindex serve`
+/// opens the gate after its peer recovery, so they land on top of the dump.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_gate_live_batches_are_held_then_applied_in_order() {
+    let publisher = VllmPublisher::bind(PublisherConfig::loopback_without_replay())
+        .await
+        .unwrap();
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(
+        &sink,
+        IngestConfig {
+            start_open: false,
+            ..fast_config()
+        },
+    );
+    ingest.register(spec_for(&publisher, 8, 0)).unwrap();
+    let held = || status(&ingest, 8, 0).counters.held_before_ready;
+    // ZMQ's slow joiner: publish until a batch is held.
+    let start = Instant::now();
+    while held() == 0 {
+        publisher
+            .publish(&PublishBatch::new(Vec::new()))
+            .await
+            .unwrap();
+        assert!(start.elapsed() < DEADLINE, "no live batch held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = status(&ingest, 8, 0);
+    assert_eq!(s.state, ListenerState::Pending);
+    assert!(s.connected, "{s:?}");
+    assert!(sink.seqs(8, 0).is_empty(), "submitted behind the gate");
+    let store = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::stored(
+            vec![1],
+            None,
+            tokens(1..5),
+            BS,
+        )]))
+        .await
+        .unwrap();
+    let removal = publisher
+        .publish(&PublishBatch::new(vec![PublishEvent::removed(vec![1])]))
+        .await
+        .unwrap();
+    ingest.open();
+    wait_until("the held batches and the next ones", || {
+        sink.has_seq(8, 0, removal)
+    })
+    .await;
+    let seqs = sink.seqs(8, 0);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(seqs[0] < store && seqs.contains(&store), "{seqs:?}");
+    assert_eq!(status(&ingest, 8, 0).state, ListenerState::Active);
+}
+
+/// A listener behind the gate whose publisher cannot be reached is `active` as soon as the gate
+/// opens, as an ungated one is from the start (Dynamo's: connecting is no condition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_listener_behind_the_gate_becomes_active_when_it_opens() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp://{}", l.local_addr().unwrap())
+    };
+    let sink = Arc::new(CollectingSink::default());
+    let ingest = ingest(
+        &sink,
+        IngestConfig {
+            start_open: false,
+            ..fast_config()
+        },
+    );
+    ingest.register(ListenerSpec::new(8, 0, dead, BS)).unwrap();
+    wait_until("a failed connect attempt", || {
+        status(&ingest, 8, 0).counters.connect_failures > 0
+    })
+    .await;
+    assert_eq!(status(&ingest, 8, 0).state, ListenerState::Pending);
+    ingest.open();
+    wait_until("active", || {
+        status(&ingest, 8, 0).state == ListenerState::Active
+    })
+    .await;
+    assert!(!status(&ingest, 8, 0).connected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_publisher_is_followed_from_its_new_sequence() {
     let first = VllmPublisher::bind(PublisherConfig::loopback_without_replay())

@@ -753,12 +753,14 @@ impl Partitions {
 
     /// `POST /unregister` (SERVICE.md §3.4). Each removal is handed to `log.drop_blocks` (which
     /// logs it and waits) before the registry changes; a failure leaves the registry as it was
-    /// (its listeners started again). Then `registry.json` is written without the worker, and
-    /// with a partition left without workers moved from `partitions` to `dropping` (the intent,
-    /// see [`drops`]). A failure to write it leaves the registry as it was too: the worker
-    /// stays registered, its listeners start again, the file is written back as it was (the
-    /// failed write may have replaced it), and its logged removal stands (as after an
-    /// unregister and a re-registration). A partition left without workers is then handed to
+    /// (its listeners started again, each after the watermark it was stopped at). Then
+    /// `registry.json` is written without the worker, and with a partition left without workers
+    /// moved from `partitions` to `dropping` (the intent, see [`drops`]). A failure to write it
+    /// leaves the registry as it was too: the worker stays registered, its listeners start
+    /// again after the watermarks they were stopped at, the file is written back as it was (the
+    /// failed write may have replaced it), and its logged removal stands: the worker's blocks
+    /// are gone, live and in the log, and only its events after those watermarks come in
+    /// (as a restart of kvindex would resume them). A partition left without workers is then handed to
     /// `log.drop_partition` (which logs the drop and waits until it is on disk) and its index
     /// removed from the engine (also when logging the drop failed: the drop then stays pending,
     /// see [`drops`]); before the registry's write lock is released. Every unregister that gets
@@ -804,15 +806,17 @@ impl Partitions {
         let plan = unregister::plan(&before, instance_id, model_name, routing_group, dp_rank)?;
         // Stop the listeners first: nothing of theirs reaches the index after the removal.
         // Before the gate: stopping waits for their in-flight batches, which may be waiting
-        // for the gate.
-        for dp in &plan.ranks {
-            self.supervisor().stop(instance_id, *dp);
-        }
+        // for the gate. Their watermarks are kept for a restart, should the removal fail.
+        let stopped: Vec<(u32, Option<u64>)> = plan
+            .ranks
+            .iter()
+            .map(|dp| (*dp, self.supervisor().stop_with_watermark(instance_id, *dp)))
+            .collect();
         let fenced = self.gate.fence();
         if plan.removal.spec.block_size > 0 {
             if let Err(e) = (log.drop_blocks)(&plan.removal) {
                 drop(fenced);
-                self.restart_listeners(locked, instance_id, &plan.ranks);
+                self.restart_listeners(locked, instance_id, &stopped);
                 return Err(RegistryError::Index(e));
             }
         }
@@ -849,7 +853,7 @@ impl Partitions {
             if let Err(undo) = self.persist(&before, &locked.pending_drops) {
                 tracing::warn!(error = %undo, "registry.json not written back after a failed unregister: until the next write of it, it may lack the worker, and list its partition as dropping (a restart keeps such a partition when events of it were logged since)");
             }
-            self.restart_listeners(locked, instance_id, &plan.ranks);
+            self.restart_listeners(locked, instance_id, &stopped);
             return Err(e);
         }
         // Still under the registry's write lock: a registration or `?block_size=` creating the
@@ -896,14 +900,26 @@ impl Partitions {
         }
     }
 
-    /// The removal was refused: the registration stays, so its stopped listeners start again.
-    fn restart_listeners(&self, locked: &mut Locked, instance_id: u64, ranks: &[u32]) {
+    /// The removal was refused: the registration stays, so its stopped listeners start again,
+    /// each after the watermark it had when it was stopped (`stopped`: `(dp_rank, watermark)`).
+    /// Not from scratch: that would replay the publisher's buffer from 0 over the live index
+    /// (re-applying blocks the logged removal took away, when it was logged), while a restart
+    /// of kvindex resumes after the logged watermark — the live index and the log would differ.
+    fn restart_listeners(
+        &self,
+        locked: &mut Locked,
+        instance_id: u64,
+        stopped: &[(u32, Option<u64>)],
+    ) {
         let _ = self.mutate_held(locked, false, |v, _| {
             if let Some(inst) = v.instances.get_mut(&instance_id) {
                 let spec_of = inst.clone();
-                for dp in ranks {
+                for (dp, watermark) in stopped {
                     if let Some(l) = inst.listeners.get_mut(dp) {
-                        l.state = self.supervisor().start(&spec_of.listener_spec(*dp, l));
+                        tracing::info!(instance_id, dp_rank = dp, resume_after = ?watermark, "the removal failed: restarting the listener where it stopped");
+                        l.state = self
+                            .supervisor()
+                            .restart(&spec_of.listener_spec(*dp, l), *watermark);
                     }
                 }
             }
@@ -1169,11 +1185,33 @@ mod tests {
         assert!(p.view().partition("m", "default").is_err());
     }
 
-    /// Records the listener starts and stops.
+    /// Records the listener starts, stops and restarts; every listener is stopped at
+    /// [`STOPPED_AT`], and `.1` has the `resume_after` of every restart.
     #[derive(Default)]
-    struct Recording(Mutex<Vec<(&'static str, u64, u32)>>);
+    struct Recording(
+        Mutex<Vec<(&'static str, u64, u32)>>,
+        Mutex<Vec<Option<u64>>>,
+    );
+
+    /// The watermark [`Recording`] stops every listener at.
+    const STOPPED_AT: Option<u64> = Some(41);
 
     impl ListenerSupervisor for Recording {
+        fn stop_with_watermark(&self, instance_id: u64, dp_rank: u32) -> Option<u64> {
+            self.stop(instance_id, dp_rank);
+            STOPPED_AT
+        }
+        fn restart(&self, spec: &ListenerSpec, resume_after: Option<u64>) -> ListenerState {
+            self.0
+                .lock()
+                .unwrap()
+                .push(("restart", spec.instance_id, spec.dp_rank));
+            self.1.lock().unwrap().push(resume_after);
+            ListenerState {
+                status: ListenerStatus::Active,
+                last_error: None,
+            }
+        }
         fn start(&self, spec: &ListenerSpec) -> ListenerState {
             self.0
                 .lock()
@@ -1223,15 +1261,56 @@ mod tests {
             view.instances[&10].listeners[&0].state.status,
             ListenerStatus::Active
         );
-        assert_eq!(
-            *supervisor.0.lock().unwrap(),
-            vec![("start", 10, 0), ("stop", 10, 0), ("start", 10, 0)],
-            "the listener was not started again"
-        );
+        assert_restarted_where_it_stopped(&supervisor);
         assert!(p
             .engine
             .namespace(&NamespaceKey::new("m", "default"))
             .is_some());
+    }
+
+    /// The listener of instance 10 rank 0 was started, stopped by the unregister, and started
+    /// again after the watermark it was stopped at: not from scratch, which would replay the
+    /// publisher's buffer from 0 over the live index while a restart of kvindex resumes after
+    /// the logged watermark.
+    fn assert_restarted_where_it_stopped(supervisor: &Recording) {
+        assert_eq!(
+            *supervisor.0.lock().unwrap(),
+            vec![("start", 10, 0), ("stop", 10, 0), ("restart", 10, 0)],
+            "the listener was not started again, or not as a restart"
+        );
+        assert_eq!(
+            *supervisor.1.lock().unwrap(),
+            vec![STOPPED_AT],
+            "the listener was not restarted after the watermark it was stopped at"
+        );
+    }
+
+    /// Logging the removal fails: the worker stays, and its listener goes on after the
+    /// watermark it was stopped at.
+    #[test]
+    fn a_removal_that_cannot_be_logged_restarts_the_listeners_where_they_stopped() {
+        let supervisor = Arc::new(Recording::default());
+        let p = Partitions::new(small_engine(), None, supervisor.clone());
+        p.register(reg(10, "m", "default", 4, 0)).unwrap();
+        let e = p
+            .unregister(
+                10,
+                "m",
+                Some("default"),
+                None,
+                &RemovalLog {
+                    drop_blocks: &|_| Err("disk full".into()),
+                    drop_partition: &|_| Ok(()),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        let view = p.view();
+        assert_eq!(
+            view.instances[&10].listeners[&0].state.status,
+            ListenerStatus::Active
+        );
+        assert_restarted_where_it_stopped(&supervisor);
     }
 
     /// Logging a partition's drop fails: the partition is gone from the registry all the same,

@@ -68,6 +68,14 @@
 //! service's log writer stopped: nothing is taken until a restart) stops replays for good: every
 //! later batch is deferred to the restart, which resumes after the durable watermark.
 //!
+//! # Ready gate (SERVICE.md §1.3)
+//!
+//! With [`IngestConfig::start_open`] false, a listener connects at once but submits nothing
+//! until [`ZmqIngest::open`]: it stays `pending` and holds the live messages it receives (the
+//! same bound as during a replay). Once the gate opens it catches up by replay (when it has a
+//! replay endpoint), then processes the held messages in order. The service opens it after its
+//! peer recovery, so live events land on top of the recovered dump, never under it.
+//!
 //! # Threading
 //!
 //! Listeners are tokio tasks on the runtime handed to [`ZmqIngest::new`]. [`EventSink::submit`]
@@ -189,7 +197,9 @@ pub struct IngestConfig {
     /// connection the same way.
     pub max_message_frames: u32,
     /// Whether listeners start draining at once; if false they stay `pending` until
-    /// [`ZmqIngest::open`] (the start-up "ready gate", SERVICE.md §1.3).
+    /// [`ZmqIngest::open`] (the start-up "ready gate", SERVICE.md §1.3): they connect, and hold
+    /// the live messages they receive (up to [`Self::max_held_live_batches`] /
+    /// [`Self::max_held_live_bytes`]) without submitting anything or asking for a replay.
     pub start_open: bool,
 }
 
@@ -285,7 +295,7 @@ impl ListenerSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerState {
-    /// Registered, waiting for the ready gate.
+    /// Registered, waiting for the ready gate (connected meanwhile, holding what it receives).
     Pending,
     /// Running (connecting or connected: see [`ListenerStatus::connected`]).
     Active,
@@ -352,6 +362,9 @@ pub struct ListenerCounters {
     /// Connections to the publisher lost; each is followed by a new socket (and a catch-up
     /// replay when a replay endpoint is configured).
     pub disconnects: u64,
+    /// Live messages received before the ready gate opened ([`ZmqIngest::open`]): held, and
+    /// processed in order once it opened.
+    pub held_before_ready: u64,
 }
 
 /// Counter: ZMQ connection errors by `stage` (`connect`, `receive`, `disconnect`).
@@ -570,7 +583,9 @@ impl ZmqIngest {
         }
     }
 
-    /// Open the ready gate: `pending` listeners start draining (SERVICE.md §1.3 step 4).
+    /// Open the ready gate: `pending` listeners become `active`, catch up by replay when they
+    /// have a replay endpoint, then process what they held and what follows (SERVICE.md §1.3
+    /// step 4).
     pub fn open(&self) {
         self.inner.gate.send_replace(true);
     }
@@ -917,6 +932,16 @@ impl RefusalLog {
     }
 }
 
+/// How [`Listener::hold_until_ready`] ended.
+enum Hold {
+    /// The gate opened.
+    Ready,
+    /// The publisher's connection ended: reconnect, and hold on.
+    ConnectionEnded,
+    /// The gate's sender is gone (the ingestion was dropped): the task ends.
+    GateGone,
+}
+
 /// Bytes of a message's frames.
 fn message_bytes(msg: &ZmqMessage) -> usize {
     msg.iter().map(|f| f.len()).sum()
@@ -995,12 +1020,6 @@ impl Listener {
     }
 
     async fn run(mut self, mut gate: watch::Receiver<bool>) {
-        // Ready gate (SERVICE.md §1.3): stay pending until the service opens it.
-        while !*gate.borrow_and_update() {
-            if gate.changed().await.is_err() {
-                return;
-            }
-        }
         if let Some(error) = unconnectable(&self.spec.endpoint) {
             tracing::warn!(worker_id = self.spec.worker_id, dp_rank = self.spec.dp_rank, %error, "listener failed");
             self.with_status(|s| {
@@ -1009,7 +1028,13 @@ impl Listener {
             });
             return;
         }
-        self.with_status(|s| s.state = ListenerState::Active);
+        // Ready gate (SERVICE.md §1.3): until the service opens it, the listener stays
+        // `pending`, connects, and holds what it receives without submitting anything
+        // (`hold_until_ready`); the service loads its peer recovery meanwhile.
+        let mut ready = *gate.borrow_and_update();
+        if ready {
+            self.with_status(|s| s.state = ListenerState::Active);
+        }
 
         // One socket per connection: when the publisher's connection ends (its frame guard
         // sees it end), this listener drops the socket and connects a new one itself rather
@@ -1022,7 +1047,29 @@ impl Listener {
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
-            let (mut sub, mut guard) = self.connect().await;
+            let connected = if ready {
+                Some(self.connect().await)
+            } else {
+                // A publisher that cannot be reached yet must not keep the listener `pending`
+                // once the gate opens.
+                tokio::select! {
+                    connected = self.connect() => Some(connected),
+                    open = gate.wait_for(|open| *open) => {
+                        if open.is_err() {
+                            return;
+                        }
+                        None
+                    }
+                }
+            };
+            let (mut sub, mut guard) = match connected {
+                Some(connected) => connected,
+                None => {
+                    ready = true;
+                    self.on_ready();
+                    self.connect().await
+                }
+            };
             let mut ended = false;
             let connected_at = tokio::time::Instant::now();
             tracing::info!(
@@ -1031,6 +1078,23 @@ impl Listener {
                 endpoint = %self.spec.endpoint,
                 "ZMQ listener connected"
             );
+            if !ready {
+                match self
+                    .hold_until_ready(&mut gate, &mut sub, &mut guard, &mut ended)
+                    .await
+                {
+                    Hold::Ready => {
+                        ready = true;
+                        self.on_ready();
+                    }
+                    Hold::ConnectionEnded => {
+                        self.on_disconnect(guard.take_error());
+                        pause = reconnect_pause(pause, connected_at.elapsed(), &self.config);
+                        continue;
+                    }
+                    Hold::GateGone => return,
+                }
+            }
 
             // Catch up at once (restart, resume, reconnection, or a publisher that was
             // already running) — unless the sink does not take batches now: the retry after
@@ -1076,6 +1140,67 @@ impl Listener {
             self.on_disconnect(guard.take_error());
             pause = reconnect_pause(pause, connected_at.elapsed(), &self.config);
         }
+    }
+
+    /// Until the ready gate opens: take the live messages from `sub` and hold them, submitting
+    /// nothing (bounded as during a replay: past [`IngestConfig::max_held_live_batches`] or
+    /// [`IngestConfig::max_held_live_bytes`] they wait in the socket). They are processed once
+    /// it opens, after the catch-up replay, in order.
+    async fn hold_until_ready(
+        &mut self,
+        gate: &mut watch::Receiver<bool>,
+        sub: &mut SubSocket,
+        guard: &mut Guard,
+        ended: &mut bool,
+    ) -> Hold {
+        let mut full_logged = false;
+        loop {
+            if *gate.borrow_and_update() {
+                return Hold::Ready;
+            }
+            let room = may_hold(self.held.len(), self.held_bytes, &self.config);
+            if !room && !full_logged {
+                full_logged = true;
+                tracing::warn!(
+                    worker_id = self.spec.worker_id,
+                    dp_rank = self.spec.dp_rank,
+                    held = self.held.len(),
+                    "live messages held until the ready gate opens reached the hold limit; later ones wait in the socket"
+                );
+            }
+            let received = tokio::select! {
+                changed = gate.changed() => {
+                    if changed.is_err() {
+                        return Hold::GateGone;
+                    }
+                    continue;
+                }
+                received = self.next_live(sub, guard, ended), if room => received,
+            };
+            let Some(msg) = received else {
+                return Hold::ConnectionEnded;
+            };
+            tracing::debug!(
+                worker_id = self.spec.worker_id,
+                dp_rank = self.spec.dp_rank,
+                seq = ?msg.get(1).and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok()).map(u64::from_be_bytes),
+                "live batch held until the ready gate opens"
+            );
+            self.held_bytes += message_bytes(&msg);
+            self.held.push_back(msg);
+            self.with_status(|s| s.counters.held_before_ready += 1);
+        }
+    }
+
+    /// The ready gate opened: the listener is `active` and processes what it held.
+    fn on_ready(&self) {
+        self.with_status(|s| s.state = ListenerState::Active);
+        tracing::info!(
+            worker_id = self.spec.worker_id,
+            dp_rank = self.spec.dp_rank,
+            held = self.held.len(),
+            "ready gate open: the listener applies its events"
+        );
     }
 
     /// Connect a new SUB socket, through a new frame guard (`zmq::frame_guard`), retrying with

@@ -120,6 +120,19 @@ pub fn try_start(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Result<Server, (Vec<String>, Option<ExitStatus>)> {
+    spawn(data_dir, extra, env).listening()
+}
+
+/// A `kvindex serve` spawned by [`spawn`], perhaps not listening yet: its stderr can be read
+/// during start-up. Killed when dropped.
+pub struct Starting {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Spawn `kvindex serve` as [`start`] does, without waiting for it to listen.
+pub fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Starting {
     let mut cmd = Command::new(bin());
     cmd.arg("serve")
         .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
@@ -142,6 +155,48 @@ pub fn try_start(
             sink.lock().unwrap().push(line);
         }
     });
+    Starting {
+        child: Some(child),
+        data_dir: data_dir.to_owned(),
+        log,
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Starting {
+    /// Whether a stderr line so far contains every one of `parts`.
+    pub fn logged(&self, parts: &[&str]) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+
+    /// Wait (bounded) for the "HTTP server listening on" line; the stderr lines and the exit
+    /// status if it never comes.
+    pub fn listening(mut self) -> Result<Server, (Vec<String>, Option<ExitStatus>)> {
+        let Some(child) = self.child.take() else {
+            return Err((self.log.lock().unwrap().clone(), None));
+        };
+        let (log, data_dir) = (Arc::clone(&self.log), self.data_dir.clone());
+        wait_listening(child, &data_dir, log)
+    }
+}
+
+fn wait_listening(
+    mut child: Child,
+    data_dir: &Path,
+    log: Arc<Mutex<Vec<String>>>,
+) -> Result<Server, (Vec<String>, Option<ExitStatus>)> {
     for _ in 0..600 {
         let addr = log.lock().unwrap().iter().find_map(|l| {
             l.split("HTTP server listening on ")
