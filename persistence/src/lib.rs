@@ -38,6 +38,7 @@ pub mod segment;
 pub mod seq_set;
 pub mod snapshot;
 mod sync;
+pub mod telemetry;
 pub mod tool;
 pub mod writer;
 
@@ -59,4 +60,5 @@ pub use seq_set::{
     split_tagged, tagged_source_seq, SeqSet, TaggedSeqs, MAX_TAGGED_SEQ, SOURCE_SEQ_TAG,
 };
 pub use snapshot::{LoadedSnapshot, SnapshotImage, SnapshotMeta, SnapshotStore};
+pub use telemetry::describe_metrics;
 pub use writer::{AppendTicket, LogWriter};

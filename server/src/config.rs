@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use kvindex_persistence::{
     DurableConfig, FsyncPolicy, LogConfig, RecoveryPolicy, SnapshotPolicy, DEFAULT_DATA_DIR,
 };
@@ -209,7 +210,8 @@ pub struct ServeConfig {
     pub routing_group: String,
     pub peers: Vec<String>,
     pub access_log: Option<PathBuf>,
-    pub trace_id_header: String,
+    /// `--trace-id-header`, lower-cased and checked to be a valid header name.
+    pub trace_id_header: HeaderName,
     pub access_log_local_time: bool,
     pub data_dir: PathBuf,
     pub durable: DurableConfig,
@@ -313,6 +315,11 @@ fn resolve_nats(args: &ServeArgs, file: &FileConfig) -> Result<Option<NatsConfig
                 args.nats_jetstream_consumer.is_some() || file.nats_jetstream_consumer.is_some(),
             ),
             (
+                "--nats-jetstream-ack-wait-secs",
+                args.nats_jetstream_ack_wait_secs.is_some()
+                    || file.nats_jetstream_ack_wait_secs.is_some(),
+            ),
+            (
                 "--nats-queries",
                 args.nats_queries.is_some() || file.nats_queries.is_some(),
             ),
@@ -373,7 +380,16 @@ fn resolve_nats(args: &ServeArgs, file: &FileConfig) -> Result<Option<NatsConfig
                 "--nats-jetstream-consumer needs --nats-jetstream-stream".into(),
             ))
         }
-        (None, None) => None,
+        (None, None) => {
+            if args.nats_jetstream_ack_wait_secs.is_some()
+                || file.nats_jetstream_ack_wait_secs.is_some()
+            {
+                return Err(ConfigError::Invalid(
+                    "--nats-jetstream-ack-wait-secs needs --nats-jetstream-stream".into(),
+                ));
+            }
+            None
+        }
     };
     let core_events = args
         .nats_events
@@ -533,6 +549,19 @@ impl ServeConfig {
                 replay_backoff_max_ms: file.replay_backoff_max_ms,
             },
         )?;
+        let trace_id_header = args
+            .trace_id_header
+            .clone()
+            .or(file.trace_id_header.clone())
+            .unwrap_or_else(|| "x-trace-id".into());
+        let trace_id_header = HeaderName::from_bytes(
+            trace_id_header.to_ascii_lowercase().as_bytes(),
+        )
+        .map_err(|e| {
+            ConfigError::Invalid(format!(
+                "invalid --trace-id-header {trace_id_header:?}: {e}"
+            ))
+        })?;
         let _ = (&args.tenant_id, &file.tenant_id); // accepted, no effect (Dynamo's legacy flag)
         let test_endpoints = std::env::var(TEST_ENDPOINTS_ENV)
             .map(|v| env_flag_on(&v))
@@ -562,12 +591,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| DEFAULT_GROUP.into()),
             peers,
             access_log: args.access_log.clone().or(file.access_log),
-            trace_id_header: args
-                .trace_id_header
-                .clone()
-                .or(file.trace_id_header)
-                .unwrap_or_else(|| "x-trace-id".into())
-                .to_ascii_lowercase(),
+            trace_id_header,
             access_log_local_time: args.access_log_local_time
                 || file.access_log_local_time.unwrap_or(false),
             data_dir: args
@@ -1017,6 +1041,77 @@ mod tests {
         assert_eq!(
             ServeConfig::resolve(&consumer).unwrap_err().to_string(),
             "--nats-jetstream-consumer needs --nats-jetstream-stream"
+        );
+    }
+
+    #[test]
+    fn ack_wait_needs_a_url_and_a_stream_like_every_nats_flag() {
+        let wait = ServeArgs {
+            nats_jetstream_ack_wait_secs: Some(10),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&wait).unwrap_err().to_string(),
+            "--nats-jetstream-ack-wait-secs needs --nats-url"
+        );
+        let no_stream = ServeArgs {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..wait.clone()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&no_stream).unwrap_err().to_string(),
+            "--nats-jetstream-ack-wait-secs needs --nats-jetstream-stream"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "nats_url = \"127.0.0.1:4222\"\nnats_jetstream_ack_wait_secs = 5\n",
+        )
+        .unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&file).unwrap_err().to_string(),
+            "--nats-jetstream-ack-wait-secs needs --nats-jetstream-stream"
+        );
+        let zero = ServeArgs {
+            nats_jetstream_stream: Some("KV".into()),
+            nats_jetstream_ack_wait_secs: Some(0),
+            ..no_stream.clone()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&zero).unwrap_err().to_string(),
+            "--nats-jetstream-ack-wait-secs must be at least 1"
+        );
+        let ok = ServeArgs {
+            nats_jetstream_stream: Some("KV".into()),
+            ..no_stream
+        };
+        let js = ServeConfig::resolve(&ok).unwrap().nats.unwrap().jetstream;
+        assert_eq!(js.unwrap().ack_wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn trace_id_header_is_lower_cased_and_validated() {
+        let args = ServeArgs {
+            trace_id_header: Some("X-Request-Id".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServeConfig::resolve(&args).unwrap().trace_id_header,
+            "x-request-id"
+        );
+        let bad = ServeArgs {
+            trace_id_header: Some("x trace".into()),
+            ..Default::default()
+        };
+        let e = ServeConfig::resolve(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid --trace-id-header \"x trace\": "),
+            "{e}"
         );
     }
 

@@ -3,6 +3,9 @@
 //! (`kvindex_*`: log, snapshots, recovery, queues). Everything goes through the `metrics` crate;
 //! the exporter renders on each scrape, after the gauges are refreshed.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -28,6 +31,12 @@ pub const REJECTED_TOTAL: &str = "kvindex_http_rejected_total";
 /// Gauge, per partition (`model_name`, `routing_group`): bytes of its index's external-hash
 /// map, so that what `--expected-blocks` allocates (and for which partitions) can be seen.
 pub const MAP_BYTES: &str = "kvindex_index_map_bytes";
+
+/// `tier` label values of `kvindex_index_lower_tier_blocks`.
+const LOWER_TIERS: [&str; 3] = ["host_pinned", "disk", "external"];
+
+/// Partitions (`model_name`, `routing_group`) whose per-partition gauges the last refresh set.
+static PARTITION_LABELS: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
 
 /// Dynamo's request-duration buckets: 0.0001 × 2^k seconds, k = 0..19.
 pub fn request_buckets() -> Vec<f64> {
@@ -112,6 +121,9 @@ fn describe() {
         crate::partitions::CREATIONS_REFUSED,
         "Partition creations refused, by reason: max_partitions (--max-partitions reached), max_event_partitions (--max-event-partitions reached by events), drop_not_logged (the drop of the key's previous partition still cannot be logged)"
     );
+    kvindex_persistence::describe_metrics();
+    kvindex_server::zmq::describe();
+    crate::zmq_source::describe();
     crate::nats::metrics::describe();
     crate::http::connections::describe();
     crate::http::body_budget::describe();
@@ -143,6 +155,46 @@ pub fn refresh(
         .sum();
     metrics::gauge!("kvindex_log_segment_bytes").set(bytes as f64);
     metrics::gauge!("kvindex_engine_queued_tasks").set(engine_queued as f64);
+    // The exporter has no way to remove one label set, so a partition that was dropped since the
+    // previous refresh has its gauges set to 0 (once; later refreshes leave it alone).
+    let mut previous = PARTITION_LABELS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let current: BTreeSet<(String, String)> = view
+        .partitions
+        .values()
+        .map(|p| {
+            (
+                p.spec.key.model_name.clone(),
+                p.spec.key.routing_group.clone(),
+            )
+        })
+        .collect();
+    for (model, group) in previous.difference(&current) {
+        metrics::gauge!(
+            "kvindex_index_blocks",
+            "model_name" => model.clone(),
+            "routing_group" => group.clone()
+        )
+        .set(0.0);
+        metrics::gauge!(
+            MAP_BYTES,
+            "model_name" => model.clone(),
+            "routing_group" => group.clone()
+        )
+        .set(0.0);
+        for tier in LOWER_TIERS {
+            metrics::gauge!(
+                "kvindex_index_lower_tier_blocks",
+                "model_name" => model.clone(),
+                "routing_group" => group.clone(),
+                "tier" => tier
+            )
+            .set(0.0);
+        }
+    }
+    *previous = current;
+    // `previous` stays locked to the end, so concurrent scrapes do not interleave their updates.
     for p in view.partitions.values() {
         let blocks = p.namespace.as_ref().map_or(0, |ns| ns.current_size());
         metrics::gauge!(
@@ -169,10 +221,7 @@ pub fn refresh(
                 per_tier[i] += n;
             }
         }
-        for (name, n) in ["host_pinned", "disk", "external"]
-            .into_iter()
-            .zip(per_tier)
-        {
+        for (name, n) in LOWER_TIERS.into_iter().zip(per_tier) {
             metrics::gauge!(
                 "kvindex_index_lower_tier_blocks",
                 "model_name" => p.spec.key.model_name.clone(),

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use axum::http::HeaderName;
 use kvindex_engine::{Engine, EngineConfig};
 use kvindex_persistence::{DurableIndex, RecoveryReport};
 
@@ -114,6 +113,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         expected_blocks: 0,
         ..EngineConfig::default()
     });
+    // Before recovery, so that an access log that cannot be opened ends the start-up before the
+    // event log is touched.
+    let access_log = match &cfg.access_log {
+        Some(p) => Some(Arc::new(
+            AccessLog::open(p, cfg.access_log_local_time)
+                .with_context(|| format!("cannot open the access log {}", p.display()))?,
+        )),
+        None => None,
+    };
     let opened = Instant::now();
     let (durable, report) = DurableIndex::open(&cfg.data_dir, cfg.durable.clone(), engine.clone())
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
@@ -166,25 +174,16 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Restored and `--workers` listeners start now, after their durable watermarks: they
     // connect, and hold what they receive until the ready gate opens after peer recovery.
     supervisor.open(&partitions, &ingest, runtime.handle());
-    let access_log = match &cfg.access_log {
-        Some(p) => Some(Arc::new(
-            AccessLog::open(p, cfg.access_log_local_time)
-                .with_context(|| format!("cannot open the access log {}", p.display()))?,
-        )),
-        None => None,
-    };
     if cfg.test_endpoints {
         tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener, /test/resume_listener, /test/hold_dumps and /test/release_dumps are mounted");
     }
-    let trace_header = HeaderName::from_bytes(cfg.trace_id_header.as_bytes())
-        .with_context(|| format!("invalid --trace-id-header {:?}", cfg.trace_id_header))?;
     let state = Arc::new(AppState {
         partitions: Arc::clone(&partitions),
         ingest: Arc::clone(&ingest),
         durable: Arc::clone(&durable),
         metrics: prometheus,
         access_log,
-        trace_header,
+        trace_header: cfg.trace_id_header.clone(),
         test_endpoints: cfg.test_endpoints,
         events_budget: BodyBudget::new(cfg.http.events_body_budget, body_budget::EVENTS_METRICS),
         query_budget: BodyBudget::new(cfg.http.query_body_budget, body_budget::QUERY_METRICS),

@@ -199,6 +199,18 @@ impl EventSink for ServiceSink {
 /// also counted in `kvindex_zmq_batches_total{outcome="sink_rejected"}`).
 pub const REJECTED_BATCHES: &str = "kvindex_zmq_batches_rejected_total";
 
+/// Register the descriptions of [`FENCED_BATCHES`] and [`REJECTED_BATCHES`].
+pub fn describe() {
+    metrics::describe_counter!(
+        FENCED_BATCHES,
+        "ZMQ batches refused by the listener fence, by reason (stopped, superseded)"
+    );
+    metrics::describe_counter!(
+        REJECTED_BATCHES,
+        "ZMQ batches the service refused for good, by reason (too_large, block_size)"
+    );
+}
+
 /// What the listener is told about a batch the intake did not take: for good
 /// ([`SinkError::Rejected`], counted in [`REJECTED_BATCHES`]) when the same batch can never be
 /// taken; [`SinkError::Failed`] when the log writer has stopped (nothing is appended until the

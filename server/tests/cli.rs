@@ -55,6 +55,75 @@ fn bad_workers_entries_exit_1_with_dynamos_messages() {
     }
 }
 
+/// Values clap parses are refused by clap: exit 2 with its error, not `Exception:`.
+#[test]
+fn unparsable_flag_values_exit_2_with_claps_error() {
+    for args in [
+        ["serve", "--port", "70000"],
+        ["serve", "--port", "abc"],
+        ["serve", "--nats-events", "maybe"],
+    ] {
+        let (code, _, err) = run(&args, &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("error: invalid value"), "{args:?}: {err}");
+        assert!(!err.contains("Exception:"), "{args:?}: {err}");
+    }
+}
+
+/// An invalid `--trace-id-header` is a settings error: exit 1 before the data directory is
+/// created or its log opened.
+#[test]
+fn invalid_trace_id_header_exits_1_before_the_data_directory_is_opened() {
+    let (_d, data) = data_dir();
+    let dir = data.to_str().unwrap();
+    let (code, _, err) = run(
+        &["serve", "--data-dir", dir, "--trace-id-header", "x trace"],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Exception: invalid --trace-id-header \"x trace\""),
+        "{err}"
+    );
+    assert!(!data.exists(), "the data directory was created");
+}
+
+/// An access log that cannot be opened ends the start-up before recovery: no log segment.
+#[test]
+fn unopenable_access_log_exits_1_before_the_log_is_opened() {
+    let (d, data) = data_dir();
+    let dir = data.to_str().unwrap();
+    let bad = d.path().join("no-such-dir").join("access.log");
+    let (code, _, err) = run(
+        &[
+            "serve",
+            "--data-dir",
+            dir,
+            "--access-log",
+            bad.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Exception: cannot open the access log"),
+        "{err}"
+    );
+    let entries: Vec<String> = std::fs::read_dir(&data)
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        entries
+            .iter()
+            .all(|n| !n.ends_with(".kvlog") && n != "LOCK"),
+        "{entries:?}"
+    );
+}
+
 #[test]
 fn invalid_min_initial_workers_exits_1() {
     let (code, _, err) = run(&["serve"], &[("DYN_ROUTER_MIN_INITIAL_WORKERS", "abc")]);

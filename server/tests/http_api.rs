@@ -818,6 +818,48 @@ fn metrics_follow_dynamos_names_labels_and_counting_rules() {
     assert!(t.contains("kvindex_log_next_lsn"));
     assert!(t.contains("kvindex_recovery_seconds"));
     assert!(t.contains("kvindex_log_segment_bytes"));
+    // Every family on the page has a description (the log writer's, the recovery's, ...).
+    assert!(t.contains("# TYPE kvindex_log_group_commits_total counter"));
+    for l in t.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap();
+            let help = format!("# HELP {name} ");
+            assert!(
+                t.lines().any(|h| h.starts_with(&help)),
+                "no HELP for {name}"
+            );
+        }
+    }
+}
+
+/// A dropped partition's per-partition gauges read 0 on /metrics, not their last values.
+#[test]
+fn a_dropped_partitions_gauges_read_zero() {
+    let (_d, s) = server();
+    register(&s, 1, "m", 4);
+    store_two_blocks(&s, 1, 0);
+    let t = s.get("/metrics").text();
+    assert!(
+        t.lines()
+            .any(|l| l == "kvindex_index_blocks{model_name=\"m\",routing_group=\"default\"} 2"),
+        "{t}"
+    );
+    let r = s.post_json(
+        "/unregister",
+        &json!({"instance_id": 1, "model_name": "m", "routing_group": "default"}),
+    );
+    assert_eq!(r.status, 200);
+    let t = s.get("/metrics").text();
+    assert!(t.contains("dynamo_kvindexer_models 0"), "{t}");
+    let series: Vec<&str> = t
+        .lines()
+        .filter(|l| l.contains("model_name=\"m\"") && !l.starts_with('#'))
+        .filter(|l| l.starts_with("kvindex_index_"))
+        .collect();
+    assert_eq!(series.len(), 5, "{t}");
+    for l in series {
+        assert!(l.ends_with(" 0"), "{l}");
+    }
 }
 
 #[test]
@@ -920,6 +962,20 @@ fn post_events_errors() {
     );
     let r = s.raw("POST", "/events", &[("Content-Type", "text/plain")], b"{}");
     assert_eq!(r.status, 415);
+    assert_eq!(
+        r.text(),
+        "Expected request with `Content-Type: application/json` or `Content-Type: application/msgpack`"
+    );
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    // `application/*+json` is JSON.
+    let body = serde_json::to_vec(&stored(1, 0, 1, None, &[(1, h[0])])).unwrap();
+    let r = s.raw(
+        "POST",
+        "/events",
+        &[("Content-Type", "application/vnd.kv+json; charset=utf-8")],
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     // One unknown worker beside a good event: the good one is kept.
     let r = s.post_json(
         "/events",

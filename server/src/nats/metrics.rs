@@ -10,7 +10,9 @@ pub const REJECTED: &str = "kvindex_nats_messages_rejected_total";
 /// Events (not messages) logged and applied, by `source`.
 pub const EVENTS_ACCEPTED: &str = "kvindex_nats_events_accepted_total";
 /// JetStream acknowledgements sent, by `kind`: `ack` (durable now), `duplicate` (a
-/// redelivery already durable, or a second copy in one batch), `term` (bad message), `nak` (log failure, retried later).
+/// redelivery already durable, or a second copy in one batch), `term` (bad message), `nak` (log
+/// failure, retried later), `returned` (received but not handled at shutdown or at a consumer
+/// re-setup: given back with an immediate nak).
 pub const JS_ACKS: &str = "kvindex_nats_jetstream_acks_total";
 /// JetStream errors, by `stage`: `setup` (stream / consumer not ready), `pull` (the pull
 /// stream reported an error), `info` (a message without usable delivery info), `ack` (an
@@ -45,7 +47,7 @@ pub fn describe() {
     );
     describe_counter!(
         JS_ACKS,
-        "JetStream acknowledgements sent, by kind (ack, duplicate, term, nak)"
+        "JetStream acknowledgements sent, by kind (ack, duplicate, term, nak, returned)"
     );
     describe_counter!(
         JS_ERRORS,

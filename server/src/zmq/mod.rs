@@ -61,3 +61,62 @@ pub use listener::{
     ListenerState, ListenerStatus, SinkError, ZmqIngest,
 };
 pub use msgpack::MsgpackError;
+
+/// Register the descriptions of the `kvindex_zmq_*` metrics of this module (`# HELP` on
+/// `/metrics`); called by the service with the other families at recorder install.
+pub fn describe() {
+    use metrics::describe_counter;
+    describe_counter!(
+        listener::METRIC_BATCHES,
+        "Live ZMQ batches, by outcome (applied, stale, sink_rejected, sink_unavailable, sink_failed, deferred)"
+    );
+    describe_counter!(listener::METRIC_GAPS, "ZMQ sequence gaps detected");
+    describe_counter!(
+        listener::METRIC_REPLAYS,
+        "ZMQ replay requests, by outcome (complete, incomplete, failed, not_configured)"
+    );
+    describe_counter!(
+        listener::METRIC_REPLAY_ATTEMPTS,
+        "ZMQ replay attempts: each replay request's first try and every retry"
+    );
+    describe_counter!(
+        listener::METRIC_REPLAYED_BATCHES,
+        "ZMQ batches received through replay"
+    );
+    describe_counter!(
+        listener::METRIC_LOST_BATCHES,
+        "ZMQ sequence numbers skipped for good (not recovered by replay)"
+    );
+    describe_counter!(
+        listener::METRIC_PUBLISHER_RESTARTS,
+        "ZMQ publisher sequence restarts seen"
+    );
+    describe_counter!(
+        listener::METRIC_CONNECTION_ERRORS,
+        "ZMQ connection errors, by stage (connect, receive, disconnect)"
+    );
+    describe_counter!(
+        frame_guard::METRIC_OVERSIZED_FRAMES,
+        "ZMQ publisher connections closed for a frame or multipart message over the limits, by reason (frame, message_bytes, message_frames)"
+    );
+    describe_counter!(
+        decode::METRIC_MESSAGES_DROPPED,
+        "ZMQ messages dropped before decoding, by reason (frame_count, seq_length, decode_failed, reserved_seq, and replay_* for replay replies)"
+    );
+    describe_counter!(
+        decode::METRIC_EVENTS_REJECTED,
+        "Events refused inside otherwise good ZMQ batches, by reason"
+    );
+    describe_counter!(
+        decode::METRIC_EVENTS_SKIPPED,
+        "Well-formed ZMQ events that produce nothing (as in Dynamo), by reason"
+    );
+    describe_counter!(
+        decode::METRIC_EVENTS_DECODED,
+        "Events decoded from ZMQ, by event_type (stored, removed, cleared)"
+    );
+    describe_counter!(
+        decode::METRIC_TRUNCATED_STORES,
+        "ZMQ stores cut to their last complete block (too few token ids)"
+    );
+}
