@@ -625,6 +625,41 @@ mod tests {
             .unwrap();
     }
 
+    /// The service over `dir` with a real ZMQ supervisor on a runtime of its own, and worker 7
+    /// registered with a listener on a fresh publisher (no replay endpoint). The intake must
+    /// outlive the test: the listeners' sink holds it weakly.
+    fn listening_to_worker_7(
+        dir: &Path,
+    ) -> (
+        tokio::runtime::Runtime,
+        Arc<Partitions>,
+        Arc<Ingest>,
+        Arc<ZmqSupervisor>,
+        VllmPublisher,
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (partitions, ingest) = service(dir);
+        let supervisor = ZmqSupervisor::new(
+            rt.handle().clone(),
+            &partitions,
+            &ingest,
+            IngestConfig::default(),
+        );
+        partitions.set_supervisor(supervisor.clone());
+        supervisor.open(&partitions, &ingest, rt.handle());
+        let publisher = rt
+            .block_on(VllmPublisher::bind(
+                PublisherConfig::loopback_without_replay(),
+            ))
+            .unwrap();
+        register(&partitions, 7, publisher.endpoint());
+        (rt, partitions, ingest, supervisor, publisher)
+    }
+
     fn store(worker_id: u64) -> RouterEvent {
         crate::test_support::one_block_store(worker_id, 0, 5)
     }
@@ -663,27 +698,8 @@ mod tests {
     /// goes on, its batch is refused, and the resumed listener's batches are logged.
     #[test]
     fn a_paused_listener_task_still_running_is_refused_after_the_resume() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (partitions, ingest) = service(dir.path());
-        let supervisor = ZmqSupervisor::new(
-            rt.handle().clone(),
-            &partitions,
-            &ingest,
-            IngestConfig::default(),
-        );
-        partitions.set_supervisor(supervisor.clone());
-        supervisor.open(&partitions, &ingest, rt.handle());
-        let publisher = rt
-            .block_on(VllmPublisher::bind(
-                PublisherConfig::loopback_without_replay(),
-            ))
-            .unwrap();
-        register(&partitions, 7, publisher.endpoint());
+        let (rt, partitions, _ingest, supervisor, publisher) = listening_to_worker_7(dir.path());
         let stream = (7, 0);
         let fence = &supervisor.fence;
         let generation = || lock(&fence.current).get(&stream).copied();
@@ -744,27 +760,8 @@ mod tests {
     /// kvindex resumes after the logged watermark.
     #[test]
     fn a_failed_unregister_restarts_the_listener_after_its_watermark() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (partitions, ingest) = service(dir.path());
-        let supervisor = ZmqSupervisor::new(
-            rt.handle().clone(),
-            &partitions,
-            &ingest,
-            IngestConfig::default(),
-        );
-        partitions.set_supervisor(supervisor.clone());
-        supervisor.open(&partitions, &ingest, rt.handle());
-        let publisher = rt
-            .block_on(VllmPublisher::bind(
-                PublisherConfig::loopback_without_replay(),
-            ))
-            .unwrap();
-        register(&partitions, 7, publisher.endpoint());
+        let (rt, partitions, _ingest, _supervisor, publisher) = listening_to_worker_7(dir.path());
         let watermark = || {
             partitions
                 .live_listener(7, 0)
