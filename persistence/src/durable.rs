@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -163,6 +163,8 @@ struct Inner {
     /// Failed snapshot attempts since open (each also counted in
     /// `kvindex_snapshot_failures_total`).
     failures: AtomicU64,
+    /// The snapshot thread is writing a periodic snapshot.
+    snapshotting: AtomicBool,
     policy: SnapshotPolicy,
 }
 
@@ -211,6 +213,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What [`DurableIndex::close_within`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseOutcome {
+    /// Every LSN below this is on disk.
+    pub synced_lsn: Lsn,
+    /// A snapshot was still being written when the limit passed; it was left unfinished.
+    pub snapshot_abandoned: bool,
+}
+
 /// An engine kept durable by an [`EventLog`] and a [`SnapshotStore`]; see the module docs.
 pub struct DurableIndex {
     inner: Arc<Inner>,
@@ -254,6 +265,7 @@ impl DurableIndex {
             last_snapshot: Mutex::new(Instant::now()),
             backoff: Mutex::new(Backoff::default()),
             failures: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
             policy: SnapshotPolicy {
                 keep: config.snapshots.keep.max(1),
                 ..config.snapshots
@@ -447,6 +459,34 @@ impl DurableIndex {
         self.inner.log.sync().map(|_| ())
     }
 
+    /// Like [`close`](Self::close), but wait at most `limit` for a snapshot being written:
+    /// past it the snapshot thread is left to the process exit (its temporary file is removed
+    /// at the next open) and the log is synced anyway. An idle snapshot thread is always waited
+    /// for (it ends as soon as it is told to). Returns the LSN below which all is durable and
+    /// whether a snapshot was abandoned.
+    pub fn close_within(mut self, limit: Duration) -> Result<CloseOutcome> {
+        let mut snapshot_abandoned = false;
+        if let Some((tx, handle)) = self.snapshotter.take() {
+            drop(tx);
+            let start = Instant::now();
+            while !handle.is_finished() {
+                if start.elapsed() >= limit && self.inner.snapshotting.load(Ordering::Acquire) {
+                    snapshot_abandoned = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !snapshot_abandoned {
+                let _ = handle.join();
+            }
+        }
+        let synced_lsn = self.inner.log.sync()?;
+        Ok(CloseOutcome {
+            synced_lsn,
+            snapshot_abandoned,
+        })
+    }
+
     fn stop_snapshotter(&mut self) {
         if let Some((tx, handle)) = self.snapshotter.take() {
             drop(tx);
@@ -524,7 +564,10 @@ impl Inner {
             if !self.snapshot_due() {
                 continue;
             }
-            match self.snapshot() {
+            self.snapshotting.store(true, Ordering::Release);
+            let result = self.snapshot();
+            self.snapshotting.store(false, Ordering::Release);
+            match result {
                 Ok(_) => {}
                 Err(e @ PersistError::WriterFailed { .. }) => {
                     tracing::error!(error = %e, "periodic snapshot failed: the log writer has failed, no more periodic snapshots until the process restarts");
@@ -609,5 +652,16 @@ mod tests {
             Duration::from_millis(300)
         );
         assert_eq!(retry_delay(u32::MAX, None), SNAPSHOT_RETRY_MAX);
+    }
+
+    #[test]
+    fn closing_within_no_time_still_waits_for_an_idle_snapshot_thread_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::new(kvindex_engine::EngineConfig::default());
+        let (idx, _) = DurableIndex::open(dir.path(), DurableConfig::default(), engine).unwrap();
+        assert!(idx.snapshotter.is_some());
+        let closed = idx.close_within(Duration::ZERO).unwrap();
+        assert!(!closed.snapshot_abandoned);
+        assert_eq!(closed.synced_lsn, 1);
     }
 }

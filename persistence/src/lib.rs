@@ -45,7 +45,9 @@ pub mod writer;
 pub use config::{
     FsyncPolicy, LogConfig, ProgressFn, RecoveryPolicy, RecoveryProgress, DEFAULT_DATA_DIR,
 };
-pub use durable::{DurableConfig, DurableIndex, EngineSink, SnapshotPolicy, SnapshotRetry};
+pub use durable::{
+    CloseOutcome, DurableConfig, DurableIndex, EngineSink, SnapshotPolicy, SnapshotRetry,
+};
 pub use entry::{
     LogEntry, LogOp, LoggedEntry, Lsn, NamespaceSpec, StreamKey, StreamWatermark, FIRST_LSN,
 };

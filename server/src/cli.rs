@@ -169,6 +169,12 @@ pub struct ServeArgs {
     /// --workers are never refused [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_partitions: Option<usize>,
+    /// How long the graceful shutdown may take, in seconds from the first SIGINT / SIGTERM (at
+    /// least 1): what still runs then (HTTP requests, the NATS drain, a snapshot being
+    /// written) is cut off, the event log is synced and the process exits 0. Keep it below
+    /// the orchestrator's grace period [default: 20].
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout_s: Option<u64>,
     #[command(flatten)]
     pub replay: ReplayTuningArgs,
 }

@@ -101,6 +101,7 @@ struct FileConfig {
     http_dump_timeout_s: Option<u64>,
     max_event_partitions: Option<usize>,
     max_partitions: Option<usize>,
+    shutdown_timeout_s: Option<u64>,
 }
 
 /// Most replay attempts per gap accepted by `--replay-attempts`.
@@ -229,6 +230,8 @@ pub struct ServeConfig {
     pub max_event_partitions: usize,
     /// Partitions beyond which registrations and events create none (`--max-partitions`).
     pub max_partitions: usize,
+    /// How long the graceful shutdown may take from the first signal (`--shutdown-timeout-s`).
+    pub shutdown_timeout: Duration,
 }
 
 /// Default first token of the NATS subjects.
@@ -474,6 +477,15 @@ impl ServeConfig {
                 "--max-partitions must be at least 1, got 0".into(),
             ));
         }
+        let shutdown_timeout = match args.shutdown_timeout_s.or(file.shutdown_timeout_s) {
+            None => crate::shutdown::DEFAULT_SHUTDOWN_TIMEOUT,
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "--shutdown-timeout-s must be at least 1, got 0".into(),
+                ))
+            }
+            Some(s) => Duration::from_secs(s),
+        };
         let workers_spec = args.workers.clone().or(file.workers);
         let block_size = args.block_size.or(file.block_size);
         let workers = match &workers_spec {
@@ -618,6 +630,7 @@ impl ServeConfig {
             http,
             max_event_partitions,
             max_partitions,
+            shutdown_timeout,
         })
     }
 }
@@ -767,6 +780,7 @@ mod tests {
             crate::http::DEFAULT_MAX_EVENT_PARTITIONS
         );
         assert_eq!(c.max_partitions, crate::partitions::DEFAULT_MAX_PARTITIONS);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(20));
     }
 
     #[test]
@@ -778,7 +792,7 @@ mod tests {
             "http_read_timeout_ms = 250\nhttp_max_connections = 9\nhttp_events_inflight_mib = 5\n\
              http_write_timeout_ms = 750\nhttp_query_inflight_mib = 6\nhttp_max_dumps = 3\n\
              http_dump_wait_ms = 0\nhttp_dump_timeout_s = 60\nmax_event_partitions = 0\n\
-             max_partitions = 7\n",
+             max_partitions = 7\nshutdown_timeout_s = 3\n",
         )
         .unwrap();
         let file = ServeArgs {
@@ -796,6 +810,7 @@ mod tests {
         assert_eq!(c.http.dump_timeout, Duration::from_secs(60));
         assert_eq!(c.max_event_partitions, 0);
         assert_eq!(c.max_partitions, 7);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
         let flags = ServeArgs {
             http_max_connections: Some(3),
             ..file.clone()
@@ -855,6 +870,10 @@ mod tests {
             },
             ServeArgs {
                 max_partitions: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                shutdown_timeout_s: Some(0),
                 ..Default::default()
             },
         ] {

@@ -26,6 +26,7 @@ mod partitions;
 mod peers;
 mod replay_cmd;
 mod serve;
+mod shutdown;
 #[cfg(test)]
 mod test_support;
 mod zmq_source;

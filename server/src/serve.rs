@@ -1,15 +1,22 @@
 //! `kvindex serve`: the start-up sequence of SERVICE.md §1.3 with recovery in front of it, and
 //! the graceful shutdown.
 //!
-//! 1. settings (exit 1 on invalid ones); metrics recorder;
+//! 1. settings (exit 1 on invalid ones); the SIGINT / SIGTERM handlers ([`crate::shutdown`]);
+//!    metrics recorder;
 //! 2. recovery: `DurableIndex::open` (snapshot + log) and `registry.json` (partitions,
 //!    registrations, peers);
 //! 3. `--workers` registrations; the ZMQ listeners connect behind the ready gate, holding what
 //!    they receive; `--peers` recovery (after 1 s); the ready gate opens (live events are
 //!    applied on top of the dump); the `DYN_ROUTER_MIN_INITIAL_WORKERS` wait;
 //! 4. bind HTTP, start the NATS transport (with `--nats-url`; connects in the background) and
-//!    serve until SIGINT / SIGTERM; then stop HTTP, drain the NATS subscriptions, stop the
-//!    listeners, sync and close the log, exit 0.
+//!    serve until SIGINT / SIGTERM; then stop HTTP and drain the NATS subscriptions (at the
+//!    same time), stop the listeners, sync and close the log, exit 0 — all within the
+//!    shutdown budget (`--shutdown-timeout-s`), past which what is left is cut off (logged)
+//!    and the log synced.
+//!
+//! A signal during start-up stops it at the next step boundary (recovery itself is not
+//! interrupted: it finishes first); the log is then synced and closed and the process exits 0
+//! without serving. A second signal at any time exits 130 / 143 at once ([`crate::shutdown`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +34,7 @@ use crate::ingest::Ingest;
 use crate::listeners::{ListenerSupervisor, NoListeners};
 use crate::nats::NatsTransport;
 use crate::partitions::{PartitionLimits, Partitions, Registration};
+use crate::shutdown::Shutdown;
 use crate::zmq_source::ZmqSupervisor;
 use kvindex_server::zmq::IngestConfig;
 
@@ -62,30 +70,23 @@ fn log_recovery(report: &RecoveryReport) {
     metrics::gauge!("kvindex_recovery_entries").set(report.entries_replayed as f64);
 }
 
-/// Install the SIGINT / SIGTERM handlers now (so a signal during start-up is not fatal) and
-/// return a receiver that turns `true` when one arrives.
-fn shutdown_watch() -> Result<tokio::sync::watch::Receiver<bool>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        }
-        let _ = tx.send(true);
-    });
-    Ok(rx)
-}
-
-async fn shutdown_requested(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
+/// Whether a shutdown signal stops start-up here (`after`: the step just done).
+fn stop_start_up(shutdown: &Shutdown, after: &str) -> bool {
+    if shutdown.requested() {
+        tracing::info!(
+            after,
+            "shutdown requested during start-up: stopping before serving"
+        );
+        return true;
+    }
+    false
 }
 
 /// Run the service until a shutdown signal.
 pub fn run(args: &ServeArgs) -> Result<()> {
     let cfg = ServeConfig::resolve(args)?;
+    // Before anything slow (recovery): a signal during start-up stops it cleanly.
+    let shutdown = Shutdown::install(cfg.shutdown_timeout)?;
     let prometheus = match crate::metrics::install() {
         Ok(h) => Some(h),
         Err(e) => {
@@ -122,12 +123,19 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         )),
         None => None,
     };
+    if stop_start_up(&shutdown, "access log") {
+        return Ok(());
+    }
     let opened = Instant::now();
     let (durable, report) = DurableIndex::open(&cfg.data_dir, cfg.durable.clone(), engine.clone())
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
     log_recovery(&report);
     tracing::debug!(total_ms = opened.elapsed().as_millis() as u64, "index open");
     let durable = Arc::new(durable);
+    shutdown.set_durable(&durable);
+    if stop_start_up(&shutdown, "recovery") {
+        return close_log(durable, &shutdown);
+    }
     let partitions = Arc::new(
         Partitions::new(engine.clone(), Some(&cfg.data_dir), Arc::new(NoListeners)).with_limits(
             PartitionLimits {
@@ -158,57 +166,101 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Before `load`, which logs the drops of the partitions `registry.json` lists as dropping
     // (and asks the log whether one was withdrawn).
     partitions.set_drop_log(crate::partitions::durable_drop_log(&durable));
-    partitions.load()?;
-    for w in &cfg.workers {
-        tracing::info!(instance_id = w.instance_id, dp_rank = w.dp_rank, endpoint = %w.endpoint, "Registering initial worker");
-        partitions.register_initial(Registration {
-            instance_id: w.instance_id,
-            model_name: cfg.model_name.clone(),
-            routing_group: cfg.routing_group.clone(),
-            block_size: cfg.block_size.unwrap_or(0),
-            dp_rank: w.dp_rank,
-            endpoint: w.endpoint.clone(),
-            replay_endpoint: None,
-        })?;
-    }
-    // Restored and `--workers` listeners start now, after their durable watermarks: they
-    // connect, and hold what they receive until the ready gate opens after peer recovery.
-    supervisor.open(&partitions, &ingest, runtime.handle());
-    if cfg.test_endpoints {
-        tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener, /test/resume_listener, /test/hold_dumps and /test/release_dumps are mounted");
-    }
-    let state = Arc::new(AppState {
-        partitions: Arc::clone(&partitions),
-        ingest: Arc::clone(&ingest),
-        durable: Arc::clone(&durable),
-        metrics: prometheus,
-        access_log,
-        trace_header: cfg.trace_id_header.clone(),
-        test_endpoints: cfg.test_endpoints,
-        events_budget: BodyBudget::new(cfg.http.events_body_budget, body_budget::EVENTS_METRICS),
-        query_budget: BodyBudget::new(cfg.http.query_body_budget, body_budget::QUERY_METRICS),
-        dumps: crate::http::dump::DumpLimit::new(cfg.http.max_dumps)
-            .with_wait(cfg.http.dump_wait)
-            .with_timeout(cfg.http.dump_timeout),
-        max_event_partitions: cfg.max_event_partitions,
-    });
-
-    let served = runtime.block_on(serve_http(&cfg, state, &partitions, &ingest, &supervisor));
+    let served = 'serve: {
+        partitions.load()?;
+        if stop_start_up(&shutdown, "registry") {
+            break 'serve Ok(());
+        }
+        for w in &cfg.workers {
+            tracing::info!(instance_id = w.instance_id, dp_rank = w.dp_rank, endpoint = %w.endpoint, "Registering initial worker");
+            partitions.register_initial(Registration {
+                instance_id: w.instance_id,
+                model_name: cfg.model_name.clone(),
+                routing_group: cfg.routing_group.clone(),
+                block_size: cfg.block_size.unwrap_or(0),
+                dp_rank: w.dp_rank,
+                endpoint: w.endpoint.clone(),
+                replay_endpoint: None,
+            })?;
+        }
+        if stop_start_up(&shutdown, "workers") {
+            break 'serve Ok(());
+        }
+        // Restored and `--workers` listeners start now, after their durable watermarks: they
+        // connect, and hold what they receive until the ready gate opens after peer recovery.
+        supervisor.open(&partitions, &ingest, runtime.handle());
+        if cfg.test_endpoints {
+            tracing::warn!("{TEST_ENDPOINTS_ENV} is set: /test/pause_listener, /test/resume_listener, /test/hold_dumps and /test/release_dumps are mounted");
+        }
+        let state = Arc::new(AppState {
+            partitions: Arc::clone(&partitions),
+            ingest: Arc::clone(&ingest),
+            durable: Arc::clone(&durable),
+            metrics: prometheus,
+            access_log,
+            trace_header: cfg.trace_id_header.clone(),
+            test_endpoints: cfg.test_endpoints,
+            events_budget: BodyBudget::new(
+                cfg.http.events_body_budget,
+                body_budget::EVENTS_METRICS,
+            ),
+            query_budget: BodyBudget::new(cfg.http.query_body_budget, body_budget::QUERY_METRICS),
+            dumps: crate::http::dump::DumpLimit::new(cfg.http.max_dumps)
+                .with_wait(cfg.http.dump_wait)
+                .with_timeout(cfg.http.dump_timeout),
+            max_event_partitions: cfg.max_event_partitions,
+        });
+        runtime.block_on(serve_http(
+            &cfg,
+            state,
+            &partitions,
+            &ingest,
+            &supervisor,
+            &shutdown,
+        ))
+    };
     partitions.shutdown_listeners();
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    // Tasks still running (blocking ones included) get what is left of the budget, 5 s at most.
+    let limit = RUNTIME_SHUTDOWN.min(shutdown.remaining());
+    let stopping = Instant::now();
+    runtime.shutdown_timeout(limit);
+    if !limit.is_zero() && limit < RUNTIME_SHUTDOWN && stopping.elapsed() >= limit {
+        tracing::warn!(
+            "shutdown budget (--shutdown-timeout-s) spent: tasks still running were abandoned"
+        );
+    }
     served?;
 
     drop(supervisor);
     drop(ingest);
+    drop(partitions);
+    close_log(durable, &shutdown)
+}
+
+/// Longest wait for the runtime's tasks at shutdown (less when less is left of the budget).
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// Sync and close the event log: the last step of every shutdown. A snapshot being written
+/// gets what is left of the shutdown budget; past it, it is abandoned and the log synced. When
+/// a task that outlived the runtime shutdown still holds the index, the log is only synced.
+fn close_log(durable: Arc<DurableIndex>, shutdown: &Shutdown) -> Result<()> {
     match Arc::try_unwrap(durable) {
         Ok(d) => {
-            let lsn = d.log().next_lsn().saturating_sub(1);
-            d.close().context("closing the event log")?;
-            tracing::info!(last_lsn = lsn, "event log synced and closed");
+            let closed = d
+                .close_within(shutdown.remaining())
+                .context("closing the event log")?;
+            if closed.snapshot_abandoned {
+                tracing::warn!("shutdown budget (--shutdown-timeout-s) spent: the snapshot being written was abandoned (its temporary file is removed at the next start)");
+            }
+            tracing::info!(
+                last_lsn = closed.synced_lsn.saturating_sub(1),
+                "event log synced and closed"
+            );
         }
         Err(d) => {
+            tracing::warn!("a task still holds the index after the runtime shutdown: the event log is synced, not closed");
             let lsn = d.log().sync().context("syncing the event log")?;
-            tracing::info!(last_lsn = lsn, "event log synced");
+            tracing::info!(last_lsn = lsn.saturating_sub(1), "event log synced");
         }
     }
     Ok(())
@@ -220,8 +272,8 @@ async fn serve_http(
     partitions: &Arc<Partitions>,
     ingest: &Arc<Ingest>,
     supervisor: &ZmqSupervisor,
+    shutdown: &Shutdown,
 ) -> Result<()> {
-    let shutdown = shutdown_watch()?;
     let start_up = async {
         if !cfg.peers.is_empty() {
             // ZMQ slow-joiner window, as in Dynamo: the listeners are connected (holding what
@@ -253,7 +305,13 @@ async fn serve_http(
     };
     tokio::select! {
         _ = start_up => {}
-        _ = shutdown_requested(shutdown.clone()) => return Ok(()),
+        _ = shutdown.wait() => {
+            tracing::info!("shutdown requested during start-up: stopping before serving");
+            return Ok(());
+        }
+    }
+    if stop_start_up(shutdown, "start-up") {
+        return Ok(());
     }
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
         .await
@@ -262,17 +320,33 @@ async fn serve_http(
     // The NATS transport opens with HTTP; its connection is made in the background.
     let nats = match &cfg.nats {
         Some(n) => Some(
-            NatsTransport::start(n, Arc::clone(&state), shutdown.clone())
+            NatsTransport::start(n, Arc::clone(&state), shutdown.receiver())
                 .await
                 .context("NATS")?,
         ),
         None => None,
     };
     tracing::info!("HTTP server listening on {addr}");
-    connections::serve(listener, routes::router(state), cfg.http, shutdown).await;
-    tracing::info!("HTTP server stopped");
-    if let Some(n) = nats {
-        n.stop().await;
-    }
+    // At the signal, the HTTP drain and the NATS drain run at the same time, each within what
+    // is left of the shutdown budget.
+    let http = async {
+        let budget = shutdown.clone();
+        connections::serve(
+            listener,
+            routes::router(state),
+            cfg.http,
+            shutdown.receiver(),
+            move || budget.remaining(),
+        )
+        .await;
+        tracing::info!("HTTP server stopped");
+    };
+    let nats = async {
+        if let Some(n) = nats {
+            shutdown.wait().await;
+            n.stop(|| shutdown.remaining()).await;
+        }
+    };
+    tokio::join!(http, nats);
     Ok(())
 }

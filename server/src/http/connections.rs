@@ -19,7 +19,8 @@
 //!   keeps reading, slowly;
 //! * **a connection cap** (`--http-max-connections`): a connection beyond it is closed at once;
 //! * **a bounded drain** at shutdown: open connections get a graceful close and at most one read
-//!   deadline to finish, then they are dropped, so SIGTERM / SIGINT always ends the process.
+//!   deadline to finish (less when less is left of the shutdown budget, `--shutdown-timeout-s`),
+//!   then they are dropped, so SIGTERM / SIGINT always ends the process.
 //!
 //! Each bound is counted in `kvindex_http_read_timeouts_total{stage}`,
 //! `kvindex_http_write_timeouts_total` or `kvindex_http_connections_refused_total`; a request
@@ -187,13 +188,25 @@ fn has_io_source(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Serve `router` on `listener` until `shutdown` turns `true`, then drain (bounded).
+/// How the drain at shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drained {
+    /// Connections still open at the drain deadline, dropped.
+    pub cut: usize,
+    /// The deadline was the shutdown budget's (`--shutdown-timeout-s`), not the read deadline.
+    pub by_budget: bool,
+}
+
+/// Serve `router` on `listener` until `shutdown` turns `true`, then drain: at most one read
+/// deadline, and at most `drain_budget()` (asked when the drain starts: what is left of the
+/// shutdown budget).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
     mut shutdown: watch::Receiver<bool>,
-) {
+    drain_budget: impl FnOnce() -> Duration,
+) -> Drained {
     let app = router.layer(map_request_with_state(limits.read_timeout, body_deadline));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut connections = JoinSet::new();
@@ -237,18 +250,31 @@ pub async fn serve(
     }
     drop(listener);
     // Graceful close has been signalled to every connection (they watch `shutdown`); give
-    // them one read deadline to finish their requests, then drop whatever is left.
-    let drained = tokio::time::timeout(limits.read_timeout, async {
+    // them one read deadline (or what is left of the shutdown budget, when less) to finish
+    // their requests, then drop whatever is left.
+    let budget = drain_budget();
+    let by_budget = budget < limits.read_timeout;
+    let drained = tokio::time::timeout(limits.read_timeout.min(budget), async {
         while connections.join_next().await.is_some() {}
     })
     .await;
-    if drained.is_err() {
+    if drained.is_ok() {
+        return Drained::default();
+    }
+    let cut = connections.len();
+    if by_budget {
         tracing::warn!(
-            open = connections.len(),
+            connections = cut,
+            "shutdown budget (--shutdown-timeout-s) spent: open HTTP connections cut off (their requests are dropped)"
+        );
+    } else {
+        tracing::warn!(
+            open = cut,
             "HTTP connections still open after the drain deadline; closing them"
         );
-        connections.shutdown().await;
     }
+    connections.shutdown().await;
+    Drained { cut, by_budget }
 }
 
 async fn serve_connection(

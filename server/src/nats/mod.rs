@@ -26,6 +26,8 @@ use kvindex_server::nats_subjects::{QueryKind, Subjects};
 
 /// How long shutdown waits for the subscriptions to drain and the consumer to finish.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the client to flush, after that.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Environment variable of the test-only JetStream hold (`before_log` or `before_ack`).
 pub const TEST_HOLD_ENV: &str = "KVINDEX_TEST_NATS_HOLD";
@@ -140,13 +142,21 @@ impl NatsTransport {
     }
 
     /// After the shutdown signal: wait (at most 5 s) for the subscriptions to drain and the
-    /// consumer to finish its batch, then flush what is still buffered to the server. While
-    /// disconnected there is nothing to drain: the tasks end at once.
-    pub async fn stop(self) {
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    /// consumer to finish its batch, then flush what is still buffered to the server (at most
+    /// 2 s). While disconnected there is nothing to drain: the tasks end at once. `budget`
+    /// tells what is left of the shutdown budget (`--shutdown-timeout-s`); neither wait
+    /// outlasts it, and what it cuts off is logged.
+    pub async fn stop(self, budget: impl Fn() -> Duration) {
+        let left = budget();
+        let by_budget = left < STOP_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT.min(left);
         for mut t in self.tasks {
             if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
-                tracing::warn!("a NATS task did not stop in time; aborted");
+                if by_budget {
+                    tracing::warn!("shutdown budget (--shutdown-timeout-s) spent: a NATS task that had not stopped was aborted");
+                } else {
+                    tracing::warn!("a NATS task did not stop in time; aborted");
+                }
                 t.abort();
             }
         }
@@ -154,9 +164,19 @@ impl NatsTransport {
             tracing::warn!("NATS is not connected at shutdown; nothing to flush");
             return;
         }
-        match tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await {
+        let left = budget();
+        if left.is_zero() {
+            tracing::warn!(
+                "shutdown budget (--shutdown-timeout-s) spent: the NATS client was not flushed"
+            );
+            return;
+        }
+        match tokio::time::timeout(FLUSH_TIMEOUT.min(left), self.client.flush()).await {
             Ok(Ok(())) => tracing::info!("NATS subscriptions drained and flushed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "NATS flush at shutdown"),
+            Err(_) if left < FLUSH_TIMEOUT => tracing::warn!(
+                "shutdown budget (--shutdown-timeout-s) spent: the NATS flush was cut off"
+            ),
             Err(_) => tracing::warn!("NATS flush at shutdown timed out"),
         }
     }

@@ -181,6 +181,39 @@ impl Starting {
             .any(|l| parts.iter().all(|p| l.contains(p)))
     }
 
+    /// Send `sig` to the process.
+    pub fn kill(&self, sig: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Wait (bounded) for the exit status; the stderr lines.
+    pub fn wait_exit(&mut self) -> (ExitStatus, Vec<String>) {
+        for _ in 0..600 {
+            if let Some(status) = self.exited() {
+                // Let the stderr reader drain the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.log.lock().unwrap().clone());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "kvindex did not exit; stderr:\n{}",
+            self.log.lock().unwrap().join("\n")
+        );
+    }
+
     /// Wait (bounded) for the "HTTP server listening on" line; the stderr lines and the exit
     /// status if it never comes.
     pub fn listening(mut self) -> Result<Server, (Vec<String>, Option<ExitStatus>)> {
